@@ -1,0 +1,120 @@
+"""Wire contracts: the single source of truth for every message the sidecar reads or writes.
+
+Each message type is a msgspec Struct. ``schemas/*.json`` are generated from these types
+(``sidecar schemas --write``) and a test fails when they are stale. Unknown extra fields are
+tolerated on input (msgspec ignores them); unknown *major* schema versions are rejected.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+#: Major version of the request contract this build understands. Minor versions only add
+#: optional fields, so ``"1"``, ``"1.0"`` and ``"1.7"`` are all accepted.
+REQUEST_SCHEMA_MAJOR = 1
+#: Version stamped on everything the sidecar produces (header ``schema_version`` and field).
+OUTPUT_SCHEMA_VERSION = "1.0"
+
+Arm = Literal["champion", "candidate"]
+FeatureValue = float | int | str | bool | None
+
+EpochMillis = Annotated[int, msgspec.Meta(ge=0, description="Unix epoch, milliseconds")]
+
+
+class InferenceRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One inference request, as produced by the upstream pipeline (InferenceRequest v1)."""
+
+    request_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    features: dict[str, FeatureValue]
+    routing_key: str | None = None
+    ts: EpochMillis | None = None
+    metadata: dict[str, Any] | None = None
+    schema_version: str = "1"
+
+
+class ModelError(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Why a model produced no usable score for a record."""
+
+    kind: Literal["exception", "timeout", "invalid_output", "unavailable", "skipped"]
+    message: str
+
+
+class Decision(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The decision downstream systems act on; keyed by routing_key (request_id when absent).
+
+    ``arm`` is the arm whose score decided. ``routed_arm`` is the arm the routing policy chose;
+    they differ only on a fallback, and ``fallback`` then says why.
+    """
+
+    request_id: str
+    routing_key: str | None
+    rollout: str
+    model: str
+    model_version: str
+    arm: Arm
+    routed_arm: Arm
+    score: float | None
+    decision: bool
+    threshold: float
+    policy_epoch: int
+    policy_mode: str
+    bucket: int
+    ts: EpochMillis
+    decided_at: EpochMillis
+    latency_ms: float
+    fallback: str | None = None
+    schema_version: str = OUTPUT_SCHEMA_VERSION
+
+
+class ModelResult(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One arm's result for one request inside a Comparison."""
+
+    model: str
+    version: str
+    score: float | None = None
+    decision: bool | None = None
+    latency_ms: float | None = None
+    error: ModelError | None = None
+
+
+class Comparison(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The paired champion/candidate result for one request; keyed by rollout name."""
+
+    request_id: str
+    routing_key: str | None
+    rollout: str
+    ts: EpochMillis
+    policy_epoch: int
+    policy_mode: str
+    served_by: Arm | None
+    champion: ModelResult
+    candidate: ModelResult
+    schema_version: str = OUTPUT_SCHEMA_VERSION
+
+
+DeadLetterKind = Literal[
+    "decode",
+    "schema",
+    "schema_version",
+    "feature_missing",
+    "feature_type",
+    "oversize",
+    "model_failure",
+]
+
+
+class DeadLetter(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A record the sidecar could not serve; the original bytes are kept untouched."""
+
+    kind: DeadLetterKind
+    reason: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    ts: EpochMillis
+    original_value: bytes | None
+    original_key: bytes | None = None
+    request_id: str | None = None
+    schema_version: str = OUTPUT_SCHEMA_VERSION

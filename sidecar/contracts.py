@@ -65,6 +65,8 @@ class Decision(msgspec.Struct, kw_only=True, omit_defaults=True):
     decided_at: EpochMillis
     latency_ms: float
     fallback: str | None = None
+    #: The request's ``metadata``, passed through untouched.
+    metadata: dict[str, Any] | None = None
     schema_version: str = OUTPUT_SCHEMA_VERSION
 
 

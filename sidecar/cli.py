@@ -1,0 +1,277 @@
+"""The ``sidecar`` command line: broker, run, produce, schemas."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from . import __version__
+from .config import SidecarConfig, load_config
+from .errors import SidecarError
+
+log = logging.getLogger("sidecar")
+
+
+def _settings_reference() -> str:
+    """Every setting with its environment variable and default, from the config Structs."""
+    lines = []
+
+    def walk(struct: type[msgspec.Struct], prefix: list[str]) -> None:
+        for field in msgspec.structs.fields(struct):
+            path = [*prefix, field.name]
+            inner = field.type
+            if isinstance(inner, type) and issubclass(inner, msgspec.Struct):
+                walk(inner, path)
+                continue
+            if field.default is not msgspec.NODEFAULT:
+                default = field.default
+            elif field.default_factory is not msgspec.NODEFAULT:
+                default = field.default_factory()
+            else:
+                default = "(required)"
+            if hasattr(default, "value"):
+                default = default.value
+            env = "SIDECAR_" + "__".join(p.upper() for p in path)
+            lines.append(f"  {'.'.join(path):38} {env:44} {default!r}")
+
+    walk(SidecarConfig, [])
+    return "\n".join(lines)
+
+
+def _config(args: argparse.Namespace) -> SidecarConfig:
+    return load_config(args.config)
+
+
+# -- broker -------------------------------------------------------------------------------
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from .broker import EmbeddedBroker, ensure_topics
+    from .runner import kafka_client_kwargs
+
+    cfg = load_config(args.config) if args.config else None
+    with EmbeddedBroker(port=args.port, log_path=args.log) as broker:
+        print(f"embedded broker (Tansu) on {broker.bootstrap_servers}", flush=True)
+        if cfg is not None:
+            kafka = kafka_client_kwargs(cfg.kafka)
+            kafka["bootstrap_servers"] = broker.bootstrap_servers
+            created = asyncio.run(
+                ensure_topics(topics=cfg.all_topics(), partitions=cfg.topics.partitions, **kafka)
+            )
+            print(f"topics created: {', '.join(created) or 'none (all existed)'}", flush=True)
+        print("Ctrl-C stops it.", flush=True)
+        _wait_for_signal(broker)
+    return 0
+
+
+def _wait_for_signal(broker: Any) -> None:
+    stop = False
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    while not stop:
+        if broker.process is None or broker.process.poll() is not None:
+            raise SidecarError("the embedded broker exited unexpectedly")
+        time.sleep(0.2)
+    print("stopping the broker", flush=True)
+
+
+# -- run ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _maybe_embedded(args: argparse.Namespace, cfg: SidecarConfig) -> Iterator[SidecarConfig]:
+    if not args.embedded_broker:
+        yield cfg
+        return
+    from .broker import EmbeddedBroker
+
+    with EmbeddedBroker(port=args.broker_port) as broker:
+        log.info("started the embedded broker on %s", broker.bootstrap_servers)
+        yield msgspec.structs.replace(
+            cfg, kafka=msgspec.structs.replace(cfg.kafka, bootstrap_servers=broker.bootstrap_servers)
+        )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .logs import setup_logging
+
+    cfg = _config(args)
+    setup_logging(cfg.logging.level, cfg.logging.format)
+    with _maybe_embedded(args, cfg) as cfg:
+        _install_uvloop()
+        asyncio.run(_run(cfg, args))
+    return 0
+
+
+def _install_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _run(cfg: SidecarConfig, args: argparse.Namespace) -> None:
+    from .broker import ensure_topics
+    from .runner import Sidecar, kafka_client_kwargs
+
+    if args.create_topics or args.embedded_broker:
+        created = await ensure_topics(
+            topics=cfg.all_topics(), partitions=cfg.topics.partitions,
+            replication_factor=cfg.topics.replication_factor, **kafka_client_kwargs(cfg.kafka),
+        )
+        if created:
+            log.info("created topics: %s", ", ".join(created))
+    sidecar = Sidecar(cfg)
+    sidecar.metrics.serve(cfg.metrics.port, cfg.metrics.host)
+    traffic = None
+    if args.example_traffic:
+        from .traffic import produce_forever
+
+        traffic = asyncio.create_task(produce_forever(cfg, rate=args.example_traffic))
+    try:
+        await sidecar.run(install_signal_handlers=True)
+    finally:
+        if traffic is not None:
+            traffic.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await traffic
+        sidecar.close_models()
+    log.info("stopped after %d records", sidecar.processed)
+
+
+# -- produce ------------------------------------------------------------------------------
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from .traffic import produce_count
+
+    cfg = _config(args)
+    sent = asyncio.run(produce_count(cfg, args.count, seed=args.seed, rate=args.rate))
+    print(f"produced {sent} requests to {cfg.topics.requests}")
+    return 0
+
+
+# -- schemas ------------------------------------------------------------------------------
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from . import schemas
+
+    directory = Path(args.dir) if args.dir else schemas.default_dir()
+    if args.write:
+        for path in schemas.write(directory):
+            print(f"wrote {path}")
+        return 0
+    problems = schemas.stale(directory)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print("run `sidecar schemas --write` to regenerate them", file=sys.stderr)
+        return 1
+    print(f"schemas in {directory} are current")
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidecar",
+        description="Kafka streaming sidecar for safe ML model rollouts (shadow, canary, "
+        "ramp, promote, rollback).",
+    )
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "broker",
+        help="start the embedded Kafka-compatible broker (Tansu) in the foreground",
+        description="Start the embedded broker (Tansu, in-memory) on loopback, wait until it "
+        "answers, create the topics a config names, and run until Ctrl-C.",
+    )
+    p.add_argument("--port", type=int, default=9092, help="port to listen on (default 9092)")
+    p.add_argument("--config", help="create the topics this config names")
+    p.add_argument("--log", type=Path, help="append the broker's own output to this file")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser(
+        "run",
+        help="consume requests, score champion and candidate, produce decisions",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Consume the requests topic, score every request with the champion and "
+        "the candidate, produce decisions, comparisons and dead letters; commit offsets only "
+        "after every output is acknowledged. SIGTERM/SIGINT drain, commit and exit 0.",
+        epilog="settings (TOML key, environment variable, default); KAFKA_BOOTSTRAP_SERVERS "
+        "also sets kafka.bootstrap_servers:\n" + _settings_reference(),
+    )
+    p.add_argument("--config", help="TOML config file (settings may also come from the env)")
+    p.add_argument(
+        "--embedded-broker", action="store_true",
+        help="start the embedded broker first and use it (creates the topics)",
+    )
+    p.add_argument("--broker-port", type=int, default=9092,
+                   help="port of the embedded broker (default 9092)")
+    p.add_argument("--create-topics", action="store_true",
+                   help="create missing topics before starting")
+    p.add_argument(
+        "--example-traffic", type=float, metavar="PER_SECOND", default=0.0,
+        help="also produce generated card transactions at this rate (for trying it out)",
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "produce",
+        help="produce generated example requests (card transactions) to the requests topic",
+        description="Produce seeded synthetic card-transaction requests to the requests topic.",
+    )
+    p.add_argument("--config", help="TOML config file")
+    p.add_argument("--count", type=int, default=10_000, help="requests to produce (10000)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (0)")
+    p.add_argument("--rate", type=float, default=0.0, help="requests per second (0: as fast as possible)")
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser(
+        "schemas",
+        help="check (default) or write the JSON Schema files of the wire contracts",
+        description="Check that schemas/*.json match the msgspec contracts, or regenerate them.",
+    )
+    p.add_argument("--write", action="store_true", help="regenerate the files")
+    p.add_argument("--dir", help="schema directory (default: the repository's schemas/)")
+    p.set_defaults(func=cmd_schemas)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        code: int = args.func(args)
+        return code
+    except SidecarError as exc:
+        print(f"sidecar {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Configuration: typed msgspec Structs, loaded from TOML and overridden by the environment.
+
+Precedence (highest first): environment variables, the TOML file, the defaults below.
+
+* ``KAFKA_BOOTSTRAP_SERVERS`` sets ``kafka.bootstrap_servers``.
+* ``SIDECAR_<SECTION>__<KEY>`` sets any scalar setting, e.g. ``SIDECAR_KAFKA__GROUP_ID=fraud``,
+  ``SIDECAR_ROLLOUT__MODE=canary``, ``SIDECAR_MODELS__CANDIDATE__TIMEOUT_MS=50``. Values are
+  converted to the setting's type (``"50"`` -> 50, ``"true"`` -> True).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from .errors import ConfigError
+from .routing import Mode
+
+Meta = msgspec.Meta
+
+
+class KafkaConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How to reach the brokers. TLS/SASL settings pass through to aiokafka."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "sidecar"
+    client_id: str = "sidecar"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    #: Producer durability. ``all`` waits for every in-sync replica: the only safe choice when
+    #: offsets are committed after acknowledgement.
+    acks: Literal["all", "1", "0"] = "all"
+    linger_ms: Annotated[int, Meta(ge=0)] = 5
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    session_timeout_ms: Annotated[int, Meta(ge=1000)] = 10_000
+    heartbeat_interval_ms: Annotated[int, Meta(ge=100)] = 3_000
+    max_poll_interval_ms: Annotated[int, Meta(ge=1000)] = 300_000
+    request_timeout_ms: Annotated[int, Meta(ge=1000)] = 30_000
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    #: How long to keep retrying an unreachable broker at start-up (0 = forever).
+    connect_timeout_s: Annotated[float, Meta(ge=0)] = 0.0
+
+
+class TopicsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    requests: str = "inference.requests"
+    decisions: str = "inference.decisions"
+    comparisons: str = "inference.comparisons"
+    dead_letter: str = "inference.dead-letter"
+    control: str = "sidecar.control"
+    #: Partitions used when ``sidecar broker`` (or ``--create-topics``) creates the topics.
+    partitions: Annotated[int, Meta(ge=1)] = 6
+    replication_factor: Annotated[int, Meta(ge=1)] = 1
+
+
+class InputConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    format: Literal["json", "msgpack"] = "json"
+    #: Records larger than this go to the dead-letter topic as ``oversize``.
+    max_message_bytes: Annotated[int, Meta(ge=64)] = 1_048_576
+
+
+class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    #: Most records taken from Kafka per batch (``getmany(max_records=...)``).
+    max_batch: Annotated[int, Meta(ge=1)] = 2_000
+    #: Bound on consumed records whose outputs are not yet acknowledged; consumption pauses
+    #: (backpressure) at this bound.
+    max_in_flight_records: Annotated[int, Meta(ge=1)] = 20_000
+    fetch_timeout_ms: Annotated[int, Meta(ge=1)] = 100
+    #: Seconds to wait for in-flight outputs on shutdown or rebalance before giving up.
+    drain_timeout_s: Annotated[float, Meta(gt=0)] = 30.0
+
+
+FeatureType = Literal["number", "integer", "bool", "category"]
+
+
+class FeatureSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One model input: its name in ``InferenceRequest.features`` and its type."""
+
+    name: Annotated[str, Meta(min_length=1)]
+    type: FeatureType = "number"
+    #: ``null`` is accepted (and becomes NaN) only when nullable.
+    nullable: bool = False
+    #: For ``category``: the known values, encoded as their index; unknown values become -1.
+    categories: list[str] | None = None
+
+
+class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A model declared in config. ``threshold`` is per model: downstream systems are tuned
+    to a decision rate, and a new model at the old threshold is the failure this guards."""
+
+    name: Annotated[str, Meta(min_length=1)]
+    version: Annotated[str, Meta(pattern=r"^\d+\.\d+\.\d+([-+].*)?$")]
+    loader: Literal["python"] = "python"
+    #: ``package.module:factory``; the factory returns an object with
+    #: ``predict(batch: numpy.ndarray) -> numpy.ndarray`` of scores.
+    target: str
+    #: Keyword arguments passed to the factory.
+    options: dict[str, Any] = {}
+    features: list[FeatureSpec]
+    threshold: float = 0.5
+    timeout_ms: Annotated[int, Meta(gt=0)] = 200
+    #: Batches scored concurrently by this model (threads off the event loop).
+    concurrency: Annotated[int, Meta(ge=1)] = 1
+
+
+class ModelsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    champion: ModelConfig
+    candidate: ModelConfig | None = None
+
+
+ChampionFailurePolicy = Literal["fallback_candidate", "default_decision", "dead_letter"]
+
+
+class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The rollout and the routing policy it starts with (epoch 0) before any control command."""
+
+    name: Annotated[str, Meta(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")] = "default"
+    mode: Mode = Mode.SHADOW
+    canary_share_bp: Annotated[int, Meta(ge=0, le=10_000)] = 0
+    #: Score the arm that does not decide (on by default: the comparison needs both).
+    score_shadow_arm: bool = True
+    #: What to do when the champion fails on a record the champion should decide.
+    champion_failure: ChampionFailurePolicy = "fallback_candidate"
+    default_score: float = 0.0
+    default_decision: bool = False
+
+
+class MetricsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    #: Port of the Prometheus endpoint (0 disables it).
+    port: Annotated[int, Meta(ge=0, le=65535)] = 9100
+    host: str = "0.0.0.0"
+
+
+class LoggingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class SidecarConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    models: ModelsConfig
+    kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
+    topics: TopicsConfig = msgspec.field(default_factory=TopicsConfig)
+    input: InputConfig = msgspec.field(default_factory=InputConfig)
+    pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
+    rollout: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+
+    def all_topics(self) -> list[str]:
+        t = self.topics
+        return [t.requests, t.decisions, t.comparisons, t.dead_letter, t.control]
+
+
+ENV_PREFIX = "SIDECAR_"
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: str) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = _env_scalar(value)
+
+
+def _env_scalar(value: str) -> Any:
+    """Environment values are strings; msgspec converts them to the target type (strict=False),
+    except lists and tables, which are given as JSON."""
+    stripped = value.strip()
+    if stripped[:1] in ("[", "{"):
+        try:
+            return msgspec.json.decode(stripped)
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"environment value {value!r} is not valid JSON: {exc}") from exc
+    return value
+
+
+def apply_env(tree: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay ``KAFKA_BOOTSTRAP_SERVERS`` and ``SIDECAR_SECTION__KEY`` variables onto ``tree``."""
+    if env.get("KAFKA_BOOTSTRAP_SERVERS"):
+        _set_path(tree, ["kafka", "bootstrap_servers"], env["KAFKA_BOOTSTRAP_SERVERS"])
+    for name, value in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if path[0] not in SidecarConfig.__struct_fields__:
+            continue  # SIDECAR_TEST_BROKER and friends are not settings
+        _set_path(tree, path, value)
+    return tree
+
+
+def load_config(
+    path: str | Path | None, env: Mapping[str, str] | None = None
+) -> SidecarConfig:
+    """Load and validate the configuration; every problem is a ConfigError naming the setting."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            tree = tomllib.loads(p.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {p} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+    apply_env(tree, os.environ if env is None else env)
+    return config_from_dict(tree, source=str(path) if path else "environment")
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "config") -> SidecarConfig:
+    try:
+        cfg = msgspec.convert(tree, SidecarConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: SidecarConfig) -> None:
+    models = [cfg.models.champion] + ([cfg.models.candidate] if cfg.models.candidate else [])
+    for m in models:
+        names = [f.name for f in m.features]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ConfigError(f"model {m.name}: feature(s) declared twice: {sorted(dupes)}")
+        for f in m.features:
+            if f.type == "category" and not f.categories:
+                raise ConfigError(f"model {m.name}: category feature {f.name} needs categories")
+        if ":" not in m.target:
+            raise ConfigError(
+                f"model {m.name}: target {m.target!r} must look like 'package.module:factory'"
+            )
+    if cfg.models.candidate is None and cfg.rollout.mode is not Mode.SHADOW:
+        raise ConfigError(
+            f"rollout.mode={cfg.rollout.mode.value} needs models.candidate; "
+            "without a candidate only 'shadow' (champion alone) makes sense"
+        )
+    if cfg.models.candidate is not None:
+        for f_cand in cfg.models.candidate.features:
+            for f_champ in cfg.models.champion.features:
+                if f_cand.name == f_champ.name and f_cand.type != f_champ.type:
+                    raise ConfigError(
+                        f"feature {f_cand.name} is {f_champ.type} for the champion but "
+                        f"{f_cand.type} for the candidate; one request cannot satisfy both"
+                    )

@@ -1,0 +1,264 @@
+"""Decode and validate a batch of raw request records into model input matrices.
+
+The fast path decodes each record straight into a msgspec Struct generated from the models'
+declared features, so type checks happen in msgspec's C code and the feature values come out
+in column order (``astuple``) for one ``numpy.array`` call per batch. A record that fails the
+fast path is diagnosed on a slow path that names the exact problem (which feature is missing,
+which has the wrong type) for the dead-letter topic. Bad records never stop good ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Protocol
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from .config import FeatureSpec, InputConfig, ModelConfig
+from .contracts import REQUEST_SCHEMA_MAJOR, DeadLetterKind, InferenceRequest
+
+FloatArray = npt.NDArray[np.float64]
+
+
+class RawRecord(Protocol):
+    """The parts of a Kafka consumer record the decoder needs (aiokafka's ConsumerRecord)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+
+
+@dataclass(slots=True)
+class Rejected:
+    """A record that goes to the dead-letter topic, and why."""
+
+    record: RawRecord
+    kind: DeadLetterKind
+    reason: str
+    request_id: str | None = None
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    """The good records of a batch, column-wise, plus the rejected ones."""
+
+    records: list[RawRecord] = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)
+    #: ``routing_key`` or, when absent, ``request_id``: the sticky entity and the output key.
+    routing_keys: list[str] = field(default_factory=list)
+    has_routing_key: list[bool] = field(default_factory=list)
+    ts: list[int] = field(default_factory=list)
+    metadata: list[dict[str, Any] | None] = field(default_factory=list)
+    #: All declared features, one column each, in :attr:`RequestDecoder.columns` order.
+    matrix: FloatArray = field(default_factory=lambda: np.zeros((0, 0)))
+    rejected: list[Rejected] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+
+_PY_TYPES: dict[str, Any] = {"number": float, "integer": int, "bool": bool, "category": str}
+_TYPE_WORDS = {"number": "a number", "integer": "an integer", "bool": "a boolean",
+               "category": "a string"}
+
+
+def _major(version: str) -> int | None:
+    head = version.split(".", 1)[0].strip()
+    return int(head) if head.isdigit() else None
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+class RequestDecoder:
+    """Decodes request records for a fixed set of models; build once, reuse for every batch."""
+
+    def __init__(self, models: Sequence[ModelConfig], config: InputConfig) -> None:
+        self._max_bytes = config.max_message_bytes
+        specs: dict[str, FeatureSpec] = {}
+        for model in models:
+            for spec in model.features:
+                specs.setdefault(spec.name, spec)
+        self.specs = specs
+        #: Column order of :attr:`DecodedBatch.matrix`.
+        self.columns: list[str] = list(specs)
+        fields = []
+        for name, spec in specs.items():
+            py_type = _PY_TYPES[spec.type]
+            fields.append((name, py_type | None if spec.nullable else py_type))
+        features_type = msgspec.defstruct("Features", fields, kw_only=True)
+        typed_request = msgspec.defstruct(
+            "TypedRequest",
+            [
+                ("request_id", Annotated[str, msgspec.Meta(min_length=1, max_length=256)]),
+                ("features", features_type),
+                ("routing_key", str | None, None),
+                ("ts", int | None, None),
+                ("metadata", dict[str, Any] | None, None),
+                ("schema_version", str, "1"),
+            ],
+            kw_only=True,
+            module=__name__,
+        )
+        self._typed_request = typed_request
+        if config.format == "msgpack":
+            self._fast: Any = msgspec.msgpack.Decoder(typed_request)
+            self._generic: Any = msgspec.msgpack.Decoder()
+        else:
+            self._fast = msgspec.json.Decoder(typed_request)
+            self._generic = msgspec.json.Decoder()
+        self._categorical = [
+            (i, {c: float(code) for code, c in enumerate(spec.categories or [])})
+            for i, spec in enumerate(specs.values())
+            if spec.type == "category"
+        ]
+
+    def columns_of(self, model: ModelConfig) -> list[int]:
+        """Indices into :attr:`DecodedBatch.matrix` of a model's features, in its order."""
+        index = {name: i for i, name in enumerate(self.columns)}
+        return [index[f.name] for f in model.features]
+
+    def decode(self, records: Sequence[RawRecord]) -> DecodedBatch:
+        out = DecodedBatch()
+        rows: list[tuple[Any, ...]] = []
+        astuple = msgspec.structs.astuple
+        fast = self._fast.decode
+        max_bytes = self._max_bytes
+        for record in records:
+            value = record.value
+            if value is None or len(value) > max_bytes or record.headers:
+                rejected = self._precheck(record)
+                if rejected is not None:
+                    out.rejected.append(rejected)
+                    continue
+            try:
+                req = fast(value)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                out.rejected.append(self._diagnose(record, str(exc)))
+                continue
+            version = req.schema_version
+            if version != "1" and _major(version) != REQUEST_SCHEMA_MAJOR:
+                out.rejected.append(self._bad_version(record, version, "field", req.request_id))
+                continue
+            out.records.append(record)
+            out.request_ids.append(req.request_id)
+            routing_key = req.routing_key
+            out.has_routing_key.append(routing_key is not None)
+            out.routing_keys.append(routing_key if routing_key is not None else req.request_id)
+            out.ts.append(req.ts if req.ts is not None else record.timestamp)
+            out.metadata.append(req.metadata)
+            rows.append(astuple(req.features))
+        out.matrix = self._to_matrix(rows)
+        return out
+
+    def _to_matrix(self, rows: list[tuple[Any, ...]]) -> FloatArray:
+        if not rows:
+            return np.zeros((0, len(self.columns)))
+        if not self._categorical:
+            # None (nullable features) becomes NaN; booleans become 0.0 / 1.0.
+            return np.array(rows, dtype=np.float64)
+        cells = np.array(rows, dtype=object)
+        for col, codes in self._categorical:
+            cells[:, col] = [codes.get(v, -1.0) if v is not None else None for v in cells[:, col]]
+        cells[cells == None] = np.nan  # noqa: E711 - elementwise comparison with None
+        return cells.astype(np.float64)
+
+    def _precheck(self, record: RawRecord) -> Rejected | None:
+        if record.value is None:
+            return Rejected(record, "decode", "record has no value (tombstone); expected a request")
+        if len(record.value) > self._max_bytes:
+            return Rejected(
+                record,
+                "oversize",
+                f"record is {len(record.value)} bytes; input.max_message_bytes is "
+                f"{self._max_bytes}",
+            )
+        for key, raw in record.headers:
+            if key == "schema_version":
+                version = raw.decode("utf-8", "replace")
+                if _major(version) != REQUEST_SCHEMA_MAJOR:
+                    return self._bad_version(record, version, "header", None)
+        return None
+
+    def _bad_version(
+        self, record: RawRecord, version: str, where: str, request_id: str | None
+    ) -> Rejected:
+        return Rejected(
+            record,
+            "schema_version",
+            f"schema_version {version!r} ({where}) has an unknown major version; this sidecar "
+            f"reads InferenceRequest v{REQUEST_SCHEMA_MAJOR}.x",
+            request_id,
+        )
+
+    def _diagnose(self, record: RawRecord, fast_error: str) -> Rejected:
+        """Slow path for a record the fast path refused: find and name the exact problem."""
+        try:
+            doc = self._generic.decode(record.value)
+        except msgspec.DecodeError as exc:
+            return Rejected(record, "decode", f"not valid {self._format_name()}: {exc}")
+        if not isinstance(doc, dict):
+            return Rejected(
+                record, "schema", f"expected an object (InferenceRequest), got {_json_type(doc)}"
+            )
+        request_id = doc.get("request_id") if isinstance(doc.get("request_id"), str) else None
+        version = doc.get("schema_version", "1")
+        if isinstance(version, str) and _major(version) != REQUEST_SCHEMA_MAJOR:
+            return self._bad_version(record, version, "field", request_id)
+        try:
+            request = msgspec.convert(doc, InferenceRequest)
+        except msgspec.ValidationError as exc:
+            return Rejected(record, "schema", f"not an InferenceRequest v1: {exc}", request_id)
+        missing = [name for name in self.specs if name not in request.features]
+        if missing:
+            return Rejected(
+                record,
+                "feature_missing",
+                f"missing feature(s) required by the models: {', '.join(missing)}",
+                request_id,
+            )
+        for name, spec in self.specs.items():
+            value = request.features[name]
+            if value is None and spec.nullable:
+                continue
+            if not self._type_ok(spec, value):
+                return Rejected(
+                    record,
+                    "feature_type",
+                    f"feature {name!r} must be {_TYPE_WORDS[spec.type]}"
+                    f"{' or null' if spec.nullable else ''}, got {_json_type(value)} "
+                    f"{msgspec.json.encode(value).decode()[:80]}",
+                    request_id,
+                )
+        return Rejected(record, "schema", f"not an InferenceRequest v1: {fast_error}", request_id)
+
+    @staticmethod
+    def _type_ok(spec: FeatureSpec, value: object) -> bool:
+        if spec.type == "bool":
+            return isinstance(value, bool)
+        if spec.type == "category":
+            return isinstance(value, str)
+        if isinstance(value, bool) or value is None:
+            return False
+        if spec.type == "integer":
+            return isinstance(value, int)
+        return isinstance(value, int | float)
+
+    def _format_name(self) -> str:
+        return "MessagePack" if isinstance(self._generic, msgspec.msgpack.Decoder) else "JSON"

@@ -1,0 +1,115 @@
+"""Prometheus metrics of one sidecar process. Updated once per batch, never per record."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .pipeline import BatchResult
+from .routing import Mode, RoutingPolicy
+
+_LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+_BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
+
+
+class SidecarMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.consumed = Counter(
+            "sidecar_records_consumed", "Request records consumed", ["topic"], registry=r
+        )
+        self.decisions = Counter(
+            "sidecar_decisions",
+            "Decisions produced, by the arm that decided (fallbacks included)",
+            ["rollout", "arm", "model", "version"],
+            registry=r,
+        )
+        self.comparisons = Counter(
+            "sidecar_comparisons", "Comparison records produced", ["rollout"], registry=r
+        )
+        self.dead_letters = Counter(
+            "sidecar_dead_letters", "Records sent to the dead-letter topic", ["kind"], registry=r
+        )
+        self.model_latency = Histogram(
+            "sidecar_model_batch_latency_ms",
+            "Wall time of one model call on one batch, in milliseconds",
+            ["arm", "model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_errors = Counter(
+            "sidecar_model_errors",
+            "Records a model failed on, by error kind (timeout, exception, invalid_output...)",
+            ["arm", "model", "version", "kind"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "sidecar_batch_records", "Records per consumed batch", buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "sidecar_in_flight_records",
+            "Consumed records whose outputs are not yet acknowledged",
+            registry=r,
+        )
+        self.policy_epoch = Gauge(
+            "sidecar_policy_epoch", "Epoch of the routing policy in force", ["rollout"], registry=r
+        )
+        self.policy_mode = Gauge(
+            "sidecar_policy_mode",
+            "1 for the routing mode in force, 0 for the others",
+            ["rollout", "mode"],
+            registry=r,
+        )
+        self.canary_share = Gauge(
+            "sidecar_candidate_share_bp",
+            "Share of buckets the candidate decides, in basis points",
+            ["rollout"],
+            registry=r,
+        )
+        self.commits = Counter(
+            "sidecar_offset_commits", "Offset commits after acknowledged outputs", registry=r
+        )
+        self.produce_retries = Counter(
+            "sidecar_produce_retries", "Output batches sent again after a failure", registry=r
+        )
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        if port:
+            start_http_server(port, addr=host, registry=self.registry)
+
+    def observe_policy(self, policy: RoutingPolicy) -> None:
+        self.policy_epoch.labels(policy.rollout).set(policy.epoch)
+        for mode in Mode:
+            self.policy_mode.labels(policy.rollout, mode.value).set(int(mode is policy.mode))
+        self.canary_share.labels(policy.rollout).set(policy.candidate_share_bp)
+
+    def observe_batch(
+        self, topic: str, consumed: int, result: BatchResult, names: dict[str, tuple[str, str]]
+    ) -> None:
+        """``names`` maps arm -> (model, version)."""
+        self.consumed.labels(topic).inc(consumed)
+        self.batch_size.observe(consumed)
+        rollout = result.policy.rollout if result.policy else ""
+        for label, n in result.decided_by.items():
+            arm = "champion" if label == "default" else label
+            if arm not in names:
+                continue
+            model, version = names[arm]
+            self.decisions.labels(rollout, label, model, version).inc(n)
+        if len(result.comparisons):
+            self.comparisons.labels(rollout).inc(len(result.comparisons))
+        for kind, n in result.dead_letter_kinds.items():
+            self.dead_letters.labels(kind).inc(n)
+        for arm, scores in (("champion", result.champion), ("candidate", result.candidate)):
+            if scores is None or arm not in names:
+                continue
+            model, version = names[arm]
+            if scores.error is not None and scores.error.kind in ("skipped", "unavailable"):
+                continue
+            self.model_latency.labels(arm, model, version).observe(scores.latency_ms)
+            failed = int((~scores.valid).sum())
+            if failed:
+                error = scores.error or scores.record_error
+                kind = error.kind if error else "unknown"
+                self.model_errors.labels(arm, model, version, kind).inc(failed)

@@ -1,0 +1,80 @@
+"""JSON Schema files for the wire contracts, generated from the msgspec Structs.
+
+``sidecar schemas --write`` regenerates ``schemas/*.json``; ``sidecar schemas --check`` (and a
+test) fails when a file is stale, so the published contracts never drift from the code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import orjson
+
+from .contracts import Comparison, DeadLetter, Decision, InferenceRequest
+
+#: Every contract with a generated schema file, by file stem.
+CONTRACTS: dict[str, type[msgspec.Struct]] = {
+    "inference_request": InferenceRequest,
+    "decision": Decision,
+    "comparison": Comparison,
+    "dead_letter": DeadLetter,
+}
+
+
+def _extra_contracts() -> dict[str, type[msgspec.Struct]]:
+    """Contracts of the control plane and the aggregator, when those packages are present."""
+    found: dict[str, type[msgspec.Struct]] = {}
+    try:
+        from .control import AuditRecord, ControlCommand, InstanceStatus
+
+        found |= {
+            "control_command": ControlCommand,
+            "audit_record": AuditRecord,
+            "instance_status": InstanceStatus,
+        }
+    except ImportError:
+        pass
+    try:
+        from .aggregate import WindowReport
+
+        found["window_report"] = WindowReport
+    except ImportError:
+        pass
+    return found
+
+
+def all_contracts() -> dict[str, type[msgspec.Struct]]:
+    return CONTRACTS | _extra_contracts()
+
+
+def render(struct: type[msgspec.Struct]) -> bytes:
+    schema = msgspec.json.schema(struct)
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+    return orjson.dumps(schema, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+
+
+def default_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "schemas"
+
+
+def write(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, struct in all_contracts().items():
+        path = directory / f"{stem}.json"
+        path.write_bytes(render(struct))
+        written.append(path)
+    return written
+
+
+def stale(directory: Path) -> list[str]:
+    """Names of schema files that are missing or differ from the code."""
+    problems = []
+    for stem, struct in all_contracts().items():
+        path = directory / f"{stem}.json"
+        if not path.exists():
+            problems.append(f"{path} is missing")
+        elif path.read_bytes() != render(struct):
+            problems.append(f"{path} is stale")
+    return problems

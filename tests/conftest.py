@@ -1,0 +1,46 @@
+"""Shared fixtures. Tests that need Kafka get ``bootstrap``:
+
+* by default, an embedded Tansu broker started once per test session;
+* ``SIDECAR_TEST_BROKER=host:port[,host:port]`` points them at an external broker instead;
+* ``SIDECAR_TEST_BROKER=testcontainers`` starts Apache Kafka in a container (needs a Docker
+  engine and the ``testcontainers`` package; skipped with the reason otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from sidecar.broker import EmbeddedBroker  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    target = os.environ.get("SIDECAR_TEST_BROKER", "").strip()
+    if target == "testcontainers":
+        try:
+            from testcontainers.kafka import KafkaContainer
+        except ImportError:
+            pytest.skip("SIDECAR_TEST_BROKER=testcontainers needs `pip install testcontainers`")
+        try:
+            container = KafkaContainer().with_kraft()
+            container.start()
+        except Exception as exc:  # no Docker engine here
+            pytest.skip(f"could not start a Kafka container: {exc}")
+        try:
+            yield container.get_bootstrap_server()
+        finally:
+            container.stop()
+        return
+    if target:
+        yield target
+        return
+    log = tmp_path_factory.mktemp("broker") / "tansu.log"
+    with EmbeddedBroker(log_path=log) as broker:
+        yield broker.bootstrap_servers

@@ -1,0 +1,123 @@
+"""Helpers for tests that talk to a real broker (embedded Tansu, or the one in the env)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from sidecar.broker import ensure_topics
+from sidecar.config import SidecarConfig, config_from_dict
+from sidecar.examples.fraud import CANDIDATE_FEATURES, CHAMPION_FEATURES
+from sidecar.traffic import produce_values
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def make_config(bootstrap: str, partitions: int = 3, **sections: dict[str, Any]) -> SidecarConfig:
+    """A config on fresh topics (unique names) with the example fraud models."""
+    run = unique("t")
+    tree: dict[str, Any] = {
+        "kafka": {"bootstrap_servers": bootstrap, "group_id": f"{run}-group",
+                  "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
+        "topics": {
+            "requests": f"{run}.requests",
+            "decisions": f"{run}.decisions",
+            "comparisons": f"{run}.comparisons",
+            "dead_letter": f"{run}.dlq",
+            "control": f"{run}.control",
+            "partitions": partitions,
+        },
+        "rollout": {"name": "fraud-v2", "mode": "canary", "canary_share_bp": 2000},
+        "models": {
+            "champion": {
+                "name": "fraud-lr", "version": "1.4.0",
+                "target": "sidecar.examples.fraud:champion", "threshold": 0.3,
+                "features": [{"name": f} for f in CHAMPION_FEATURES],
+            },
+            "candidate": {
+                "name": "fraud-lr", "version": "2.0.0",
+                "target": "sidecar.examples.fraud:candidate", "threshold": 0.5,
+                "features": [{"name": f} for f in CANDIDATE_FEATURES],
+            },
+        },
+        "metrics": {"port": 0},
+        "pipeline": {"drain_timeout_s": 20},
+    }
+    for section, values in sections.items():
+        node = tree.setdefault(section, {})
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(node.get(key), dict):
+                node[key].update(value)
+            else:
+                node[key] = value
+    return config_from_dict(tree)
+
+
+async def create_topics(cfg: SidecarConfig) -> None:
+    await ensure_topics(
+        cfg.kafka.bootstrap_servers, cfg.all_topics(), partitions=cfg.topics.partitions
+    )
+
+
+async def produce(cfg: SidecarConfig, items: Sequence[tuple[bytes | None, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all",
+                                max_batch_size=1 << 20)
+    await producer.start()
+    try:
+        await produce_values(producer, cfg.topics.requests, items)
+    finally:
+        await producer.stop()
+
+
+async def read_topic(
+    bootstrap: str, topic: str, idle_s: float = 3.0, max_wait_s: float = 120.0,
+    expect: int | None = None,
+) -> list[Any]:
+    """Every record of a topic, read from the beginning until nothing new arrives for
+    ``idle_s`` (Tansu's high watermark is not reliable for batches, so no end offsets)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        parts = await consumer._client._wait_on_metadata(topic)  # noqa: SLF001
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        records: list[Any] = []
+        last_new = time.monotonic()
+        deadline = time.monotonic() + max_wait_s
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            got = sum(len(v) for v in batch.values())
+            for part in batch.values():
+                records.extend(part)
+            if got:
+                last_new = time.monotonic()
+            elif time.monotonic() - last_new > idle_s and (expect is None or len(records) >= expect):
+                break
+            elif expect is not None and len(records) >= expect and time.monotonic() - last_new > 0.5:
+                break
+        return records
+    finally:
+        await consumer.stop()
+
+
+def decode_values(records: Sequence[Any], type_: type[Any]) -> list[Any]:
+    return [msgspec.json.decode(r.value, type=type_) for r in records]
+
+
+async def wait_until(predicate: Any, timeout_s: float = 60.0, interval_s: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(interval_s)
+    raise AssertionError(f"condition not met within {timeout_s}s")

@@ -1,0 +1,212 @@
+"""The data path without Kafka: routing, scoring, fallbacks and the exact output bytes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kafka_helpers import make_config
+from sidecar.contracts import Comparison, DeadLetter, Decision
+from sidecar.examples import fraud
+from sidecar.models import load_model
+from sidecar.pipeline import Pipeline
+from sidecar.routing import Mode, RoutingPolicy
+from sidecar.hashing import bucket_of
+
+
+@dataclass
+class Rec:
+    value: bytes | None
+    offset: int = 0
+    headers: tuple[tuple[str, bytes], ...] = ()
+    topic: str = "requests"
+    partition: int = 0
+    timestamp: int = 1_700_000_000_000
+    key: bytes | None = None
+
+
+ENC = msgspec.json.Encoder()
+
+
+def pipeline(candidate: dict[str, Any] | None = None, **rollout: Any) -> Pipeline:
+    cfg = make_config("unused:9092", rollout=rollout,
+                      models={"candidate": candidate} if candidate else {})
+    cand = load_model(cfg.models.candidate) if cfg.models.candidate else None
+    return Pipeline(cfg, load_model(cfg.models.champion), cand)
+
+
+def records(n: int, seed: int = 0) -> list[Rec]:
+    data = fraud.generate(n, seed=seed)
+    return [Rec(ENC.encode(r), offset=i) for i, r in enumerate(fraud.request_dicts(data))]
+
+
+def policy(mode: Mode = Mode.CANARY, share: int = 2000, epoch: int = 7) -> RoutingPolicy:
+    return RoutingPolicy(rollout="fraud-v2", mode=mode, canary_share_bp=share, epoch=epoch)
+
+
+def decisions(result: Any) -> list[Decision]:
+    return [msgspec.json.decode(v, type=Decision) for v in result.decisions.values]
+
+
+def comparisons(result: Any) -> list[Comparison]:
+    return [msgspec.json.decode(v, type=Comparison) for v in result.comparisons.values]
+
+
+async def test_every_request_gets_one_decision_and_one_comparison_with_correct_arms() -> None:
+    p = pipeline()
+    recs = records(3000)
+    result = await p.process(recs, policy())
+    ds, cs = decisions(result), comparisons(result)
+    assert len(ds) == len(cs) == 3000
+    assert {d.request_id for d in ds} == {f"req-{i}" for i in range(3000)}
+    data = fraud.generate(3000, seed=0)
+    champ = fraud.champion().predict(data.features[:, :6])
+    cand = fraud.candidate().predict(data.features)
+    for i, (d, c) in enumerate(zip(ds, cs, strict=True)):
+        expect_candidate = bucket_of(d.routing_key or d.request_id, "fraud-v2") < 2000
+        assert d.arm == d.routed_arm == ("candidate" if expect_candidate else "champion")
+        assert d.policy_epoch == c.policy_epoch == 7 and d.policy_mode == "canary"
+        assert d.model_version == ("2.0.0" if expect_candidate else "1.4.0")
+        assert c.champion.score == pytest.approx(champ[i]) and c.candidate.score == pytest.approx(cand[i])
+        assert d.score == (c.candidate.score if expect_candidate else c.champion.score)
+        assert d.decision == (d.score >= d.threshold)
+        assert d.threshold == (0.5 if expect_candidate else 0.3)
+        assert c.served_by == d.arm and d.fallback is None
+    share = np.mean([d.arm == "candidate" for d in ds])
+    assert 0.17 < share < 0.23  # 20% of card ids; cards repeat, so a little wider than binomial
+
+
+async def test_templated_outputs_are_what_msgspec_encodes_for_the_struct() -> None:
+    """Same fields, same order, same values; floats may be spelled differently (``2e-05`` vs
+    ``0.00002``), which every JSON reader decodes to the same number."""
+    p = pipeline()
+    result = await p.process(records(500), policy())
+    for value, type_ in [(v, Decision) for v in result.decisions.values] + [
+        (v, Comparison) for v in result.comparisons.values
+    ]:
+        struct = msgspec.json.decode(value, type=type_)
+        assert list(msgspec.json.decode(value).items()) == list(
+            msgspec.json.decode(ENC.encode(struct)).items()
+        )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.text(min_size=1, max_size=30), min_size=1, max_size=20, unique=True),
+    st.lists(st.one_of(st.none(), st.text(max_size=20)), min_size=20, max_size=20),
+)
+async def test_arbitrary_ids_and_keys_survive_encoding(ids: list[str], keys: list[str | None]) -> None:
+    p = pipeline()
+    feats = dict(zip(fraud.FEATURES, [10.0, 3, 0.2, 1, 4, 300.0, 12.0, 0.4], strict=True))
+    recs = []
+    for rid, key in zip(ids, keys, strict=False):
+        doc: dict[str, Any] = {"request_id": rid, "features": feats}
+        if key is not None:
+            doc["routing_key"] = key
+        recs.append(Rec(ENC.encode(doc)))
+    result = await p.process(recs, policy(share=5000))
+    got = decisions(result)
+    assert [d.request_id for d in got] == ids[: len(recs)]
+    assert [d.routing_key for d in got] == keys[: len(recs)]
+    for value in result.decisions.values + result.comparisons.values:
+        msgspec.json.decode(value)  # valid JSON whatever the characters
+
+
+@pytest.mark.parametrize(
+    "faulty",
+    [
+        {"target": "sidecar.examples.faulty:raising"},
+        {"target": "sidecar.examples.faulty:nans", "options": {"fraction": 1.0}},
+        {"target": "sidecar.examples.faulty:wrong_length"},
+        {"target": "sidecar.examples.faulty:slow", "options": {"delay_s": 1.0}, "timeout_ms": 50},
+    ],
+)
+async def test_a_failing_candidate_never_changes_a_champion_decision(faulty: dict[str, Any]) -> None:
+    healthy = pipeline(mode="shadow")
+    broken = pipeline(candidate=faulty, mode="canary", canary_share_bp=3000)
+    recs = records(1000)
+    good = {d.request_id: d for d in decisions(await healthy.process(recs, policy(Mode.SHADOW)))}
+    result = await broken.process(recs, policy(Mode.CANARY, 3000))
+    got = decisions(result)
+    assert len(got) == 1000
+    for d in got:
+        # The champion decides everything, with exactly the score it has when healthy...
+        assert d.arm == "champion"
+        assert (d.score, d.decision) == (good[d.request_id].score, good[d.request_id].decision)
+        # ...and the records routed to the candidate say why they fell back.
+        if d.routed_arm == "candidate":
+            assert d.fallback and d.fallback.startswith("candidate_failed")
+    errors = {c.candidate.error.kind for c in comparisons(result) if c.candidate.error}
+    assert errors and errors <= {"exception", "invalid_output", "timeout"}
+    assert all(c.champion.error is None for c in comparisons(result))
+
+
+async def test_a_slow_candidate_delays_the_batch_by_its_timeout_at_most() -> None:
+    slow = {"target": "sidecar.examples.faulty:slow", "options": {"delay_s": 2.0}, "timeout_ms": 100}
+    p = pipeline(candidate=slow)
+    import time
+
+    start = time.perf_counter()
+    result = await p.process(records(200), policy(Mode.SHADOW))
+    assert time.perf_counter() - start < 1.0
+    assert {c.candidate.error.kind for c in comparisons(result)} == {"timeout"}
+
+
+@pytest.mark.parametrize(
+    ("failure_policy", "expect"),
+    [("fallback_candidate", "candidate"), ("default_decision", "default"),
+     ("dead_letter", "dead_letter")],
+)
+async def test_champion_failure_follows_the_configured_policy(failure_policy: str,
+                                                              expect: str) -> None:
+    cfg = make_config("unused:9092", rollout={"champion_failure": failure_policy,
+                                              "default_decision": True, "default_score": 0.99},
+                      models={"champion": {"target": "sidecar.examples.faulty:raising",
+                                           "options": {"target": "sidecar.examples.fraud:champion"}}})
+    p = Pipeline(cfg, load_model(cfg.models.champion), load_model(cfg.models.candidate))
+    result = await p.process(records(300), policy(Mode.SHADOW))
+    ds = decisions(result)
+    assert len(result.comparisons) == 300  # the failure is always recorded
+    if expect == "candidate":
+        assert len(ds) == 300 and {d.arm for d in ds} == {"candidate"}
+        assert all(d.fallback and d.fallback.startswith("champion_failed") for d in ds)
+    elif expect == "default":
+        assert len(ds) == 300 and all(d.score == 0.99 and d.decision for d in ds)
+        assert all(d.fallback and d.fallback.startswith("default_decision") for d in ds)
+    else:
+        assert ds == []
+        letters = [msgspec.json.decode(v, type=DeadLetter) for v in result.dead_letters.values]
+        assert len(letters) == 300 and {x.kind for x in letters} == {"model_failure"}
+        assert all(x.original_value for x in letters)
+
+
+async def test_not_scoring_the_shadow_arm_when_asked() -> None:
+    p = pipeline()
+    pol = RoutingPolicy(rollout="fraud-v2", mode=Mode.SHADOW, score_shadow_arm=False)
+    result = await p.process(records(100), pol)
+    assert {c.candidate.error.kind for c in comparisons(result)} == {"skipped"}
+    assert len(decisions(result)) == 100
+
+
+async def test_metadata_is_passed_through() -> None:
+    p = pipeline()
+    doc = fraud.request_dicts(fraud.generate(1, seed=1))[0] | {"metadata": {"trace": "abc"}}
+    result = await p.process([Rec(ENC.encode(doc))], policy())
+    assert decisions(result)[0].metadata == {"trace": "abc"}
+
+
+async def test_bad_records_become_dead_letters_next_to_good_ones() -> None:
+    p = pipeline()
+    recs = records(10)
+    recs.insert(3, Rec(b"{broken", offset=99, key=b"k"))
+    result = await p.process(recs, policy())
+    assert len(result.decisions) == 10
+    [letter] = [msgspec.json.decode(v, type=DeadLetter) for v in result.dead_letters.values]
+    assert letter.kind == "decode" and letter.original_value == b"{broken"
+    assert letter.source_offset == 99 and letter.original_key == b"k"

@@ -1,0 +1,592 @@
+"""Windowed champion/candidate aggregation: ``WindowAggregate`` (one window) and ``WindowManager``.
+
+A ``WindowAggregate`` follows the Quix Streams aggregator shape (initialize / add / merge /
+result) but over whole columnar batches, so the per-record cost is a few numpy operations. Its
+state is counters and fixed-edge histograms only (plus the bounded dedupe set), so memory is
+bounded by the number of open windows, never by the number of records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from .batch import (
+    ERROR_KINDS,
+    SERVED_CANDIDATE,
+    SERVED_CHAMPION,
+    SERVED_NONE,
+    ArmColumns,
+    ComparisonBatch,
+    GroupKey,
+)
+from .histograms import (
+    LATENCY_GAMMA,
+    LATENCY_MAX_MS,
+    LATENCY_MIN_MS,
+    LatencySketch,
+    ScoreHistogram,
+    uniform_edges,
+)
+from .report import (
+    ArmReport,
+    DriftReport,
+    LatencyReport,
+    OffsetRange,
+    PairedReport,
+    ReportCounts,
+    WindowReport,
+)
+from .stats import (
+    MCNEMAR_EXACT_BELOW,
+    PSI_EPSILON,
+    Z95,
+    Figure,
+    PairedTable,
+    conditional_flip_rates,
+    insufficient,
+    js_distance,
+    ks_binned,
+    mcnemar,
+    paired_difference,
+    paired_ratio,
+    psi,
+    psi_band,
+    ratio_figure,
+    wilson,
+)
+from .windows import (
+    DEDUPE_BLOOM_BITS,
+    DEDUPE_BLOOM_HASHES,
+    DEDUPE_EXACT_CAP,
+    RequestDeduper,
+    Watermark,
+    WindowSpec,
+)
+
+Int64Array = npt.NDArray[np.int64]
+
+
+class AggregatorConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Windowing, statistics and memory knobs (all times in milliseconds)."""
+
+    window_ms: int = 60_000
+    #: Hop of hopping windows; None for tumbling windows.
+    hop_ms: int | None = None
+    origin_ms: int = 0
+    #: A window is emitted once the watermark passes ``end + grace_ms``.
+    grace_ms: int = 0
+    #: Watermark = max event time per partition minus this.
+    allowed_lateness_ms: int = 5_000
+    #: Wall-clock time after which a silent partition stops holding the watermark back.
+    idle_timeout_ms: int = 30_000
+    #: Score histogram edges; None = 20 uniform bins over [0, 1].
+    score_edges: tuple[float, ...] | None = None
+    #: Minimum compared pairs for paired, rate and drift figures to be reported.
+    min_pairs: int = 200
+    #: Minimum latency samples for latency quantiles.
+    min_latency_count: int = 50
+    z: float = Z95
+    psi_eps: float = PSI_EPSILON
+    mcnemar_exact_below: int = MCNEMAR_EXACT_BELOW
+    dedupe_exact_cap: int = DEDUPE_EXACT_CAP
+    dedupe_bloom_bits: int = DEDUPE_BLOOM_BITS
+    dedupe_bloom_hashes: int = DEDUPE_BLOOM_HASHES
+    latency_min_ms: float = LATENCY_MIN_MS
+    latency_max_ms: float = LATENCY_MAX_MS
+    latency_gamma: float = LATENCY_GAMMA
+
+    def window_spec(self) -> WindowSpec:
+        return WindowSpec(
+            self.window_ms, self.hop_ms, origin_ms=self.origin_ms, grace_ms=self.grace_ms
+        )
+
+    def edges(self) -> npt.NDArray[np.float64]:
+        if self.score_edges is None:
+            return uniform_edges()
+        return np.asarray(self.score_edges, dtype=np.float64)
+
+
+class _ArmState:
+    """One arm's counters and histograms inside a window."""
+
+    __slots__ = ("decided", "errors", "hist", "latency")
+
+    def __init__(self, config: AggregatorConfig, edges: npt.NDArray[np.float64]) -> None:
+        self.hist = ScoreHistogram(edges)
+        self.latency = LatencySketch(
+            config.latency_min_ms, config.latency_max_ms, config.latency_gamma
+        )
+        #: Index 0 counts records without error, then one slot per ``ERROR_KINDS`` entry.
+        self.errors: Int64Array = np.zeros(len(ERROR_KINDS) + 1, dtype=np.int64)
+        self.decided = 0
+
+    def add(self, cols: ArmColumns) -> None:
+        self.hist.add(cols.score, cols.score_missing)
+        self.latency.add(cols.latency_ms)
+        self.errors += np.bincount(cols.error, minlength=self.errors.size)
+        self.decided += int(np.count_nonzero(cols.decision >= 0))
+
+    def merge(self, other: _ArmState) -> None:
+        self.hist.merge(other.hist)
+        self.latency.merge(other.latency)
+        self.errors += other.errors
+        self.decided += other.decided
+
+    @property
+    def error_total(self) -> int:
+        return int(self.errors[1:].sum())
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """A model's reference score histogram and where it came from (None = supplied)."""
+
+    hist: ScoreHistogram
+    window_start_ms: int | None = None
+
+
+class WindowAggregate:
+    """Aggregate of one (rollout, champion version, candidate version, window)."""
+
+    def __init__(
+        self,
+        key: GroupKey,
+        start_ms: int,
+        end_ms: int,
+        config: AggregatorConfig | None = None,
+    ) -> None:
+        self.key = key
+        self.start_ms = start_ms
+        self.end_ms = end_ms
+        self.config = config or AggregatorConfig()
+        self._edges = self.config.edges()
+        self.initialize()
+
+    def initialize(self) -> WindowAggregate:
+        """Reset to the empty state."""
+        c = self.config
+        self.records = 0
+        self.duplicates = 0
+        self.late = 0
+        self.served: Int64Array = np.zeros(3, dtype=np.int64)
+        self.champion = _ArmState(c, self._edges)
+        self.candidate = _ArmState(c, self._edges)
+        #: Paired decisions, index ``champion * 2 + candidate``: no/no, no/yes, yes/no, yes/yes.
+        self.table: Int64Array = np.zeros(4, dtype=np.int64)
+        self.offsets: dict[int, tuple[int, int]] = {}
+        self.min_ts: int | None = None
+        self.max_ts: int | None = None
+        self.dedupe = RequestDeduper(c.dedupe_exact_cap, c.dedupe_bloom_bits, c.dedupe_bloom_hashes)
+        return self
+
+    def add(self, batch: ComparisonBatch) -> None:
+        """Add a batch whose rows all belong to this aggregate (the manager routes them)."""
+        if len(batch) == 0:
+            return
+        # Evidence covers every consumed record, duplicates included.
+        lo, hi = int(batch.ts.min()), int(batch.ts.max())
+        self.min_ts = lo if self.min_ts is None else min(self.min_ts, lo)
+        self.max_ts = hi if self.max_ts is None else max(self.max_ts, hi)
+        self._add_offsets(batch.partition, batch.offset)
+        dup = self.dedupe.check_and_add(batch.request_hash)
+        n_dup = int(np.count_nonzero(dup))
+        if n_dup:
+            self.duplicates += n_dup
+            batch = batch.take(np.flatnonzero(~dup))
+            if len(batch) == 0:
+                return
+        self.records += len(batch)
+        self.served += np.bincount(batch.served_by, minlength=3)[:3]
+        self.champion.add(batch.champion)
+        self.candidate.add(batch.candidate)
+        cd, kd = batch.champion.decision, batch.candidate.decision
+        both = (cd >= 0) & (kd >= 0)
+        code = cd[both].astype(np.int64) * 2 + kd[both]
+        self.table += np.bincount(code, minlength=4)
+
+    def _add_offsets(self, partitions: npt.NDArray[np.int32], offsets: Int64Array) -> None:
+        uniq, inv = np.unique(partitions, return_inverse=True)
+        first = np.full(uniq.size, np.iinfo(np.int64).max, dtype=np.int64)
+        last = np.full(uniq.size, np.iinfo(np.int64).min, dtype=np.int64)
+        np.minimum.at(first, inv, offsets)
+        np.maximum.at(last, inv, offsets)
+        for p, f, la in zip(uniq.tolist(), first.tolist(), last.tolist(), strict=True):
+            self._merge_offset(p, f, la)
+
+    def _merge_offset(self, partition: int, first: int, last: int) -> None:
+        prev = self.offsets.get(partition)
+        self.offsets[partition] = (
+            (first, last) if prev is None else (min(prev[0], first), max(prev[1], last))
+        )
+
+    def merge(self, other: WindowAggregate) -> WindowAggregate:
+        """Fold ``other`` (same key and window, disjoint records) into this aggregate.
+
+        Counters and histograms add exactly; the dedupe sets are unioned so later adds are
+        deduped against both, but a request present on *both* sides is counted twice (merge
+        cannot un-add it): merge inputs are expected to be disjoint, e.g. per partition.
+        """
+        if (self.key, self.start_ms, self.end_ms) != (other.key, other.start_ms, other.end_ms):
+            raise ValueError("can only merge aggregates of the same key and window")
+        self.records += other.records
+        self.duplicates += other.duplicates
+        self.late += other.late
+        self.served += other.served
+        self.champion.merge(other.champion)
+        self.candidate.merge(other.candidate)
+        self.table += other.table
+        for p, (f, la) in other.offsets.items():
+            self._merge_offset(p, f, la)
+        if other.min_ts is not None:
+            self.min_ts = other.min_ts if self.min_ts is None else min(self.min_ts, other.min_ts)
+        if other.max_ts is not None:
+            self.max_ts = other.max_ts if self.max_ts is None else max(self.max_ts, other.max_ts)
+        self.dedupe.merge(other.dedupe)
+        return self
+
+    @property
+    def paired_table(self) -> PairedTable:
+        no_no, no_yes, yes_no, yes_yes = (int(x) for x in self.table)
+        return PairedTable(yes_yes, yes_no, no_yes, no_no)
+
+    # ------------------------------------------------------------------ result
+
+    def _drift(self, ref: ScoreHistogram | None, cur: ScoreHistogram) -> DriftReport:
+        if ref is None:
+            none = insufficient(0, "no_reference")
+            return DriftReport(psi=none, psi_band=None, js_distance=none, ks=none)
+        m = self.config.min_pairs
+        p = psi(ref.counts, cur.counts, eps=self.config.psi_eps, min_count=m)
+        return DriftReport(
+            psi=p,
+            psi_band=psi_band(p.value),
+            js_distance=js_distance(ref.counts, cur.counts, min_count=m),
+            ks=ks_binned(ref.counts, cur.counts, min_count=m),
+        )
+
+    def _quantile(self, sketch: LatencySketch, q: float) -> Figure:
+        n = sketch.total
+        value = sketch.quantile(q)
+        if n < max(self.config.min_latency_count, 1) or value is None:
+            return insufficient(n)
+        return Figure(value=value, n=n)
+
+    def _latency(self, sketch: LatencySketch) -> LatencyReport:
+        return LatencyReport(
+            count=sketch.total,
+            missing=sketch.missing,
+            p50=self._quantile(sketch, 0.50),
+            p95=self._quantile(sketch, 0.95),
+            p99=self._quantile(sketch, 0.99),
+        )
+
+    def _arm_report(
+        self,
+        arm: _ArmState,
+        model: str,
+        version: str,
+        decision_rate: Figure,
+        ref: Reference | None,
+    ) -> ArmReport:
+        c = self.config
+        return ArmReport(
+            model=model,
+            version=version,
+            scored=arm.hist.total,
+            score_nan=arm.hist.nan,
+            score_missing=arm.hist.missing,
+            decided=arm.decided,
+            errors={k: int(v) for k, v in zip(ERROR_KINDS, arm.errors[1:].tolist(), strict=True)},
+            error_rate=wilson(arm.error_total, self.records, z=c.z, min_count=c.min_pairs),
+            decision_rate=decision_rate,
+            latency=self._latency(arm.latency),
+            drift_vs_reference=self._drift(None if ref is None else ref.hist, arm.hist),
+            reference_window_start_ms=None if ref is None else ref.window_start_ms,
+        )
+
+    def result(
+        self,
+        *,
+        champion_reference: Reference | None = None,
+        candidate_reference: Reference | None = None,
+        emitted_at_ms: int = 0,
+    ) -> WindowReport:
+        """The window's report; drift-vs-reference figures need the references passed in."""
+        c = self.config
+        m = c.min_pairs
+        t = self.paired_table
+        n = t.n
+        champ_rate = wilson(t.both_yes + t.champion_only, n, z=c.z, min_count=m)
+        cand_rate = wilson(t.both_yes + t.candidate_only, n, z=c.z, min_count=m)
+        yes_to_no, no_to_yes = conditional_flip_rates(t, z=c.z, min_count=m)
+        paired = PairedReport(
+            pairs=n,
+            both_yes=t.both_yes,
+            champion_yes_candidate_no=t.champion_only,
+            champion_no_candidate_yes=t.candidate_only,
+            both_no=t.both_no,
+            champion_decision_rate=champ_rate,
+            candidate_decision_rate=cand_rate,
+            decision_rate_diff=paired_difference(t, z=c.z, min_count=m),
+            decision_rate_ratio=paired_ratio(t, z=c.z, min_count=m),
+            flip_yes_to_no=yes_to_no,
+            flip_no_to_yes=no_to_yes,
+            mcnemar=mcnemar(
+                t.champion_only,
+                t.candidate_only,
+                exact_below=c.mcnemar_exact_below,
+                n=n,
+                min_count=m,
+            ),
+        )
+        k = self.key
+        champion = self._arm_report(
+            self.champion, k.champion_model, k.champion_version, champ_rate, champion_reference
+        )
+        candidate = self._arm_report(
+            self.candidate, k.candidate_model, k.candidate_version, cand_rate, candidate_reference
+        )
+        counts = ReportCounts(
+            records=self.records,
+            duplicates=self.duplicates,
+            late=self.late,
+            served_champion=int(self.served[SERVED_CHAMPION]),
+            served_candidate=int(self.served[SERVED_CANDIDATE]),
+            served_none=int(self.served[SERVED_NONE]),
+            dedupe_false_positive_rate=self.dedupe.false_positive_rate,
+        )
+        return WindowReport(
+            rollout=k.rollout,
+            window_start_ms=self.start_ms,
+            window_end_ms=self.end_ms,
+            champion=champion,
+            candidate=candidate,
+            counts=counts,
+            paired=paired,
+            drift_candidate_vs_champion=self._drift(self.champion.hist, self.candidate.hist),
+            latency_p99_ratio=ratio_figure(candidate.latency.p99, champion.latency.p99),
+            min_ts_ms=self.min_ts,
+            max_ts_ms=self.max_ts,
+            offsets=[
+                OffsetRange(partition=p, first=f, last=la)
+                for p, (f, la) in sorted(self.offsets.items())
+            ],
+            emitted_at_ms=emitted_at_ms,
+        )
+
+
+@dataclass(slots=True)
+class ProcessResult:
+    """What one ``WindowManager.process`` call produced."""
+
+    #: Windows closed by this call, oldest first: produce them to the reports topic.
+    reports: list[WindowReport]
+    #: Row indices (into the batch) of late records, whose windows had all closed already:
+    #: dead-letter them; they are also counted in the next report of their rollout.
+    late_indices: Int64Array
+    #: Late records in this batch, per rollout.
+    late_by_rollout: dict[str, int] = field(default_factory=dict)
+
+
+ReferenceKey = tuple[str, str, str]  # (rollout, model, version)
+
+
+class WindowManager:
+    """Routes batches to window aggregates, tracks watermarks, closes windows, keeps references.
+
+    Reference histograms (for each model's drift against itself) are kept per
+    (rollout, model, version): either supplied with :meth:`set_reference`, or taken from the
+    first closed window of that key which started at or after the key's first seen event time
+    (i.e. a window fully covered by data, not the partial one at start-up) and holds at least
+    ``min_pairs`` scores.
+    """
+
+    def __init__(self, config: AggregatorConfig | None = None) -> None:
+        self.config = config or AggregatorConfig()
+        self.spec = self.config.window_spec()
+        self.watermark = Watermark(
+            allowed_lateness_ms=self.config.allowed_lateness_ms,
+            idle_timeout_ms=self.config.idle_timeout_ms,
+        )
+        self._keys: dict[GroupKey, int] = {}
+        self._key_list: list[GroupKey] = []
+        self._first_seen: dict[int, int] = {}
+        self._open: dict[tuple[int, int], WindowAggregate] = {}
+        self._pending_late: dict[int, int] = {}
+        self._closed_wm: int | None = None
+        self._references: dict[ReferenceKey, Reference] = {}
+        #: Late records since start, per rollout (for metrics).
+        self.late_total: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ configuration
+
+    def set_reference(self, rollout: str, model: str, version: str, hist: ScoreHistogram) -> None:
+        """Supply a model's reference score histogram (must use the configured edges)."""
+        if not np.array_equal(hist.edges, self.config.edges()):
+            raise ValueError("reference histogram must use the configured score edges")
+        self._references[(rollout, model, version)] = Reference(hist.copy(), None)
+
+    def reference(self, rollout: str, model: str, version: str) -> Reference | None:
+        return self._references.get((rollout, model, version))
+
+    def assign_partitions(self, partitions: Iterable[int], now_ms: int) -> None:
+        self.watermark.assign(partitions, now_ms)
+
+    def revoke_partitions(self, partitions: Iterable[int]) -> None:
+        self.watermark.revoke(partitions)
+
+    @property
+    def open_windows(self) -> int:
+        return len(self._open)
+
+    @property
+    def closed_watermark(self) -> int | None:
+        """Watermark up to which windows have been closed (records behind it are late)."""
+        return self._closed_wm
+
+    # ------------------------------------------------------------------ data path
+
+    def _global_codes(self, batch: ComparisonBatch) -> Int64Array:
+        codes = []
+        for k in batch.keys:
+            code = self._keys.get(k)
+            if code is None:
+                code = self._keys[k] = len(self._key_list)
+                self._key_list.append(k)
+            codes.append(code)
+        return np.asarray(codes, dtype=np.int64)
+
+    def process(self, batch: ComparisonBatch, now_ms: int) -> ProcessResult:
+        """Aggregate a batch, advance the watermark with it, and close due windows.
+
+        Lateness is judged against the watermark reached *before* this batch (batch-granular
+        watermarks: a batch never makes its own records late).
+        """
+        n = len(batch)
+        if n == 0:
+            return ProcessResult(self.advance(now_ms), np.zeros(0, dtype=np.int64))
+        gcode = self._global_codes(batch)[batch.key_code]
+        self._note_first_seen(gcode, batch.ts)
+        rec, starts = self.spec.assign(batch.ts)
+        late_idx = np.zeros(0, dtype=np.int64)
+        late_by_rollout: dict[str, int] = {}
+        if self._closed_wm is not None:
+            closed = self.spec.closed(starts, self._closed_wm)
+            if closed.any():
+                open_count = np.bincount(rec[~closed], minlength=n)
+                late_idx = np.flatnonzero(open_count == 0).astype(np.int64)
+                rec, starts = rec[~closed], starts[~closed]
+                late_by_rollout = self._count_late(gcode[late_idx])
+        self._route(batch, gcode, rec, starts)
+        self.watermark.observe(batch.partition, batch.ts, now_ms)
+        return ProcessResult(self._close_due(now_ms), late_idx, late_by_rollout)
+
+    def advance(self, now_ms: int) -> list[WindowReport]:
+        """Re-evaluate idleness without data (call on empty polls) and close due windows."""
+        self.watermark.advance(now_ms)
+        return self._close_due(now_ms)
+
+    def flush(self, now_ms: int) -> list[WindowReport]:
+        """Close every open window now (shutdown); their reports may cover partial windows."""
+        return self._close(list(self._open), now_ms)
+
+    def _note_first_seen(self, gcode: Int64Array, ts: Int64Array) -> None:
+        uniq, inv = np.unique(gcode, return_inverse=True)
+        if all(int(u) in self._first_seen for u in uniq):
+            return
+        mins = np.full(uniq.size, np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(mins, inv, ts)
+        for u, m in zip(uniq.tolist(), mins.tolist(), strict=True):
+            self._first_seen.setdefault(u, m)
+
+    def _count_late(self, late_codes: Int64Array) -> dict[str, int]:
+        out: dict[str, int] = {}
+        uniq, counts = np.unique(late_codes, return_counts=True)
+        for code, cnt in zip(uniq.tolist(), counts.tolist(), strict=True):
+            self._pending_late[code] = self._pending_late.get(code, 0) + cnt
+            rollout = self._key_list[code].rollout
+            out[rollout] = out.get(rollout, 0) + cnt
+            self.late_total[rollout] = self.late_total.get(rollout, 0) + cnt
+        return out
+
+    def _route(
+        self, batch: ComparisonBatch, gcode: Int64Array, rec: Int64Array, starts: Int64Array
+    ) -> None:
+        if rec.size == 0:
+            return
+        codes = gcode[rec]
+        order = np.lexsort((starts, codes))  # stable: keeps arrival order within a group
+        codes, starts, rec = codes[order], starts[order], rec[order]
+        cut = np.flatnonzero((np.diff(codes) != 0) | (np.diff(starts) != 0)) + 1
+        bounds = np.concatenate(([0], cut, [rec.size]))
+        # Fast path: one group holding the whole batch in arrival order needs no copy.
+        whole = bounds.size == 2 and rec.size == len(batch) and self.spec.per_record == 1
+        for i in range(bounds.size - 1):
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            code, start = int(codes[lo]), int(starts[lo])
+            agg = self._open.get((code, start))
+            if agg is None:
+                agg = WindowAggregate(
+                    self._key_list[code], start, start + self.spec.size_ms, self.config
+                )
+                self._open[(code, start)] = agg
+            agg.add(batch if whole else batch.take(rec[lo:hi]))
+
+    def _close_due(self, now_ms: int) -> list[WindowReport]:
+        wm = self.watermark.current
+        if wm is None or (self._closed_wm is not None and wm <= self._closed_wm):
+            return []
+        self._closed_wm = wm
+        due = [k for k in self._open if self.spec.closes_at(k[1]) <= wm]
+        return self._close(due, now_ms)
+
+    def _close(self, due: list[tuple[int, int]], now_ms: int) -> list[WindowReport]:
+        reports = []
+        for code, start in sorted(due, key=lambda k: (k[1], k[0])):
+            agg = self._open.pop((code, start))
+            agg.late += self._pending_late.pop(code, 0)
+            key = agg.key
+            arms = (
+                (agg.champion, (key.rollout, key.champion_model, key.champion_version)),
+                (agg.candidate, (key.rollout, key.candidate_model, key.candidate_version)),
+            )
+            refs = [self._references.get(rk) for _, rk in arms]
+            reports.append(
+                agg.result(
+                    champion_reference=refs[0],
+                    candidate_reference=refs[1],
+                    emitted_at_ms=now_ms,
+                )
+            )
+            first = self._first_seen.get(code)
+            for (arm, rk), ref in zip(arms, refs, strict=True):
+                full = first is not None and start >= first
+                if ref is None and full and arm.hist.total >= self.config.min_pairs:
+                    self._references[rk] = Reference(arm.hist.copy(), start)
+        return reports
+
+
+def merge_all(aggregates: Iterable[WindowAggregate]) -> WindowAggregate | None:
+    """Merge several aggregates of the same window (e.g. one per partition) into the first."""
+    it = iter(aggregates)
+    first = next(it, None)
+    if first is None:
+        return None
+    for other in it:
+        first.merge(other)
+    return first
+
+
+__all__ = [
+    "AggregatorConfig",
+    "ProcessResult",
+    "Reference",
+    "WindowAggregate",
+    "WindowManager",
+    "merge_all",
+]

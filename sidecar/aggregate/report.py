@@ -1,0 +1,160 @@
+"""The ``WindowReport`` JSON contract: one per closed window, keyed by rollout on the reports topic.
+
+All statistics are :class:`~sidecar.aggregate.stats.Figure` structs with an explicit status, so
+a consumer never mistakes "not enough data" for "no difference".
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from ..contracts import OUTPUT_SCHEMA_VERSION
+from .stats import Figure, PsiBand
+
+REPORT_SCHEMA_VERSION = OUTPUT_SCHEMA_VERSION
+
+
+class OffsetRange(msgspec.Struct, frozen=True, kw_only=True):
+    """First and last comparison-topic offsets aggregated from one partition (evidence)."""
+
+    partition: int
+    first: int
+    last: int
+
+
+class LatencyReport(msgspec.Struct, frozen=True, kw_only=True):
+    count: int
+    missing: int
+    p50: Figure
+    p95: Figure
+    p99: Figure
+
+
+class DriftReport(msgspec.Struct, frozen=True, kw_only=True):
+    """Distribution shift of scores: PSI (+ band), Jensen-Shannon distance, binned KS."""
+
+    psi: Figure
+    psi_band: PsiBand | None
+    js_distance: Figure
+    ks: Figure
+
+
+class ArmReport(msgspec.Struct, frozen=True, kw_only=True):
+    """One model's figures over the window."""
+
+    model: str
+    version: str
+    scored: int
+    score_nan: int
+    score_missing: int
+    decided: int
+    errors: dict[str, int]
+    error_rate: Figure
+    decision_rate: Figure
+    latency: LatencyReport
+    drift_vs_reference: DriftReport
+    reference_window_start_ms: int | None
+
+
+class PairedReport(msgspec.Struct, frozen=True, kw_only=True):
+    """Both arms' decisions on the same requests (only pairs where both decided)."""
+
+    pairs: int
+    both_yes: int
+    champion_yes_candidate_no: int
+    champion_no_candidate_yes: int
+    both_no: int
+    champion_decision_rate: Figure
+    candidate_decision_rate: Figure
+    decision_rate_diff: Figure
+    decision_rate_ratio: Figure
+    flip_yes_to_no: Figure
+    flip_no_to_yes: Figure
+    mcnemar: Figure
+
+
+class ReportCounts(msgspec.Struct, frozen=True, kw_only=True):
+    records: int
+    duplicates: int
+    late: int
+    served_champion: int
+    served_candidate: int
+    served_none: int
+    dedupe_false_positive_rate: float
+
+
+class WindowReport(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything known about one rollout's champion/candidate pair over one event-time window."""
+
+    rollout: str
+    window_start_ms: int
+    window_end_ms: int
+    champion: ArmReport
+    candidate: ArmReport
+    counts: ReportCounts
+    paired: PairedReport
+    drift_candidate_vs_champion: DriftReport
+    latency_p99_ratio: Figure
+    min_ts_ms: int | None
+    max_ts_ms: int | None
+    offsets: list[OffsetRange]
+    emitted_at_ms: int
+    schema_version: str = REPORT_SCHEMA_VERSION
+
+
+def figure_of(report: WindowReport, name: str) -> Figure:
+    """Look up a figure by short name (see ``FIGURES``) or dotted path (``paired.mcnemar``)."""
+    getter = FIGURES.get(name)
+    if getter is not None:
+        return getter(report)
+    obj: object = report
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise KeyError(f"unknown figure {name!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, Figure):
+        raise KeyError(f"{name!r} is not a figure")
+    return obj
+
+
+def _p_value(f: Figure) -> Figure:
+    if f.p_value is None:
+        return f
+    return Figure(value=f.p_value, n=f.n, status=f.status, reason=f.reason)
+
+
+class _Getter(msgspec.Struct, frozen=True):
+    path: str
+    p_value: bool = False
+
+    def __call__(self, report: WindowReport) -> Figure:
+        obj: object = report
+        for part in self.path.split("."):
+            obj = getattr(obj, part)
+        assert isinstance(obj, Figure)
+        return _p_value(obj) if self.p_value else obj
+
+
+#: Short names for the figures guards usually watch.
+FIGURES: dict[str, _Getter] = {
+    "decision_rate_ratio": _Getter("paired.decision_rate_ratio"),
+    "decision_rate_diff": _Getter("paired.decision_rate_diff"),
+    "champion_decision_rate": _Getter("paired.champion_decision_rate"),
+    "candidate_decision_rate": _Getter("paired.candidate_decision_rate"),
+    "flip_yes_to_no": _Getter("paired.flip_yes_to_no"),
+    "flip_no_to_yes": _Getter("paired.flip_no_to_yes"),
+    "mcnemar_statistic": _Getter("paired.mcnemar"),
+    "mcnemar_p_value": _Getter("paired.mcnemar", p_value=True),
+    "psi_candidate_vs_champion": _Getter("drift_candidate_vs_champion.psi"),
+    "js_candidate_vs_champion": _Getter("drift_candidate_vs_champion.js_distance"),
+    "ks_candidate_vs_champion": _Getter("drift_candidate_vs_champion.ks"),
+    "psi_champion_vs_reference": _Getter("champion.drift_vs_reference.psi"),
+    "psi_candidate_vs_reference": _Getter("candidate.drift_vs_reference.psi"),
+    "js_candidate_vs_reference": _Getter("candidate.drift_vs_reference.js_distance"),
+    "ks_candidate_vs_reference": _Getter("candidate.drift_vs_reference.ks"),
+    "candidate_error_rate": _Getter("candidate.error_rate"),
+    "champion_error_rate": _Getter("champion.error_rate"),
+    "candidate_latency_p99": _Getter("candidate.latency.p99"),
+    "champion_latency_p99": _Getter("champion.latency.p99"),
+    "latency_p99_ratio": _Getter("latency_p99_ratio"),
+}

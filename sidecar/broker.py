@@ -81,8 +81,16 @@ class EmbeddedBroker:
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "warn")
         self.process = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
+            [
+                binary,
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
             stdout=self._log_file or subprocess.DEVNULL,
             stderr=subprocess.STDOUT if self._log_file else subprocess.DEVNULL,
             env=env,
@@ -164,8 +172,10 @@ async def ensure_topics(
         if not wanted:
             return []
         response = await admin.create_topics(
-            [NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)
-             for t in wanted]
+            [
+                NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)
+                for t in wanted
+            ]
         )
         created = []
         for topic, code, message in response.topic_errors:

@@ -65,8 +65,12 @@ class DecodedBatch:
 
 
 _PY_TYPES: dict[str, Any] = {"number": float, "integer": int, "bool": bool, "category": str}
-_TYPE_WORDS = {"number": "a number", "integer": "an integer", "bool": "a boolean",
-               "category": "a string"}
+_TYPE_WORDS = {
+    "number": "a number",
+    "integer": "an integer",
+    "bool": "a boolean",
+    "category": "a string",
+}
 
 
 def _major(version: str) -> int | None:
@@ -109,7 +113,7 @@ class RequestDecoder:
                 ("request_id", Annotated[str, msgspec.Meta(min_length=1, max_length=256)]),
                 ("features", features_type),
                 ("routing_key", str | None, None),
-                ("ts", int | None, None),
+                ("ts", Annotated[int, msgspec.Meta(ge=0)] | None, None),
                 ("metadata", dict[str, Any] | None, None),
                 ("schema_version", str, "1"),
             ],

@@ -34,7 +34,9 @@ def escape(text: str) -> str:
     return _ENCODER.encode(text).decode()[1:-1]
 
 
-def template(prototype: msgspec.Struct, text_slots: tuple[str, ...], raw_slots: tuple[str, ...]) -> str:
+def template(
+    prototype: msgspec.Struct, text_slots: tuple[str, ...], raw_slots: tuple[str, ...]
+) -> str:
     """A ``str.format`` template from a prototype Struct.
 
     ``prototype`` must hold ``"@@name@@"`` in each slot field. A *text* slot stays inside its

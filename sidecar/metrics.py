@@ -44,7 +44,9 @@ class SidecarMetrics:
             registry=r,
         )
         self.batch_size = Histogram(
-            "sidecar_batch_records", "Records per consumed batch", buckets=_BATCH_BUCKETS,
+            "sidecar_batch_records",
+            "Records per consumed batch",
+            buckets=_BATCH_BUCKETS,
             registry=r,
         )
         self.in_flight = Gauge(

@@ -319,21 +319,32 @@ class Pipeline:
                 scores = cand_scores if c else champ_scores
                 decided = cand_dec if c else champ_dec
                 dec_values.append(
-                    decision_tmpl[c][keyed].format(
+                    decision_tmpl[c][keyed]
+                    .format(
                         rid_text,
                         key_texts[i],
                         scores[i],
                         JSON_BOOL[decided[i]],
                         bucket_list[i],
                         ts,
-                    ).encode()
+                    )
+                    .encode()
                 )
                 dec_keys.append(batch.routing_keys[i].encode())
                 dec_headers.append([("request_id", rid), version_header[c], schema_header])
             else:
                 slow += 1
                 self._slow_decision(
-                    result, batch, i, policy, fmt, c, routed, champion, candidate, int(bucket_list[i])
+                    result,
+                    batch,
+                    i,
+                    policy,
+                    fmt,
+                    c,
+                    routed,
+                    champion,
+                    candidate,
+                    int(bucket_list[i]),
                 )
             cmp_values.append(
                 comparison_tmpl[served][keyed]
@@ -423,7 +434,11 @@ class Pipeline:
         keys.append(batch.routing_keys[i].encode())
         values.append(value)
         headers.append(
-            [("request_id", batch.request_ids[i].encode()), fmt.version_headers[arm], _SCHEMA_HEADER]
+            [
+                ("request_id", batch.request_ids[i].encode()),
+                fmt.version_headers[arm],
+                _SCHEMA_HEADER,
+            ]
         )
 
     def _dead_letter(self, result: BatchResult, rejected: Rejected) -> None:

@@ -19,7 +19,7 @@ import numpy.typing as npt
 from .hashing import BUCKETS, buckets_of
 
 
-class Mode(str, enum.Enum):
+class Mode(enum.StrEnum):
     """Routing modes of a rollout."""
 
     SHADOW = "shadow"  # champion decides; candidate scored and compared

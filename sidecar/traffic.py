@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaProducer
@@ -36,16 +37,16 @@ async def produce_values(
         partitions = len(await producer.partitions_for(topic))
     keys = [k or b"" for k, _ in items]
     parts = kafka_partitions(keys, partitions).tolist() if items else []
-    builders: dict[int, object] = {}
+    builders: dict[int, Any] = {}
     futures = []
     for (key, value), part in zip(items, parts, strict=True):
         builder = builders.get(part)
         if builder is None:
             builder = builders[part] = producer.create_batch()
-        if builder.append(key=key, value=value, timestamp=None) is None:  # type: ignore[attr-defined]
+        if builder.append(key=key, value=value, timestamp=None) is None:
             futures.append(await producer.send_batch(builder, topic, partition=part))
             builder = builders[part] = producer.create_batch()
-            builder.append(key=key, value=value, timestamp=None)  # type: ignore[attr-defined]
+            builder.append(key=key, value=value, timestamp=None)
     for part, builder in builders.items():
         futures.append(await producer.send_batch(builder, topic, partition=part))
     await asyncio.gather(*futures)

@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from sidecar.broker import EmbeddedBroker  # noqa: E402
+from sidecar.broker import EmbeddedBroker
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,12 @@ def make_config(bootstrap: str, partitions: int = 3, **sections: dict[str, Any])
     """A config on fresh topics (unique names) with the example fraud models."""
     run = unique("t")
     tree: dict[str, Any] = {
-        "kafka": {"bootstrap_servers": bootstrap, "group_id": f"{run}-group",
-                  "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "group_id": f"{run}-group",
+            "session_timeout_ms": 6000,
+            "heartbeat_interval_ms": 1000,
+        },
         "topics": {
             "requests": f"{run}.requests",
             "decisions": f"{run}.decisions",
@@ -38,13 +42,17 @@ def make_config(bootstrap: str, partitions: int = 3, **sections: dict[str, Any])
         "rollout": {"name": "fraud-v2", "mode": "canary", "canary_share_bp": 2000},
         "models": {
             "champion": {
-                "name": "fraud-lr", "version": "1.4.0",
-                "target": "sidecar.examples.fraud:champion", "threshold": 0.3,
+                "name": "fraud-lr",
+                "version": "1.4.0",
+                "target": "sidecar.examples.fraud:champion",
+                "threshold": 0.3,
                 "features": [{"name": f} for f in CHAMPION_FEATURES],
             },
             "candidate": {
-                "name": "fraud-lr", "version": "2.0.0",
-                "target": "sidecar.examples.fraud:candidate", "threshold": 0.5,
+                "name": "fraud-lr",
+                "version": "2.0.0",
+                "target": "sidecar.examples.fraud:candidate",
+                "threshold": 0.5,
                 "features": [{"name": f} for f in CANDIDATE_FEATURES],
             },
         },
@@ -68,8 +76,9 @@ async def create_topics(cfg: SidecarConfig) -> None:
 
 
 async def produce(cfg: SidecarConfig, items: Sequence[tuple[bytes | None, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all",
-                                max_batch_size=1 << 20)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all", max_batch_size=1 << 20
+    )
     await producer.start()
     try:
         await produce_values(producer, cfg.topics.requests, items)
@@ -78,16 +87,20 @@ async def produce(cfg: SidecarConfig, items: Sequence[tuple[bytes | None, bytes]
 
 
 async def read_topic(
-    bootstrap: str, topic: str, idle_s: float = 3.0, max_wait_s: float = 120.0,
+    bootstrap: str,
+    topic: str,
+    idle_s: float = 3.0,
+    max_wait_s: float = 120.0,
     expect: int | None = None,
 ) -> list[Any]:
     """Every record of a topic, read from the beginning until nothing new arrives for
     ``idle_s`` (Tansu's high watermark is not reliable for batches, so no end offsets)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
     await consumer.start()
     try:
-        parts = await consumer._client._wait_on_metadata(topic)  # noqa: SLF001
+        parts = await consumer._client._wait_on_metadata(topic)
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
@@ -101,9 +114,11 @@ async def read_topic(
                 records.extend(part)
             if got:
                 last_new = time.monotonic()
-            elif time.monotonic() - last_new > idle_s and (expect is None or len(records) >= expect):
-                break
-            elif expect is not None and len(records) >= expect and time.monotonic() - last_new > 0.5:
+            elif (time.monotonic() - last_new > idle_s and (
+                expect is None or len(records) >= expect
+            )) or (
+                expect is not None and len(records) >= expect and time.monotonic() - last_new > 0.5
+            ):
                 break
         return records
     finally:
@@ -121,3 +136,34 @@ async def wait_until(predicate: Any, timeout_s: float = 60.0, interval_s: float 
             return
         await asyncio.sleep(interval_s)
     raise AssertionError(f"condition not met within {timeout_s}s")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        items = [f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None]
+        return "{ " + ", ".join(items) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if hasattr(value, "value"):  # enums
+        return _toml_value(value.value)
+    return msgspec.json.encode(value).decode()
+
+
+def write_toml(cfg: SidecarConfig, path: Any) -> Any:
+    """Write a config as TOML (what a user would write), for tests that run the CLI."""
+    tree = msgspec.to_builtins(cfg)
+    lines: list[str] = []
+    for section, values in tree.items():
+        if section == "models":
+            for arm, model in values.items():
+                if model is None:
+                    continue
+                lines.append(f"[models.{arm}]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in model.items() if v is not None]
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+    path.write_text("\n".join(lines) + "\n")
+    return path

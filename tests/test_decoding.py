@@ -25,9 +25,12 @@ def model(*features: FeatureSpec) -> ModelConfig:
     return ModelConfig(name="m", version="1.0.0", target="x:y", features=list(features))
 
 
-NUMERIC = model(FeatureSpec(name="amount"), FeatureSpec(name="hour", type="integer"),
-                FeatureSpec(name="vip", type="bool"),
-                FeatureSpec(name="age", nullable=True))
+NUMERIC = model(
+    FeatureSpec(name="amount"),
+    FeatureSpec(name="hour", type="integer"),
+    FeatureSpec(name="vip", type="bool"),
+    FeatureSpec(name="age", nullable=True),
+)
 
 
 def decoder(*models: ModelConfig, **input_cfg: object) -> RequestDecoder:
@@ -45,11 +48,19 @@ def req(**fields: object) -> bytes:
 
 def test_good_records_become_one_matrix_in_column_order() -> None:
     d = decoder()
-    batch = d.decode([
-        Rec(req()),
-        Rec(req(request_id="r2", routing_key="card-9", ts=5,
-                features={"hour": 1, "amount": 7, "vip": False, "age": 40.0, "extra": "x"})),
-    ])
+    batch = d.decode(
+        [
+            Rec(req()),
+            Rec(
+                req(
+                    request_id="r2",
+                    routing_key="card-9",
+                    ts=5,
+                    features={"hour": 1, "amount": 7, "vip": False, "age": 40.0, "extra": "x"},
+                )
+            ),
+        ]
+    )
     assert batch.request_ids == ["r1", "r2"]
     assert batch.routing_keys == ["r1", "card-9"] and batch.has_routing_key == [False, True]
     assert batch.ts == [1_700_000_000_000, 5]
@@ -68,29 +79,49 @@ def test_good_records_become_one_matrix_in_column_order() -> None:
         (msgspec.json.encode({"request_id": "", "features": {}}), "schema", "request_id"),
         (msgspec.json.encode({"request_id": 7, "features": {}}), "schema", "request_id"),
         (msgspec.json.encode({"request_id": "a"}), "schema", "features"),
-        (msgspec.json.encode({"request_id": "a", "features": {"amount": {"x": 1}}}),
-         "schema", "features"),
+        (
+            msgspec.json.encode({"request_id": "a", "features": {"amount": {"x": 1}}}),
+            "schema",
+            "features",
+        ),
         (req(features={"amount": 1, "vip": True, "age": 3}), "feature_missing", "hour"),
         (req(features={}), "feature_missing", "amount, hour, vip, age"),
-        (req(features={"amount": "12", "hour": 3, "vip": True, "age": 1}),
-         "feature_type", "'amount' must be a number, got string"),
-        (req(features={"amount": True, "hour": 3, "vip": True, "age": 1}),
-         "feature_type", "'amount' must be a number, got boolean"),
-        (req(features={"amount": 1, "hour": 3.5, "vip": True, "age": 1}),
-         "feature_type", "'hour' must be an integer"),
-        (req(features={"amount": 1, "hour": 3, "vip": 1, "age": 1}),
-         "feature_type", "'vip' must be a boolean"),
-        (req(features={"amount": None, "hour": 3, "vip": True, "age": 1}),
-         "feature_type", "got null"),
+        (
+            req(features={"amount": "12", "hour": 3, "vip": True, "age": 1}),
+            "feature_type",
+            "'amount' must be a number, got string",
+        ),
+        (
+            req(features={"amount": True, "hour": 3, "vip": True, "age": 1}),
+            "feature_type",
+            "'amount' must be a number, got boolean",
+        ),
+        (
+            req(features={"amount": 1, "hour": 3.5, "vip": True, "age": 1}),
+            "feature_type",
+            "'hour' must be an integer",
+        ),
+        (
+            req(features={"amount": 1, "hour": 3, "vip": 1, "age": 1}),
+            "feature_type",
+            "'vip' must be a boolean",
+        ),
+        (
+            req(features={"amount": None, "hour": 3, "vip": True, "age": 1}),
+            "feature_type",
+            "got null",
+        ),
         (req(schema_version="2.0"), "schema_version", "unknown major version"),
         (req(ts=-5), "schema", "ts"),
         (None, "decode", "tombstone"),
     ],
 )
-def test_every_bad_record_is_rejected_with_its_reason(value: bytes | None, kind: str,
-                                                      words: str) -> None:
-    batch = decoder().decode([Rec(req(request_id="ok-1")), Rec(value, offset=7),
-                              Rec(req(request_id="ok-2"))])
+def test_every_bad_record_is_rejected_with_its_reason(
+    value: bytes | None, kind: str, words: str
+) -> None:
+    batch = decoder().decode(
+        [Rec(req(request_id="ok-1")), Rec(value, offset=7), Rec(req(request_id="ok-2"))]
+    )
     assert batch.request_ids == ["ok-1", "ok-2"]
     [rejected] = batch.rejected
     assert rejected.kind == kind
@@ -105,10 +136,12 @@ def test_oversize_records_are_rejected_before_decoding() -> None:
 
 
 def test_schema_version_header_with_unknown_major_is_rejected() -> None:
-    batch = decoder().decode([
-        Rec(req(), headers=(("schema_version", b"3"),)),
-        Rec(req(request_id="r2"), headers=(("schema_version", b"1.4"),)),
-    ])
+    batch = decoder().decode(
+        [
+            Rec(req(), headers=(("schema_version", b"3"),)),
+            Rec(req(request_id="r2"), headers=(("schema_version", b"1.4"),)),
+        ]
+    )
     assert [r.kind for r in batch.rejected] == ["schema_version"]
     assert batch.request_ids == ["r2"]
 
@@ -119,11 +152,15 @@ def test_minor_versions_and_unknown_fields_are_tolerated() -> None:
 
 
 def test_categories_are_encoded_as_their_index_and_unknown_as_minus_one() -> None:
-    m = model(FeatureSpec(name="mcc", type="category", categories=["grocery", "travel"]),
-              FeatureSpec(name="amount"))
+    m = model(
+        FeatureSpec(name="mcc", type="category", categories=["grocery", "travel"]),
+        FeatureSpec(name="amount"),
+    )
     d = decoder(m)
-    values = [msgspec.json.encode({"request_id": str(i), "features": {"mcc": c, "amount": 1}})
-              for i, c in enumerate(["travel", "grocery", "casino"])]
+    values = [
+        msgspec.json.encode({"request_id": str(i), "features": {"mcc": c, "amount": 1}})
+        for i, c in enumerate(["travel", "grocery", "casino"])
+    ]
     batch = d.decode([Rec(v) for v in values])
     np.testing.assert_array_equal(batch.matrix[:, 0], [1, 0, -1])
 

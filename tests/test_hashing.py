@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from scipy import stats
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kafka_helpers import make_config
+
 from sidecar.contracts import Comparison, DeadLetter, Decision
 from sidecar.examples import fraud
+from sidecar.hashing import bucket_of
 from sidecar.models import load_model
 from sidecar.pipeline import Pipeline
 from sidecar.routing import Mode, RoutingPolicy
-from sidecar.hashing import bucket_of
 
 
 @dataclass
@@ -35,8 +35,9 @@ ENC = msgspec.json.Encoder()
 
 
 def pipeline(candidate: dict[str, Any] | None = None, **rollout: Any) -> Pipeline:
-    cfg = make_config("unused:9092", rollout=rollout,
-                      models={"candidate": candidate} if candidate else {})
+    cfg = make_config(
+        "unused:9092", rollout=rollout, models={"candidate": candidate} if candidate else {}
+    )
     cand = load_model(cfg.models.candidate) if cfg.models.candidate else None
     return Pipeline(cfg, load_model(cfg.models.champion), cand)
 
@@ -73,7 +74,9 @@ async def test_every_request_gets_one_decision_and_one_comparison_with_correct_a
         assert d.arm == d.routed_arm == ("candidate" if expect_candidate else "champion")
         assert d.policy_epoch == c.policy_epoch == 7 and d.policy_mode == "canary"
         assert d.model_version == ("2.0.0" if expect_candidate else "1.4.0")
-        assert c.champion.score == pytest.approx(champ[i]) and c.candidate.score == pytest.approx(cand[i])
+        assert c.champion.score == pytest.approx(champ[i]) and c.candidate.score == pytest.approx(
+            cand[i]
+        )
         assert d.score == (c.candidate.score if expect_candidate else c.champion.score)
         assert d.decision == (d.score >= d.threshold)
         assert d.threshold == (0.5 if expect_candidate else 0.3)
@@ -101,7 +104,9 @@ async def test_templated_outputs_are_what_msgspec_encodes_for_the_struct() -> No
     st.lists(st.text(min_size=1, max_size=30), min_size=1, max_size=20, unique=True),
     st.lists(st.one_of(st.none(), st.text(max_size=20)), min_size=20, max_size=20),
 )
-async def test_arbitrary_ids_and_keys_survive_encoding(ids: list[str], keys: list[str | None]) -> None:
+async def test_arbitrary_ids_and_keys_survive_encoding(
+    ids: list[str], keys: list[str | None]
+) -> None:
     p = pipeline()
     feats = dict(zip(fraud.FEATURES, [10.0, 3, 0.2, 1, 4, 300.0, 12.0, 0.4], strict=True))
     recs = []
@@ -127,7 +132,9 @@ async def test_arbitrary_ids_and_keys_survive_encoding(ids: list[str], keys: lis
         {"target": "sidecar.examples.faulty:slow", "options": {"delay_s": 1.0}, "timeout_ms": 50},
     ],
 )
-async def test_a_failing_candidate_never_changes_a_champion_decision(faulty: dict[str, Any]) -> None:
+async def test_a_failing_candidate_never_changes_a_champion_decision(
+    faulty: dict[str, Any],
+) -> None:
     healthy = pipeline(mode="shadow")
     broken = pipeline(candidate=faulty, mode="canary", canary_share_bp=3000)
     recs = records(1000)
@@ -148,7 +155,11 @@ async def test_a_failing_candidate_never_changes_a_champion_decision(faulty: dic
 
 
 async def test_a_slow_candidate_delays_the_batch_by_its_timeout_at_most() -> None:
-    slow = {"target": "sidecar.examples.faulty:slow", "options": {"delay_s": 2.0}, "timeout_ms": 100}
+    slow = {
+        "target": "sidecar.examples.faulty:slow",
+        "options": {"delay_s": 2.0},
+        "timeout_ms": 100,
+    }
     p = pipeline(candidate=slow)
     import time
 
@@ -160,15 +171,29 @@ async def test_a_slow_candidate_delays_the_batch_by_its_timeout_at_most() -> Non
 
 @pytest.mark.parametrize(
     ("failure_policy", "expect"),
-    [("fallback_candidate", "candidate"), ("default_decision", "default"),
-     ("dead_letter", "dead_letter")],
+    [
+        ("fallback_candidate", "candidate"),
+        ("default_decision", "default"),
+        ("dead_letter", "dead_letter"),
+    ],
 )
-async def test_champion_failure_follows_the_configured_policy(failure_policy: str,
-                                                              expect: str) -> None:
-    cfg = make_config("unused:9092", rollout={"champion_failure": failure_policy,
-                                              "default_decision": True, "default_score": 0.99},
-                      models={"champion": {"target": "sidecar.examples.faulty:raising",
-                                           "options": {"target": "sidecar.examples.fraud:champion"}}})
+async def test_champion_failure_follows_the_configured_policy(
+    failure_policy: str, expect: str
+) -> None:
+    cfg = make_config(
+        "unused:9092",
+        rollout={
+            "champion_failure": failure_policy,
+            "default_decision": True,
+            "default_score": 0.99,
+        },
+        models={
+            "champion": {
+                "target": "sidecar.examples.faulty:raising",
+                "options": {"target": "sidecar.examples.fraud:champion"},
+            }
+        },
+    )
     p = Pipeline(cfg, load_model(cfg.models.champion), load_model(cfg.models.candidate))
     result = await p.process(records(300), policy(Mode.SHADOW))
     ds = decisions(result)

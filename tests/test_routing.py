@@ -52,7 +52,7 @@ def test_modes(mode: Mode, share: int, expected: float) -> None:
 
 
 def test_share_outside_basis_points_is_refused() -> None:
-    with pytest.raises(ValueError, match="0..10000"):
+    with pytest.raises(ValueError, match=r"0\.\.10000"):
         RoutingPolicy(rollout="x", canary_share_bp=10_001)
 
 

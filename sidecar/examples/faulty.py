@@ -59,7 +59,7 @@ class NaNs:
     def predict(self, batch: FloatArray) -> FloatArray:
         scores = np.asarray(self._inner.predict(batch), dtype=np.float64).copy()
         n = len(scores)
-        scores[: int(round(n * self._fraction))] = np.nan
+        scores[: round(n * self._fraction)] = np.nan
         return scores
 
 
@@ -76,7 +76,9 @@ class WrongLength:
 _DEFAULT = "sidecar.examples.fraud:candidate"
 
 
-def raising(target: str = _DEFAULT, every: int = 1, options: dict[str, Any] | None = None) -> Raising:
+def raising(
+    target: str = _DEFAULT, every: int = 1, options: dict[str, Any] | None = None
+) -> Raising:
     return Raising(_inner(target, options), every)
 
 
@@ -86,7 +88,9 @@ def slow(
     return Slow(_inner(target, options), delay_s)
 
 
-def nans(fraction: float = 1.0, target: str = _DEFAULT, options: dict[str, Any] | None = None) -> NaNs:
+def nans(
+    fraction: float = 1.0, target: str = _DEFAULT, options: dict[str, Any] | None = None
+) -> NaNs:
     return NaNs(_inner(target, options), fraction)
 
 

@@ -140,8 +140,8 @@ class RequestDecoder:
 
     def decode(self, records: Sequence[RawRecord]) -> DecodedBatch:
         out = DecodedBatch()
-        rows: list[tuple[Any, ...]] = []
-        astuple = msgspec.structs.astuple
+        good_records: list[RawRecord] = []
+        requests: list[Any] = []
         fast = self._fast.decode
         max_bytes = self._max_bytes
         for record in records:
@@ -160,15 +160,22 @@ class RequestDecoder:
             if version != "1" and _major(version) != REQUEST_SCHEMA_MAJOR:
                 out.rejected.append(self._bad_version(record, version, "field", req.request_id))
                 continue
-            out.records.append(record)
-            out.request_ids.append(req.request_id)
-            routing_key = req.routing_key
-            out.has_routing_key.append(routing_key is not None)
-            out.routing_keys.append(routing_key if routing_key is not None else req.request_id)
-            out.ts.append(req.ts if req.ts is not None else record.timestamp)
-            out.metadata.append(req.metadata)
-            rows.append(astuple(req.features))
-        out.matrix = self._to_matrix(rows)
+            good_records.append(record)
+            requests.append(req)
+        out.records = good_records
+        out.request_ids = [r.request_id for r in requests]
+        routing = [r.routing_key for r in requests]
+        out.has_routing_key = [k is not None for k in routing]
+        out.routing_keys = [
+            k if k is not None else r.request_id for k, r in zip(routing, requests, strict=True)
+        ]
+        out.ts = [
+            r.ts if r.ts is not None else rec.timestamp
+            for r, rec in zip(requests, good_records, strict=True)
+        ]
+        out.metadata = [r.metadata for r in requests]
+        astuple = msgspec.structs.astuple
+        out.matrix = self._to_matrix([astuple(r.features) for r in requests])
         return out
 
     def _to_matrix(self, rows: list[tuple[Any, ...]]) -> FloatArray:

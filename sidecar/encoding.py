@@ -34,26 +34,35 @@ def escape(text: str) -> str:
     return _ENCODER.encode(text).decode()[1:-1]
 
 
-def template(
-    prototype: msgspec.Struct, text_slots: tuple[str, ...], raw_slots: tuple[str, ...]
-) -> str:
-    """A ``str.format`` template from a prototype Struct.
+def template(prototype: msgspec.Struct, slots: tuple[str, ...], raw: frozenset[str]) -> str:
+    """A ``%``-format template from a prototype Struct.
 
-    ``prototype`` must hold ``"@@name@@"`` in each slot field. A *text* slot stays inside its
-    JSON quotes (format it with an escaped string body); a *raw* slot replaces the quoted
-    sentinel (format it with JSON text: a number, ``true``, ``null``, an object...). Slot
-    ``i`` of ``text_slots + raw_slots`` is ``{i}`` in the template.
+    ``prototype`` holds ``"@@name@@"`` in each slot field; ``slots`` names them in the order
+    they appear in the encoded JSON (checked), which is the order of the ``%`` arguments. A
+    slot in ``raw`` replaces the quoted sentinel (format it with JSON text: a number,
+    ``true``, an object...); any other slot stays inside its quotes (format it with an escaped
+    string body).
     """
-    encoded = _ENCODER.encode(prototype).decode()
-    encoded = encoded.replace("{", "{{").replace("}", "}}")
-    for index, name in enumerate(text_slots + raw_slots):
-        sentinel = f"@@{name}@@"
-        if name in raw_slots:
-            sentinel = f'"{sentinel}"'
+    encoded = _ENCODER.encode(prototype).decode().replace("%", "%%")
+    position = -1
+    for name in slots:
+        sentinel = f'"@@{name}@@"' if name in raw else f"@@{name}@@"
         if encoded.count(sentinel) != 1:
             raise ValueError(f"slot {name!r} not found exactly once in the prototype")
-        encoded = encoded.replace(sentinel, "{" + str(index) + "}")
+        found = encoded.index(sentinel)
+        if found < position:
+            raise ValueError(f"slot {name!r} is out of order: list slots as they appear")
+        position = found
+        encoded = encoded.replace(sentinel, "%s")
     return encoded
+
+
+def json_numbers(values: list[float] | list[int]) -> list[str]:
+    """JSON text of each number, with one msgspec call for the whole list (floats in their
+    shortest round-trip form; NaN and infinities become ``null``)."""
+    if not values:
+        return []
+    return _ENCODER.encode(values).decode()[1:-1].split(",")
 
 
 def json_bool(value: bool) -> str:

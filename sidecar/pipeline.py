@@ -27,7 +27,7 @@ from .contracts import (
     ModelResult,
 )
 from .decoding import DecodedBatch, RawRecord, Rejected, RequestDecoder
-from .encoding import JSON_BOOL, escape, needs_escape, raw_json, template
+from .encoding import JSON_BOOL, escape, json_numbers, needs_escape, raw_json, template
 from .models.base import BatchScores, ScoringModel
 from .routing import RoutingPolicy
 
@@ -39,6 +39,21 @@ _NO_CANDIDATE = ModelError(kind="unavailable", message="no candidate model confi
 # Per-record choice codes (see Pipeline._choose).
 _CHAMPION, _CANDIDATE, _DEFAULT, _DEAD_LETTER = 0, 1, 2, 3
 _ARM_NAMES = ("champion", "candidate", "default", "dead_letter")
+#: Template slots filled with JSON text rather than string bodies.
+_RAW = frozenset(
+    {
+        "score",
+        "decision",
+        "bucket",
+        "ts",
+        "champion",
+        "candidate",
+        "c_score",
+        "c_decision",
+        "k_score",
+        "k_decision",
+    }
+)
 
 
 @dataclass(slots=True)
@@ -116,8 +131,8 @@ class _BatchFormats:
                         decided_at=self.decided_at,
                         latency_ms=self.latency[arm],
                     ),
-                    ("request_id", "routing_key"),
-                    ("score", "decision", "bucket", "ts"),
+                    ("request_id", "routing_key", "score", "decision", "bucket", "ts"),
+                    _RAW,
                     keyed,
                 )
                 if m is not None
@@ -144,10 +159,46 @@ class _BatchFormats:
                 )
                 pair.append(
                     _template_optional(
-                        proto, ("request_id", "routing_key"), ("ts", "champion", "candidate"), keyed
+                        proto,
+                        ("request_id", "routing_key", "ts", "champion", "candidate"),
+                        _RAW,
+                        keyed,
                     )
                 )
             self.comparison[served] = (pair[0], pair[1])
+        # comparison_both[served_by][has_routing_key]: both arms scored (the common case).
+        # Slots: request_id, routing_key, ts, champion score, champion decision, candidate
+        # score, candidate decision.
+        self.comparison_both = tuple(
+            tuple(
+                _template_optional(
+                    Comparison(
+                        request_id="@@request_id@@",
+                        routing_key="@@routing_key@@" if keyed else None,
+                        rollout=policy.rollout,
+                        ts="@@ts@@",  # type: ignore[arg-type]
+                        policy_epoch=policy.epoch,
+                        policy_mode=policy.mode.value,
+                        served_by=_ARM_NAMES[served],  # type: ignore[arg-type]
+                        champion=_scored(models[0], "c", self.latency[0]),
+                        candidate=_scored(models[1], "k", self.latency[1]),
+                    ),
+                    (
+                        "request_id",
+                        "routing_key",
+                        "ts",
+                        "c_score",
+                        "c_decision",
+                        "k_score",
+                        "k_decision",
+                    ),
+                    _RAW,
+                    keyed,
+                )
+                for keyed in (False, True)
+            )
+            for served in (_CHAMPION, _CANDIDATE)
+        )
         ok, err = [], []
         for arm, (m, scores) in enumerate(zip(models, (champion, candidate), strict=True)):
             name, version = (m.name, m.version) if m else ("", "")
@@ -160,8 +211,8 @@ class _BatchFormats:
                         decision="@@decision@@",  # type: ignore[arg-type]
                         latency_ms=self.latency[arm],
                     ),
-                    (),
                     ("score", "decision"),
+                    _RAW,
                 )
             )
             err.append(
@@ -178,18 +229,25 @@ class _BatchFormats:
         self.champion_error, self.candidate_error = err
 
 
+def _scored(model: ScoringModel | None, prefix: str, latency_ms: float) -> ModelResult:
+    """A prototype ModelResult whose score and decision are template slots."""
+    return ModelResult(
+        model=model.name if model else "",
+        version=model.version if model else "",
+        score=f"@@{prefix}_score@@",  # type: ignore[arg-type]
+        decision=f"@@{prefix}_decision@@",  # type: ignore[arg-type]
+        latency_ms=latency_ms,
+    )
+
+
 def _template_optional(
-    proto: msgspec.Struct, text_slots: tuple[str, ...], raw_slots: tuple[str, ...], keyed: bool
+    proto: msgspec.Struct, slots: tuple[str, ...], raw: frozenset[str], keyed: bool
 ) -> str:
-    """``template`` where the routing_key slot may be absent (encoded as null): its index is
-    kept so every variant takes the same positional arguments."""
+    """``template`` for a prototype whose routing_key is a slot when ``keyed`` and encoded as
+    null otherwise; unkeyed templates take the same arguments less the routing key."""
     if keyed:
-        return template(proto, text_slots, raw_slots)
-    tmpl = template(proto, text_slots[:1], ())
-    # Re-number the raw slots after the (absent) routing_key slot.
-    for offset, name in enumerate(raw_slots):
-        tmpl = tmpl.replace(f'"@@{name}@@"', "{" + str(len(text_slots) + offset) + "}")
-    return tmpl
+        return template(proto, slots, raw)
+    return template(proto, tuple(s for s in slots if s != "routing_key"), raw)
 
 
 class Pipeline:
@@ -254,108 +312,159 @@ class Pipeline:
         champion: BatchScores,
         candidate: BatchScores,
     ) -> None:
-        """Choose the deciding arm per record (vectorised), then encode the outputs."""
+        """Choose the deciding arm per record (vectorised), then encode the outputs.
+
+        Records where both arms scored, the routed arm decides and there is no metadata take
+        the fast path: one template format per output. The rest (fallbacks, failures, default
+        decisions, dead letters, metadata) take the general path. Outputs are written by
+        record index, so per-key order within the batch is kept whichever path a record took.
+        """
+        n = len(batch)
         choice = self._choose(candidate_decides, champion, candidate)
         fmt = _BatchFormats(self, policy, champion, candidate)
         ids = batch.request_ids
-        if any(map(needs_escape, ids)) or any(map(needs_escape, batch.routing_keys)):
+        keys = batch.routing_keys
+        if needs_escape("".join(ids)) or needs_escape("".join(keys)):
             texts = [escape(t) for t in ids]
-            key_texts = [escape(t) for t in batch.routing_keys]
+            key_texts = [escape(t) for t in keys]
         else:
-            texts, key_texts = ids, batch.routing_keys
-        champ_scores = champion.scores.tolist()
-        cand_scores = candidate.scores.tolist()
-        champ_valid = champion.valid.tolist()
-        cand_valid = candidate.valid.tolist()
-        champ_dec = champion.decisions.tolist()
-        cand_dec = candidate.decisions.tolist()
-        routed_list = candidate_decides.tolist()
+            texts, key_texts = ids, keys
+        no_metadata = np.fromiter((m is None for m in batch.metadata), dtype=bool, count=n)
+        fast = (choice == candidate_decides) & champion.valid & candidate.valid & no_metadata
+        # JSON text of every score with one msgspec call per arm, not a float repr per record.
+        champ_scores = json_numbers(champion.scores.tolist())
+        cand_scores = json_numbers(candidate.scores.tolist())
+        champ_dec = [JSON_BOOL[d] for d in champion.decisions.tolist()]
+        cand_dec = [JSON_BOOL[d] for d in candidate.decisions.tolist()]
+        choice_list = choice.tolist()
         bucket_list = buckets.tolist()
         has_key = batch.has_routing_key
         ts_list = batch.ts
-        metadata = batch.metadata
-        dec_keys, dec_values, dec_headers = result.decisions
-        cmp_keys, cmp_values, cmp_headers = result.comparisons
-        comparison_key = policy.rollout.encode()
-        schema_header = _SCHEMA_HEADER
-        version_header = fmt.version_headers
         decision_tmpl = fmt.decision
-        comparison_tmpl = fmt.comparison
-        champ_ok_tmpl, cand_ok_tmpl = fmt.champion_ok, fmt.candidate_ok
-        champ_err, cand_err = fmt.champion_error, fmt.candidate_error
-        counts = result.decided_by
-        slow = 0
+        both_tmpl = fmt.comparison_both
+        version_header = fmt.version_headers
+        schema_header = _SCHEMA_HEADER
+        dec_values: list[bytes | None] = [None] * n
+        dec_headers: list[Headers | None] = [None] * n
+        cmp_values: list[bytes | None] = [None] * n
 
-        for i, c in enumerate(choice.tolist()):
-            rid_text = texts[i]
-            rid = ids[i].encode()
-            keyed = has_key[i]
-            ts = ts_list[i]
-            champ_frag = (
-                champ_ok_tmpl.format(champ_scores[i], JSON_BOOL[champ_dec[i]])
-                if champ_valid[i]
-                else champ_err
-            )
-            cand_frag = (
-                cand_ok_tmpl.format(cand_scores[i], JSON_BOOL[cand_dec[i]])
-                if cand_valid[i]
-                else cand_err
-            )
-            routed = _CANDIDATE if routed_list[i] else _CHAMPION
-            served: int | None = c if c < 2 else (_CHAMPION if c == _DEFAULT else None)
-            if c == _DEAD_LETTER:
-                served = None
-                self._dead_letter(
-                    result,
-                    Rejected(
-                        batch.records[i],
-                        "model_failure",
-                        "champion failed and rollout.champion_failure is dead_letter: "
-                        f"{_error_text(champion.error or champion.record_error)}",
-                        ids[i],
-                    ),
-                )
-            elif c == routed and metadata[i] is None:
-                scores = cand_scores if c else champ_scores
-                decided = cand_dec if c else champ_dec
-                dec_values.append(
-                    decision_tmpl[c][keyed]
-                    .format(
-                        rid_text,
-                        key_texts[i],
-                        scores[i],
-                        JSON_BOOL[decided[i]],
-                        bucket_list[i],
-                        ts,
-                    )
-                    .encode()
-                )
-                dec_keys.append(batch.routing_keys[i].encode())
-                dec_headers.append([("request_id", rid), version_header[c], schema_header])
+        for i in np.flatnonzero(fast).tolist():
+            arm = choice_list[i]
+            rid, ts = texts[i], ts_list[i]
+            cs, ks, cd, kd = champ_scores[i], cand_scores[i], champ_dec[i], cand_dec[i]
+            score, decided = (ks, kd) if arm else (cs, cd)
+            if has_key[i]:
+                rkey = key_texts[i]
+                dec = decision_tmpl[arm][1] % (rid, rkey, score, decided, bucket_list[i], ts)
+                cmp = both_tmpl[arm][1] % (rid, rkey, ts, cs, cd, ks, kd)
             else:
-                slow += 1
-                self._slow_decision(
-                    result,
-                    batch,
-                    i,
-                    policy,
-                    fmt,
-                    c,
-                    routed,
-                    champion,
-                    candidate,
-                    int(bucket_list[i]),
-                )
-            cmp_values.append(
-                comparison_tmpl[served][keyed]
-                .format(rid_text, key_texts[i], ts, champ_frag, cand_frag)
-                .encode()
+                dec = decision_tmpl[arm][0] % (rid, score, decided, bucket_list[i], ts)
+                cmp = both_tmpl[arm][0] % (rid, ts, cs, cd, ks, kd)
+            dec_values[i] = dec.encode()
+            cmp_values[i] = cmp.encode()
+            dec_headers[i] = [("request_id", ids[i].encode()), version_header[arm], schema_header]
+
+        slow = np.flatnonzero(~fast).tolist()
+        for i in slow:
+            self._general_outputs(
+                result,
+                batch,
+                i,
+                policy,
+                fmt,
+                texts[i],
+                key_texts[i],
+                choice_list[i],
+                _CANDIDATE if candidate_decides[i] else _CHAMPION,
+                champion,
+                candidate,
+                bucket_list[i],
+                dec_values,
+                dec_headers,
+                cmp_values,
             )
-            cmp_keys.append(comparison_key)
-            cmp_headers.append([("request_id", rid), schema_header])
-        for c, n in zip(*np.unique(choice, return_counts=True), strict=True):
-            counts[_ARM_NAMES[int(c)]] = counts.get(_ARM_NAMES[int(c)], 0) + int(n)
-        result.slow_path = slow
+
+        comparison_key = policy.rollout.encode()
+        result.comparisons.values.extend(cmp_values)  # type: ignore[arg-type]
+        result.comparisons.keys.extend([comparison_key] * n)
+        result.comparisons.headers.extend(
+            [[("request_id", rid.encode()), schema_header] for rid in ids]
+        )
+        out = result.decisions
+        if choice.max(initial=0) == _DEAD_LETTER:
+            for i in range(n):
+                if dec_values[i] is not None:
+                    out.keys.append(keys[i].encode())
+                    out.values.append(dec_values[i])  # type: ignore[arg-type]
+                    out.headers.append(dec_headers[i])  # type: ignore[arg-type]
+        else:
+            out.keys.extend([k.encode() for k in keys])
+            out.values.extend(dec_values)  # type: ignore[arg-type]
+            out.headers.extend(dec_headers)  # type: ignore[arg-type]
+        counts = result.decided_by
+        for c, count in zip(*np.unique(choice, return_counts=True), strict=True):
+            if int(c) != _DEAD_LETTER:
+                counts[_ARM_NAMES[int(c)]] = counts.get(_ARM_NAMES[int(c)], 0) + int(count)
+        result.slow_path = len(slow)
+
+    def _general_outputs(
+        self,
+        result: BatchResult,
+        batch: DecodedBatch,
+        i: int,
+        policy: RoutingPolicy,
+        fmt: _BatchFormats,
+        rid_text: str,
+        key_text: str,
+        choice: int,
+        routed: int,
+        champion: BatchScores,
+        candidate: BatchScores,
+        bucket: int,
+        dec_values: list[bytes | None],
+        dec_headers: list[Headers | None],
+        cmp_values: list[bytes | None],
+    ) -> None:
+        """One record off the fast path: any mix of failures, fallbacks and metadata."""
+        champ_frag = (
+            fmt.champion_ok
+            % (raw_json(float(champion.scores[i])), JSON_BOOL[bool(champion.decisions[i])])
+            if champion.valid[i]
+            else fmt.champion_error
+        )
+        cand_frag = (
+            fmt.candidate_ok
+            % (raw_json(float(candidate.scores[i])), JSON_BOOL[bool(candidate.decisions[i])])
+            if candidate.valid[i]
+            else fmt.candidate_error
+        )
+        served: int | None
+        if choice == _DEAD_LETTER:
+            served = None
+            self._dead_letter(
+                result,
+                Rejected(
+                    batch.records[i],
+                    "model_failure",
+                    "champion failed and rollout.champion_failure is dead_letter: "
+                    f"{_error_text(champion.error or champion.record_error)}",
+                    batch.request_ids[i],
+                ),
+            )
+        else:
+            served = _CHAMPION if choice == _DEFAULT else choice
+            value, headers = self._slow_decision(
+                batch, i, policy, fmt, choice, routed, champion, candidate, bucket
+            )
+            dec_values[i] = value
+            dec_headers[i] = headers
+        tmpl = fmt.comparison[served][batch.has_routing_key[i]]
+        args = (
+            (rid_text, key_text, batch.ts[i], champ_frag, cand_frag)
+            if batch.has_routing_key[i]
+            else (rid_text, batch.ts[i], champ_frag, cand_frag)
+        )
+        cmp_values[i] = (tmpl % args).encode()
 
     def _choose(
         self, candidate_decides: np.ndarray, champion: BatchScores, candidate: BatchScores
@@ -380,7 +489,6 @@ class Pipeline:
 
     def _slow_decision(
         self,
-        result: BatchResult,
         batch: DecodedBatch,
         i: int,
         policy: RoutingPolicy,
@@ -390,7 +498,7 @@ class Pipeline:
         champion: BatchScores,
         candidate: BatchScores,
         bucket: int,
-    ) -> None:
+    ) -> tuple[bytes, Headers]:
         """Fallbacks, default decisions and records with metadata: a full Struct, encoded."""
         arm = _CANDIDATE if choice == _CANDIDATE else _CHAMPION
         model = self.candidate if arm == _CANDIDATE else self.champion
@@ -430,16 +538,12 @@ class Pipeline:
                 metadata=batch.metadata[i],
             )
         )
-        keys, values, headers = result.decisions
-        keys.append(batch.routing_keys[i].encode())
-        values.append(value)
-        headers.append(
-            [
-                ("request_id", batch.request_ids[i].encode()),
-                fmt.version_headers[arm],
-                _SCHEMA_HEADER,
-            ]
-        )
+        headers: Headers = [
+            ("request_id", batch.request_ids[i].encode()),
+            fmt.version_headers[arm],
+            _SCHEMA_HEADER,
+        ]
+        return value, headers
 
     def _dead_letter(self, result: BatchResult, rejected: Rejected) -> None:
         record = rejected.record

@@ -1,0 +1,272 @@
+"""Throughput of the sidecar's full path against a plain aiokafka passthrough, same run.
+
+    python bench/bench_throughput.py [--requests 200000] [--rounds 2]
+
+Starts the embedded broker, preloads N requests (8 numeric features) once, then runs each
+contender in its own process (so peak memory is its own) on its own consumer group:
+
+* passthrough: consume, decode each request (msgspec), encode two outputs per record,
+  produce them with the batch API, commit after acks. No models, no routing. The ceiling.
+* sidecar: the real ``Sidecar`` (decode + validate, route, score champion and candidate,
+  choose, encode decisions and comparisons, produce, commit after acks).
+
+Rounds alternate the order to spread the machine's noise. Prints requests/s, the ratio and
+peak RSS of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+TOPIC_PARTITIONS = 6
+
+
+def config_for(bootstrap: str, requests_topic: str, group: str) -> Any:
+    from kafka_helpers import make_config
+
+    return make_config(
+        bootstrap,
+        partitions=TOPIC_PARTITIONS,
+        kafka={"group_id": group},
+        topics={"requests": requests_topic},
+        rollout={"mode": "canary", "canary_share_bp": 1000},
+        control={"enabled": False},
+    )
+
+
+async def preload(bootstrap: str, topic: str, n: int) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from sidecar.broker import ensure_topics
+    from sidecar.traffic import generated_items, produce_values
+
+    await ensure_topics(bootstrap, [topic], partitions=TOPIC_PARTITIONS)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", max_batch_size=1 << 20, linger_ms=5
+    )
+    await producer.start()
+    try:
+        for start in range(0, n, 20_000):
+            items = generated_items(min(20_000, n - start), seed=start, start_id=start)
+            await produce_values(producer, topic, items, partitions=TOPIC_PARTITIONS)
+    finally:
+        await producer.stop()
+
+
+async def run_passthrough(cfg: Any, n: int) -> float:
+    import msgspec
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from sidecar.broker import ensure_topics
+    from sidecar.contracts import InferenceRequest
+    from sidecar.pipeline import TopicOutput
+    from sidecar.runner import OutputSender
+
+    t = cfg.topics
+    await ensure_topics(cfg.kafka.bootstrap_servers, cfg.all_topics(), TOPIC_PARTITIONS)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=cfg.kafka.bootstrap_servers,
+        acks="all",
+        linger_ms=5,
+        max_batch_size=1 << 20,
+        max_request_size=1 << 21,
+    )
+    await producer.start()
+    consumer = AIOKafkaConsumer(
+        t.requests,
+        bootstrap_servers=cfg.kafka.bootstrap_servers,
+        group_id=cfg.kafka.group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    sender = OutputSender(
+        producer, {t.decisions: TOPIC_PARTITIONS, t.comparisons: TOPIC_PARTITIONS}
+    )
+    decoder = msgspec.json.Decoder(InferenceRequest)
+    encoder = msgspec.json.Encoder()
+    done = 0
+    start = None
+    pending: list[tuple[dict[Any, int], list[Any]]] = []
+    try:
+        while done < n:
+            batches = await consumer.getmany(timeout_ms=100, max_records=2000)
+            if not batches:
+                continue
+            if start is None:
+                start = time.perf_counter()
+            out_a, out_b = TopicOutput(), TopicOutput()
+            for part in batches.values():
+                for record in part:
+                    req = decoder.decode(record.value)
+                    key = (req.routing_key or req.request_id).encode()
+                    out_a.keys.append(key)
+                    out_a.values.append(encoder.encode(req))
+                    out_a.headers.append([])
+                    out_b.keys.append(key)
+                    out_b.values.append(encoder.encode(req.features))
+                    out_b.headers.append([])
+            futures = await sender.send(t.decisions, out_a)
+            futures += await sender.send(t.comparisons, out_b)
+            pending.append(({tp: p[-1].offset + 1 for tp, p in batches.items()}, futures))
+            # Commit in order once acknowledged, keeping a few batches in flight (as the
+            # sidecar does).
+            while pending and (len(pending) > 4 or all(f.done() for f in pending[0][1])):
+                offsets, futs = pending.pop(0)
+                await asyncio.gather(*futs)
+                await consumer.commit(offsets)
+            done += sum(len(p) for p in batches.values())
+        for offsets, futs in pending:
+            await asyncio.gather(*futs)
+            await consumer.commit(offsets)
+        assert start is not None
+        return time.perf_counter() - start
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+async def run_sidecar(cfg: Any, n: int) -> float:
+    from sidecar.broker import ensure_topics
+    from sidecar.runner import Sidecar
+
+    await ensure_topics(cfg.kafka.bootstrap_servers, cfg.all_topics(), TOPIC_PARTITIONS)
+    sidecar = Sidecar(cfg)
+    task = asyncio.create_task(sidecar.run())
+    start = None
+    while True:
+        if start is None and sidecar.processed:
+            start = time.perf_counter()
+        if sidecar.processed >= n and not sidecar._in_flight:
+            break
+        if task.done():
+            task.result()
+            raise RuntimeError("sidecar stopped early")
+        await asyncio.sleep(0.002)
+    elapsed = time.perf_counter() - (start or 0)
+    sidecar.request_stop()
+    await task
+    sidecar.close_models()
+    return elapsed
+
+
+def child(args: argparse.Namespace) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    cfg = config_for(args.bootstrap, args.topic, f"bench-{args.mode}-{uuid.uuid4().hex[:6]}")
+    runner = run_passthrough if args.mode == "passthrough" else run_sidecar
+    if args.profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        elapsed = asyncio.run(runner(cfg, args.requests))
+        profiler.disable()
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+    else:
+        elapsed = asyncio.run(runner(cfg, args.requests))
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        json.dumps(
+            {
+                "mode": args.mode,
+                "seconds": elapsed,
+                "rate": args.requests / elapsed,
+                "peak_rss_mib": rss_mib,
+            }
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--mode", choices=["passthrough", "sidecar"], help=argparse.SUPPRESS)
+    parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
+    parser.add_argument("--topic", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help="cProfile each contender")
+    args = parser.parse_args()
+    if args.mode:
+        child(args)
+        return
+
+    from sidecar.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as broker:
+        topic = f"bench-{uuid.uuid4().hex[:6]}.requests"
+        t0 = time.perf_counter()
+        asyncio.run(preload(broker.bootstrap_servers, topic, args.requests))
+        print(
+            f"preloaded {args.requests} requests in {time.perf_counter() - t0:.1f}s "
+            f"({TOPIC_PARTITIONS} partitions, 8 numeric features)"
+        )
+        results: dict[str, list[dict[str, float]]] = {"passthrough": [], "sidecar": []}
+        for round_ in range(args.rounds):
+            order = ["passthrough", "sidecar"] if round_ % 2 == 0 else ["sidecar", "passthrough"]
+            for mode in order:
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--mode",
+                    mode,
+                    "--bootstrap",
+                    broker.bootstrap_servers,
+                    "--topic",
+                    topic,
+                    "--requests",
+                    str(args.requests),
+                ] + (["--profile"] if args.profile else [])
+                out = subprocess.run(
+                    cmd,
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                    env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                )
+                if out.returncode != 0:
+                    sys.exit(f"{mode} failed:\n{out.stderr[-3000:]}")
+                if args.profile:
+                    print(out.stderr[-6000:])
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                results[mode].append(result)
+                print(
+                    f"round {round_ + 1} {mode:12} {result['rate']:>10,.0f} req/s  "
+                    f"peak RSS {result['peak_rss_mib']:.0f} MiB"
+                )
+        best = {m: max(r["rate"] for r in rs) for m, rs in results.items()}
+        median = {m: statistics.median(r["rate"] for r in rs) for m, rs in results.items()}
+        print(
+            f"\npassthrough (ceiling): best {best['passthrough']:,.0f} req/s, "
+            f"median {median['passthrough']:,.0f}"
+        )
+        print(
+            f"sidecar (full path):   best {best['sidecar']:,.0f} req/s, "
+            f"median {median['sidecar']:,.0f}"
+        )
+        print(
+            f"ratio sidecar/passthrough: best-vs-best {best['sidecar'] / best['passthrough']:.2f}, "
+            f"median-vs-median {median['sidecar'] / median['passthrough']:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

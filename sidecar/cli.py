@@ -18,34 +18,9 @@ import msgspec
 from . import __version__
 from .config import SidecarConfig, load_config
 from .errors import SidecarError
+from .reference import settings_text
 
 log = logging.getLogger("sidecar")
-
-
-def _settings_reference() -> str:
-    """Every setting with its environment variable and default, from the config Structs."""
-    lines = []
-
-    def walk(struct: type[msgspec.Struct], prefix: list[str]) -> None:
-        for field in msgspec.structs.fields(struct):
-            path = [*prefix, field.name]
-            inner = field.type
-            if isinstance(inner, type) and issubclass(inner, msgspec.Struct):
-                walk(inner, path)
-                continue
-            if field.default is not msgspec.NODEFAULT:
-                default = field.default
-            elif field.default_factory is not msgspec.NODEFAULT:
-                default = field.default_factory()
-            else:
-                default = "(required)"
-            if hasattr(default, "value"):
-                default = default.value
-            env = "SIDECAR_" + "__".join(p.upper() for p in path)
-            lines.append(f"  {'.'.join(path):38} {env:44} {default!r}")
-
-    walk(SidecarConfig, [])
-    return "\n".join(lines)
 
 
 def _config(args: argparse.Namespace) -> SidecarConfig:
@@ -103,7 +78,8 @@ def _maybe_embedded(args: argparse.Namespace, cfg: SidecarConfig) -> Iterator[Si
     with EmbeddedBroker(port=args.broker_port) as broker:
         log.info("started the embedded broker on %s", broker.bootstrap_servers)
         yield msgspec.structs.replace(
-            cfg, kafka=msgspec.structs.replace(cfg.kafka, bootstrap_servers=broker.bootstrap_servers)
+            cfg,
+            kafka=msgspec.structs.replace(cfg.kafka, bootstrap_servers=broker.bootstrap_servers),
         )
 
 
@@ -131,8 +107,10 @@ async def _run(cfg: SidecarConfig, args: argparse.Namespace) -> None:
 
     if args.create_topics or args.embedded_broker:
         created = await ensure_topics(
-            topics=cfg.all_topics(), partitions=cfg.topics.partitions,
-            replication_factor=cfg.topics.replication_factor, **kafka_client_kwargs(cfg.kafka),
+            topics=cfg.all_topics(),
+            partitions=cfg.topics.partitions,
+            replication_factor=cfg.topics.replication_factor,
+            **kafka_client_kwargs(cfg.kafka),
         )
         if created:
             log.info("created topics: %s", ", ".join(created))
@@ -218,19 +196,25 @@ def build_parser() -> argparse.ArgumentParser:
         "the candidate, produce decisions, comparisons and dead letters; commit offsets only "
         "after every output is acknowledged. SIGTERM/SIGINT drain, commit and exit 0.",
         epilog="settings (TOML key, environment variable, default); KAFKA_BOOTSTRAP_SERVERS "
-        "also sets kafka.bootstrap_servers:\n" + _settings_reference(),
+        "also sets kafka.bootstrap_servers:\n" + settings_text(),
     )
     p.add_argument("--config", help="TOML config file (settings may also come from the env)")
     p.add_argument(
-        "--embedded-broker", action="store_true",
+        "--embedded-broker",
+        action="store_true",
         help="start the embedded broker first and use it (creates the topics)",
     )
-    p.add_argument("--broker-port", type=int, default=9092,
-                   help="port of the embedded broker (default 9092)")
-    p.add_argument("--create-topics", action="store_true",
-                   help="create missing topics before starting")
     p.add_argument(
-        "--example-traffic", type=float, metavar="PER_SECOND", default=0.0,
+        "--broker-port", type=int, default=9092, help="port of the embedded broker (default 9092)"
+    )
+    p.add_argument(
+        "--create-topics", action="store_true", help="create missing topics before starting"
+    )
+    p.add_argument(
+        "--example-traffic",
+        type=float,
+        metavar="PER_SECOND",
+        default=0.0,
         help="also produce generated card transactions at this rate (for trying it out)",
     )
     p.set_defaults(func=cmd_run)
@@ -243,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML config file")
     p.add_argument("--count", type=int, default=10_000, help="requests to produce (10000)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (0)")
-    p.add_argument("--rate", type=float, default=0.0, help="requests per second (0: as fast as possible)")
+    p.add_argument(
+        "--rate", type=float, default=0.0, help="requests per second (0: as fast as possible)"
+    )
     p.set_defaults(func=cmd_produce)
 
     p = sub.add_parser(
@@ -254,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", action="store_true", help="regenerate the files")
     p.add_argument("--dir", help="schema directory (default: the repository's schemas/)")
     p.set_defaults(func=cmd_schemas)
+
+    from .control.ctl import add_ctl_parser
+
+    add_ctl_parser(sub)
+
+    from .aggregate.cli import add_aggregate_parsers
+
+    add_aggregate_parsers(sub)
     return parser
 
 

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from .aggregate.settings import AggregateSettings
 from .errors import ConfigError
 from .routing import Mode
 
@@ -145,6 +146,35 @@ class LoggingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     format: Literal["text", "json"] = "text"
 
 
+class ControlSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The control plane (``sidecar.control.plane``): signed commands on ``topics.control``.
+
+    Every instance must run with the same ``max_command_*`` and ``min_promoted_age_s`` values,
+    or replays of the control topic may diverge between instances.
+    """
+
+    enabled: bool = True
+    #: Key file (``key_id=hexsecret`` per line); when unset the keys come from ``keys_env``.
+    keys_file: str | None = None
+    keys_env: str = "SIDECAR_CONTROL_KEYS"
+    #: Key this instance signs its ramp ``advance`` commands with (unset: it never advances).
+    key_id: str | None = None
+    #: Heartbeats (InstanceStatus), keyed by instance id. Default: ``<topics.control>.status``.
+    status_topic: str | None = None
+    #: Outcome of every control record on every instance. Default: ``<topics.control>.audit``.
+    audit_topic: str | None = None
+    heartbeat_interval_s: Annotated[float, Meta(gt=0)] = 2.0
+    #: How often a ramp's floors (hold, samples) are checked.
+    tick_interval_s: Annotated[float, Meta(gt=0)] = 1.0
+    max_command_age_s: Annotated[float, Meta(gt=0)] = 300.0
+    max_command_future_s: Annotated[float, Meta(gt=0)] = 30.0
+    min_promoted_age_s: Annotated[float, Meta(ge=0)] = 3600.0
+    #: ``false`` only for local demos: unsigned commands are then applied.
+    require_signature: bool = True
+    #: Longest a fetch of the control topic waits; bounds rollback propagation latency.
+    fetch_max_wait_ms: Annotated[int, Meta(ge=1, le=1000)] = 20
+
+
 class SidecarConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     models: ModelsConfig
     kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
@@ -154,10 +184,29 @@ class SidecarConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     rollout: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    control: ControlSettings = msgspec.field(default_factory=ControlSettings)
+    aggregate: AggregateSettings = msgspec.field(default_factory=AggregateSettings)
+
+    @property
+    def status_topic(self) -> str:
+        return self.control.status_topic or f"{self.topics.control}.status"
+
+    @property
+    def audit_topic(self) -> str:
+        return self.control.audit_topic or f"{self.topics.control}.audit"
 
     def all_topics(self) -> list[str]:
         t = self.topics
-        return [t.requests, t.decisions, t.comparisons, t.dead_letter, t.control]
+        return [
+            t.requests,
+            t.decisions,
+            t.comparisons,
+            t.dead_letter,
+            t.control,
+            self.status_topic,
+            self.audit_topic,
+            self.aggregate.reports_topic,
+        ]
 
 
 ENV_PREFIX = "SIDECAR_"
@@ -199,9 +248,7 @@ def apply_env(tree: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     return tree
 
 
-def load_config(
-    path: str | Path | None, env: Mapping[str, str] | None = None
-) -> SidecarConfig:
+def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> SidecarConfig:
     """Load and validate the configuration; every problem is a ConfigError naming the setting."""
     tree: dict[str, Any] = {}
     if path is not None:

@@ -101,12 +101,13 @@ class OutputSender:
         for partition, indices in groups:
             builder = producer.create_batch()
             for i in indices:
-                if builder.append(key=keys[i], value=values[i], timestamp=None,
-                                  headers=headers[i]) is None:
+                if (
+                    builder.append(key=keys[i], value=values[i], timestamp=None, headers=headers[i])
+                    is None
+                ):
                     futures.append(await producer.send_batch(builder, topic, partition=partition))
                     builder = producer.create_batch()
-                    builder.append(key=keys[i], value=values[i], timestamp=None,
-                                   headers=headers[i])
+                    builder.append(key=keys[i], value=values[i], timestamp=None, headers=headers[i])
             futures.append(await producer.send_batch(builder, topic, partition=partition))
         return futures
 
@@ -186,15 +187,25 @@ class Sidecar:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
+        self._control: Any = None
         try:
             if not await self._connect():
                 return
+            if self.config.control.enabled:
+                # Rebuild the policy from the control topic before the first batch is consumed.
+                from .control.plane import ControlPlane
+
+                self._control = ControlPlane.for_sidecar(self)
+                await self._control.start()
             self._committer = asyncio.create_task(self._commit_loop(), name="committer")
             self.ready.set()
             log.info(
                 "sidecar %s serving %s (rollout %s, epoch %d, mode %s)",
-                self.instance_id, self.config.topics.requests, self.policy.current.rollout,
-                self.policy.current.epoch, self.policy.current.mode.value,
+                self.instance_id,
+                self.config.topics.requests,
+                self.policy.current.rollout,
+                self.policy.current.epoch,
+                self.policy.current.mode.value,
             )
             await self._consume_loop()
             await self.drain()
@@ -220,7 +231,9 @@ class Sidecar:
                     ) from exc
                 log.warning(
                     "broker %s unreachable (%s); retrying in %.1fs",
-                    cfg.kafka.bootstrap_servers, exc, delay,
+                    cfg.kafka.bootstrap_servers,
+                    exc,
+                    delay,
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
@@ -237,7 +250,8 @@ class Sidecar:
             linger_ms=cfg.kafka.linger_ms,
             max_batch_size=_PRODUCER_BATCH_BYTES,
             max_request_size=max(_PRODUCER_BATCH_BYTES, cfg.input.max_message_bytes + 65536),
-            compression_type=None if cfg.kafka.compression_type == "none"
+            compression_type=None
+            if cfg.kafka.compression_type == "none"
             else cfg.kafka.compression_type,
         )
         await self._producer.start()
@@ -264,6 +278,10 @@ class Sidecar:
         self._sender = OutputSender(self._producer, partitions)
 
     async def _close(self) -> None:
+        control = getattr(self, "_control", None)
+        if control is not None:
+            await control.stop()
+            self._control = None
         if self._committer is not None:
             self._committer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -392,5 +410,7 @@ class Sidecar:
         if self._in_flight:
             log.warning(
                 "gave up draining after %.0fs with %d records unacknowledged; they will be "
-                "consumed again", self.config.pipeline.drain_timeout_s, self._in_flight_records,
+                "consumed again",
+                self.config.pipeline.drain_timeout_s,
+                self._in_flight_records,
             )

@@ -66,3 +66,10 @@ def test_canary_without_candidate_is_refused(tmp_path: Path) -> None:
     path.write_text(text)
     with pytest.raises(ConfigError, match=r"needs models\.candidate"):
         load_config(path, env={})
+
+
+def test_the_readme_configuration_reference_is_current() -> None:
+    from sidecar.reference import render_block
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert render_block() in readme, "run `python -m sidecar.reference --write README.md`"

@@ -444,6 +444,19 @@ class WindowManager:
     def open_windows(self) -> int:
         return len(self._open)
 
+    def open_first_offsets(self) -> dict[int, int]:
+        """Per partition, the first offset held by any open window.
+
+        Committing no further than this makes the log the checkpoint of open windows: a
+        restarted or rebalanced consumer re-reads and rebuilds them, nothing is lost.
+        """
+        out: dict[int, int] = {}
+        for agg in self._open.values():
+            for p, (first, _last) in agg.offsets.items():
+                prev = out.get(p)
+                out[p] = first if prev is None else min(prev, first)
+        return out
+
     @property
     def closed_watermark(self) -> int | None:
         """Watermark up to which windows have been closed (records behind it are late)."""

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple, Protocol
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from ..contracts import Comparison, ModelResult
+from ..contracts import Arm
 
 #: Error kinds in code order (code 0 means "no error"); mirrors ``ModelError.kind``.
 ERROR_KINDS: tuple[str, ...] = ("exception", "timeout", "invalid_output", "unavailable", "skipped")
@@ -94,6 +95,75 @@ class ComparisonBatch:
         )
 
 
+class _ErrorLike(Protocol):
+    @property
+    def kind(self) -> str: ...
+
+
+class _ResultLike(Protocol):
+    @property
+    def model(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def score(self) -> float | None: ...
+    @property
+    def decision(self) -> bool | None: ...
+    @property
+    def latency_ms(self) -> float | None: ...
+    @property
+    def error(self) -> _ErrorLike | None: ...
+
+
+class ComparisonLike(Protocol):
+    """What ``comparison_batch`` reads: a ``Comparison`` or a ``ComparisonView``."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def rollout(self) -> str: ...
+    @property
+    def ts(self) -> int: ...
+    @property
+    def served_by(self) -> Arm | None: ...
+    @property
+    def champion(self) -> _ResultLike: ...
+    @property
+    def candidate(self) -> _ResultLike: ...
+
+
+class ErrorView(msgspec.Struct, gc=False):
+    """``ModelError`` reduced to what the aggregator reads."""
+
+    kind: Literal["exception", "timeout", "invalid_output", "unavailable", "skipped"]
+
+
+class ResultView(msgspec.Struct, kw_only=True, gc=False):
+    """``ModelResult`` reduced to what the aggregator reads."""
+
+    model: str
+    version: str
+    score: float | None = None
+    decision: bool | None = None
+    latency_ms: float | None = None
+    error: ErrorView | None = None
+
+
+class ComparisonView(msgspec.Struct, kw_only=True, gc=False):
+    """The fields of a ``Comparison`` the aggregator reads; the rest are skipped at decode.
+
+    Decoding into these untracked (``gc=False``) structs is several times cheaper than full
+    ``Comparison`` objects: no per-record strings for unused fields and no GC passes.
+    """
+
+    request_id: str
+    rollout: str
+    ts: int
+    served_by: Arm | None
+    champion: ResultView
+    candidate: ResultView
+
+
 def _fmix64(h: UInt64Array) -> UInt64Array:
     h = h ^ (h >> np.uint64(33))
     h = h * np.uint64(0xFF51AFD7ED558CCD)
@@ -129,7 +199,7 @@ def hash_strings(values: Sequence[str]) -> UInt64Array:
         return _fmix64(summed)
 
 
-def _arm_columns(results: list[ModelResult]) -> ArmColumns:
+def _arm_columns(results: Sequence[_ResultLike]) -> ArmColumns:
     n = len(results)
     scores = [r.score for r in results]
     errors = [r.error for r in results]
@@ -151,7 +221,7 @@ def _arm_columns(results: list[ModelResult]) -> ArmColumns:
 
 
 def comparison_batch(
-    comparisons: Sequence[Comparison],
+    comparisons: Sequence[ComparisonLike],
     partitions: npt.ArrayLike,
     offsets: npt.ArrayLike,
 ) -> ComparisonBatch:

@@ -1,0 +1,99 @@
+"""Pure glue between guard events and the control plane: command ids, evidence, commit points.
+
+Kept apart from the Kafka service so replay, tests and the live aggregator share one
+definition of "which command a breach becomes".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..control.commands import ControlCommand
+from .guards import GuardEvent
+from .stats import Figure
+
+#: ``issued_by`` of every command the aggregator publishes.
+ISSUER = "aggregator"
+#: Guard actions that become control commands (``alert`` only logs and counts).
+COMMAND_ACTIONS = ("rollback", "pause")
+#: ``ControlCommand.reason`` is limited to this many characters.
+MAX_REASON = 256
+
+#: Extra figures appended to a command's reason, most useful first, while they fit.
+_EVIDENCE_FIGURES = (
+    ("ratio", "decision_rate_ratio"),
+    ("psi", "psi_candidate_vs_champion"),
+    ("cand_err", "candidate_error_rate"),
+    ("p99_ratio", "latency_p99_ratio"),
+    ("js", "js_candidate_vs_champion"),
+    ("ks", "ks_candidate_vs_champion"),
+)
+
+
+def command_id(event: GuardEvent) -> str:
+    """Deterministic per (rollout, rule, breaching window): a replay or restart that fires the
+    same breach again yields the same id, which the control plane ignores as a duplicate."""
+    return f"guard:{event.rollout}:{event.rule.name}:{event.window_start_ms}"
+
+
+def _fmt(fig: Figure) -> str:
+    return "n/a" if fig.value is None else f"{fig.value:.4g}"
+
+
+def command_reason(event: GuardEvent, comparisons_topic: str) -> str:
+    """Rule, figure vs threshold, window and comparison-topic offsets, within MAX_REASON."""
+    rule = event.rule
+    head = (
+        f"guard {rule.name}: {rule.figure}={event.value:.4g} {rule.comparison} "
+        f"{rule.threshold:g} over {max(event.consecutive_windows, 1)} window(s); "
+        f"window [{event.window_start_ms},{event.window_end_ms}) ms"
+    )
+    spans = ",".join(f"{o.partition}@{o.first}-{o.last}" for o in event.offsets)
+    parts = [head, f"evidence {comparisons_topic}[{spans}]"]
+    for short, name in _EVIDENCE_FIGURES:
+        fig = event.figures.get(name)
+        if fig is not None and name != rule.figure:
+            parts.append(f"{short}={_fmt(fig)}")
+    reason = ""
+    for part in parts:
+        candidate = part if not reason else f"{reason}; {part}"
+        if len(candidate) > MAX_REASON:
+            break
+        reason = candidate
+    return reason or head[:MAX_REASON]
+
+
+def guard_command(event: GuardEvent, comparisons_topic: str, issued_at_ms: int) -> ControlCommand:
+    """The (unsigned) control command a fired rollback/pause event becomes."""
+    action = event.rule.action
+    if event.kind != "fired" or action == "alert":
+        raise ValueError(f"event {event.rule.name}/{event.kind} does not issue a command")
+    return ControlCommand(
+        command_id=command_id(event),
+        rollout=event.rollout,
+        action=action,
+        issued_by=ISSUER,
+        reason=command_reason(event, comparisons_topic),
+        issued_at_ms=issued_at_ms,
+    )
+
+
+def commit_points(
+    consumed_next: Mapping[int, int], open_first: Mapping[int, int]
+) -> dict[int, int]:
+    """Offsets safe to commit per partition: past every consumed record, but never past the
+    first record of a still-open window (those must be re-read after a restart/rebalance)."""
+    return {
+        p: min(nxt, open_first[p]) if p in open_first else nxt for p, nxt in consumed_next.items()
+    }
+
+
+__all__ = [
+    "COMMAND_ACTIONS",
+    "ISSUER",
+    "MAX_REASON",
+    "command_id",
+    "command_reason",
+    "commit_points",
+    "guard_command",
+]

@@ -1,0 +1,122 @@
+"""``sidecar aggregate`` and ``sidecar replay`` (registered by ``sidecar.cli.build_parser``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from typing import Any
+
+import msgspec
+
+from ..config import SidecarConfig, load_config
+
+log = logging.getLogger("sidecar.aggregate")
+
+
+def _config(args: argparse.Namespace) -> SidecarConfig:
+    cfg = load_config(args.config)
+    if getattr(args, "dry_run", False):
+        cfg = msgspec.structs.replace(
+            cfg, aggregate=msgspec.structs.replace(cfg.aggregate, dry_run=True)
+        )
+    return cfg
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from ..logs import setup_logging
+
+    cfg = _config(args)
+    setup_logging(cfg.logging.level, cfg.logging.format)
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.run(_aggregate(cfg, args.create_topics))
+    return 0
+
+
+async def _aggregate(cfg: SidecarConfig, create_topics: bool) -> None:
+    from ..broker import ensure_topics
+    from ..runner import kafka_client_kwargs
+    from .service import AggregatorService
+
+    if create_topics:
+        topics = [cfg.topics.comparisons, cfg.aggregate.reports_topic]
+        if cfg.aggregate.late_topic:
+            topics.append(cfg.aggregate.late_topic)
+        created = await ensure_topics(
+            topics=topics,
+            partitions=cfg.topics.partitions,
+            replication_factor=cfg.topics.replication_factor,
+            **kafka_client_kwargs(cfg.kafka),
+        )
+        if created:
+            log.info("created topics: %s", ", ".join(created))
+    service = AggregatorService(cfg)
+    service.metrics.serve(cfg.aggregate.metrics_port, cfg.metrics.host)
+    await service.run(install_signal_handlers=True)
+    log.info("aggregator stopped after %d comparisons", service.consumed)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .replay import check_range, format_result, parse_bound, run_replay
+
+    try:
+        start = parse_bound(args.from_) if args.from_ is not None else None
+        end = parse_bound(args.to) if args.to is not None else None
+        check_range(start, end)
+    except ValueError as exc:
+        print(f"sidecar replay: error: {exc}", file=sys.stderr)
+        return 2
+    cfg = _config(args)
+    result = run_replay(cfg, start, end, idle_s=args.idle)
+    print(format_result(result))
+    return 0
+
+
+def add_aggregate_parsers(sub: Any) -> None:
+    """Add the ``aggregate`` and ``replay`` subcommands to ``sidecar``'s subparsers."""
+    p = sub.add_parser(
+        "aggregate",
+        help="window the comparisons, publish reports, and roll a bad candidate back",
+        description="Consume the comparisons topic in a consumer group (aggregate.group_id), "
+        "close event-time windows into reports on aggregate.reports_topic, evaluate the guard "
+        "rules, and publish signed rollback/pause commands to the control topic (keys from "
+        "control.keys_file or $SIDECAR_CONTROL_KEYS, key id aggregate.key_id or "
+        "control.key_id). Prometheus on aggregate.metrics_port.",
+    )
+    p.add_argument("--config", help="TOML config file (settings may also come from the env)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="log reports and commands, publish nothing"
+    )
+    p.add_argument(
+        "--create-topics", action="store_true", help="create the reports topic if missing"
+    )
+    p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser(
+        "replay",
+        help="replay a range of the comparisons topic through windows and guards (no writes)",
+        description="Read a range of the comparisons topic (no consumer group), run the "
+        "windows and guard rules of the config, and print when each guard would have fired "
+        "and every window's key figures. Publishes nothing. Bounds: 'offset:N' (same offset "
+        "on every partition), epoch milliseconds, or ISO-8601 (UTC if no zone); times select "
+        "by Kafka record timestamp. The range is [from, to).",
+    )
+    p.add_argument("--config", help="TOML config file")
+    p.add_argument("--from", dest="from_", metavar="BOUND", help="start (default: the beginning)")
+    p.add_argument("--to", metavar="BOUND", help="end, exclusive (default: until idle)")
+    p.add_argument(
+        "--idle",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="stop once no record arrived for this long (default 2)",
+    )
+    p.set_defaults(func=cmd_replay)
+
+
+__all__ = ["add_aggregate_parsers", "cmd_aggregate", "cmd_replay"]

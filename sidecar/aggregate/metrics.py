@@ -1,0 +1,99 @@
+"""Prometheus metrics of ``sidecar aggregate``: the latest window's figures per rollout as
+gauges (NaN while a figure has insufficient data), guard states, and throughput counters."""
+
+from __future__ import annotations
+
+import math
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from .guards import GuardEngine, GuardEvent
+from .report import FIGURES, WindowReport
+
+
+class AggregateMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.figure = Gauge(
+            "sidecar_aggregate_figure",
+            "Latest closed window's figure (decision-rate ratio, PSI, JS, KS, error rates, "
+            "p99 latencies...); NaN when the window had too little data",
+            ["rollout", "figure"],
+            registry=r,
+        )
+        self.window_end = Gauge(
+            "sidecar_aggregate_window_end_ms",
+            "Event-time end of the latest closed window",
+            ["rollout"],
+            registry=r,
+        )
+        self.window_records = Gauge(
+            "sidecar_aggregate_window_records",
+            "Records in the latest closed window",
+            ["rollout"],
+            registry=r,
+        )
+        self.guard_active = Gauge(
+            "sidecar_aggregate_guard_active",
+            "1 while a guard rule is in breach (fired and not yet cleared)",
+            ["rollout", "rule"],
+            registry=r,
+        )
+        self.guard_events = Counter(
+            "sidecar_aggregate_guard_events",
+            "Guard events (fired/cleared) by rule and action",
+            ["rollout", "rule", "action", "kind"],
+            registry=r,
+        )
+        self.commands = Counter(
+            "sidecar_aggregate_commands",
+            "Control commands published (or only logged, outcome=dry_run)",
+            ["rollout", "action", "outcome"],
+            registry=r,
+        )
+        self.consumed = Counter(
+            "sidecar_aggregate_comparisons", "Comparison records consumed", registry=r
+        )
+        self.undecodable = Counter(
+            "sidecar_aggregate_undecodable",
+            "Comparison records that failed to decode",
+            registry=r,
+        )
+        self.late = Counter(
+            "sidecar_aggregate_late_records",
+            "Records behind the watermark whose windows had all closed",
+            ["rollout"],
+            registry=r,
+        )
+        self.reports = Counter(
+            "sidecar_aggregate_reports", "Window reports closed", ["rollout"], registry=r
+        )
+        self.open_windows = Gauge(
+            "sidecar_aggregate_open_windows", "Windows currently open", registry=r
+        )
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        if port:
+            start_http_server(port, addr=host, registry=self.registry)
+
+    def observe_report(self, report: WindowReport, guards: GuardEngine) -> None:
+        rollout = report.rollout
+        for name, get in FIGURES.items():
+            fig = get(report)
+            value = fig.value if fig.ok and fig.value is not None else math.nan
+            self.figure.labels(rollout, name).set(value)
+        self.window_end.labels(rollout).set(report.window_end_ms)
+        self.window_records.labels(rollout).set(report.counts.records)
+        self.reports.labels(rollout).inc()
+        active = set(guards.active(rollout))
+        for rule in guards.rules:
+            self.guard_active.labels(rollout, rule.name).set(int(rule.name in active))
+
+    def observe_event(self, event: GuardEvent) -> None:
+        self.guard_events.labels(
+            event.rollout, event.rule.name, event.rule.action, event.kind
+        ).inc()
+
+
+__all__ = ["AggregateMetrics"]

@@ -1,0 +1,356 @@
+"""``sidecar aggregate``: the Kafka edge of the windowed aggregator.
+
+Comparisons -> decode (one reused msgspec decoder) -> ``comparison_batch`` -> ``WindowManager``
+-> every closed ``WindowReport`` is produced (JSON, keyed by rollout) to the reports topic ->
+``GuardEngine`` -> a fired ``rollback``/``pause`` becomes a signed ``ControlCommand`` on
+partition 0 of the control topic; ``alert`` is a log line and a metric.
+
+Keying and scaling: the sidecar keys comparisons by rollout name, so one rollout's comparisons
+all sit on one partition and one consumer-group member sees the whole rollout -- its windows
+need no cross-instance merge and its figures are exact. The price: a single rollout is limited
+to one partition's throughput (one aggregator process, ~100k+ comparisons/s here); more
+aggregator instances only help with more rollouts.
+
+Offsets and restarts: offsets are committed only after the reports (and commands) of the
+windows closed so far are acknowledged, and never past the first record of a window still
+open. Window state itself is not checkpointed: a restart or a rebalance drops the open
+windows' partial state, and the next owner rebuilds them by re-reading from the committed
+offset (at most about one window plus the allowed lateness of data). Guard streaks
+(``consecutive``) and hysteresis also restart empty; a breach that fires again after a restart
+produces the same deterministic ``command_id``, which the control plane ignores as a duplicate.
+Reports are at-least-once: a consumer keys them by (rollout, window_start_ms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from ..config import SidecarConfig
+from ..control.commands import ControlCommand, Keyring, encode_command
+from ..errors import ConfigError
+from .actions import COMMAND_ACTIONS, commit_points, guard_command
+from .aggregator import WindowManager
+from .guards import GuardEngine, GuardEvent
+from .ingest import RecordLike, ingest
+from .metrics import AggregateMetrics
+from .report import WindowReport
+
+log = logging.getLogger(__name__)
+
+_REPORT_ENCODER = msgspec.json.Encoder()
+#: Header on late records copied to ``aggregate.late_topic``.
+LATE_HEADER = "sidecar-late"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _kafka_kwargs(cfg: SidecarConfig) -> dict[str, Any]:
+    from ..runner import kafka_client_kwargs
+
+    return kafka_client_kwargs(cfg.kafka)
+
+
+def signing_key(cfg: SidecarConfig, keyring: Keyring | None) -> tuple[Keyring | None, str | None]:
+    """The keyring and key id commands are signed with; None when nothing needs signing.
+
+    Raises ConfigError (saying what to set) when a rule can issue commands but no key is usable.
+    """
+    settings = cfg.aggregate
+    if settings.dry_run or not any(r.action in COMMAND_ACTIONS for r in settings.rules):
+        return keyring, None
+    if keyring is None:
+        from ..control.plane import load_keyring
+
+        keyring = load_keyring(cfg.control, required=True)
+    key_id = settings.key_id or cfg.control.key_id
+    if key_id is None:
+        raise ConfigError(
+            "the aggregator signs rollback/pause commands: set aggregate.key_id (or "
+            "control.key_id) to one of the control keys, or set aggregate.dry_run = true"
+        )
+    if key_id not in keyring:
+        raise ConfigError(
+            f"aggregate key id {key_id!r} is not among the control keys {list(keyring.key_ids)}"
+        )
+    return keyring, key_id
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, service: AggregatorService) -> None:
+        self._service = service
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._service.on_revoked({tp.partition for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._service.on_assigned({tp.partition for tp in assigned})
+
+
+class AggregatorService:
+    """One aggregator process: a consumer-group member of the comparisons topic."""
+
+    def __init__(
+        self,
+        config: SidecarConfig,
+        *,
+        keyring: Keyring | None = None,
+        metrics: AggregateMetrics | None = None,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.config = config
+        self.settings = config.aggregate
+        self.dry_run = self.settings.dry_run
+        self.keyring, self.key_id = signing_key(config, keyring)
+        self.guards = GuardEngine(self.settings.rules)
+        self.manager = WindowManager(self.settings.aggregator_config())
+        self.metrics = metrics or AggregateMetrics()
+        self._clock = clock
+        self._topic = config.topics.comparisons
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._next: dict[int, int] = {}
+        self._committed: dict[int, int] = {}
+        self._last_commit = 0.0
+        self.ready = asyncio.Event()
+        #: What this process did (tests and the benchmark read these).
+        self.consumed = 0
+        self.reports: list[WindowReport] = []
+        self.events: list[GuardEvent] = []
+        self.commands: list[ControlCommand] = []
+        self.keep_reports = True
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self, install_signal_handlers: bool = False) -> None:
+        """Consume until stopped; then commit what is safe and return (open windows are
+        not flushed: the next run rebuilds them from the committed offsets)."""
+        if install_signal_handlers:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self._start()
+            self.ready.set()
+            log.info(
+                "aggregator consuming %s as group %s: %d ms windows, %d guard rules%s",
+                self._topic,
+                self.settings.group_id,
+                self.settings.window_ms,
+                len(self.guards.rules),
+                " (DRY RUN: nothing is published)" if self.dry_run else "",
+            )
+            await self._loop()
+            async with self._lock:
+                await self._commit(force=True)
+        finally:
+            await self._close()
+
+    async def _start(self) -> None:
+        cfg = self.config
+        common = _kafka_kwargs(cfg)
+        client_id = f"{cfg.kafka.client_id}-aggregator"
+        if not self.dry_run:
+            self._producer = AIOKafkaProducer(
+                **common,
+                client_id=client_id,
+                acks="all",
+                linger_ms=5,
+                max_batch_size=1 << 20,
+                max_request_size=4 << 20,
+            )
+            await self._producer.start()
+        self._consumer = AIOKafkaConsumer(
+            **common,
+            client_id=client_id,
+            group_id=self.settings.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=cfg.kafka.session_timeout_ms,
+            heartbeat_interval_ms=cfg.kafka.heartbeat_interval_ms,
+            max_poll_interval_ms=cfg.kafka.max_poll_interval_ms,
+            max_partition_fetch_bytes=8 << 20,
+            fetch_max_bytes=64 << 20,
+        )
+        await self._consumer.start()
+        self._consumer.subscribe([self._topic], listener=_Rebalance(self))
+
+    async def _close(self) -> None:
+        for client in (self._consumer, self._producer):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.stop()
+        self._consumer = self._producer = None
+
+    # -- rebalance -------------------------------------------------------------------------
+
+    async def on_revoked(self, partitions: set[int]) -> None:
+        """Commit what is safe, then drop all window state (see the module docstring)."""
+        async with self._lock:
+            await self._commit(force=True)
+            if self.manager.open_windows:
+                log.info(
+                    "partitions %s revoked: dropping %d open windows; they are rebuilt from "
+                    "the committed offsets",
+                    sorted(partitions),
+                    self.manager.open_windows,
+                )
+            self.manager = WindowManager(self.settings.aggregator_config())
+            self._next.clear()
+            self._committed.clear()
+
+    def on_assigned(self, partitions: set[int]) -> None:
+        log.info("partitions assigned: %s[%s]", self._topic, ",".join(map(str, sorted(partitions))))
+        self.manager.assign_partitions(partitions, self._clock())
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        s = self.settings
+        while not self._stopping.is_set():
+            batches = await consumer.getmany(timeout_ms=s.fetch_timeout_ms, max_records=s.max_batch)
+            async with self._lock:
+                await self.process([r for part in batches.values() for r in part])
+
+    async def process(self, records: Sequence[RecordLike]) -> None:
+        """One poll's records (possibly none): windows, reports, guards, commands, commit."""
+        now = self._clock()
+        late: list[RecordLike] = []
+        if records:
+            got = ingest(records)
+            for p, nxt in got.next_offsets.items():
+                self._next[p] = max(self._next.get(p, 0), nxt)
+            self.consumed += len(records)
+            self.metrics.consumed.inc(len(records))
+            if got.undecodable:
+                self.metrics.undecodable.inc(got.undecodable)
+                log.warning("skipped %d undecodable records on %s", got.undecodable, self._topic)
+            result = self.manager.process(got.batch, now)
+            reports = result.reports
+            for rollout, n in result.late_by_rollout.items():
+                self.metrics.late.labels(rollout).inc(n)
+            late = [got.records[i] for i in result.late_indices.tolist()]
+        else:
+            reports = self.manager.advance(now)
+        self.metrics.open_windows.set(self.manager.open_windows)
+        if reports or late:
+            await self._publish(reports, late, now)
+        await self._commit(force=bool(reports))
+
+    async def _publish(self, reports: list[WindowReport], late: list[RecordLike], now: int) -> None:
+        futures: list[asyncio.Future[Any]] = []
+        producer = self._producer
+        for report in reports:
+            key = report.rollout.encode()
+            if producer is not None:
+                value = _REPORT_ENCODER.encode(report)
+                futures.append(await producer.send(self.settings.reports_topic, value, key=key))
+            else:
+                log.info(
+                    "dry run: report %s [%d, %d) records=%d",
+                    report.rollout,
+                    report.window_start_ms,
+                    report.window_end_ms,
+                    report.counts.records,
+                )
+            for event in self.guards.evaluate(report):
+                futures += await self._on_event(event, now)
+            self.metrics.observe_report(report, self.guards)
+            if self.keep_reports:
+                self.reports.append(report)
+        late_topic = self.settings.late_topic
+        if late and producer is not None and late_topic:
+            for rec in late:
+                futures.append(
+                    await producer.send(
+                        late_topic,
+                        rec.value,
+                        key=getattr(rec, "key", None),
+                        headers=[(LATE_HEADER, self._topic.encode())],
+                    )
+                )
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def _on_event(self, event: GuardEvent, now: int) -> list[asyncio.Future[Any]]:
+        self.events.append(event)
+        self.metrics.observe_event(event)
+        action = event.rule.action
+        if event.kind == "cleared":
+            log.info("guard cleared for %s: %s", event.rollout, event.reason)
+            return []
+        if action not in COMMAND_ACTIONS:
+            log.warning("guard alert for %s: %s", event.rollout, event.reason)
+            return []
+        cmd = guard_command(event, self._topic, issued_at_ms=now)
+        if self.dry_run or self._producer is None:
+            self.metrics.commands.labels(event.rollout, action, "dry_run").inc()
+            log.warning(
+                "dry run: would publish %s %s to %s: %s",
+                action,
+                cmd.command_id,
+                self.config.topics.control,
+                cmd.reason,
+            )
+            self.commands.append(cmd)
+            return []
+        assert self.keyring is not None and self.key_id is not None
+        signed = self.keyring.sign(cmd, self.key_id)
+        from ..control.plane import CONTROL_PARTITION
+
+        fut = await self._producer.send(
+            self.config.topics.control,
+            encode_command(signed),
+            key=event.rollout.encode(),
+            partition=CONTROL_PARTITION,
+        )
+        self.commands.append(signed)
+        self.metrics.commands.labels(event.rollout, action, "published").inc()
+        log.warning("guard fired: published %s %s: %s", action, signed.command_id, signed.reason)
+        return [fut]
+
+    async def _commit(self, *, force: bool = False) -> None:
+        consumer = self._consumer
+        if consumer is None or not self._next:
+            return
+        interval = self.settings.commit_interval_ms / 1000.0
+        if not force and time.monotonic() - self._last_commit < interval:
+            return
+        points = commit_points(self._next, self.manager.open_first_offsets())
+        owned = {tp.partition for tp in consumer.assignment()}
+        todo = {
+            TopicPartition(self._topic, p): off
+            for p, off in points.items()
+            if p in owned and self._committed.get(p) != off
+        }
+        self._last_commit = time.monotonic()
+        if not todo:
+            return
+        try:
+            await consumer.commit(todo)
+            self._committed.update({tp.partition: off for tp, off in todo.items()})
+        except CommitFailedError as exc:
+            log.warning("offset commit rejected after a rebalance (%s); windows rebuild", exc)
+        except KafkaError as exc:
+            log.warning("offset commit failed (%s); records may be re-read after a restart", exc)
+
+
+__all__ = ["LATE_HEADER", "AggregatorService", "signing_key"]

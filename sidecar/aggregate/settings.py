@@ -1,0 +1,72 @@
+"""The ``[aggregate]`` config section: windows, guard rules and where reports/commands go.
+
+Kept here (not in ``sidecar.config``) so the aggregator owns its knobs; ``SidecarConfig`` only
+holds one ``aggregate`` field of this type. Importing it pulls in numpy via the package, which
+the sidecar needs anyway.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from .aggregator import AggregatorConfig
+from .guards import GuardRule, default_rules
+
+Meta = msgspec.Meta
+
+
+class AggregateSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``sidecar aggregate`` / ``sidecar replay`` settings (times in milliseconds)."""
+
+    #: Closed ``WindowReport``s (JSON), keyed by rollout.
+    reports_topic: str = "inference.reports"
+    #: Consumer group of the aggregator on the comparisons topic.
+    group_id: str = "sidecar-aggregator"
+    #: Log what would be published (reports, commands) and publish nothing.
+    dry_run: bool = False
+    #: Key id the aggregator signs its commands with; unset: ``control.key_id``.
+    key_id: str | None = None
+    #: Prometheus port of ``sidecar aggregate`` (0 disables); host is ``metrics.host``.
+    metrics_port: Annotated[int, Meta(ge=0, le=65535)] = 9101
+    #: When set, late comparison records (their window already closed) are copied here as-is.
+    late_topic: str | None = None
+    window_ms: Annotated[int, Meta(gt=0)] = 60_000
+    #: Hop of hopping windows; unset for tumbling windows.
+    hop_ms: Annotated[int, Meta(gt=0)] | None = None
+    grace_ms: Annotated[int, Meta(ge=0)] = 0
+    allowed_lateness_ms: Annotated[int, Meta(ge=0)] = 5_000
+    #: Wall-clock time after which a silent partition stops holding the watermark back.
+    idle_timeout_ms: Annotated[int, Meta(gt=0)] = 30_000
+    #: Minimum compared pairs for paired, rate and drift figures in a report.
+    min_pairs: Annotated[int, Meta(ge=1)] = 200
+    min_latency_count: Annotated[int, Meta(ge=1)] = 50
+    #: Most comparison records taken per poll.
+    max_batch: Annotated[int, Meta(ge=1)] = 10_000
+    fetch_timeout_ms: Annotated[int, Meta(ge=1)] = 200
+    #: Offsets are committed at least this often (and after every batch that closed a window).
+    commit_interval_ms: Annotated[int, Meta(ge=0)] = 1_000
+    #: Guard rules (TOML ``[[aggregate.rules]]`` tables); default: ``default_rules()``.
+    rules: list[GuardRule] = msgspec.field(default_factory=default_rules)
+
+    def __post_init__(self) -> None:
+        if self.hop_ms is not None and self.hop_ms > self.window_ms:
+            raise ValueError("aggregate.hop_ms must not exceed aggregate.window_ms")
+        names = [r.name for r in self.rules]
+        if len(set(names)) != len(names):
+            raise ValueError("aggregate.rules: rule names must be unique")
+
+    def aggregator_config(self) -> AggregatorConfig:
+        return AggregatorConfig(
+            window_ms=self.window_ms,
+            hop_ms=self.hop_ms,
+            grace_ms=self.grace_ms,
+            allowed_lateness_ms=self.allowed_lateness_ms,
+            idle_timeout_ms=self.idle_timeout_ms,
+            min_pairs=self.min_pairs,
+            min_latency_count=self.min_latency_count,
+        )
+
+
+__all__ = ["AggregateSettings"]

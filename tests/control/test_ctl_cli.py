@@ -1,0 +1,90 @@
+"""``sidecar ctl`` argument handling, without a broker: every subcommand has help, and
+mistakes are reported with what to do, before anything is published."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from ctl_support import SECRET_1, SECRET_2
+
+from sidecar.cli import build_parser, main
+from sidecar.config import config_from_dict
+from sidecar.control.ctl import build_command
+from sidecar.control.plane import configured_state, load_keyring
+from sidecar.errors import ConfigError
+
+ACTIONS = ["status", "history", "shadow", "canary", "ramp", "promote", "rollback", "pause",
+           "resume", "retire"]
+
+CONFIG = """
+[models.champion]
+name = "m"
+version = "1.0.0"
+target = "sidecar.examples.fraud:champion"
+features = [{ name = "amount" }]
+
+[control]
+keys_file = "{keys}"
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    keys = tmp_path / "keys"
+    keys.write_text(f"k1={SECRET_1}\nk2={SECRET_2}\n")
+    path = tmp_path / "sidecar.toml"
+    path.write_text(CONFIG.replace("{keys}", str(keys)))
+    return path
+
+
+@pytest.mark.parametrize("action", ACTIONS)
+def test_every_subcommand_has_help(action: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["ctl", action, "--help"])
+    assert exit_.value.code == 0
+    assert "--config" in capsys.readouterr().out
+
+
+def test_rollback_needs_a_reason(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ctl", "rollback", "--config", str(config_file), "--key-id", "k1"]) == 1
+    assert "rollback needs --reason" in capsys.readouterr().err
+
+
+def test_several_keys_need_a_key_id(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ctl", "promote", "--config", str(config_file)]) == 1
+    assert "choose one with --key-id" in capsys.readouterr().err
+
+
+def test_a_bad_share_is_refused_with_the_accepted_forms(
+    config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["ctl", "canary", "five", "--config", str(config_file), "--key-id", "k1"]) == 1
+    assert "'5%'" in capsys.readouterr().err
+
+
+def test_no_config_says_how_to_give_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("SIDECAR_CONFIG", raising=False)
+    assert main(["ctl", "status"]) == 1
+    assert "--config" in capsys.readouterr().err
+
+
+def test_shares_accept_percent_and_basis_points() -> None:
+    parser = build_parser()
+    for text in ("5%", "500bp"):
+        args = parser.parse_args(["ctl", "canary", text])
+        assert args.share == text
+    cmd = build_command("ramp", "r1", issued_by="a@b", plan="1%:5m:1k,100%:1h:5k")
+    assert cmd.args.plan is not None and [s.share_bp for s in cmd.args.plan] == [100, 10_000]
+    assert cmd.reason == "ramp via sidecar ctl" and cmd.command_id.startswith("ctl:ramp:")
+
+
+def test_the_sidecar_keyring_fails_closed_without_keys() -> None:
+    cfg = config_from_dict({"models": {"champion": {
+        "name": "m", "version": "1.0.0", "target": "x:y", "features": [{"name": "a"}]}}})
+    assert len(load_keyring(cfg.control, required=False, environ={})) == 0
+    with pytest.raises(ConfigError, match="SIDECAR_CONTROL_KEYS"):
+        load_keyring(cfg.control, required=True, environ={})
+    assert configured_state(cfg).epoch == 0

@@ -150,7 +150,7 @@ async def run_sidecar(cfg: Any, n: int) -> float:
     while True:
         if start is None and sidecar.processed:
             start = time.perf_counter()
-        if sidecar.processed >= n and not sidecar._in_flight:
+        if sidecar.processed >= n and not sidecar.in_flight_records:
             break
         if task.done():
             task.result()

@@ -166,6 +166,8 @@ class Sidecar:
             self._names["candidate"] = (self.candidate.name, self.candidate.version)
         self._in_flight: deque[_InFlight] = deque()
         self._in_flight_records = 0
+        #: Most consumed-but-unacknowledged records seen at once (backpressure evidence).
+        self.peak_in_flight_records = 0
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
@@ -174,6 +176,11 @@ class Sidecar:
         self._committer: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
         self.processed = 0
+
+    @property
+    def in_flight_records(self) -> int:
+        """Consumed records whose outputs are not yet acknowledged and committed."""
+        return self._in_flight_records
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -324,6 +331,9 @@ class Sidecar:
                 offsets = {tp: part[-1].offset + 1 for tp, part in batches.items()}
                 self._in_flight.append(_InFlight(offsets, futures, result, len(records)))
                 self._in_flight_records += len(records)
+                self.peak_in_flight_records = max(
+                    self.peak_in_flight_records, self._in_flight_records
+                )
                 self.metrics.in_flight.set(self._in_flight_records)
                 self.metrics.observe_batch(topics.requests, len(records), result, self._names)
                 self.processed += len(records)

@@ -303,3 +303,59 @@ async def test_two_instances_share_the_work_and_survive_one_leaving(bootstrap: s
         ids = {msgspec.json.decode(r.value, type=Decision).request_id for r in records}
     await stop_sidecar(second, t2)
     assert ids == {f"req-{i}" for i in range(n)}
+
+
+async def test_backpressure_bounds_the_records_in_flight(tmp_path: Path) -> None:
+    """Freeze the broker (SIGSTOP) while the consumer holds prefetched records: no
+    acknowledgement can arrive. aiokafka's producer itself stops accepting batches after about
+    two per partition; the sidecar's bound must stop consumption earlier when it is set lower,
+    at ``max_in_flight_records`` plus at most one batch. Once the broker is back it finishes."""
+    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker:
+        cfg = make_config(
+            broker.bootstrap_servers,
+            pipeline={"max_in_flight_records": 50, "max_batch": 100},
+            kafka={"request_timeout_ms": 60_000},
+        )
+        await create_topics(cfg)
+        n = 20_000
+        await produce(cfg, generated_items(n, seed=4))
+        sidecar = Sidecar(cfg)
+        task = await run_sidecar(sidecar)
+        await wait_until(lambda: sidecar.processed > 0, 60, interval_s=0.001)
+        assert broker.process is not None
+        broker.process.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(2.0)
+            stalled_at = sidecar.processed
+            assert sidecar.in_flight_records < 50 + 100
+            await asyncio.sleep(1.0)
+            assert sidecar.processed == stalled_at, "kept consuming with no acknowledgements"
+        finally:
+            broker.process.send_signal(signal.SIGCONT)
+        await wait_until(lambda: sidecar.processed >= n, 120)
+        await stop_sidecar(sidecar, task)
+        assert 0 < sidecar.peak_in_flight_records < 50 + 100
+        assert stalled_at < n
+        decisions = await read_topic(broker.bootstrap_servers, cfg.topics.decisions, expect=n)
+        assert len({r.value for r in decisions}) == n
+
+
+async def test_metrics_are_served_over_http(bootstrap: str) -> None:
+    import urllib.request
+
+    port = free_port()
+    cfg = make_config(bootstrap, metrics={"port": port, "host": "127.0.0.1"})
+    await create_topics(cfg)
+    await produce(cfg, generated_items(500, seed=6) + [(b"k", b"garbage")])
+    sidecar = Sidecar(cfg)
+    sidecar.metrics.serve(port, "127.0.0.1")
+    task = await run_sidecar(sidecar)
+    await wait_until(lambda: sidecar.processed >= 501, 60)
+    await stop_sidecar(sidecar, task)
+    url = f"http://127.0.0.1:{port}/metrics"
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    assert 'sidecar_records_consumed_total{topic="' + cfg.topics.requests + '"} 501.0' in body
+    assert 'sidecar_dead_letters_total{kind="decode"} 1.0' in body
+    assert 'sidecar_comparisons_total{rollout="fraud-v2"} 500.0' in body
+    assert "sidecar_model_batch_latency_ms_bucket" in body
+    assert 'sidecar_policy_mode{mode="canary",rollout="fraud-v2"} 1.0' in body

@@ -346,7 +346,7 @@ async def test_metrics_are_served_over_http(bootstrap: str) -> None:
     port = free_port()
     cfg = make_config(bootstrap, metrics={"port": port, "host": "127.0.0.1"})
     await create_topics(cfg)
-    await produce(cfg, generated_items(500, seed=6) + [(b"k", b"garbage")])
+    await produce(cfg, [*generated_items(500, seed=6), (b"k", b"garbage")])
     sidecar = Sidecar(cfg)
     sidecar.metrics.serve(port, "127.0.0.1")
     task = await run_sidecar(sidecar)

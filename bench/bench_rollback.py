@@ -54,8 +54,12 @@ def _stats(name: str, values: list[float], unit: str = "ms") -> str:
 async def _read_decisions(bootstrap: str, topic: str, idle_s: float = 3.0) -> list[_Decided]:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=8 << 20,
+        fetch_max_bytes=64 << 20,
+    )
     await consumer.start()
     decoder = msgspec.json.Decoder(_Decided)
     try:
@@ -101,7 +105,9 @@ async def bench(args: argparse.Namespace, bootstrap: str, workdir: Path) -> None
     secret = secrets.token_hex(32)
     keyring = Keyring.parse(f"bench:{secret}")
     cfg = make_config(
-        bootstrap, partitions=6, rollout={"mode": "shadow", "canary_share_bp": 0},
+        bootstrap,
+        partitions=6,
+        rollout={"mode": "shadow", "canary_share_bp": 0},
         control={"key_id": "bench", "heartbeat_interval_s": 1.0},
     )
     await ensure_control_topics(cfg)
@@ -111,14 +117,17 @@ async def bench(args: argparse.Namespace, bootstrap: str, workdir: Path) -> None
     cli = [sys.executable, "-m", "sidecar.cli"]
     logs = open(workdir / "processes.log", "ab")  # noqa: SIM115 - closed in finally
     sidecars = [
-        subprocess.Popen([*cli, "run", "--config", str(toml)], env=env, stdout=logs,
-                         stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            [*cli, "run", "--config", str(toml)], env=env, stdout=logs, stderr=subprocess.STDOUT
+        )
         for _ in range(args.instances)
     ]
     total = int(args.rate * (args.trials * (args.dwell + 2.0) + 60))
     producer = subprocess.Popen(
         [*cli, "produce", "--config", str(toml), "--count", str(total), "--rate", str(args.rate)],
-        env=env, stdout=logs, stderr=subprocess.STDOUT,
+        env=env,
+        stdout=logs,
+        stderr=subprocess.STDOUT,
     )
     trials: list[tuple[float, int, int]] = []  # (ctl wait s, rollback record ts, rollback epoch)
     try:
@@ -126,22 +135,32 @@ async def bench(args: argparse.Namespace, bootstrap: str, workdir: Path) -> None
         await asyncio.sleep(args.warmup)
         for i in range(args.trials):
             canary = await issue(
-                cfg, build_command("canary", cfg.rollout.name, issued_by="bench", share_bp=5000),
-                keyring=keyring, key_id="bench", timeout_s=10,
+                cfg,
+                build_command("canary", cfg.rollout.name, issued_by="bench", share_bp=5000),
+                keyring=keyring,
+                key_id="bench",
+                timeout_s=10,
             )
             if canary.code != EXIT_OK:
                 raise SystemExit(f"trial {i}: canary failed: {canary.message}")
             await asyncio.sleep(args.dwell)
             rollback = await issue(
-                cfg, build_command("rollback", cfg.rollout.name, issued_by="bench",
-                                   reason=f"bench trial {i}"),
-                keyring=keyring, key_id="bench", timeout_s=10,
+                cfg,
+                build_command(
+                    "rollback", cfg.rollout.name, issued_by="bench", reason=f"bench trial {i}"
+                ),
+                keyring=keyring,
+                key_id="bench",
+                timeout_s=10,
             )
             if rollback.code != EXIT_OK or rollback.epoch is None:
                 raise SystemExit(f"trial {i}: rollback failed: {rollback.message}")
             trials.append((rollback.wait_s, rollback.published_at_ms, rollback.epoch))
-            print(f"trial {i + 1:3}/{args.trials}: ctl wait {rollback.wait_s * 1000:7.1f} ms "
-                  f"(epoch {rollback.epoch}, {len(rollback.confirmed)} instances)", flush=True)
+            print(
+                f"trial {i + 1:3}/{args.trials}: ctl wait {rollback.wait_s * 1000:7.1f} ms "
+                f"(epoch {rollback.epoch}, {len(rollback.confirmed)} instances)",
+                flush=True,
+            )
             await asyncio.sleep(0.3)
     finally:
         producer.send_signal(signal.SIGTERM)
@@ -162,8 +181,9 @@ async def bench(args: argparse.Namespace, bootstrap: str, workdir: Path) -> None
     for d in decisions:
         epochs_seen[d.policy_epoch] = epochs_seen.get(d.policy_epoch, 0) + 1
         if d.arm == "candidate":
-            last_candidate[d.policy_epoch] = max(last_candidate.get(d.policy_epoch, 0),
-                                                 d.decided_at)
+            last_candidate[d.policy_epoch] = max(
+                last_candidate.get(d.policy_epoch, 0), d.decided_at
+            )
     after_ms = []
     for _, published_ms, epoch in trials:
         if epoch - 1 in last_candidate:
@@ -172,8 +192,10 @@ async def bench(args: argparse.Namespace, bootstrap: str, workdir: Path) -> None
     if leaked:
         raise SystemExit(f"the candidate decided under rollback epochs {leaked}: routing bug")
     print()
-    print(f"{len(decisions)} decisions, {args.instances} instances, {args.rate:g} req/s offered, "
-          f"{len(trials)} trials, dwell {args.dwell:g}s at canary 50%")
+    print(
+        f"{len(decisions)} decisions, {args.instances} instances, {args.rate:g} req/s offered, "
+        f"{len(trials)} trials, dwell {args.dwell:g}s at canary 50%"
+    )
     print(_stats("(i) ctl wait until every instance reported", [t[0] * 1000 for t in trials]))
     print(_stats("(ii) last candidate decision after publish", after_ms))
 
@@ -183,8 +205,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20, help="rollbacks to measure (20)")
     parser.add_argument("--rate", type=float, default=5000.0, help="requests/s offered (5000)")
     parser.add_argument("--instances", type=int, default=2, help="sidecar processes (2)")
-    parser.add_argument("--dwell", type=float, default=0.7,
-                        help="seconds at canary 50%% before each rollback (0.7)")
+    parser.add_argument(
+        "--dwell", type=float, default=0.7, help="seconds at canary 50%% before each rollback (0.7)"
+    )
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load first (3)")
     args = parser.parse_args()
     from sidecar.broker import EmbeddedBroker

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -32,6 +32,9 @@ from .metrics import SidecarMetrics
 from .models import ScoringModel, load_model
 from .pipeline import BatchResult, Pipeline, TopicOutput
 from .routing import PolicyHolder, RoutingPolicy
+
+if TYPE_CHECKING:
+    from .control.plane import ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +177,7 @@ class Sidecar:
         self._producer: AIOKafkaProducer | None = None
         self._sender: OutputSender | None = None
         self._committer: asyncio.Task[None] | None = None
+        self._control: ControlPlane | None = None
         self.ready = asyncio.Event()
         self.processed = 0
 
@@ -194,7 +198,6 @@ class Sidecar:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
-        self._control: Any = None
         try:
             if not await self._connect():
                 return
@@ -285,9 +288,8 @@ class Sidecar:
         self._sender = OutputSender(self._producer, partitions)
 
     async def _close(self) -> None:
-        control = getattr(self, "_control", None)
-        if control is not None:
-            await control.stop()
+        if self._control is not None:
+            await self._control.stop()
             self._control = None
         if self._committer is not None:
             self._committer.cancel()

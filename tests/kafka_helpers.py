@@ -114,9 +114,9 @@ async def read_topic(
                 records.extend(part)
             if got:
                 last_new = time.monotonic()
-            elif (time.monotonic() - last_new > idle_s and (
-                expect is None or len(records) >= expect
-            )) or (
+            elif (
+                time.monotonic() - last_new > idle_s and (expect is None or len(records) >= expect)
+            ) or (
                 expect is not None and len(records) >= expect and time.monotonic() - last_new > 0.5
             ):
                 break

@@ -123,13 +123,20 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicParti
 
 def _consumer(cfg: SidecarConfig) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
-        **kafka_kwargs(cfg), group_id=None, enable_auto_commit=False, fetch_max_wait_ms=20,
+        **kafka_kwargs(cfg),
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=20,
         client_id=f"sidecar-ctl-{os.getpid()}",
     )
 
 
 async def read_until_idle(
-    cfg: SidecarConfig, topic: str, *, since_ms: int | None = None, idle_s: float = 0.5,
+    cfg: SidecarConfig,
+    topic: str,
+    *,
+    since_ms: int | None = None,
+    idle_s: float = 0.5,
     only_partition: int | None = None,
 ) -> list[Any]:
     """Records of ``topic`` (from ``since_ms``, else the beginning) until a fetch of
@@ -246,7 +253,9 @@ async def publish(
         await producer.start()
     try:
         md = await producer.send_and_wait(
-            cfg.topics.control, encode_command(command), key=command.rollout.encode(),
+            cfg.topics.control,
+            encode_command(command),
+            key=command.rollout.encode(),
             partition=CONTROL_PARTITION,
         )
         return int(md.timestamp) if md.timestamp and md.timestamp > 0 else now_ms()
@@ -321,9 +330,7 @@ async def issue(
         await producer.stop()
 
 
-def _verdict(
-    p: _Progress, caught_up: bool, elapsed_s: float, hb_ms: int
-) -> tuple[int, str] | None:
+def _verdict(p: _Progress, caught_up: bool, elapsed_s: float, hb_ms: int) -> tuple[int, str] | None:
     cmd = p.cmd
     if p.rejection is not None:
         r = p.rejection
@@ -354,8 +361,15 @@ def _result(
     code: int, message: str, p: _Progress, published: int, elapsed: float, publishing: float
 ) -> CtlResult:
     return CtlResult(
-        code, message, p.cmd, published, epoch=p.target, confirmed=dict(p.confirmed),
-        waiting_for=p.waiting(), elapsed_s=elapsed, wait_s=time.monotonic() - publishing,
+        code,
+        message,
+        p.cmd,
+        published,
+        epoch=p.target,
+        confirmed=dict(p.confirmed),
+        waiting_for=p.waiting(),
+        elapsed_s=elapsed,
+        wait_s=time.monotonic() - publishing,
     )
 
 
@@ -378,9 +392,9 @@ async def load_view(cfg: SidecarConfig, keyring: Keyring) -> ControlView:
     hb_ms = int(cfg.control.heartbeat_interval_s * 1000)
     now = now_ms()
     control = [
-        r for r in await read_until_idle(
-            cfg, cfg.topics.control, only_partition=CONTROL_PARTITION
-        ) if not is_barrier(r.headers)
+        r
+        for r in await read_until_idle(cfg, cfg.topics.control, only_partition=CONTROL_PARTITION)
+        if not is_barrier(r.headers)
     ]
     rules = control_config(cfg.control)
     by_rollout: dict[str, list[tuple[bytes, int]]] = {}
@@ -400,14 +414,20 @@ async def load_view(cfg: SidecarConfig, keyring: Keyring) -> ControlView:
     states.setdefault(cfg.rollout.name, configured_state(cfg))
     history.sort(key=lambda h: h[0])
     since = now - max(10 * 60_000, 20 * hb_ms)
-    heartbeats = _decode(await read_until_idle(cfg, cfg.status_topic, since_ms=since),
-                         InstanceStatus)
+    heartbeats = _decode(
+        await read_until_idle(cfg, cfg.status_topic, since_ms=since), InstanceStatus
+    )
     latest: dict[str, InstanceStatus] = {}
     for s in heartbeats:
         if s.instance_id not in latest or s.ts_ms >= latest[s.instance_id].ts_ms:
             latest[s.instance_id] = s
-    return ControlView(states, history, sorted(latest.values(), key=lambda s: s.instance_id),
-                       now, STALE_HEARTBEATS * hb_ms)
+    return ControlView(
+        states,
+        history,
+        sorted(latest.values(), key=lambda s: s.instance_id),
+        now,
+        STALE_HEARTBEATS * hb_ms,
+    )
 
 
 def _when(ms: int) -> str:
@@ -449,7 +469,8 @@ def _history_line(ts: int, cmd: ControlCommand | None, outcome: Outcome) -> str:
         return f"  {_when(ts)}  (undecodable record)  {_outcome_text(outcome)}"
     args = " ".join(
         f"{k}={format_ramp_plan(v) if k == 'plan' else v}"
-        for k, v in msgspec.structs.asdict(cmd.args).items() if v is not None
+        for k, v in msgspec.structs.asdict(cmd.args).items()
+        if v is not None
     )
     return (
         f"  {_when(ts)}  {cmd.action:8} {args + ' ' if args else ''}[{cmd.command_id}] by "
@@ -462,8 +483,10 @@ def format_status(view: ControlView, rollout: str | None, last: int) -> str:
     for name, state in sorted(view.states.items()):
         if rollout is not None and name != rollout:
             continue
-        since = "start (configured)" if state.epoch == 0 else (
-            f"{_when(state.since_ms)} ({_ago(view.now_ms, state.since_ms)})"
+        since = (
+            "start (configured)"
+            if state.epoch == 0
+            else (f"{_when(state.since_ms)} ({_ago(view.now_ms, state.since_ms)})")
         )
         lines.append(f"rollout {name}: {_describe(state)}, epoch {state.epoch}, since {since}")
         if state.last_command_id:
@@ -478,8 +501,10 @@ def format_status(view: ControlView, rollout: str | None, last: int) -> str:
     for s in shown:
         stale = view.now_ms - s.ts_ms > view.stale_ms
         expected = view.states.get(s.rollout)
-        lag = "" if expected is None or s.epoch == expected.epoch else (
-            f" (behind: rollout is at epoch {expected.epoch})"
+        lag = (
+            ""
+            if expected is None or s.epoch == expected.epoch
+            else (f" (behind: rollout is at epoch {expected.epoch})")
         )
         lines.append(
             f"  {s.instance_id:32} {'STALE' if stale else 'live ':5}  epoch {s.epoch:<4} "
@@ -508,7 +533,8 @@ _MUTATING: dict[str, tuple[str, str]] = {
 
 def _common(parser: argparse.ArgumentParser, mutating: bool) -> None:
     parser.add_argument(
-        "--config", default=os.environ.get("SIDECAR_CONFIG"),
+        "--config",
+        default=os.environ.get("SIDECAR_CONFIG"),
         help="the sidecars' TOML config (default $SIDECAR_CONFIG); settings may also come "
         "from SIDECAR_* environment variables",
     )
@@ -521,11 +547,15 @@ def _common(parser: argparse.ArgumentParser, mutating: bool) -> None:
     parser.add_argument("--reason", help="why (audited); required for rollback")
     parser.add_argument("--issued-by", default=None, help="who (default: $USER@host)")
     parser.add_argument(
-        "--expect-epoch", type=int, metavar="N",
+        "--expect-epoch",
+        type=int,
+        metavar="N",
         help="apply only if the rollout is still at epoch N (compare-and-set)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=10.0,
+        "--timeout",
+        type=float,
+        default=10.0,
         help="seconds to wait for every live instance (default 10)",
     )
     parser.add_argument("--no-wait", action="store_true", help="publish and return at once")
@@ -544,7 +574,8 @@ def add_ctl_parser(sub: Any) -> None:
     ctl.set_defaults(func=cmd_ctl, ctl_command=None)
     actions = ctl.add_subparsers(dest="ctl_command", metavar="ACTION")
     p = actions.add_parser(
-        "status", help="rollout state, live instances and their epochs, recent commands",
+        "status",
+        help="rollout state, live instances and their epochs, recent commands",
         description="Replay the control topic and read recent heartbeats: the state of each "
         "rollout and since when, the epoch every instance reports (stale after 3 missed "
         "heartbeats), and the last commands with their outcome.",
@@ -552,7 +583,8 @@ def add_ctl_parser(sub: Any) -> None:
     _common(p, mutating=False)
     p.add_argument("--last", type=int, default=10, help="commands to show (default 10)")
     p = actions.add_parser(
-        "history", help="every command on the control topic and its outcome",
+        "history",
+        help="every command on the control topic and its outcome",
         description="Every control record, in order, with the verdict the instances reach.",
     )
     _common(p, mutating=False)
@@ -562,7 +594,8 @@ def add_ctl_parser(sub: Any) -> None:
             p.add_argument("share", metavar="PCT", help="candidate share: 5%%, 0.5%% or 500bp")
         if action == "ramp":
             p.add_argument(
-                "plan", metavar="PLAN",
+                "plan",
+                metavar="PLAN",
                 help="steps share:hold:min_samples, e.g. 1%%:5m:1000,5%%:10m:5k,100%%:30m:20k",
             )
         _common(p, mutating=True)
@@ -618,15 +651,23 @@ async def run_ctl(args: argparse.Namespace) -> int:
     try:
         share = parse_share(args.share) if action == "canary" else None
         command = build_command(
-            action, rollout, issued_by=args.issued_by or default_issuer(), reason=args.reason,
-            share_bp=share, plan=args.plan if action == "ramp" else None,
+            action,
+            rollout,
+            issued_by=args.issued_by or default_issuer(),
+            reason=args.reason,
+            share_bp=share,
+            plan=args.plan if action == "ramp" else None,
             expected_epoch=args.expect_epoch,
         )
     except ValueError as exc:
         raise SidecarError(str(exc)) from None
     await ensure_control_topics(cfg)
     result = await issue(
-        cfg, command, keyring=keyring, key_id=key_id, timeout_s=args.timeout,
+        cfg,
+        command,
+        keyring=keyring,
+        key_id=key_id,
+        timeout_s=args.timeout,
         wait=not args.no_wait,
     )
     print(result.message, file=sys.stdout if result.code == EXIT_OK else sys.stderr)

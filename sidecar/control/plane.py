@@ -135,12 +135,16 @@ async def ensure_control_topics(cfg: SidecarConfig) -> list[str]:
     """Create the control topic (1 partition) and the status/audit topics if missing."""
     kwargs = kafka_kwargs(cfg)
     created = await ensure_topics(
-        topics=[cfg.topics.control], partitions=1,
-        replication_factor=cfg.topics.replication_factor, **kwargs,
+        topics=[cfg.topics.control],
+        partitions=1,
+        replication_factor=cfg.topics.replication_factor,
+        **kwargs,
     )
     created += await ensure_topics(
-        topics=[cfg.status_topic, cfg.audit_topic], partitions=cfg.topics.partitions,
-        replication_factor=cfg.topics.replication_factor, **kwargs,
+        topics=[cfg.status_topic, cfg.audit_topic],
+        partitions=cfg.topics.partitions,
+        replication_factor=cfg.topics.replication_factor,
+        **kwargs,
     )
     return created
 
@@ -150,7 +154,9 @@ def is_barrier(headers: Any) -> bool:
 
 
 async def read_to_barrier(
-    consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, tp: TopicPartition,
+    consumer: AIOKafkaConsumer,
+    producer: AIOKafkaProducer,
+    tp: TopicPartition,
     timeout_s: float = 30.0,
 ) -> list[Any]:
     """Every record of ``tp`` from the consumer's position up to a barrier produced now.
@@ -242,8 +248,8 @@ class ControlPlane:
         self.settings = config.control
         self.policy = policy
         self.instance_id = instance_id
-        self.keyring = keyring if keyring is not None else load_keyring(
-            self.settings, required=False
+        self.keyring = (
+            keyring if keyring is not None else load_keyring(self.settings, required=False)
         )
         self.rules = control_config(self.settings)
         self.state = configured_state(config)
@@ -272,8 +278,11 @@ class ControlPlane:
             return None if consumer is None else len(consumer.assignment())
 
         return cls(
-            sidecar.config, sidecar.policy, sidecar.instance_id,
-            samples=counter.since, assigned_partitions=assigned,
+            sidecar.config,
+            sidecar.policy,
+            sidecar.instance_id,
+            samples=counter.since,
+            assigned_partitions=assigned,
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -293,7 +302,10 @@ class ControlPlane:
         self._producer = AIOKafkaProducer(**common, client_id=client_id, acks="all", linger_ms=0)
         await self._producer.start()
         self._consumer = AIOKafkaConsumer(
-            **common, client_id=client_id, group_id=None, enable_auto_commit=False,
+            **common,
+            client_id=client_id,
+            group_id=None,
+            enable_auto_commit=False,
             fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
         )
         await self._consumer.start()
@@ -302,20 +314,28 @@ class ControlPlane:
             log.warning(
                 "control topic %s has %d partitions; only partition %d is read, commands "
                 "elsewhere are ignored. Recreate it with 1 partition.",
-                self._tp.topic, len(partitions), CONTROL_PARTITION,
+                self._tp.topic,
+                len(partitions),
+                CONTROL_PARTITION,
             )
         self._consumer.assign([self._tp])
         await self._consumer.seek_to_beginning(self._tp)
         history = await read_to_barrier(self._consumer, self._producer, self._tp)
         self.state, outcomes = replay(
             [(rec.value or b"", rec.timestamp) for rec in history],
-            initial=self.state, keyring=self.keyring, config=self.rules,
+            initial=self.state,
+            keyring=self.keyring,
+            config=self.rules,
         )
         applied = sum(isinstance(o, Applied) for o in outcomes)
         self._install()
         log.info(
             "control: replayed %d records (%d applied) from %s: rollout %s at epoch %d (%s)",
-            len(history), applied, self._tp.topic, self.state.rollout, self.state.epoch,
+            len(history),
+            applied,
+            self._tp.topic,
+            self.state.rollout,
+            self.state.epoch,
             self.state.mode.value,
         )
         await self._publish_status()
@@ -371,8 +391,12 @@ class ControlPlane:
             self._install()  # before any I/O: this is the rollback latency
             log.info(
                 "control: applied %s %s (epoch %d -> %d) by %s: %s",
-                outcome.command.action, outcome.command.command_id, outcome.from_epoch,
-                outcome.to_epoch, outcome.command.issued_by, outcome.command.reason,
+                outcome.command.action,
+                outcome.command.command_id,
+                outcome.from_epoch,
+                outcome.to_epoch,
+                outcome.command.issued_by,
+                outcome.command.reason,
             )
             self.applied.set()
         elif isinstance(outcome, Rejected):
@@ -395,9 +419,14 @@ class ControlPlane:
     def status(self) -> bytes:
         return msgspec.json.encode(
             instance_status(
-                self.state, instance_id=self.instance_id, ts_ms=now_ms(), host=self._host,
-                pid=os.getpid(), assigned_partitions=self._assigned(),
-                started_at_ms=self._started_at_ms, version=__version__,
+                self.state,
+                instance_id=self.instance_id,
+                ts_ms=now_ms(),
+                host=self._host,
+                pid=os.getpid(),
+                assigned_partitions=self._assigned(),
+                started_at_ms=self._started_at_ms,
+                version=__version__,
             )
         )
 
@@ -433,7 +462,11 @@ class ControlPlane:
             return False
         samples = self._samples(ramp.step_epoch)
         proposal = tick(
-            self.state, now_ms(), samples, guard_ok=True, config=self.rules,
+            self.state,
+            now_ms(),
+            samples,
+            guard_ok=True,
+            config=self.rules,
             issued_by=f"sidecar/{self.instance_id}",
         )
         if proposal is None:
@@ -444,21 +477,26 @@ class ControlPlane:
                 log.warning(
                     "control: ramp step %d is ready to advance but control.key_id is %s; "
                     "set it to a key in the keyring so this instance can sign advances",
-                    ramp.step + 1, "unset" if key_id is None else f"{key_id!r} (unknown)",
+                    ramp.step + 1,
+                    "unset" if key_id is None else f"{key_id!r} (unknown)",
                 )
                 self._warned_no_key = True
             return False
         cmd = proposal.command
         now = time.monotonic()
-        if self._last_advance and self._last_advance[0] == cmd.command_id and (
-            now - self._last_advance[1] < ADVANCE_RETRY_S
+        if (
+            self._last_advance
+            and self._last_advance[0] == cmd.command_id
+            and (now - self._last_advance[1] < ADVANCE_RETRY_S)
         ):
             return False
         self._last_advance = (cmd.command_id, now)
         assert self._producer is not None
         await self._producer.send_and_wait(
-            self._tp.topic, encode_command(self.keyring.sign(cmd, key_id)),
-            key=self.state.rollout.encode(), partition=CONTROL_PARTITION,
+            self._tp.topic,
+            encode_command(self.keyring.sign(cmd, key_id)),
+            key=self.state.rollout.encode(),
+            partition=CONTROL_PARTITION,
         )
         log.info("control: published %s (%s)", cmd.command_id, cmd.reason)
         return True

@@ -14,8 +14,18 @@ from sidecar.control.ctl import build_command
 from sidecar.control.plane import configured_state, load_keyring
 from sidecar.errors import ConfigError
 
-ACTIONS = ["status", "history", "shadow", "canary", "ramp", "promote", "rollback", "pause",
-           "resume", "retire"]
+ACTIONS = [
+    "status",
+    "history",
+    "shadow",
+    "canary",
+    "ramp",
+    "promote",
+    "rollback",
+    "pause",
+    "resume",
+    "retire",
+]
 
 CONFIG = """
 [models.champion]
@@ -82,8 +92,18 @@ def test_shares_accept_percent_and_basis_points() -> None:
 
 
 def test_the_sidecar_keyring_fails_closed_without_keys() -> None:
-    cfg = config_from_dict({"models": {"champion": {
-        "name": "m", "version": "1.0.0", "target": "x:y", "features": [{"name": "a"}]}}})
+    cfg = config_from_dict(
+        {
+            "models": {
+                "champion": {
+                    "name": "m",
+                    "version": "1.0.0",
+                    "target": "x:y",
+                    "features": [{"name": "a"}],
+                }
+            }
+        }
+    )
     assert len(load_keyring(cfg.control, required=False, environ={})) == 0
     with pytest.raises(ConfigError, match="SIDECAR_CONTROL_KEYS"):
         load_keyring(cfg.control, required=True, environ={})

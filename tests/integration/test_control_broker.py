@@ -80,9 +80,7 @@ async def setup(cfg: SidecarConfig) -> None:
     await create_topics(cfg)
 
 
-async def ctl(
-    cfg: SidecarConfig, action: Any, timeout_s: float = 10.0, **kw: Any
-) -> Any:
+async def ctl(cfg: SidecarConfig, action: Any, timeout_s: float = 10.0, **kw: Any) -> Any:
     keyring = load_keyring(cfg.control, required=True)
     cmd = build_command(action, cfg.rollout.name, issued_by="test@ci", **kw)
     return await issue(cfg, cmd, keyring=keyring, key_id="ops", timeout_s=timeout_s)
@@ -153,8 +151,9 @@ async def test_forged_unsigned_replayed_and_malformed_commands_change_nothing(
         policy_before = sidecar.policy.current
 
         def cmd(command_id: str) -> ControlCommand:
-            unsigned = build_command("rollback", cfg.rollout.name, issued_by="mallory",
-                                     reason="evil")
+            unsigned = build_command(
+                "rollback", cfg.rollout.name, issued_by="mallory", reason="evil"
+            )
             return msgspec.structs.replace(unsigned, command_id=command_id)
 
         attacker = Keyring.parse(f"ops={'ab' * 32}\nintruder={'cd' * 32}")
@@ -175,14 +174,13 @@ async def test_forged_unsigned_replayed_and_malformed_commands_change_nothing(
         await producer.start()
         try:
             for value in bad_rows.values():
-                await producer.send_and_wait(cfg.topics.control, value,
-                                             partition=CONTROL_PARTITION)
+                await producer.send_and_wait(cfg.topics.control, value, partition=CONTROL_PARTITION)
             # Replay: the exact record of the applied canary, published again.
             control = await read_topic(bootstrap, cfg.topics.control, idle_s=0.5)
-            original = next(r.value for r in control if ok.command.command_id.encode() in
-                            (r.value or b""))
-            await producer.send_and_wait(cfg.topics.control, original,
-                                         partition=CONTROL_PARTITION)
+            original = next(
+                r.value for r in control if ok.command.command_id.encode() in (r.value or b"")
+            )
+            await producer.send_and_wait(cfg.topics.control, original, partition=CONTROL_PARTITION)
         finally:
             await producer.stop()
         await wait_until(lambda: len(plane.outcomes) >= 2 + len(bad_rows), 15)
@@ -196,8 +194,16 @@ async def test_forged_unsigned_replayed_and_malformed_commands_change_nothing(
     records = [r for r in await audits(cfg) if r.instance_id == "inst-0"]
     reasons = [r.reason for r in records if r.outcome == "rejected"]
     assert sorted(reasons) == sorted(
-        ["bad_signature", "unknown_key", "unsigned", "stale", "malformed", "schema",
-         "bad_signature", "epoch_conflict"]
+        [
+            "bad_signature",
+            "unknown_key",
+            "unsigned",
+            "stale",
+            "malformed",
+            "schema",
+            "bad_signature",
+            "epoch_conflict",
+        ]
     )
     assert [r.command_id for r in records if r.outcome == "duplicate"] == [ok.command.command_id]
     assert [r.to_epoch for r in records if r.outcome == "applied"] == [1]
@@ -208,8 +214,14 @@ async def test_ctl_times_out_naming_a_live_instance_that_never_reports(
 ) -> None:
     cfg = control_config(bootstrap, tmp_path)
     await setup(cfg)
-    ghost = InstanceStatus(instance_id="ghost-1", rollout=cfg.rollout.name, epoch=0,
-                           mode="canary", share_bp=2000, ts_ms=now_ms())
+    ghost = InstanceStatus(
+        instance_id="ghost-1",
+        rollout=cfg.rollout.name,
+        epoch=0,
+        mode="canary",
+        share_bp=2000,
+        ts_ms=now_ms(),
+    )
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
     await producer.start()
     try:

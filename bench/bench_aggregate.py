@@ -47,12 +47,27 @@ def make_values(n: int, start_ms: int, rate: float, seed: int = 0) -> list[bytes
     return [
         enc.encode(
             Comparison(
-                request_id=f"req-{i}", routing_key=f"card-{i % 50_000:06d}", rollout=ROLLOUT,
-                ts=int(ts[i]), policy_epoch=0, policy_mode="shadow", served_by="champion",
-                champion=ModelResult(model="fraud-lr", version="1.4.0", score=float(s1[i]),
-                                     decision=bool(s1[i] > 0.3), latency_ms=float(lat[0, i])),
-                candidate=ModelResult(model="fraud-lr", version="2.0.0", score=float(s2[i]),
-                                      decision=bool(s2[i] > 0.3), latency_ms=float(lat[1, i])),
+                request_id=f"req-{i}",
+                routing_key=f"card-{i % 50_000:06d}",
+                rollout=ROLLOUT,
+                ts=int(ts[i]),
+                policy_epoch=0,
+                policy_mode="shadow",
+                served_by="champion",
+                champion=ModelResult(
+                    model="fraud-lr",
+                    version="1.4.0",
+                    score=float(s1[i]),
+                    decision=bool(s1[i] > 0.3),
+                    latency_ms=float(lat[0, i]),
+                ),
+                candidate=ModelResult(
+                    model="fraud-lr",
+                    version="2.0.0",
+                    score=float(s2[i]),
+                    decision=bool(s2[i] > 0.3),
+                    latency_ms=float(lat[1, i]),
+                ),
             )
         )
         for i in range(n)
@@ -61,23 +76,43 @@ def make_values(n: int, start_ms: int, rate: float, seed: int = 0) -> list[bytes
 
 def config(bootstrap: str, topic: str, window_ms: int) -> SidecarConfig:
     run = uuid.uuid4().hex[:8]
-    return config_from_dict({
-        "kafka": {"bootstrap_servers": bootstrap, "session_timeout_ms": 6000,
-                  "heartbeat_interval_ms": 1000},
-        "topics": {"comparisons": topic, "control": f"bench-{run}.control"},
-        "models": {"champion": {"name": "m", "version": "1.0.0", "target": "x:y",
-                                "features": []}},
-        "aggregate": {"group_id": f"bench-{run}", "reports_topic": f"bench-{run}.reports",
-                      "window_ms": window_ms, "allowed_lateness_ms": 1000, "metrics_port": 0,
-                      "idle_timeout_ms": 2000, "rules": [
-                          {"name": "ratio", "figure": "decision_rate_ratio", "threshold": 1.5,
-                           "min_pairs": 500, "consecutive": 2, "action": "alert"}]},
-    })
+    return config_from_dict(
+        {
+            "kafka": {
+                "bootstrap_servers": bootstrap,
+                "session_timeout_ms": 6000,
+                "heartbeat_interval_ms": 1000,
+            },
+            "topics": {"comparisons": topic, "control": f"bench-{run}.control"},
+            "models": {
+                "champion": {"name": "m", "version": "1.0.0", "target": "x:y", "features": []}
+            },
+            "aggregate": {
+                "group_id": f"bench-{run}",
+                "reports_topic": f"bench-{run}.reports",
+                "window_ms": window_ms,
+                "allowed_lateness_ms": 1000,
+                "metrics_port": 0,
+                "idle_timeout_ms": 2000,
+                "rules": [
+                    {
+                        "name": "ratio",
+                        "figure": "decision_rate_ratio",
+                        "threshold": 1.5,
+                        "min_pairs": 500,
+                        "consecutive": 2,
+                        "action": "alert",
+                    }
+                ],
+            },
+        }
+    )
 
 
 async def preload(bootstrap: str, topic: str, values: list[bytes]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
-                                max_batch_size=1 << 20)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=1 << 20
+    )
     await producer.start()
     try:
         key = ROLLOUT.encode()
@@ -90,13 +125,19 @@ async def preload(bootstrap: str, topic: str, values: list[bytes]) -> None:
 async def baseline(bootstrap: str, topic: str, n: int) -> float:
     """Seconds to consume and decode n records (first fetch to last record)."""
     decoder = msgspec.json.Decoder(Comparison)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                                enable_auto_commit=False, max_partition_fetch_bytes=8 << 20,
-                                fetch_max_bytes=64 << 20)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=8 << 20,
+        fetch_max_bytes=64 << 20,
+    )
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic)
-                                                         or await _parts(consumer, topic))]
+        tps = [
+            TopicPartition(topic, p)
+            for p in sorted(consumer.partitions_for_topic(topic) or await _parts(consumer, topic))
+        ]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         got, t0 = 0, time.perf_counter()
@@ -153,21 +194,25 @@ async def main(args: argparse.Namespace) -> None:
         values = make_values(args.count, start_ms=1_700_000_000_000, rate=args.event_rate)
         await preload(bs, topic, values)
         size = sum(map(len, values)) / len(values)
-        print(f"preloaded {args.count} comparisons ({size:.0f} B each) into {topic} "
-              f"in {time.perf_counter() - t0:.1f}s; event time {args.count / args.event_rate:.1f}s"
-              f" at {args.event_rate:.0f}/s, {args.window_ms} ms windows")
+        print(
+            f"preloaded {args.count} comparisons ({size:.0f} B each) into {topic} "
+            f"in {time.perf_counter() - t0:.1f}s; event time {args.count / args.event_rate:.1f}s"
+            f" at {args.event_rate:.0f}/s, {args.window_ms} ms windows"
+        )
         del values
         for run in range(1, args.repeat + 1):
             base_s = await baseline(bs, topic, args.count)
             cfg = config(bs, topic, args.window_ms)
             agg_s, agg_total_s, reports = await aggregator(cfg, args.count)
             base_rate, agg_rate = args.count / base_s, args.count / agg_s
-            print(f"run {run}: baseline consume+decode {base_rate:,.0f} comparisons/s | "
-                  f"aggregator end to end {agg_rate:,.0f} comparisons/s "
-                  f"({args.count / agg_total_s:,.0f}/s incl. group join; {reports} reports) | "
-                  f"aggregator/baseline {agg_rate / base_rate:.2f} | "
-                  f"aggregator vs sidecar output ({args.sidecar_rate:,.0f}/s): "
-                  f"{agg_rate / args.sidecar_rate:.1f}x")
+            print(
+                f"run {run}: baseline consume+decode {base_rate:,.0f} comparisons/s | "
+                f"aggregator end to end {agg_rate:,.0f} comparisons/s "
+                f"({args.count / agg_total_s:,.0f}/s incl. group join; {reports} reports) | "
+                f"aggregator/baseline {agg_rate / base_rate:.2f} | "
+                f"aggregator vs sidecar output ({args.sidecar_rate:,.0f}/s): "
+                f"{agg_rate / args.sidecar_rate:.1f}x"
+            )
 
 
 if __name__ == "__main__":
@@ -175,10 +220,18 @@ if __name__ == "__main__":
     parser.add_argument("--count", type=int, default=300_000)
     parser.add_argument("--partitions", type=int, default=1)
     parser.add_argument("--window-ms", type=int, default=1_000)
-    parser.add_argument("--event-rate", type=float, default=40_000.0,
-                        help="comparisons per second of event time (the sidecar's output rate)")
-    parser.add_argument("--sidecar-rate", type=float, default=40_000.0,
-                        help="sidecar output rate to compare against (30-50k/s measured)")
+    parser.add_argument(
+        "--event-rate",
+        type=float,
+        default=40_000.0,
+        help="comparisons per second of event time (the sidecar's output rate)",
+    )
+    parser.add_argument(
+        "--sidecar-rate",
+        type=float,
+        default=40_000.0,
+        help="sidecar output rate to compare against (30-50k/s measured)",
+    )
     parser.add_argument("--repeat", type=int, default=2)
     with contextlib.suppress(ImportError):
         import uvloop

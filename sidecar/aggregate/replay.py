@@ -13,6 +13,7 @@ Windows still open at the end are flushed and marked partial.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import time
 from collections.abc import Sequence
@@ -125,6 +126,8 @@ async def read_range(
     try:
         await consumer.start()
     except Exception as exc:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
         raise BrokerError(f"cannot reach broker {cfg.kafka.bootstrap_servers}: {exc}") from exc
     try:
         if topic not in await consumer.topics():

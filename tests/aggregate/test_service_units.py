@@ -1,0 +1,182 @@
+"""The pure parts of the aggregator's Kafka edge: commands, evidence, commit points, settings,
+decoding, replay bounds and the replayer."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import msgspec
+import numpy as np
+import pytest
+from agg_support import comparisons
+
+from sidecar.aggregate import GuardEngine, GuardEvent, GuardRule, WindowManager, default_rules
+from sidecar.aggregate.actions import command_id, command_reason, commit_points, guard_command
+from sidecar.aggregate.ingest import ingest
+from sidecar.aggregate.replay import Bound, Replayer, check_range, format_result, parse_bound
+from sidecar.aggregate.service import signing_key
+from sidecar.aggregate.settings import AggregateSettings
+from sidecar.config import config_from_dict, load_config
+from sidecar.control import Keyring
+from sidecar.errors import ConfigError
+
+MODELS = {"champion": {"name": "m", "version": "1.0.0", "target": "x:y", "features": []}}
+
+
+class Rec(NamedTuple):
+    partition: int
+    offset: int
+    value: bytes | None
+    key: bytes | None = None
+
+
+def records(comps: list[object], partition: int = 0, first: int = 0) -> list[Rec]:
+    return [Rec(partition, first + i, msgspec.json.encode(c)) for i, c in enumerate(comps)]
+
+
+def fired_events(settings: AggregateSettings, bad_from_window: int = 2) -> list[GuardEvent]:
+    rng = np.random.default_rng(3)
+    replayer = Replayer(settings)
+    offset = 0
+    for w in range(6):
+        ct = 0.8 if w >= bad_from_window else 0.9  # candidate flags 2x from that window on
+        comps = comparisons(rng, 1000, t0=w * 1000, threshold=0.9, candidate_threshold=ct)
+        replayer.feed(records(list(comps), first=offset))
+        offset += 1000
+    return [e for e in replayer.finish().events if e.kind == "fired"]
+
+
+SETTINGS = AggregateSettings(window_ms=1000, allowed_lateness_ms=0, min_pairs=200)
+
+
+def test_replayer_fires_the_ratio_rule_once_with_a_deterministic_command() -> None:
+    events = fired_events(SETTINGS)
+    ratio = [e for e in events if e.rule.name == "decision_rate_ratio"]
+    assert len(ratio) == 1
+    event = ratio[0]
+    assert event.window_start_ms == 3000
+    assert command_id(event) == "guard:fraud-v2:decision_rate_ratio:3000"
+    again = fired_events(SETTINGS)
+    assert [command_id(e) for e in again] == [command_id(e) for e in events]
+
+
+def test_guard_command_reason_carries_evidence_and_fits() -> None:
+    event = next(e for e in fired_events(SETTINGS) if e.rule.action == "rollback")
+    cmd = guard_command(event, "a-very-long-topic-name." * 8 + "comparisons", 123)
+    assert cmd.action == "rollback" and cmd.issued_by == "aggregator" and cmd.issued_at_ms == 123
+    assert len(cmd.reason) <= 256 and "decision_rate_ratio" in cmd.reason
+    short = command_reason(event, "cmp")
+    assert "evidence cmp[0@3000-3999]" in short and "window [3000,4000)" in short
+    signed = Keyring({"agg": b"k" * 32}).sign(cmd, "agg")
+    Keyring({"agg": b"k" * 32}).verify(signed)
+
+
+def test_alert_events_are_not_commands() -> None:
+    rule = GuardRule(name="a", figure="decision_rate_ratio", threshold=1.2, action="alert")
+    events = fired_events(AggregateSettings(window_ms=1000, allowed_lateness_ms=0, rules=[rule]))
+    assert events
+    with pytest.raises(ValueError, match="does not issue a command"):
+        guard_command(events[0], "cmp", 0)
+
+
+def test_commit_points_never_pass_an_open_window() -> None:
+    assert commit_points({0: 100, 1: 50, 2: 7}, {0: 40, 1: 60}) == {0: 40, 1: 50, 2: 7}
+
+
+def test_ingest_skips_and_counts_bad_records_but_consumes_them() -> None:
+    rng = np.random.default_rng(0)
+    recs = records(list(comparisons(rng, 5)), partition=2, first=10)
+    recs.insert(2, Rec(2, 99, b"not json"))
+    recs.append(Rec(1, 4, None))
+    got = ingest(recs)
+    assert got.undecodable == 2 and len(got.batch) == 5
+    assert got.next_offsets == {2: 100, 1: 5}
+    assert got.batch.offset.tolist() == [10, 11, 12, 13, 14]
+
+
+def test_settings_from_toml_and_env(tmp_path: object) -> None:
+    cfg = config_from_dict(
+        {
+            "models": MODELS,
+            "aggregate": {
+                "window_ms": 2000,
+                "rules": [{"name": "p", "figure": "psi_candidate_vs_champion", "threshold": 0.3}],
+            },
+        }
+    )
+    assert cfg.aggregate.window_ms == 2000 and cfg.aggregate.reports_topic == "inference.reports"
+    assert cfg.aggregate.aggregator_config().window_ms == 2000
+    assert "inference.reports" in cfg.all_topics()
+    assert config_from_dict({"models": MODELS}).aggregate.rules == default_rules()
+    env = {"SIDECAR_MODELS__CHAMPION__NAME": "m", "SIDECAR_AGGREGATE__DRY_RUN": "true"}
+    with pytest.raises(ConfigError):  # champion needs more than a name: env alone is not enough
+        load_config(None, env)
+    with pytest.raises(ConfigError, match="hop_ms"):
+        config_from_dict({"models": MODELS, "aggregate": {"window_ms": 10, "hop_ms": 20}})
+    with pytest.raises(ConfigError, match="unknown figure"):
+        config_from_dict(
+            {
+                "models": MODELS,
+                "aggregate": {"rules": [{"name": "x", "figure": "no", "threshold": 1}]},
+            }
+        )
+
+
+def test_signing_key_says_what_to_set() -> None:
+    cfg = config_from_dict({"models": MODELS})
+    ring = Keyring({"k1": b"s" * 32})
+    with pytest.raises(ConfigError, match=r"aggregate\.key_id"):
+        signing_key(cfg, ring)
+    cfg = config_from_dict({"models": MODELS, "aggregate": {"key_id": "nope"}})
+    with pytest.raises(ConfigError, match="not among"):
+        signing_key(cfg, ring)
+    cfg = config_from_dict({"models": MODELS, "control": {"key_id": "k1"}})
+    assert signing_key(cfg, ring) == (ring, "k1")
+    dry = config_from_dict({"models": MODELS, "aggregate": {"dry_run": True}})
+    assert signing_key(dry, None) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "bound"),
+    [
+        ("offset:12", Bound("offset", 12)),
+        ("1718000000000", Bound("time", 1718000000000)),
+        ("2024-06-10T06:13:20Z", Bound("time", 1718000000000)),
+        ("2024-06-10T06:13:20", Bound("time", 1718000000000)),
+        ("2024-06-10T08:13:20+02:00", Bound("time", 1718000000000)),
+    ],
+)
+def test_parse_bound(text: str, bound: Bound) -> None:
+    assert parse_bound(text) == bound
+
+
+@pytest.mark.parametrize("text", ["offset:", "offset:-1", "yesterday", "12:00:00x"])
+def test_parse_bound_rejects_with_the_accepted_forms(text: str) -> None:
+    with pytest.raises(ValueError, match="offset"):
+        parse_bound(text)
+
+
+def test_check_range() -> None:
+    check_range(Bound("offset", 1), Bound("time", 0))  # different kinds: not comparable
+    with pytest.raises(ValueError, match="empty range"):
+        check_range(Bound("time", 5), Bound("time", 5))
+
+
+def test_format_result_lists_firings_and_windows() -> None:
+    replayer = Replayer(SETTINGS)
+    rng = np.random.default_rng(1)
+    for w in range(4):
+        comps = comparisons(rng, 1000, t0=w * 1000, threshold=0.9, candidate_threshold=0.8)
+        replayer.feed(records(list(comps), first=w * 1000))
+    text = format_result(replayer.finish())
+    assert "decision_rate_ratio" in text and "guard:fraud-v2:decision_rate_ratio:1000" in text
+    assert "nothing was published" in text and "*" in text  # the last window is partial
+
+
+def test_window_manager_open_first_offsets() -> None:
+    mgr = WindowManager(SETTINGS.aggregator_config())
+    rng = np.random.default_rng(2)
+    comps = comparisons(rng, 1500, t0=0, spacing_ms=1)
+    mgr.process(ingest(records(list(comps), partition=3, first=100)).batch, 0)
+    assert mgr.open_first_offsets() == {3: 1100}  # window [1000, 2000) starts at offset 1100
+    assert GuardEngine().active("fraud-v2") == []

@@ -359,3 +359,42 @@ async def test_metrics_are_served_over_http(bootstrap: str) -> None:
     assert 'sidecar_comparisons_total{rollout="fraud-v2"} 500.0' in body
     assert "sidecar_model_batch_latency_ms_bucket" in body
     assert 'sidecar_policy_mode{mode="canary",rollout="fraud-v2"} 1.0' in body
+
+
+async def test_a_broker_outage_mid_stream_is_retried_and_loses_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Freeze the broker for longer than the request timeout: sends fail, the committer logs,
+    backs off and sends again; nothing is committed past unacknowledged outputs, nothing lost."""
+    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker:
+        cfg = make_config(
+            broker.bootstrap_servers,
+            # Above the session timeout (6 s here), as group joins need; the freeze is longer.
+            kafka={"request_timeout_ms": 7000},
+            pipeline={"max_batch": 200},
+        )
+        await create_topics(cfg)
+        n = 6000
+        await produce(cfg, generated_items(n, seed=9))
+        sidecar = Sidecar(cfg)
+        task = await run_sidecar(sidecar)
+        await wait_until(lambda: sidecar.processed > 0, 60, interval_s=0.001)
+        assert broker.process is not None
+        broker.process.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(10.0)
+            assert not task.done(), "the sidecar crashed during the outage"
+        finally:
+            broker.process.send_signal(signal.SIGCONT)
+        ids: set[str] = set()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(ids) < n:
+            records = await read_topic(
+                broker.bootstrap_servers, cfg.topics.decisions, idle_s=1.0, max_wait_s=10
+            )
+            ids = {msgspec.json.decode(r.value, type=Decision).request_id for r in records}
+        await stop_sidecar(sidecar, task)
+        assert ids == {f"req-{i}" for i in range(n)}
+        assert any("sending again" in r.getMessage() for r in caplog.records), (
+            "expected the committer to retry the unacknowledged outputs"
+        )

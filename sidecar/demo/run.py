@@ -1,0 +1,783 @@
+"""``sidecar demo``: the whole system on the embedded broker, telling one rollout story.
+
+Everything runs in this process as asyncio tasks, through the same code as production: two
+:class:`~sidecar.runner.Sidecar` instances in one consumer group, one
+:class:`~sidecar.aggregate.service.AggregatorService`, a traffic generator, and operator
+commands issued with :func:`sidecar.control.ctl.issue` (the code behind ``sidecar ctl``),
+signed with a key generated for this run. Guard actions are the aggregator's own: the demo only
+watches for them. Event time is wall time, with windows of a few seconds, so a story takes a
+minute or two.
+
+Average precision is computed from the **comparisons topic** (the scores the sidecars really
+produced) against the fraud labels the generator knows, kept here by request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+import os
+import secrets
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import msgspec
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from ..aggregate.service import AggregatorService
+from ..broker import EmbeddedBroker, ensure_topics
+from ..config import SidecarConfig
+from ..contracts import Comparison
+from ..control.commands import ControlCommand, Keyring
+from ..control.ctl import EXIT_OK, build_command, default_issuer, issue
+from ..control.plane import CONTROL_PARTITION, ensure_control_topics, is_barrier
+from ..control.state_machine import AuditRecord
+from ..errors import BrokerError, SidecarError
+from ..examples import fraud
+from ..report.model import CommandEntry, Recording, command_timeline, write_jsonl
+from ..report.page import render_page
+from ..report.source import read_recording
+from ..routing import Mode
+from ..runner import Sidecar, kafka_client_kwargs
+from ..traffic import produce_values
+from .scenarios import (
+    Act,
+    Calibration,
+    ScenarioName,
+    Settings,
+    Timing,
+    act_config,
+    acts,
+    calibrate,
+    timing,
+)
+from .view import (
+    CLEAR,
+    Snapshot,
+    average_precision,
+    guard_states,
+    render_line,
+    render_panel,
+)
+
+log = logging.getLogger(__name__)
+
+KEY_ID = "demo"
+INSTANCES = 2
+PLAN_SHARES = (100, 500, 1000, 5000, 10000)
+
+
+@dataclass
+class DemoOptions:
+    scenario: ScenarioName = "flags"
+    duration_s: float = 90.0
+    rate: float = 1000.0
+    fraud_rate: float = 0.02
+    flag_ratio: float = 2.0
+    flag_shift: float | None = None
+    seed: int = 0
+    out_dir: Path = Path("sidecar-demo")
+    #: None: a refreshing panel when stdout is a terminal, one line per update otherwise.
+    live: bool | None = None
+    broker_port: int = 0
+
+
+@dataclass
+class ActResult:
+    act: Act
+    ok: bool
+    outcome: str
+    ap_champion: float = math.nan
+    ap_candidate: float = math.nan
+    pairs: int = 0
+    frauds: int = 0
+    #: Seconds from the act's first scored request to the guard command being applied.
+    time_to_action_s: float | None = None
+
+
+@dataclass
+class DemoResult:
+    ok: bool
+    acts: list[ActResult]
+    recording: Recording
+    timeline: list[CommandEntry]
+    calibration: Calibration
+    timing: Timing
+    report_path: Path
+    record_path: Path
+    log_path: Path
+    summary: str
+    elapsed_s: float
+
+
+# --------------------------------------------------------------------------- traffic
+
+
+class Traffic:
+    """Seeded card transactions at ``rate`` per second; remembers which ones are fraud."""
+
+    def __init__(self, cfg: SidecarConfig, rate: float, seed: int, fraud_rate: float) -> None:
+        self.cfg, self.rate, self.seed, self.fraud_rate = cfg, rate, seed, fraud_rate
+        self.sent = 0
+        self.frauds: set[str] = set()
+
+    async def run(self) -> None:
+        producer = AIOKafkaProducer(
+            **kafka_client_kwargs(self.cfg.kafka), acks="all", linger_ms=5, max_batch_size=1 << 20
+        )
+        await producer.start()
+        try:
+            topic = self.cfg.topics.requests
+            partitions = len(await producer.partitions_for(topic))
+            chunk = max(1, int(self.rate / 10))
+            start = time.monotonic()
+            while True:
+                data = fraud.generate(chunk, seed=self.seed + self.sent, fraud_rate=self.fraud_rate)
+                requests = fraud.request_dicts(data, start_id=self.sent)
+                self.frauds.update(
+                    f"req-{self.sent + int(i)}" for i in np.flatnonzero(data.is_fraud)
+                )
+                items = [(str(r["routing_key"]).encode(), msgspec.json.encode(r)) for r in requests]
+                await produce_values(producer, topic, items, partitions)
+                self.sent += chunk
+                ahead = self.sent / self.rate - (time.monotonic() - start)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+        finally:
+            await producer.stop()
+
+
+# --------------------------------------------------------------------------- observer
+
+
+@dataclass
+class _Scores:
+    champion: list[float] = field(default_factory=list)
+    candidate: list[float] = field(default_factory=list)
+    labels: list[bool] = field(default_factory=list)
+
+
+class Observer:
+    """Tails the comparisons (for average precision), control and audit topics."""
+
+    def __init__(self, cfg: SidecarConfig, is_fraud: Callable[[str], bool]) -> None:
+        self.cfg = cfg
+        self.is_fraud = is_fraud
+        self.scores: dict[str, _Scores] = collections.defaultdict(_Scores)
+        self.commands: list[tuple[int, ControlCommand]] = []
+        self.audits: list[AuditRecord] = []
+        self.comparisons = 0
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        consumer = AIOKafkaConsumer(
+            **kafka_client_kwargs(cfg.kafka),
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=100,
+            client_id="demo-observer",
+        )
+        await consumer.start()
+        try:
+            tps = [TopicPartition(cfg.topics.control, CONTROL_PARTITION)]
+            for topic in (cfg.topics.comparisons, cfg.audit_topic):
+                tps += [TopicPartition(topic, p) for p in await _partitions(consumer, topic)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            comparison = msgspec.json.Decoder(Comparison)
+            while True:
+                batch = await consumer.getmany(timeout_ms=200)
+                for tp, records in batch.items():
+                    for rec in records:
+                        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                            if tp.topic == cfg.topics.comparisons:
+                                self._comparison(comparison.decode(rec.value))
+                            elif tp.topic == cfg.audit_topic:
+                                self.audits.append(msgspec.json.decode(rec.value, type=AuditRecord))
+                            elif not is_barrier(rec.headers):
+                                cmd = msgspec.json.decode(rec.value, type=ControlCommand)
+                                self.commands.append((rec.timestamp, cmd))
+        finally:
+            await consumer.stop()
+
+    def _comparison(self, c: Comparison) -> None:
+        self.comparisons += 1
+        a, b = c.champion.score, c.candidate.score
+        if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
+            return
+        s = self.scores[c.rollout]
+        s.champion.append(a)
+        s.candidate.append(b)
+        s.labels.append(self.is_fraud(c.request_id))
+
+    def average_precision(self, rollout: str) -> tuple[float, float, int, int]:
+        s = self.scores.get(rollout)
+        if s is None or not s.labels:
+            return math.nan, math.nan, 0, 0
+        return (
+            average_precision(s.champion, s.labels),
+            average_precision(s.candidate, s.labels),
+            len(s.labels),
+            sum(s.labels),
+        )
+
+    def recording(self) -> Recording:
+        return Recording(commands=list(self.commands), audits=list(self.audits))
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
+    for _ in range(50):
+        parts = consumer.partitions_for_topic(topic)
+        if parts:
+            return sorted(parts)
+        await consumer._client.force_metadata_update()  # no public refresh
+        await asyncio.sleep(0.1)
+    raise BrokerError(f"topic {topic} did not appear on the broker")
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+def _event_text(e: CommandEntry) -> str:
+    c = e.command
+    args = ""
+    if c.args.share_bp is not None:
+        args = f" {c.args.share_bp / 100:g}%"
+    elif c.args.plan is not None:
+        args = " " + " -> ".join(f"{s.share_bp / 100:g}%" for s in c.args.plan)
+    who = "by the AGGREGATOR" if c.issued_by == "aggregator" else f"by {c.issued_by}"
+    verdict = (
+        f"applied by {len(e.applied_by)}/{INSTANCES}, now {e.mode}"
+        + (f" {e.share_bp / 100:g}%" if e.mode == "canary" else "")
+        if e.applied
+        else e.outcome
+    )
+    reason = c.reason if len(c.reason) <= 110 else c.reason[:107] + "..."
+    stamp = time.strftime("%H:%M:%S", time.gmtime(e.ts_ms / 1000))
+    return f"{stamp} {c.action}{args} {who}: {reason}\n      -> {verdict}"
+
+
+class Demo:
+    def __init__(self, opts: DemoOptions, out: TextIO) -> None:
+        self.opts = opts
+        self.out = out
+        self.live = out.isatty() if opts.live is None else opts.live
+        self.started = time.monotonic()
+        self.act_index = 0
+        self.act: Act | None = None
+        self.acts: list[Act] = []
+        self.phase = "starting the embedded broker"
+        self.sidecars: list[Sidecar] = []
+        self.scored_before = 0
+        self.traffic: Traffic | None = None
+        self.observer: Observer | None = None
+        self.aggregator: AggregatorService | None = None
+        self.printed_events = 0
+        self.history: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=20)
+        self.timing: Timing | None = None
+        self._sidecar_tasks: list[asyncio.Task[None]] = []
+
+    # -- view ------------------------------------------------------------------------------
+
+    def scored(self) -> int:
+        return self.scored_before + sum(s.processed for s in self.sidecars)
+
+    def events(self) -> list[str]:
+        if self.observer is None:
+            return []
+        # Duplicate advances (both instances propose the same step) are in the report only.
+        timeline = command_timeline(self.observer.recording())
+        return [_event_text(e) for e in timeline if e.outcome != "duplicate"]
+
+    def snapshot(self) -> Snapshot:
+        now = time.monotonic()
+        produced = self.traffic.sent if self.traffic else 0
+        scored = self.scored()
+        self.history.append((now, produced, scored))
+        t0, p0, s0 = self.history[0]
+        dt = max(now - t0, 1e-6)
+        agg = self.aggregator
+        act = self.act
+        rollout = act.rollout if act else "-"
+        reports = [r for r in agg.reports if r.rollout == rollout] if agg else []
+        report = reports[-1] if reports else None
+        policy = self.sidecars[0].policy.current if self.sidecars else None
+        ramp = ""
+        if (
+            policy is not None
+            and policy.mode is Mode.CANARY
+            and act is not None
+            and act.operator == "ramp"
+            and policy.canary_share_bp in PLAN_SHARES
+        ):
+            ramp = f"ramp step {PLAN_SHARES.index(policy.canary_share_bp) + 1}/5"
+        ap = self.observer.average_precision(rollout) if self.observer else (math.nan,) * 2 + (0, 0)
+        return Snapshot(
+            scenario=self.opts.scenario,
+            elapsed_s=now - self.started,
+            act_index=self.act_index,
+            acts=len(self.acts),
+            headline=act.headline if act else "setting up",
+            phase=self.phase,
+            produced=produced,
+            produced_rate=(produced - p0) / dt if len(self.history) > 1 else 0.0,
+            scored_rate=(scored - s0) / dt if len(self.history) > 1 else 0.0,
+            backlog=max(produced - scored, 0),
+            rollout=rollout,
+            mode=policy.mode.value if policy else "-",
+            share_bp=policy.canary_share_bp if policy else 0,
+            epoch=policy.epoch if policy else 0,
+            ramp=ramp,
+            instances=len(self.sidecars),
+            report=report,
+            guards=guard_states(
+                agg.guards.rules if agg else [], report, agg.guards.active(rollout) if agg else []
+            ),
+            ap_champion=float(ap[0]),
+            ap_candidate=float(ap[1]),
+            ap_pairs=int(ap[2]),
+            events=self.events(),
+        )
+
+    def say(self, text: str) -> None:
+        """A story line: in the panel's "now" line live, printed otherwise."""
+        self.phase = text
+        if not self.live:
+            print(f"[{time.monotonic() - self.started:4.0f}s] {text}", file=self.out, flush=True)
+
+    async def show(self) -> None:
+        last_line = 0.0
+        while True:
+            snap = self.snapshot()
+            if self.live:
+                self.out.write(CLEAR + render_panel(snap) + "\n")
+                self.out.flush()
+            else:
+                for e in snap.events[self.printed_events :]:
+                    print(f"  >> {e}", file=self.out)
+                self.printed_events = len(snap.events)
+                if time.monotonic() - last_line >= 3.0:
+                    print(render_line(snap), file=self.out, flush=True)
+                    last_line = time.monotonic()
+            await asyncio.sleep(0.5)
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self) -> DemoResult:
+        opts = self.opts
+        out_dir = opts.out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_path = out_dir / "demo.log"
+        handler = logging.FileHandler(log_path, mode="w")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        old_level = root.level
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)
+        try:
+            with tempfile.TemporaryDirectory(prefix="sidecar-demo-") as tmp:
+                keys_file = Path(tmp) / "control.keys"
+                keys_file.write_text(f"{KEY_ID}={secrets.token_hex(32)}\n")
+                os.chmod(keys_file, 0o600)
+                return await self._run(keys_file, log_path)
+        finally:
+            root.removeHandler(handler)
+            root.setLevel(old_level)
+            handler.close()
+
+    async def _run(self, keys_file: Path, log_path: Path) -> DemoResult:
+        opts = self.opts
+        print(
+            f"sidecar demo ({opts.scenario}): fitting the example models and choosing "
+            "thresholds...",
+            file=self.out,
+            flush=True,
+        )
+        cal = await asyncio.to_thread(
+            calibrate, opts.fraud_rate, opts.flag_ratio, opts.flag_shift, opts.seed + 99
+        )
+        tim = self.timing = timing(opts.duration_s, opts.rate)
+        self.acts = acts(opts.scenario, cal)
+        keyring = Keyring.from_file(keys_file)
+        wall_start = time.time_ns() // 1_000_000
+        broker = EmbeddedBroker(port=opts.broker_port, log_path=opts.out_dir / "broker.log")
+        await asyncio.to_thread(broker.start)
+        tasks: list[asyncio.Task[Any]] = []
+        results: list[ActResult] = []
+        recording = Recording()
+        try:
+            settings = Settings(broker.bootstrap_servers, str(keys_file), KEY_ID, tim)
+            cfgs = [act_config(settings, a) for a in self.acts]
+            base = cfgs[0]
+            await ensure_control_topics(base)
+            await ensure_topics(
+                topics=[*base.all_topics(), base.aggregate.reports_topic],
+                partitions=base.topics.partitions,
+                **kafka_client_kwargs(base.kafka),
+            )
+            self.traffic = Traffic(base, opts.rate, opts.seed, opts.fraud_rate)
+            self.observer = Observer(base, self.traffic.frauds.__contains__)
+            self.aggregator = AggregatorService(base, keyring=keyring)
+            tasks = [
+                asyncio.create_task(self.aggregator.run(), name="demo-aggregator"),
+                asyncio.create_task(self.observer.run(), name="demo-observer"),
+            ]
+            await asyncio.wait_for(self.aggregator.ready.wait(), 30)
+            tasks.append(asyncio.create_task(self.traffic.run(), name="demo-traffic"))
+            tasks.append(asyncio.create_task(self.show(), name="demo-view"))
+            for i, (act, cfg) in enumerate(zip(self.acts, cfgs, strict=True), start=1):
+                self.act_index, self.act = i, act
+                results.append(await self._act(act, cfg, keyring, tim))
+                self._check(tasks)
+            self.say("done: stopping traffic and the aggregator, reading the topics")
+        finally:
+            await self._stop_sidecars()
+            if self.aggregator is not None:
+                self.aggregator.request_stop()
+            for task in tasks:
+                if task.get_name() != "demo-aggregator":
+                    task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(task, 20)
+            try:
+                if results:
+                    recording = (
+                        await read_recording(cfgs[-1], wall_start, None, idle_s=1.0)
+                    ).recording
+            except Exception:  # do not hide what went wrong before: report with what we saw
+                log.exception("reading the topics for the report failed")
+                if self.observer is not None:
+                    recording = self.observer.recording()
+            finally:
+                await asyncio.to_thread(broker.stop)
+        return self._finish(recording, results, cal, tim, log_path)
+
+    def _check(self, tasks: list[asyncio.Task[Any]]) -> None:
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise SidecarError(f"{task.get_name()} failed: {task.exception()}")
+
+    async def _start_sidecars(self, cfg: SidecarConfig, act: Act) -> list[asyncio.Task[None]]:
+        self.sidecars = [Sidecar(cfg, instance_id=f"{act.key}-{i + 1}") for i in range(INSTANCES)]
+        tasks = [
+            asyncio.create_task(s.run(), name=f"sidecar-{s.instance_id}") for s in self.sidecars
+        ]
+        self._sidecar_tasks = tasks
+        await asyncio.wait_for(asyncio.gather(*(s.ready.wait() for s in self.sidecars)), 60)
+        return tasks
+
+    async def _hand_over(self, old: SidecarConfig, new: SidecarConfig) -> None:
+        """Start the new deployment's consumer group where the previous one committed."""
+        kwargs = kafka_client_kwargs(old.kafka)
+        reader = AIOKafkaConsumer(**kwargs, group_id=old.kafka.group_id, enable_auto_commit=False)
+        await reader.start()
+        try:
+            topic = old.topics.requests
+            tps = [TopicPartition(topic, p) for p in await _partitions(reader, topic)]
+            offsets = {tp: await reader.committed(tp) for tp in tps}
+        finally:
+            await reader.stop()
+        todo = {tp: off for tp, off in offsets.items() if off is not None}
+        if not todo:
+            return
+        writer = AIOKafkaConsumer(**kwargs, group_id=new.kafka.group_id, enable_auto_commit=False)
+        await writer.start()
+        try:
+            writer.assign(list(todo))
+            await writer.commit(todo)
+        finally:
+            await writer.stop()
+        log.info("handed over offsets %s to group %s", todo, new.kafka.group_id)
+
+    async def _stop_sidecars(self) -> None:
+        tasks = self._sidecar_tasks
+        for s in self.sidecars:
+            s.request_stop()
+        if tasks:
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+        for s in self.sidecars:
+            s.close_models()
+        self.scored_before += sum(s.processed for s in self.sidecars)
+        self.sidecars = []
+        self._sidecar_tasks = []
+
+    def _modes(self) -> set[Mode]:
+        return {s.policy.current.mode for s in self.sidecars}
+
+    def _guard_commands(self, act: Act, action: str) -> list[ControlCommand]:
+        agg = self.aggregator
+        return [
+            c
+            for c in (agg.commands if agg else [])
+            if c.rollout == act.rollout and c.action == action
+        ]
+
+    async def _until(self, done: Callable[[], bool], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if done():
+                return True
+            await asyncio.sleep(0.2)
+        return done()
+
+    async def _operator(
+        self, cfg: SidecarConfig, keyring: Keyring, action: Any, reason: str, **kw: Any
+    ) -> bool:
+        cmd = build_command(
+            action,
+            cfg.rollout.name,
+            issued_by=f"{default_issuer()} (demo operator)",
+            reason=reason,
+            **kw,
+        )
+        result = await issue(cfg, cmd, keyring=keyring, key_id=KEY_ID, timeout_s=15)
+        if result.code != EXIT_OK:
+            log.warning("operator %s: %s", action, result.message)
+        return result.code == EXIT_OK
+
+    async def _act(self, act: Act, cfg: SidecarConfig, keyring: Keyring, tim: Timing) -> ActResult:
+        window = tim.window_s
+        previous = self.sidecars[0].config if self.sidecars else None
+        await self._stop_sidecars()
+        if previous is not None:
+            await self._hand_over(previous, cfg)
+        self.say(f"deploying candidate {act.version} on {INSTANCES} sidecar instances (shadow)")
+        await self._start_sidecars(cfg, act)
+        started = time.monotonic()
+        self.say("shadow: both models score every request; the champion decides")
+        if act.operator == "ramp":
+            if act.shadow_windows:
+                self.say(
+                    f"shadow for {act.shadow_windows} windows of {window:g}s: the guards look "
+                    "at the candidate before anyone is exposed"
+                )
+                await asyncio.sleep(act.shadow_windows * window + 0.5)
+                if self._guard_commands(act, "rollback"):
+                    return await self._settle(act, ActResult(act, False, "rolled back in shadow"))
+            self.say(f"operator: sidecar ctl ramp {tim.plan}")
+            ok = await self._operator(
+                cfg,
+                keyring,
+                "ramp",
+                (
+                    "shadow looks healthy: ramp 1% -> 100%"
+                    if act.shadow_windows
+                    else "new candidate: ramp 1% -> 100%, the guards watch every step"
+                ),
+                plan=tim.plan,
+            )
+            if not ok:
+                return await self._settle(act, ActResult(act, False, "the ramp was not applied"))
+            self.say("ramping: the sidecars advance each step after its hold and sample floor")
+        else:
+            self.say("shadow: the aggregator compares both models window by window")
+        ramp_s = 5 * (tim.hold_s + 1.5) + 15
+        if act.expect == "promoted":
+            ok = await self._until(
+                lambda: self._modes() == {Mode.PROMOTED} or Mode.ROLLED_BACK in self._modes(),
+                ramp_s,
+            )
+            promoted = self._modes() == {Mode.PROMOTED}
+            outcome = (
+                "promoted after every ramp step"
+                if promoted
+                else (f"not promoted: modes {sorted(m.value for m in self._modes())}")
+            )
+            if promoted:
+                self.say(f"promoted: the candidate {act.version} decides every request")
+            return await self._settle(act, ActResult(act, ok and promoted, outcome), windows=2)
+        if act.expect == "rollback":
+            ok = await self._until(
+                lambda: (
+                    self._modes() == {Mode.ROLLED_BACK}
+                    and bool(self._guard_commands(act, "rollback"))
+                ),
+                15 * window + 20 + (ramp_s if act.operator == "ramp" else 0),
+            )
+            took = time.monotonic() - started
+            cmds = self._guard_commands(act, "rollback")
+            if ok:
+                self.say(
+                    f"rolled back by the aggregator {took:.0f}s after deployment: {cmds[0].reason}"
+                )
+            outcome = (
+                f"rolled back by the aggregator ({cmds[0].command_id.split(':')[2]})"
+                if ok
+                else "no rollback by the aggregator"
+            )
+            return await self._settle(
+                act, ActResult(act, ok, outcome, time_to_action_s=took if ok else None)
+            )
+        # paused: the aggregator pauses the ramp; then the operator rolls back.
+        ok = await self._until(
+            lambda: bool(self._guard_commands(act, "pause")) and self._pause_applied(act),
+            15 * window + ramp_s,
+        )
+        took = time.monotonic() - started
+        if not ok:
+            return await self._settle(act, ActResult(act, False, "the ramp was not paused"))
+        self.say(
+            "the aggregator paused the ramp; the operator looks at the evidence and rolls back"
+        )
+        await asyncio.sleep(window)
+        reason = "latency regression confirmed: the aggregator paused the ramp on latency_p99_ratio"
+        rolled = await self._operator(cfg, keyring, "rollback", reason)
+        return await self._settle(
+            act,
+            ActResult(
+                act,
+                rolled,
+                "paused by the aggregator, rolled back by the operator"
+                if rolled
+                else "paused, but the rollback was not applied",
+                time_to_action_s=took,
+            ),
+        )
+
+    def _pause_applied(self, act: Act) -> bool:
+        if self.observer is None:
+            return False
+        return any(
+            a.outcome == "applied" and a.action == "pause" and a.rollout == act.rollout
+            for a in self.observer.audits
+        )
+
+    async def _settle(self, act: Act, result: ActResult, windows: float = 1.5) -> ActResult:
+        """Let a few more windows close (so the report shows the state after), then score AP."""
+        assert self.timing is not None
+        await asyncio.sleep(windows * self.timing.window_s + 0.5)
+        if self.observer is not None:
+            apc, apk, n, frauds = self.observer.average_precision(act.rollout)
+            result.ap_champion, result.ap_candidate, result.pairs, result.frauds = (
+                apc,
+                apk,
+                n,
+                frauds,
+            )
+        return result
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def _finish(
+        self,
+        recording: Recording,
+        results: list[ActResult],
+        cal: Calibration,
+        tim: Timing,
+        log_path: Path,
+    ) -> DemoResult:
+        opts = self.opts
+        elapsed = time.monotonic() - self.started
+        agg = self.aggregator
+        recording.meta.update(
+            {
+                "title": f"sidecar demo: {opts.scenario}",
+                "story": [r.act.headline + "." for r in results],
+                "rules": msgspec.to_builtins(agg.guards.rules) if agg else None,
+                "initial": {r.act.rollout: {"mode": "shadow"} for r in results},
+                "facts": self._facts(results, cal, tim),
+            }
+        )
+        record_path = opts.out_dir / "recorded.jsonl"
+        report_path = opts.out_dir / "report.html"
+        write_jsonl(recording, record_path)
+        report_path.write_text(render_page(recording), encoding="utf-8")
+        timeline = command_timeline(recording)
+        ok = bool(results) and all(r.ok for r in results) and len(results) == len(self.acts)
+        summary = self._summary(
+            results, timeline, cal, elapsed, report_path, record_path, log_path, ok
+        )
+        return DemoResult(
+            ok,
+            results,
+            recording,
+            timeline,
+            cal,
+            tim,
+            report_path,
+            record_path,
+            log_path,
+            summary,
+            elapsed,
+        )
+
+    def _facts(self, results: list[ActResult], cal: Calibration, tim: Timing) -> dict[str, str]:
+        opts = self.opts
+        facts = {
+            "traffic": f"{opts.rate:g} card transactions/s, fraud rate {opts.fraud_rate:.1%}, "
+            f"seed {opts.seed}; windows of {tim.window_s:g}s (event time = wall time)",
+            "champion": f"fraud-lr 1.4.0 (6 features), threshold {cal.champion_threshold:g} "
+            f"(flags {cal.champion_rate:.2%} on the calibration sample)",
+            "ramp plan": tim.plan,
+        }
+        for r in results:
+            facts[f"candidate {r.act.version}"] = (
+                f"threshold {r.act.threshold:g}, options {r.act.options or '{}'}: {r.outcome}"
+                + (f" after {r.time_to_action_s:.0f}s" if r.time_to_action_s else "")
+            )
+            facts[f"average precision, rollout {r.act.rollout}"] = (
+                f"champion {r.ap_champion:.3f}, candidate {r.ap_candidate:.3f} over {r.pairs:,} "
+                f"transactions ({r.frauds} fraud), scores from the comparisons topic, labels "
+                "from the generator"
+            )
+        return facts
+
+    def _summary(
+        self,
+        results: list[ActResult],
+        timeline: list[CommandEntry],
+        cal: Calibration,
+        elapsed: float,
+        report: Path,
+        record: Path,
+        log_path: Path,
+        ok: bool,
+    ) -> str:
+        lines = [
+            "",
+            f"sidecar demo ({self.opts.scenario}) {'finished' if ok else 'FAILED'} in "
+            f"{elapsed:.0f}s: {self.traffic.sent if self.traffic else 0:,} transactions, "
+            f"{self.scored():,} scored by {INSTANCES} sidecar instances",
+        ]
+        for i, r in enumerate(results, start=1):
+            lines.append(f"  act {i}: {r.act.headline}.")
+            lines.append(
+                f"         average precision (vs the generator's labels, {r.pairs:,} "
+                f"transactions, {r.frauds} fraud): champion {r.ap_champion:.3f}, candidate "
+                f"{r.ap_candidate:.3f}"
+            )
+            lines.append(f"         outcome: {'ok' if r.ok else 'UNEXPECTED'}: {r.outcome}")
+        duplicates = sum(e.outcome == "duplicate" for e in timeline)
+        lines.append(
+            "  control commands"
+            + (f" ({duplicates} duplicate advances ignored, as designed):" if duplicates else ":")
+        )
+        for e in timeline:
+            if e.outcome != "duplicate":
+                lines.append("    " + _event_text(e).replace("\n", "\n    "))
+        lines += [
+            f"  report:   {report}  (open it in a browser; works offline)",
+            f"  recorded: {record}  (sidecar report --input {record} --out report.html)",
+            f"  logs:     {log_path}",
+        ]
+        return "\n".join(lines)
+
+
+async def run_demo(opts: DemoOptions, out: TextIO | None = None) -> DemoResult:
+    """Run one demo story to the end; the result says whether it went as the story says."""
+    demo = Demo(opts, out or sys.stdout)
+    return await demo.run()
+
+
+__all__ = ["ActResult", "DemoOptions", "DemoResult", "Observer", "Traffic", "run_demo"]

@@ -115,7 +115,7 @@ async def _run(cfg: SidecarConfig, args: argparse.Namespace) -> None:
         if created:
             log.info("created topics: %s", ", ".join(created))
     sidecar = Sidecar(cfg)
-    sidecar.metrics.serve(cfg.metrics.port, cfg.metrics.host)
+    sidecar.metrics.serve(cfg.metrics.port, cfg.metrics.host, health=sidecar.health)
     traffic = None
     if args.example_traffic:
         from .traffic import produce_forever
@@ -248,6 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .aggregate.cli import add_aggregate_parsers
 
     add_aggregate_parsers(sub)
+
+    from .demo.cli import add_demo_parser
+    from .report.cli import add_report_parser
+
+    add_demo_parser(sub)
+    add_report_parser(sub)
+
+    from .contract_cli import add_contract_parser
+
+    add_contract_parser(sub)
     return parser
 
 

@@ -20,6 +20,7 @@ import msgspec
 
 from .aggregate.settings import AggregateSettings
 from .errors import ConfigError
+from .manifest import Manifest
 from .routing import Mode
 
 Meta = msgspec.Meta
@@ -50,6 +51,14 @@ class KafkaConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     #: How long to keep retrying an unreachable broker at start-up (0 = forever).
     connect_timeout_s: Annotated[float, Meta(ge=0)] = 0.0
+
+    def __repr__(self) -> str:
+        """Never show the SASL password (configs end up in logs and tracebacks)."""
+        fields = ", ".join(
+            f"{name}={'***' if name == 'sasl_plain_password' and value else value!r}"
+            for name, value in ((f, getattr(self, f)) for f in self.__struct_fields__)
+        )
+        return f"KafkaConfig({fields})"
 
 
 class TopicsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -94,16 +103,37 @@ class FeatureSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     categories: list[str] | None = None
 
 
+class BreakerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Circuit breaker of one model (``sidecar.models.health``)."""
+
+    #: Off by default: a failing model is then called on every batch (and times out there).
+    enabled: bool = False
+    #: Share of failed calls in the window that opens the breaker.
+    failure_rate: Annotated[float, Meta(gt=0, le=1)] = 0.5
+    #: Calls remembered.
+    window: Annotated[int, Meta(ge=1)] = 20
+    #: Fewer calls than this in the window never open the breaker.
+    min_calls: Annotated[int, Meta(ge=1)] = 5
+    #: Seconds the breaker stays open before a half-open probe.
+    open_s: Annotated[float, Meta(gt=0)] = 5.0
+
+
 class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A model declared in config. ``threshold`` is per model: downstream systems are tuned
     to a decision rate, and a new model at the old threshold is the failure this guards."""
 
     name: Annotated[str, Meta(min_length=1)]
     version: Annotated[str, Meta(pattern=r"^\d+\.\d+\.\d+([-+].*)?$")]
-    loader: Literal["python"] = "python"
-    #: ``package.module:factory``; the factory returns an object with
-    #: ``predict(batch: numpy.ndarray) -> numpy.ndarray`` of scores.
+    #: ``python`` (in-process threads), ``process`` (the same factory in worker processes),
+    #: ``http`` (an Open Inference Protocol / KServe V2 server at ``url``) or ``onnx``
+    #: (onnxruntime, extra ``sidecar[onnx]``); see the README's Models section.
+    loader: Literal["python", "process", "http", "onnx"] = "python"
+    #: ``python``/``process``: ``package.module:factory``; the factory returns an object with
+    #: ``predict(batch: numpy.ndarray) -> numpy.ndarray`` of scores. ``http``: the model's
+    #: name on the server. ``onnx``: the ``.onnx`` file.
     target: str
+    #: ``http``: the server's base URL, e.g. ``http://127.0.0.1:8080``.
+    url: str | None = None
     #: Keyword arguments passed to the factory.
     options: dict[str, Any] = {}
     features: list[FeatureSpec]
@@ -111,11 +141,32 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     timeout_ms: Annotated[int, Meta(gt=0)] = 200
     #: Batches scored concurrently by this model (threads off the event loop).
     concurrency: Annotated[int, Meta(ge=1)] = 1
+    #: Most records per model call; larger batches are split (0: no limit).
+    max_batch: Annotated[int, Meta(ge=0)] = 0
+    #: The model's contract inline (see ``sidecar.manifest.Manifest``); or ``manifest_file``.
+    #: Without either, one is derived from the fields above.
+    manifest: Manifest | None = None
+    #: Path of a TOML or JSON manifest file (relative to the working directory).
+    manifest_file: str | None = None
+    #: Candidate only: may break the request or output contract because it only ever runs in
+    #: shadow (the sidecar then refuses any other mode and never lets it decide).
+    shadow_only: bool = False
+    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
 
 
 class ModelsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     champion: ModelConfig
     candidate: ModelConfig | None = None
+
+
+class RequestContractConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What upstream producers declare they send; the start-up gate checks models against it."""
+
+    #: Feature names every request carries (unset: the feature gate is off).
+    features: list[str] | None = None
+    #: ``count``: values outside a manifest's ranges are counted per feature; ``strict``: also
+    #: dead-letter records outside the champion's ranges (kind ``out_of_range``).
+    validation: Literal["count", "strict"] = "count"
 
 
 ChampionFailurePolicy = Literal["fallback_candidate", "default_decision", "dead_letter"]
@@ -177,6 +228,7 @@ class ControlSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class SidecarConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     models: ModelsConfig
+    request_contract: RequestContractConfig = msgspec.field(default_factory=RequestContractConfig)
     kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
     topics: TopicsConfig = msgspec.field(default_factory=TopicsConfig)
     input: InputConfig = msgspec.field(default_factory=InputConfig)
@@ -273,6 +325,12 @@ def config_from_dict(tree: dict[str, Any], source: str = "config") -> SidecarCon
 
 
 def _check(cfg: SidecarConfig) -> None:
+    if cfg.kafka.request_timeout_ms <= cfg.kafka.session_timeout_ms:
+        raise ConfigError(
+            f"kafka.request_timeout_ms ({cfg.kafka.request_timeout_ms}) must exceed "
+            f"kafka.session_timeout_ms ({cfg.kafka.session_timeout_ms}): a group join can take "
+            "a whole session timeout, and a shorter request timeout fails every join"
+        )
     models = [cfg.models.champion] + ([cfg.models.candidate] if cfg.models.candidate else [])
     for m in models:
         names = [f.name for f in m.features]
@@ -282,7 +340,9 @@ def _check(cfg: SidecarConfig) -> None:
         for f in m.features:
             if f.type == "category" and not f.categories:
                 raise ConfigError(f"model {m.name}: category feature {f.name} needs categories")
-        if ":" not in m.target:
+        if m.loader == "http" and not m.url:
+            raise ConfigError(f"model {m.name}: loader http needs url (e.g. http://host:8080)")
+        if m.loader in ("python", "process") and ":" not in m.target:
             raise ConfigError(
                 f"model {m.name}: target {m.target!r} must look like 'package.module:factory'"
             )

@@ -67,6 +67,8 @@ class Decision(msgspec.Struct, kw_only=True, omit_defaults=True):
     fallback: str | None = None
     #: The request's ``metadata``, passed through untouched.
     metadata: dict[str, Any] | None = None
+    #: Digest of the deciding model's manifest (``sidecar.manifest.digest``).
+    manifest_digest: str | None = None
     schema_version: str = OUTPUT_SCHEMA_VERSION
 
 
@@ -79,6 +81,8 @@ class ModelResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     decision: bool | None = None
     latency_ms: float | None = None
     error: ModelError | None = None
+    #: Digest of the model's manifest (``sidecar.manifest.digest``).
+    manifest_digest: str | None = None
 
 
 class Comparison(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -104,6 +108,7 @@ DeadLetterKind = Literal[
     "feature_type",
     "oversize",
     "model_failure",
+    "out_of_range",
 ]
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .pipeline import BatchResult
 from .routing import Mode, RoutingPolicy
+
+if TYPE_CHECKING:
+    from .health import HealthServer, HealthState
 
 _LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 _BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
@@ -75,10 +80,27 @@ class SidecarMetrics:
         self.produce_retries = Counter(
             "sidecar_produce_retries", "Output batches sent again after a failure", registry=r
         )
+        self.model_health = Gauge(
+            "sidecar_model_health",
+            "Circuit breaker of a model: 0 closed (healthy), 1 half-open (probing), 2 open",
+            ["arm", "model", "version"],
+            registry=r,
+        )
+        self.feature_out_of_range = Counter(
+            "sidecar_feature_out_of_range",
+            "Request feature values outside a model manifest's allowed range or categories",
+            ["arm", "feature"],
+            registry=r,
+        )
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        if port:
-            start_http_server(port, addr=host, registry=self.registry)
+    def serve(
+        self, port: int, host: str = "0.0.0.0", health: HealthState | None = None
+    ) -> HealthServer | None:
+        """``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (0: off); pass the
+        sidecar's ``health`` so ``/readyz`` reports it (without one it is never ready)."""
+        from .health import HealthState, serve
+
+        return serve(self.registry, health or HealthState("sidecar"), port, host)
 
     def observe_policy(self, policy: RoutingPolicy) -> None:
         self.policy_epoch.labels(policy.rollout).set(policy.epoch)
@@ -103,6 +125,8 @@ class SidecarMetrics:
             self.comparisons.labels(rollout).inc(len(result.comparisons))
         for kind, n in result.dead_letter_kinds.items():
             self.dead_letters.labels(kind).inc(n)
+        for (arm, feature), n in result.out_of_range.items():
+            self.feature_out_of_range.labels(arm, feature).inc(n)
         for arm, scores in (("champion", result.champion), ("candidate", result.candidate)):
             if scores is None or arm not in names:
                 continue

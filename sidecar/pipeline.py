@@ -29,6 +29,7 @@ from .contracts import (
 from .decoding import DecodedBatch, RawRecord, Rejected, RequestDecoder
 from .encoding import JSON_BOOL, escape, json_numbers, needs_escape, raw_json, template
 from .models.base import BatchScores, ScoringModel
+from .models.validation import RangeValidator
 from .routing import RoutingPolicy
 
 Headers = list[tuple[str, bytes]]
@@ -86,6 +87,8 @@ class BatchResult:
     policy: RoutingPolicy | None = None
     #: Records encoded as full Structs (fallbacks, metadata) rather than templates.
     slow_path: int = 0
+    #: Values outside a manifest's allowed range, per (arm, feature).
+    out_of_range: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 def now_ms() -> int:
@@ -130,6 +133,7 @@ class _BatchFormats:
                         ts="@@ts@@",  # type: ignore[arg-type]
                         decided_at=self.decided_at,
                         latency_ms=self.latency[arm],
+                        manifest_digest=m.manifest_digest,
                     ),
                     ("request_id", "routing_key", "score", "decision", "bucket", "ts"),
                     _RAW,
@@ -202,6 +206,7 @@ class _BatchFormats:
         ok, err = [], []
         for arm, (m, scores) in enumerate(zip(models, (champion, candidate), strict=True)):
             name, version = (m.name, m.version) if m else ("", "")
+            manifest_digest = m.manifest_digest if m else None
             ok.append(
                 template(
                     ModelResult(
@@ -210,6 +215,7 @@ class _BatchFormats:
                         score="@@score@@",  # type: ignore[arg-type]
                         decision="@@decision@@",  # type: ignore[arg-type]
                         latency_ms=self.latency[arm],
+                        manifest_digest=manifest_digest,
                     ),
                     ("score", "decision"),
                     _RAW,
@@ -222,6 +228,7 @@ class _BatchFormats:
                         version=version,
                         latency_ms=self.latency[arm],
                         error=scores.error or scores.record_error,
+                        manifest_digest=manifest_digest,
                     )
                 )
             )
@@ -237,6 +244,7 @@ def _scored(model: ScoringModel | None, prefix: str, latency_ms: float) -> Model
         score=f"@@{prefix}_score@@",  # type: ignore[arg-type]
         decision=f"@@{prefix}_decision@@",  # type: ignore[arg-type]
         latency_ms=latency_ms,
+        manifest_digest=model.manifest_digest if model else None,
     )
 
 
@@ -266,15 +274,25 @@ class Pipeline:
         self._encoder = msgspec.json.Encoder()
         self._failure_policy = config.rollout.champion_failure
         self._requests_topic = config.topics.requests
+        self._validator = RangeValidator(
+            self.decoder.columns,
+            [("champion", champion.manifest)]
+            + ([("candidate", candidate.manifest)] if candidate else []),
+            strict=config.request_contract.validation == "strict",
+        )
+        self._shadow_only = candidate is not None and candidate.config.shadow_only
 
     async def process(self, records: list[RawRecord], policy: RoutingPolicy) -> BatchResult:
         batch = self.decoder.decode(records)
         result = BatchResult(policy=policy)
-        for rejected in batch.rejected:
+        batch, out_of_range = self._validator.apply(batch, result.out_of_range)
+        for rejected in batch.rejected + out_of_range:
             self._dead_letter(result, rejected)
         if not len(batch):
             return result
         buckets, candidate_decides = policy.route([k.encode() for k in batch.routing_keys])
+        if self._shadow_only:  # may break the contracts: never lets it decide
+            candidate_decides = np.zeros_like(candidate_decides)
         champion, candidate = await self._score(batch, policy, candidate_decides)
         result.champion, result.candidate = champion, candidate
         self._assemble(result, batch, policy, buckets, candidate_decides, champion, candidate)
@@ -536,6 +554,7 @@ class Pipeline:
                 latency_ms=fmt.latency[arm],
                 fallback=fallback,
                 metadata=batch.metadata[i],
+                manifest_digest=model.manifest_digest,
             )
         )
         headers: Headers = [

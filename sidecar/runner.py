@@ -25,11 +25,15 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaConnectionError, KafkaError
 
+from ._clients import stop_quietly
 from .config import KafkaConfig, SidecarConfig
-from .errors import BrokerError
+from .errors import BrokerError, ConfigError, ContractError
 from .hashing import kafka_partitions
+from .health import HealthState, watch_sidecar
 from .metrics import SidecarMetrics
 from .models import ScoringModel, load_model
+from .models.contract import check_startup
+from .models.health import watch_health
 from .pipeline import BatchResult, Pipeline, TopicOutput
 from .routing import PolicyHolder, RoutingPolicy
 
@@ -42,22 +46,69 @@ log = logging.getLogger(__name__)
 _PRODUCER_BATCH_BYTES = 1 << 20
 
 
+#: SASL mechanisms passed through (all take ``sasl_plain_username``/``sasl_plain_password``).
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
 def kafka_client_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
-    """Connection and security settings shared by every aiokafka client we create."""
+    """Connection and security settings shared by every aiokafka client we create (sidecar,
+    control plane, ``sidecar ctl``, aggregator, replay, topic creation).
+
+    Inconsistent settings are a ConfigError naming the setting (never showing the password):
+    a half-configured TLS/SASL setup would otherwise fail later as an opaque connection error.
+    """
+    protocol = cfg.security_protocol
+    sasl = protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+    tls = protocol in ("SSL", "SASL_SSL")
     kwargs: dict[str, Any] = {
         "bootstrap_servers": cfg.bootstrap_servers,
-        "security_protocol": cfg.security_protocol,
+        "security_protocol": protocol,
         "request_timeout_ms": cfg.request_timeout_ms,
     }
-    if cfg.sasl_mechanism:
-        kwargs["sasl_mechanism"] = cfg.sasl_mechanism
+    if sasl:
+        mechanism = (cfg.sasl_mechanism or "").upper()
+        if mechanism not in SASL_MECHANISMS:
+            raise ConfigError(
+                f"kafka.security_protocol={protocol} needs kafka.sasl_mechanism set to one of "
+                f"{', '.join(SASL_MECHANISMS)} (got {cfg.sasl_mechanism!r})"
+            )
+        if not cfg.sasl_plain_username or cfg.sasl_plain_password is None:
+            raise ConfigError(
+                f"kafka.sasl_mechanism={mechanism} needs kafka.sasl_plain_username and "
+                "kafka.sasl_plain_password (e.g. $SIDECAR_KAFKA__SASL_PLAIN_PASSWORD)"
+            )
+        kwargs["sasl_mechanism"] = mechanism
         kwargs["sasl_plain_username"] = cfg.sasl_plain_username
         kwargs["sasl_plain_password"] = cfg.sasl_plain_password
-    if cfg.security_protocol in ("SSL", "SASL_SSL"):
+    elif cfg.sasl_mechanism:
+        raise ConfigError(
+            f"kafka.sasl_mechanism is set but kafka.security_protocol={protocol}; use "
+            "SASL_SSL (or SASL_PLAINTEXT)"
+        )
+    ssl_files = {
+        "ssl_cafile": cfg.ssl_cafile,
+        "ssl_certfile": cfg.ssl_certfile,
+        "ssl_keyfile": cfg.ssl_keyfile,
+    }
+    if tls:
         from aiokafka.helpers import create_ssl_context
 
-        kwargs["ssl_context"] = create_ssl_context(
-            cafile=cfg.ssl_cafile, certfile=cfg.ssl_certfile, keyfile=cfg.ssl_keyfile
+        if cfg.ssl_keyfile and not cfg.ssl_certfile:
+            raise ConfigError("kafka.ssl_keyfile is set without kafka.ssl_certfile")
+        try:
+            # No cafile: the system's CA bundle verifies the brokers (never verification off).
+            kwargs["ssl_context"] = create_ssl_context(
+                cafile=cfg.ssl_cafile, certfile=cfg.ssl_certfile, keyfile=cfg.ssl_keyfile
+            )
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                "kafka TLS settings unusable (ssl_cafile/ssl_certfile/ssl_keyfile): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+    elif any(ssl_files.values()):
+        set_names = ", ".join(f"kafka.{k}" for k, v in ssl_files.items() if v)
+        raise ConfigError(
+            f"{set_names} set but kafka.security_protocol={protocol}; use SSL or SASL_SSL"
         )
     return kwargs
 
@@ -150,6 +201,13 @@ class Sidecar:
         self.champion = champion or load_model(config.models.champion)
         cand_cfg = config.models.candidate
         self.candidate = candidate or (load_model(cand_cfg) if cand_cfg else None)
+        try:
+            self.contract_warnings = check_startup(
+                config, self.champion.manifest, self.candidate.manifest if self.candidate else None
+            )
+        except ContractError:
+            self.close_models()
+            raise
         self.pipeline = Pipeline(config, self.champion, self.candidate)
         r = config.rollout
         self.policy = policy or PolicyHolder(
@@ -167,6 +225,7 @@ class Sidecar:
         self._names = {"champion": (self.champion.name, self.champion.version)}
         if self.candidate is not None:
             self._names["candidate"] = (self.candidate.name, self.candidate.version)
+        watch_health(self.metrics.model_health, self.champion, self.candidate)
         self._in_flight: deque[_InFlight] = deque()
         self._in_flight_records = 0
         #: Most consumed-but-unacknowledged records seen at once (backpressure evidence).
@@ -179,7 +238,22 @@ class Sidecar:
         self._committer: asyncio.Task[None] | None = None
         self._control: ControlPlane | None = None
         self.ready = asyncio.Event()
+        #: Readiness snapshot served on ``/readyz`` (see ``sidecar.health``).
+        self.health = HealthState("sidecar")
         self.processed = 0
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer | None:
+        """The group consumer while connected (health checks read its assignment)."""
+        return self._consumer
+
+    @property
+    def control(self) -> ControlPlane | None:
+        return self._control
 
     @property
     def in_flight_records(self) -> int:
@@ -198,6 +272,7 @@ class Sidecar:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
+        watcher = watch_sidecar(self)
         try:
             if not await self._connect():
                 return
@@ -220,6 +295,7 @@ class Sidecar:
             await self._consume_loop()
             await self.drain()
         finally:
+            await watcher.stop()
             await self._close()
 
     async def _connect(self) -> bool:
@@ -297,9 +373,7 @@ class Sidecar:
                 await self._committer
             self._committer = None
         for client in (self._consumer, self._producer):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.stop()
+            await stop_quietly(client)
         self._consumer = self._producer = None
 
     def close_models(self) -> None:
@@ -328,8 +402,9 @@ class Sidecar:
                 records = [record for part in batches.values() for record in part]
                 policy = self.policy.current
                 result = await self.pipeline.process(records, policy)
-                assert self._sender is not None
-                futures = await self._send(result)
+                futures = await self._send_until_accepted(result)
+                if futures is None:  # stopping during an outage: not committed, re-consumed
+                    break
                 offsets = {tp: part[-1].offset + 1 for tp, part in batches.items()}
                 self._in_flight.append(_InFlight(offsets, futures, result, len(records)))
                 self._in_flight_records += len(records)
@@ -351,6 +426,32 @@ class Sidecar:
         futures += await sender.send(t.comparisons, result.comparisons)
         futures += await sender.send(t.dead_letter, result.dead_letters)
         return futures
+
+    async def _send_until_accepted(self, result: BatchResult) -> list[asyncio.Future[Any]] | None:
+        """Hand a batch's outputs to the producer, retrying while the broker is away.
+
+        aiokafka refuses new batches (``KafkaTimeoutError``) once it has held the previous ones
+        for ``request_timeout_ms`` without a broker. The batch is then sent again after a
+        backoff; parts that did get through may repeat (at-least-once), nothing is dropped and
+        nothing is committed meanwhile. Returns None when asked to stop first.
+        """
+        delay = 0.5
+        while True:
+            try:
+                return await self._send(result)
+            except KafkaError as exc:
+                log.warning(
+                    "producer refused outputs (%s: %s); broker unreachable? retrying in %.1fs",
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+                self.metrics.produce_retries.inc()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                if self._stopping.is_set():
+                    return None
+                delay = min(delay * 2, 10.0)
 
     async def _wait_for_room(self, consumer: AIOKafkaConsumer) -> None:
         """Backpressure: pause fetching until the committer frees room."""

@@ -73,3 +73,8 @@ def test_the_readme_configuration_reference_is_current() -> None:
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert render_block() in readme, "run `python -m sidecar.reference --write README.md`"
+
+
+def test_a_request_timeout_shorter_than_the_session_is_refused() -> None:
+    with pytest.raises(ConfigError, match="must exceed"):
+        load_config(EXAMPLE, env={"SIDECAR_KAFKA__REQUEST_TIMEOUT_MS": "5000"})

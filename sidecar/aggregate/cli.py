@@ -56,7 +56,7 @@ async def _aggregate(cfg: SidecarConfig, create_topics: bool) -> None:
         if created:
             log.info("created topics: %s", ", ".join(created))
     service = AggregatorService(cfg)
-    service.metrics.serve(cfg.aggregate.metrics_port, cfg.metrics.host)
+    service.metrics.serve(cfg.aggregate.metrics_port, cfg.metrics.host, health=service.health)
     await service.run(install_signal_handlers=True)
     log.info("aggregator stopped after %d comparisons", service.consumed)
 

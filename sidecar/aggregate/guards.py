@@ -29,7 +29,9 @@ class GuardRule(msgspec.Struct, frozen=True, kw_only=True):
     ``threshold``). A new firing waits ``cooldown_s`` of event time after the previous one.
     ``bound`` picks the point value or a CI bound (``lo`` for ">" rules is the conservative
     choice). Windows with fewer than ``min_pairs`` records, or an insufficient-data figure,
-    neither breach nor clear, and do not break a streak.
+    neither breach nor clear, and do not break a streak. ``only_if`` / ``only_if_above`` add
+    a second condition a breach needs (e.g. a latency ratio only counts once the candidate's
+    p99 is large enough to matter: at a few milliseconds the ratio is scheduling noise).
     """
 
     name: str
@@ -42,10 +44,14 @@ class GuardRule(msgspec.Struct, frozen=True, kw_only=True):
     cooldown_s: float = 0.0
     action: Action = "alert"
     bound: Bound = "value"
+    only_if: str | None = None
+    only_if_above: float = 0.0
 
     def __post_init__(self) -> None:
         if self.consecutive < 1:
             raise ValueError("consecutive must be >= 1")
+        if self.only_if is not None and "." not in self.only_if and self.only_if not in FIGURES:
+            raise ValueError(f"rule {self.name!r}: unknown only_if figure {self.only_if!r}")
         c = self.clear
         if (self.comparison == ">" and c > self.threshold) or (
             self.comparison == "<" and c < self.threshold
@@ -84,6 +90,13 @@ class GuardEvent(msgspec.Struct, frozen=True, kw_only=True):
     offsets: list[OffsetRange]
     at_ms: int
     reason: str
+
+
+def _condition_holds(rule: GuardRule, report: WindowReport) -> bool:
+    if rule.only_if is None:
+        return True
+    value = figure_of(report, rule.only_if).value
+    return value is not None and value > rule.only_if_above
 
 
 def default_rules() -> list[GuardRule]:
@@ -128,6 +141,9 @@ def default_rules() -> list[GuardRule]:
             consecutive=2,
             cooldown_s=600,
             action="pause",
+            # Below 20 ms a doubled p99 is thread-scheduling noise, not a regression.
+            only_if="candidate_latency_p99",
+            only_if_above=20.0,
         ),
     ]
 
@@ -191,7 +207,7 @@ class GuardEngine:
                 st.streak = 0
                 return self._event("cleared", rule, report, fig, x, 0)
             return None
-        if not rule.breaches(x):
+        if not rule.breaches(x) or not _condition_holds(rule, report):
             st.streak = 0
             return None
         st.streak += 1

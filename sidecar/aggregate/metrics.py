@@ -4,11 +4,15 @@ gauges (NaN while a figure has insufficient data), guard states, and throughput 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .guards import GuardEngine, GuardEvent
 from .report import FIGURES, WindowReport
+
+if TYPE_CHECKING:
+    from ..health import HealthServer, HealthState
 
 
 class AggregateMetrics:
@@ -73,9 +77,13 @@ class AggregateMetrics:
             "sidecar_aggregate_open_windows", "Windows currently open", registry=r
         )
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        if port:
-            start_http_server(port, addr=host, registry=self.registry)
+    def serve(
+        self, port: int, host: str = "0.0.0.0", health: HealthState | None = None
+    ) -> HealthServer | None:
+        """``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (0: off)."""
+        from ..health import HealthState, serve
+
+        return serve(self.registry, health or HealthState("aggregator"), port, host)
 
     def observe_report(self, report: WindowReport, guards: GuardEngine) -> None:
         rollout = report.rollout

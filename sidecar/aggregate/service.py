@@ -24,7 +24,6 @@ Reports are at-least-once: a consumer keys them by (rollout, window_start_ms).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
@@ -35,9 +34,11 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
+from .._clients import stop_quietly
 from ..config import SidecarConfig
 from ..control.commands import ControlCommand, Keyring, encode_command
 from ..errors import ConfigError
+from ..health import HealthState, watch_aggregator
 from .actions import COMMAND_ACTIONS, commit_points, guard_command
 from .aggregator import WindowManager
 from .guards import GuardEngine, GuardEvent
@@ -126,6 +127,8 @@ class AggregatorService:
         self._committed: dict[int, int] = {}
         self._last_commit = 0.0
         self.ready = asyncio.Event()
+        #: Readiness snapshot served on ``/readyz`` (see ``sidecar.health``).
+        self.health = HealthState("aggregator")
         #: What this process did (tests and the benchmark read these).
         self.consumed = 0
         self.reports: list[WindowReport] = []
@@ -138,6 +141,15 @@ class AggregatorService:
     def request_stop(self) -> None:
         self._stopping.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer | None:
+        """The group consumer while running (health checks read its assignment)."""
+        return self._consumer
+
     async def run(self, install_signal_handlers: bool = False) -> None:
         """Consume until stopped; then commit what is safe and return (open windows are
         not flushed: the next run rebuilds them from the committed offsets)."""
@@ -145,6 +157,7 @@ class AggregatorService:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
+        watcher = watch_aggregator(self)
         try:
             await self._start()
             self.ready.set()
@@ -160,6 +173,7 @@ class AggregatorService:
             async with self._lock:
                 await self._commit(force=True)
         finally:
+            await watcher.stop()
             await self._close()
 
     async def _start(self) -> None:
@@ -193,9 +207,7 @@ class AggregatorService:
 
     async def _close(self) -> None:
         for client in (self._consumer, self._producer):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.stop()
+            await stop_quietly(client)
         self._consumer = self._producer = None
 
     # -- rebalance -------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from .. import __version__
+from .._clients import stop_quietly
 from ..broker import ensure_topics
 from ..config import ControlSettings, SidecarConfig
 from ..errors import BrokerError, ConfigError
@@ -266,6 +267,8 @@ class ControlPlane:
         #: Outcomes seen live (tests and benchmarks look at them).
         self.outcomes: list[Outcome] = []
         self.applied = asyncio.Event()
+        #: True once the start-up replay reached its barrier (``/readyz`` reads it).
+        self.caught_up = False
 
     @classmethod
     def for_sidecar(cls, sidecar: Sidecar) -> ControlPlane:
@@ -329,6 +332,7 @@ class ControlPlane:
         )
         applied = sum(isinstance(o, Applied) for o in outcomes)
         self._install()
+        self.caught_up = True
         log.info(
             "control: replayed %d records (%d applied) from %s: rollout %s at epoch %d (%s)",
             len(history),
@@ -346,6 +350,7 @@ class ControlPlane:
         ]
 
     async def stop(self) -> None:
+        self.caught_up = False
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -353,9 +358,7 @@ class ControlPlane:
                 await task
         self._tasks = []
         for client in (self._consumer, self._producer):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.stop()
+            await stop_quietly(client)
         self._consumer = self._producer = None
 
     # -- live ------------------------------------------------------------------------------

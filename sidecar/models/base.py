@@ -18,6 +18,10 @@ import numpy.typing as npt
 
 from ..config import ModelConfig
 from ..contracts import ModelError
+from ..errors import SidecarError
+from ..manifest import Manifest, digest
+from .contract import model_manifest
+from .health import CircuitBreaker
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -54,41 +58,121 @@ class BatchScores:
         )
 
 
+class ModelUnavailable(SidecarError):
+    """The model cannot be reached (server down, connection refused, 503): kind
+    ``unavailable``. Raised by remote predictors; check the server named in the message."""
+
+    retriable = True
+
+
+@runtime_checkable
+class AsyncPredictor(Protocol):
+    """A predictor that does its own I/O (model servers): awaited on the event loop."""
+
+    async def predict_async(self, batch: FloatArray) -> npt.ArrayLike: ...
+
+    async def aclose(self) -> None: ...
+
+
 class ScoringModel:
     """A declared model plus the predictor its loader produced.
 
-    Scoring runs in a dedicated thread pool of ``concurrency`` threads. A call that does not
-    finish within ``timeout_ms`` is reported as a timeout; the thread cannot be killed, so it
-    keeps its concurrency slot until it returns, and later batches that cannot get a slot in
-    time time out too instead of queueing without bound.
+    Synchronous predictors run in a dedicated thread pool of ``concurrency`` threads;
+    asynchronous ones (model servers) are awaited, at most ``concurrency`` calls at once.
+    A batch larger than ``max_batch`` is split into calls of at most that size. A call that
+    does not finish within ``timeout_ms`` is reported as a timeout; a thread cannot be killed,
+    so it keeps its concurrency slot until it returns, and later batches that cannot get a
+    slot in time time out too instead of queueing without bound. The circuit breaker skips
+    the model (kind ``unavailable``) while it is open.
     """
 
-    def __init__(self, config: ModelConfig, predictor: Predictor) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        predictor: Predictor | AsyncPredictor,
+        *,
+        manifest: Manifest | None = None,
+    ) -> None:
         self.config = config
         self.name = config.name
         self.version = config.version
         self.threshold = float(config.threshold)
         self.feature_names = [f.name for f in config.features]
+        self.manifest = manifest or model_manifest(config)
+        self.manifest_digest = digest(self.manifest)
+        self.breaker = CircuitBreaker(config.breaker)
         self._predictor = predictor
+        self._async = isinstance(predictor, AsyncPredictor)
         self._timeout_s = config.timeout_ms / 1000.0
+        self._max_batch = config.max_batch
         self._slots = asyncio.Semaphore(config.concurrency)
-        self._pool = ThreadPoolExecutor(
-            max_workers=config.concurrency, thread_name_prefix=f"model-{config.name}"
+        self._pool = (
+            None
+            if self._async
+            else ThreadPoolExecutor(
+                max_workers=config.concurrency, thread_name_prefix=f"model-{config.name}"
+            )
         )
+        self._closing: set[asyncio.Task[None]] = set()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        closer = getattr(self._predictor, "close", None)
+        if callable(closer):
+            closer()
+        if isinstance(self._predictor, AsyncPredictor):
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            task = loop.create_task(self._predictor.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def aclose(self) -> None:
+        """Close from async code, waiting for remote connections to be released."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if isinstance(self._predictor, AsyncPredictor):
+            await self._predictor.aclose()
 
     async def score(self, batch: FloatArray) -> BatchScores:
         n = batch.shape[0]
+        if not self.breaker.allow():
+            error = ModelError(
+                kind="unavailable",
+                message=f"circuit open after repeated failures; next probe within "
+                f"{self.config.breaker.open_s:g} s",
+            )
+            return BatchScores.failed(n, error, 0.0)
+        size = self._max_batch
+        if size and n > size:
+            parts = await asyncio.gather(
+                *(self._score_call(batch[i : i + size]) for i in range(0, n, size))
+            )
+            result = _concat(parts, n)
+        else:
+            result = await self._score_call(batch)
+        self.breaker.record(result.error is None)
+        return result
+
+    async def _score_call(self, batch: FloatArray) -> BatchScores:
+        n = batch.shape[0]
         start = time.perf_counter()
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._timeout_s):
                 await self._slots.acquire()
-                future = loop.run_in_executor(self._pool, self._predict, batch)
-                future.add_done_callback(lambda _f: self._slots.release())
-                raw = await asyncio.shield(future)
+                if isinstance(self._predictor, AsyncPredictor):
+                    try:
+                        raw = await self._predictor.predict_async(batch)
+                    finally:
+                        self._slots.release()
+                else:
+                    loop = asyncio.get_running_loop()
+                    future = loop.run_in_executor(self._pool, self._predict, batch)
+                    future.add_done_callback(lambda _f: self._slots.release())
+                    raw = await asyncio.shield(future)
         except TimeoutError:
             elapsed = (time.perf_counter() - start) * 1000.0
             return BatchScores.failed(
@@ -96,6 +180,10 @@ class ScoringModel:
                 ModelError(kind="timeout", message=f"no result within {self.config.timeout_ms} ms"),
                 elapsed,
             )
+        except ModelUnavailable as exc:
+            elapsed = (time.perf_counter() - start) * 1000.0
+            error = ModelError(kind="unavailable", message=str(exc)[:500])
+            return BatchScores.failed(n, error, elapsed)
         except Exception as exc:  # a model may raise anything; it must never crash the loop
             elapsed = (time.perf_counter() - start) * 1000.0
             message = f"{type(exc).__name__}: {exc}"[:500]
@@ -104,6 +192,7 @@ class ScoringModel:
         return self._check_output(raw, n, latency_ms)
 
     def _predict(self, batch: FloatArray) -> npt.ArrayLike:
+        assert isinstance(self._predictor, Predictor)
         return self._predictor.predict(batch)
 
     def _check_output(self, raw: npt.ArrayLike, n: int, latency_ms: float) -> BatchScores:
@@ -129,3 +218,18 @@ class ScoringModel:
             latency_ms=latency_ms,
             record_error=record_error,
         )
+
+
+def _concat(parts: list[BatchScores], n: int) -> BatchScores:
+    """One result from the results of a split batch; any failed call fails the batch."""
+    failed = next((p for p in parts if p.error is not None), None)
+    latency = max(p.latency_ms for p in parts)
+    if failed is not None and failed.error is not None:
+        return BatchScores.failed(n, failed.error, latency)
+    return BatchScores(
+        scores=np.concatenate([p.scores for p in parts]),
+        valid=np.concatenate([p.valid for p in parts]),
+        decisions=np.concatenate([p.decisions for p in parts]),
+        latency_ms=latency,
+        record_error=next((p.record_error for p in parts if p.record_error), None),
+    )

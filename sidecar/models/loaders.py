@@ -42,4 +42,16 @@ def load_python(config: ModelConfig) -> Predictor:
 def load_model(config: ModelConfig) -> ScoringModel:
     if config.loader == "python":
         return ScoringModel(config, load_python(config))
+    if config.loader == "process":
+        from .process import load_process
+
+        return ScoringModel(config, load_process(config))
+    if config.loader == "onnx":
+        from .onnx import load_onnx
+
+        return ScoringModel(config, load_onnx(config))
+    if config.loader == "http":
+        from .http import load_http
+
+        return ScoringModel(config, load_http(config))
     raise ModelLoadError(f"model {config.name}: unknown loader {config.loader!r}")

@@ -171,3 +171,31 @@ def test_candidate_flagging_twice_as_often_fires_the_ratio_guard() -> None:
 def test_equivalent_candidate_never_fires(seed: int) -> None:
     assert _scenario(seed, candidate_threshold=0.9, noise=0.03) == []
     assert _scenario(seed + 100, candidate_threshold=0.9, noise=0.0) == []
+
+
+def _latency_report(window: int, ratio: float, candidate_p99_ms: float) -> WindowReport:
+    base = report(1.0, window=window)
+    latency = msgspec.structs.replace(
+        base.candidate.latency, p99=Figure(value=candidate_p99_ms, n=1_000)
+    )
+    candidate = msgspec.structs.replace(base.candidate, latency=latency)
+    return msgspec.structs.replace(
+        base, candidate=candidate, latency_p99_ratio=Figure(value=ratio, n=1_000)
+    )
+
+
+def test_a_second_condition_keeps_millisecond_noise_from_firing() -> None:
+    [latency_rule] = [r for r in default_rules() if r.name == "latency_p99_ratio"]
+    engine = GuardEngine([latency_rule])
+    # A tripled p99 of a few milliseconds: scheduling noise on a busy host, not a regression.
+    noisy = [engine.evaluate(_latency_report(w, 3.0, 6.0)) for w in range(4)]
+    assert not any(noisy)
+    # The same ratio at a p99 that matters fires after the consecutive windows.
+    events = [engine.evaluate(_latency_report(w, 3.0, 60.0)) for w in range(4, 7)]
+    assert [len(e) for e in events] == [0, 1, 0]
+    assert events[1][0].kind == "fired"
+
+
+def test_only_if_must_name_a_known_figure() -> None:
+    with pytest.raises(ValueError, match="only_if"):
+        rule(only_if="no_such_figure", only_if_above=1.0)

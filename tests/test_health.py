@@ -1,0 +1,184 @@
+"""Readiness logic (pure) and the HTTP server that serves it (a real server on a free port)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from sidecar.broker import free_port
+from sidecar.health import (
+    SERVING,
+    STARTING,
+    STOPPED,
+    BrokerProbe,
+    Check,
+    HealthServer,
+    HealthState,
+    ModelStatus,
+    assignment_check,
+    control_check,
+    model_check,
+)
+from sidecar.models.health import BreakerState
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+OK = [Check("partitions", True, "3 assigned"), Check("broker", True, "ok")]
+
+
+def test_not_ready_until_the_loop_publishes_serving_with_every_check_passing() -> None:
+    state = HealthState("sidecar")
+    ready, body = state.readiness()
+    assert not ready and body["phase"] == STARTING and body["failing"] == ["phase"]
+    state.publish(STARTING, OK)
+    assert not state.readiness()[0]
+    state.publish(SERVING, OK)
+    ready, body = state.readiness()
+    assert ready and body["status"] == "ready" and body["failing"] == []
+    assert body["checks"]["partitions"] == {"ok": True, "detail": "3 assigned"}
+    state.publish(SERVING, [*OK, Check("control", False, "not replayed")])
+    ready, body = state.readiness()
+    assert not ready and body["failing"] == ["control"]
+    state.publish(STOPPED, [])
+    assert not state.readiness()[0]
+
+
+def test_a_stale_snapshot_fails_readiness_then_liveness() -> None:
+    clock = Clock()
+    state = HealthState("sidecar", stale_after_s=10, stall_after_s=60, clock=clock)
+    assert state.liveness()[0]  # nothing published yet: alive (still starting up)
+    clock.t += 1000
+    assert state.liveness()[0]
+    state.publish(SERVING, OK)
+    clock.t += 11
+    ready, body = state.readiness()
+    assert not ready and body["failing"] == ["event_loop"]
+    assert "stalled" in body["checks"]["event_loop"]["detail"]
+    assert state.liveness()[0]
+    clock.t += 50
+    alive, body = state.liveness()
+    assert not alive and body["status"] == "stalled"
+    state.publish(STOPPED, [])
+    clock.t += 1000
+    assert state.liveness()[0]  # stopped on purpose: not a stall
+
+
+def test_partitions_check_explains_an_idle_member() -> None:
+    assert not assignment_check(None, "req", None).ok
+    idle = assignment_check(0, "req", 3)
+    assert not idle.ok and "more members than req has 3 partitions" in idle.detail
+    good = assignment_check(2, "req", 6)
+    assert good == Check("partitions", True, "2 partitions of req assigned")
+
+
+def test_only_an_open_champion_breaker_makes_the_instance_unready() -> None:
+    champ = ModelStatus("champion", "m", "1.0.0", BreakerState.CLOSED)
+    cand = ModelStatus("candidate", "m", "2.0.0", BreakerState.OPEN)
+    check = model_check([champ, cand])
+    assert check.ok and "candidate m@2.0.0: open" in check.detail
+    assert model_check([ModelStatus("champion", "m", "1", BreakerState.HALF_OPEN)]).ok
+    bad = model_check([ModelStatus("champion", "m", "1", BreakerState.OPEN), cand])
+    assert not bad.ok and "champion circuit breaker open" in bad.detail
+    assert not model_check([]).ok
+
+
+def test_control_check() -> None:
+    assert control_check(False, None).ok
+    assert not control_check(True, None).ok
+    assert not control_check(True, False).ok
+    assert control_check(True, True).ok
+
+
+class _Consumer:
+    """Stands in for aiokafka's consumer (third-party) in the probe's timing logic only;
+    tests/integration/test_health_broker.py probes a real one."""
+
+    def __init__(self) -> None:
+        self.fail: Exception | None = None
+        self.calls = 0
+
+    async def topics(self) -> set[str]:
+        self.calls += 1
+        if self.fail is not None:
+            raise self.fail
+        return {"t"}
+
+
+async def test_broker_probe_goes_stale_after_failures() -> None:
+    clock = Clock()
+    probe = BrokerProbe(interval_s=5, timeout_s=1, stale_after_s=15, clock=clock)
+    consumer = _Consumer()
+    assert not probe.check().ok and probe.due()
+    await probe.probe(consumer)
+    assert probe.check().ok and not probe.due()
+    consumer.fail = ConnectionError("refused")
+    clock.t += 5
+    await probe.probe(consumer)
+    assert probe.check().ok  # one failure within the staleness window is tolerated
+    clock.t += 11
+    check = probe.check()
+    assert not check.ok and "16.0s ago: ConnectionError: refused" in check.detail
+
+
+async def test_broker_probe_times_out() -> None:
+    class Hanging:
+        async def topics(self) -> set[str]:
+            await asyncio.sleep(10)
+            return set()
+
+    probe = BrokerProbe(timeout_s=0.05)
+    await probe.probe(Hanging())
+    assert not probe.check().ok and "TimeoutError" in probe.check().detail
+
+
+def _get(url: str) -> tuple[int, str, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.headers["Content-Type"], resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], err.read()
+
+
+@pytest.fixture
+def server() -> Any:
+    registry = CollectorRegistry()
+    Counter("sidecar_demo_things", "things", registry=registry).inc(3)
+    state = HealthState("sidecar")
+    srv = HealthServer(registry, state, "127.0.0.1", free_port()).start()
+    yield srv
+    srv.close()
+
+
+def test_endpoints(server: HealthServer) -> None:
+    base = f"http://127.0.0.1:{server.port}"
+    code, ctype, body = _get(f"{base}/metrics")
+    assert code == 200 and ctype.startswith("text/plain")
+    assert b"sidecar_demo_things_total 3.0" in body
+    code, ctype, body = _get(f"{base}/healthz")
+    assert code == 200 and ctype == "application/json" and json.loads(body)["status"] == "alive"
+    code, _, body = _get(f"{base}/readyz")
+    assert code == 503 and json.loads(body)["status"] == "not_ready"
+    server.health.publish(SERVING, OK)
+    code, _, body = _get(f"{base}/readyz")
+    assert code == 200 and json.loads(body)["checks"]["broker"]["ok"] is True
+    assert _get(f"{base}/readyz/?verbose=1")[0] == 200
+    assert _get(f"{base}/nope")[0] == 404
+
+
+def test_serve_with_port_zero_is_off() -> None:
+    from sidecar.metrics import SidecarMetrics
+
+    assert SidecarMetrics().serve(0) is None

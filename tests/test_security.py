@@ -1,0 +1,196 @@
+"""Kafka TLS/SASL settings map to aiokafka's arguments the same way for every client, and
+control keys never show up in a repr or an error message."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from sidecar.aggregate import service as agg_service
+from sidecar.config import KafkaConfig, config_from_dict
+from sidecar.control import ctl, plane
+from sidecar.control.commands import Keyring, KeyringError
+from sidecar.errors import ConfigError
+from sidecar.runner import kafka_client_kwargs
+
+SECRET = "5e" * 32
+PASSWORD = "hunter2-sasl-password"
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A self-signed CA certificate and a client certificate/key pair (openssl)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    d = tmp_path_factory.mktemp("tls")
+    key, cert = d / "client.key", d / "client.pem"
+    args = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    args += ["-subj", "/CN=sidecar-test"]
+    subprocess.run(
+        ["openssl", *args, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return {"ssl_cafile": str(cert), "ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+
+
+def kafka(**kw: Any) -> KafkaConfig:
+    return msgspec.convert({"bootstrap_servers": "b1:9093,b2:9093", **kw}, KafkaConfig)
+
+
+async def accepted_by_aiokafka(kwargs: dict[str, Any]) -> None:
+    """aiokafka validates security arguments in its constructors (no connection made)."""
+    consumer = AIOKafkaConsumer(**kwargs, group_id="g")
+    producer = AIOKafkaProducer(**kwargs)
+    AIOKafkaAdminClient(**kwargs)
+    await consumer.stop()
+    await producer.stop()
+
+
+async def test_plaintext() -> None:
+    kw = kafka_client_kwargs(kafka())
+    assert kw == {
+        "bootstrap_servers": "b1:9093,b2:9093",
+        "security_protocol": "PLAINTEXT",
+        "request_timeout_ms": 30_000,
+    }
+    await accepted_by_aiokafka(kw)
+
+
+async def test_ssl_with_a_private_ca_and_a_client_certificate(tls_files: dict[str, str]) -> None:
+    kw = kafka_client_kwargs(kafka(security_protocol="SSL", **tls_files))
+    ctx = kw["ssl_context"]
+    assert isinstance(ctx, ssl.SSLContext)
+    assert ctx.verify_mode is ssl.CERT_REQUIRED and ctx.check_hostname
+    assert any(c["subject"] == ((("commonName", "sidecar-test"),),) for c in ctx.get_ca_certs())
+    assert "sasl_mechanism" not in kw
+    await accepted_by_aiokafka(kw)
+
+
+async def test_ssl_without_a_cafile_verifies_against_the_system_cas() -> None:
+    ctx = kafka_client_kwargs(kafka(security_protocol="SSL"))["ssl_context"]
+    assert ctx.verify_mode is ssl.CERT_REQUIRED
+
+
+@pytest.mark.parametrize("protocol", ["SASL_PLAINTEXT", "SASL_SSL"])
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "scram-sha-512"])
+async def test_sasl(protocol: str, mechanism: str, tls_files: dict[str, str]) -> None:
+    tls = {"ssl_cafile": tls_files["ssl_cafile"]} if protocol == "SASL_SSL" else {}
+    cfg = kafka(
+        security_protocol=protocol,
+        sasl_mechanism=mechanism,
+        sasl_plain_username="svc-sidecar",
+        sasl_plain_password=PASSWORD,
+        **tls,
+    )
+    kw = kafka_client_kwargs(cfg)
+    assert kw["security_protocol"] == protocol
+    assert kw["sasl_mechanism"] == mechanism.upper()
+    assert (kw["sasl_plain_username"], kw["sasl_plain_password"]) == ("svc-sidecar", PASSWORD)
+    assert ("ssl_context" in kw) == (protocol == "SASL_SSL")
+    await accepted_by_aiokafka(kw)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"security_protocol": "SASL_SSL"}, "needs kafka.sasl_mechanism"),
+        (
+            {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "GSSAPI"},
+            "needs kafka.sasl_mechanism",
+        ),
+        (
+            {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN"},
+            "needs kafka.sasl_plain_username and kafka.sasl_plain_password",
+        ),
+        (
+            {"sasl_mechanism": "PLAIN", "sasl_plain_password": PASSWORD},
+            "kafka.security_protocol=PLAINTEXT",
+        ),
+        ({"ssl_cafile": "/ca.pem"}, "kafka.ssl_cafile set but kafka.security_protocol"),
+        (
+            {"security_protocol": "SSL", "ssl_cafile": "/does/not/exist.pem"},
+            "kafka TLS settings unusable",
+        ),
+        ({"security_protocol": "SSL", "ssl_keyfile": "/k.pem"}, "without kafka.ssl_certfile"),
+    ],
+)
+def test_inconsistent_settings_are_config_errors_without_the_password(
+    settings: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as err:
+        kafka_client_kwargs(kafka(**settings))
+    assert PASSWORD not in str(err.value)
+
+
+def test_control_plane_ctl_and_aggregator_use_the_same_mapping(tls_files: dict[str, str]) -> None:
+    cfg = config_from_dict(
+        {
+            "models": {
+                "champion": {
+                    "name": "m",
+                    "version": "1.0.0",
+                    "target": "sidecar.examples.fraud:champion",
+                    "features": [{"name": "amount"}],
+                }
+            },
+            "kafka": {
+                "security_protocol": "SASL_SSL",
+                "sasl_mechanism": "SCRAM-SHA-512",
+                "sasl_plain_username": "u",
+                "sasl_plain_password": PASSWORD,
+                **tls_files,
+            },
+        }
+    )
+
+    def comparable(kw: dict[str, Any]) -> dict[str, Any]:
+        ctx = kw.pop("ssl_context")
+        return {**kw, "ca": ctx.get_ca_certs()}
+
+    expected = comparable(kafka_client_kwargs(cfg.kafka))
+    assert comparable(plane.kafka_kwargs(cfg)) == expected
+    assert ctl.kafka_kwargs is plane.kafka_kwargs  # ctl builds its clients with it
+    assert comparable(agg_service._kafka_kwargs(cfg)) == expected
+
+
+def test_keyring_never_shows_a_secret(tmp_path: Path) -> None:
+    ring = Keyring.parse(f"k1={SECRET}\nk2={'77' * 32}\n")
+    for text in (repr(ring), str(ring), f"{ring}", repr([ring])):
+        assert SECRET not in text and "k1" in text
+    bad_inputs = [
+        f"k1={SECRET}zz",  # not hex
+        f"k1 {SECRET}",  # no separator
+        f"k1={SECRET[:10]}",  # too short
+    ]
+    for text in bad_inputs:
+        with pytest.raises(KeyringError) as err:
+            Keyring.parse(text, source="test")
+        assert SECRET[:10] not in str(err.value), str(err.value)
+    path = tmp_path / "keys"
+    path.write_text(f"k1={SECRET}zz\n")
+    with pytest.raises(KeyringError) as err:
+        Keyring.from_file(path)
+    assert SECRET not in str(err.value)
+    with pytest.raises(KeyringError) as err:
+        Keyring.from_env("K", {"K": f"k1:{SECRET}:x"})
+    assert SECRET not in str(err.value)
+
+
+def test_the_sasl_password_never_shows_in_a_config_repr() -> None:
+    from pathlib import Path
+
+    from sidecar.config import load_config
+
+    example = Path(__file__).parent.parent / "examples" / "sidecar.toml"
+    cfg = load_config(example, env={"SIDECAR_KAFKA__SASL_PLAIN_PASSWORD": "hunter2-secret"})
+    assert cfg.kafka.sasl_plain_password == "hunter2-secret"
+    assert "hunter2-secret" not in repr(cfg) and "hunter2-secret" not in str(cfg.kafka)

@@ -125,15 +125,21 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     name: Annotated[str, Meta(min_length=1)]
     version: Annotated[str, Meta(pattern=r"^\d+\.\d+\.\d+([-+].*)?$")]
     #: ``python`` (in-process threads), ``process`` (the same factory in worker processes),
-    #: ``http`` (an Open Inference Protocol / KServe V2 server at ``url``) or ``onnx``
-    #: (onnxruntime, extra ``sidecar[onnx]``); see the README's Models section.
-    loader: Literal["python", "process", "http", "onnx"] = "python"
+    #: ``http`` (an Open Inference Protocol / KServe V2 server at ``url``), ``onnx``
+    #: (onnxruntime, extra ``sidecar[onnx]``) or ``mlflow`` (a registered pyfunc model, extra
+    #: ``sidecar[mlflow]``); see the README's Models section.
+    loader: Literal["python", "process", "http", "onnx", "mlflow"] = "python"
     #: ``python``/``process``: ``package.module:factory``; the factory returns an object with
     #: ``predict(batch: numpy.ndarray) -> numpy.ndarray`` of scores. ``http``: the model's
-    #: name on the server. ``onnx``: the ``.onnx`` file.
+    #: name on the server. ``onnx``: the ``.onnx`` file. ``mlflow``: ``models:/NAME@ALIAS``
+    #: or ``models:/NAME/VERSION``, resolved to one registry version at start-up.
     target: str
     #: ``http``: the server's base URL, e.g. ``http://127.0.0.1:8080``.
     url: str | None = None
+    #: ``mlflow``: tracking (and model registry) URI, e.g. ``http://mlflow:5000`` or
+    #: ``sqlite:///mlflow.db``; unset: ``$MLFLOW_TRACKING_URI`` (``$MLFLOW_REGISTRY_URI``
+    #: overrides the registry).
+    mlflow_tracking_uri: str | None = None
     #: Keyword arguments passed to the factory.
     options: dict[str, Any] = {}
     features: list[FeatureSpec]
@@ -146,7 +152,10 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: The model's contract inline (see ``sidecar.manifest.Manifest``); or ``manifest_file``.
     #: Without either, one is derived from the fields above.
     manifest: Manifest | None = None
-    #: Path of a TOML or JSON manifest file (relative to the working directory).
+    #: Path of a TOML or JSON manifest file (relative to the working directory). Without
+    #: ``manifest`` or ``manifest_file``, a manifest beside the model file is used when one
+    #: names this model: ``<model file stem>.manifest.toml``, then ``manifest.toml`` in the
+    #: same folder (model file: the ``.onnx`` file, or the ``python``/``process`` module).
     manifest_file: str | None = None
     #: Candidate only: may break the request or output contract because it only ever runs in
     #: shadow (the sidecar then refuses any other mode and never lets it decide).
@@ -345,6 +354,11 @@ def _check(cfg: SidecarConfig) -> None:
         if m.loader in ("python", "process") and ":" not in m.target:
             raise ConfigError(
                 f"model {m.name}: target {m.target!r} must look like 'package.module:factory'"
+            )
+        if m.loader == "mlflow" and not m.target.startswith("models:/"):
+            raise ConfigError(
+                f"model {m.name}: target {m.target!r} must look like 'models:/NAME@ALIAS' or "
+                "'models:/NAME/VERSION' (loader mlflow)"
             )
     if cfg.models.candidate is None and cfg.rollout.mode is not Mode.SHADOW:
         raise ConfigError(

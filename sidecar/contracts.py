@@ -98,6 +98,10 @@ class Comparison(msgspec.Struct, kw_only=True, omit_defaults=True):
     champion: ModelResult
     candidate: ModelResult
     schema_version: str = OUTPUT_SCHEMA_VERSION
+    #: Features of this request outside either model's manifest range or categories (each
+    #: once, champion's order first); omitted when none, i.e. almost always. Last on purpose:
+    #: the pipeline appends it to templated bytes.
+    out_of_range: list[str] | None = None
 
 
 DeadLetterKind = Literal[

@@ -62,6 +62,11 @@ class Manifest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_de
     training_data: str | None = None
     owner: str | None = None
     description: str | None = None
+    #: Set by registry loaders (``mlflow``) at load: the registered model and the version the
+    #: alias resolved to, so the digest names the exact artifact. A manifest that sets them
+    #: pins that version: the model refuses to load when the registry resolves another.
+    registry_model: str | None = None
+    registry_version: str | None = None
 
     def input(self, name: str) -> InputSpec | None:
         return next((i for i in self.inputs if i.name == name), None)

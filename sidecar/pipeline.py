@@ -285,7 +285,7 @@ class Pipeline:
     async def process(self, records: list[RawRecord], policy: RoutingPolicy) -> BatchResult:
         batch = self.decoder.decode(records)
         result = BatchResult(policy=policy)
-        batch, out_of_range = self._validator.apply(batch, result.out_of_range)
+        batch, out_of_range, flagged = self._validator.apply(batch, result.out_of_range)
         for rejected in batch.rejected + out_of_range:
             self._dead_letter(result, rejected)
         if not len(batch):
@@ -295,7 +295,9 @@ class Pipeline:
             candidate_decides = np.zeros_like(candidate_decides)
         champion, candidate = await self._score(batch, policy, candidate_decides)
         result.champion, result.candidate = champion, candidate
-        self._assemble(result, batch, policy, buckets, candidate_decides, champion, candidate)
+        self._assemble(
+            result, batch, policy, buckets, candidate_decides, champion, candidate, flagged
+        )
         return result
 
     async def _score(
@@ -329,6 +331,7 @@ class Pipeline:
         candidate_decides: np.ndarray,
         champion: BatchScores,
         candidate: BatchScores,
+        flagged: dict[int, list[str]],
     ) -> None:
         """Choose the deciding arm per record (vectorised), then encode the outputs.
 
@@ -402,6 +405,8 @@ class Pipeline:
                 cmp_values,
             )
 
+        for i, features in flagged.items():  # rare: records with out-of-range features
+            cmp_values[i] = _with_out_of_range(cmp_values[i], features)
         comparison_key = policy.rollout.encode()
         result.comparisons.values.extend(cmp_values)  # type: ignore[arg-type]
         result.comparisons.keys.extend([comparison_key] * n)
@@ -582,6 +587,16 @@ class Pipeline:
         values.append(self._encoder.encode(letter))
         headers.append([("dead_letter_kind", rejected.kind.encode()), _SCHEMA_HEADER])
         result.dead_letter_kinds[rejected.kind] = result.dead_letter_kinds.get(rejected.kind, 0) + 1
+
+
+_OUT_OF_RANGE_KEY = b',"out_of_range":'
+
+
+def _with_out_of_range(comparison: bytes | None, features: list[str]) -> bytes:
+    """A templated Comparison with ``out_of_range`` set: the field is the Struct's last, so
+    appending it before the closing brace gives exactly what msgspec would encode."""
+    assert comparison is not None and comparison.endswith(b"}")
+    return comparison[:-1] + _OUT_OF_RANGE_KEY + msgspec.json.encode(features) + b"}"
 
 
 def _error_text(error: ModelError | None) -> str:

@@ -235,3 +235,55 @@ async def test_bad_records_become_dead_letters_next_to_good_ones() -> None:
     [letter] = [msgspec.json.decode(v, type=DeadLetter) for v in result.dead_letters.values]
     assert letter.kind == "decode" and letter.original_value == b"{broken"
     assert letter.source_offset == 99 and letter.original_key == b"k"
+
+
+def _manifest(name: str, version: str, features: tuple[str, ...], **ranges: float) -> Any:
+    return {
+        "name": name,
+        "version": version,
+        "inputs": [{"name": f, **({"max": ranges[f]} if f in ranges else {})} for f in features],
+        "output": {"threshold": 0.3 if version == "1.4.0" else 0.5},
+    }
+
+
+@pytest.mark.parametrize("validation", ["count", "strict"])
+async def test_comparisons_name_the_features_out_of_range(validation: str) -> None:
+    """Each comparison lists the features outside either arm's manifest ranges (omitted when
+    none); strict mode dead-letters the champion's, so only the candidate's remain."""
+    cfg = make_config(
+        "unused:9092",
+        request_contract={"validation": validation},
+        models={
+            "champion": {
+                "manifest": _manifest("fraud-lr", "1.4.0", fraud.CHAMPION_FEATURES, amount=300)
+            },
+            "candidate": {
+                "manifest": _manifest(
+                    "fraud-lr", "2.0.0", fraud.CANDIDATE_FEATURES, amount=200, device_score=0.6
+                )
+            },
+        },
+    )
+    assert cfg.models.candidate is not None
+    p = Pipeline(cfg, load_model(cfg.models.champion), load_model(cfg.models.candidate))
+    n = 2000
+    result = await p.process(records(n), policy())
+    x = fraud.generate(n, seed=0).features
+    amount, device = x[:, 0], x[:, 7]
+    strict = validation == "strict"
+    served = np.flatnonzero(amount <= 300) if strict else np.arange(n)
+    assert len(result.dead_letters) == n - len(served)
+    cs = {c.request_id: c for c in comparisons(result)}
+    assert len(cs) == len(served)
+    for i in served.tolist():
+        want = [
+            f for f, out in (("amount", amount[i] > 200), ("device_score", device[i] > 0.6)) if out
+        ]
+        assert cs[f"req-{i}"].out_of_range == (want or None)
+    flagged = [c for c in cs.values() if c.out_of_range]
+    assert 0 < len(flagged) < len(cs)
+    for value in result.comparisons.values:  # exactly what msgspec encodes for the Struct
+        struct = msgspec.json.decode(value, type=Comparison)
+        assert list(msgspec.json.decode(value).items()) == list(
+            msgspec.json.decode(ENC.encode(struct)).items()
+        )

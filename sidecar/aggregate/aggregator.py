@@ -179,6 +179,9 @@ class WindowAggregate:
         #: Paired decisions, index ``champion * 2 + candidate``: no/no, no/yes, yes/no, yes/yes.
         self.table: Int64Array = np.zeros(4, dtype=np.int64)
         self.offsets: dict[int, tuple[int, int]] = {}
+        #: Records with any feature out of range, and per feature.
+        self.out_of_range = 0
+        self.out_of_range_features: dict[str, int] = {}
         self.min_ts: int | None = None
         self.max_ts: int | None = None
         self.dedupe = RequestDeduper(c.dedupe_exact_cap, c.dedupe_bloom_bits, c.dedupe_bloom_hashes)
@@ -208,6 +211,17 @@ class WindowAggregate:
         both = (cd >= 0) & (kd >= 0)
         code = cd[both].astype(np.int64) * 2 + kd[both]
         self.table += np.bincount(code, minlength=4)
+        if batch.out_of_range_code.any():  # rare
+            self._add_out_of_range(batch)
+
+    def _add_out_of_range(self, batch: ComparisonBatch) -> None:
+        sets = batch.out_of_range_sets
+        counts = np.bincount(batch.out_of_range_code, minlength=len(sets)).tolist()
+        self.out_of_range += len(batch) - counts[0]
+        features = self.out_of_range_features
+        for names, count in zip(sets[1:], counts[1:], strict=True):
+            for name in names:
+                features[name] = features.get(name, 0) + count
 
     def _add_offsets(self, partitions: npt.NDArray[np.int32], offsets: Int64Array) -> None:
         uniq, inv = np.unique(partitions, return_inverse=True)
@@ -240,6 +254,9 @@ class WindowAggregate:
         self.champion.merge(other.champion)
         self.candidate.merge(other.candidate)
         self.table += other.table
+        self.out_of_range += other.out_of_range
+        for name, count in other.out_of_range_features.items():
+            self.out_of_range_features[name] = self.out_of_range_features.get(name, 0) + count
         for p, (f, la) in other.offsets.items():
             self._merge_offset(p, f, la)
         if other.min_ts is not None:
@@ -359,6 +376,8 @@ class WindowAggregate:
             served_candidate=int(self.served[SERVED_CANDIDATE]),
             served_none=int(self.served[SERVED_NONE]),
             dedupe_false_positive_rate=self.dedupe.false_positive_rate,
+            out_of_range=self.out_of_range,
+            out_of_range_features=dict(sorted(self.out_of_range_features.items())),
         )
         return WindowReport(
             rollout=k.rollout,
@@ -377,6 +396,7 @@ class WindowAggregate:
                 for p, (f, la) in sorted(self.offsets.items())
             ],
             emitted_at_ms=emitted_at_ms,
+            out_of_range_rate=wilson(self.out_of_range, self.records, z=c.z, min_count=m),
         )
 
 

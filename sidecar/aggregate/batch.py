@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Literal, NamedTuple, Protocol
 
 import msgspec
@@ -76,6 +77,10 @@ class ComparisonBatch:
     served_by: Int8Array
     champion: ArmColumns
     candidate: ArmColumns
+    #: Per row, an index into ``out_of_range_sets`` (0: no feature out of range).
+    out_of_range_code: Int32Array
+    #: Distinct ``Comparison.out_of_range`` lists of the batch; entry 0 is the empty one.
+    out_of_range_sets: tuple[tuple[str, ...], ...] = ((),)
 
     def __len__(self) -> int:
         return int(self.ts.size)
@@ -92,6 +97,8 @@ class ComparisonBatch:
             self.served_by[idx],
             self.champion.take(idx),
             self.candidate.take(idx),
+            self.out_of_range_code[idx],
+            self.out_of_range_sets,
         )
 
 
@@ -130,6 +137,8 @@ class ComparisonLike(Protocol):
     def champion(self) -> _ResultLike: ...
     @property
     def candidate(self) -> _ResultLike: ...
+    @property
+    def out_of_range(self) -> list[str] | None: ...
 
 
 class ErrorView(msgspec.Struct, gc=False):
@@ -162,6 +171,7 @@ class ComparisonView(msgspec.Struct, kw_only=True, gc=False):
     served_by: Arm | None
     champion: ResultView
     candidate: ResultView
+    out_of_range: list[str] | None = None
 
 
 def _fmix64(h: UInt64Array) -> UInt64Array:
@@ -199,23 +209,42 @@ def hash_strings(values: Sequence[str]) -> UInt64Array:
         return _fmix64(summed)
 
 
+# Column passes are ``map(attrgetter(...))``: no Python frame per record (hot path).
+_SCORE, _DECISION, _LATENCY, _ERROR = (
+    attrgetter(f) for f in ("score", "decision", "latency_ms", "error")
+)
+_ROLLOUT, _MODEL, _VERSION, _TS, _SERVED, _REQUEST_ID = (
+    attrgetter(f) for f in ("rollout", "model", "version", "ts", "served_by", "request_id")
+)
+
+
+def _floats(values: Sequence[_ResultLike], get: attrgetter[float | None], n: int) -> FloatArray:
+    """A float column; None becomes NaN (the fast ``fromiter`` path fails on a None)."""
+    try:
+        return np.fromiter(map(get, values), dtype=np.float64, count=n)
+    except TypeError:
+        return np.array(list(map(get, values)), dtype=np.float64)
+
+
 def _arm_columns(results: Sequence[_ResultLike]) -> ArmColumns:
     n = len(results)
-    scores = [r.score for r in results]
-    errors = [r.error for r in results]
+    scores = list(map(_SCORE, results))
     # None -> NaN on conversion to float; True/False -> 1.0/0.0.
-    decision = np.array([r.decision for r in results], dtype=np.float64)
+    decision = np.array(list(map(_DECISION, results)), dtype=np.float64)
+    errors = list(map(_ERROR, results))
     error = np.zeros(n, dtype=np.int8)
-    failed = np.flatnonzero(np.fromiter((e is not None for e in errors), np.bool_, count=n))
-    for i in failed.tolist():  # errors are rare: only failed rows pay a Python lookup
-        err = errors[i]
-        assert err is not None
-        error[i] = _ERROR_CODE[err.kind]
+    if errors.count(None) != n:  # errors are rare: only failed rows pay a Python lookup
+        for i, err in enumerate(errors):
+            if err is not None:
+                error[i] = _ERROR_CODE[err.kind]
+    missing = np.zeros(n, dtype=np.bool_)
+    if scores.count(None):  # rare: a failed or score-less arm
+        missing = np.fromiter((s is None for s in scores), dtype=np.bool_, count=n)
     return ArmColumns(
         score=np.array(scores, dtype=np.float64),
-        score_missing=np.fromiter((s is None for s in scores), dtype=np.bool_, count=n),
+        score_missing=missing,
         decision=np.where(np.isnan(decision), -1, decision).astype(np.int8),
-        latency_ms=np.array([r.latency_ms for r in results], dtype=np.float64),
+        latency_ms=_floats(results, _LATENCY, n),
         error=error,
     )
 
@@ -231,28 +260,51 @@ def comparison_batch(
     per-window min/max evidence for the reports.
     """
     n = len(comparisons)
-    index: dict[tuple[str, str, str, str, str], int] = {}
-    champions = [c.champion for c in comparisons]
-    candidates = [c.candidate for c in comparisons]
-    codes = np.fromiter(
-        (
-            index.setdefault((c.rollout, a.model, a.version, b.model, b.version), len(index))
-            for c, a, b in zip(comparisons, champions, candidates, strict=True)
-        ),
-        dtype=np.int32,
-        count=n,
+    champions = list(map(attrgetter("champion"), comparisons))
+    candidates = list(map(attrgetter("candidate"), comparisons))
+    rollouts = list(map(_ROLLOUT, comparisons))
+    key_cols = (
+        rollouts,
+        list(map(_MODEL, champions)),
+        list(map(_VERSION, champions)),
+        list(map(_MODEL, candidates)),
+        list(map(_VERSION, candidates)),
     )
+    index: dict[tuple[str, str, str, str, str], int] = {}
+    if n and all(col.count(col[0]) == n for col in key_cols):  # one key: the usual batch
+        index[(key_cols[0][0], key_cols[1][0], key_cols[2][0], key_cols[3][0], key_cols[4][0])] = 0
+        codes = np.zeros(n, dtype=np.int32)
+    else:
+        codes = np.fromiter(
+            (index.setdefault(k, len(index)) for k in zip(*key_cols, strict=True)),
+            dtype=np.int32,
+            count=n,
+        )
     part = np.broadcast_to(np.asarray(partitions, dtype=np.int32), (n,)).copy()
     offs = np.broadcast_to(np.asarray(offsets, dtype=np.int64), (n,)).copy()
     served = _SERVED_CODE
+    flagged = list(map(attrgetter("out_of_range"), comparisons))
+    sets: dict[tuple[str, ...], int] = {(): 0}
+    if any(flagged):  # rare: only batches with out-of-range records pay for the codes
+        oor = np.fromiter(
+            (sets.setdefault(tuple(f), len(sets)) if f else 0 for f in flagged),
+            dtype=np.int32,
+            count=n,
+        )
+    else:
+        oor = np.zeros(n, dtype=np.int32)
     return ComparisonBatch(
         keys=tuple(GroupKey(*k) for k in index),
         key_code=codes,
-        ts=np.fromiter((c.ts for c in comparisons), dtype=np.int64, count=n),
+        ts=np.fromiter(map(_TS, comparisons), dtype=np.int64, count=n),
         partition=part,
         offset=offs,
-        request_hash=hash_strings([c.request_id for c in comparisons]),
-        served_by=np.fromiter((served[c.served_by] for c in comparisons), dtype=np.int8, count=n),
+        request_hash=hash_strings(list(map(_REQUEST_ID, comparisons))),
+        served_by=np.fromiter(
+            map(served.__getitem__, map(_SERVED, comparisons)), dtype=np.int8, count=n
+        ),
         champion=_arm_columns(champions),
         candidate=_arm_columns(candidates),
+        out_of_range_code=oor,
+        out_of_range_sets=tuple(sets),
     )

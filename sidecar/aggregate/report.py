@@ -9,7 +9,7 @@ from __future__ import annotations
 import msgspec
 
 from ..contracts import OUTPUT_SCHEMA_VERSION
-from .stats import Figure, PsiBand
+from .stats import Figure, PsiBand, insufficient
 
 REPORT_SCHEMA_VERSION = OUTPUT_SCHEMA_VERSION
 
@@ -81,6 +81,10 @@ class ReportCounts(msgspec.Struct, frozen=True, kw_only=True):
     served_candidate: int
     served_none: int
     dedupe_false_positive_rate: float
+    #: Records with at least one feature outside a manifest's range (``out_of_range``).
+    out_of_range: int = 0
+    #: Per feature, records where it was out of range.
+    out_of_range_features: dict[str, int] = {}
 
 
 class WindowReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,6 +103,11 @@ class WindowReport(msgspec.Struct, frozen=True, kw_only=True):
     max_ts_ms: int | None
     offsets: list[OffsetRange]
     emitted_at_ms: int
+    #: Share of records with a feature outside a manifest's range: a data-quality signal
+    #: (absent from reports of older aggregators: insufficient data).
+    out_of_range_rate: Figure = msgspec.field(
+        default_factory=lambda: insufficient(0, "not_reported")
+    )
     schema_version: str = REPORT_SCHEMA_VERSION
 
 
@@ -157,4 +166,5 @@ FIGURES: dict[str, _Getter] = {
     "candidate_latency_p99": _Getter("candidate.latency.p99"),
     "champion_latency_p99": _Getter("champion.latency.p99"),
     "latency_p99_ratio": _Getter("latency_p99_ratio"),
+    "out_of_range_rate": _Getter("out_of_range_rate"),
 }

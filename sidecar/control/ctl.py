@@ -53,7 +53,15 @@ from .plane import (
     load_keyring,
     now_ms,
 )
-from .state_machine import Applied, AuditRecord, InstanceStatus, Outcome, RolloutState, replay
+from .state_machine import (
+    Applied,
+    AuditRecord,
+    InstanceStatus,
+    ModelHealth,
+    Outcome,
+    RolloutState,
+    replay,
+)
 
 #: An instance is live while its last heartbeat is younger than this many intervals.
 STALE_HEARTBEATS = 3
@@ -478,6 +486,16 @@ def _history_line(ts: int, cmd: ControlCommand | None, outcome: Outcome) -> str:
     )
 
 
+def _model_line(m: ModelHealth) -> str:
+    breaker = m.breaker.upper() if m.breaker in ("open", "half_open") else m.breaker
+    opened = f", opened {m.breaker_opened}x" if m.breaker_opened else ""
+    registry = f" (registry version {m.registry_version})" if m.registry_version else ""
+    return (
+        f"    {m.arm:9} {m.model} {m.version}{registry}  {m.manifest_digest or '-'}  "
+        f"breaker {breaker}{opened}"
+    )
+
+
 def format_status(view: ControlView, rollout: str | None, last: int) -> str:
     lines = []
     for name, state in sorted(view.states.items()):
@@ -511,6 +529,7 @@ def format_status(view: ControlView, rollout: str | None, last: int) -> str:
             f"{s.mode:11} {s.share_bp:>5} bp  partitions {s.assigned_partitions}  "
             f"seen {_ago(view.now_ms, s.ts_ms)}{lag}"
         )
+        lines.extend(_model_line(m) for m in s.models or [])
     history = [h for h in view.history if rollout is None or (h[1] and h[1].rollout == rollout)]
     lines.append(f"last {min(last, len(history))} of {len(history)} commands:")
     lines.extend(_history_line(*h) for h in history[-last:])

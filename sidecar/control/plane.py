@@ -42,6 +42,7 @@ from .commands import Freshness, Keyring, KeyringError, Rejected, RejectReason, 
 from .state_machine import (
     Applied,
     ControlConfig,
+    ModelHealth,
     Outcome,
     RolloutState,
     audit_record,
@@ -55,6 +56,7 @@ from .state_machine import (
 
 if TYPE_CHECKING:
     from ..metrics import SidecarMetrics
+    from ..models import ScoringModel
     from ..pipeline import BatchResult
     from ..runner import Sidecar
 
@@ -224,6 +226,28 @@ class SampleCounter:
 # --------------------------------------------------------------------------- the plane
 
 
+def models_health(champion: ScoringModel, candidate: ScoringModel | None) -> list[ModelHealth]:
+    """What the heartbeat says about the models: which exact model runs in each arm and its
+    breaker state, so ``ctl status`` shows an open breaker without a metrics stack."""
+    out = []
+    for arm, model in (("champion", champion), ("candidate", candidate)):
+        if model is None:
+            continue
+        breaker = model.breaker
+        out.append(
+            ModelHealth(
+                arm=arm,  # type: ignore[arg-type]
+                model=model.name,
+                version=model.version,
+                manifest_digest=model.manifest_digest,
+                breaker=breaker.state.name.lower() if breaker.config.enabled else "off",  # type: ignore[arg-type]
+                breaker_opened=breaker.opened,
+                registry_version=model.manifest.registry_version,
+            )
+        )
+    return out
+
+
 class ControlPlane:
     """Keeps one instance's routing policy in step with the control topic.
 
@@ -244,6 +268,7 @@ class ControlPlane:
         samples: Callable[[int], int] | None = None,
         assigned_partitions: Callable[[], int | None] | None = None,
         started_at_ms: int | None = None,
+        models: Callable[[], list[ModelHealth] | None] | None = None,
     ) -> None:
         self.config = config
         self.settings = config.control
@@ -256,6 +281,7 @@ class ControlPlane:
         self.state = configured_state(config)
         self._samples = samples or (lambda _epoch: 0)
         self._assigned = assigned_partitions or (lambda: None)
+        self._models = models or (lambda: None)
         self._started_at_ms = started_at_ms or now_ms()
         self._host = socket.gethostname()
         self._tp = TopicPartition(config.topics.control, CONTROL_PARTITION)
@@ -286,6 +312,7 @@ class ControlPlane:
             sidecar.instance_id,
             samples=counter.since,
             assigned_partitions=assigned,
+            models=lambda: models_health(sidecar.champion, sidecar.candidate),
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -430,6 +457,7 @@ class ControlPlane:
                 assigned_partitions=self._assigned(),
                 started_at_ms=self._started_at_ms,
                 version=__version__,
+                models=self._models(),
             )
         )
 

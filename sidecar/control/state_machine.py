@@ -548,6 +548,22 @@ def audit_record(outcome: Outcome, *, instance_id: str, applied_at_ms: int) -> A
     )
 
 
+class ModelHealth(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One model arm as an instance runs it: which exact model (the manifest digest names its
+    contract and, for registry loaders, the registry version) and its circuit breaker."""
+
+    arm: Literal["champion", "candidate"]
+    model: str
+    version: str
+    manifest_digest: str | None = None
+    #: ``off`` when the breaker is disabled (the model is called whatever happens).
+    breaker: Literal["off", "closed", "half_open", "open"] = "off"
+    #: Times the breaker opened since the instance started.
+    breaker_opened: int = 0
+    #: Registry loaders (``mlflow``): the registry version the target resolved to.
+    registry_version: str | None = None
+
+
 class InstanceStatus(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Heartbeat of one sidecar instance: the policy it runs, so operators (and ``sidecar ctl
     status``) can see every instance converge on the same epoch."""
@@ -569,6 +585,8 @@ class InstanceStatus(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     assigned_partitions: int | None = None
     started_at_ms: int | None = None
     version: str | None = None
+    #: The models' health (absent in heartbeats of older instances).
+    models: list[ModelHealth] | None = None
     schema_version: str = "1.0"
 
 
@@ -582,6 +600,7 @@ def instance_status(
     assigned_partitions: int | None = None,
     started_at_ms: int | None = None,
     version: str | None = None,
+    models: list[ModelHealth] | None = None,
 ) -> InstanceStatus:
     """The heartbeat record for an instance running ``state``."""
     return InstanceStatus(
@@ -602,4 +621,5 @@ def instance_status(
         assigned_partitions=assigned_partitions,
         started_at_ms=started_at_ms,
         version=version,
+        models=models,
     )

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+from pathlib import Path
+
+import msgspec
 
 from ..config import ModelConfig, SidecarConfig
 from ..errors import ContractError
@@ -36,7 +40,10 @@ def model_manifest(config: ModelConfig) -> Manifest:
     elif config.manifest_file is not None:
         manifest = load_manifest(config.manifest_file)
     else:
-        return derived_manifest(config)
+        beside = manifest_beside_model(config)
+        if beside is None:
+            return derived_manifest(config)
+        manifest = beside
     where = f"model {config.name}: manifest"
     if (manifest.name, manifest.version) != (config.name, config.version):
         raise ContractError(
@@ -56,6 +63,57 @@ def model_manifest(config: ModelConfig) -> Manifest:
             f"threshold {config.threshold}"
         )
     return manifest
+
+
+def model_file(config: ModelConfig) -> Path | None:
+    """The file a model is loaded from, when there is one: the ``.onnx`` file, or the module
+    of a ``python``/``process`` factory (found without importing the module itself)."""
+    if config.loader == "onnx":
+        return Path(config.target)
+    if config.loader not in ("python", "process"):
+        return None
+    module = config.target.partition(":")[0]
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None  # the loader reports the missing module with the full context
+    if spec is None or not spec.origin or not spec.has_location:
+        return None
+    return Path(spec.origin)
+
+
+def manifest_beside_model(config: ModelConfig) -> Manifest | None:
+    """A manifest shipped next to the model file: ``<stem>.manifest.toml`` (e.g.
+    ``fraud_lr.manifest.toml`` for ``fraud_lr.onnx``, ``fraud.manifest.toml`` for the module
+    ``fraud.py``), then ``manifest.toml`` in the same folder. A file that names another model
+    is skipped (one folder may hold several models); one naming this model must then agree
+    with the config like any manifest, so a stale manifest stops the start."""
+    path = model_file(config)
+    if path is None:
+        return None
+    names = [] if path.stem == "__init__" else [f"{path.stem}.manifest.toml"]
+    for candidate in (path.parent / name for name in [*names, "manifest.toml"]):
+        if not candidate.is_file():
+            continue
+        manifest = load_manifest(candidate)
+        if manifest.name == config.name:
+            log.info("model %s: using the manifest beside the model, %s", config.name, candidate)
+            return manifest
+        log.info("model %s: %s is for model %s; skipped", config.name, candidate, manifest.name)
+    return None
+
+
+def with_registry(manifest: Manifest, model: str, version: str) -> Manifest:
+    """``manifest`` recording the registry version a registry loader resolved; a manifest
+    that pins another registry model or version refuses the load."""
+    pinned = (manifest.registry_model, manifest.registry_version)
+    if pinned != (None, None) and pinned != (model, version):
+        raise ContractError(
+            f"model {manifest.name}: the manifest pins registry model {pinned[0]} version "
+            f"{pinned[1]} but the registry resolved {model} version {version}: point the "
+            "target at that version or update the manifest"
+        )
+    return msgspec.structs.replace(manifest, registry_model=model, registry_version=version)
 
 
 def check_startup(

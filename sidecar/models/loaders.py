@@ -54,4 +54,13 @@ def load_model(config: ModelConfig) -> ScoringModel:
         from .http import load_http
 
         return ScoringModel(config, load_http(config))
+    if config.loader == "mlflow":
+        from .contract import model_manifest, with_registry
+        from .mlflow_registry import load_mlflow
+
+        predictor = load_mlflow(config)
+        manifest = with_registry(
+            model_manifest(config), predictor.registry_model, predictor.registry_version
+        )
+        return ScoringModel(config, predictor, manifest=manifest)
     raise ModelLoadError(f"model {config.name}: unknown loader {config.loader!r}")

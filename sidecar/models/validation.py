@@ -65,21 +65,35 @@ class RangeValidator:
 
     def apply(
         self, batch: DecodedBatch, counts: dict[tuple[str, str], int]
-    ) -> tuple[DecodedBatch, list[Rejected]]:
+    ) -> tuple[DecodedBatch, list[Rejected], dict[int, list[str]]]:
         """Count out-of-range values into ``counts``; in strict mode return the batch without
-        the records outside the champion's ranges, and those records as rejections."""
+        the records outside the champion's ranges, and those records as rejections. Also
+        returns, per index of the returned batch, the names of the features out of range for
+        either arm (only records that have some: empty in the common case)."""
         if not self._checks or not len(batch):
-            return batch, []
+            return batch, [], {}
         masks = self.out_of_range(batch.matrix)
         reject = np.zeros(len(batch), dtype=bool)
+        flagged: list[tuple[str, BoolArray]] = []
         for key, mask in masks.items():
             n = int(mask.sum())
             if n:
                 counts[key] = counts.get(key, 0) + n
+                flagged.append((key[1], mask))
                 if self._strict and key[0] == "champion":
                     reject |= mask
+        if not flagged:
+            return batch, [], {}
+        kept = np.flatnonzero(~reject)
+        any_out = np.zeros(len(kept), dtype=bool)
+        for _, mask in flagged:
+            any_out |= mask[kept]
+        features = {
+            j: list(dict.fromkeys(f for f, mask in flagged if mask[i]))
+            for j, i in zip(np.flatnonzero(any_out).tolist(), kept[any_out].tolist(), strict=True)
+        }
         if not reject.any():
-            return batch, []
+            return batch, [], features
         rejected = []
         for i in np.flatnonzero(reject).tolist():
             bad = [f for (arm, f), m in masks.items() if arm == "champion" and m[i]]
@@ -92,7 +106,7 @@ class RangeValidator:
                     batch.request_ids[i],
                 )
             )
-        return keep(batch, ~reject), rejected
+        return keep(batch, ~reject), rejected, features
 
 
 def keep(batch: DecodedBatch, mask: BoolArray) -> DecodedBatch:

@@ -31,17 +31,19 @@ def _config(args: argparse.Namespace) -> SidecarConfig:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from .broker import EmbeddedBroker, ensure_topics
-    from .runner import kafka_client_kwargs
+    from .broker import EmbeddedBroker
 
     cfg = load_config(args.config) if args.config else None
     with EmbeddedBroker(port=args.port, log_path=args.log) as broker:
         print(f"embedded broker (Tansu) on {broker.bootstrap_servers}", flush=True)
         if cfg is not None:
-            kafka = kafka_client_kwargs(cfg.kafka)
-            kafka["bootstrap_servers"] = broker.bootstrap_servers
+            from .topics import ensure_config_topics
+
+            kafka_cfg = msgspec.structs.replace(
+                cfg.kafka, bootstrap_servers=broker.bootstrap_servers
+            )
             created = asyncio.run(
-                ensure_topics(topics=cfg.all_topics(), partitions=cfg.topics.partitions, **kafka)
+                ensure_config_topics(msgspec.structs.replace(cfg, kafka=kafka_cfg))
             )
             print(f"topics created: {', '.join(created) or 'none (all existed)'}", flush=True)
         print("Ctrl-C stops it.", flush=True)
@@ -102,16 +104,12 @@ def _install_uvloop() -> None:
 
 
 async def _run(cfg: SidecarConfig, args: argparse.Namespace) -> None:
-    from .broker import ensure_topics
-    from .runner import Sidecar, kafka_client_kwargs
+    from .runner import Sidecar
 
     if args.create_topics or args.embedded_broker:
-        created = await ensure_topics(
-            topics=cfg.all_topics(),
-            partitions=cfg.topics.partitions,
-            replication_factor=cfg.topics.replication_factor,
-            **kafka_client_kwargs(cfg.kafka),
-        )
+        from .topics import ensure_config_topics
+
+        created = await ensure_config_topics(cfg)
         if created:
             log.info("created topics: %s", ", ".join(created))
     sidecar = Sidecar(cfg)

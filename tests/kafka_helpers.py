@@ -11,9 +11,9 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from sidecar.broker import ensure_topics
 from sidecar.config import SidecarConfig, config_from_dict
 from sidecar.examples.fraud import CANDIDATE_FEATURES, CHAMPION_FEATURES
+from sidecar.topics import ensure_config_topics
 from sidecar.traffic import produce_values
 
 
@@ -70,9 +70,7 @@ def make_config(bootstrap: str, partitions: int = 3, **sections: dict[str, Any])
 
 
 async def create_topics(cfg: SidecarConfig) -> None:
-    await ensure_topics(
-        cfg.kafka.bootstrap_servers, cfg.all_topics(), partitions=cfg.topics.partitions
-    )
+    await ensure_config_topics(cfg)
 
 
 async def produce(cfg: SidecarConfig, items: Sequence[tuple[bytes | None, bytes]]) -> None:

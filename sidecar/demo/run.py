@@ -34,12 +34,12 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from ..aggregate.service import AggregatorService
-from ..broker import EmbeddedBroker, ensure_topics
+from ..broker import EmbeddedBroker
 from ..config import SidecarConfig
 from ..contracts import Comparison
 from ..control.commands import ControlCommand, Keyring
 from ..control.ctl import EXIT_OK, build_command, default_issuer, issue
-from ..control.plane import CONTROL_PARTITION, ensure_control_topics, is_barrier
+from ..control.plane import CONTROL_PARTITION, is_barrier
 from ..control.state_machine import AuditRecord
 from ..errors import BrokerError, SidecarError
 from ..examples import fraud
@@ -48,6 +48,7 @@ from ..report.page import render_page
 from ..report.source import read_recording
 from ..routing import Mode
 from ..runner import Sidecar, kafka_client_kwargs
+from ..topics import ensure_config_topics
 from ..traffic import produce_values
 from .scenarios import (
     Act,
@@ -419,12 +420,7 @@ class Demo:
             settings = Settings(broker.bootstrap_servers, str(keys_file), KEY_ID, tim)
             cfgs = [act_config(settings, a) for a in self.acts]
             base = cfgs[0]
-            await ensure_control_topics(base)
-            await ensure_topics(
-                topics=[*base.all_topics(), base.aggregate.reports_topic],
-                partitions=base.topics.partitions,
-                **kafka_client_kwargs(base.kafka),
-            )
+            await ensure_config_topics(base)
             self.traffic = Traffic(base, opts.rate, opts.seed, opts.fraud_rate)
             self.observer = Observer(base, self.traffic.frauds.__contains__)
             self.aggregator = AggregatorService(base, keyring=keyring)

@@ -250,7 +250,7 @@ def main() -> None:
                 results[mode].append(result)
                 print(
                     f"round {round_ + 1} {mode:12} {result['rate']:>10,.0f} req/s  "
-                    f"peak RSS {result['peak_rss_mib']:.0f} MiB"
+                    f"peak RSS {result['peak_rss_mib']:.1f} MiB"
                 )
         best = {m: max(r["rate"] for r in rs) for m, rs in results.items()}
         median = {m: statistics.median(r["rate"] for r in rs) for m, rs in results.items()}

@@ -34,6 +34,7 @@ from .routing import RoutingPolicy
 
 Headers = list[tuple[str, bytes]]
 _SCHEMA_HEADER = ("schema_version", OUTPUT_SCHEMA_VERSION.encode())
+_COMPARISON_HEADERS: Headers = [_SCHEMA_HEADER]
 _SKIPPED = ModelError(kind="skipped", message="not scored: policy scores only the deciding arm")
 _NO_CANDIDATE = ModelError(kind="unavailable", message="no candidate model configured")
 
@@ -410,9 +411,9 @@ class Pipeline:
         comparison_key = policy.rollout.encode()
         result.comparisons.values.extend(cmp_values)  # type: ignore[arg-type]
         result.comparisons.keys.extend([comparison_key] * n)
-        result.comparisons.headers.extend(
-            [[("request_id", rid.encode()), schema_header] for rid in ids]
-        )
+        # One shared header list: the request id is in the body, and every distinct header
+        # costs the producer's record builder time per record.
+        result.comparisons.headers.extend([_COMPARISON_HEADERS] * n)
         out = result.decisions
         if choice.max(initial=0) == _DEAD_LETTER:
             for i in range(n):

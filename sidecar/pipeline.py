@@ -147,60 +147,24 @@ class _BatchFormats:
             for arm, m in enumerate(models)
         )
         # comparison[served_by][has_routing_key]; served_by None is index 2 (via dict below).
-        self.comparison: dict[int | None, tuple[str, str]] = {}
-        for served in (_CHAMPION, _CANDIDATE, None):
-            pair = []
-            for keyed in (False, True):
-                proto = Comparison(
-                    request_id="@@request_id@@",
-                    routing_key="@@routing_key@@" if keyed else None,
-                    rollout=policy.rollout,
-                    ts="@@ts@@",  # type: ignore[arg-type]
-                    policy_epoch=policy.epoch,
-                    policy_mode=policy.mode.value,
-                    served_by=None if served is None else _ARM_NAMES[served],  # type: ignore[arg-type]
-                    champion="@@champion@@",  # type: ignore[arg-type]
-                    candidate="@@candidate@@",  # type: ignore[arg-type]
-                )
-                pair.append(
-                    _template_optional(
-                        proto,
-                        ("request_id", "routing_key", "ts", "champion", "candidate"),
-                        _RAW,
-                        keyed,
-                    )
-                )
-            self.comparison[served] = (pair[0], pair[1])
-        # comparison_both[served_by][has_routing_key]: both arms scored (the common case).
-        # Slots: request_id, routing_key, ts, champion score, champion decision, candidate
-        # score, candidate decision.
+        # comparison[served_by][has_routing_key]: arms given as ready-made JSON fragments
+        # (slots: request_id, routing_key, ts, champion, candidate).
+        self.comparison: dict[int | None, tuple[str, str]] = {
+            served: self._comparison_pair(
+                policy, served, "@@champion@@", "@@candidate@@", ("champion", "candidate")
+            )
+            for served in (_CHAMPION, _CANDIDATE, None)
+        }
+        # comparison_both[served_by][has_routing_key]: both arms scored (the common case);
+        # slots: request_id, routing_key, ts, champion score and decision, candidate score and
+        # decision.
         self.comparison_both = tuple(
-            tuple(
-                _template_optional(
-                    Comparison(
-                        request_id="@@request_id@@",
-                        routing_key="@@routing_key@@" if keyed else None,
-                        rollout=policy.rollout,
-                        ts="@@ts@@",  # type: ignore[arg-type]
-                        policy_epoch=policy.epoch,
-                        policy_mode=policy.mode.value,
-                        served_by=_ARM_NAMES[served],  # type: ignore[arg-type]
-                        champion=_scored(models[0], "c", self.latency[0]),
-                        candidate=_scored(models[1], "k", self.latency[1]),
-                    ),
-                    (
-                        "request_id",
-                        "routing_key",
-                        "ts",
-                        "c_score",
-                        "c_decision",
-                        "k_score",
-                        "k_decision",
-                    ),
-                    _RAW,
-                    keyed,
-                )
-                for keyed in (False, True)
+            self._comparison_pair(
+                policy,
+                served,
+                _scored(models[0], "c", self.latency[0]),
+                _scored(models[1], "k", self.latency[1]),
+                ("c_score", "c_decision", "k_score", "k_decision"),
             )
             for served in (_CHAMPION, _CANDIDATE)
         )
@@ -235,6 +199,36 @@ class _BatchFormats:
             )
         self.champion_ok, self.candidate_ok = ok
         self.champion_error, self.candidate_error = err
+
+    @staticmethod
+    def _comparison_pair(
+        policy: RoutingPolicy,
+        served: int | None,
+        champion: ModelResult | str,
+        candidate: ModelResult | str,
+        arm_slots: tuple[str, ...],
+    ) -> tuple[str, str]:
+        """Comparison templates without and with a routing key, for one ``served_by``."""
+        unkeyed, keyed = (
+            _template_optional(
+                Comparison(
+                    request_id="@@request_id@@",
+                    routing_key="@@routing_key@@" if has_key else None,
+                    rollout=policy.rollout,
+                    ts="@@ts@@",  # type: ignore[arg-type]
+                    policy_epoch=policy.epoch,
+                    policy_mode=policy.mode.value,
+                    served_by=None if served is None else _ARM_NAMES[served],  # type: ignore[arg-type]
+                    champion=champion,  # type: ignore[arg-type]
+                    candidate=candidate,  # type: ignore[arg-type]
+                ),
+                ("request_id", "routing_key", "ts", *arm_slots),
+                _RAW,
+                has_key,
+            )
+            for has_key in (False, True)
+        )
+        return unkeyed, keyed
 
 
 def _scored(model: ScoringModel | None, prefix: str, latency_ms: float) -> ModelResult:

@@ -1,24 +1,12 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import msgspec
 import numpy as np
 import pytest
+from records import Rec
 
 from sidecar.config import FeatureSpec, InputConfig, ModelConfig
 from sidecar.decoding import RequestDecoder
-
-
-@dataclass
-class Rec:
-    value: bytes | None
-    offset: int = 0
-    headers: tuple[tuple[str, bytes], ...] = ()
-    topic: str = "requests"
-    partition: int = 0
-    timestamp: int = 1_700_000_000_000
-    key: bytes | None = None
 
 
 def model(*features: FeatureSpec) -> ModelConfig:

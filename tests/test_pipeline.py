@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -11,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kafka_helpers import make_config
+from records import Rec
 
 from sidecar.contracts import Comparison, DeadLetter, Decision
 from sidecar.examples import fraud
@@ -18,18 +18,6 @@ from sidecar.hashing import bucket_of
 from sidecar.models import load_model
 from sidecar.pipeline import Pipeline
 from sidecar.routing import Mode, RoutingPolicy
-
-
-@dataclass
-class Rec:
-    value: bytes | None
-    offset: int = 0
-    headers: tuple[tuple[str, bytes], ...] = ()
-    topic: str = "requests"
-    partition: int = 0
-    timestamp: int = 1_700_000_000_000
-    key: bytes | None = None
-
 
 ENC = msgspec.json.Encoder()
 

@@ -19,7 +19,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ def champion_for(loader: str, assets: dict[str, str]) -> dict[str, Any]:
 
 
 async def run_one(bootstrap: str, topic: str, n: int, champion: dict[str, Any]) -> float:
-    from bench_throughput import TOPIC_PARTITIONS
+    from bench_throughput import TOPIC_PARTITIONS, time_until_done
     from kafka_helpers import make_config
 
     from sidecar.broker import ensure_topics
@@ -66,17 +65,7 @@ async def run_one(bootstrap: str, topic: str, n: int, champion: dict[str, Any]) 
     await ensure_topics(cfg.kafka.bootstrap_servers, cfg.all_topics(), TOPIC_PARTITIONS)
     sidecar = Sidecar(cfg)
     task = asyncio.create_task(sidecar.run())
-    start = None
-    while True:
-        if start is None and sidecar.processed:
-            start = time.perf_counter()
-        if sidecar.processed >= n and not sidecar.in_flight_records:
-            break
-        if task.done():
-            task.result()
-            raise RuntimeError("sidecar stopped early")
-        await asyncio.sleep(0.002)
-    elapsed = time.perf_counter() - (start or 0)
+    elapsed = await time_until_done(sidecar, task, n)
     errors = sidecar.metrics.registry.get_sample_value(
         "sidecar_model_errors_total",
         {"arm": "champion", "model": "fraud-lr", "version": "1.4.0", "kind": "timeout"},

@@ -146,6 +146,15 @@ async def run_sidecar(cfg: Any, n: int) -> float:
     await ensure_topics(cfg.kafka.bootstrap_servers, cfg.all_topics(), TOPIC_PARTITIONS)
     sidecar = Sidecar(cfg)
     task = asyncio.create_task(sidecar.run())
+    elapsed = await time_until_done(sidecar, task, n)
+    sidecar.request_stop()
+    await task
+    sidecar.close_models()
+    return elapsed
+
+
+async def time_until_done(sidecar: Any, task: asyncio.Task[None], n: int) -> float:
+    """Seconds from the sidecar's first processed record until ``n`` are acknowledged."""
     start = None
     while True:
         if start is None and sidecar.processed:
@@ -156,11 +165,7 @@ async def run_sidecar(cfg: Any, n: int) -> float:
             task.result()
             raise RuntimeError("sidecar stopped early")
         await asyncio.sleep(0.002)
-    elapsed = time.perf_counter() - (start or 0)
-    sidecar.request_stop()
-    await task
-    sidecar.close_models()
-    return elapsed
+    return time.perf_counter() - (start or 0)
 
 
 def child(args: argparse.Namespace) -> None:

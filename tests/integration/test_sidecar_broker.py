@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,27 @@ async def stop_sidecar(sidecar: Sidecar, task: asyncio.Task[None]) -> None:
     sidecar.request_stop()
     await asyncio.wait_for(task, 60)
     sidecar.close_models()
+
+
+@contextlib.contextmanager
+def frozen(broker: EmbeddedBroker) -> Iterator[None]:
+    """The broker process stopped (SIGSTOP): connections stay open, nothing answers."""
+    assert broker.process is not None
+    broker.process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        broker.process.send_signal(signal.SIGCONT)
+
+
+async def started_mid_stream(cfg: Any, n: int, seed: int) -> tuple[Sidecar, asyncio.Task[None]]:
+    """A sidecar that has begun consuming ``n`` preloaded requests."""
+    await create_topics(cfg)
+    await produce(cfg, generated_items(n, seed=seed))
+    sidecar = Sidecar(cfg)
+    task = await run_sidecar(sidecar)
+    await wait_until(lambda: sidecar.processed > 0, 60, interval_s=0.001)
+    return sidecar, task
 
 
 async def test_n_requests_give_n_decisions_and_n_comparisons(bootstrap: str) -> None:
@@ -316,22 +339,14 @@ async def test_backpressure_bounds_the_records_in_flight(tmp_path: Path) -> None
             pipeline={"max_in_flight_records": 50, "max_batch": 100},
             kafka={"request_timeout_ms": 60_000},
         )
-        await create_topics(cfg)
         n = 20_000
-        await produce(cfg, generated_items(n, seed=4))
-        sidecar = Sidecar(cfg)
-        task = await run_sidecar(sidecar)
-        await wait_until(lambda: sidecar.processed > 0, 60, interval_s=0.001)
-        assert broker.process is not None
-        broker.process.send_signal(signal.SIGSTOP)
-        try:
+        sidecar, task = await started_mid_stream(cfg, n, seed=4)
+        with frozen(broker):
             await asyncio.sleep(2.0)
             stalled_at = sidecar.processed
             assert sidecar.in_flight_records < 50 + 100
             await asyncio.sleep(1.0)
             assert sidecar.processed == stalled_at, "kept consuming with no acknowledgements"
-        finally:
-            broker.process.send_signal(signal.SIGCONT)
         await wait_until(lambda: sidecar.processed >= n, 120)
         await stop_sidecar(sidecar, task)
         assert 0 < sidecar.peak_in_flight_records < 50 + 100
@@ -373,19 +388,11 @@ async def test_a_broker_outage_mid_stream_is_retried_and_loses_nothing(
             kafka={"request_timeout_ms": 7000},
             pipeline={"max_batch": 200},
         )
-        await create_topics(cfg)
         n = 6000
-        await produce(cfg, generated_items(n, seed=9))
-        sidecar = Sidecar(cfg)
-        task = await run_sidecar(sidecar)
-        await wait_until(lambda: sidecar.processed > 0, 60, interval_s=0.001)
-        assert broker.process is not None
-        broker.process.send_signal(signal.SIGSTOP)
-        try:
+        sidecar, task = await started_mid_stream(cfg, n, seed=9)
+        with frozen(broker):
             await asyncio.sleep(10.0)
             assert not task.done(), "the sidecar crashed during the outage"
-        finally:
-            broker.process.send_signal(signal.SIGCONT)
         ids: set[str] = set()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(ids) < n:

@@ -285,13 +285,23 @@ class Pipeline:
             self._dead_letter(result, rejected)
         if not len(batch):
             return result
-        buckets, candidate_decides = policy.route([k.encode() for k in batch.routing_keys])
+        # Encoded once: the routing hash and the decisions' Kafka keys both use these bytes.
+        key_bytes = [k.encode() for k in batch.routing_keys]
+        buckets, candidate_decides = policy.route(key_bytes)
         if self._shadow_only:  # may break the contracts: never lets it decide
             candidate_decides = np.zeros_like(candidate_decides)
         champion, candidate = await self._score(batch, policy, candidate_decides)
         result.champion, result.candidate = champion, candidate
         self._assemble(
-            result, batch, policy, buckets, candidate_decides, champion, candidate, flagged
+            result,
+            batch,
+            key_bytes,
+            policy,
+            buckets,
+            candidate_decides,
+            champion,
+            candidate,
+            flagged,
         )
         return result
 
@@ -321,6 +331,7 @@ class Pipeline:
         self,
         result: BatchResult,
         batch: DecodedBatch,
+        key_bytes: list[bytes],
         policy: RoutingPolicy,
         buckets: np.ndarray,
         candidate_decides: np.ndarray,
@@ -412,11 +423,11 @@ class Pipeline:
         if choice.max(initial=0) == _DEAD_LETTER:
             for i in range(n):
                 if dec_values[i] is not None:
-                    out.keys.append(keys[i].encode())
+                    out.keys.append(key_bytes[i])
                     out.values.append(dec_values[i])  # type: ignore[arg-type]
                     out.headers.append(dec_headers[i])  # type: ignore[arg-type]
         else:
-            out.keys.extend([k.encode() for k in keys])
+            out.keys.extend(key_bytes)
             out.values.extend(dec_values)  # type: ignore[arg-type]
             out.headers.extend(dec_headers)  # type: ignore[arg-type]
         counts = result.decided_by

@@ -6,9 +6,12 @@ same run:
 
 * baseline: aiokafka ``getmany`` + ``msgspec`` decode of every record (no group, no windows);
 * aggregator: ``AggregatorService`` end to end (consumer group, decode, columns, windows,
-  reports produced to the reports topic, guards, offset commits).
+  reports produced to the reports topic, guards, offset commits), once per
+  ``--decode-processes`` value (0: decode in the loop; 1: one decode helper process);
+* sidecar: ``bench_throughput.py``'s sidecar contender on ``--sidecar-requests`` requests
+  (its own process, same broker), so "x times the sidecar's output rate" is a same-run ratio.
 
-    /work/venv/bin/python bench/bench_aggregate.py [--count 300000] [--repeat 2]
+    python bench/bench_aggregate.py [--count 300000] [--repeat 3] [--decode-processes 0,1]
 """
 
 from __future__ import annotations
@@ -16,10 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
+import statistics
+import subprocess
+import sys
 import time
 import uuid
-from typing import Any
+from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -30,6 +37,9 @@ from sidecar.broker import EmbeddedBroker, ensure_topics
 from sidecar.config import SidecarConfig, config_from_dict
 from sidecar.contracts import Comparison, ModelResult
 from sidecar.traffic import produce_values
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_throughput import preload as preload_requests
 
 ROLLOUT = "fraud-v2"
 
@@ -74,7 +84,7 @@ def make_values(n: int, start_ms: int, rate: float, seed: int = 0) -> list[bytes
     ]
 
 
-def config(bootstrap: str, topic: str, window_ms: int) -> SidecarConfig:
+def config(bootstrap: str, topic: str, window_ms: int, decode_processes: int = 1) -> SidecarConfig:
     run = uuid.uuid4().hex[:8]
     return config_from_dict(
         {
@@ -94,6 +104,7 @@ def config(bootstrap: str, topic: str, window_ms: int) -> SidecarConfig:
                 "allowed_lateness_ms": 1000,
                 "metrics_port": 0,
                 "idle_timeout_ms": 2000,
+                "decode_processes": decode_processes,
                 "rules": [
                     {
                         "name": "ratio",
@@ -160,32 +171,45 @@ async def aggregator(cfg: SidecarConfig, n: int) -> tuple[float, float, int]:
     """(seconds first record -> n consumed, seconds including group join, reports)."""
     service = AggregatorService(cfg)
     service.keep_reports = True
-    first: list[float] = []
-    process = service.process
-
-    async def timed(records: Any) -> None:
-        if records and not first:
-            first.append(time.perf_counter())
-        await process(records)
-
-    service.process = timed  # type: ignore[method-assign]
-    t_start = time.perf_counter()
+    t_start = time.monotonic()
     task = asyncio.create_task(service.run())
     try:
         while service.consumed < n:
             await asyncio.sleep(0.002)
             if task.done():
                 task.result()
-        t_end = time.perf_counter()
+        t_end = time.monotonic()
     finally:
         service.request_stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 30)
-    return t_end - first[0], t_end - t_start, len(service.reports)
+    assert service.first_poll_at is not None
+    return t_end - service.first_poll_at, t_end - t_start, len(service.reports)
+
+
+def sidecar_rate(bootstrap: str, topic: str, n: int) -> float:
+    """The sidecar's own throughput (``bench_throughput.py``'s contender, own process)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("bench_throughput.py")),
+            "--mode=sidecar",
+            f"--bootstrap={bootstrap}",
+            f"--topic={topic}",
+            f"--requests={n}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        sys.exit(f"sidecar run failed:\n{out.stderr[-3000:]}")
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["rate"])
 
 
 async def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING)
+    modes = [int(m) for m in args.decode_processes.split(",")]
     with EmbeddedBroker() as broker:
         bs = broker.bootstrap_servers
         topic = f"bench-{uuid.uuid4().hex[:6]}.comparisons"
@@ -200,19 +224,36 @@ async def main(args: argparse.Namespace) -> None:
             f" at {args.event_rate:.0f}/s, {args.window_ms} ms windows"
         )
         del values
+        requests_topic = ""
+        if args.sidecar_requests:
+            requests_topic = f"bench-{uuid.uuid4().hex[:6]}.requests"
+            await preload_requests(bs, requests_topic, args.sidecar_requests)
+        rates: dict[str, list[float]] = {"baseline": [], "sidecar": []}
         for run in range(1, args.repeat + 1):
-            base_s = await baseline(bs, topic, args.count)
-            cfg = config(bs, topic, args.window_ms)
-            agg_s, agg_total_s, reports = await aggregator(cfg, args.count)
-            base_rate, agg_rate = args.count / base_s, args.count / agg_s
-            print(
-                f"run {run}: baseline consume+decode {base_rate:,.0f} comparisons/s | "
-                f"aggregator end to end {agg_rate:,.0f} comparisons/s "
-                f"({args.count / agg_total_s:,.0f}/s incl. group join; {reports} reports) | "
-                f"aggregator/baseline {agg_rate / base_rate:.2f} | "
-                f"aggregator vs sidecar output ({args.sidecar_rate:,.0f}/s): "
-                f"{agg_rate / args.sidecar_rate:.1f}x"
-            )
+            line = []
+            base_rate = args.count / await baseline(bs, topic, args.count)
+            rates["baseline"].append(base_rate)
+            line.append(f"consume+decode baseline {base_rate:,.0f}/s")
+            for procs in modes:
+                cfg = config(bs, topic, args.window_ms, procs)
+                agg_s, _, reports = await aggregator(cfg, args.count)
+                rate = args.count / agg_s
+                rates.setdefault(f"aggregator decode_processes={procs}", []).append(rate)
+                line.append(
+                    f"aggregator[decode_processes={procs}] {rate:,.0f}/s ({reports} reports)"
+                )
+            if requests_topic:
+                side = sidecar_rate(bs, requests_topic, args.sidecar_requests)
+                rates["sidecar"].append(side)
+                line.append(f"sidecar {side:,.0f} req/s")
+            print(f"run {run}: " + " | ".join(line), flush=True)
+        sidecar = statistics.median(rates["sidecar"]) if rates["sidecar"] else args.sidecar_rate
+        source = "measured in this run" if rates["sidecar"] else "given by --sidecar-rate"
+        print(f"\nmedians (sidecar output rate {sidecar:,.0f}/s, {source}):")
+        for name, values_ in rates.items():
+            if values_ and name != "sidecar":
+                med = statistics.median(values_)
+                print(f"  {name:38} {med:>10,.0f}/s = {med / sidecar:.1f}x the sidecar's output")
 
 
 if __name__ == "__main__":
@@ -230,9 +271,21 @@ if __name__ == "__main__":
         "--sidecar-rate",
         type=float,
         default=40_000.0,
-        help="sidecar output rate to compare against (30-50k/s measured)",
+        help="sidecar output rate to compare against when --sidecar-requests is 0",
     )
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--decode-processes",
+        default="0,1",
+        help="aggregator variants to run, comma-separated decode_processes values",
+    )
+    parser.add_argument(
+        "--sidecar-requests",
+        type=int,
+        default=100_000,
+        help="also run the sidecar (bench_throughput's contender) on this many requests each "
+        "run, for a same-run ratio; 0 uses --sidecar-rate instead",
+    )
     with contextlib.suppress(ImportError):
         import uvloop
 

@@ -224,6 +224,9 @@ class WindowAggregate:
                 features[name] = features.get(name, 0) + count
 
     def _add_offsets(self, partitions: npt.NDArray[np.int32], offsets: Int64Array) -> None:
+        if (partitions == partitions[0]).all():  # the usual batch: one partition
+            self._merge_offset(int(partitions[0]), int(offsets.min()), int(offsets.max()))
+            return
         uniq, inv = np.unique(partitions, return_inverse=True)
         first = np.full(uniq.size, np.iinfo(np.int64).max, dtype=np.int64)
         last = np.full(uniq.size, np.iinfo(np.int64).min, dtype=np.int64)

@@ -27,7 +27,7 @@ from ..errors import BrokerError
 from .actions import COMMAND_ACTIONS, command_id
 from .aggregator import WindowManager
 from .guards import GuardEngine, GuardEvent
-from .ingest import RecordLike, ingest
+from .ingest import ComparisonDecoder, RecordLike, ingest
 from .report import WindowReport, figure_of
 from .settings import AggregateSettings
 
@@ -83,11 +83,12 @@ class Replayer:
         self.manager = WindowManager(settings.aggregator_config())
         self.guards = GuardEngine(settings.rules)
         self.result = ReplayResult()
+        self._decoder = ComparisonDecoder()
 
     def feed(self, records: Sequence[RecordLike]) -> None:
         if not records:
             return
-        got = ingest(records)
+        got = ingest(records, self._decoder)
         self.result.records += len(records)
         self.result.undecodable += got.undecodable
         self._reports(self.manager.process(got.batch, 0).reports)

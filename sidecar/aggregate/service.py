@@ -1,14 +1,15 @@
 """``sidecar aggregate``: the Kafka edge of the windowed aggregator.
 
-Comparisons -> decode (one reused msgspec decoder) -> ``comparison_batch`` -> ``WindowManager``
--> every closed ``WindowReport`` is produced (JSON, keyed by rollout) to the reports topic ->
-``GuardEngine`` -> a fired ``rollback``/``pause`` becomes a signed ``ControlCommand`` on
-partition 0 of the control topic; ``alert`` is a log line and a metric.
+Comparisons -> decode (one msgspec call per poll, in a helper process by default: see
+``decode_pool``) -> ``comparison_batch`` -> ``WindowManager`` -> every closed ``WindowReport``
+is produced (JSON, keyed by rollout) to the reports topic -> ``GuardEngine`` -> a fired
+``rollback``/``pause`` becomes a signed ``ControlCommand`` on partition 0 of the control topic;
+``alert`` is a log line and a metric.
 
 Keying and scaling: the sidecar keys comparisons by rollout name, so one rollout's comparisons
 all sit on one partition and one consumer-group member sees the whole rollout -- its windows
 need no cross-instance merge and its figures are exact. The price: a single rollout is limited
-to one partition's throughput (one aggregator process, ~100k+ comparisons/s here); more
+to one partition's throughput (one aggregator process, see the README's benchmark); more
 aggregator instances only help with more rollouts.
 
 Offsets and restarts: offsets are committed only after the reports (and commands) of the
@@ -27,7 +28,9 @@ import asyncio
 import logging
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from itertools import chain
 from typing import Any
 
 import msgspec
@@ -41,8 +44,9 @@ from ..errors import ConfigError
 from ..health import HealthState, watch_aggregator
 from .actions import COMMAND_ACTIONS, commit_points, guard_command
 from .aggregator import WindowManager
+from .decode_pool import DecodePool
 from .guards import GuardEngine, GuardEvent
-from .ingest import RecordLike, ingest
+from .ingest import ComparisonDecoder, Ingested, RecordLike, ingest
 from .metrics import AggregateMetrics
 from .report import WindowReport
 
@@ -116,6 +120,10 @@ class AggregatorService:
         self.keyring, self.key_id = signing_key(config, keyring)
         self.guards = GuardEngine(self.settings.rules)
         self.manager = WindowManager(self.settings.aggregator_config())
+        self._decoder = ComparisonDecoder()
+        self._pool: DecodePool | None = None
+        #: Bumped on every revoke: polls decoded before it are dropped, not applied.
+        self._generation = 0
         self.metrics = metrics or AggregateMetrics()
         self._clock = clock
         self._topic = config.topics.comparisons
@@ -131,6 +139,8 @@ class AggregatorService:
         self.health = HealthState("aggregator")
         #: What this process did (tests and the benchmark read these).
         self.consumed = 0
+        #: ``time.monotonic()`` of the first poll that returned records (the benchmark).
+        self.first_poll_at: float | None = None
         self.reports: list[WindowReport] = []
         self.events: list[GuardEvent] = []
         self.commands: list[ControlCommand] = []
@@ -202,10 +212,16 @@ class AggregatorService:
             max_partition_fetch_bytes=8 << 20,
             fetch_max_bytes=64 << 20,
         )
+        if self.settings.decode_processes:
+            self._pool = DecodePool(self.settings.decode_processes, self._decoder)
+            await self._pool.start()
         await self._consumer.start()
         self._consumer.subscribe([self._topic], listener=_Rebalance(self))
 
     async def _close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         for client in (self._consumer, self._producer):
             await stop_quietly(client)
         self._consumer = self._producer = None
@@ -215,6 +231,7 @@ class AggregatorService:
     async def on_revoked(self, partitions: set[int]) -> None:
         """Commit what is safe, then drop all window state (see the module docstring)."""
         async with self._lock:
+            self._generation += 1
             await self._commit(force=True)
             if self.manager.open_windows:
                 log.info(
@@ -237,28 +254,78 @@ class AggregatorService:
         consumer = self._consumer
         assert consumer is not None
         s = self.settings
-        while not self._stopping.is_set():
-            batches = await consumer.getmany(timeout_ms=s.fetch_timeout_ms, max_records=s.max_batch)
-            async with self._lock:
-                await self.process([r for part in batches.values() for r in part])
+        if self._pool is None:
+            while not self._stopping.is_set():
+                polled = await consumer.getmany(
+                    timeout_ms=s.fetch_timeout_ms, max_records=s.max_batch
+                )
+                records = list(chain.from_iterable(polled.values()))
+                if records and self.first_poll_at is None:
+                    self.first_poll_at = time.monotonic()
+                async with self._lock:
+                    await self.process(records)
+            return
+        await self._pipelined_loop(consumer, self._pool)
+
+    async def _pipelined_loop(self, consumer: AIOKafkaConsumer, pool: DecodePool) -> None:
+        """Fetch the next poll while helpers decode earlier ones; apply decoded polls in order.
+
+        A decoded poll never waits for a fetch: while polls are in flight, the fetch does not
+        block (``timeout_ms=0``) and, when it brings nothing, the oldest poll is awaited.
+        """
+        s = self.settings
+        pending: deque[tuple[int, asyncio.Task[Ingested]]] = deque()
+        try:
+            while not self._stopping.is_set():
+                polled = await consumer.getmany(
+                    timeout_ms=0 if pending else s.fetch_timeout_ms, max_records=s.max_batch
+                )
+                records = list(chain.from_iterable(polled.values()))
+                if records:
+                    if self.first_poll_at is None:
+                        self.first_poll_at = time.monotonic()
+                    pending.append((self._generation, asyncio.create_task(pool.ingest(records))))
+                elif not pending:  # idle: still close windows on time
+                    async with self._lock:
+                        await self._apply(None)
+                while pending and (
+                    not records or len(pending) > pool.processes or pending[0][1].done()
+                ):
+                    await self._apply_decoded(*pending.popleft())
+            while pending:  # stopping: apply what was fetched, so it is committed
+                await self._apply_decoded(*pending.popleft())
+        finally:
+            for _, task in pending:
+                task.cancel()
+
+    async def _apply_decoded(self, generation: int, decoding: asyncio.Task[Ingested]) -> None:
+        got = await decoding
+        async with self._lock:
+            if generation == self._generation:
+                await self._apply(got)
+            # else: fetched before a revoke and never committed: the new owner re-reads it.
 
     async def process(self, records: Sequence[RecordLike]) -> None:
-        """One poll's records (possibly none): windows, reports, guards, commands, commit."""
+        """One poll's records (possibly none), decoded here: windows, reports, guards,
+        commands, commit."""
+        await self._apply(ingest(records, self._decoder) if records else None)
+
+    async def _apply(self, got: Ingested | None) -> None:
         now = self._clock()
         late: list[RecordLike] = []
-        if records:
-            got = ingest(records)
+        if got is not None:
             for p, nxt in got.next_offsets.items():
                 self._next[p] = max(self._next.get(p, 0), nxt)
-            self.consumed += len(records)
-            self.metrics.consumed.inc(len(records))
+            n = len(got.records) + got.undecodable
+            self.consumed += n
+            self.metrics.consumed.inc(n)
             if got.undecodable:
                 self.metrics.undecodable.inc(got.undecodable)
                 log.warning("skipped %d undecodable records on %s", got.undecodable, self._topic)
             result = self.manager.process(got.batch, now)
             reports = result.reports
-            for rollout, n in result.late_by_rollout.items():
-                self.metrics.late.labels(rollout).inc(n)
+            for rollout, count in result.late_by_rollout.items():
+                self.metrics.late.labels(rollout).inc(count)
             late = [got.records[i] for i in result.late_indices.tolist()]
         else:
             reports = self.manager.advance(now)

@@ -79,8 +79,11 @@ async def run_until(service: AggregatorService, reports: int) -> None:
         await asyncio.wait_for(task, 30)
 
 
-async def test_restart_rebuilds_the_open_window_from_committed_offsets(bootstrap: str) -> None:
-    cfg = config(bootstrap)
+@pytest.mark.parametrize("decode_processes", [0, 1], ids=["in-loop", "helper"])
+async def test_restart_rebuilds_the_open_window_from_committed_offsets(
+    bootstrap: str, decode_processes: int
+) -> None:
+    cfg = config(bootstrap, decode_processes=decode_processes)
     await ensure_control_topics(cfg)
     await create_topics(cfg)
     # Windows 0-3: window 3 stays open (no later event time closes it).

@@ -282,7 +282,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--sidecar-requests",
         type=int,
-        default=100_000,
+        default=200_000,
         help="also run the sidecar (bench_throughput's contender) on this many requests each "
         "run, for a same-run ratio; 0 uses --sidecar-rate instead",
     )

@@ -8,6 +8,7 @@ bounded by the number of open windows, never by the number of records.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ from .histograms import (
 )
 from .report import (
     ArmReport,
+    ClosedBy,
     DriftReport,
     LatencyReport,
     OffsetRange,
@@ -68,6 +70,8 @@ from .windows import (
     WindowSpec,
 )
 
+log = logging.getLogger(__name__)
+
 Int64Array = npt.NDArray[np.int64]
 
 
@@ -99,6 +103,10 @@ class AggregatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     latency_min_ms: float = LATENCY_MIN_MS
     latency_max_ms: float = LATENCY_MAX_MS
     latency_gamma: float = LATENCY_GAMMA
+    #: Most windows open at once (all rollouts). Past it the oldest are closed early with
+    #: ``closed_by="capacity"`` and later records of theirs count as late: a skewed producer
+    #: clock holding the watermark back cannot grow memory without bound.
+    max_open_windows: int = 1_000
 
     def window_spec(self) -> WindowSpec:
         return WindowSpec(
@@ -335,6 +343,7 @@ class WindowAggregate:
         champion_reference: Reference | None = None,
         candidate_reference: Reference | None = None,
         emitted_at_ms: int = 0,
+        closed_by: ClosedBy = "watermark",
     ) -> WindowReport:
         """The window's report; drift-vs-reference figures need the references passed in."""
         c = self.config
@@ -399,6 +408,7 @@ class WindowAggregate:
                 for p, (f, la) in sorted(self.offsets.items())
             ],
             emitted_at_ms=emitted_at_ms,
+            closed_by=closed_by,
             out_of_range_rate=wilson(self.out_of_range, self.records, z=c.z, min_count=m),
         )
 
@@ -442,6 +452,8 @@ class WindowManager:
         self._open: dict[tuple[int, int], WindowAggregate] = {}
         self._pending_late: dict[int, int] = {}
         self._closed_wm: int | None = None
+        #: Windows closed early for capacity (oldest first, as many as may be open).
+        self._closed_early: dict[tuple[int, int], None] = {}
         self._references: dict[ReferenceKey, Reference] = {}
         #: Late records since start, per rollout (for metrics).
         self.late_total: dict[str, int] = {}
@@ -518,9 +530,12 @@ class WindowManager:
                 late_idx = np.flatnonzero(open_count == 0).astype(np.int64)
                 rec, starts = rec[~closed], starts[~closed]
                 late_by_rollout = self._count_late(gcode[late_idx])
-        self._route(batch, gcode, rec, starts)
+        for rollout, count in self._route(batch, gcode, rec, starts).items():
+            late_by_rollout[rollout] = late_by_rollout.get(rollout, 0) + count
         self.watermark.observe(batch.partition, batch.ts, now_ms)
-        return ProcessResult(self._close_due(now_ms), late_idx, late_by_rollout)
+        reports = self._close_due(now_ms)
+        reports += self._close_over_capacity(now_ms)
+        return ProcessResult(reports, late_idx, late_by_rollout)
 
     def advance(self, now_ms: int) -> list[WindowReport]:
         """Re-evaluate idleness without data (call on empty polls) and close due windows."""
@@ -529,7 +544,25 @@ class WindowManager:
 
     def flush(self, now_ms: int) -> list[WindowReport]:
         """Close every open window now (shutdown); their reports may cover partial windows."""
-        return self._close(list(self._open), now_ms)
+        return self._close(list(self._open), now_ms, "flush")
+
+    def _close_over_capacity(self, now_ms: int) -> list[WindowReport]:
+        excess = len(self._open) - self.config.max_open_windows
+        if excess <= 0:
+            return []
+        oldest = sorted(self._open, key=lambda k: (k[1], k[0]))[:excess]
+        log.warning(
+            "%d windows open, more than aggregate.max_open_windows=%d: closing the %d oldest "
+            "early (is a partition's event time far behind the others?)",
+            len(self._open),
+            self.config.max_open_windows,
+            excess,
+        )
+        for key in oldest:
+            self._closed_early[key] = None
+        while len(self._closed_early) > self.config.max_open_windows:
+            del self._closed_early[next(iter(self._closed_early))]
+        return self._close(oldest, now_ms, "capacity")
 
     def _note_first_seen(self, gcode: Int64Array, ts: Int64Array) -> None:
         uniq, inv = np.unique(gcode, return_inverse=True)
@@ -552,9 +585,11 @@ class WindowManager:
 
     def _route(
         self, batch: ComparisonBatch, gcode: Int64Array, rec: Int64Array, starts: Int64Array
-    ) -> None:
+    ) -> dict[str, int]:
+        """Add rows to their windows; returns rows per rollout that fell in windows closed
+        early for capacity (late: counted, not aggregated)."""
         if rec.size == 0:
-            return
+            return {}
         codes = gcode[rec]
         order = np.lexsort((starts, codes))  # stable: keeps arrival order within a group
         codes, starts, rec = codes[order], starts[order], rec[order]
@@ -562,16 +597,24 @@ class WindowManager:
         bounds = np.concatenate(([0], cut, [rec.size]))
         # Fast path: one group holding the whole batch in arrival order needs no copy.
         whole = bounds.size == 2 and rec.size == len(batch) and self.spec.per_record == 1
+        late: dict[str, int] = {}
         for i in range(bounds.size - 1):
             lo, hi = int(bounds[i]), int(bounds[i + 1])
             code, start = int(codes[lo]), int(starts[lo])
             agg = self._open.get((code, start))
             if agg is None:
+                if self._closed_early and (code, start) in self._closed_early:
+                    self._pending_late[code] = self._pending_late.get(code, 0) + hi - lo
+                    rollout = self._key_list[code].rollout
+                    late[rollout] = late.get(rollout, 0) + hi - lo
+                    self.late_total[rollout] = self.late_total.get(rollout, 0) + hi - lo
+                    continue
                 agg = WindowAggregate(
                     self._key_list[code], start, start + self.spec.size_ms, self.config
                 )
                 self._open[(code, start)] = agg
             agg.add(batch if whole else batch.take(rec[lo:hi]))
+        return late
 
     def _close_due(self, now_ms: int) -> list[WindowReport]:
         wm = self.watermark.current
@@ -581,7 +624,9 @@ class WindowManager:
         due = [k for k in self._open if self.spec.closes_at(k[1]) <= wm]
         return self._close(due, now_ms)
 
-    def _close(self, due: list[tuple[int, int]], now_ms: int) -> list[WindowReport]:
+    def _close(
+        self, due: list[tuple[int, int]], now_ms: int, closed_by: ClosedBy = "watermark"
+    ) -> list[WindowReport]:
         reports = []
         for code, start in sorted(due, key=lambda k: (k[1], k[0])):
             agg = self._open.pop((code, start))
@@ -597,6 +642,7 @@ class WindowManager:
                     champion_reference=refs[0],
                     candidate_reference=refs[1],
                     emitted_at_ms=now_ms,
+                    closed_by=closed_by,
                 )
             )
             first = self._first_seen.get(code)

@@ -73,6 +73,12 @@ class AggregateMetrics:
         self.reports = Counter(
             "sidecar_aggregate_reports", "Window reports closed", ["rollout"], registry=r
         )
+        self.closed_early = Counter(
+            "sidecar_aggregate_windows_closed_early",
+            "Windows closed before their watermark because too many were open",
+            ["rollout"],
+            registry=r,
+        )
         self.open_windows = Gauge(
             "sidecar_aggregate_open_windows", "Windows currently open", registry=r
         )
@@ -94,6 +100,8 @@ class AggregateMetrics:
         self.window_end.labels(rollout).set(report.window_end_ms)
         self.window_records.labels(rollout).set(report.counts.records)
         self.reports.labels(rollout).inc()
+        if report.closed_by == "capacity":
+            self.closed_early.labels(rollout).inc()
         active = set(guards.active(rollout))
         for rule in guards.rules:
             self.guard_active.labels(rollout, rule.name).set(int(rule.name in active))

@@ -6,6 +6,8 @@ a consumer never mistakes "not enough data" for "no difference".
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 from ..contracts import OUTPUT_SCHEMA_VERSION
@@ -87,6 +89,11 @@ class ReportCounts(msgspec.Struct, frozen=True, kw_only=True):
     out_of_range_features: dict[str, int] = {}
 
 
+#: Why a window was closed: its watermark passed (the normal case), too many windows were open
+#: (``aggregate.max_open_windows``; later records of it count as late), or a replay ended.
+ClosedBy = Literal["watermark", "capacity", "flush"]
+
+
 class WindowReport(msgspec.Struct, frozen=True, kw_only=True):
     """Everything known about one rollout's champion/candidate pair over one event-time window."""
 
@@ -108,6 +115,8 @@ class WindowReport(msgspec.Struct, frozen=True, kw_only=True):
     out_of_range_rate: Figure = msgspec.field(
         default_factory=lambda: insufficient(0, "not_reported")
     )
+    #: ``watermark`` unless the window was closed early (then it may be missing records).
+    closed_by: ClosedBy = "watermark"
     schema_version: str = REPORT_SCHEMA_VERSION
 
 

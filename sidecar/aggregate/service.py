@@ -28,8 +28,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from itertools import chain
 from typing import Any
 
@@ -92,6 +91,16 @@ def signing_key(cfg: SidecarConfig, keyring: Keyring | None) -> tuple[Keyring | 
     return keyring, key_id
 
 
+async def _unless_done(awaitable: Awaitable[object], watched: asyncio.Task[None]) -> bool:
+    """Await ``awaitable`` unless ``watched`` ends first (then cancel it and return False)."""
+    task = asyncio.ensure_future(awaitable)
+    await asyncio.wait((task, watched), return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        return True
+    task.cancel()
+    return False
+
+
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, service: AggregatorService) -> None:
         self._service = service
@@ -124,6 +133,8 @@ class AggregatorService:
         self._pool: DecodePool | None = None
         #: Bumped on every revoke: polls decoded before it are dropped, not applied.
         self._generation = 0
+        #: Polls handed to the decode pool and not applied yet.
+        self._inflight = 0
         self.metrics = metrics or AggregateMetrics()
         self._clock = clock
         self._topic = config.topics.comparisons
@@ -268,42 +279,53 @@ class AggregatorService:
         await self._pipelined_loop(consumer, self._pool)
 
     async def _pipelined_loop(self, consumer: AIOKafkaConsumer, pool: DecodePool) -> None:
-        """Fetch the next poll while helpers decode earlier ones; apply decoded polls in order.
-
-        A decoded poll never waits for a fetch: while polls are in flight, the fetch does not
-        block (``timeout_ms=0``) and, when it brings nothing, the oldest poll is awaited.
-        """
+        """Fetch the next poll while helpers decode earlier ones; an applier task applies the
+        decoded polls in order, each as soon as it is ready (it never waits for a fetch)."""
         s = self.settings
-        pending: deque[tuple[int, asyncio.Task[Ingested]]] = deque()
+        queue: asyncio.Queue[tuple[int, asyncio.Task[Ingested]] | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(pool.processes + 1)  # polls decoding or waiting to apply
+        applier = asyncio.create_task(self._apply_decoded(queue, slots))
         try:
-            while not self._stopping.is_set():
+            while not self._stopping.is_set() and not applier.done():
                 polled = await consumer.getmany(
-                    timeout_ms=0 if pending else s.fetch_timeout_ms, max_records=s.max_batch
+                    timeout_ms=s.fetch_timeout_ms, max_records=s.max_batch
                 )
                 records = list(chain.from_iterable(polled.values()))
                 if records:
                     if self.first_poll_at is None:
                         self.first_poll_at = time.monotonic()
-                    pending.append((self._generation, asyncio.create_task(pool.ingest(records))))
-                elif not pending:  # idle: still close windows on time
+                    if not await _unless_done(slots.acquire(), applier):
+                        break
+                    self._inflight += 1
+                    queue.put_nowait((self._generation, asyncio.create_task(pool.ingest(records))))
+                elif not self._inflight:  # idle: still close windows on time
                     async with self._lock:
                         await self._apply(None)
-                while pending and (
-                    not records or len(pending) > pool.processes or pending[0][1].done()
-                ):
-                    await self._apply_decoded(*pending.popleft())
-            while pending:  # stopping: apply what was fetched, so it is committed
-                await self._apply_decoded(*pending.popleft())
         finally:
-            for _, task in pending:
-                task.cancel()
+            if applier.done():  # it failed: nothing will apply the rest
+                while not queue.empty():
+                    if (item := queue.get_nowait()) is not None:
+                        item[1].cancel()
+            else:
+                queue.put_nowait(None)
+            await applier  # applies what was fetched (so it is committed); raises its failure
 
-    async def _apply_decoded(self, generation: int, decoding: asyncio.Task[Ingested]) -> None:
-        got = await decoding
-        async with self._lock:
-            if generation == self._generation:
-                await self._apply(got)
-            # else: fetched before a revoke and never committed: the new owner re-reads it.
+    async def _apply_decoded(
+        self,
+        queue: asyncio.Queue[tuple[int, asyncio.Task[Ingested]] | None],
+        slots: asyncio.Semaphore,
+    ) -> None:
+        while (item := await queue.get()) is not None:
+            generation, decoding = item
+            try:
+                got = await decoding
+                async with self._lock:
+                    if generation == self._generation:
+                        await self._apply(got)
+                    # else: fetched before a revoke, never committed: the new owner re-reads it
+            finally:
+                self._inflight -= 1
+                slots.release()
 
     async def process(self, records: Sequence[RecordLike]) -> None:
         """One poll's records (possibly none), decoded here: windows, reports, guards,
@@ -314,8 +336,6 @@ class AggregatorService:
         now = self._clock()
         late: list[RecordLike] = []
         if got is not None:
-            for p, nxt in got.next_offsets.items():
-                self._next[p] = max(self._next.get(p, 0), nxt)
             n = len(got.records) + got.undecodable
             self.consumed += n
             self.metrics.consumed.inc(n)
@@ -332,6 +352,9 @@ class AggregatorService:
         self.metrics.open_windows.set(self.manager.open_windows)
         if reports or late:
             await self._publish(reports, late, now)
+        if got is not None:  # only now: a poll that failed above is never committed
+            for p, nxt in got.next_offsets.items():
+                self._next[p] = max(self._next.get(p, 0), nxt)
         await self._commit(force=bool(reports))
 
     async def _publish(self, reports: list[WindowReport], late: list[RecordLike], now: int) -> None:

@@ -45,6 +45,8 @@ class AggregateSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     #: Helper processes that decode comparisons while the loop fetches (0: decode in the
     #: loop). One is worth ~+20% on two cores; more help only with more idle cores.
     decode_processes: Annotated[int, Meta(ge=0, le=16)] = 1
+    #: Most windows open at once; past it the oldest close early (``closed_by="capacity"``).
+    max_open_windows: Annotated[int, Meta(ge=1)] = 1_000
     #: Most comparison records taken per poll.
     max_batch: Annotated[int, Meta(ge=1)] = 10_000
     fetch_timeout_ms: Annotated[int, Meta(ge=1)] = 200
@@ -69,6 +71,7 @@ class AggregateSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
             idle_timeout_ms=self.idle_timeout_ms,
             min_pairs=self.min_pairs,
             min_latency_count=self.min_latency_count,
+            max_open_windows=self.max_open_windows,
         )
 
 

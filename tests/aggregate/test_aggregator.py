@@ -214,6 +214,33 @@ def test_idle_partition_releases_windows_on_advance() -> None:
     assert [r.window_start_ms for r in reports] == [0]
 
 
+def test_open_windows_are_capped_oldest_closed_early_and_their_stragglers_are_late() -> None:
+    rng = np.random.default_rng(14)
+    mgr = _manager(max_open_windows=3, idle_timeout_ms=10**9)
+    # Partition 0 stays at t=0 and holds the watermark back; partition 1 runs ahead.
+    mgr.process(batch_of(comparisons(rng, 10, t0=0, id_prefix="slow"), partition=0), 0)
+    early: list[WindowReport] = []
+    for w in range(1, 7):
+        comps = comparisons(rng, 10, t0=w * 1_000, id_prefix=f"fast{w}")
+        res = mgr.process(batch_of(comps, partition=1), now_ms=w)
+        early += res.reports
+        assert mgr.open_windows <= 3
+    assert [(r.window_start_ms, r.closed_by) for r in early] == [
+        (0, "capacity"),
+        (1_000, "capacity"),
+        (2_000, "capacity"),
+        (3_000, "capacity"),
+    ]
+    assert [r.counts.records for r in early] == [10, 10, 10, 10]
+    # A straggler of a window closed early is late: counted, never a second report for it.
+    res = mgr.process(batch_of(comparisons(rng, 4, t0=1_500, id_prefix="strag"), partition=0), 9)
+    assert res.late_by_rollout == {ROLLOUT: 4} and mgr.late_total == {ROLLOUT: 4}
+    assert all(r.window_start_ms != 1_000 for r in res.reports)
+    rest = mgr.flush(10)
+    assert {r.closed_by for r in rest} == {"flush"}
+    assert sum(r.counts.late for r in early + res.reports + rest) == 4
+
+
 def test_keys_are_separate_windows_and_offsets_are_evidence() -> None:
     rng = np.random.default_rng(5)
     a = comparisons(rng, 30, t0=0, rollout="r-a")

@@ -13,6 +13,7 @@ from aggregate.agg_support import comparisons
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from kafka_helpers import create_topics, make_config, read_topic, unique, wait_until, write_toml
 
+from sidecar.aggregate import WindowManager
 from sidecar.aggregate.service import AggregatorService
 from sidecar.cli import main
 from sidecar.config import SidecarConfig
@@ -101,6 +102,25 @@ async def test_restart_rebuilds_the_open_window_from_committed_offsets(
     assert [r.window_start_ms for r in second.reports] == [3000, 4000]
     assert all(r.counts.records == PER_WINDOW for r in first.reports + second.reports)
     assert second.reports[0].offsets[0].first == 3 * PER_WINDOW  # rebuilt from the log
+
+
+@pytest.mark.parametrize("decode_processes", [0, 1], ids=["in-loop", "helper"])
+async def test_a_failure_applying_a_poll_stops_the_service_instead_of_hanging(
+    bootstrap: str, decode_processes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = config(bootstrap, decode_processes=decode_processes)
+    await ensure_control_topics(cfg)
+    await create_topics(cfg)
+    await produce_windows(cfg, range(3))
+
+    def corrupted(*_: object) -> None:
+        raise RuntimeError("window state corrupted")
+
+    monkeypatch.setattr(WindowManager, "process", corrupted)
+    service = AggregatorService(cfg)
+    with pytest.raises(RuntimeError, match="corrupted"):
+        await asyncio.wait_for(service.run(), 30)
+    assert await committed(cfg) is None  # nothing applied, nothing committed
 
 
 async def test_replay_prints_when_guards_would_fire_and_writes_nothing(

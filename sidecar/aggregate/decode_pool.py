@@ -9,7 +9,9 @@ results strictly in poll order; only the values and their positions cross the pr
 boundary, the records themselves stay here (late ones are copied from them).
 
 A helper that dies (OOM kill, crash) is not fatal: its poll is decoded in process and the
-pool is dropped for the rest of the run, with an error in the log.
+pool is dropped for the rest of the run, with an error in the log. Spawned helpers import the
+parent's ``__main__`` module: a script embedding ``AggregatorService`` needs the usual
+``if __name__ == "__main__":`` guard, or ``decode_processes = 0``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
+import signal
 from collections.abc import Sequence
 
 from .batch import Int32Array, Int64Array
@@ -40,6 +43,11 @@ def _ready() -> bool:
     return True
 
 
+def _ignore_interrupts() -> None:
+    """Ctrl-C reaches the whole process group: the parent drains and shuts helpers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class DecodePool:
     """``processes`` helper processes decoding polls; ``submit`` keeps poll order to callers
     that await the returned futures in submission order."""
@@ -54,7 +62,9 @@ class DecodePool:
     async def start(self) -> None:
         """Spawn the helpers and wait until each has imported the decoder (~0.5 s)."""
         self._executor = concurrent.futures.ProcessPoolExecutor(
-            self.processes, mp_context=multiprocessing.get_context("spawn")
+            self.processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_ignore_interrupts,
         )
         loop = asyncio.get_running_loop()
         await asyncio.gather(

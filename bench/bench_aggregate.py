@@ -35,13 +35,16 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sidecar.aggregate.service import AggregatorService
 from sidecar.broker import EmbeddedBroker, ensure_topics
 from sidecar.config import SidecarConfig, config_from_dict
-from sidecar.contracts import Comparison, ModelResult
+from sidecar.contracts import OUTPUT_SCHEMA_VERSION, Comparison, ModelResult
+from sidecar.runtime import prepare_process
 from sidecar.traffic import produce_values
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_throughput import preload as preload_requests
 
 ROLLOUT = "fraud-v2"
+#: What the sidecar puts on every comparison record (the consumer pays for parsing it).
+SIDECAR_HEADERS = [("schema_version", OUTPUT_SCHEMA_VERSION.encode())]
 
 
 def make_values(n: int, start_ms: int, rate: float, seed: int = 0) -> list[bytes]:
@@ -128,7 +131,8 @@ async def preload(bootstrap: str, topic: str, values: list[bytes]) -> None:
     try:
         key = ROLLOUT.encode()
         for i in range(0, len(values), 50_000):
-            await produce_values(producer, topic, [(key, v) for v in values[i : i + 50_000]])
+            chunk = [(key, v) for v in values[i : i + 50_000]]
+            await produce_values(producer, topic, chunk, headers=SIDECAR_HEADERS)
     finally:
         await producer.stop()
 
@@ -286,8 +290,5 @@ if __name__ == "__main__":
         help="also run the sidecar (bench_throughput's contender) on this many requests each "
         "run, for a same-run ratio; 0 uses --sidecar-rate instead",
     )
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        uvloop.install()
+    prepare_process()  # as `sidecar aggregate` does: uvloop, tuned garbage collector
     asyncio.run(main(parser.parse_args()))

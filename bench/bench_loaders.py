@@ -95,12 +95,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.child)
-        try:
-            import uvloop
+        from sidecar.runtime import prepare_process
 
-            uvloop.install()
-        except ImportError:
-            pass
+        prepare_process()  # as `sidecar run` does
         elapsed = asyncio.run(
             run_one(spec["bootstrap"], spec["topic"], args.requests, spec["champion"])
         )

@@ -169,12 +169,9 @@ async def time_until_done(sidecar: Any, task: asyncio.Task[None], n: int) -> flo
 
 
 def child(args: argparse.Namespace) -> None:
-    try:
-        import uvloop
+    from sidecar.runtime import prepare_process
 
-        uvloop.install()
-    except ImportError:
-        pass
+    prepare_process()  # as `sidecar run` does: uvloop, tuned garbage collector
     cfg = config_for(args.bootstrap, args.topic, f"bench-{args.mode}-{uuid.uuid4().hex[:6]}")
     runner = run_passthrough if args.mode == "passthrough" else run_sidecar
     if args.profile:

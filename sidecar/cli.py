@@ -19,6 +19,7 @@ from . import __version__
 from .config import SidecarConfig, load_config
 from .errors import SidecarError
 from .reference import settings_text
+from .runtime import prepare_process
 
 log = logging.getLogger("sidecar")
 
@@ -91,16 +92,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     setup_logging(cfg.logging.level, cfg.logging.format)
     with _maybe_embedded(args, cfg) as cfg:
-        _install_uvloop()
+        prepare_process()
         asyncio.run(_run(cfg, args))
     return 0
-
-
-def _install_uvloop() -> None:
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 async def _run(cfg: SidecarConfig, args: argparse.Namespace) -> None:

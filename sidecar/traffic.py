@@ -31,8 +31,10 @@ async def produce_values(
     topic: str,
     items: Sequence[tuple[bytes | None, bytes]],
     partitions: int | None = None,
+    headers: Sequence[tuple[str, bytes]] | None = None,
 ) -> int:
-    """Produce (key, value) pairs with the batch API, keyed like Kafka's default partitioner."""
+    """Produce (key, value) pairs with the batch API, keyed like Kafka's default partitioner;
+    ``headers``, if given, go on every record."""
     if partitions is None:
         partitions = len(await producer.partitions_for(topic))
     keys = [k or b"" for k, _ in items]
@@ -43,10 +45,10 @@ async def produce_values(
         builder = builders.get(part)
         if builder is None:
             builder = builders[part] = producer.create_batch()
-        if builder.append(key=key, value=value, timestamp=None) is None:
+        if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
             futures.append(await producer.send_batch(builder, topic, partition=part))
             builder = builders[part] = producer.create_batch()
-            builder.append(key=key, value=value, timestamp=None)
+            builder.append(key=key, value=value, timestamp=None, headers=headers)
     for part, builder in builders.items():
         futures.append(await producer.send_batch(builder, topic, partition=part))
     await asyncio.gather(*futures)

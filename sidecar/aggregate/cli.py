@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import sys
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import msgspec
 
 from ..config import SidecarConfig, load_config
+from ..runtime import prepare_process
 
 log = logging.getLogger("sidecar.aggregate")
 
@@ -30,10 +30,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     setup_logging(cfg.logging.level, cfg.logging.format)
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    prepare_process()
     asyncio.run(_aggregate(cfg, args.create_topics))
     return 0
 

@@ -1,0 +1,39 @@
+"""Process set-up of the long-running commands (checked in a child: it is process-wide)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sidecar.runtime import GC_THRESHOLDS, GC_TUNING_ENV
+
+PROBE = (
+    "import gc, json; from sidecar.runtime import tune_gc; applied = tune_gc(); "
+    "print(json.dumps([applied, list(gc.get_threshold()), gc.get_freeze_count()]))"
+)
+
+
+def probe(env_value: str | None) -> tuple[bool, tuple[int, ...], int]:
+    env = {k: v for k, v in os.environ.items() if k != GC_TUNING_ENV}
+    if env_value is not None:
+        env[GC_TUNING_ENV] = env_value
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True
+    )
+    applied, thresholds, frozen = json.loads(out.stdout)
+    return applied, tuple(thresholds), frozen
+
+
+def test_the_collector_is_tuned_and_the_start_up_heap_frozen() -> None:
+    applied, thresholds, frozen = probe(None)
+    assert applied and thresholds == GC_THRESHOLDS and frozen > 1000
+
+
+@pytest.mark.parametrize("value", ["0", "off", "false"])
+def test_the_tuning_can_be_turned_off(value: str) -> None:
+    applied, thresholds, frozen = probe(value)
+    assert not applied and thresholds != GC_THRESHOLDS and frozen == 0

@@ -233,6 +233,7 @@ async def main(args: argparse.Namespace) -> None:
             requests_topic = f"bench-{uuid.uuid4().hex[:6]}.requests"
             await preload_requests(bs, requests_topic, args.sidecar_requests)
         rates: dict[str, list[float]] = {"baseline": [], "sidecar": []}
+        ratios: dict[int, list[float]] = {}
         for run in range(1, args.repeat + 1):
             line = []
             base_rate = args.count / await baseline(bs, topic, args.count)
@@ -250,6 +251,10 @@ async def main(args: argparse.Namespace) -> None:
                 side = sidecar_rate(bs, requests_topic, args.sidecar_requests)
                 rates["sidecar"].append(side)
                 line.append(f"sidecar {side:,.0f} req/s")
+                for procs in modes:
+                    ratio = rates[f"aggregator decode_processes={procs}"][-1] / side
+                    ratios.setdefault(procs, []).append(ratio)
+                    line.append(f"[{procs}] {ratio:.1f}x")
             print(f"run {run}: " + " | ".join(line), flush=True)
         sidecar = statistics.median(rates["sidecar"]) if rates["sidecar"] else args.sidecar_rate
         source = "measured in this run" if rates["sidecar"] else "given by --sidecar-rate"
@@ -258,6 +263,12 @@ async def main(args: argparse.Namespace) -> None:
             if values_ and name != "sidecar":
                 med = statistics.median(values_)
                 print(f"  {name:38} {med:>10,.0f}/s = {med / sidecar:.1f}x the sidecar's output")
+        for procs, values_ in ratios.items():
+            print(
+                f"  aggregator/sidecar per run, decode_processes={procs}: "
+                + ", ".join(f"{r:.1f}x" for r in values_)
+                + f" (median {statistics.median(values_):.1f}x, min {min(values_):.1f}x)"
+            )
 
 
 if __name__ == "__main__":

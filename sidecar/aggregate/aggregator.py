@@ -9,7 +9,7 @@ bounded by the number of open windows, never by the number of records.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -344,6 +344,7 @@ class WindowAggregate:
         candidate_reference: Reference | None = None,
         emitted_at_ms: int = 0,
         closed_by: ClosedBy = "watermark",
+        partitions_missing: Sequence[int] = (),
     ) -> WindowReport:
         """The window's report; drift-vs-reference figures need the references passed in."""
         c = self.config
@@ -409,8 +410,72 @@ class WindowAggregate:
             ],
             emitted_at_ms=emitted_at_ms,
             closed_by=closed_by,
+            partitions_missing=list(partitions_missing),
             out_of_range_rate=wilson(self.out_of_range, self.records, z=c.z, min_count=m),
         )
+
+
+ReferenceKey = tuple[str, str, str]  # (rollout, model, version)
+
+
+class References:
+    """Each model's reference score histogram, and the reports that compare against them.
+
+    Kept per (rollout, model, version): either supplied with :meth:`set`, or taken from the
+    first reported window of that key which started at or after the key's first seen event
+    time (a window fully covered by data, not the partial one at start-up) and holds at least
+    ``min_pairs`` scores.
+    """
+
+    def __init__(self, config: AggregatorConfig) -> None:
+        self.config = config
+        self._refs: dict[ReferenceKey, Reference] = {}
+
+    def set(self, key: ReferenceKey, hist: ScoreHistogram) -> None:
+        if not np.array_equal(hist.edges, self.config.edges()):
+            raise ValueError("reference histogram must use the configured score edges")
+        self._refs[key] = Reference(hist.copy(), None)
+
+    def get(self, key: ReferenceKey) -> Reference | None:
+        return self._refs.get(key)
+
+    def report(
+        self,
+        agg: WindowAggregate,
+        *,
+        first_seen_ms: int | None,
+        emitted_at_ms: int,
+        closed_by: ClosedBy = "watermark",
+        partitions_missing: Sequence[int] = (),
+    ) -> WindowReport:
+        """``agg``'s report against the references; may take ``agg`` as a new reference."""
+        key = agg.key
+        arms = (
+            (agg.champion, (key.rollout, key.champion_model, key.champion_version)),
+            (agg.candidate, (key.rollout, key.candidate_model, key.candidate_version)),
+        )
+        refs = [self._refs.get(rk) for _, rk in arms]
+        report = agg.result(
+            champion_reference=refs[0],
+            candidate_reference=refs[1],
+            emitted_at_ms=emitted_at_ms,
+            closed_by=closed_by,
+            partitions_missing=partitions_missing,
+        )
+        full = first_seen_ms is not None and agg.start_ms >= first_seen_ms
+        for (arm, rk), ref in zip(arms, refs, strict=True):
+            if ref is None and full and arm.hist.total >= self.config.min_pairs:
+                self._refs[rk] = Reference(arm.hist.copy(), agg.start_ms)
+        return report
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedPartial:
+    """A window closed in partials mode: one comparison partition's aggregate (maybe empty)."""
+
+    partition: int
+    aggregate: WindowAggregate
+    closed_by: ClosedBy
 
 
 @dataclass(slots=True)
@@ -426,35 +491,39 @@ class ProcessResult:
     late_by_rollout: dict[str, int] = field(default_factory=dict)
 
 
-ReferenceKey = tuple[str, str, str]  # (rollout, model, version)
-
-
 class WindowManager:
-    """Routes batches to window aggregates, tracks watermarks, closes windows, keeps references.
+    """Routes batches to window aggregates, tracks watermarks, closes windows, keeps references
+    (see :class:`References`).
 
-    Reference histograms (for each model's drift against itself) are kept per
-    (rollout, model, version): either supplied with :meth:`set_reference`, or taken from the
-    first closed window of that key which started at or after the key's first seen event time
-    (i.e. a window fully covered by data, not the partial one at start-up) and holds at least
-    ``min_pairs`` scores.
+    With ``partials=True`` (stage 1 of a shared rollout, see ``partials``) windows are kept per
+    comparison partition too, and a closed window is not reported: it is queued as one
+    :class:`ClosedPartial` per assigned partition (empty for partitions without its records, so
+    the merge stage need not wait for them) for :meth:`take_partials`.
     """
 
-    def __init__(self, config: AggregatorConfig | None = None) -> None:
+    def __init__(self, config: AggregatorConfig | None = None, *, partials: bool = False) -> None:
         self.config = config or AggregatorConfig()
+        self.partials = partials
         self.spec = self.config.window_spec()
         self.watermark = Watermark(
             allowed_lateness_ms=self.config.allowed_lateness_ms,
             idle_timeout_ms=self.config.idle_timeout_ms,
         )
-        self._keys: dict[GroupKey, int] = {}
+        #: Window keys: (group, comparison partition in partials mode, else None).
+        self._keys: dict[tuple[GroupKey, int | None], int] = {}
         self._key_list: list[GroupKey] = []
+        self._key_partition: list[int | None] = []
         self._first_seen: dict[int, int] = {}
         self._open: dict[tuple[int, int], WindowAggregate] = {}
         self._pending_late: dict[int, int] = {}
         self._closed_wm: int | None = None
         #: Windows closed early for capacity (oldest first, as many as may be open).
         self._closed_early: dict[tuple[int, int], None] = {}
-        self._references: dict[ReferenceKey, Reference] = {}
+        self._references = References(self.config)
+        self._closed_partials: list[ClosedPartial] = []
+        #: Partials already emitted (bounded, oldest first), so that a window closing on
+        #: several partitions at once sends one partial (real or empty) per partition.
+        self._emitted: dict[tuple[int, int], None] = {}
         #: Late records since start, per rollout (for metrics).
         self.late_total: dict[str, int] = {}
 
@@ -462,12 +531,15 @@ class WindowManager:
 
     def set_reference(self, rollout: str, model: str, version: str, hist: ScoreHistogram) -> None:
         """Supply a model's reference score histogram (must use the configured edges)."""
-        if not np.array_equal(hist.edges, self.config.edges()):
-            raise ValueError("reference histogram must use the configured score edges")
-        self._references[(rollout, model, version)] = Reference(hist.copy(), None)
+        self._references.set((rollout, model, version), hist)
 
     def reference(self, rollout: str, model: str, version: str) -> Reference | None:
         return self._references.get((rollout, model, version))
+
+    def take_partials(self) -> list[ClosedPartial]:
+        """Windows closed in partials mode since the last call, oldest first."""
+        out, self._closed_partials = self._closed_partials, []
+        return out
 
     def assign_partitions(self, partitions: Iterable[int], now_ms: int) -> None:
         self.watermark.assign(partitions, now_ms)
@@ -499,15 +571,23 @@ class WindowManager:
 
     # ------------------------------------------------------------------ data path
 
-    def _global_codes(self, batch: ComparisonBatch) -> Int64Array:
-        codes = []
-        for k in batch.keys:
-            code = self._keys.get(k)
-            if code is None:
-                code = self._keys[k] = len(self._key_list)
-                self._key_list.append(k)
-            codes.append(code)
-        return np.asarray(codes, dtype=np.int64)
+    def _code(self, key: GroupKey, partition: int | None) -> int:
+        code = self._keys.get((key, partition))
+        if code is None:
+            code = self._keys[(key, partition)] = len(self._key_list)
+            self._key_list.append(key)
+            self._key_partition.append(partition)
+        return code
+
+    def _row_codes(self, batch: ComparisonBatch) -> Int64Array:
+        """Each row's window key code."""
+        if not self.partials:
+            codes = [self._code(k, None) for k in batch.keys]
+            return np.asarray(codes, dtype=np.int64)[batch.key_code]
+        pair = (batch.key_code.astype(np.int64) << 32) | batch.partition.astype(np.int64)
+        uniq, inv = np.unique(pair, return_inverse=True)
+        codes = [self._code(batch.keys[u >> 32], u & 0xFFFFFFFF) for u in uniq.tolist()]
+        return np.asarray(codes, dtype=np.int64)[inv]
 
     def process(self, batch: ComparisonBatch, now_ms: int) -> ProcessResult:
         """Aggregate a batch, advance the watermark with it, and close due windows.
@@ -518,7 +598,7 @@ class WindowManager:
         n = len(batch)
         if n == 0:
             return ProcessResult(self.advance(now_ms), np.zeros(0, dtype=np.int64))
-        gcode = self._global_codes(batch)[batch.key_code]
+        gcode = self._row_codes(batch)
         self._note_first_seen(gcode, batch.ts)
         rec, starts = self.spec.assign(batch.ts)
         late_idx = np.zeros(0, dtype=np.int64)
@@ -631,26 +711,39 @@ class WindowManager:
         for code, start in sorted(due, key=lambda k: (k[1], k[0])):
             agg = self._open.pop((code, start))
             agg.late += self._pending_late.pop(code, 0)
-            key = agg.key
-            arms = (
-                (agg.champion, (key.rollout, key.champion_model, key.champion_version)),
-                (agg.candidate, (key.rollout, key.candidate_model, key.candidate_version)),
-            )
-            refs = [self._references.get(rk) for _, rk in arms]
+            if self.partials:
+                self._close_partial(code, agg, closed_by)
+                continue
             reports.append(
-                agg.result(
-                    champion_reference=refs[0],
-                    candidate_reference=refs[1],
+                self._references.report(
+                    agg,
+                    first_seen_ms=self._first_seen.get(code),
                     emitted_at_ms=now_ms,
                     closed_by=closed_by,
                 )
             )
-            first = self._first_seen.get(code)
-            for (arm, rk), ref in zip(arms, refs, strict=True):
-                full = first is not None and start >= first
-                if ref is None and full and arm.hist.total >= self.config.min_pairs:
-                    self._references[rk] = Reference(arm.hist.copy(), start)
         return reports
+
+    def _close_partial(self, code: int, agg: WindowAggregate, closed_by: ClosedBy) -> None:
+        partition = self._key_partition[code]
+        assert partition is not None
+        self._closed_partials.append(ClosedPartial(partition, agg, closed_by))
+        self._emitted[(code, agg.start_ms)] = None
+        # Assigned partitions without this window get an empty partial (once, from whichever
+        # partition closes first), so the merge stage does not wait out its timeout for them.
+        start = agg.start_ms
+        for other in self.watermark.partitions:
+            if other == partition:
+                continue
+            other_code = self._code(agg.key, other)
+            if (other_code, start) in self._open or (other_code, start) in self._emitted:
+                continue
+            empty = WindowAggregate(agg.key, start, agg.end_ms, self.config)
+            empty.late += self._pending_late.pop(other_code, 0)
+            self._closed_partials.append(ClosedPartial(other, empty, closed_by))
+            self._emitted[(other_code, start)] = None
+        while len(self._emitted) > 4 * self.config.max_open_windows:
+            del self._emitted[next(iter(self._emitted))]
 
 
 def merge_all(aggregates: Iterable[WindowAggregate]) -> WindowAggregate | None:

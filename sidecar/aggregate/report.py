@@ -90,8 +90,10 @@ class ReportCounts(msgspec.Struct, frozen=True, kw_only=True):
 
 
 #: Why a window was closed: its watermark passed (the normal case), too many windows were open
-#: (``aggregate.max_open_windows``; later records of it count as late), or a replay ended.
-ClosedBy = Literal["watermark", "capacity", "flush"]
+#: (``aggregate.max_open_windows``; later records of it count as late), a replay ended, or (a
+#: rollout shared by several aggregators) not every partition reported within
+#: ``aggregate.merge_timeout_ms`` (see ``partitions_missing``).
+ClosedBy = Literal["watermark", "capacity", "flush", "merge_timeout"]
 
 
 class WindowReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -117,6 +119,8 @@ class WindowReport(msgspec.Struct, frozen=True, kw_only=True):
     )
     #: ``watermark`` unless the window was closed early (then it may be missing records).
     closed_by: ClosedBy = "watermark"
+    #: Comparison partitions whose share of the window is missing (merge timeout only).
+    partitions_missing: list[int] = []
     schema_version: str = REPORT_SCHEMA_VERSION
 
 

@@ -109,6 +109,11 @@ class Watermark:
             self._max_ts.pop(int(p), None)
             self._last_seen.pop(int(p), None)
 
+    @property
+    def partitions(self) -> list[int]:
+        """The partitions assigned or seen (revoked ones excluded)."""
+        return list(self._last_seen)
+
     def partition_watermark(self, partition: int) -> int | None:
         ts = self._max_ts.get(partition)
         return None if ts is None else ts - self.allowed_lateness_ms

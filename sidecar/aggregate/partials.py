@@ -1,0 +1,261 @@
+"""Per-partition window aggregates on the wire, and the merge stage that turns them into reports.
+
+This is what lets several aggregator instances share one rollout. With
+``topics.comparisons_key = "routing_key"`` the sidecar spreads a rollout's comparisons over every
+partition of the comparison topic, so no instance sees a whole rollout. Stage 1 (every instance,
+its own partitions) windows them as usual but closes each window into one ``WindowPartial`` per
+(comparison partition, rollout pair, window), produced to ``aggregate.partials_topic`` keyed by
+rollout. Stage 2 (the instance that owns the rollout's partition of that topic) merges a window's
+partials, exactly (fixed histogram edges and counters), once every comparison partition has
+reported or ``aggregate.merge_timeout_ms`` has passed since its first partial, then reports and
+guards the merged window as a single instance would have.
+
+Duplicates from at-least-once delivery stay exact: a duplicate comparison has the same routing
+key, hence the same partition, and is removed there. A partial delivered twice (a crash between
+producing it and committing) replaces the first copy rather than adding to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgspec
+import numpy as np
+
+from ..contracts import OUTPUT_SCHEMA_VERSION
+from .aggregator import AggregatorConfig, References, WindowAggregate, _ArmState
+from .batch import GroupKey
+from .report import ClosedBy, OffsetRange, WindowReport
+
+
+class ArmPartial(msgspec.Struct, frozen=True, kw_only=True):
+    """One arm's counters and histograms (latency bins sparse: most are empty)."""
+
+    score_counts: list[int]
+    score_nan: int
+    score_missing: int
+    latency_bins: dict[int, int]
+    latency_missing: int
+    #: Index 0: no error, then one count per error kind (``ERROR_KINDS`` order).
+    errors: list[int]
+    decided: int
+
+
+class WindowPartial(msgspec.Struct, frozen=True, kw_only=True):
+    """One comparison partition's share of a window, keyed by rollout on the partials topic."""
+
+    rollout: str
+    champion_model: str
+    champion_version: str
+    candidate_model: str
+    candidate_version: str
+    window_start_ms: int
+    window_end_ms: int
+    #: The comparison-topic partition this covers, and how many the topic has.
+    partition: int
+    partitions_total: int
+    records: int
+    duplicates: int
+    late: int
+    #: Served by none, champion, candidate.
+    served: list[int]
+    #: Paired decisions (champion, candidate): no/no, no/yes, yes/no, yes/yes.
+    paired: list[int]
+    champion: ArmPartial
+    candidate: ArmPartial
+    offsets: list[OffsetRange]
+    min_ts_ms: int | None
+    max_ts_ms: int | None
+    out_of_range: int = 0
+    out_of_range_features: dict[str, int] = {}
+    emitted_at_ms: int = 0
+    schema_version: str = OUTPUT_SCHEMA_VERSION
+
+    @property
+    def key(self) -> GroupKey:
+        return GroupKey(
+            self.rollout,
+            self.champion_model,
+            self.champion_version,
+            self.candidate_model,
+            self.candidate_version,
+        )
+
+
+def _arm_partial(arm: _ArmState) -> ArmPartial:
+    bins = np.flatnonzero(arm.latency.counts)
+    return ArmPartial(
+        score_counts=arm.hist.counts.tolist(),
+        score_nan=arm.hist.nan,
+        score_missing=arm.hist.missing,
+        latency_bins=dict(zip(bins.tolist(), arm.latency.counts[bins].tolist(), strict=True)),
+        latency_missing=arm.latency.missing,
+        errors=arm.errors.tolist(),
+        decided=arm.decided,
+    )
+
+
+def _load_arm(arm: _ArmState, part: ArmPartial) -> None:
+    if len(part.score_counts) != arm.hist.counts.size or len(part.errors) != arm.errors.size:
+        raise ValueError(
+            "partial has other score bins or error kinds than this aggregator: run every "
+            "instance with the same [aggregate] settings and version"
+        )
+    size = arm.latency.counts.size
+    if any(not 0 <= b < size for b in part.latency_bins):
+        raise ValueError("partial has latency bins this aggregator does not have")
+    arm.hist.counts[:] = part.score_counts
+    arm.hist.nan, arm.hist.missing = part.score_nan, part.score_missing
+    arm.latency.counts[list(part.latency_bins)] = list(part.latency_bins.values())
+    arm.latency.missing = part.latency_missing
+    arm.errors[:] = part.errors
+    arm.decided = part.decided
+
+
+def partial_of(
+    agg: WindowAggregate, partition: int, partitions_total: int, emitted_at_ms: int
+) -> WindowPartial:
+    """``agg`` (one partition's aggregate) as a wire partial; its dedupe set stays behind."""
+    k = agg.key
+    return WindowPartial(
+        rollout=k.rollout,
+        champion_model=k.champion_model,
+        champion_version=k.champion_version,
+        candidate_model=k.candidate_model,
+        candidate_version=k.candidate_version,
+        window_start_ms=agg.start_ms,
+        window_end_ms=agg.end_ms,
+        partition=partition,
+        partitions_total=partitions_total,
+        records=agg.records,
+        duplicates=agg.duplicates,
+        late=agg.late,
+        served=agg.served.tolist(),
+        paired=agg.table.tolist(),
+        champion=_arm_partial(agg.champion),
+        candidate=_arm_partial(agg.candidate),
+        offsets=[OffsetRange(partition=p, first=f, last=la) for p, (f, la) in agg.offsets.items()],
+        min_ts_ms=agg.min_ts,
+        max_ts_ms=agg.max_ts,
+        out_of_range=agg.out_of_range,
+        out_of_range_features=dict(agg.out_of_range_features),
+        emitted_at_ms=emitted_at_ms,
+    )
+
+
+def aggregate_of(partial: WindowPartial, config: AggregatorConfig) -> WindowAggregate:
+    """The ``WindowAggregate`` a partial was made from (without its dedupe set)."""
+    agg = WindowAggregate(partial.key, partial.window_start_ms, partial.window_end_ms, config)
+    if len(partial.served) != 3 or len(partial.paired) != 4:
+        raise ValueError("partial has a malformed served or paired table")
+    agg.records, agg.duplicates, agg.late = partial.records, partial.duplicates, partial.late
+    agg.served[:] = partial.served
+    agg.table[:] = partial.paired
+    _load_arm(agg.champion, partial.champion)
+    _load_arm(agg.candidate, partial.candidate)
+    agg.offsets = {o.partition: (o.first, o.last) for o in partial.offsets}
+    agg.min_ts, agg.max_ts = partial.min_ts_ms, partial.max_ts_ms
+    agg.out_of_range = partial.out_of_range
+    agg.out_of_range_features = dict(partial.out_of_range_features)
+    return agg
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A window waiting for the partials of every comparison partition."""
+
+    partials: dict[int, WindowPartial]
+    total: int
+    first_arrival_ms: int
+    #: Partials-topic (partition, offset) of each partial held, for safe commits.
+    positions: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class MergeResult:
+    reports: list[WindowReport]
+    #: Partials for windows already reported (arrived after their merge): counted, dropped.
+    late_partials: int = 0
+
+
+class PartialMerger:
+    """Stage 2: collects ``WindowPartial``s per window, merges and reports complete windows."""
+
+    def __init__(self, config: AggregatorConfig, timeout_ms: int) -> None:
+        self.config = config
+        self.timeout_ms = timeout_ms
+        self._pending: dict[tuple[GroupKey, int], _Pending] = {}
+        #: Windows already reported (bounded, oldest first): a partial for one is late.
+        self._done: dict[tuple[GroupKey, int], None] = {}
+        self._first_seen: dict[GroupKey, int] = {}
+        self.references = References(config)
+
+    @property
+    def pending_windows(self) -> int:
+        return len(self._pending)
+
+    def add(self, partial: WindowPartial, position: tuple[int, int], now_ms: int) -> MergeResult:
+        """Take one partial (``position``: its partials-topic partition and offset)."""
+        wkey = (partial.key, partial.window_start_ms)
+        if wkey in self._done:
+            return MergeResult([], late_partials=1)
+        if partial.min_ts_ms is not None:
+            seen = self._first_seen.get(partial.key)
+            if seen is None or partial.min_ts_ms < seen:
+                self._first_seen[partial.key] = partial.min_ts_ms
+        pending = self._pending.get(wkey)
+        if pending is None:
+            pending = self._pending[wkey] = _Pending({}, partial.partitions_total, now_ms)
+        pending.partials[partial.partition] = partial  # a re-delivered partial replaces itself
+        pending.positions[partial.partition] = position
+        pending.total = max(pending.total, partial.partitions_total)
+        if len(pending.partials) >= pending.total:
+            return MergeResult([self._report(wkey, now_ms, "watermark")])
+        return MergeResult([])
+
+    def tick(self, now_ms: int) -> list[WindowReport]:
+        """Report windows whose partials stopped coming (``merge_timeout``), oldest first."""
+        due = [
+            k for k, p in self._pending.items() if now_ms - p.first_arrival_ms >= self.timeout_ms
+        ]
+        return [self._report(k, now_ms, "merge_timeout") for k in sorted(due, key=_order)]
+
+    def open_first_offsets(self) -> dict[int, int]:
+        """Per partials-topic partition, the first offset still held by a pending window."""
+        out: dict[int, int] = {}
+        for pending in self._pending.values():
+            for part, offset in pending.positions.values():
+                out[part] = min(out.get(part, offset), offset)
+        return out
+
+    def _report(self, wkey: tuple[GroupKey, int], now_ms: int, closed_by: ClosedBy) -> WindowReport:
+        pending = self._pending.pop(wkey)
+        partials = iter(sorted(pending.partials.values(), key=lambda p: p.partition))
+        merged = aggregate_of(next(partials), self.config)
+        for partial in partials:
+            merged.merge(aggregate_of(partial, self.config))
+        self._done[wkey] = None
+        while len(self._done) > max(self.config.max_open_windows, 1):
+            del self._done[next(iter(self._done))]
+        missing = sorted(set(range(pending.total)) - set(pending.partials))
+        return self.references.report(
+            merged,
+            first_seen_ms=self._first_seen.get(wkey[0]),
+            emitted_at_ms=now_ms,
+            closed_by=closed_by,
+            partitions_missing=missing,
+        )
+
+
+def _order(wkey: tuple[GroupKey, int]) -> tuple[int, GroupKey]:
+    return wkey[1], wkey[0]
+
+
+__all__ = [
+    "ArmPartial",
+    "MergeResult",
+    "PartialMerger",
+    "WindowPartial",
+    "aggregate_of",
+    "partial_of",
+]

@@ -1,0 +1,156 @@
+"""Per-partition partials and their merge: the same reports as one aggregator seeing it all."""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+import pytest
+from agg_support import ROLLOUT, batch_of, comparisons
+
+from sidecar.aggregate import AggregatorConfig, WindowManager, WindowReport
+from sidecar.aggregate.partials import PartialMerger, WindowPartial, aggregate_of, partial_of
+from sidecar.contracts import Comparison
+
+CONFIG = AggregatorConfig(window_ms=1_000, allowed_lateness_ms=0, min_pairs=20)
+ENCODER = msgspec.json.Encoder()
+DECODER = msgspec.json.Decoder(WindowPartial)
+
+
+def traffic(seed: int, windows: int = 5, partitions: int = 3) -> list[tuple[int, list[Comparison]]]:
+    """Batches of (partition, comparisons); each partition sees its own entities, with a few
+    duplicates re-delivered on the same partition (as routing-key keying guarantees)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for w in range(windows):
+        for p in range(partitions):
+            n = int(rng.integers(40, 120))
+            comps = comparisons(
+                rng, n, t0=w * 1_000 + p, spacing_ms=7, noise=0.1, id_prefix=f"p{p}w{w}"
+            )
+            out.append((p, comps + comps[: int(rng.integers(0, 5))]))
+    # Event time past the last window on every partition, so every window closes.
+    out += [
+        (p, comparisons(rng, 1, t0=windows * 1_000 + 500, id_prefix=f"end{p}")) for p in range(3)
+    ]
+    return out
+
+
+def single_stage(batches: list[tuple[int, list[Comparison]]]) -> list[WindowReport]:
+    mgr = WindowManager(CONFIG)
+    mgr.assign_partitions(range(3), 0)
+    reports: list[WindowReport] = []
+    offsets = [0, 0, 0]
+    for p, comps in batches:
+        reports += mgr.process(batch_of(comps, partition=p, first_offset=offsets[p]), 0).reports
+        offsets[p] += len(comps)
+    return reports
+
+
+def two_stage(
+    batches: list[tuple[int, list[Comparison]]], merger: PartialMerger
+) -> list[WindowReport]:
+    mgr = WindowManager(CONFIG, partials=True)
+    mgr.assign_partitions(range(3), 0)
+    reports: list[WindowReport] = []
+    offsets = [0, 0, 0]
+    position = 0
+    for p, comps in batches:
+        result = mgr.process(batch_of(comps, partition=p, first_offset=offsets[p]), 0)
+        assert result.reports == []  # partials mode reports nothing itself
+        offsets[p] += len(comps)
+        for closed in mgr.take_partials():
+            wire = ENCODER.encode(partial_of(closed.aggregate, closed.partition, 3, 0))
+            reports += merger.add(DECODER.decode(wire), (0, position), 0).reports
+            position += 1
+    return reports
+
+
+def comparable(report: WindowReport) -> WindowReport:
+    return msgspec.structs.replace(report, emitted_at_ms=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_merged_partials_report_exactly_what_one_aggregator_would(seed: int) -> None:
+    batches = traffic(seed)
+    want = single_stage(batches)
+    got = two_stage(batches, PartialMerger(CONFIG, timeout_ms=10_000))
+    assert (
+        [r.window_start_ms for r in got]
+        == [r.window_start_ms for r in want]
+        == [
+            0,
+            1_000,
+            2_000,
+            3_000,
+            4_000,
+        ]
+    )
+    assert [comparable(r) for r in got] == [comparable(r) for r in want]
+    assert sum(r.counts.duplicates for r in got) > 0
+    assert got[-1].candidate.drift_vs_reference.psi.status == "ok"  # references work too
+
+
+def test_a_partition_without_the_rollout_sends_an_empty_partial() -> None:
+    rng = np.random.default_rng(5)
+    mgr = WindowManager(CONFIG, partials=True)
+    mgr.assign_partitions([0, 1, 2], 0)
+    mgr.process(batch_of(comparisons(rng, 50, t0=0, spacing_ms=10), partition=1), 0)
+    mgr.process(batch_of(comparisons(rng, 1, t0=2_000, id_prefix="x"), partition=1), 0)
+    assert mgr.take_partials() == []  # partitions 0 and 2 still hold the watermark
+    closed = mgr.advance(10**9)  # ... until they are idle
+    assert closed == []
+    partials = mgr.take_partials()
+    by_partition = {c.partition: c.aggregate.records for c in partials if c.aggregate.start_ms == 0}
+    assert by_partition == {0: 0, 1: 50, 2: 0}
+    merger = PartialMerger(CONFIG, timeout_ms=10_000)
+    reports = [
+        r
+        for i, c in enumerate(partials)
+        for r in merger.add(partial_of(c.aggregate, c.partition, 3, 0), (0, i), 0).reports
+    ]
+    assert [r.window_start_ms for r in reports] == [0]  # [2000, 3000) is still open
+    assert reports[0].counts.records == 50 and reports[0].closed_by == "watermark"
+
+
+def partial(partition: int, start: int = 0, records: int = 10, total: int = 3) -> WindowPartial:
+    rng = np.random.default_rng(partition + start)
+    mgr = WindowManager(CONFIG, partials=True)
+    mgr.assign_partitions([partition], 0)
+    comps = comparisons(rng, records, t0=start, id_prefix=f"q{partition}")
+    mgr.process(batch_of(comps, partition=partition), 0)
+    mgr.flush(0)
+    (closed,) = mgr.take_partials()
+    return partial_of(closed.aggregate, partition, total, 0)
+
+
+def test_missing_partitions_are_waited_for_until_the_timeout() -> None:
+    merger = PartialMerger(CONFIG, timeout_ms=5_000)
+    assert merger.add(partial(0), (0, 10), now_ms=1_000).reports == []
+    assert merger.add(partial(2), (0, 11), now_ms=2_000).reports == []
+    assert merger.open_first_offsets() == {0: 10}
+    assert merger.tick(5_999) == []
+    (report,) = merger.tick(6_000)
+    assert report.closed_by == "merge_timeout" and report.partitions_missing == [1]
+    assert report.counts.records == 20 and merger.open_first_offsets() == {}
+    late = merger.add(partial(1), (0, 12), now_ms=7_000)  # its window was reported already
+    assert late.reports == [] and late.late_partials == 1
+
+
+def test_a_redelivered_partial_replaces_itself_instead_of_counting_twice() -> None:
+    merger = PartialMerger(CONFIG, timeout_ms=5_000)
+    merger.add(partial(0), (0, 1), 0)
+    merger.add(partial(0), (0, 2), 0)
+    merger.add(partial(1), (0, 3), 0)
+    (report,) = merger.add(partial(2), (0, 4), 0).reports
+    assert report.counts.records == 30 and report.partitions_missing == []
+
+
+def test_a_partial_from_an_incompatible_aggregator_is_refused() -> None:
+    p = partial(0)
+    bad = msgspec.structs.replace(
+        p, champion=msgspec.structs.replace(p.champion, score_counts=[1, 2, 3])
+    )
+    with pytest.raises(ValueError, match="same \\[aggregate\\] settings"):
+        aggregate_of(bad, CONFIG)
+    assert aggregate_of(p, CONFIG).records == 10
+    assert p.key.rollout == ROLLOUT

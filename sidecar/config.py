@@ -67,6 +67,11 @@ class TopicsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     comparisons: str = "inference.comparisons"
     dead_letter: str = "inference.dead-letter"
     control: str = "sidecar.control"
+    #: Key of comparison records. ``rollout``: one rollout's comparisons on one partition, one
+    #: aggregator sees them all (simplest; one process per rollout). ``routing_key``: spread
+    #: over every partition, aggregated per partition by any number of aggregator instances
+    #: and merged per rollout (``aggregate.partials_topic``).
+    comparisons_key: Literal["rollout", "routing_key"] = "rollout"
     #: Partitions used when ``sidecar broker`` (or ``--create-topics``) creates the topics.
     partitions: Annotated[int, Meta(ge=1)] = 6
     replication_factor: Annotated[int, Meta(ge=1)] = 1
@@ -267,7 +272,12 @@ class SidecarConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             self.status_topic,
             self.audit_topic,
             self.aggregate.reports_topic,
-        ]
+        ] + ([self.aggregate.partials_topic] if self.shared_rollouts else [])
+
+    @property
+    def shared_rollouts(self) -> bool:
+        """Whether a rollout's comparisons are spread over partitions (two-stage aggregation)."""
+        return self.topics.comparisons_key == "routing_key"
 
 
 ENV_PREFIX = "SIDECAR_"

@@ -269,6 +269,7 @@ class Pipeline:
         self._encoder = msgspec.json.Encoder()
         self._failure_policy = config.rollout.champion_failure
         self._requests_topic = config.topics.requests
+        self._comparisons_by_routing_key = config.shared_rollouts
         self._validator = RangeValidator(
             self.decoder.columns,
             [("champion", champion.manifest)]
@@ -413,9 +414,11 @@ class Pipeline:
 
         for i, features in flagged.items():  # rare: records with out-of-range features
             cmp_values[i] = _with_out_of_range(cmp_values[i], features)
-        comparison_key = policy.rollout.encode()
         result.comparisons.values.extend(cmp_values)  # type: ignore[arg-type]
-        result.comparisons.keys.extend([comparison_key] * n)
+        if self._comparisons_by_routing_key:
+            result.comparisons.keys.extend(key_bytes)
+        else:
+            result.comparisons.keys.extend([policy.rollout.encode()] * n)
         # One shared header list: the request id is in the body, and every distinct header
         # costs the producer's record builder time per record.
         result.comparisons.headers.extend([_COMPARISON_HEADERS] * n)

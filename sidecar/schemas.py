@@ -37,8 +37,10 @@ def _extra_contracts() -> dict[str, type[msgspec.Struct]]:
         pass
     try:
         from .aggregate import WindowReport
+        from .aggregate.partials import WindowPartial
 
         found["window_report"] = WindowReport
+        found["window_partial"] = WindowPartial
     except ImportError:
         pass
     return found

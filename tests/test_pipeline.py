@@ -73,6 +73,18 @@ async def test_every_request_gets_one_decision_and_one_comparison_with_correct_a
     assert 0.17 < share < 0.23  # 20% of card ids; cards repeat, so a little wider than binomial
 
 
+@pytest.mark.parametrize("key", ["rollout", "routing_key"])
+async def test_comparisons_are_keyed_as_configured(key: str) -> None:
+    cfg = make_config("unused:9092", topics={"comparisons_key": key})
+    p = Pipeline(cfg, load_model(cfg.models.champion), load_model(cfg.models.candidate))
+    result = await p.process(records(500), policy())
+    if key == "rollout":
+        assert set(result.comparisons.keys) == {b"fraud-v2"}
+    else:  # like decisions: the entity, so its duplicates meet on one partition
+        assert result.comparisons.keys == result.decisions.keys
+        assert len(set(result.comparisons.keys)) > 100
+
+
 async def test_templated_outputs_are_what_msgspec_encodes_for_the_struct() -> None:
     """Same fields, same order, same values; floats may be spelled differently (``2e-05`` vs
     ``0.00002``), which every JSON reader decodes to the same number."""

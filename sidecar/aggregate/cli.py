@@ -44,6 +44,8 @@ async def _aggregate(cfg: SidecarConfig, create_topics: bool) -> None:
         topics = [cfg.topics.comparisons, cfg.aggregate.reports_topic]
         if cfg.aggregate.late_topic:
             topics.append(cfg.aggregate.late_topic)
+        if cfg.shared_rollouts:
+            topics.append(cfg.aggregate.partials_topic)
         created = await ensure_topics(
             topics=topics,
             partitions=cfg.topics.partitions,
@@ -90,7 +92,9 @@ def add_aggregate_parsers(sub: Any) -> None:
         "--dry-run", action="store_true", help="log reports and commands, publish nothing"
     )
     p.add_argument(
-        "--create-topics", action="store_true", help="create the reports topic if missing"
+        "--create-topics",
+        action="store_true",
+        help="create the reports topic (and the partials topic of shared rollouts) if missing",
     )
     p.set_defaults(func=cmd_aggregate)
 

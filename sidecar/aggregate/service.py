@@ -6,11 +6,12 @@ is produced (JSON, keyed by rollout) to the reports topic -> ``GuardEngine`` -> 
 ``rollback``/``pause`` becomes a signed ``ControlCommand`` on partition 0 of the control topic;
 ``alert`` is a log line and a metric.
 
-Keying and scaling: the sidecar keys comparisons by rollout name, so one rollout's comparisons
-all sit on one partition and one consumer-group member sees the whole rollout -- its windows
-need no cross-instance merge and its figures are exact. The price: a single rollout is limited
-to one partition's throughput (one aggregator process, see the README's benchmark); more
-aggregator instances only help with more rollouts.
+Keying and scaling (``topics.comparisons_key``): keyed by rollout (the default), one rollout's
+comparisons sit on one partition and one consumer-group member sees the whole rollout: its
+windows need no cross-instance merge. The price: a rollout is limited to one partition and one
+aggregator process. Keyed by routing key, a rollout spreads over every partition; each member
+closes its partitions' windows into per-partition partials and a merge stage (``merge_stage``,
+one owner per rollout) merges them exactly, so more instances mean more throughput.
 
 Offsets and restarts: offsets are committed only after the reports (and commands) of the
 windows closed so far are acknowledged, and never past the first record of a window still
@@ -25,6 +26,7 @@ Reports are at-least-once: a consumer keys them by (rollout, window_start_ms).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -46,7 +48,9 @@ from .aggregator import WindowManager
 from .decode_pool import DecodePool
 from .guards import GuardEngine, GuardEvent
 from .ingest import ComparisonDecoder, Ingested, RecordLike, ingest
+from .merge_stage import MergeStage
 from .metrics import AggregateMetrics
+from .partials import partial_of
 from .report import WindowReport
 
 log = logging.getLogger(__name__)
@@ -91,6 +95,22 @@ def signing_key(cfg: SidecarConfig, keyring: Keyring | None) -> tuple[Keyring | 
     return keyring, key_id
 
 
+async def _until_either(main: Awaitable[None], other: asyncio.Task[None] | None) -> None:
+    """Run ``main``; if ``other`` ends first (it failed), cancel ``main`` and let the caller
+    collect ``other``'s error."""
+    if other is None:
+        await main
+        return
+    task = asyncio.ensure_future(main)
+    await asyncio.wait((task, other), return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    else:
+        task.result()
+
+
 async def _unless_done(awaitable: Awaitable[object], watched: asyncio.Task[None]) -> bool:
     """Await ``awaitable`` unless ``watched`` ends first (then cancel it and return False)."""
     task = asyncio.ensure_future(awaitable)
@@ -128,7 +148,12 @@ class AggregatorService:
         self.dry_run = self.settings.dry_run
         self.keyring, self.key_id = signing_key(config, keyring)
         self.guards = GuardEngine(self.settings.rules)
-        self.manager = WindowManager(self.settings.aggregator_config())
+        #: Shared rollouts (comparisons keyed by routing key): windows close into per-partition
+        #: partials for the merge stage instead of reports (see ``partials``).
+        self.shared = config.shared_rollouts
+        self.manager = self._new_manager()
+        self.merge: MergeStage | None = None
+        self._partitions_total = 0
         self._decoder = ComparisonDecoder()
         self._pool: DecodePool | None = None
         #: Bumped on every revoke: polls decoded before it are dropped, not applied.
@@ -156,6 +181,9 @@ class AggregatorService:
         self.events: list[GuardEvent] = []
         self.commands: list[ControlCommand] = []
         self.keep_reports = True
+
+    def _new_manager(self) -> WindowManager:
+        return WindowManager(self.settings.aggregator_config(), partials=self.shared)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -190,7 +218,13 @@ class AggregatorService:
                 len(self.guards.rules),
                 " (DRY RUN: nothing is published)" if self.dry_run else "",
             )
-            await self._loop()
+            merging = asyncio.create_task(self.merge.run(self._stopping)) if self.merge else None
+            try:
+                await _until_either(self._loop(), merging)
+            finally:
+                self._stopping.set()
+                if merging is not None:
+                    await merging  # raises what failed in it
             async with self._lock:
                 await self._commit(force=True)
         finally:
@@ -201,7 +235,7 @@ class AggregatorService:
         cfg = self.config
         common = _kafka_kwargs(cfg)
         client_id = f"{cfg.kafka.client_id}-aggregator"
-        if not self.dry_run:
+        if not self.dry_run or self.shared:  # partials are data, produced even in a dry run
             self._producer = AIOKafkaProducer(
                 **common,
                 client_id=client_id,
@@ -228,8 +262,19 @@ class AggregatorService:
             await self._pool.start()
         await self._consumer.start()
         self._consumer.subscribe([self._topic], listener=_Rebalance(self))
+        if self.shared:
+            self.merge = MergeStage(
+                cfg,
+                common,
+                lambda reports, now: self._publish(reports, [], now),
+                self._clock,
+                self.metrics,
+            )
+            await self.merge.start()
 
     async def _close(self) -> None:
+        if self.merge is not None:
+            await self.merge.close()
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -251,13 +296,15 @@ class AggregatorService:
                     sorted(partitions),
                     self.manager.open_windows,
                 )
-            self.manager = WindowManager(self.settings.aggregator_config())
+            self.manager = self._new_manager()
             self._next.clear()
             self._committed.clear()
 
     def on_assigned(self, partitions: set[int]) -> None:
         log.info("partitions assigned: %s[%s]", self._topic, ",".join(map(str, sorted(partitions))))
         self.manager.assign_partitions(partitions, self._clock())
+        if self._consumer is not None:
+            self._partitions_total = len(self._consumer.partitions_for_topic(self._topic) or ())
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -352,17 +399,34 @@ class AggregatorService:
         self.metrics.open_windows.set(self.manager.open_windows)
         if reports or late:
             await self._publish(reports, late, now)
+        if self.shared:
+            await self._publish_partials(now)
         if got is not None:  # only now: a poll that failed above is never committed
             for p, nxt in got.next_offsets.items():
                 self._next[p] = max(self._next.get(p, 0), nxt)
         await self._commit(force=bool(reports))
+
+    async def _publish_partials(self, now: int) -> None:
+        closed = self.manager.take_partials()
+        if not closed:
+            return
+        producer = self._producer
+        assert producer is not None
+        total = max(self._partitions_total, *(c.partition + 1 for c in closed))
+        topic = self.settings.partials_topic
+        futures = []
+        for c in closed:
+            value = _REPORT_ENCODER.encode(partial_of(c.aggregate, c.partition, total, now))
+            key = c.aggregate.key.rollout.encode()
+            futures.append(await producer.send(topic, value, key=key))
+        await asyncio.gather(*futures)
 
     async def _publish(self, reports: list[WindowReport], late: list[RecordLike], now: int) -> None:
         futures: list[asyncio.Future[Any]] = []
         producer = self._producer
         for report in reports:
             key = report.rollout.encode()
-            if producer is not None:
+            if producer is not None and not self.dry_run:
                 value = _REPORT_ENCODER.encode(report)
                 futures.append(await producer.send(self.settings.reports_topic, value, key=key))
             else:
@@ -379,7 +443,7 @@ class AggregatorService:
             if self.keep_reports:
                 self.reports.append(report)
         late_topic = self.settings.late_topic
-        if late and producer is not None and late_topic:
+        if late and producer is not None and late_topic and not self.dry_run:
             for rec in late:
                 futures.append(
                     await producer.send(

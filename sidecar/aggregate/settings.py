@@ -45,6 +45,12 @@ class AggregateSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     #: Helper processes that decode comparisons while the loop fetches (0: decode in the
     #: loop). One is worth ~+20% on two cores; more help only with more idle cores.
     decode_processes: Annotated[int, Meta(ge=0, le=16)] = 1
+    #: Per-partition window aggregates when ``topics.comparisons_key = "routing_key"``
+    #: (keyed by rollout; the merge stage reads them back).
+    partials_topic: str = "inference.window-partials"
+    #: Merge stage: report a window without the partitions that have not sent their partial
+    #: this long after its first one (``closed_by = "merge_timeout"``).
+    merge_timeout_ms: Annotated[int, Meta(gt=0)] = 10_000
     #: Most windows open at once; past it the oldest close early (``closed_by="capacity"``).
     max_open_windows: Annotated[int, Meta(ge=1)] = 1_000
     #: Most comparison records taken per poll.

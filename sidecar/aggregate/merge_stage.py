@@ -1,0 +1,180 @@
+"""Stage 2 of a shared rollout: the Kafka edge of ``PartialMerger``.
+
+Runs inside every ``sidecar aggregate`` when ``topics.comparisons_key = "routing_key"``, as its
+own consumer group (``<aggregate.group_id>.merge``) on ``aggregate.partials_topic``. Partials
+are keyed by rollout, so each rollout is merged, reported and guarded by exactly one instance.
+Offsets of the partials topic are committed only up to the first partial of a window still
+waiting for the others: after a restart or a rebalance the new owner re-reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from itertools import chain
+from typing import Any
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from .._clients import stop_quietly
+from ..config import SidecarConfig
+from .actions import commit_points
+from .metrics import AggregateMetrics
+from .partials import PartialMerger, WindowPartial
+from .report import WindowReport
+
+log = logging.getLogger(__name__)
+
+_DECODER = msgspec.json.Decoder(WindowPartial)
+
+#: Publishes merged reports (and runs the guards on them): the service's ``_publish``.
+Publish = Callable[[list[WindowReport], int], Awaitable[None]]
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, stage: MergeStage) -> None:
+        self._stage = stage
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._stage.on_revoked()
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("merge stage assigned %s", sorted(tp.partition for tp in assigned))
+
+
+class MergeStage:
+    """Consumes partials, merges complete (or timed-out) windows, hands reports to ``publish``."""
+
+    def __init__(
+        self,
+        config: SidecarConfig,
+        kafka_kwargs: dict[str, Any],
+        publish: Publish,
+        clock: Callable[[], int],
+        metrics: AggregateMetrics,
+    ) -> None:
+        self.config = config
+        self.settings = config.aggregate
+        self._kafka_kwargs = kafka_kwargs
+        self._publish = publish
+        self._clock = clock
+        self._metrics = metrics
+        self._topic = self.settings.partials_topic
+        self.merger = self._new_merger()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._lock = asyncio.Lock()
+        self._next: dict[int, int] = {}
+        self._committed: dict[int, int] = {}
+        #: What this stage did (tests read these).
+        self.partials = 0
+        self.late_partials = 0
+        self.undecodable = 0
+
+    def _new_merger(self) -> PartialMerger:
+        return PartialMerger(self.settings.aggregator_config(), self.settings.merge_timeout_ms)
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            **self._kafka_kwargs,
+            client_id=f"{self.config.kafka.client_id}-aggregator-merge",
+            group_id=f"{self.settings.group_id}.merge",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=self.config.kafka.session_timeout_ms,
+            heartbeat_interval_ms=self.config.kafka.heartbeat_interval_ms,
+            max_poll_interval_ms=self.config.kafka.max_poll_interval_ms,
+        )
+        await self._consumer.start()
+        self._consumer.subscribe([self._topic], listener=_Rebalance(self))
+
+    @property
+    def assignment(self) -> set[int]:
+        """Partials-topic partitions this instance merges now."""
+        consumer = self._consumer
+        return {tp.partition for tp in consumer.assignment()} if consumer else set()
+
+    async def close(self) -> None:
+        await stop_quietly(self._consumer)
+        self._consumer = None
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        while not stopping.is_set():
+            polled = await consumer.getmany(timeout_ms=self.settings.fetch_timeout_ms)
+            async with self._lock:
+                await self.process(list(chain.from_iterable(polled.values())))
+        async with self._lock:
+            await self._commit()
+
+    async def process(self, records: list[Any]) -> None:
+        """One poll of partial records (possibly none): merge, report, commit."""
+        now = self._clock()
+        reports: list[WindowReport] = []
+        for record in records:
+            try:
+                partial = _DECODER.decode(record.value)
+                result = self.merger.add(partial, (record.partition, record.offset), now)
+            except (msgspec.DecodeError, TypeError, ValueError) as exc:
+                self.undecodable += 1
+                self._metrics.undecodable.inc()
+                log.warning(
+                    "skipped partial %s[%d]@%d: %s",
+                    self._topic,
+                    record.partition,
+                    record.offset,
+                    exc,
+                )
+                continue
+            self.partials += 1
+            self.late_partials += result.late_partials
+            reports += result.reports
+        reports += self.merger.tick(now)
+        if reports:
+            await self._publish(reports, now)
+        for record in records:
+            self._next[record.partition] = max(
+                self._next.get(record.partition, 0), record.offset + 1
+            )
+        await self._commit()
+
+    async def _commit(self) -> None:
+        consumer = self._consumer
+        if consumer is None or not self._next:
+            return
+        points = commit_points(self._next, self.merger.open_first_offsets())
+        owned = {tp.partition for tp in consumer.assignment()}
+        todo = {
+            TopicPartition(self._topic, p): off
+            for p, off in points.items()
+            if p in owned and self._committed.get(p) != off
+        }
+        if not todo:
+            return
+        try:
+            await consumer.commit(todo)
+            self._committed.update({tp.partition: off for tp, off in todo.items()})
+        except CommitFailedError as exc:
+            log.warning("partials commit rejected after a rebalance (%s); re-read", exc)
+        except KafkaError as exc:
+            log.warning("partials commit failed (%s); may be re-read after a restart", exc)
+
+    async def on_revoked(self) -> None:
+        """Commit what is safe, drop pending windows (the new owner re-reads their partials)."""
+        async with self._lock:
+            await self._commit()
+            if self.merger.pending_windows:
+                log.info(
+                    "merge stage rebalanced: dropping %d pending windows; their partials are "
+                    "re-read from the committed offsets",
+                    self.merger.pending_windows,
+                )
+            self.merger = self._new_merger()
+            self._next.clear()
+            self._committed.clear()
+
+
+__all__ = ["MergeStage"]

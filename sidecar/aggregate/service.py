@@ -32,7 +32,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from itertools import chain
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -119,6 +119,16 @@ async def _unless_done(awaitable: Awaitable[object], watched: asyncio.Task[None]
         return True
     task.cancel()
     return False
+
+
+class _Send(NamedTuple):
+    """One record to produce."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None
+    headers: list[tuple[str, bytes]] | None = None
+    partition: int | None = None
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -410,25 +420,27 @@ class AggregatorService:
         closed = self.manager.take_partials()
         if not closed:
             return
-        producer = self._producer
-        assert producer is not None
-        total = max(self._partitions_total, *(c.partition + 1 for c in closed))
+        known = self._consumer.partitions_for_topic(self._topic) if self._consumer else None
+        total = max(len(known or ()), self._partitions_total, *(c.partition + 1 for c in closed))
         topic = self.settings.partials_topic
-        futures = []
-        for c in closed:
-            value = _REPORT_ENCODER.encode(partial_of(c.aggregate, c.partition, total, now))
-            key = c.aggregate.key.rollout.encode()
-            futures.append(await producer.send(topic, value, key=key))
-        await asyncio.gather(*futures)
+        await self._send_all(
+            [
+                _Send(
+                    topic,
+                    _REPORT_ENCODER.encode(partial_of(c.aggregate, c.partition, total, now)),
+                    c.aggregate.key.rollout.encode(),
+                )
+                for c in closed
+            ]
+        )
 
     async def _publish(self, reports: list[WindowReport], late: list[RecordLike], now: int) -> None:
-        futures: list[asyncio.Future[Any]] = []
-        producer = self._producer
+        sends: list[_Send] = []
+        publishing = self._producer is not None and not self.dry_run
         for report in reports:
-            key = report.rollout.encode()
-            if producer is not None and not self.dry_run:
+            if publishing:
                 value = _REPORT_ENCODER.encode(report)
-                futures.append(await producer.send(self.settings.reports_topic, value, key=key))
+                sends.append(_Send(self.settings.reports_topic, value, report.rollout.encode()))
             else:
                 log.info(
                     "dry run: report %s [%d, %d) records=%d",
@@ -438,25 +450,74 @@ class AggregatorService:
                     report.counts.records,
                 )
             for event in self.guards.evaluate(report):
-                futures += await self._on_event(event, now)
+                sends += self._on_event(event, now)
             self.metrics.observe_report(report, self.guards)
             if self.keep_reports:
                 self.reports.append(report)
         late_topic = self.settings.late_topic
-        if late and producer is not None and late_topic and not self.dry_run:
-            for rec in late:
-                futures.append(
-                    await producer.send(
-                        late_topic,
-                        rec.value,
-                        key=getattr(rec, "key", None),
-                        headers=[(LATE_HEADER, self._topic.encode())],
-                    )
-                )
-        if futures:
-            await asyncio.gather(*futures)
+        if late and publishing and late_topic:
+            headers = [(LATE_HEADER, self._topic.encode())]
+            sends += [
+                _Send(late_topic, rec.value, getattr(rec, "key", None), headers) for rec in late
+            ]
+        await self._send_all(sends)
 
-    async def _on_event(self, event: GuardEvent, now: int) -> list[asyncio.Future[Any]]:
+    async def _send_all(self, sends: list[_Send]) -> None:
+        """Produce every record; re-send those refused with a retriable error (a leader
+        moving, a timeout) with backoff, for up to ``kafka.request_timeout_ms`` x 3.
+
+        At-least-once: a record may be written twice, none is skipped. A non-retriable error,
+        or one that outlasts the retries, stops the service (nothing behind it is committed).
+        """
+        producer = self._producer
+        if not sends or producer is None:
+            return
+        deadline = time.monotonic() + 3 * self.config.kafka.request_timeout_ms / 1000
+        delay = 0.2
+        while True:
+            results: list[object] = []
+            for send in sends:
+                try:
+                    results.append(
+                        await producer.send(
+                            send.topic,
+                            send.value,
+                            key=send.key,
+                            headers=send.headers,
+                            partition=send.partition,
+                        )
+                    )
+                except KafkaError as exc:
+                    results.append(exc)
+            futures = [r for r in results if isinstance(r, asyncio.Future)]
+            done = iter(await asyncio.gather(*futures, return_exceptions=True))
+            outcomes = [next(done) if isinstance(r, asyncio.Future) else r for r in results]
+            failed = [
+                (send, out)
+                for send, out in zip(sends, outcomes, strict=True)
+                if isinstance(out, BaseException)
+            ]
+            if not failed:
+                return
+            error = failed[0][1]
+            if not (isinstance(error, KafkaError) and error.retriable) or (
+                time.monotonic() > deadline
+            ):
+                raise error
+            log.warning(
+                "%d of %d records refused (%s: %s); re-sending in %.1fs",
+                len(failed),
+                len(sends),
+                type(error).__name__,
+                error,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            sends = [send for send, _ in failed]
+
+    def _on_event(self, event: GuardEvent, now: int) -> list[_Send]:
+        """Log and count a guard event; a fired rollback/pause becomes a signed command."""
         self.events.append(event)
         self.metrics.observe_event(event)
         action = event.rule.action
@@ -482,16 +543,16 @@ class AggregatorService:
         signed = self.keyring.sign(cmd, self.key_id)
         from ..control.plane import CONTROL_PARTITION
 
-        fut = await self._producer.send(
-            self.config.topics.control,
-            encode_command(signed),
-            key=event.rollout.encode(),
-            partition=CONTROL_PARTITION,
-        )
         self.commands.append(signed)
         self.metrics.commands.labels(event.rollout, action, "published").inc()
-        log.warning("guard fired: published %s %s: %s", action, signed.command_id, signed.reason)
-        return [fut]
+        log.warning("guard fired: publishing %s %s: %s", action, signed.command_id, signed.reason)
+        send = _Send(
+            self.config.topics.control,
+            encode_command(signed),
+            event.rollout.encode(),
+            partition=CONTROL_PARTITION,
+        )
+        return [send]
 
     async def _commit(self, *, force: bool = False) -> None:
         consumer = self._consumer

@@ -3,18 +3,20 @@ decoding, replay bounds and the replayer."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import NamedTuple
 
 import msgspec
 import numpy as np
 import pytest
 from agg_support import comparisons
+from aiokafka.errors import MessageSizeTooLargeError, NotLeaderForPartitionError
 
 from sidecar.aggregate import GuardEngine, GuardEvent, GuardRule, WindowManager, default_rules
 from sidecar.aggregate.actions import command_id, command_reason, commit_points, guard_command
 from sidecar.aggregate.ingest import ingest
 from sidecar.aggregate.replay import Bound, Replayer, check_range, format_result, parse_bound
-from sidecar.aggregate.service import signing_key
+from sidecar.aggregate.service import AggregatorService, _Send, signing_key
 from sidecar.aggregate.settings import AggregateSettings
 from sidecar.config import config_from_dict, load_config
 from sidecar.control import Keyring
@@ -92,6 +94,45 @@ def test_ingest_skips_and_counts_bad_records_but_consumes_them() -> None:
     assert got.undecodable == 2 and len(got.batch) == 5
     assert got.next_offsets == {2: 100, 1: 5}
     assert got.batch.offset.tolist() == [10, 11, 12, 13, 14]
+
+
+class FlakyProducer:
+    """Stands in for aiokafka's producer: refuses chosen (topic, attempt) sends once."""
+
+    def __init__(self, failures: dict[int, Exception]) -> None:
+        self.failures = failures  # send number -> error its future fails with
+        self.sent: list[tuple[str, bytes | None]] = []
+
+    async def send(self, topic: str, value: bytes | None, **_: object) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        error = self.failures.pop(len(self.sent), None)
+        self.sent.append((topic, value))
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
+        return fut
+
+
+def service_with(producer: FlakyProducer) -> AggregatorService:
+    cfg = config_from_dict({"models": MODELS, "aggregate": {"dry_run": True}})
+    service = AggregatorService(cfg)
+    service._producer = producer  # type: ignore[assignment]
+    return service
+
+
+async def test_records_refused_with_a_retriable_error_are_sent_again() -> None:
+    producer = FlakyProducer({1: NotLeaderForPartitionError()})
+    sends = [_Send("t", b"a", None), _Send("t", b"b", None), _Send("t", b"c", None)]
+    await service_with(producer)._send_all(sends)
+    assert producer.sent == [("t", b"a"), ("t", b"b"), ("t", b"c"), ("t", b"b")]
+
+
+async def test_a_non_retriable_refusal_stops_instead_of_looping() -> None:
+    producer = FlakyProducer({0: MessageSizeTooLargeError()})
+    with pytest.raises(MessageSizeTooLargeError):
+        await service_with(producer)._send_all([_Send("t", b"a", None)])
+    assert len(producer.sent) == 1
 
 
 def test_settings_from_toml_and_env(tmp_path: object) -> None:

@@ -1,0 +1,280 @@
+"""One rollout shared by K aggregator processes (``topics.comparisons_key = "routing_key"``).
+
+Starts Tansu, preloads N comparisons keyed by routing key over P partitions, then for each K
+runs K ``sidecar aggregate`` processes (their own OS processes, as deployed) in one consumer
+group. Each holds its partitions paused until the whole group is assigned, so no instance
+starts alone; then all start at once and the rate is N over the time until every comparison
+is consumed and every window's merged report is out. The sidecar runs in the same rounds
+(``bench_throughput.py``'s contender) for a same-run ratio.
+
+    python bench/bench_aggregate_scale.py [--count 400000] [--instances 1,2] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import sys
+import time
+import uuid
+from typing import Any
+
+from bench_aggregate import make_values, sidecar_rate
+from bench_throughput import preload as preload_requests
+
+from sidecar.broker import EmbeddedBroker, ensure_topics
+from sidecar.config import SidecarConfig, config_from_dict
+from sidecar.contracts import OUTPUT_SCHEMA_VERSION
+from sidecar.runtime import prepare_process
+from sidecar.traffic import produce_values
+
+HEADERS = [("schema_version", OUTPUT_SCHEMA_VERSION.encode())]
+
+
+def config(
+    bootstrap: str, topic: str, group: str, window_ms: int, decode_processes: int
+) -> SidecarConfig:
+    return config_from_dict(
+        {
+            "kafka": {
+                "bootstrap_servers": bootstrap,
+                "session_timeout_ms": 6000,
+                "heartbeat_interval_ms": 1000,
+            },
+            "topics": {
+                "comparisons": topic,
+                "control": f"{group}.control",
+                "comparisons_key": "routing_key",
+            },
+            "models": {
+                "champion": {"name": "m", "version": "1.0.0", "target": "x:y", "features": []}
+            },
+            "aggregate": {
+                "group_id": group,
+                "reports_topic": f"{group}.reports",
+                "partials_topic": f"{topic}.partials",
+                "window_ms": window_ms,
+                "allowed_lateness_ms": 1000,
+                "metrics_port": 0,
+                "idle_timeout_ms": 2000,
+                "decode_processes": decode_processes,
+                "rules": [
+                    {
+                        "name": "ratio",
+                        "figure": "decision_rate_ratio",
+                        "threshold": 1.5,
+                        "action": "alert",
+                    }
+                ],
+            },
+        }
+    )
+
+
+# -- child: one aggregator process ------------------------------------------------------------
+
+
+async def child_main(args: argparse.Namespace) -> None:
+    from sidecar.aggregate.service import AggregatorService
+
+    cfg = config(args.bootstrap, args.topic, args.group, args.window_ms, args.decode_processes)
+    go = asyncio.Event()
+
+    class Held(AggregatorService):
+        """Pauses newly assigned partitions until the parent says go."""
+
+        def on_assigned(self, partitions: set[int]) -> None:
+            super().on_assigned(partitions)
+            consumer = self.consumer
+            if consumer is not None and not go.is_set():
+                consumer.pause(*consumer.assignment())
+
+    service = Held(cfg)
+    task = asyncio.create_task(service.run())
+
+    async def read_go() -> None:
+        reader = asyncio.StreamReader()
+        loop = asyncio.get_running_loop()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        await reader.readline()
+        go.set()
+        consumer = service.consumer
+        if consumer is not None:
+            consumer.resume(*consumer.assignment())
+        await reader.readline()  # EOF or "stop"
+        service.request_stop()
+
+    reading = asyncio.create_task(read_go())
+    while not task.done():
+        consumer = service.consumer
+        assigned = sorted(tp.partition for tp in consumer.assignment()) if consumer else []
+        merging = sorted(service.merge.assignment) if service.merge else []
+        print(
+            json.dumps(
+                {
+                    "consumed": service.consumed,
+                    "reports": len(service.reports),
+                    "assigned": assigned,
+                    "merging": merging,
+                    "t": time.time(),
+                }
+            ),
+            flush=True,
+        )
+        await asyncio.sleep(0.05)
+    reading.cancel()
+    task.result()
+
+
+# -- parent ----------------------------------------------------------------------------------
+
+
+async def run_group(
+    bootstrap: str, topic: str, k: int, n: int, windows: int, args: argparse.Namespace
+) -> float:
+    """Comparisons per second of k instances sharing the topic (all consumed, all reported)."""
+    group = f"bench-{uuid.uuid4().hex[:8]}"
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--child",
+            f"--bootstrap={bootstrap}",
+            f"--topic={topic}",
+            f"--group={group}",
+            f"--window-ms={args.window_ms}",
+            f"--decode-processes={args.decode_processes}",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for _ in range(k)
+    ]
+    latest: list[dict[str, Any]] = [{} for _ in procs]
+
+    async def follow(i: int) -> None:
+        stdout = procs[i].stdout
+        assert stdout is not None
+        while line := await stdout.readline():
+            latest[i] = json.loads(line)
+
+    readers = [asyncio.create_task(follow(i)) for i in range(k)]
+    try:
+        # Wait for a settled group: every partition assigned, and the merge stage too.
+        settled_since = None
+        while True:
+            await asyncio.sleep(0.1)
+            owned = sum(len(s.get("assigned", [])) for s in latest)
+            merging = sum(len(s.get("merging", [])) for s in latest)
+            ok = (
+                owned == args.partitions
+                and merging == args.partitions
+                and all(s.get("assigned") for s in latest)
+            )
+            if not ok:
+                settled_since = None
+            elif settled_since is None:
+                settled_since = time.monotonic()
+            elif time.monotonic() - settled_since > 1.0:
+                break
+        t0 = time.time()
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(b"go\n")
+            await p.stdin.drain()
+        while sum(s.get("consumed", 0) for s in latest) < n or (
+            sum(s.get("reports", 0) for s in latest) < windows
+        ):
+            await asyncio.sleep(0.01)
+        t_end = max(s["t"] for s in latest)
+        return n / (t_end - t0)
+    finally:
+        for p in procs:
+            with contextlib.suppress(Exception):
+                assert p.stdin is not None
+                p.stdin.write(b"stop\n")
+                await p.stdin.drain()
+        for p in procs:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(p.wait(), 30)
+        for r in readers:
+            r.cancel()
+
+
+async def main(args: argparse.Namespace) -> None:
+    ks = [int(k) for k in args.instances.split(",")]
+    with EmbeddedBroker() as broker:
+        bs = broker.bootstrap_servers
+        topic = f"bench-{uuid.uuid4().hex[:6]}.comparisons"
+        await ensure_topics(bs, [topic], partitions=args.partitions)
+        await ensure_topics(bs, [f"{topic}.partials"], partitions=args.partitions)
+        values = make_values(args.count, start_ms=1_700_000_000_000, rate=args.event_rate)
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bs, acks="all", linger_ms=5, max_batch_size=1 << 20
+        )
+        await producer.start()
+        try:
+            for i in range(0, len(values), 50_000):
+                chunk = [
+                    (f"card-{j % 50_000:06d}".encode(), values[j])
+                    for j in range(i, min(i + 50_000, len(values)))
+                ]
+                await produce_values(producer, topic, chunk, headers=HEADERS)
+        finally:
+            await producer.stop()
+        # Windows that close: all but the last (lateness holds the watermark a window back).
+        windows = int(args.count / args.event_rate * 1000 // args.window_ms) - 2
+        print(
+            f"preloaded {args.count} comparisons keyed by routing key over {args.partitions} "
+            f"partitions; {windows}+ windows of {args.window_ms} ms"
+        )
+        requests_topic = f"bench-{uuid.uuid4().hex[:6]}.requests"
+        await preload_requests(bs, requests_topic, args.sidecar_requests)
+        rates: dict[int, list[float]] = {k: [] for k in ks}
+        ratios: dict[int, list[float]] = {k: [] for k in ks}
+        for run in range(1, args.repeat + 1):
+            line = []
+            got = {}
+            for k in ks:
+                got[k] = await run_group(bs, topic, k, args.count, windows, args)
+                rates[k].append(got[k])
+                line.append(f"{k} aggregator(s) {got[k]:,.0f}/s")
+            side = sidecar_rate(bs, requests_topic, args.sidecar_requests)
+            line.append(f"sidecar {side:,.0f} req/s")
+            for k in ks:
+                ratios[k].append(got[k] / side)
+                line.append(f"[{k}] {got[k] / side:.1f}x")
+            print(f"run {run}: " + " | ".join(line), flush=True)
+        print()
+        for k in ks:
+            print(
+                f"  {k} aggregator process(es): median {statistics.median(rates[k]):,.0f}/s; "
+                f"per run vs the sidecar "
+                + ", ".join(f"{r:.1f}x" for r in ratios[k])
+                + f" (median {statistics.median(ratios[k]):.1f}x)"
+            )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=400_000)
+    parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--instances", default="1,2", help="comma-separated group sizes")
+    parser.add_argument("--window-ms", type=int, default=1_000)
+    parser.add_argument("--event-rate", type=float, default=40_000.0)
+    parser.add_argument("--sidecar-requests", type=int, default=200_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--decode-processes", type=int, default=1, help="aggregate.decode_processes of each"
+    )
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
+    parser.add_argument("--topic", help=argparse.SUPPRESS)
+    parser.add_argument("--group", help=argparse.SUPPRESS)
+    parsed = parser.parse_args()
+    prepare_process()  # as `sidecar aggregate` does
+    asyncio.run(child_main(parsed) if parsed.child else main(parsed))

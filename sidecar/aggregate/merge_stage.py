@@ -17,11 +17,10 @@ from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
 
 from .._clients import stop_quietly
 from ..config import SidecarConfig
-from .actions import commit_points
+from .commits import SafeCommitter
 from .metrics import AggregateMetrics
 from .partials import PartialMerger, WindowPartial
 from .report import WindowReport
@@ -66,8 +65,7 @@ class MergeStage:
         self.merger = self._new_merger()
         self._consumer: AIOKafkaConsumer | None = None
         self._lock = asyncio.Lock()
-        self._next: dict[int, int] = {}
-        self._committed: dict[int, int] = {}
+        self._commits = SafeCommitter(self._topic)
         #: What this stage did (tests read these).
         self.partials = 0
         self.late_partials = 0
@@ -135,32 +133,11 @@ class MergeStage:
         reports += self.merger.tick(now)
         if reports:
             await self._publish(reports, now)
-        for record in records:
-            self._next[record.partition] = max(
-                self._next.get(record.partition, 0), record.offset + 1
-            )
+        self._commits.applied({r.partition: r.offset + 1 for r in records})
         await self._commit()
 
     async def _commit(self) -> None:
-        consumer = self._consumer
-        if consumer is None or not self._next:
-            return
-        points = commit_points(self._next, self.merger.open_first_offsets())
-        owned = {tp.partition for tp in consumer.assignment()}
-        todo = {
-            TopicPartition(self._topic, p): off
-            for p, off in points.items()
-            if p in owned and self._committed.get(p) != off
-        }
-        if not todo:
-            return
-        try:
-            await consumer.commit(todo)
-            self._committed.update({tp.partition: off for tp, off in todo.items()})
-        except CommitFailedError as exc:
-            log.warning("partials commit rejected after a rebalance (%s); re-read", exc)
-        except KafkaError as exc:
-            log.warning("partials commit failed (%s); may be re-read after a restart", exc)
+        await self._commits.commit(self._consumer, self.merger.open_first_offsets())
 
     async def on_revoked(self) -> None:
         """Commit what is safe, drop pending windows (the new owner re-reads their partials)."""
@@ -173,8 +150,7 @@ class MergeStage:
                     self.merger.pending_windows,
                 )
             self.merger = self._new_merger()
-            self._next.clear()
-            self._committed.clear()
+            self._commits.reset()
 
 
 __all__ = ["MergeStage"]

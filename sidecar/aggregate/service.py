@@ -36,15 +36,16 @@ from typing import Any, NamedTuple
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import KafkaError
 
 from .._clients import stop_quietly
 from ..config import SidecarConfig
 from ..control.commands import ControlCommand, Keyring, encode_command
 from ..errors import ConfigError
 from ..health import HealthState, watch_aggregator
-from .actions import COMMAND_ACTIONS, commit_points, guard_command
+from .actions import COMMAND_ACTIONS, guard_command
 from .aggregator import WindowManager
+from .commits import SafeCommitter
 from .decode_pool import DecodePool
 from .guards import GuardEngine, GuardEvent
 from .ingest import ComparisonDecoder, Ingested, RecordLike, ingest
@@ -177,8 +178,7 @@ class AggregatorService:
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
-        self._next: dict[int, int] = {}
-        self._committed: dict[int, int] = {}
+        self._commits = SafeCommitter(self._topic)
         self._last_commit = 0.0
         self.ready = asyncio.Event()
         #: Readiness snapshot served on ``/readyz`` (see ``sidecar.health``).
@@ -307,8 +307,7 @@ class AggregatorService:
                     self.manager.open_windows,
                 )
             self.manager = self._new_manager()
-            self._next.clear()
-            self._committed.clear()
+            self._commits.reset()
 
     def on_assigned(self, partitions: set[int]) -> None:
         log.info("partitions assigned: %s[%s]", self._topic, ",".join(map(str, sorted(partitions))))
@@ -412,8 +411,7 @@ class AggregatorService:
         if self.shared:
             await self._publish_partials(now)
         if got is not None:  # only now: a poll that failed above is never committed
-            for p, nxt in got.next_offsets.items():
-                self._next[p] = max(self._next.get(p, 0), nxt)
+            self._commits.applied(got.next_offsets)
         await self._commit(force=bool(reports))
 
     async def _publish_partials(self, now: int) -> None:
@@ -555,29 +553,11 @@ class AggregatorService:
         return [send]
 
     async def _commit(self, *, force: bool = False) -> None:
-        consumer = self._consumer
-        if consumer is None or not self._next:
-            return
         interval = self.settings.commit_interval_ms / 1000.0
         if not force and time.monotonic() - self._last_commit < interval:
             return
-        points = commit_points(self._next, self.manager.open_first_offsets())
-        owned = {tp.partition for tp in consumer.assignment()}
-        todo = {
-            TopicPartition(self._topic, p): off
-            for p, off in points.items()
-            if p in owned and self._committed.get(p) != off
-        }
         self._last_commit = time.monotonic()
-        if not todo:
-            return
-        try:
-            await consumer.commit(todo)
-            self._committed.update({tp.partition: off for tp, off in todo.items()})
-        except CommitFailedError as exc:
-            log.warning("offset commit rejected after a rebalance (%s); windows rebuild", exc)
-        except KafkaError as exc:
-            log.warning("offset commit failed (%s); records may be re-read after a restart", exc)
+        await self._commits.commit(self._consumer, self.manager.open_first_offsets())
 
 
 __all__ = ["LATE_HEADER", "AggregatorService", "signing_key"]

@@ -8,7 +8,7 @@ puts the event's figures and offsets in the command's reason as evidence.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import msgspec
@@ -154,6 +154,9 @@ class _RuleState:
     active: bool = False
     last_fired_end_ms: int | None = None
     last_window_end_ms: int | None = None
+    #: Model versions already evaluated for the window ending at ``last_window_end_ms``: a
+    #: report delivered again (at-least-once) must not count twice towards ``consecutive``.
+    seen_at_last_end: set[tuple[str, str]] = field(default_factory=set)
 
 
 def _pick(fig: Figure, bound: Bound) -> float | None:
@@ -194,9 +197,15 @@ class GuardEngine:
     def _evaluate_rule(self, rule: GuardRule, report: WindowReport) -> GuardEvent | None:
         st = self._get(report.rollout, rule.name)
         end = report.window_end_ms
+        pair = (report.champion.version, report.candidate.version)
         if st.last_window_end_ms is not None and end < st.last_window_end_ms:
-            return None
+            return None  # older than a window already evaluated
+        if end == st.last_window_end_ms and pair in st.seen_at_last_end:
+            return None  # the same window again
+        if end != st.last_window_end_ms:
+            st.seen_at_last_end = set()
         st.last_window_end_ms = end
+        st.seen_at_last_end.add(pair)
         fig = figure_of(report, rule.figure)
         x = _pick(fig, rule.bound)
         if x is None or report.counts.records < rule.min_pairs:

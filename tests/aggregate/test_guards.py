@@ -96,6 +96,13 @@ def test_state_is_per_rollout_and_stale_reports_ignored() -> None:
     assert eng.active("a") == ["ratio"]
 
 
+def test_a_report_delivered_twice_counts_once_towards_consecutive() -> None:
+    eng = GuardEngine([rule(consecutive=2)])
+    assert eng.evaluate(report(2.0, window=1)) == []
+    assert eng.evaluate(report(2.0, window=1)) == []  # at-least-once duplicate: no streak 2
+    assert [e.kind for e in eng.evaluate(report(2.0, window=2))] == ["fired"]
+
+
 def test_less_than_rules_and_bounds() -> None:
     low = rule(name="low", comparison="<", threshold=0.5, clear_threshold=0.8)
     eng = GuardEngine([low])

@@ -87,8 +87,21 @@ def make_values(n: int, start_ms: int, rate: float, seed: int = 0) -> list[bytes
     ]
 
 
-def config(bootstrap: str, topic: str, window_ms: int, decode_processes: int = 1) -> SidecarConfig:
-    run = uuid.uuid4().hex[:8]
+def config(
+    bootstrap: str,
+    topic: str,
+    window_ms: int,
+    decode_processes: int = 1,
+    *,
+    group: str | None = None,
+    shared: bool = False,
+) -> SidecarConfig:
+    """The aggregator's config for a run; ``shared``: comparisons keyed by routing key (the
+    partials topic is ``<topic>.partials``). A fresh ``group`` unless one is given."""
+    group = group or f"bench-{uuid.uuid4().hex[:8]}"
+    topics: dict[str, str] = {"comparisons": topic, "control": f"{group}.control"}
+    if shared:
+        topics["comparisons_key"] = "routing_key"
     return config_from_dict(
         {
             "kafka": {
@@ -96,13 +109,14 @@ def config(bootstrap: str, topic: str, window_ms: int, decode_processes: int = 1
                 "session_timeout_ms": 6000,
                 "heartbeat_interval_ms": 1000,
             },
-            "topics": {"comparisons": topic, "control": f"bench-{run}.control"},
+            "topics": topics,
             "models": {
                 "champion": {"name": "m", "version": "1.0.0", "target": "x:y", "features": []}
             },
             "aggregate": {
-                "group_id": f"bench-{run}",
-                "reports_topic": f"bench-{run}.reports",
+                "group_id": group,
+                "reports_topic": f"{group}.reports",
+                "partials_topic": f"{topic}.partials",
                 "window_ms": window_ms,
                 "allowed_lateness_ms": 1000,
                 "metrics_port": 0,

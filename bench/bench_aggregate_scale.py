@@ -22,56 +22,15 @@ import time
 import uuid
 from typing import Any
 
-from bench_aggregate import make_values, sidecar_rate
+from bench_aggregate import config, make_values, sidecar_rate
 from bench_throughput import preload as preload_requests
 
 from sidecar.broker import EmbeddedBroker, ensure_topics
-from sidecar.config import SidecarConfig, config_from_dict
 from sidecar.contracts import OUTPUT_SCHEMA_VERSION
 from sidecar.runtime import prepare_process
 from sidecar.traffic import produce_values
 
 HEADERS = [("schema_version", OUTPUT_SCHEMA_VERSION.encode())]
-
-
-def config(
-    bootstrap: str, topic: str, group: str, window_ms: int, decode_processes: int
-) -> SidecarConfig:
-    return config_from_dict(
-        {
-            "kafka": {
-                "bootstrap_servers": bootstrap,
-                "session_timeout_ms": 6000,
-                "heartbeat_interval_ms": 1000,
-            },
-            "topics": {
-                "comparisons": topic,
-                "control": f"{group}.control",
-                "comparisons_key": "routing_key",
-            },
-            "models": {
-                "champion": {"name": "m", "version": "1.0.0", "target": "x:y", "features": []}
-            },
-            "aggregate": {
-                "group_id": group,
-                "reports_topic": f"{group}.reports",
-                "partials_topic": f"{topic}.partials",
-                "window_ms": window_ms,
-                "allowed_lateness_ms": 1000,
-                "metrics_port": 0,
-                "idle_timeout_ms": 2000,
-                "decode_processes": decode_processes,
-                "rules": [
-                    {
-                        "name": "ratio",
-                        "figure": "decision_rate_ratio",
-                        "threshold": 1.5,
-                        "action": "alert",
-                    }
-                ],
-            },
-        }
-    )
 
 
 # -- child: one aggregator process ------------------------------------------------------------
@@ -80,7 +39,14 @@ def config(
 async def child_main(args: argparse.Namespace) -> None:
     from sidecar.aggregate.service import AggregatorService
 
-    cfg = config(args.bootstrap, args.topic, args.group, args.window_ms, args.decode_processes)
+    cfg = config(
+        args.bootstrap,
+        args.topic,
+        args.window_ms,
+        args.decode_processes,
+        group=args.group,
+        shared=True,
+    )
     go = asyncio.Event()
 
     class Held(AggregatorService):

@@ -164,7 +164,6 @@ class AggregatorService:
         self.shared = config.shared_rollouts
         self.manager = self._new_manager()
         self.merge: MergeStage | None = None
-        self._partitions_total = 0
         self._decoder = ComparisonDecoder()
         self._pool: DecodePool | None = None
         #: Bumped on every revoke: polls decoded before it are dropped, not applied.
@@ -312,8 +311,6 @@ class AggregatorService:
     def on_assigned(self, partitions: set[int]) -> None:
         log.info("partitions assigned: %s[%s]", self._topic, ",".join(map(str, sorted(partitions))))
         self.manager.assign_partitions(partitions, self._clock())
-        if self._consumer is not None:
-            self._partitions_total = len(self._consumer.partitions_for_topic(self._topic) or ())
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -419,7 +416,7 @@ class AggregatorService:
         if not closed:
             return
         known = self._consumer.partitions_for_topic(self._topic) if self._consumer else None
-        total = max(len(known or ()), self._partitions_total, *(c.partition + 1 for c in closed))
+        total = max(len(known or ()), *(c.partition + 1 for c in closed))
         topic = self.settings.partials_topic
         await self._send_all(
             [
@@ -473,34 +470,33 @@ class AggregatorService:
         deadline = time.monotonic() + 3 * self.config.kafka.request_timeout_ms / 1000
         delay = 0.2
         while True:
-            results: list[object] = []
+            # Handed over one by one, in order (per-partition order is kept), then awaited.
+            handed: list[tuple[_Send, asyncio.Future[Any] | KafkaError]] = []
             for send in sends:
                 try:
-                    results.append(
-                        await producer.send(
-                            send.topic,
-                            send.value,
-                            key=send.key,
-                            headers=send.headers,
-                            partition=send.partition,
-                        )
+                    future = await producer.send(
+                        send.topic,
+                        send.value,
+                        key=send.key,
+                        headers=send.headers,
+                        partition=send.partition,
                     )
+                    handed.append((send, future))
                 except KafkaError as exc:
-                    results.append(exc)
-            futures = [r for r in results if isinstance(r, asyncio.Future)]
-            done = iter(await asyncio.gather(*futures, return_exceptions=True))
-            outcomes = [next(done) if isinstance(r, asyncio.Future) else r for r in results]
-            failed = [
-                (send, out)
-                for send, out in zip(sends, outcomes, strict=True)
-                if isinstance(out, BaseException)
-            ]
+                    handed.append((send, exc))
+            failed: list[tuple[_Send, KafkaError]] = []
+            for send, outcome in handed:
+                if isinstance(outcome, asyncio.Future):
+                    try:
+                        await outcome
+                        continue
+                    except KafkaError as exc:
+                        outcome = exc
+                failed.append((send, outcome))
             if not failed:
                 return
             error = failed[0][1]
-            if not (isinstance(error, KafkaError) and error.retriable) or (
-                time.monotonic() > deadline
-            ):
+            if not error.retriable or time.monotonic() > deadline:
                 raise error
             log.warning(
                 "%d of %d records refused (%s: %s); re-sending in %.1fs",

@@ -6,7 +6,9 @@ test) fails when a file is stale, so the published contracts never drift from th
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import orjson
@@ -50,8 +52,26 @@ def all_contracts() -> dict[str, type[msgspec.Struct]]:
     return CONTRACTS | _extra_contracts()
 
 
+def _normalise_descriptions(node: Any) -> Any:
+    """Every ``description`` dedented the way :func:`inspect.cleandoc` does.
+
+    Older msgspec releases copy a docstring's indentation into the schema and 0.23 strips
+    it; normalising here makes the generated files identical whichever msgspec is installed.
+    """
+    if isinstance(node, dict):
+        return {
+            k: inspect.cleandoc(v)
+            if k == "description" and isinstance(v, str)
+            else _normalise_descriptions(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_normalise_descriptions(v) for v in node]
+    return node
+
+
 def render(struct: type[msgspec.Struct]) -> bytes:
-    schema = msgspec.json.schema(struct)
+    schema = _normalise_descriptions(msgspec.json.schema(struct))
     schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
     return orjson.dumps(schema, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
 

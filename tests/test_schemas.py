@@ -28,3 +28,22 @@ def test_request_schema_says_what_is_required() -> None:
     request = doc["$defs"]["InferenceRequest"]
     assert set(request["required"]) == {"request_id", "features"}
     assert msgspec.json.decode(b'{"request_id":"a","features":{}}', type=InferenceRequest)
+
+
+class _Indented(msgspec.Struct):
+    """First line.
+
+    An indented second paragraph, as every multi-line docstring in the code has.
+    """
+
+    x: int
+
+
+def test_descriptions_are_dedented_whatever_msgspec_does() -> None:
+    # msgspec < 0.23 keeps the docstring's indentation and 0.23 strips it; the committed
+    # files must not depend on which one an install resolved to.
+    doc = json.loads(schemas.render(_Indented))
+    assert doc["$defs"]["_Indented"]["description"] == (
+        "First line.\n\nAn indented second paragraph, as every multi-line docstring in the "
+        "code has."
+    )

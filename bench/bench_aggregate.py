@@ -33,9 +33,10 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from sidecar.aggregate.service import AggregatorService
-from sidecar.broker import EmbeddedBroker, ensure_topics
+from sidecar.broker import EmbeddedBroker
 from sidecar.config import SidecarConfig, config_from_dict
 from sidecar.contracts import OUTPUT_SCHEMA_VERSION, Comparison, ModelResult
+from sidecar.kafka import ensure_topics
 from sidecar.runtime import prepare_process
 from sidecar.traffic import produce_values
 

@@ -25,8 +25,9 @@ from typing import Any
 from bench_aggregate import config, make_values, sidecar_rate
 from bench_throughput import preload as preload_requests
 
-from sidecar.broker import EmbeddedBroker, ensure_topics
+from sidecar.broker import EmbeddedBroker
 from sidecar.contracts import OUTPUT_SCHEMA_VERSION
+from sidecar.kafka import ensure_topics
 from sidecar.runtime import prepare_process
 from sidecar.traffic import produce_values
 

@@ -50,7 +50,7 @@ async def run_one(bootstrap: str, topic: str, n: int, champion: dict[str, Any]) 
     from bench_throughput import TOPIC_PARTITIONS, time_until_done
     from kafka_helpers import make_config
 
-    from sidecar.broker import ensure_topics
+    from sidecar.kafka import ensure_topics
     from sidecar.runner import Sidecar
 
     cfg = make_config(

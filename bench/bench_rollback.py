@@ -100,7 +100,7 @@ async def bench(args: argparse.Namespace, bootstrap: str, workdir: Path) -> None
 
     from sidecar.control import Keyring
     from sidecar.control.ctl import EXIT_OK, build_command, issue
-    from sidecar.control.plane import ensure_control_topics
+    from sidecar.kafka import ensure_control_topics
 
     secret = secrets.token_hex(32)
     keyring = Keyring.parse(f"bench:{secret}")

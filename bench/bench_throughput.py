@@ -50,7 +50,7 @@ def config_for(bootstrap: str, requests_topic: str, group: str) -> Any:
 async def preload(bootstrap: str, topic: str, n: int) -> None:
     from aiokafka import AIOKafkaProducer
 
-    from sidecar.broker import ensure_topics
+    from sidecar.kafka import ensure_topics
     from sidecar.traffic import generated_items, produce_values
 
     await ensure_topics(bootstrap, [topic], partitions=TOPIC_PARTITIONS)
@@ -70,10 +70,9 @@ async def run_passthrough(cfg: Any, n: int) -> float:
     import msgspec
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-    from sidecar.broker import ensure_topics
     from sidecar.contracts import InferenceRequest
+    from sidecar.kafka import BatchSender, ensure_topics
     from sidecar.pipeline import TopicOutput
-    from sidecar.runner import OutputSender
 
     t = cfg.topics
     await ensure_topics(cfg.kafka.bootstrap_servers, cfg.all_topics(), TOPIC_PARTITIONS)
@@ -93,9 +92,7 @@ async def run_passthrough(cfg: Any, n: int) -> float:
         auto_offset_reset="earliest",
     )
     await consumer.start()
-    sender = OutputSender(
-        producer, {t.decisions: TOPIC_PARTITIONS, t.comparisons: TOPIC_PARTITIONS}
-    )
+    sender = BatchSender(producer, {t.decisions: TOPIC_PARTITIONS, t.comparisons: TOPIC_PARTITIONS})
     decoder = msgspec.json.Decoder(InferenceRequest)
     encoder = msgspec.json.Encoder()
     done = 0
@@ -119,8 +116,9 @@ async def run_passthrough(cfg: Any, n: int) -> float:
                     out_b.keys.append(key)
                     out_b.values.append(encoder.encode(req.features))
                     out_b.headers.append([])
-            futures = await sender.send(t.decisions, out_a)
-            futures += await sender.send(t.comparisons, out_b)
+            deliveries = await sender.send(t.decisions, out_a)
+            deliveries += await sender.send(t.comparisons, out_b)
+            futures = [d.future for d in deliveries]
             pending.append(({tp: p[-1].offset + 1 for tp, p in batches.items()}, futures))
             # Commit in order once acknowledged, keeping a few batches in flight (as the
             # sidecar does).
@@ -140,7 +138,7 @@ async def run_passthrough(cfg: Any, n: int) -> float:
 
 
 async def run_sidecar(cfg: Any, n: int) -> float:
-    from sidecar.broker import ensure_topics
+    from sidecar.kafka import ensure_topics
     from sidecar.runner import Sidecar
 
     await ensure_topics(cfg.kafka.bootstrap_servers, cfg.all_topics(), TOPIC_PARTITIONS)

@@ -7,20 +7,17 @@ points ``kafka.bootstrap_servers`` at a real cluster (see ``docker/``).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-from .errors import BrokerError, EmbeddedBrokerError
+from .errors import EmbeddedBrokerError
 
 log = logging.getLogger(__name__)
 
@@ -128,61 +125,3 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-async def wait_for_broker(bootstrap_servers: str, timeout_s: float = 30.0, **kafka: Any) -> None:
-    """Wait until a broker answers a metadata request."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **kafka)
-        try:
-            await admin.start()
-            await admin.list_topics()
-            return
-        except Exception as exc:  # any failure to connect means "not yet"
-            last = exc
-            await asyncio.sleep(0.2)
-        finally:
-            with contextlib.suppress(Exception):
-                await admin.close()
-    raise BrokerError(f"broker {bootstrap_servers} did not answer within {timeout_s:.0f}s: {last}")
-
-
-async def ensure_topics(
-    bootstrap_servers: str,
-    topics: Iterable[str],
-    partitions: int,
-    replication_factor: int = 1,
-    **kafka: Any,
-) -> list[str]:
-    """Create the topics that do not exist yet; return the names created."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **kafka)
-    try:
-        await admin.start()
-    except Exception as exc:
-        raise BrokerError(f"cannot reach broker {bootstrap_servers}: {exc}") from exc
-    try:
-        existing = set(await admin.list_topics())
-        wanted = [t for t in dict.fromkeys(topics) if t not in existing]
-        if not wanted:
-            return []
-        response = await admin.create_topics(
-            [
-                NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)
-                for t in wanted
-            ]
-        )
-        created = []
-        for topic, code, message in response.topic_errors:
-            if code == 0:
-                created.append(topic)
-            elif code != 36:  # 36: TOPIC_ALREADY_EXISTS (created by someone else meanwhile)
-                raise BrokerError(f"could not create topic {topic}: error {code}: {message}")
-        return created
-    finally:
-        await admin.close()

@@ -38,7 +38,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     with EmbeddedBroker(port=args.port, log_path=args.log) as broker:
         print(f"embedded broker (Tansu) on {broker.bootstrap_servers}", flush=True)
         if cfg is not None:
-            from .topics import ensure_config_topics
+            from .kafka import ensure_config_topics
 
             kafka_cfg = msgspec.structs.replace(
                 cfg.kafka, bootstrap_servers=broker.bootstrap_servers
@@ -101,7 +101,7 @@ async def _run(cfg: SidecarConfig, args: argparse.Namespace) -> None:
     from .runner import Sidecar
 
     if args.create_topics or args.embedded_broker:
-        from .topics import ensure_config_topics
+        from .kafka import ensure_config_topics
 
         created = await ensure_config_topics(cfg)
         if created:

@@ -51,6 +51,10 @@ class KafkaConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     #: How long to keep retrying an unreachable broker at start-up (0 = forever).
     connect_timeout_s: Annotated[float, Meta(ge=0)] = 0.0
+    #: Largest record (key, value and headers) produced. Lowered at start-up to what each
+    #: output topic's ``max.message.bytes`` allows, when the broker says. An output larger
+    #: than this is not sent: its request becomes a dead letter (``output_oversize``).
+    max_record_bytes: Annotated[int, Meta(ge=16_384)] = 1_000_000
 
     def __repr__(self) -> str:
         """Never show the SASL password (configs end up in logs and tracebacks)."""
@@ -81,6 +85,16 @@ class InputConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     format: Literal["json", "msgpack"] = "json"
     #: Records larger than this go to the dead-letter topic as ``oversize``.
     max_message_bytes: Annotated[int, Meta(ge=64)] = 1_048_576
+
+
+class DeadLetterConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a dead letter keeps of the record it stands for (``topics.dead_letter``)."""
+
+    #: Original keys and values up to this size are kept whole; a larger one is kept as a
+    #: prefix of this size plus its size and sha256 (the original stays in its source topic).
+    #: Dead letters carry bytes as base64 (4/3 the size), so the default stays well under the
+    #: 1 MiB a Kafka topic takes by default.
+    max_value_bytes: Annotated[int, Meta(ge=0)] = 262_144
 
 
 class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -246,6 +260,7 @@ class SidecarConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
     topics: TopicsConfig = msgspec.field(default_factory=TopicsConfig)
     input: InputConfig = msgspec.field(default_factory=InputConfig)
+    dead_letter: DeadLetterConfig = msgspec.field(default_factory=DeadLetterConfig)
     pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
     rollout: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
@@ -272,7 +287,9 @@ class SidecarConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             self.status_topic,
             self.audit_topic,
             self.aggregate.reports_topic,
-        ] + ([self.aggregate.partials_topic] if self.shared_rollouts else [])
+            *([self.aggregate.partials_topic] if self.shared_rollouts else []),
+            *([self.aggregate.late_topic] if self.aggregate.late_topic else []),
+        ]
 
     @property
     def shared_rollouts(self) -> bool:
@@ -349,6 +366,15 @@ def _check(cfg: SidecarConfig) -> None:
             f"kafka.request_timeout_ms ({cfg.kafka.request_timeout_ms}) must exceed "
             f"kafka.session_timeout_ms ({cfg.kafka.session_timeout_ms}): a group join can take "
             "a whole session timeout, and a shorter request timeout fails every join"
+        )
+    # base64 of value and key, the reason and the coordinates must fit one record.
+    dead_letter_bytes = 2 * (cfg.dead_letter.max_value_bytes * 4 // 3) + 16_384
+    if dead_letter_bytes > cfg.kafka.max_record_bytes:
+        raise ConfigError(
+            f"dead_letter.max_value_bytes ({cfg.dead_letter.max_value_bytes}) makes dead "
+            f"letters of up to {dead_letter_bytes} bytes, more than kafka.max_record_bytes "
+            f"({cfg.kafka.max_record_bytes}); lower it to at most "
+            f"{(cfg.kafka.max_record_bytes - 16_384) * 3 // 8}"
         )
     models = [cfg.models.champion] + ([cfg.models.candidate] if cfg.models.candidate else [])
     for m in models:

@@ -20,7 +20,12 @@ OUTPUT_SCHEMA_VERSION = "1.0"
 Arm = Literal["champion", "candidate"]
 FeatureValue = float | int | str | bool | None
 
-EpochMillis = Annotated[int, msgspec.Meta(ge=0, description="Unix epoch, milliseconds")]
+#: Latest accepted time: 9999-12-31T23:59:59.999Z. Bounded so that every timestamp fits the
+#: int64 columns downstream (a larger one would overflow them).
+MAX_EPOCH_MS = 253_402_300_799_999
+EpochMillis = Annotated[
+    int, msgspec.Meta(ge=0, le=MAX_EPOCH_MS, description="Unix epoch, milliseconds")
+]
 
 
 class InferenceRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -28,7 +33,8 @@ class InferenceRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     request_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     features: dict[str, FeatureValue]
-    routing_key: str | None = None
+    #: The sticky entity (a card, a user): routes the request and keys its decision.
+    routing_key: Annotated[str, msgspec.Meta(max_length=1024)] | None = None
     ts: EpochMillis | None = None
     metadata: dict[str, Any] | None = None
     schema_version: str = "1"
@@ -113,11 +119,25 @@ DeadLetterKind = Literal[
     "oversize",
     "model_failure",
     "out_of_range",
+    #: An output of the record (its decision) is larger than the output topic accepts.
+    "output_oversize",
+    #: The aggregator's: a comparison dated too far ahead of its clock (see
+    #: ``aggregate.max_future_ms``).
+    "event_time",
+    #: Processing the record raised an unexpected error (a bug: the reason names it); the
+    #: rest of its batch was served.
+    "processing_error",
 ]
 
 
 class DeadLetter(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """A record the sidecar could not serve; the original bytes are kept untouched."""
+    """A record the sidecar could not serve, with why and where it came from.
+
+    The original key and value are kept byte for byte up to ``dead_letter.max_value_bytes``.
+    A larger original is kept as a prefix with ``truncated`` set, its full size and sha256:
+    a claim check, since the original stays readable at ``source_topic`` /
+    ``source_partition`` / ``source_offset`` (for as long as that topic's retention keeps it).
+    """
 
     kind: DeadLetterKind
     reason: str
@@ -129,3 +149,8 @@ class DeadLetter(msgspec.Struct, kw_only=True, omit_defaults=True):
     original_key: bytes | None = None
     request_id: str | None = None
     schema_version: str = OUTPUT_SCHEMA_VERSION
+    #: ``original_value`` (and/or ``original_key``) is a prefix of the original.
+    truncated: bool = False
+    #: Size in bytes of the original value and its sha256 (hex), when ``truncated``.
+    original_size: int | None = None
+    original_sha256: str | None = None

@@ -18,7 +18,8 @@ import numpy as np
 import numpy.typing as npt
 
 from .config import FeatureSpec, InputConfig, ModelConfig
-from .contracts import REQUEST_SCHEMA_MAJOR, DeadLetterKind, InferenceRequest
+from .contracts import MAX_EPOCH_MS, REQUEST_SCHEMA_MAJOR, DeadLetterKind, InferenceRequest
+from .untrusted import clip, error_text, header_text
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -64,7 +65,13 @@ class DecodedBatch:
         return len(self.request_ids)
 
 
-_PY_TYPES: dict[str, Any] = {"number": float, "integer": int, "bool": bool, "category": str}
+_PY_TYPES: dict[str, Any] = {
+    "number": float,
+    # Bounded: an unbounded int may have thousands of digits, which no float holds.
+    "integer": Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)],
+    "bool": bool,
+    "category": str,
+}
 _TYPE_WORDS = {
     "number": "a number",
     "integer": "an integer",
@@ -74,8 +81,10 @@ _TYPE_WORDS = {
 
 
 def _major(version: str) -> int | None:
+    """The major version of ``"1"``, ``"1.7"``...; None unless it is ASCII digits (Arabic-Indic
+    or superscript digits pass ``str.isdigit`` but are no version of ours)."""
     head = version.split(".", 1)[0].strip()
-    return int(head) if head.isdigit() else None
+    return int(head) if head.isascii() and head.isdigit() and len(head) < 10 else None
 
 
 def _json_type(value: object) -> str:
@@ -112,8 +121,8 @@ class RequestDecoder:
             [
                 ("request_id", Annotated[str, msgspec.Meta(min_length=1, max_length=256)]),
                 ("features", features_type),
-                ("routing_key", str | None, None),
-                ("ts", Annotated[int, msgspec.Meta(ge=0)] | None, None),
+                ("routing_key", Annotated[str, msgspec.Meta(max_length=1024)] | None, None),
+                ("ts", Annotated[int, msgspec.Meta(ge=0, le=MAX_EPOCH_MS)] | None, None),
                 ("metadata", dict[str, Any] | None, None),
                 ("schema_version", str, "1"),
             ],
@@ -139,6 +148,8 @@ class RequestDecoder:
         return [index[f.name] for f in model.features]
 
     def decode(self, records: Sequence[RawRecord]) -> DecodedBatch:
+        """The batch's good records as columns; every other record is :class:`Rejected` with
+        its reason. Never raises on a record's content (see :mod:`sidecar.untrusted`)."""
         out = DecodedBatch()
         good_records: list[RawRecord] = []
         requests: list[Any] = []
@@ -146,19 +157,25 @@ class RequestDecoder:
         max_bytes = self._max_bytes
         for record in records:
             value = record.value
-            if value is None or len(value) > max_bytes or record.headers:
-                rejected = self._precheck(record)
-                if rejected is not None:
-                    out.rejected.append(rejected)
-                    continue
             try:
-                req = fast(value)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                out.rejected.append(self._diagnose(record, str(exc)))
-                continue
-            version = req.schema_version
-            if version != "1" and _major(version) != REQUEST_SCHEMA_MAJOR:
-                out.rejected.append(self._bad_version(record, version, "field", req.request_id))
+                if value is None or len(value) > max_bytes or record.headers:
+                    rejected = self._precheck(record)
+                    if rejected is not None:
+                        out.rejected.append(rejected)
+                        continue
+                try:
+                    req = fast(value)
+                except Exception as exc:  # DecodeError, ValidationError, RecursionError...
+                    out.rejected.append(self._diagnose(record, exc))
+                    continue
+                version = req.schema_version
+                if version != "1" and _major(version) != REQUEST_SCHEMA_MAJOR:
+                    out.rejected.append(self._bad_version(record, version, "field", req.request_id))
+                    continue
+            except Exception as exc:  # a shape nobody planned for: this record only
+                out.rejected.append(
+                    Rejected(record, "decode", f"could not decode the record: {error_text(exc)}")
+                )
                 continue
             good_records.append(record)
             requests.append(req)
@@ -170,7 +187,7 @@ class RequestDecoder:
             k if k is not None else r.request_id for k, r in zip(routing, requests, strict=True)
         ]
         out.ts = [
-            r.ts if r.ts is not None else rec.timestamp
+            r.ts if r.ts is not None else max(rec.timestamp, 0)
             for r, rec in zip(requests, good_records, strict=True)
         ]
         out.metadata = [r.metadata for r in requests]
@@ -202,7 +219,7 @@ class RequestDecoder:
             )
         for key, raw in record.headers:
             if key == "schema_version":
-                version = raw.decode("utf-8", "replace")
+                version = header_text(raw)
                 if _major(version) != REQUEST_SCHEMA_MAJOR:
                     return self._bad_version(record, version, "header", None)
         return None
@@ -213,13 +230,31 @@ class RequestDecoder:
         return Rejected(
             record,
             "schema_version",
-            f"schema_version {version!r} ({where}) has an unknown major version; this sidecar "
-            f"reads InferenceRequest v{REQUEST_SCHEMA_MAJOR}.x",
+            f"schema_version {clip(repr(version), 80)} ({where}) has an unknown major version; "
+            f"this sidecar reads InferenceRequest v{REQUEST_SCHEMA_MAJOR}.x",
             request_id,
         )
 
-    def _diagnose(self, record: RawRecord, fast_error: str) -> Rejected:
+    def _diagnose(self, record: RawRecord, fast_error: Exception) -> Rejected:
         """Slow path for a record the fast path refused: find and name the exact problem."""
+        if not isinstance(fast_error, msgspec.DecodeError | msgspec.ValidationError):
+            # RecursionError (nesting deeper than the decoder goes), ValueError (an integer
+            # of thousands of digits)...: the generic decoder would fail the same way.
+            return Rejected(
+                record,
+                "decode",
+                f"not a decodable {self._format_name()} request: {error_text(fast_error)}",
+            )
+        try:
+            return self._diagnose_decoded(record, str(fast_error))
+        except Exception as exc:  # the slow path meets the same hostile shapes
+            return Rejected(
+                record,
+                "decode",
+                f"not a decodable {self._format_name()} request: {error_text(exc)}",
+            )
+
+    def _diagnose_decoded(self, record: RawRecord, fast_error: str) -> Rejected:
         try:
             doc = self._generic.decode(record.value)
         except msgspec.DecodeError as exc:
@@ -228,7 +263,9 @@ class RequestDecoder:
             return Rejected(
                 record, "schema", f"expected an object (InferenceRequest), got {_json_type(doc)}"
             )
-        request_id = doc.get("request_id") if isinstance(doc.get("request_id"), str) else None
+        request_id = doc.get("request_id")
+        if not isinstance(request_id, str) or not 0 < len(request_id) <= 256:
+            request_id = None
         version = doc.get("schema_version", "1")
         if isinstance(version, str) and _major(version) != REQUEST_SCHEMA_MAJOR:
             return self._bad_version(record, version, "field", request_id)

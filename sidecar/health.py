@@ -10,8 +10,9 @@ finding: readiness fails after ``stale_after_s`` and liveness after ``stall_afte
 
 Readiness of a sidecar (all must pass): it is serving (connected, control replayed, not
 stopping), has partitions assigned, reached a broker recently (a metadata request every few
-seconds), its champion's circuit breaker is not open, and its control plane has caught up
-with the control topic. The aggregator: consumer started, partitions assigned, broker reached.
+seconds), its champion's circuit breaker is not open, its control plane has caught up
+with the control topic, and none of its background tasks has died. The aggregator: consumer
+started, partitions assigned, broker reached.
 """
 
 from __future__ import annotations
@@ -197,6 +198,14 @@ def control_check(enabled: bool, caught_up: bool | None) -> Check:
     return Check("control", True, "control topic replayed; tailing it")
 
 
+def tasks_check(failure: object | None) -> Check:
+    """Not ready once a background task (committer, control tail, heartbeat) died: the
+    instance is stopping to be restarted, and must not look healthy meanwhile."""
+    if failure is None:
+        return Check("tasks", True, "background tasks running")
+    return Check("tasks", False, f"{failure}; the process exits to be restarted")
+
+
 class BrokerProbe:
     """Broker reachability: the time of the last successful metadata request.
 
@@ -314,6 +323,7 @@ def watch_sidecar(sidecar: Sidecar, probe: BrokerProbe | None = None) -> HealthW
             control_check(
                 sidecar.config.control.enabled, None if plane is None else plane.caught_up
             ),
+            tasks_check(sidecar.failure),
         ]
 
     return HealthWatcher(sidecar.health, collect).start()
@@ -423,6 +433,7 @@ __all__ = [
     "control_check",
     "model_check",
     "serve",
+    "tasks_check",
     "watch_aggregator",
     "watch_sidecar",
 ]

@@ -11,8 +11,10 @@ Everything per batch is vectorised with numpy; the one per-record loop only form
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import msgspec
 import numpy as np
@@ -21,18 +23,24 @@ from .config import SidecarConfig
 from .contracts import (
     OUTPUT_SCHEMA_VERSION,
     Comparison,
-    DeadLetter,
     Decision,
     ModelError,
     ModelResult,
 )
+from .dead_letters import DeadLetterWriter, keep_bytes, where
 from .decoding import DecodedBatch, RawRecord, Rejected, RequestDecoder
 from .encoding import JSON_BOOL, escape, json_numbers, needs_escape, raw_json, template
 from .models.base import BatchScores, ScoringModel
 from .models.validation import RangeValidator
 from .routing import RoutingPolicy
+from .untrusted import error_text
+
+log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
+K = TypeVar("K")
+#: Bytes the record framing and our headers add to an output record's key and value.
+_RECORD_OVERHEAD_BYTES = 512
 _SCHEMA_HEADER = ("schema_version", OUTPUT_SCHEMA_VERSION.encode())
 _COMPARISON_HEADERS: Headers = [_SCHEMA_HEADER]
 _SKIPPED = ModelError(kind="skipped", message="not scored: policy scores only the deciding arm")
@@ -90,6 +98,30 @@ class BatchResult:
     slow_path: int = 0
     #: Values outside a manifest's allowed range, per (arm, feature).
     out_of_range: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def extend(self, other: BatchResult) -> None:
+        """Append ``other``'s outputs (a later part of the same batch) and counts. The
+        model scores of the first part stand for the batch (they only feed latency
+        metrics)."""
+        for mine, theirs in (
+            (self.decisions, other.decisions),
+            (self.comparisons, other.comparisons),
+            (self.dead_letters, other.dead_letters),
+        ):
+            mine.keys.extend(theirs.keys)
+            mine.values.extend(theirs.values)
+            mine.headers.extend(theirs.headers)
+        _add_counts(self.decided_by, other.decided_by)
+        _add_counts(self.dead_letter_kinds, other.dead_letter_kinds)
+        _add_counts(self.out_of_range, other.out_of_range)
+        self.champion = self.champion or other.champion
+        self.candidate = self.candidate or other.candidate
+        self.slow_path += other.slow_path
+
+
+def _add_counts(counts: dict[K, int], more: dict[K, int]) -> None:
+    for key, n in more.items():
+        counts[key] = counts.get(key, 0) + n
 
 
 def now_ms() -> int:
@@ -277,8 +309,63 @@ class Pipeline:
             strict=config.request_contract.validation == "strict",
         )
         self._shadow_only = candidate is not None and candidate.config.shadow_only
+        self.set_record_limits({})
+
+    def set_record_limits(self, limits: dict[str, int]) -> None:
+        """Largest record each output topic takes (``sidecar.kafka.topics.record_limits``);
+        topics not given take ``kafka.max_record_bytes``."""
+        t = self.config.topics
+        default = self.config.kafka.max_record_bytes
+        self._decision_limit = limits.get(t.decisions, default) - _RECORD_OVERHEAD_BYTES
+        self._comparison_limit = limits.get(t.comparisons, default) - _RECORD_OVERHEAD_BYTES
+        self._dead_letters = DeadLetterWriter(
+            keep_bytes(self.config.dead_letter.max_value_bytes, limits.get(t.dead_letter, default))
+        )
 
     async def process(self, records: list[RawRecord], policy: RoutingPolicy) -> BatchResult:
+        """Everything ``records`` produce under ``policy``. Never raises because of a record:
+        an unexpected error is isolated to the record(s) causing it by bisecting the batch;
+        those become dead letters (``processing_error``) and the rest is served, the way
+        Kafka Streams' exception handlers continue past a poison record."""
+        try:
+            return await self._process(records, policy)
+        except Exception as exc:
+            log.error(
+                "processing a batch of %d records raised %s; isolating the record(s) that cause it",
+                len(records),
+                error_text(exc),
+                exc_info=exc,
+            )
+            error = exc
+        result = BatchResult(policy=policy)
+        await self._split(records, policy, result, error)
+        return result
+
+    async def _split(
+        self, records: list[RawRecord], policy: RoutingPolicy, result: BatchResult, error: Exception
+    ) -> None:
+        """``records`` failed with ``error``: process each half (in order), splitting again
+        whatever fails, down to the single records that fail alone."""
+        if len(records) > 1:
+            mid = len(records) // 2
+            for half in (records[:mid], records[mid:]):
+                try:
+                    result.extend(await self._process(half, policy))
+                except Exception as exc:
+                    await self._split(half, policy, result, exc)
+            return
+        log.error("record %s is a poison pill: %s", where(records[0]), error_text(error))
+        self._dead_letter(
+            result,
+            Rejected(
+                records[0],
+                "processing_error",
+                f"processing this record raised {error_text(error)}; the rest of its batch "
+                "was served. This is a bug: please report it with this dead letter",
+            ),
+        )
+
+    async def _process(self, records: list[RawRecord], policy: RoutingPolicy) -> BatchResult:
         batch = self.decoder.decode(records)
         result = BatchResult(policy=policy)
         batch, out_of_range, flagged = self._validator.apply(batch, result.out_of_range)
@@ -414,14 +501,45 @@ class Pipeline:
 
         for i, features in flagged.items():  # rare: records with out-of-range features
             cmp_values[i] = _with_out_of_range(cmp_values[i], features)
-        result.comparisons.values.extend(cmp_values)  # type: ignore[arg-type]
-        if self._comparisons_by_routing_key:
-            result.comparisons.keys.extend(key_bytes)
-        else:
-            result.comparisons.keys.extend([policy.rollout.encode()] * n)
+        comparison_keys = (
+            key_bytes if self._comparisons_by_routing_key else [policy.rollout.encode()] * n
+        )
+        oversize = _too_big(dec_values, key_bytes, self._decision_limit) | _too_big(
+            cmp_values, comparison_keys, self._comparison_limit
+        )
+        for i in sorted(oversize):  # rare: a huge metadata or key; never sent, dead-lettered
+            if choice_list[i] == _DEAD_LETTER:  # dead-lettered already; drop its comparison
+                cmp_values[i] = None
+                continue
+            self._dead_letter(
+                result,
+                Rejected(
+                    batch.records[i],
+                    "output_oversize",
+                    f"its decision or comparison would be about "
+                    f"{len(dec_values[i] or b'') + len(cmp_values[i] or b'')} bytes, more than "
+                    "the output topics take (kafka.max_record_bytes or the topic's "
+                    "max.message.bytes); shrink its metadata or routing key",
+                    batch.request_ids[i],
+                ),
+            )
+            dec_values[i] = cmp_values[i] = None
+            choice_list[i] = _DEAD_LETTER
+        if oversize:
+            choice = np.array(choice_list)
+        out = result.comparisons
         # One shared header list: the request id is in the body, and every distinct header
         # costs the producer's record builder time per record.
-        result.comparisons.headers.extend([_COMPARISON_HEADERS] * n)
+        if oversize:
+            for i in range(n):
+                if cmp_values[i] is not None:
+                    out.keys.append(comparison_keys[i])
+                    out.values.append(cmp_values[i])  # type: ignore[arg-type]
+                    out.headers.append(_COMPARISON_HEADERS)
+        else:
+            out.values.extend(cmp_values)  # type: ignore[arg-type]
+            out.keys.extend(comparison_keys)
+            out.headers.extend([_COMPARISON_HEADERS] * n)
         out = result.decisions
         if choice.max(initial=0) == _DEAD_LETTER:
             for i in range(n):
@@ -579,26 +697,29 @@ class Pipeline:
         return value, headers
 
     def _dead_letter(self, result: BatchResult, rejected: Rejected) -> None:
-        record = rejected.record
-        letter = DeadLetter(
-            kind=rejected.kind,
-            reason=rejected.reason,
-            source_topic=record.topic,
-            source_partition=record.partition,
-            source_offset=record.offset,
-            ts=now_ms(),
-            original_value=record.value,
-            original_key=record.key,
-            request_id=rejected.request_id,
+        key, value, headers = self._dead_letters.encode(
+            rejected.record, rejected.kind, rejected.reason, rejected.request_id
         )
-        keys, values, headers = result.dead_letters
-        keys.append(record.key or f"{record.topic}/{record.partition}/{record.offset}".encode())
-        values.append(self._encoder.encode(letter))
-        headers.append([("dead_letter_kind", rejected.kind.encode()), _SCHEMA_HEADER])
+        out = result.dead_letters
+        out.keys.append(key)
+        out.values.append(value)
+        out.headers.append(headers)
         result.dead_letter_kinds[rejected.kind] = result.dead_letter_kinds.get(rejected.kind, 0) + 1
 
 
 _OUT_OF_RANGE_KEY = b',"out_of_range":'
+
+
+def _too_big(values: list[bytes | None], keys: list[bytes], limit: int) -> set[int]:
+    """Indices of records whose key and value exceed ``limit`` bytes (``None``: no record).
+    One pass of C-level ``len`` calls in the usual case that none does."""
+    try:
+        biggest = max(map(len, values), default=0)  # type: ignore[arg-type]
+    except TypeError:  # a None among them
+        biggest = max((len(v) for v in values if v is not None), default=0)
+    if biggest + max(map(len, keys), default=0) <= limit:
+        return set()
+    return {i for i, v in enumerate(values) if v is not None and len(v) + len(keys[i]) > limit}
 
 
 def _with_out_of_range(comparison: bytes | None, features: list[str]) -> bytes:

@@ -56,11 +56,9 @@ async def produce_values(
 
 
 def _producer(cfg: SidecarConfig) -> AIOKafkaProducer:
-    from .runner import kafka_client_kwargs
+    from .kafka import new_producer
 
-    return AIOKafkaProducer(
-        **kafka_client_kwargs(cfg.kafka), acks="all", linger_ms=5, max_batch_size=1 << 20
-    )
+    return new_producer(cfg, "traffic", linger_ms=5, max_batch_size=1 << 20)
 
 
 def generated_items(

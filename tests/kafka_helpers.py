@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from sidecar.config import SidecarConfig, config_from_dict
 from sidecar.examples.fraud import CANDIDATE_FEATURES, CHAMPION_FEATURES
-from sidecar.topics import ensure_config_topics
+from sidecar.kafka import ensure_config_topics
 from sidecar.traffic import produce_values
 
 
@@ -73,13 +73,16 @@ async def create_topics(cfg: SidecarConfig) -> None:
     await ensure_config_topics(cfg)
 
 
-async def produce(cfg: SidecarConfig, items: Sequence[tuple[bytes | None, bytes]]) -> None:
+async def produce(
+    cfg: SidecarConfig, items: Sequence[tuple[bytes | None, bytes]], topic: str | None = None
+) -> None:
+    """Produce ``items`` to ``topic`` (default: the requests topic)."""
     producer = AIOKafkaProducer(
         bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all", max_batch_size=1 << 20
     )
     await producer.start()
     try:
-        await produce_values(producer, cfg.topics.requests, items)
+        await produce_values(producer, topic or cfg.topics.requests, items)
     finally:
         await producer.stop()
 

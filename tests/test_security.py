@@ -14,12 +14,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from sidecar.aggregate import service as agg_service
 from sidecar.config import KafkaConfig, config_from_dict
-from sidecar.control import ctl, plane
 from sidecar.control.commands import Keyring, KeyringError
 from sidecar.errors import ConfigError
-from sidecar.runner import kafka_client_kwargs
+from sidecar.kafka import client_kwargs as kafka_client_kwargs
+from sidecar.kafka import new_consumer, new_producer
 
 SECRET = "5e" * 32
 PASSWORD = "hunter2-sasl-password"
@@ -131,7 +130,22 @@ def test_inconsistent_settings_are_config_errors_without_the_password(
     assert PASSWORD not in str(err.value)
 
 
-def test_control_plane_ctl_and_aggregator_use_the_same_mapping(tls_files: dict[str, str]) -> None:
+def test_every_client_is_built_by_the_kafka_edge() -> None:
+    # One mapping of the security settings holds for every client only if every client is
+    # built in sidecar/kafka: no other module may construct an aiokafka client itself.
+    root = Path(__file__).resolve().parent.parent / "sidecar"
+    constructors = ("AIOKafkaConsumer(", "AIOKafkaProducer(", "AIOKafkaAdminClient(")
+    offenders = [
+        f"{path.relative_to(root)}: {name}"
+        for path in root.rglob("*.py")
+        if "kafka" not in path.relative_to(root).parts[:1]
+        for name in constructors
+        if name in path.read_text()
+    ]
+    assert offenders == []
+
+
+async def test_role_clients_carry_the_security_settings(tls_files: dict[str, str]) -> None:
     cfg = config_from_dict(
         {
             "models": {
@@ -151,15 +165,14 @@ def test_control_plane_ctl_and_aggregator_use_the_same_mapping(tls_files: dict[s
             },
         }
     )
-
-    def comparable(kw: dict[str, Any]) -> dict[str, Any]:
-        ctx = kw.pop("ssl_context")
-        return {**kw, "ca": ctx.get_ca_certs()}
-
-    expected = comparable(kafka_client_kwargs(cfg.kafka))
-    assert comparable(plane.kafka_kwargs(cfg)) == expected
-    assert ctl.kafka_kwargs is plane.kafka_kwargs  # ctl builds its clients with it
-    assert comparable(agg_service._kafka_kwargs(cfg)) == expected
+    consumer = new_consumer(cfg, "ctl", group_id="g")
+    producer = new_producer(cfg, "control", instance="i-1")
+    for client in (consumer._client, producer.client):
+        assert client._security_protocol == "SASL_SSL"
+        assert client._sasl_mechanism == "SCRAM-SHA-512"
+        assert client._ssl_context is not None
+    assert consumer._client._client_id == "sidecar-ctl"
+    assert producer.client._client_id == "sidecar-control-i-1"
 
 
 def test_keyring_never_shows_a_secret(tmp_path: Path) -> None:

@@ -158,6 +158,19 @@ class Reference:
     window_start_ms: int | None = None
 
 
+#: Most feature names counted per window in ``out_of_range_features``; the rest are summed
+#: under ``OTHER_FEATURES``. Names come from comparison records, which anyone with write
+#: access to the topic can fill with made-up names: a report must stay small regardless.
+MAX_OUT_OF_RANGE_FEATURES = 100
+OTHER_FEATURES = "(other)"
+
+
+def _count_feature(features: dict[str, int], name: str, count: int) -> None:
+    if name not in features and len(features) >= MAX_OUT_OF_RANGE_FEATURES:
+        name = OTHER_FEATURES
+    features[name] = features.get(name, 0) + count
+
+
 class WindowAggregate:
     """Aggregate of one (rollout, champion version, candidate version, window)."""
 
@@ -229,7 +242,7 @@ class WindowAggregate:
         features = self.out_of_range_features
         for names, count in zip(sets[1:], counts[1:], strict=True):
             for name in names:
-                features[name] = features.get(name, 0) + count
+                _count_feature(features, name, count)
 
     def _add_offsets(self, partitions: npt.NDArray[np.int32], offsets: Int64Array) -> None:
         if (partitions == partitions[0]).all():  # the usual batch: one partition
@@ -267,7 +280,7 @@ class WindowAggregate:
         self.table += other.table
         self.out_of_range += other.out_of_range
         for name, count in other.out_of_range_features.items():
-            self.out_of_range_features[name] = self.out_of_range_features.get(name, 0) + count
+            _count_feature(self.out_of_range_features, name, count)
         for p, (f, la) in other.offsets.items():
             self._merge_offset(p, f, la)
         if other.min_ts is not None:

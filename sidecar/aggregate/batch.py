@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Literal, NamedTuple, Protocol
+from typing import Annotated, Literal, NamedTuple, Protocol
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from ..contracts import Arm
+from ..contracts import MAX_EPOCH_MS, Arm
 
 #: Error kinds in code order (code 0 means "no error"); mirrors ``ModelError.kind``.
 ERROR_KINDS: tuple[str, ...] = ("exception", "timeout", "invalid_output", "unavailable", "skipped")
@@ -147,11 +147,16 @@ class ErrorView(msgspec.Struct, gc=False):
     kind: Literal["exception", "timeout", "invalid_output", "unavailable", "skipped"]
 
 
+#: Bounded strings: the comparisons topic is untrusted like every other (a megabyte request
+#: id would make the request-hash column a gigabyte).
+Name = Annotated[str, msgspec.Meta(max_length=256)]
+
+
 class ResultView(msgspec.Struct, kw_only=True, gc=False):
     """``ModelResult`` reduced to what the aggregator reads."""
 
-    model: str
-    version: str
+    model: Name
+    version: Name
     score: float | None = None
     decision: bool | None = None
     latency_ms: float | None = None
@@ -165,13 +170,13 @@ class ComparisonView(msgspec.Struct, kw_only=True, gc=False):
     ``Comparison`` objects: no per-record strings for unused fields and no GC passes.
     """
 
-    request_id: str
-    rollout: str
-    ts: int
+    request_id: Name
+    rollout: Name
+    ts: Annotated[int, msgspec.Meta(ge=0, le=MAX_EPOCH_MS)]
     served_by: Arm | None
     champion: ResultView
     candidate: ResultView
-    out_of_range: list[str] | None = None
+    out_of_range: list[Name] | None = None
 
 
 def _fmix64(h: UInt64Array) -> UInt64Array:

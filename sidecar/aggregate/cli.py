@@ -36,22 +36,11 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 
 async def _aggregate(cfg: SidecarConfig, create_topics: bool) -> None:
-    from ..broker import ensure_topics
-    from ..runner import kafka_client_kwargs
+    from ..kafka import ensure_config_topics
     from .service import AggregatorService
 
     if create_topics:
-        topics = [cfg.topics.comparisons, cfg.aggregate.reports_topic]
-        if cfg.aggregate.late_topic:
-            topics.append(cfg.aggregate.late_topic)
-        if cfg.shared_rollouts:
-            topics.append(cfg.aggregate.partials_topic)
-        created = await ensure_topics(
-            topics=topics,
-            partitions=cfg.topics.partitions,
-            replication_factor=cfg.topics.replication_factor,
-            **kafka_client_kwargs(cfg.kafka),
-        )
+        created = await ensure_config_topics(cfg)
         if created:
             log.info("created topics: %s", ", ".join(created))
     service = AggregatorService(cfg)
@@ -94,7 +83,7 @@ def add_aggregate_parsers(sub: Any) -> None:
     p.add_argument(
         "--create-topics",
         action="store_true",
-        help="create the reports topic (and the partials topic of shared rollouts) if missing",
+        help="create the topics the config names if missing (reports, partials, late, ...)",
     )
     p.set_defaults(func=cmd_aggregate)
 

@@ -4,13 +4,15 @@ beyond the decoded structs. Shared by the live aggregator, replay and the benchm
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, Literal, Protocol
 
 import msgspec
 import numpy as np
 
+from ..contracts import DeadLetterKind
+from ..untrusted import error_text, try_decode
 from .batch import (
     ComparisonBatch,
     ComparisonLike,
@@ -92,14 +94,14 @@ class ComparisonDecoder:
                     comps: list[Any] = self._typed.decode_lines(joined)
                     if len(comps) == n:
                         return comps, []
-                except msgspec.DecodeError:
+                except Exception:  # any bad record: the slower paths find it
                     pass
             try:
                 plain = _PLAIN.decode_lines(joined)
                 if len(plain) == n:
                     self._learn(plain)
                     return list[ComparisonLike](plain), []
-            except msgspec.DecodeError:
+            except Exception:
                 pass
         decode = _PLAIN.decode
         good: list[ComparisonLike] = []
@@ -107,7 +109,7 @@ class ComparisonDecoder:
         for i, v in enumerate(values):
             try:
                 good.append(decode(v))  # type: ignore[arg-type]
-            except (msgspec.DecodeError, TypeError):
+            except Exception:  # untrusted: DecodeError, RecursionError, a null value...
                 bad.append(i)
         return good, bad
 
@@ -164,6 +166,9 @@ class Ingested:
     undecodable: int
     #: Per partition, the offset after the last record of the poll (undecodable ones too).
     next_offsets: dict[int, int]
+    #: The records left out and why (for the dead-letter topic): undecodable ones here, and
+    #: the aggregator adds those it refuses (``event_time``).
+    rejected: list[tuple[RecordLike, DeadLetterKind, str]] = field(default_factory=list)
 
 
 _SHARED = ComparisonDecoder()
@@ -204,10 +209,20 @@ class Poll:
         """The poll's ``Ingested`` once its values are decoded (here or in a helper process)."""
         batch, bad = decoded
         kept = list(self.records)
+        rejected: list[tuple[RecordLike, DeadLetterKind, str]] = []
         if bad:
             dropped = set(bad)
             kept = [r for i, r in enumerate(self.records) if i not in dropped]
-        return Ingested(batch, kept, len(bad), self.next_offsets())
+            rejected = [(self.records[i], "decode", why_undecodable(self.values[i])) for i in bad]
+        return Ingested(batch, kept, len(bad), self.next_offsets(), rejected)
+
+
+def why_undecodable(value: bytes | None) -> str:
+    """Why ``value`` is no Comparison (decoded again, alone: only for the rare bad record)."""
+    result = try_decode(_PLAIN.decode, value)
+    if isinstance(result, BaseException):
+        return f"not a Comparison: {error_text(result)}"
+    return "not a Comparison: refused with the rest of its poll"
 
 
 #: Columns of a poll's decodable values and the indices of the undecodable ones.

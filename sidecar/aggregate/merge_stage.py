@@ -16,10 +16,11 @@ from itertools import chain
 from typing import Any
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from .._clients import stop_quietly
 from ..config import SidecarConfig
+from ..kafka import RebalanceListener, new_consumer, stop_quietly
+from ..untrusted import error_text
 from .commits import SafeCommitter
 from .metrics import AggregateMetrics
 from .partials import PartialMerger, WindowPartial
@@ -33,31 +34,18 @@ _DECODER = msgspec.json.Decoder(WindowPartial)
 Publish = Callable[[list[WindowReport], int], Awaitable[None]]
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, stage: MergeStage) -> None:
-        self._stage = stage
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._stage.on_revoked()
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        log.info("merge stage assigned %s", sorted(tp.partition for tp in assigned))
-
-
 class MergeStage:
     """Consumes partials, merges complete (or timed-out) windows, hands reports to ``publish``."""
 
     def __init__(
         self,
         config: SidecarConfig,
-        kafka_kwargs: dict[str, Any],
         publish: Publish,
         clock: Callable[[], int],
         metrics: AggregateMetrics,
     ) -> None:
         self.config = config
         self.settings = config.aggregate
-        self._kafka_kwargs = kafka_kwargs
         self._publish = publish
         self._clock = clock
         self._metrics = metrics
@@ -75,18 +63,19 @@ class MergeStage:
         return PartialMerger(self.settings.aggregator_config(), self.settings.merge_timeout_ms)
 
     async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(
-            **self._kafka_kwargs,
-            client_id=f"{self.config.kafka.client_id}-aggregator-merge",
+        self._consumer = new_consumer(
+            self.config,
+            "aggregator-merge",
             group_id=f"{self.settings.group_id}.merge",
-            enable_auto_commit=False,
             auto_offset_reset="earliest",
-            session_timeout_ms=self.config.kafka.session_timeout_ms,
-            heartbeat_interval_ms=self.config.kafka.heartbeat_interval_ms,
-            max_poll_interval_ms=self.config.kafka.max_poll_interval_ms,
         )
         await self._consumer.start()
-        self._consumer.subscribe([self._topic], listener=_Rebalance(self))
+        self._consumer.subscribe(
+            [self._topic], listener=RebalanceListener("merge stage", on_revoked=self._revoked)
+        )
+
+    async def _revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.on_revoked()
 
     @property
     def assignment(self) -> set[int]:
@@ -116,7 +105,7 @@ class MergeStage:
             try:
                 partial = _DECODER.decode(record.value)
                 result = self.merger.add(partial, (record.partition, record.offset), now)
-            except (msgspec.DecodeError, TypeError, ValueError) as exc:
+            except Exception as exc:  # untrusted, like every topic: skip it, never stop
                 self.undecodable += 1
                 self._metrics.undecodable.inc()
                 log.warning(
@@ -124,7 +113,7 @@ class MergeStage:
                     self._topic,
                     record.partition,
                     record.offset,
-                    exc,
+                    error_text(exc),
                 )
                 continue
             self.partials += 1

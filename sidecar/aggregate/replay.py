@@ -13,7 +13,6 @@ Windows still open at the end are flushed and marked partial.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import time
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ..config import SidecarConfig
 from ..errors import BrokerError
+from ..kafka import new_consumer, stop_quietly
 from .actions import COMMAND_ACTIONS, command_id
 from .aggregator import WindowManager
 from .guards import GuardEngine, GuardEvent
@@ -114,21 +114,14 @@ async def read_range(
     idle_s: float = 2.0,
 ) -> ReplayResult:
     """Feed ``[start, end)`` of the comparisons topic (all partitions) to ``replayer``."""
-    from ..runner import kafka_client_kwargs
-
     topic = cfg.topics.comparisons
-    consumer = AIOKafkaConsumer(
-        **kafka_client_kwargs(cfg.kafka),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_partition_fetch_bytes=8 << 20,
+    consumer = new_consumer(
+        cfg, "replay", auto_offset_reset="earliest", max_partition_fetch_bytes=8 << 20
     )
     try:
         await consumer.start()
     except Exception as exc:
-        with contextlib.suppress(Exception):
-            await consumer.stop()
+        await stop_quietly(consumer)
         raise BrokerError(f"cannot reach broker {cfg.kafka.bootstrap_servers}: {exc}") from exc
     try:
         if topic not in await consumer.topics():
@@ -154,7 +147,7 @@ async def read_range(
             replayer.feed(kept)
         return replayer.finish()
     finally:
-        await consumer.stop()
+        await stop_quietly(consumer)
 
 
 def _past(rec: object, end: Bound | None) -> bool:

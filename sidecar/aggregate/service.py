@@ -35,14 +35,25 @@ from itertools import chain
 from typing import Any, NamedTuple
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from .._clients import stop_quietly
 from ..config import SidecarConfig
+from ..contracts import DeadLetterKind
 from ..control.commands import ControlCommand, Keyring, encode_command
+from ..dead_letters import DeadLetterWriter, keep_bytes
 from ..errors import ConfigError
 from ..health import HealthState, watch_aggregator
+from ..kafka import (
+    Backoff,
+    RebalanceListener,
+    is_permanent,
+    new_consumer,
+    new_producer,
+    refusal,
+    stop_quietly,
+)
 from .actions import COMMAND_ACTIONS, guard_command
 from .aggregator import WindowManager
 from .commits import SafeCommitter
@@ -63,12 +74,6 @@ LATE_HEADER = "sidecar-late"
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _kafka_kwargs(cfg: SidecarConfig) -> dict[str, Any]:
-    from ..runner import kafka_client_kwargs
-
-    return kafka_client_kwargs(cfg.kafka)
 
 
 def signing_key(cfg: SidecarConfig, keyring: Keyring | None) -> tuple[Keyring | None, str | None]:
@@ -132,17 +137,6 @@ class _Send(NamedTuple):
     partition: int | None = None
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, service: AggregatorService) -> None:
-        self._service = service
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._service.on_revoked({tp.partition for tp in revoked})
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._service.on_assigned({tp.partition for tp in assigned})
-
-
 class AggregatorService:
     """One aggregator process: a consumer-group member of the comparisons topic."""
 
@@ -178,6 +172,10 @@ class AggregatorService:
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._commits = SafeCommitter(self._topic)
+        self._record_limit = config.kafka.max_record_bytes
+        self._dead_letter_writer = DeadLetterWriter(
+            keep_bytes(config.dead_letter.max_value_bytes, self._record_limit)
+        )
         self._last_commit = 0.0
         self.ready = asyncio.Event()
         #: Readiness snapshot served on ``/readyz`` (see ``sidecar.health``).
@@ -242,27 +240,16 @@ class AggregatorService:
 
     async def _start(self) -> None:
         cfg = self.config
-        common = _kafka_kwargs(cfg)
-        client_id = f"{cfg.kafka.client_id}-aggregator"
         if not self.dry_run or self.shared:  # partials are data, produced even in a dry run
-            self._producer = AIOKafkaProducer(
-                **common,
-                client_id=client_id,
-                acks="all",
-                linger_ms=5,
-                max_batch_size=1 << 20,
-                max_request_size=4 << 20,
+            self._producer = new_producer(
+                cfg, "aggregator", linger_ms=5, max_batch_size=min(1 << 20, self._record_limit)
             )
             await self._producer.start()
-        self._consumer = AIOKafkaConsumer(
-            **common,
-            client_id=client_id,
+        self._consumer = new_consumer(
+            cfg,
+            "aggregator",
             group_id=self.settings.group_id,
-            enable_auto_commit=False,
             auto_offset_reset="earliest",
-            session_timeout_ms=cfg.kafka.session_timeout_ms,
-            heartbeat_interval_ms=cfg.kafka.heartbeat_interval_ms,
-            max_poll_interval_ms=cfg.kafka.max_poll_interval_ms,
             max_partition_fetch_bytes=8 << 20,
             fetch_max_bytes=64 << 20,
         )
@@ -270,11 +257,15 @@ class AggregatorService:
             self._pool = DecodePool(self.settings.decode_processes, self._decoder)
             await self._pool.start()
         await self._consumer.start()
-        self._consumer.subscribe([self._topic], listener=_Rebalance(self))
+        self._consumer.subscribe(
+            [self._topic],
+            listener=RebalanceListener(
+                "aggregator", on_revoked=self._revoked, on_assigned=self._assigned
+            ),
+        )
         if self.shared:
             self.merge = MergeStage(
                 cfg,
-                common,
                 lambda reports, now: self._publish(reports, [], now),
                 self._clock,
                 self.metrics,
@@ -292,6 +283,12 @@ class AggregatorService:
         self._consumer = self._producer = None
 
     # -- rebalance -------------------------------------------------------------------------
+
+    async def _revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.on_revoked({tp.partition for tp in revoked})
+
+    def _assigned(self, assigned: set[TopicPartition]) -> None:
+        self.on_assigned({tp.partition for tp in assigned})
 
     async def on_revoked(self, partitions: set[int]) -> None:
         """Commit what is safe, then drop all window state (see the module docstring)."""
@@ -392,9 +389,16 @@ class AggregatorService:
             n = len(got.records) + got.undecodable
             self.consumed += n
             self.metrics.consumed.inc(n)
-            if got.undecodable:
-                self.metrics.undecodable.inc(got.undecodable)
-                log.warning("skipped %d undecodable records on %s", got.undecodable, self._topic)
+            got = self._without_future(got, now)
+            if got.rejected:
+                self.metrics.undecodable.inc(len(got.rejected))
+                log.warning(
+                    "dead-lettering %d comparison records of %s: %s",
+                    len(got.rejected),
+                    self._topic,
+                    got.rejected[0][2],
+                )
+                await self._send_all(self._dead_letters(got.rejected))
             result = self.manager.process(got.batch, now)
             reports = result.reports
             for rollout, count in result.late_by_rollout.items():
@@ -410,6 +414,42 @@ class AggregatorService:
         if got is not None:  # only now: a poll that failed above is never committed
             self._commits.applied(got.next_offsets)
         await self._commit(force=bool(reports))
+
+    def _without_future(self, got: Ingested, now: int) -> Ingested:
+        """``got`` less the records dated beyond ``aggregate.max_future_ms`` from now (they
+        join ``got.rejected``)."""
+        limit = now + self.settings.max_future_ms
+        future = got.batch.ts > limit
+        if not future.any():
+            return got
+        rows = np.flatnonzero(future).tolist()
+        rejected = got.rejected + [
+            (
+                got.records[i],
+                "event_time",
+                f"event time {int(got.batch.ts[i])} is {(int(got.batch.ts[i]) - now) / 1000:.0f}s "
+                "ahead of the aggregator's clock (aggregate.max_future_ms); it would move the "
+                "watermark and make every later record late",
+            )
+            for i in rows
+        ]
+        keep = np.flatnonzero(~future)
+        records = [got.records[i] for i in keep.tolist()]
+        return Ingested(got.batch.take(keep), records, got.undecodable, got.next_offsets, rejected)
+
+    def _dead_letters(self, rejected: list[tuple[RecordLike, DeadLetterKind, str]]) -> list[_Send]:
+        if self.dry_run:
+            return []
+        topic = self.config.topics.dead_letter
+        sends = []
+        for record, kind, reason in rejected:
+            key, value, headers = self._dead_letter_writer.encode(
+                record,  # type: ignore[arg-type]
+                kind,
+                reason,
+            )
+            sends.append(_Send(topic, value, key, headers))
+        return sends
 
     async def _publish_partials(self, now: int) -> None:
         closed = self.manager.take_partials()
@@ -468,7 +508,7 @@ class AggregatorService:
         if not sends or producer is None:
             return
         deadline = time.monotonic() + 3 * self.config.kafka.request_timeout_ms / 1000
-        delay = 0.2
+        backoff = Backoff(0.2, 5.0)
         while True:
             # Handed over one by one, in order (per-partition order is kept), then awaited.
             handed: list[tuple[_Send, asyncio.Future[Any] | KafkaError]] = []
@@ -495,8 +535,11 @@ class AggregatorService:
                 failed.append((send, outcome))
             if not failed:
                 return
-            error = failed[0][1]
-            if not error.retriable or time.monotonic() > deadline:
+            send, error = failed[0]
+            if is_permanent(error):
+                size = len(send.value or b"") + len(send.key or b"")
+                raise refusal(error, send.topic, 1, size) from error
+            if time.monotonic() > deadline:
                 raise error
             log.warning(
                 "%d of %d records refused (%s: %s); re-sending in %.1fs",
@@ -504,10 +547,9 @@ class AggregatorService:
                 len(sends),
                 type(error).__name__,
                 error,
-                delay,
+                backoff.delay,
             )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            await backoff.wait()
             sends = [send for send, _ in failed]
 
     def _on_event(self, event: GuardEvent, now: int) -> list[_Send]:

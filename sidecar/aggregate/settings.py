@@ -39,6 +39,10 @@ class AggregateSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     allowed_lateness_ms: Annotated[int, Meta(ge=0)] = 5_000
     #: Wall-clock time after which a silent partition stops holding the watermark back.
     idle_timeout_ms: Annotated[int, Meta(gt=0)] = 30_000
+    #: Comparisons whose event time is further than this ahead of the aggregator's clock are
+    #: dead-lettered, not aggregated: one record dated in the year 9999 would otherwise move
+    #: the watermark there and make every later record late (no windows, no guards).
+    max_future_ms: Annotated[int, Meta(gt=0)] = 300_000
     #: Minimum compared pairs for paired, rate and drift figures in a report.
     min_pairs: Annotated[int, Meta(ge=1)] = 200
     min_latency_count: Annotated[int, Meta(ge=1)] = 50

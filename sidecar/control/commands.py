@@ -27,6 +27,7 @@ import msgspec
 
 from ..errors import ConfigError, SidecarError
 from ..hashing import BUCKETS
+from ..untrusted import error_text
 
 Action = Literal[
     "shadow", "canary", "ramp", "promote", "rollback", "pause", "resume", "retire", "advance"
@@ -119,6 +120,8 @@ class RejectReason(enum.StrEnum):
     NO_CANDIDATE = "no_candidate"
     TOO_EARLY = "too_early"
     NO_CHANGE = "no_change"
+    #: Processing the record raised an unexpected error (a bug; the detail names it).
+    UNPROCESSABLE = "unprocessable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,15 +191,15 @@ def encode_command(cmd: ControlCommand) -> bytes:
 
 
 def decode_command(raw: bytes) -> ControlCommand | Rejected:
-    """Decode a record value; never raises."""
+    """Decode a record value; never raises, whatever the bytes (see ``sidecar.untrusted``)."""
     if len(raw) > MAX_COMMAND_BYTES:
         return Rejected(RejectReason.OVERSIZE, f"{len(raw)} bytes > {MAX_COMMAND_BYTES}")
     try:
         return msgspec.json.decode(raw, type=ControlCommand)
     except msgspec.ValidationError as exc:
-        return Rejected(RejectReason.SCHEMA, str(exc))
-    except msgspec.DecodeError as exc:
-        return Rejected(RejectReason.MALFORMED, str(exc))
+        return Rejected(RejectReason.SCHEMA, error_text(exc))
+    except Exception as exc:  # DecodeError, RecursionError (deep nesting), ValueError...
+        return Rejected(RejectReason.MALFORMED, error_text(exc))
 
 
 # --------------------------------------------------------------------------- keyring

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import getpass
 import os
@@ -22,15 +21,25 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from ..config import SidecarConfig, load_config
-from ..errors import BrokerError, ConfigError, SidecarError
+from ..errors import ConfigError, SidecarError
+from ..kafka import (
+    ensure_control_topics,
+    new_consumer,
+    new_producer,
+    read_until_idle,
+    seek_since,
+    stop_quietly,
+    topic_partitions,
+)
+from ..untrusted import decoded_or_none, printable
 from .commands import (
     Action,
     CommandArgs,
@@ -47,9 +56,7 @@ from .plane import (
     CONTROL_PARTITION,
     configured_state,
     control_config,
-    ensure_control_topics,
     is_barrier,
-    kafka_kwargs,
     load_keyring,
     now_ms,
 )
@@ -103,81 +110,14 @@ def build_command(
 # --------------------------------------------------------------------------- reading
 
 
-async def _seek_since(
-    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], since_ms: int
-) -> None:
-    """Position at the first record at/after ``since_ms``; the beginning when the broker has
-    no answer (correct, only slower)."""
-    found: dict[TopicPartition, Any] = {}
-    with contextlib.suppress(Exception):
-        found = await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
-    for tp in tps:
-        hit = found.get(tp)
-        if hit is None:
-            await consumer.seek_to_beginning(tp)
-        else:
-            consumer.seek(tp, hit.offset)
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    parts = consumer.partitions_for_topic(topic)
-    if not parts:
-        await consumer._client.force_metadata_update()  # no public refresh
-        parts = consumer.partitions_for_topic(topic)
-    if not parts:
-        raise BrokerError(f"topic {topic} does not exist; is the sidecar configured for it?")
-    return [TopicPartition(topic, p) for p in sorted(parts)]
-
-
 def _consumer(cfg: SidecarConfig) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
-        **kafka_kwargs(cfg),
-        group_id=None,
-        enable_auto_commit=False,
-        fetch_max_wait_ms=20,
-        client_id=f"sidecar-ctl-{os.getpid()}",
-    )
-
-
-async def read_until_idle(
-    cfg: SidecarConfig,
-    topic: str,
-    *,
-    since_ms: int | None = None,
-    idle_s: float = 0.5,
-    only_partition: int | None = None,
-) -> list[Any]:
-    """Records of ``topic`` (from ``since_ms``, else the beginning) until a fetch of
-    ``idle_s`` brings nothing. End offsets are not used: not every broker reports them
-    right."""
-    consumer = _consumer(cfg)
-    await consumer.start()
-    try:
-        tps = await _partitions(consumer, topic)
-        if only_partition is not None:
-            tps = [tp for tp in tps if tp.partition == only_partition]
-        consumer.assign(tps)
-        if since_ms is None:
-            await consumer.seek_to_beginning(*tps)
-        else:
-            await _seek_since(consumer, tps, since_ms)
-        records: list[Any] = []
-        while True:
-            batch = await consumer.getmany(timeout_ms=int(idle_s * 1000))
-            if not batch:
-                return records
-            for part in batch.values():
-                records.extend(part)
-    finally:
-        await consumer.stop()
+    return new_consumer(cfg, "ctl", instance=str(os.getpid()), fetch_max_wait_ms=20)
 
 
 def _decode(records: Iterable[Any], type_: type[Any]) -> list[Any]:
-    out = []
-    for rec in records:
-        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-            out.append(msgspec.json.decode(rec.value or b"", type=type_))
-    return out
+    """The records that decode as ``type_``; the rest (anything at all) are skipped."""
+    decoder = msgspec.json.Decoder(type_)
+    return [d for d in (decoded_or_none(decoder.decode, r.value) for r in records) if d is not None]
 
 
 # --------------------------------------------------------------------------- issue & wait
@@ -248,7 +188,7 @@ class _Progress:
 
 
 def _producer(cfg: SidecarConfig) -> AIOKafkaProducer:
-    return AIOKafkaProducer(**kafka_kwargs(cfg), acks="all", linger_ms=0)
+    return new_producer(cfg, "ctl", instance=str(os.getpid()))
 
 
 async def publish(
@@ -269,7 +209,7 @@ async def publish(
         return int(md.timestamp) if md.timestamp and md.timestamp > 0 else now_ms()
     finally:
         if own:
-            await producer.stop()
+            await stop_quietly(producer)
 
 
 async def issue(
@@ -295,12 +235,12 @@ async def issue(
     try:
         await producer.start()
         await producer.partitions_for(cfg.topics.control)  # metadata now, not after publishing
-        status_tps = await _partitions(consumer, cfg.status_topic)
-        audit_tps = await _partitions(consumer, cfg.audit_topic)
+        status_tps = await topic_partitions(consumer, cfg.status_topic)
+        audit_tps = await topic_partitions(consumer, cfg.audit_topic)
         consumer.assign([*status_tps, *audit_tps])
         t0 = now_ms()
-        await _seek_since(consumer, status_tps, t0 - stale_ms - 1000)
-        await _seek_since(consumer, audit_tps, t0 - 5000)
+        await seek_since(consumer, status_tps, t0 - stale_ms - 1000)
+        await seek_since(consumer, audit_tps, t0 - 5000)
         publishing = time.monotonic()
         published = await publish(cfg, signed, producer)
         progress = _Progress(signed, max(published, t0), stale_ms)
@@ -334,8 +274,8 @@ async def issue(
                 )
                 return _result(EXIT_TIMEOUT, message, progress, published, elapsed, publishing)
     finally:
-        await consumer.stop()
-        await producer.stop()
+        await stop_quietly(consumer)
+        await stop_quietly(producer)
 
 
 def _verdict(p: _Progress, caught_up: bool, elapsed_s: float, hb_ms: int) -> tuple[int, str] | None:
@@ -401,7 +341,9 @@ async def load_view(cfg: SidecarConfig, keyring: Keyring) -> ControlView:
     now = now_ms()
     control = [
         r
-        for r in await read_until_idle(cfg, cfg.topics.control, only_partition=CONTROL_PARTITION)
+        for r in await read_until_idle(
+            cfg, cfg.topics.control, role="ctl", only_partition=CONTROL_PARTITION
+        )
         if not is_barrier(r.headers)
     ]
     rules = control_config(cfg.control)
@@ -423,7 +365,7 @@ async def load_view(cfg: SidecarConfig, keyring: Keyring) -> ControlView:
     history.sort(key=lambda h: h[0])
     since = now - max(10 * 60_000, 20 * hb_ms)
     heartbeats = _decode(
-        await read_until_idle(cfg, cfg.status_topic, since_ms=since), InstanceStatus
+        await read_until_idle(cfg, cfg.status_topic, role="ctl", since_ms=since), InstanceStatus
     )
     latest: dict[str, InstanceStatus] = {}
     for s in heartbeats:
@@ -533,7 +475,7 @@ def format_status(view: ControlView, rollout: str | None, last: int) -> str:
     history = [h for h in view.history if rollout is None or (h[1] and h[1].rollout == rollout)]
     lines.append(f"last {min(last, len(history))} of {len(history)} commands:")
     lines.extend(_history_line(*h) for h in history[-last:])
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -661,7 +603,7 @@ async def run_ctl(args: argparse.Namespace) -> int:
         else:
             for h in view.history:
                 if h[1] is None or h[1].rollout == rollout:
-                    print(_history_line(*h))
+                    print(printable(_history_line(*h)))
         return EXIT_OK
     if action == "rollback" and not args.reason:
         raise ConfigError("rollback needs --reason 'why' (it is audited)")
@@ -689,7 +631,7 @@ async def run_ctl(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         wait=not args.no_wait,
     )
-    print(result.message, file=sys.stdout if result.code == EXIT_OK else sys.stderr)
+    print(printable(result.message), file=sys.stdout if result.code == EXIT_OK else sys.stderr)
     return result.code
 
 

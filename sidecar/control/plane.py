@@ -19,7 +19,6 @@ ignored with a warning at start-up.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -33,10 +32,17 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from .. import __version__
-from .._clients import stop_quietly
-from ..broker import ensure_topics
 from ..config import ControlSettings, SidecarConfig
 from ..errors import BrokerError, ConfigError
+from ..kafka import (
+    Backoff,
+    Supervisor,
+    TaskFailure,
+    ensure_control_topics,
+    new_consumer,
+    new_producer,
+    stop_quietly,
+)
 from ..routing import Mode, PolicyHolder
 from .commands import Freshness, Keyring, KeyringError, Rejected, RejectReason, encode_command
 from .state_machine import (
@@ -126,30 +132,6 @@ def configured_state(cfg: SidecarConfig) -> RolloutState:
         has_candidate=cfg.models.candidate is not None,
         score_shadow_arm=r.score_shadow_arm,
     )
-
-
-def kafka_kwargs(cfg: SidecarConfig) -> dict[str, Any]:
-    from ..runner import kafka_client_kwargs  # runner imports this module lazily
-
-    return kafka_client_kwargs(cfg.kafka)
-
-
-async def ensure_control_topics(cfg: SidecarConfig) -> list[str]:
-    """Create the control topic (1 partition) and the status/audit topics if missing."""
-    kwargs = kafka_kwargs(cfg)
-    created = await ensure_topics(
-        topics=[cfg.topics.control],
-        partitions=1,
-        replication_factor=cfg.topics.replication_factor,
-        **kwargs,
-    )
-    created += await ensure_topics(
-        topics=[cfg.status_topic, cfg.audit_topic],
-        partitions=cfg.topics.partitions,
-        replication_factor=cfg.topics.replication_factor,
-        **kwargs,
-    )
-    return created
 
 
 def is_barrier(headers: Any) -> bool:
@@ -269,6 +251,7 @@ class ControlPlane:
         assigned_partitions: Callable[[], int | None] | None = None,
         started_at_ms: int | None = None,
         models: Callable[[], list[ModelHealth] | None] | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.config = config
         self.settings = config.control
@@ -287,6 +270,9 @@ class ControlPlane:
         self._tp = TopicPartition(config.topics.control, CONTROL_PARTITION)
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
+        #: Runs the tail, heartbeat and tick tasks: the owner's, so that one of them dying
+        #: stops the whole instance (a sidecar deaf to rollbacks must not keep serving).
+        self.supervisor = supervisor or Supervisor("control plane", self._on_task_failure)
         self._tasks: list[asyncio.Task[None]] = []
         self._last_advance: tuple[str, float] | None = None
         self._warned_no_key = False
@@ -313,6 +299,7 @@ class ControlPlane:
             samples=counter.since,
             assigned_partitions=assigned,
             models=lambda: models_health(sidecar.champion, sidecar.candidate),
+            supervisor=sidecar.supervisor,
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -327,15 +314,12 @@ class ControlPlane:
                 self.settings.keys_env,
             )
         await ensure_control_topics(cfg)
-        common = kafka_kwargs(cfg)
-        client_id = f"{cfg.kafka.client_id}-{self.instance_id}-control"
-        self._producer = AIOKafkaProducer(**common, client_id=client_id, acks="all", linger_ms=0)
+        self._producer = new_producer(cfg, "control", instance=self.instance_id)
         await self._producer.start()
-        self._consumer = AIOKafkaConsumer(
-            **common,
-            client_id=client_id,
-            group_id=None,
-            enable_auto_commit=False,
+        self._consumer = new_consumer(
+            cfg,
+            "control",
+            instance=self.instance_id,
             fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
         )
         await self._consumer.start()
@@ -371,18 +355,23 @@ class ControlPlane:
         )
         await self._publish_status()
         self._tasks = [
-            asyncio.create_task(self._tail(), name="control-tail"),
-            asyncio.create_task(self._heartbeat(), name="control-heartbeat"),
-            asyncio.create_task(self._ticker(), name="control-tick"),
+            self.supervisor.spawn(self._tail(), "control-tail"),
+            self.supervisor.spawn(self._heartbeat(), "control-heartbeat"),
+            self.supervisor.spawn(self._ticker(), "control-tick"),
         ]
+
+    def _on_task_failure(self, failure: TaskFailure) -> None:
+        """A plane running on its own supervisor (not a sidecar's): it stops being caught up,
+        so ``/readyz`` says so, and the owner sees :attr:`failure`."""
+        self.caught_up = False
+
+    @property
+    def failure(self) -> TaskFailure | None:
+        return self.supervisor.failure
 
     async def stop(self) -> None:
         self.caught_up = False
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self.supervisor.cancel(self._tasks)
         self._tasks = []
         for client in (self._consumer, self._producer):
             await stop_quietly(client)
@@ -398,15 +387,24 @@ class ControlPlane:
             log.error("control: cannot install epoch %d: %s", policy.epoch, exc)
 
     async def _tail(self) -> None:
+        """Apply every live control record. A record can never end this loop: whatever it
+        holds ends as an audited outcome (see :func:`process_record`)."""
         consumer = self._consumer
         assert consumer is not None
+        backoff = Backoff(0.2, 5.0)
         while True:
             try:
                 batch = await consumer.getmany(self._tp, timeout_ms=1000)
             except KafkaError as exc:
-                log.warning("control: fetching %s failed (%s); retrying", self._tp.topic, exc)
-                await asyncio.sleep(0.5)
+                log.warning(
+                    "control: fetching %s failed (%s); retrying in %.1fs",
+                    self._tp.topic,
+                    exc,
+                    backoff.delay,
+                )
+                await backoff.wait()
                 continue
+            backoff.reset()
             for rec in batch.get(self._tp, []):
                 if not is_barrier(rec.headers):
                     await self.handle(rec.value or b"", rec.timestamp)
@@ -483,8 +481,8 @@ class ControlPlane:
             await asyncio.sleep(self.settings.tick_interval_s)
             try:
                 await self.tick_once()
-            except Exception:  # a bug here must not stop the heartbeat or the tail
-                log.exception("control: ramp tick failed")
+            except KafkaError as exc:  # the advance is proposed again at the next tick
+                log.warning("control: publishing a ramp advance failed: %s", exc)
 
     async def tick_once(self) -> bool:
         """Publish a signed ``advance`` when the ramp's floors are met; True if published."""

@@ -16,6 +16,7 @@ import msgspec
 
 from ..hashing import BUCKETS
 from ..routing import Mode, RoutingPolicy
+from ..untrusted import error_text
 from .commands import (
     CommandArgs,
     ControlCommand,
@@ -440,18 +441,26 @@ def process_record(
 ) -> Outcome:
     """Decode, authenticate, check freshness against the record timestamp, and apply.
 
-    Used identically for live records and on replay, so both reach the same verdicts.
+    Used identically for live records and on replay, so both reach the same verdicts. Total:
+    whatever the record holds, the answer is an outcome (an unexpected error is a
+    ``Rejected(UNPROCESSABLE)`` naming it), never an exception -- one record must not stop
+    the control tail or the start-up replay of every instance.
     """
-    cmd = authenticate(
-        record,
-        record_ts_ms,
-        keyring=keyring,
-        freshness=config.freshness,
-        require_signature=config.require_signature,
-    )
-    if isinstance(cmd, Rejected):
-        return cmd
-    return apply(state, cmd, record_ts_ms, config=config)
+    cmd: ControlCommand | Rejected | None = None
+    try:
+        cmd = authenticate(
+            record,
+            record_ts_ms,
+            keyring=keyring,
+            freshness=config.freshness,
+            require_signature=config.require_signature,
+        )
+        if isinstance(cmd, Rejected):
+            return cmd
+        return apply(state, cmd, record_ts_ms, config=config)
+    except Exception as exc:
+        command = cmd if isinstance(cmd, ControlCommand) else None
+        return Rejected(RejectReason.UNPROCESSABLE, error_text(exc), command)
 
 
 def replay(

@@ -31,7 +31,7 @@ from typing import Any, TextIO
 
 import msgspec
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 
 from ..aggregate.service import AggregatorService
 from ..broker import EmbeddedBroker
@@ -41,15 +41,22 @@ from ..control.commands import ControlCommand, Keyring
 from ..control.ctl import EXIT_OK, build_command, default_issuer, issue
 from ..control.plane import CONTROL_PARTITION, is_barrier
 from ..control.state_machine import AuditRecord
-from ..errors import BrokerError, SidecarError
+from ..errors import SidecarError
 from ..examples import fraud
+from ..kafka import (
+    ensure_config_topics,
+    new_consumer,
+    new_producer,
+    stop_quietly,
+    topic_partitions,
+)
 from ..report.model import CommandEntry, Recording, command_timeline, write_jsonl
 from ..report.page import render_page
 from ..report.source import read_recording
 from ..routing import Mode
-from ..runner import Sidecar, kafka_client_kwargs
-from ..topics import ensure_config_topics
+from ..runner import Sidecar
 from ..traffic import produce_values
+from ..untrusted import decoded_or_none
 from .scenarios import (
     Act,
     Calibration,
@@ -132,9 +139,7 @@ class Traffic:
         self.frauds: set[str] = set()
 
     async def run(self) -> None:
-        producer = AIOKafkaProducer(
-            **kafka_client_kwargs(self.cfg.kafka), acks="all", linger_ms=5, max_batch_size=1 << 20
-        )
+        producer = new_producer(self.cfg, "demo-traffic", linger_ms=5, max_batch_size=1 << 20)
         await producer.start()
         try:
             topic = self.cfg.topics.requests
@@ -180,35 +185,33 @@ class Observer:
 
     async def run(self) -> None:
         cfg = self.cfg
-        consumer = AIOKafkaConsumer(
-            **kafka_client_kwargs(cfg.kafka),
-            group_id=None,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=100,
-            client_id="demo-observer",
-        )
+        consumer = new_consumer(cfg, "demo-observer", fetch_max_wait_ms=100)
         await consumer.start()
         try:
             tps = [TopicPartition(cfg.topics.control, CONTROL_PARTITION)]
             for topic in (cfg.topics.comparisons, cfg.audit_topic):
-                tps += [TopicPartition(topic, p) for p in await _partitions(consumer, topic)]
+                tps += await topic_partitions(consumer, topic, wait_s=5.0)
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
-            comparison = msgspec.json.Decoder(Comparison)
+            comparison = msgspec.json.Decoder(Comparison).decode
+            audit = msgspec.json.Decoder(AuditRecord).decode
+            command = msgspec.json.Decoder(ControlCommand).decode
             while True:
                 batch = await consumer.getmany(timeout_ms=200)
                 for tp, records in batch.items():
-                    for rec in records:
-                        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                            if tp.topic == cfg.topics.comparisons:
-                                self._comparison(comparison.decode(rec.value))
-                            elif tp.topic == cfg.audit_topic:
-                                self.audits.append(msgspec.json.decode(rec.value, type=AuditRecord))
-                            elif not is_barrier(rec.headers):
-                                cmd = msgspec.json.decode(rec.value, type=ControlCommand)
-                                self.commands.append((rec.timestamp, cmd))
+                    for rec in records:  # untrusted: what does not decode is skipped
+                        if tp.topic == cfg.topics.comparisons:
+                            if (c := decoded_or_none(comparison, rec.value)) is not None:
+                                self._comparison(c)
+                        elif tp.topic == cfg.audit_topic:
+                            if (a := decoded_or_none(audit, rec.value)) is not None:
+                                self.audits.append(a)
+                        elif not is_barrier(rec.headers) and (
+                            (cmd := decoded_or_none(command, rec.value)) is not None
+                        ):
+                            self.commands.append((rec.timestamp, cmd))
         finally:
-            await consumer.stop()
+            await stop_quietly(consumer)
 
     def _comparison(self, c: Comparison) -> None:
         self.comparisons += 1
@@ -233,16 +236,6 @@ class Observer:
 
     def recording(self) -> Recording:
         return Recording(commands=list(self.commands), audits=list(self.audits))
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
-    for _ in range(50):
-        parts = consumer.partitions_for_topic(topic)
-        if parts:
-            return sorted(parts)
-        await consumer._client.force_metadata_update()  # no public refresh
-        await asyncio.sleep(0.1)
-    raise BrokerError(f"topic {topic} did not appear on the broker")
 
 
 # --------------------------------------------------------------------------- the demo
@@ -475,19 +468,18 @@ class Demo:
 
     async def _hand_over(self, old: SidecarConfig, new: SidecarConfig) -> None:
         """Start the new deployment's consumer group where the previous one committed."""
-        kwargs = kafka_client_kwargs(old.kafka)
-        reader = AIOKafkaConsumer(**kwargs, group_id=old.kafka.group_id, enable_auto_commit=False)
+        reader = new_consumer(old, "demo", group_id=old.kafka.group_id)
         await reader.start()
         try:
             topic = old.topics.requests
-            tps = [TopicPartition(topic, p) for p in await _partitions(reader, topic)]
+            tps = await topic_partitions(reader, topic, wait_s=5.0)
             offsets = {tp: await reader.committed(tp) for tp in tps}
         finally:
             await reader.stop()
         todo = {tp: off for tp, off in offsets.items() if off is not None}
         if not todo:
             return
-        writer = AIOKafkaConsumer(**kwargs, group_id=new.kafka.group_id, enable_auto_commit=False)
+        writer = new_consumer(new, "demo", group_id=new.kafka.group_id)
         await writer.start()
         try:
             writer.assign(list(todo))

@@ -8,8 +8,9 @@ are skipped and counted, never fatal: a report should still come out of a messy 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -19,7 +20,11 @@ from ..control.commands import ControlCommand
 from ..control.plane import is_barrier
 from ..control.state_machine import AuditRecord
 from ..errors import BrokerError
+from ..kafka import read_until_idle
+from ..untrusted import decoded_or_none
 from .model import Recording
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,39 +46,37 @@ async def read_recording(
     with_audit: bool = True,
 ) -> ReadResult:
     """Reports, commands and (when the topic exists) audits recorded in [start_ms, end_ms)."""
-    from ..control.ctl import read_until_idle
-
     rec = Recording()
     skipped = 0
 
     async def read(topic: str) -> list[Any]:
         return [
             r
-            for r in await read_until_idle(cfg, topic, since_ms=start_ms, idle_s=idle_s)
+            for r in await read_until_idle(
+                cfg, topic, role="report", since_ms=start_ms, idle_s=idle_s
+            )
             if _in_range(r.timestamp, start_ms, end_ms)
         ]
 
-    for r in await read(cfg.aggregate.reports_topic):
-        try:
-            rec.reports.append(msgspec.json.decode(r.value or b"", type=WindowReport))
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            skipped += 1
-    for r in await read(cfg.topics.control):
-        if is_barrier(r.headers):
-            continue
-        try:
-            rec.commands.append(
-                (r.timestamp, msgspec.json.decode(r.value or b"", type=ControlCommand))
-            )
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            skipped += 1
+    def decoded(records: list[Any], type_: type[T]) -> list[tuple[int, T]]:
+        nonlocal skipped
+        decode: Callable[[bytes], T] = msgspec.json.Decoder(type_).decode
+        out = []
+        for r in records:
+            value = decoded_or_none(decode, r.value)
+            if value is None:
+                skipped += 1
+            else:
+                out.append((r.timestamp, value))
+        return out
+
+    rec.reports.extend(v for _, v in decoded(await read(cfg.aggregate.reports_topic), WindowReport))
+    commands = [r for r in await read(cfg.topics.control) if not is_barrier(r.headers)]
+    rec.commands.extend(decoded(commands, ControlCommand))
     if with_audit:
         with contextlib.suppress(BrokerError):  # no audit topic: the report does without
-            for r in await read(cfg.audit_topic):
-                try:
-                    rec.audits.append(msgspec.json.decode(r.value or b"", type=AuditRecord))
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    skipped += 1
+            audits = decoded(await read(cfg.audit_topic), AuditRecord)
+            rec.audits.extend(v for _, v in audits)
     rec.meta["rules"] = msgspec.to_builtins(cfg.aggregate.rules)
     initial = {"mode": cfg.rollout.mode.value, "share_bp": cfg.rollout.canary_share_bp}
     rec.meta["initial"] = {cfg.rollout.name: initial}

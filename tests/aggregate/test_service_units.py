@@ -21,6 +21,7 @@ from sidecar.aggregate.settings import AggregateSettings
 from sidecar.config import config_from_dict, load_config
 from sidecar.control import Keyring
 from sidecar.errors import ConfigError
+from sidecar.kafka import ProduceRefused
 
 MODELS = {"champion": {"name": "m", "version": "1.0.0", "target": "x:y", "features": []}}
 
@@ -130,8 +131,9 @@ async def test_records_refused_with_a_retriable_error_are_sent_again() -> None:
 
 async def test_a_non_retriable_refusal_stops_instead_of_looping() -> None:
     producer = FlakyProducer({0: MessageSizeTooLargeError()})
-    with pytest.raises(MessageSizeTooLargeError):
+    with pytest.raises(ProduceRefused, match=r"max\.message\.bytes") as refused:
         await service_with(producer)._send_all([_Send("t", b"a", None)])
+    assert isinstance(refused.value.__cause__, MessageSizeTooLargeError)
     assert len(producer.sent) == 1
 
 

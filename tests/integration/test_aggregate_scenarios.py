@@ -34,7 +34,8 @@ from sidecar.aggregate.service import AggregatorService
 from sidecar.config import SidecarConfig
 from sidecar.contracts import Comparison, ModelError, ModelResult
 from sidecar.control import ControlCommand, Keyring
-from sidecar.control.plane import ensure_control_topics, load_keyring
+from sidecar.control.plane import load_keyring
+from sidecar.kafka import ensure_control_topics
 from sidecar.traffic import produce_values
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]

@@ -17,7 +17,7 @@ from sidecar.aggregate import WindowManager
 from sidecar.aggregate.service import AggregatorService
 from sidecar.cli import main
 from sidecar.config import SidecarConfig
-from sidecar.control.plane import ensure_control_topics
+from sidecar.kafka import ensure_control_topics
 from sidecar.traffic import produce_values
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]

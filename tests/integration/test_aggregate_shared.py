@@ -16,7 +16,7 @@ from sidecar.aggregate import GuardEngine, WindowManager, WindowReport
 from sidecar.aggregate.service import AggregatorService
 from sidecar.config import SidecarConfig
 from sidecar.contracts import Comparison
-from sidecar.control.plane import ensure_control_topics
+from sidecar.kafka import ensure_control_topics
 from sidecar.traffic import produce_values
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]

@@ -27,8 +27,9 @@ from sidecar.control.ctl import (
     load_view,
     run_ctl,
 )
-from sidecar.control.plane import CONTROL_PARTITION, ensure_control_topics, load_keyring, now_ms
+from sidecar.control.plane import CONTROL_PARTITION, load_keyring, now_ms
 from sidecar.hashing import BUCKETS
+from sidecar.kafka import ensure_control_topics
 from sidecar.routing import Mode
 from sidecar.runner import Sidecar
 from sidecar.traffic import produce_forever

@@ -16,7 +16,8 @@ from sidecar.aggregate.service import AggregatorService
 from sidecar.cli import main
 from sidecar.control import ControlCommand, encode_command
 from sidecar.control.ctl import build_command
-from sidecar.control.plane import CONTROL_PARTITION, ensure_control_topics, now_ms
+from sidecar.control.plane import CONTROL_PARTITION, now_ms
+from sidecar.kafka import ensure_control_topics
 from sidecar.runner import Sidecar
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]

@@ -1,0 +1,61 @@
+"""The Kafka edge: every client, topic, read loop, produce path and background task of the
+sidecar goes through here, so that each fix to how we talk to Kafka is made once.
+
+* :mod:`.clients`: clients built from the config, per role (connection, security, groups);
+* :mod:`.topics`: creating a config's topics, and the record limits the topics impose;
+* :mod:`.reading`: partitions, seeking by time, reading a topic until idle;
+* :mod:`.produce`: batch sends, and which produce errors retrying cannot fix;
+* :mod:`.retry`, :mod:`.rebalance`, :mod:`.supervise`: backoff, the one rebalance listener,
+  and background tasks whose death stops the process instead of leaving it half alive.
+"""
+
+from __future__ import annotations
+
+from .clients import (
+    SASL_MECHANISMS,
+    client_id,
+    client_kwargs,
+    new_consumer,
+    new_producer,
+    stop_quietly,
+)
+from .produce import BatchSender, Delivery, ProduceRefused, is_permanent, refusal
+from .reading import read_until_idle, seek_since, topic_partitions
+from .rebalance import RebalanceListener, format_partitions
+from .retry import Backoff
+from .supervise import BackgroundTaskFailed, Supervisor, TaskFailure
+from .topics import (
+    ensure_config_topics,
+    ensure_control_topics,
+    ensure_topics,
+    record_limits,
+    topic_configs,
+)
+
+__all__ = [
+    "SASL_MECHANISMS",
+    "BackgroundTaskFailed",
+    "Backoff",
+    "BatchSender",
+    "Delivery",
+    "ProduceRefused",
+    "RebalanceListener",
+    "Supervisor",
+    "TaskFailure",
+    "client_id",
+    "client_kwargs",
+    "ensure_config_topics",
+    "ensure_control_topics",
+    "ensure_topics",
+    "format_partitions",
+    "is_permanent",
+    "new_consumer",
+    "new_producer",
+    "read_until_idle",
+    "record_limits",
+    "refusal",
+    "seek_since",
+    "stop_quietly",
+    "topic_configs",
+    "topic_partitions",
+]

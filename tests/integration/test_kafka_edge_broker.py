@@ -1,0 +1,135 @@
+"""The Kafka edge against a real broker: topics, limits, reading until idle, and an instance
+that stops (not ready, non-zero) when one of its background tasks dies."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import msgspec
+import pytest
+from kafka_helpers import decode_values, make_config, produce, read_topic, unique, wait_until
+
+from integration.test_control_broker import control_config, running, setup
+from sidecar.contracts import DeadLetter, Decision
+from sidecar.examples import fraud
+from sidecar.kafka import (
+    BackgroundTaskFailed,
+    ensure_config_topics,
+    ensure_topics,
+    new_consumer,
+    read_until_idle,
+    record_limits,
+    stop_quietly,
+    topic_configs,
+    topic_partitions,
+)
+from sidecar.runner import Sidecar
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
+
+ENC = msgspec.json.Encoder()
+
+
+async def test_every_topic_of_a_config_is_created_the_late_topic_included(bootstrap: str) -> None:
+    cfg = make_config(bootstrap, aggregate={"late_topic": unique("late")})
+    created = await ensure_config_topics(cfg)
+    assert cfg.aggregate.late_topic in created and cfg.status_topic in created
+    assert await ensure_config_topics(cfg) == []  # idempotent
+    assert set(await topic_configs(cfg, cfg.all_topics())) == set(cfg.all_topics())
+    # The control topic has exactly one partition: one order of commands for everyone.
+    consumer = new_consumer(cfg, "test")
+    await consumer.start()
+    try:
+        assert len(await topic_partitions(consumer, cfg.topics.control)) == 1
+        assert len(await topic_partitions(consumer, cfg.topics.requests)) == 3
+    finally:
+        await stop_quietly(consumer)
+
+
+async def test_read_until_idle_reads_everything_from_a_time(bootstrap: str) -> None:
+    cfg = make_config(bootstrap)
+    await ensure_config_topics(cfg)
+    items = [(f"k{i}".encode(), f"v{i}".encode()) for i in range(50)]
+    await produce(cfg, items)
+    records = await read_until_idle(cfg, cfg.topics.requests, idle_s=0.5)
+    assert sorted(r.value for r in records) == sorted(v for _, v in items)
+    newest = max(r.timestamp for r in records)
+    later = await read_until_idle(cfg, cfg.topics.requests, since_ms=newest, idle_s=0.3)
+    assert later and all(r.timestamp >= newest for r in later)
+    assert await read_until_idle(cfg, cfg.topics.requests, since_ms=newest + 1, idle_s=0.3) == []
+
+
+async def test_record_limits_follow_the_topics_max_message_bytes(bootstrap: str) -> None:
+    cfg = make_config(bootstrap)
+    small = unique("small")
+    await ensure_topics(
+        cfg.kafka.bootstrap_servers, [small], 1, configs={"max.message.bytes": "20000"}
+    )
+    await ensure_config_topics(cfg)
+    assert (await topic_configs(cfg, [small]))[small]["max.message.bytes"] == "20000"
+    limits = await record_limits(cfg, [small, cfg.topics.decisions])
+    assert limits[small] < 20000 and limits[cfg.topics.decisions] == cfg.kafka.max_record_bytes
+
+
+async def test_an_output_larger_than_its_topic_takes_becomes_a_dead_letter(bootstrap: str) -> None:
+    cfg = make_config(bootstrap)
+    # The decisions topic takes 20 kB records (Tansu stores the setting without enforcing
+    # it; the sidecar reads it back and keeps to it, as it would have to on Apache Kafka).
+    await ensure_topics(
+        cfg.kafka.bootstrap_servers,
+        [cfg.topics.decisions],
+        3,
+        configs={"max.message.bytes": "20000"},
+    )
+    await ensure_config_topics(cfg)
+    requests = fraud.request_dicts(fraud.generate(20, seed=3))
+    requests[7]["metadata"] = {"blob": "z" * 30_000}
+    await produce(cfg, [(r["routing_key"].encode(), ENC.encode(r)) for r in requests])
+    sidecar = Sidecar(cfg)
+    task = asyncio.create_task(sidecar.run())
+    try:
+        await wait_until(lambda: sidecar.processed >= 20, 30)
+    finally:
+        sidecar.request_stop()
+        await asyncio.wait_for(task, 30)
+        sidecar.close_models()
+    decisions = decode_values(
+        await read_topic(bootstrap, cfg.topics.decisions, expect=19), Decision
+    )
+    assert {d.request_id for d in decisions} == {r["request_id"] for r in requests} - {"req-7"}
+    (letter,) = decode_values(
+        await read_topic(bootstrap, cfg.topics.dead_letter, expect=1), DeadLetter
+    )
+    assert letter.kind == "output_oversize" and letter.request_id == "req-7"
+
+
+async def test_an_instance_whose_control_tail_dies_stops_and_is_not_ready(
+    bootstrap: str, tmp_path: Path
+) -> None:
+    cfg = control_config(bootstrap, tmp_path)
+    await setup(cfg)
+    sidecar = Sidecar(cfg, instance_id="doomed")
+    task = asyncio.create_task(sidecar.run())
+    await asyncio.wait_for(sidecar.ready.wait(), 30)
+    plane = sidecar.control
+    assert plane is not None
+
+    async def bug(value: bytes, record_ts_ms: int) -> None:  # a bug in our own code
+        raise RuntimeError("simulated bug in the control tail")
+
+    plane.handle = bug  # type: ignore[method-assign]
+    await produce(cfg, [(b"x", b"{}")], topic=cfg.topics.control)
+    await wait_until(lambda: sidecar.failure is not None, 10)
+    with pytest.raises(BackgroundTaskFailed, match="control-tail died: RuntimeError"):
+        await asyncio.wait_for(task, 30)
+    sidecar.close_models()
+    await wait_until(lambda: not sidecar.health.readiness()[0], 5)
+    assert sidecar.health.readiness()[1]["phase"] == "stopped"
+
+
+async def test_running_helper_survives_a_clean_start(bootstrap: str, tmp_path: Path) -> None:
+    cfg = control_config(bootstrap, tmp_path)
+    await setup(cfg)
+    async with running(cfg, 1) as (one,):
+        assert one.failure is None and one.supervisor.failure is None

@@ -127,6 +127,9 @@ DeadLetterKind = Literal[
     #: Processing the record raised an unexpected error (a bug: the reason names it); the
     #: rest of its batch was served.
     "processing_error",
+    #: The Kafka client could not parse the record (e.g. a header key that is not UTF-8):
+    #: ``source_offset``..``source_offset_last`` were skipped; the originals stay in the topic.
+    "unreadable",
 ]
 
 
@@ -154,3 +157,6 @@ class DeadLetter(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: Size in bytes of the original value and its sha256 (hex), when ``truncated``.
     original_size: int | None = None
     original_sha256: str | None = None
+    #: Kind ``unreadable``: the last offset of the skipped range that starts at
+    #: ``source_offset``.
+    source_offset_last: int | None = None

@@ -16,6 +16,7 @@ from typing import Protocol
 import msgspec
 
 from .contracts import OUTPUT_SCHEMA_VERSION, DeadLetter, DeadLetterKind
+from .kafka.unreadable import unreadable_of
 from .untrusted import clip
 
 Headers = list[tuple[str, bytes]]
@@ -73,6 +74,10 @@ class DeadLetterWriter:
         """Key, value and headers of the dead letter for ``record``."""
         keep = self.keep
         value, key = record.value, record.key
+        first, last = record.offset, None
+        skipped = unreadable_of(record)
+        if skipped is not None:
+            first, last = skipped.first, skipped.last
         truncated, size, sha256 = False, None, None
         if value is not None and len(value) > keep:
             truncated, size = True, len(value)
@@ -85,7 +90,8 @@ class DeadLetterWriter:
             reason=clip(reason, MAX_REASON_CHARS),
             source_topic=record.topic,
             source_partition=record.partition,
-            source_offset=record.offset,
+            source_offset=first,
+            source_offset_last=last,
             ts=time.time_ns() // 1_000_000,
             original_value=value,
             original_key=key,

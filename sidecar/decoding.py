@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from .config import FeatureSpec, InputConfig, ModelConfig
 from .contracts import MAX_EPOCH_MS, REQUEST_SCHEMA_MAJOR, DeadLetterKind, InferenceRequest
+from .kafka.unreadable import unreadable_of
 from .untrusted import clip, error_text, header_text
 
 FloatArray = npt.NDArray[np.float64]
@@ -209,6 +210,9 @@ class RequestDecoder:
 
     def _precheck(self, record: RawRecord) -> Rejected | None:
         if record.value is None:
+            skipped = unreadable_of(record)
+            if skipped is not None:
+                return Rejected(record, "unreadable", skipped.describe())
             return Rejected(record, "decode", "record has no value (tombstone); expected a request")
         if len(record.value) > self._max_bytes:
             return Rejected(

@@ -36,6 +36,7 @@ from sidecar.control.state_machine import (
     replay,
 )
 from sidecar.examples import fraud
+from sidecar.kafka import UNREADABLE_HEADER, Unreadable, unreadable_of
 from sidecar.models import load_model
 from sidecar.pipeline import Pipeline
 from sidecar.routing import Mode, RoutingPolicy
@@ -209,6 +210,12 @@ def pipe() -> Pipeline:
     return Pipeline(cfg, load_model(cfg.models.champion), load_model(cfg.models.candidate))
 
 
+@pytest.fixture(scope="module")
+def msgpack_pipe() -> Pipeline:
+    cfg = make_config("unused:9092", input={"format": "msgpack"})
+    return Pipeline(cfg, load_model(cfg.models.champion), load_model(cfg.models.candidate))
+
+
 POLICY = RoutingPolicy(rollout="fraud-v2", mode=Mode.CANARY, canary_share_bp=5000, epoch=3)
 
 
@@ -261,9 +268,10 @@ async def test_no_request_record_escapes_the_pipeline(
 
 @FUZZ
 @given(st.lists(st.binary(max_size=300), min_size=1, max_size=5), headers)
-async def test_msgpack_requests_never_escape(raw: list[bytes], hdrs: Any) -> None:
-    cfg = make_config("unused:9092", input={"format": "msgpack"})
-    p = Pipeline(cfg, load_model(cfg.models.champion), load_model(cfg.models.candidate))
+async def test_msgpack_requests_never_escape(
+    msgpack_pipe: Pipeline, raw: list[bytes], hdrs: Any
+) -> None:
+    p = msgpack_pipe
     doc = valid_request(1)
     hostile = [
         msgspec.msgpack.encode(doc),
@@ -457,3 +465,27 @@ def test_a_comparison_id_of_a_megabyte_is_refused_not_hashed() -> None:
     got = ingest(records)
     assert len(got.rejected) == 1 and "256" in got.rejected[0][2]
     assert got.batch.request_hash.dtype == np.uint64 and len(got.batch) == 2000
+
+
+def marker(first: int, last: int) -> Rec:
+    """A record the Kafka client could not parse, as ``sidecar.kafka.unreadable`` hands it on."""
+    skipped = Unreadable(first, last, "UnicodeDecodeError: bad header key")
+    return Rec(None, offset=last, headers=((UNREADABLE_HEADER, skipped),))  # type: ignore[arg-type]
+
+
+async def test_unparseable_records_become_one_dead_letter_for_their_range(pipe: Pipeline) -> None:
+    records = [Rec(ENC.encode(valid_request(0)), offset=0), marker(1, 3)]
+    result = await pipe.process(records, POLICY)
+    (letter,) = [msgspec.json.decode(v, type=DeadLetter) for v in result.dead_letters.values]
+    assert letter.kind == "unreadable" and "UnicodeDecodeError" in letter.reason
+    assert (letter.source_offset, letter.source_offset_last) == (1, 3)
+    # A producer cannot forge a marker: a header value it writes is bytes, never Unreadable.
+    forged = Rec(ENC.encode(valid_request(5)), offset=9, headers=((UNREADABLE_HEADER, b"1"),))
+    assert unreadable_of(forged) is None
+    assert len((await pipe.process([forged], POLICY)).decisions) == 1
+
+
+def test_unparseable_comparisons_are_rejected_with_their_range() -> None:
+    got = ingest([Rec(ENC.encode(valid_comparison(0)), offset=0), marker(1, 2)])
+    ((_, kind, reason),) = got.rejected
+    assert kind == "unreadable" and "offsets 1..2" in reason and len(got.batch) == 1

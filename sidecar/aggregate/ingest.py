@@ -12,6 +12,7 @@ import msgspec
 import numpy as np
 
 from ..contracts import DeadLetterKind
+from ..kafka.unreadable import unreadable_of
 from ..untrusted import error_text, try_decode
 from .batch import (
     ComparisonBatch,
@@ -213,16 +214,21 @@ class Poll:
         if bad:
             dropped = set(bad)
             kept = [r for i, r in enumerate(self.records) if i not in dropped]
-            rejected = [(self.records[i], "decode", why_undecodable(self.values[i])) for i in bad]
+            rejected = [why_undecodable(self.records[i], self.values[i]) for i in bad]
         return Ingested(batch, kept, len(bad), self.next_offsets(), rejected)
 
 
-def why_undecodable(value: bytes | None) -> str:
-    """Why ``value`` is no Comparison (decoded again, alone: only for the rare bad record)."""
+def why_undecodable(
+    record: RecordLike, value: bytes | None
+) -> tuple[RecordLike, DeadLetterKind, str]:
+    """Why ``record`` is no Comparison (decoded again, alone: only for the rare bad record)."""
+    skipped = unreadable_of(record)
+    if skipped is not None:
+        return record, "unreadable", skipped.describe()
     result = try_decode(_PLAIN.decode, value)
     if isinstance(result, BaseException):
-        return f"not a Comparison: {error_text(result)}"
-    return "not a Comparison: refused with the rest of its poll"
+        return record, "decode", f"not a Comparison: {error_text(result)}"
+    return record, "decode", "not a Comparison: refused with the rest of its poll"
 
 
 #: Columns of a poll's decodable values and the indices of the undecodable ones.

@@ -122,6 +122,8 @@ class RejectReason(enum.StrEnum):
     NO_CHANGE = "no_change"
     #: Processing the record raised an unexpected error (a bug; the detail names it).
     UNPROCESSABLE = "unprocessable"
+    #: The Kafka client could not parse the record (see ``sidecar.kafka.unreadable``).
+    UNREADABLE = "unreadable"
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ from ..kafka import (
     new_consumer,
     new_producer,
     stop_quietly,
+    unreadable_of,
 )
 from ..routing import Mode, PolicyHolder
 from .commands import Freshness, Keyring, KeyringError, Rejected, RejectReason, encode_command
@@ -406,8 +407,17 @@ class ControlPlane:
                 continue
             backoff.reset()
             for rec in batch.get(self._tp, []):
-                if not is_barrier(rec.headers):
+                skipped = unreadable_of(rec)
+                if skipped is not None:
+                    await self._refuse(Rejected(RejectReason.UNREADABLE, skipped.describe()))
+                elif not is_barrier(rec.headers):
                     await self.handle(rec.value or b"", rec.timestamp)
+
+    async def _refuse(self, outcome: Rejected) -> None:
+        """Audit a control record that never reached the state machine."""
+        log.warning("control: rejected a record: %s: %s", outcome.reason.value, outcome.detail)
+        self.outcomes.append(outcome)
+        await self._publish_audit(outcome)
 
     async def handle(self, value: bytes, record_ts_ms: int) -> Outcome:
         """One live control record: apply it (swapping the policy first), then audit it."""

@@ -11,6 +11,7 @@ sidecar goes through here, so that each fix to how we talk to Kafka is made once
 
 from __future__ import annotations
 
+from . import unreadable as _unreadable
 from .clients import (
     SASL_MECHANISMS,
     client_id,
@@ -31,9 +32,13 @@ from .topics import (
     record_limits,
     topic_configs,
 )
+from .unreadable import UNREADABLE_HEADER, Unreadable, unreadable_of
+
+_unreadable.install()  # records the client cannot parse become markers, not a stalled loop
 
 __all__ = [
     "SASL_MECHANISMS",
+    "UNREADABLE_HEADER",
     "BackgroundTaskFailed",
     "Backoff",
     "BatchSender",
@@ -42,6 +47,7 @@ __all__ = [
     "RebalanceListener",
     "Supervisor",
     "TaskFailure",
+    "Unreadable",
     "client_id",
     "client_kwargs",
     "ensure_config_topics",
@@ -58,4 +64,5 @@ __all__ = [
     "stop_quietly",
     "topic_configs",
     "topic_partitions",
+    "unreadable_of",
 ]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +207,46 @@ async def test_a_poison_corpus_neither_crashes_nor_stalls_nor_stops_rollback(
         assert fresh.policy.current.epoch == epoch
         assert fresh.policy.current.mode is Mode.ROLLED_BACK
         assert fresh.failure is None
+
+
+def produce_raw(bootstrap: str, topic: str, values: list[bytes]) -> list[int]:
+    """Write BEFORE, [A, BAD, C] (one batch; BAD's header key is not UTF-8), AFTER to
+    partition 0 with a raw client; returns the five offsets."""
+    script = Path(__file__).parent.parent / "tools" / "raw_producer.py"
+    args = [sys.executable, str(script), bootstrap, topic, "0", *(v.decode() for v in values)]
+    env = dict(os.environ, AIOKAFKA_NO_EXTENSIONS="1")
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60, check=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+async def test_records_the_client_cannot_parse_are_skipped_and_accounted(
+    bootstrap: str, tmp_path: Path
+) -> None:
+    # A header key that is not UTF-8 makes aiokafka raise on every fetch of its partition;
+    # the Kafka edge turns the unparseable rest of that batch into a marker instead.
+    cfg = control_config(bootstrap, tmp_path)
+    await setup(cfg)
+    values = [ENC.encode(request(i)) for i in range(5)]
+    loop = asyncio.get_running_loop()
+    async with running(cfg, 1) as (sidecar,):
+        offsets = await loop.run_in_executor(
+            None, produce_raw, bootstrap, cfg.topics.requests, values
+        )
+        control = [b"{}", b"{}", b"{}", b"{}", b"{}"]
+        await loop.run_in_executor(None, produce_raw, bootstrap, cfg.topics.control, control)
+        await wait_until(lambda: sidecar.processed >= 3, 30)
+        rollback = await ctl(cfg, "rollback", reason="after unreadable records")
+        assert rollback.code == EXIT_OK, rollback.message
+        assert sidecar.failure is None
+    decisions = decode_values(await read_topic(bootstrap, cfg.topics.decisions, expect=3), Decision)
+    # "before", "a" (read before the bad record of its batch) and "after" are decided.
+    assert sorted(d.request_id for d in decisions) == ["req-0", "req-1", "req-4"]
+    (letter,) = decode_values(
+        await read_topic(bootstrap, cfg.topics.dead_letter, expect=1), DeadLetter
+    )
+    assert letter.kind == "unreadable" and "UnicodeDecodeError" in letter.reason
+    assert (letter.source_offset, letter.source_offset_last) == (offsets[2], offsets[3])
+    # On the control topic: one audited rejection, then the rollback applied.
+    mine = [a for a in await audits(cfg) if a.instance_id == sidecar.instance_id]
+    assert [a.reason for a in mine if a.outcome == "rejected"].count("unreadable") == 1
+    assert any(a.outcome == "applied" and a.action == "rollback" for a in mine)

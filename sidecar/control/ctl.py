@@ -550,14 +550,23 @@ _MUTATING: dict[str, tuple[str, str]] = {
 }
 
 
-def _common(parser: argparse.ArgumentParser, mutating: bool) -> None:
+def _where(parser: argparse.ArgumentParser, default: Any) -> None:
+    """``--config`` and ``--rollout``. Both are accepted before the action (``sidecar ctl
+    --config X status``) and after it: the action's parser has ``default`` SUPPRESS so that,
+    when they are not repeated there, the values given before the action are kept."""
     parser.add_argument(
         "--config",
-        default=os.environ.get("SIDECAR_CONFIG"),
+        default=os.environ.get("SIDECAR_CONFIG") if default is None else default,
         help="the sidecars' TOML config (default $SIDECAR_CONFIG); settings may also come "
         "from SIDECAR_* environment variables",
     )
-    parser.add_argument("--rollout", help="rollout name (default: rollout.name of the config)")
+    parser.add_argument(
+        "--rollout", default=default, help="rollout name (default: rollout.name of the config)"
+    )
+
+
+def _common(parser: argparse.ArgumentParser, mutating: bool) -> None:
+    _where(parser, argparse.SUPPRESS)
     if not mutating:
         return
     parser.add_argument(
@@ -585,11 +594,13 @@ def add_ctl_parser(sub: Any) -> None:
     ctl = sub.add_parser(
         "ctl",
         help="steer every sidecar instance: status, canary, ramp, promote, rollback, ...",
+        usage="sidecar ctl [--config FILE] ACTION [options]",
         description="Operator commands on the control topic. Each command is signed with your "
         "key (control.keys_file or $SIDECAR_CONTROL_KEYS), published, and applied by every "
         "instance; ctl waits until every live instance reports it. Exit codes: 0 applied, "
         "1 rejected or error, 2 timed out.",
     )
+    _where(ctl, None)
     ctl.set_defaults(func=cmd_ctl, ctl_command=None)
     actions = ctl.add_subparsers(dest="ctl_command", metavar="ACTION")
     p = actions.add_parser(

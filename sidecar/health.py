@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import threading
 import time
@@ -28,7 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
+from .errors import ConfigError
 from .models.health import BreakerState
 
 if TYPE_CHECKING:
@@ -335,6 +338,34 @@ def watch_aggregator(service: AggregatorService, probe: BrokerProbe | None = Non
     return HealthWatcher(service.health, collect).start()
 
 
+class ReadinessCollector:
+    """``sidecar_ready{component}`` and ``sidecar_readiness_check{component,check}`` (1 or
+    0), read from a :class:`HealthState` at scrape time: alert rules can see what ``/readyz``
+    says (e.g. a control plane that has not caught up) without probing it themselves."""
+
+    def __init__(self, component: str, health: HealthState | None = None) -> None:
+        self.component = component
+        self.health = health
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        ready = GaugeMetricFamily(
+            "sidecar_ready",
+            "1 while /readyz answers 200 (every check passes)",
+            labels=["component"],
+        )
+        checks = GaugeMetricFamily(
+            "sidecar_readiness_check",
+            "1 while this readiness check passes; /readyz has its detail",
+            labels=["component", "check"],
+        )
+        if self.health is not None:
+            ok, body = self.health.readiness()
+            ready.add_metric([self.component], int(ok))
+            for name, check in body["checks"].items():
+                checks.add_metric([self.component, name], int(check["ok"]))
+        return [ready, checks]
+
+
 # --------------------------------------------------------------------------- HTTP
 
 
@@ -403,12 +434,34 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve(
-    registry: CollectorRegistry, health: HealthState, port: int, host: str = "0.0.0.0"
+    registry: CollectorRegistry,
+    health: HealthState,
+    port: int,
+    host: str = "127.0.0.1",
+    setting: str = "metrics.port",
 ) -> HealthServer | None:
-    """Start the server on ``host:port`` (``port`` 0: disabled, returns None)."""
+    """Start the server on ``host:port`` (``port`` 0: disabled, returns None).
+
+    A port that cannot be bound is a ConfigError naming ``setting`` (the config key of
+    ``port``), not an ``OSError`` traceback.
+    """
     if not port:
         return None
-    return HealthServer(registry, health, host, port).start()
+    try:
+        server = HealthServer(registry, health, host, port)
+    except OSError as exc:
+        env = "SIDECAR_" + setting.upper().replace(".", "__")
+        why = exc.strerror or str(exc)
+        hint = (
+            "another process (a second sidecar on this machine?) listens there"
+            if exc.errno == errno.EADDRINUSE
+            else "check metrics.host"
+        )
+        raise ConfigError(
+            f"cannot serve /metrics on {host}:{port} ({why}): {hint}; set {setting} "
+            f"(or {env}) to a free port, or to 0 to turn the endpoint off"
+        ) from None
+    return server.start()
 
 
 __all__ = [
@@ -418,6 +471,7 @@ __all__ = [
     "HealthState",
     "HealthWatcher",
     "ModelStatus",
+    "ReadinessCollector",
     "Snapshot",
     "assignment_check",
     "control_check",

@@ -175,7 +175,7 @@ def test_grafana_is_provisioned_with_a_dashboard_of_real_metrics() -> None:
         "sidecar_records_consumed_total",
         "sidecar_decisions_total",
         "sidecar_dead_letters_total",
-        "sidecar_model_batch_latency_ms_bucket",
+        "sidecar_model_batch_latency_seconds_bucket",
         "sidecar_policy_epoch",
         "sidecar_policy_mode",
         "sidecar_candidate_share_bp",

@@ -182,3 +182,27 @@ def test_serve_with_port_zero_is_off() -> None:
     from sidecar.metrics import SidecarMetrics
 
     assert SidecarMetrics().serve(0) is None
+
+
+@pytest.mark.parametrize("component", ["sidecar", "aggregator"])
+def test_metrics_carry_process_gc_and_readiness_series(component: str) -> None:
+    from sidecar.aggregate.metrics import AggregateMetrics
+    from sidecar.metrics import SidecarMetrics
+
+    metrics = SidecarMetrics() if component == "sidecar" else AggregateMetrics()
+    health = HealthState(component)
+    server = metrics.serve(free_port(), "127.0.0.1", health=health)
+    assert server is not None
+    try:
+        health.publish(SERVING, [*OK, Check("control", False, "not replayed")])
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    finally:
+        server.close()
+    for series in ("process_cpu_seconds_total", "process_resident_memory_bytes", "python_info"):
+        assert f"\n{series}" in text, series
+    assert 'python_gc_collections_total{generation="0"}' in text
+    assert f'sidecar_ready{{component="{component}"}} 0.0' in text
+    assert f'sidecar_readiness_check{{check="control",component="{component}"}} 0.0' in text
+    assert f'sidecar_readiness_check{{check="broker",component="{component}"}} 1.0' in text
+    assert "_ms_" not in text and "_ms{" not in text, "latency and time metrics are in seconds"

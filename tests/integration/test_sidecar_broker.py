@@ -372,7 +372,7 @@ async def test_metrics_are_served_over_http(bootstrap: str) -> None:
     assert 'sidecar_records_consumed_total{topic="' + cfg.topics.requests + '"} 501.0' in body
     assert 'sidecar_dead_letters_total{kind="decode"} 1.0' in body
     assert 'sidecar_comparisons_total{rollout="fraud-v2"} 500.0' in body
-    assert "sidecar_model_batch_latency_ms_bucket" in body
+    assert "sidecar_model_batch_latency_seconds_bucket" in body
     assert 'sidecar_policy_mode{mode="canary",rollout="fraud-v2"} 1.0' in body
 
 

@@ -146,7 +146,7 @@ class SidecarMetrics:
         )
 
     def serve(
-        self, port: int, host: str = "0.0.0.0", health: HealthState | None = None
+        self, port: int, host: str = "127.0.0.1", health: HealthState | None = None
     ) -> HealthServer | None:
         """``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (0: off); pass the
         sidecar's ``health`` so ``/readyz`` reports it (without one it is never ready)."""

@@ -88,7 +88,7 @@ class AggregateMetrics:
         )
 
     def serve(
-        self, port: int, host: str = "0.0.0.0", health: HealthState | None = None
+        self, port: int, host: str = "127.0.0.1", health: HealthState | None = None
     ) -> HealthServer | None:
         """``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (0: off)."""
         from ..health import HealthState, serve

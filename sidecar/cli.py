@@ -107,6 +107,8 @@ async def _run(cfg: SidecarConfig, args: argparse.Namespace) -> None:
         created = await ensure_config_topics(cfg)
         if created:
             log.info("created topics: %s", ", ".join(created))
+    from .progress import progress_task
+
     sidecar = Sidecar(cfg)
     try:
         sidecar.metrics.serve(cfg.metrics.port, cfg.metrics.host, health=sidecar.health)
@@ -119,7 +121,8 @@ async def _run(cfg: SidecarConfig, args: argparse.Namespace) -> None:
 
         traffic = asyncio.create_task(produce_forever(cfg, rate=args.example_traffic))
     try:
-        await sidecar.run(install_signal_handlers=True)
+        async with progress_task(sidecar, cfg.logging.progress_interval_s):
+            await sidecar.run(install_signal_handlers=True)
     finally:
         if traffic is not None:
             traffic.cancel()

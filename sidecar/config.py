@@ -212,6 +212,9 @@ class MetricsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class LoggingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
+    #: ``sidecar run`` logs a progress line this often (records/s, lag, dead letters, mode,
+    #: epoch); 0 turns it off.
+    progress_interval_s: Annotated[float, Meta(ge=0)] = 10.0
 
 
 class ControlSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -9,9 +9,10 @@ the HTTP threads read it under a lock. A snapshot that stops being refreshed is 
 finding: readiness fails after ``stale_after_s`` and liveness after ``stall_after_s``.
 
 Readiness of a sidecar (all must pass): it is serving (connected, control replayed, not
-stopping), has partitions assigned, reached a broker recently (a metadata request every few
-seconds), its champion's circuit breaker is not open, and its control plane has caught up
-with the control topic. The aggregator: consumer started, partitions assigned, broker reached.
+stopping), has partitions assigned or is an idle standby of its group, reached a broker
+recently (a metadata request every few seconds), its champion's circuit breaker is not open,
+and its control plane has caught up with the control topic. The aggregator: consumer started,
+partitions assigned (or standby), broker reached.
 """
 
 from __future__ import annotations
@@ -157,17 +158,34 @@ class ModelStatus:
     breaker: BreakerState
 
 
-def assignment_check(assigned: int | None, topic: str, topic_partitions: int | None) -> Check:
+def assignment_check(
+    assigned: int | None, topic: str, topic_partitions: int | None, joined: bool = False
+) -> Check:
+    """Partitions of ``topic`` assigned to this member.
+
+    A member with none is ready once it has joined the group (``joined``: its last group join
+    completed, with an empty assignment): it is an idle *standby* when the group has more
+    members than ``topic`` has partitions, and takes over partitions in the next rebalance when
+    another member leaves. Holding it unready would stall a rolling update (a Deployment with
+    more replicas than partitions never becomes available) for no benefit: no traffic is
+    routed to a Kafka consumer by readiness. Before its first join it is not ready.
+    """
     if assigned is None:
         return Check("partitions", False, "consumer not started")
     if assigned == 0:
         known = f"{topic_partitions} partitions" if topic_partitions else "its partitions"
+        if joined:
+            return Check(
+                "partitions",
+                True,
+                f"standby: a group member with no partition of {topic} assigned (the group "
+                f"has more members than {topic} has {known}); it takes over partitions when "
+                "a member leaves",
+            )
         return Check(
             "partitions",
             False,
-            f"no partitions of {topic} assigned: the group is rebalancing, or it has more "
-            f"members than {topic} has {known} (this instance then idles as a standby; add "
-            "partitions or run fewer instances)",
+            f"no partitions of {topic} assigned yet: joining the consumer group",
         )
     return Check("partitions", True, f"{assigned} partitions of {topic} assigned")
 
@@ -285,12 +303,24 @@ class HealthWatcher:
         self.state.publish(STOPPED, [])
 
 
-def _assigned(consumer: Any, topic: str) -> tuple[int | None, int | None]:
+def _assigned(consumer: Any, topic: str) -> tuple[int | None, int | None, bool]:
+    """(partitions of ``topic`` assigned, partitions it has, whether a group join completed)."""
     if consumer is None:
-        return None, None
+        return None, None, False
     assigned = sum(1 for tp in consumer.assignment() if tp.topic == topic)
     parts = consumer.partitions_for_topic(topic)
-    return assigned, len(parts) if parts else None
+    return assigned, len(parts) if parts else None, group_joined(consumer)
+
+
+def group_joined(consumer: Any) -> bool:
+    """Whether the consumer's last group join completed (its assignment may be empty).
+
+    aiokafka has no public API for it: its subscription holds an assignment (possibly empty)
+    once a join completed, and None before. Read defensively: an aiokafka without these
+    attributes makes an empty assignment unready, as before.
+    """
+    subscription = getattr(getattr(consumer, "_subscription", None), "subscription", None)
+    return getattr(subscription, "assignment", None) is not None
 
 
 def watch_sidecar(sidecar: Sidecar, probe: BrokerProbe | None = None) -> HealthWatcher:
@@ -308,10 +338,10 @@ def watch_sidecar(sidecar: Sidecar, probe: BrokerProbe | None = None) -> HealthW
             for arm, m in (("champion", sidecar.champion), ("candidate", sidecar.candidate))
             if m is not None
         ]
-        assigned, parts = _assigned(consumer, topic)
+        assigned, parts, joined = _assigned(consumer, topic)
         plane = sidecar.control
         return phase, [
-            assignment_check(assigned, topic, parts),
+            assignment_check(assigned, topic, parts, joined),
             probe.check(),
             model_check(models),
             control_check(
@@ -332,8 +362,8 @@ def watch_aggregator(service: AggregatorService, probe: BrokerProbe | None = Non
         if consumer is not None and probe.due():
             await probe.probe(consumer)
         phase = STOPPING if service.stopping else SERVING if service.ready.is_set() else STARTING
-        assigned, parts = _assigned(consumer, topic)
-        return phase, [assignment_check(assigned, topic, parts), probe.check()]
+        assigned, parts, joined = _assigned(consumer, topic)
+        return phase, [assignment_check(assigned, topic, parts, joined), probe.check()]
 
     return HealthWatcher(service.health, collect).start()
 
@@ -475,6 +505,7 @@ __all__ = [
     "Snapshot",
     "assignment_check",
     "control_check",
+    "group_joined",
     "model_check",
     "serve",
     "watch_aggregator",

@@ -78,8 +78,11 @@ def test_a_stale_snapshot_fails_readiness_then_liveness() -> None:
 
 def test_partitions_check_explains_an_idle_member() -> None:
     assert not assignment_check(None, "req", None).ok
-    idle = assignment_check(0, "req", 3)
-    assert not idle.ok and "more members than req has 3 partitions" in idle.detail
+    joining = assignment_check(0, "req", 3)
+    assert not joining.ok and "joining the consumer group" in joining.detail
+    standby = assignment_check(0, "req", 3, joined=True)
+    assert standby.ok and standby.detail.startswith("standby:")
+    assert "more members than req has 3 partitions" in standby.detail
     good = assignment_check(2, "req", 6)
     assert good == Check("partitions", True, "2 partitions of req assigned")
 

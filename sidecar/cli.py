@@ -265,10 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "schemas",
         help="check (default) or write the JSON Schema files of the wire contracts",
-        description="Check that schemas/*.json match the msgspec contracts, or regenerate them.",
+        description="Check that the JSON Schema files (schemas/*.json, shipped in the package) "
+        "match the msgspec contracts, or regenerate them.",
     )
     p.add_argument("--write", action="store_true", help="regenerate the files")
-    p.add_argument("--dir", help="schema directory (default: the repository's schemas/)")
+    p.add_argument(
+        "--dir",
+        help="schema directory (default: the installed package's, which the repository's "
+        "schemas/ links to)",
+    )
     p.set_defaults(func=cmd_schemas)
 
     from .control.ctl import add_ctl_parser

@@ -31,6 +31,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from ..config import SidecarConfig, load_config
 from ..errors import BrokerError, ConfigError, SidecarError
+from ..timefmt import humanise
 from .commands import (
     Action,
     CommandArgs,
@@ -482,7 +483,8 @@ def _history_line(ts: int, cmd: ControlCommand | None, outcome: Outcome) -> str:
     )
     return (
         f"  {_when(ts)}  {cmd.action:8} {args + ' ' if args else ''}[{cmd.command_id}] by "
-        f"{cmd.issued_by} ({cmd.key_id or 'unsigned'}): {cmd.reason!r}  {_outcome_text(outcome)}"
+        f"{cmd.issued_by} ({cmd.key_id or 'unsigned'}): {humanise(cmd.reason)!r}  "
+        f"{_outcome_text(outcome)}"
     )
 
 

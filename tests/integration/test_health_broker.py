@@ -88,6 +88,7 @@ async def test_a_sidecar_is_ready_once_serving_and_not_ready_before_or_after(
         server.close()
 
 
+@pytest.mark.slow
 async def test_an_idle_standby_member_is_ready_and_says_it_is_a_standby(bootstrap: str) -> None:
     # More replicas than partitions (a Deployment scaled past the topic): the member without
     # partitions must be ready, or the rollout of such a Deployment never completes.
@@ -139,6 +140,7 @@ async def test_a_sidecar_without_a_broker_is_alive_but_not_ready() -> None:
         server.close()
 
 
+@pytest.mark.slow
 async def test_the_aggregator_is_ready_once_consuming(bootstrap: str) -> None:
     cfg = make_config(
         bootstrap,

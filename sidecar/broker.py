@@ -58,6 +58,8 @@ class EmbeddedBroker:
     port: int = 0
     host: str = "127.0.0.1"
     log_path: Path | None = None
+    #: The command-line flag that sets ``port``, named when the port is taken.
+    port_flag: str | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _log_file: IO[bytes] | None = field(default=None, init=False)
 
@@ -69,8 +71,10 @@ class EmbeddedBroker:
         if self.port == 0:
             self.port = free_port(self.host)
         if _port_open(self.host, self.port):
+            how = f"with {self.port_flag}" if self.port_flag else "(0 picks a free one)"
             raise EmbeddedBrokerError(
-                f"port {self.port} on {self.host} is already in use; pick another with --port"
+                f"port {self.port} on {self.host} is already in use (another broker, or a "
+                f"Kafka already running there?); pick another port {how}"
             )
         url = f"tcp://{self.host}:{self.port}"
         binary = tansu_binary()

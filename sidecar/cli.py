@@ -1,4 +1,5 @@
-"""The ``sidecar`` command line: broker, run, produce, schemas."""
+"""The ``sidecar`` command line: broker, run, produce, schemas, config (and the commands the
+subpackages add: ctl, aggregate, replay, demo, report, contract)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from .broker import EmbeddedBroker
 
     cfg = load_config(args.config) if args.config else None
-    with EmbeddedBroker(port=args.port, log_path=args.log) as broker:
+    with EmbeddedBroker(port=args.port, log_path=args.log, port_flag="--port") as broker:
         print(f"embedded broker (Tansu) on {broker.bootstrap_servers}", flush=True)
         if cfg is not None:
             from .kafka import ensure_config_topics
@@ -78,7 +79,7 @@ def _maybe_embedded(args: argparse.Namespace, cfg: SidecarConfig) -> Iterator[Si
         return
     from .broker import EmbeddedBroker
 
-    with EmbeddedBroker(port=args.broker_port) as broker:
+    with EmbeddedBroker(port=args.broker_port, port_flag="--broker-port") as broker:
         log.info("started the embedded broker on %s", broker.bootstrap_servers)
         yield msgspec.structs.replace(
             cfg,
@@ -106,15 +107,22 @@ async def _run(cfg: SidecarConfig, args: argparse.Namespace) -> None:
         created = await ensure_config_topics(cfg)
         if created:
             log.info("created topics: %s", ", ".join(created))
+    from .progress import progress_task
+
     sidecar = Sidecar(cfg)
-    sidecar.metrics.serve(cfg.metrics.port, cfg.metrics.host, health=sidecar.health)
+    try:
+        sidecar.metrics.serve(cfg.metrics.port, cfg.metrics.host, health=sidecar.health)
+    except SidecarError:
+        sidecar.close_models()
+        raise
     traffic = None
     if args.example_traffic:
         from .traffic import produce_forever
 
         traffic = asyncio.create_task(produce_forever(cfg, rate=args.example_traffic))
     try:
-        await sidecar.run(install_signal_handlers=True)
+        async with progress_task(sidecar, cfg.logging.progress_interval_s):
+            await sidecar.run(install_signal_handlers=True)
     finally:
         if traffic is not None:
             traffic.cancel()
@@ -160,6 +168,29 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 # -- parser -------------------------------------------------------------------------------
 
 
+# -- config -------------------------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.config:
+        cfg = load_config(args.config)
+        cand = cfg.models.candidate
+        print(
+            f"{args.config}: valid (with the SIDECAR_* environment applied): champion "
+            f"{cfg.models.champion.name}@{cfg.models.champion.version}, candidate "
+            + (f"{cand.name}@{cand.version}" if cand else "none")
+            + f", rollout {cfg.rollout.name} in {cfg.rollout.mode.value}, brokers "
+            f"{cfg.kafka.bootstrap_servers}"
+        )
+        return 0
+    text = settings_text(args.word or "")
+    if not text:
+        print(f"no setting matches {args.word!r}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sidecar",
@@ -187,10 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Consume the requests topic, score every request with the champion and "
         "the candidate, produce decisions, comparisons and dead letters; commit offsets only "
         "after every output is acknowledged. SIGTERM/SIGINT drain, commit and exit 0.",
-        epilog="settings (TOML key, environment variable, default); KAFKA_BOOTSTRAP_SERVERS "
-        "also sets kafka.bootstrap_servers:\n" + settings_text(),
+        epilog="Settings come from the TOML file and SIDECAR_<SECTION>__<KEY> environment\n"
+        "variables (the environment wins; KAFKA_BOOTSTRAP_SERVERS sets kafka.bootstrap_servers).\n"
+        "Every setting with its variable and default: `sidecar config` (`sidecar config\n"
+        "rollout` shows those containing 'rollout'), or the README's Configuration table.\n"
+        "Check a config without starting anything: `sidecar config --config FILE`.",
     )
-    p.add_argument("--config", help="TOML config file (settings may also come from the env)")
+    p.add_argument(
+        "--config",
+        help="TOML config file, e.g. examples/sidecar.toml (settings may also come from the "
+        "environment)",
+    )
     p.add_argument(
         "--embedded-broker",
         action="store_true",
@@ -227,15 +265,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "schemas",
         help="check (default) or write the JSON Schema files of the wire contracts",
-        description="Check that schemas/*.json match the msgspec contracts, or regenerate them.",
+        description="Check that the JSON Schema files (schemas/*.json, shipped in the package) "
+        "match the msgspec contracts, or regenerate them.",
     )
     p.add_argument("--write", action="store_true", help="regenerate the files")
-    p.add_argument("--dir", help="schema directory (default: the repository's schemas/)")
+    p.add_argument(
+        "--dir",
+        help="schema directory (default: the installed package's, which the repository's "
+        "schemas/ links to)",
+    )
     p.set_defaults(func=cmd_schemas)
 
     from .control.ctl import add_ctl_parser
 
     add_ctl_parser(sub)
+    p = sub.add_parser(
+        "config",
+        help="list every setting with its environment variable and default, or check a config",
+        description="Without --config: list every setting (TOML key, environment variable, "
+        "default; choices in parentheses), optionally only those containing WORD. With "
+        "--config: load and validate the file with the SIDECAR_* environment applied, and "
+        "exit 1 with the reason when it is invalid.",
+    )
+    p.add_argument("word", nargs="?", metavar="WORD", help="show only settings containing it")
+    p.add_argument("--config", help="validate this TOML file (and the environment)")
+    p.set_defaults(func=cmd_config)
 
     from .aggregate.cli import add_aggregate_parsers
 

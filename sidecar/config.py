@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from .aggregate.settings import AggregateSettings
+from .config_hints import LIST_HINT, check_env_path, closest, explain
 from .errors import ConfigError
 from .manifest import Manifest
 from .routing import Mode
@@ -215,14 +216,19 @@ class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class MetricsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    #: Port of the Prometheus endpoint (0 disables it).
+    #: Port of ``/metrics``, ``/healthz`` and ``/readyz`` (0 disables them).
     port: Annotated[int, Meta(ge=0, le=65535)] = 9100
-    host: str = "0.0.0.0"
+    #: Address they listen on: loopback by default, like everything else; ``0.0.0.0`` in a
+    #: container so Prometheus and the orchestrator's probes can reach them.
+    host: str = "127.0.0.1"
 
 
 class LoggingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
+    #: ``sidecar run`` logs a progress line this often (records/s, lag, dead letters, mode,
+    #: epoch); 0 turns it off.
+    progress_interval_s: Annotated[float, Meta(ge=0)] = 10.0
 
 
 class ControlSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -299,18 +305,27 @@ class SidecarConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 ENV_PREFIX = "SIDECAR_"
 
+#: Where a config file comes from when ``--config`` is not given.
+NO_CONFIG_HINT = (
+    "no configuration given: pass --config FILE (examples/sidecar.toml is a complete one to "
+    "start from); without a file, at least models.champion (name, version, target, features) "
+    "must come from SIDECAR_MODELS__CHAMPION__* environment variables"
+)
 
-def _set_path(tree: dict[str, Any], path: list[str], value: str) -> None:
+
+def _set_path(tree: dict[str, Any], path: list[str], value: str, var: str) -> None:
     node = tree
     for part in path[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"cannot set {'.'.join(path)}: {part} is not a section")
+            raise ConfigError(
+                f"environment variable {var}: cannot set {'.'.join(path)}, {part} is not a table"
+            )
         node = child
-    node[path[-1]] = _env_scalar(value)
+    node[path[-1]] = _env_scalar(value, var)
 
 
-def _env_scalar(value: str) -> Any:
+def _env_scalar(value: str, var: str) -> Any:
     """Environment values are strings; msgspec converts them to the target type (strict=False),
     except lists and tables, which are given as JSON."""
     stripped = value.strip()
@@ -318,26 +333,55 @@ def _env_scalar(value: str) -> Any:
         try:
             return msgspec.json.decode(stripped)
         except msgspec.DecodeError as exc:
-            raise ConfigError(f"environment value {value!r} is not valid JSON: {exc}") from exc
+            raise ConfigError(
+                f"environment variable {var}: {value!r} is not valid JSON: {exc}"
+            ) from exc
     return value
 
 
-def apply_env(tree: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """Overlay ``KAFKA_BOOTSTRAP_SERVERS`` and ``SIDECAR_SECTION__KEY`` variables onto ``tree``."""
+def apply_env(
+    tree: dict[str, Any],
+    env: Mapping[str, str],
+    sources: dict[tuple[str, ...], str] | None = None,
+) -> dict[str, Any]:
+    """Overlay ``KAFKA_BOOTSTRAP_SERVERS`` and ``SIDECAR_SECTION__KEY`` variables onto ``tree``.
+
+    A variable that names no setting is a ConfigError naming it (and the closest one that
+    does). ``sources`` collects which variable set which path, for later error messages.
+    """
+    sources = {} if sources is None else sources
     if env.get("KAFKA_BOOTSTRAP_SERVERS"):
-        _set_path(tree, ["kafka", "bootstrap_servers"], env["KAFKA_BOOTSTRAP_SERVERS"])
+        _set_path(
+            tree,
+            ["kafka", "bootstrap_servers"],
+            env["KAFKA_BOOTSTRAP_SERVERS"],
+            "KAFKA_BOOTSTRAP_SERVERS",
+        )
+        sources[("kafka", "bootstrap_servers")] = "KAFKA_BOOTSTRAP_SERVERS"
     for name, value in sorted(env.items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         if path[0] not in SidecarConfig.__struct_fields__:
-            continue  # SIDECAR_TEST_BROKER and friends are not settings
-        _set_path(tree, path, value)
+            # SIDECAR_TEST_BROKER and friends are not settings; a near-miss of a section is.
+            near = closest(path[0], SidecarConfig.__struct_fields__, cutoff=0.8)
+            if near is not None:
+                raise ConfigError(
+                    f"environment variable {name}: there is no section {path[0]!r}; did you "
+                    f"mean {ENV_PREFIX}{near.upper()}__...?{LIST_HINT}"
+                )
+            continue
+        problem = check_env_path(SidecarConfig, name, path)
+        if problem:
+            raise ConfigError(problem)
+        _set_path(tree, path, value, name)
+        sources[tuple(path)] = name
     return tree
 
 
 def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> SidecarConfig:
-    """Load and validate the configuration; every problem is a ConfigError naming the setting."""
+    """Load and validate the configuration; every problem is a ConfigError naming the setting
+    (or the environment variable it came from)."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -345,17 +389,26 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
             tree = tomllib.loads(p.read_text())
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {p} does not exist") from exc
+        except IsADirectoryError as exc:
+            raise ConfigError(f"config file {p} is a directory; pass the TOML file") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
-    apply_env(tree, os.environ if env is None else env)
-    return config_from_dict(tree, source=str(path) if path else "environment")
+    sources: dict[tuple[str, ...], str] = {}
+    apply_env(tree, os.environ if env is None else env, sources)
+    if path is None and "models" not in tree:
+        raise ConfigError(NO_CONFIG_HINT)
+    return config_from_dict(tree, source=str(path) if path else "environment", sources=sources)
 
 
-def config_from_dict(tree: dict[str, Any], source: str = "config") -> SidecarConfig:
+def config_from_dict(
+    tree: dict[str, Any],
+    source: str = "config",
+    sources: Mapping[tuple[str, ...], str] | None = None,
+) -> SidecarConfig:
     try:
         cfg = msgspec.convert(tree, SidecarConfig, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
+        raise ConfigError(explain(SidecarConfig, exc, source, sources or {})) from exc
     _check(cfg)
     return cfg
 

@@ -9,16 +9,17 @@ the HTTP threads read it under a lock. A snapshot that stops being refreshed is 
 finding: readiness fails after ``stale_after_s`` and liveness after ``stall_after_s``.
 
 Readiness of a sidecar (all must pass): it is serving (connected, control replayed, not
-stopping), has partitions assigned, reached a broker recently (a metadata request every few
-seconds), its champion's circuit breaker is not open, its control plane has caught up
-with the control topic, and none of its background tasks has died. The aggregator: consumer
-started, partitions assigned, broker reached.
+stopping), has partitions assigned or is an idle standby of its group, reached a broker
+recently (a metadata request every few seconds), its champion's circuit breaker is not open,
+its control plane has caught up with the control topic, and none of its background tasks has
+died. The aggregator: consumer started, partitions assigned (or standby), broker reached.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import threading
 import time
@@ -29,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
+from .errors import ConfigError
 from .models.health import BreakerState
 
 if TYPE_CHECKING:
@@ -155,17 +158,34 @@ class ModelStatus:
     breaker: BreakerState
 
 
-def assignment_check(assigned: int | None, topic: str, topic_partitions: int | None) -> Check:
+def assignment_check(
+    assigned: int | None, topic: str, topic_partitions: int | None, joined: bool = False
+) -> Check:
+    """Partitions of ``topic`` assigned to this member.
+
+    A member with none is ready once it has joined the group (``joined``: its last group join
+    completed, with an empty assignment): it is an idle *standby* when the group has more
+    members than ``topic`` has partitions, and takes over partitions in the next rebalance when
+    another member leaves. Holding it unready would stall a rolling update (a Deployment with
+    more replicas than partitions never becomes available) for no benefit: no traffic is
+    routed to a Kafka consumer by readiness. Before its first join it is not ready.
+    """
     if assigned is None:
         return Check("partitions", False, "consumer not started")
     if assigned == 0:
         known = f"{topic_partitions} partitions" if topic_partitions else "its partitions"
+        if joined:
+            return Check(
+                "partitions",
+                True,
+                f"standby: a group member with no partition of {topic} assigned (the group "
+                f"has more members than {topic} has {known}); it takes over partitions when "
+                "a member leaves",
+            )
         return Check(
             "partitions",
             False,
-            f"no partitions of {topic} assigned: the group is rebalancing, or it has more "
-            f"members than {topic} has {known} (this instance then idles as a standby; add "
-            "partitions or run fewer instances)",
+            f"no partitions of {topic} assigned yet: joining the consumer group",
         )
     return Check("partitions", True, f"{assigned} partitions of {topic} assigned")
 
@@ -291,12 +311,24 @@ class HealthWatcher:
         self.state.publish(STOPPED, [])
 
 
-def _assigned(consumer: Any, topic: str) -> tuple[int | None, int | None]:
+def _assigned(consumer: Any, topic: str) -> tuple[int | None, int | None, bool]:
+    """(partitions of ``topic`` assigned, partitions it has, whether a group join completed)."""
     if consumer is None:
-        return None, None
+        return None, None, False
     assigned = sum(1 for tp in consumer.assignment() if tp.topic == topic)
     parts = consumer.partitions_for_topic(topic)
-    return assigned, len(parts) if parts else None
+    return assigned, len(parts) if parts else None, group_joined(consumer)
+
+
+def group_joined(consumer: Any) -> bool:
+    """Whether the consumer's last group join completed (its assignment may be empty).
+
+    aiokafka has no public API for it: its subscription holds an assignment (possibly empty)
+    once a join completed, and None before. Read defensively: an aiokafka without these
+    attributes makes an empty assignment unready, as before.
+    """
+    subscription = getattr(getattr(consumer, "_subscription", None), "subscription", None)
+    return getattr(subscription, "assignment", None) is not None
 
 
 def watch_sidecar(sidecar: Sidecar, probe: BrokerProbe | None = None) -> HealthWatcher:
@@ -314,10 +346,10 @@ def watch_sidecar(sidecar: Sidecar, probe: BrokerProbe | None = None) -> HealthW
             for arm, m in (("champion", sidecar.champion), ("candidate", sidecar.candidate))
             if m is not None
         ]
-        assigned, parts = _assigned(consumer, topic)
+        assigned, parts, joined = _assigned(consumer, topic)
         plane = sidecar.control
         return phase, [
-            assignment_check(assigned, topic, parts),
+            assignment_check(assigned, topic, parts, joined),
             probe.check(),
             model_check(models),
             control_check(
@@ -339,10 +371,38 @@ def watch_aggregator(service: AggregatorService, probe: BrokerProbe | None = Non
         if consumer is not None and probe.due():
             await probe.probe(consumer)
         phase = STOPPING if service.stopping else SERVING if service.ready.is_set() else STARTING
-        assigned, parts = _assigned(consumer, topic)
-        return phase, [assignment_check(assigned, topic, parts), probe.check()]
+        assigned, parts, joined = _assigned(consumer, topic)
+        return phase, [assignment_check(assigned, topic, parts, joined), probe.check()]
 
     return HealthWatcher(service.health, collect).start()
+
+
+class ReadinessCollector:
+    """``sidecar_ready{component}`` and ``sidecar_readiness_check{component,check}`` (1 or
+    0), read from a :class:`HealthState` at scrape time: alert rules can see what ``/readyz``
+    says (e.g. a control plane that has not caught up) without probing it themselves."""
+
+    def __init__(self, component: str, health: HealthState | None = None) -> None:
+        self.component = component
+        self.health = health
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        ready = GaugeMetricFamily(
+            "sidecar_ready",
+            "1 while /readyz answers 200 (every check passes)",
+            labels=["component"],
+        )
+        checks = GaugeMetricFamily(
+            "sidecar_readiness_check",
+            "1 while this readiness check passes; /readyz has its detail",
+            labels=["component", "check"],
+        )
+        if self.health is not None:
+            ok, body = self.health.readiness()
+            ready.add_metric([self.component], int(ok))
+            for name, check in body["checks"].items():
+                checks.add_metric([self.component, name], int(check["ok"]))
+        return [ready, checks]
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -413,12 +473,34 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve(
-    registry: CollectorRegistry, health: HealthState, port: int, host: str = "0.0.0.0"
+    registry: CollectorRegistry,
+    health: HealthState,
+    port: int,
+    host: str = "127.0.0.1",
+    setting: str = "metrics.port",
 ) -> HealthServer | None:
-    """Start the server on ``host:port`` (``port`` 0: disabled, returns None)."""
+    """Start the server on ``host:port`` (``port`` 0: disabled, returns None).
+
+    A port that cannot be bound is a ConfigError naming ``setting`` (the config key of
+    ``port``), not an ``OSError`` traceback.
+    """
     if not port:
         return None
-    return HealthServer(registry, health, host, port).start()
+    try:
+        server = HealthServer(registry, health, host, port)
+    except OSError as exc:
+        env = "SIDECAR_" + setting.upper().replace(".", "__")
+        why = exc.strerror or str(exc)
+        hint = (
+            "another process (a second sidecar on this machine?) listens there"
+            if exc.errno == errno.EADDRINUSE
+            else "check metrics.host"
+        )
+        raise ConfigError(
+            f"cannot serve /metrics on {host}:{port} ({why}): {hint}; set {setting} "
+            f"(or {env}) to a free port, or to 0 to turn the endpoint off"
+        ) from None
+    return server.start()
 
 
 __all__ = [
@@ -428,9 +510,11 @@ __all__ = [
     "HealthState",
     "HealthWatcher",
     "ModelStatus",
+    "ReadinessCollector",
     "Snapshot",
     "assignment_check",
     "control_check",
+    "group_joined",
     "model_check",
     "serve",
     "tasks_check",

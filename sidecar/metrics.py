@@ -1,25 +1,69 @@
-"""Prometheus metrics of one sidecar process. Updated once per batch, never per record."""
+"""Prometheus metrics of one sidecar process. Updated once per batch, never per record.
+
+Units are Prometheus' base units (seconds); every registry also carries the standard
+``process_*``, ``python_gc_*`` and ``python_info`` series (:func:`standard_collectors`).
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
+from .health import ReadinessCollector
 from .pipeline import BatchResult
 from .routing import Mode, RoutingPolicy
 
 if TYPE_CHECKING:
     from .health import HealthServer, HealthState
 
-_LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+#: Seconds: 0.5 ms to 5 s.
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+)
 _BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
+
+
+def standard_collectors(registry: CollectorRegistry) -> CollectorRegistry:
+    """Register the collectors of prometheus_client's default registry on ``registry``:
+    ``process_*`` (CPU, memory, open files), ``python_gc_*`` and ``python_info``.
+
+    Our registries are custom (several sidecars and an aggregator share a process in the demo
+    and the tests), so the defaults must be added by hand. The process collector reads
+    ``/proc`` only when scraped; without ``/proc`` it exports nothing.
+    """
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
 
 
 class SidecarMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        self.registry = registry or standard_collectors(CollectorRegistry())
         r = self.registry
+        self.readiness = ReadinessCollector("sidecar")
+        r.register(self.readiness)
         self.consumed = Counter(
             "sidecar_records_consumed", "Request records consumed", ["topic"], registry=r
         )
@@ -36,8 +80,8 @@ class SidecarMetrics:
             "sidecar_dead_letters", "Records sent to the dead-letter topic", ["kind"], registry=r
         )
         self.model_latency = Histogram(
-            "sidecar_model_batch_latency_ms",
-            "Wall time of one model call on one batch, in milliseconds",
+            "sidecar_model_batch_latency_seconds",
+            "Wall time of one model call on one batch",
             ["arm", "model", "version"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
@@ -86,6 +130,14 @@ class SidecarMetrics:
             ["arm", "model", "version"],
             registry=r,
         )
+        self.consumer_lag = Gauge(
+            "sidecar_consumer_lag_records",
+            "Records of the requests topic behind this instance's position on its assigned "
+            "partitions (high watermark of the last fetch minus position; sampled every few "
+            "seconds by `sidecar run`)",
+            ["topic"],
+            registry=r,
+        )
         self.feature_out_of_range = Counter(
             "sidecar_feature_out_of_range",
             "Request feature values outside a model manifest's allowed range or categories",
@@ -94,13 +146,14 @@ class SidecarMetrics:
         )
 
     def serve(
-        self, port: int, host: str = "0.0.0.0", health: HealthState | None = None
+        self, port: int, host: str = "127.0.0.1", health: HealthState | None = None
     ) -> HealthServer | None:
         """``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (0: off); pass the
         sidecar's ``health`` so ``/readyz`` reports it (without one it is never ready)."""
         from .health import HealthState, serve
 
-        return serve(self.registry, health or HealthState("sidecar"), port, host)
+        self.readiness.health = health = health or HealthState("sidecar")
+        return serve(self.registry, health, port, host)
 
     def observe_policy(self, policy: RoutingPolicy) -> None:
         self.policy_epoch.labels(policy.rollout).set(policy.epoch)
@@ -133,7 +186,7 @@ class SidecarMetrics:
             model, version = names[arm]
             if scores.error is not None and scores.error.kind in ("skipped", "unavailable"):
                 continue
-            self.model_latency.labels(arm, model, version).observe(scores.latency_ms)
+            self.model_latency.labels(arm, model, version).observe(scores.latency_ms / 1000)
             failed = int((~scores.valid).sum())
             if failed:
                 error = scores.error or scores.record_error

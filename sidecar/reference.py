@@ -1,5 +1,5 @@
-"""The configuration reference, generated from the config Structs (used by ``run --help`` and
-the README; ``python -m sidecar.reference --write README.md`` refreshes the README's copy and a
+"""The configuration reference, generated from the config Structs (used by ``sidecar config``
+and the README; ``python -m sidecar.reference --write README.md`` refreshes the README's copy and a
 test fails when it is stale)."""
 
 from __future__ import annotations
@@ -58,11 +58,27 @@ def _type_name(t: msgspec.inspect.Type) -> str:
     return type(t).__name__.removesuffix("Type").lower()
 
 
-def settings_text() -> str:
-    """Plain text for ``sidecar run --help``."""
+def _short(default: Any, limit: int = 60) -> str:
+    """A default as ``repr``, except long lists of tables (the guard rules): their names."""
+    text = repr(default)
+    if len(text) <= limit:
+        return text
+    if isinstance(default, list) and all(hasattr(x, "name") for x in default):
+        return f"[{len(default)} tables: " + ", ".join(str(x.name) for x in default) + "]"
+    return text[: limit - 3] + "..."
+
+
+def settings_text(word: str = "") -> str:
+    """Plain text for ``sidecar config``: every setting (or those containing ``word``)."""
+    word = word.lower()
+    rows = [
+        (path, env, _short(default), type_name.replace(" \\| ", " | "))
+        for path, env, default, type_name in _settings(SidecarConfig, [])
+        if word in path.lower() or word in env.lower()
+    ]
     return "\n".join(
-        f"  {path:38} {env:44} {default!r}"
-        for path, env, default, _ in _settings(SidecarConfig, [])
+        f"{path:40} {env:46} {default}" + (f"  ({type_name})" if "'" in type_name else "")
+        for path, env, default, type_name in rows
     )
 
 

@@ -1,7 +1,8 @@
 """JSON Schema files for the wire contracts, generated from the msgspec Structs.
 
-``sidecar schemas --write`` regenerates ``schemas/*.json``; ``sidecar schemas --check`` (and a
-test) fails when a file is stale, so the published contracts never drift from the code.
+``sidecar schemas --write`` regenerates ``schemas/*.json`` (``sidecar/_schemas``, shipped as
+package data; the top-level ``schemas`` is a link to it); ``sidecar schemas`` (and a test) fails
+when a file is stale, so the published contracts never drift from the code.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ def render(struct: type[msgspec.Struct]) -> bytes:
 
 
 def default_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "schemas"
+    """The schema files shipped in the package (``sidecar/_schemas``, package data, so an
+    installed wheel has them); the repository's top-level ``schemas/`` is a link to it."""
+    return Path(__file__).resolve().parent / "_schemas"
 
 
 def write(directory: Path) -> list[Path]:

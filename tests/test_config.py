@@ -9,6 +9,14 @@ from sidecar.errors import ConfigError
 from sidecar.routing import Mode
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "sidecar.toml"
+MINIMAL = """
+[models.champion]
+name = "m"
+version = "1.0.0"
+target = "sidecar.examples.fraud:champion"
+features = [{ name = "amount" }]
+
+"""
 
 
 def test_the_example_config_loads() -> None:
@@ -78,3 +86,115 @@ def test_the_readme_configuration_reference_is_current() -> None:
 def test_a_request_timeout_shorter_than_the_session_is_refused() -> None:
     with pytest.raises(ConfigError, match="must exceed"):
         load_config(EXAMPLE, env={"SIDECAR_KAFKA__REQUEST_TIMEOUT_MS": "5000"})
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"SIDECAR_ROLLOUT__CANARY_SHARE": "5"},
+            "environment variable SIDECAR_ROLLOUT__CANARY_SHARE: `rollout.canary_share` is not "
+            "a setting; did you mean SIDECAR_ROLLOUT__CANARY_SHARE_BP?",
+        ),
+        (
+            {"SIDECAR_KAFKA__BOOTSTRAP_SERVER": "k:9092"},
+            "did you mean SIDECAR_KAFKA__BOOTSTRAP_SERVERS?",
+        ),
+        (
+            {"SIDECAR_MODELZ__CHAMPION__NAME": "m"},
+            "environment variable SIDECAR_MODELZ__CHAMPION__NAME: there is no section 'modelz'; "
+            "did you mean SIDECAR_MODELS__...?",
+        ),
+        (
+            {"SIDECAR_MODELS__CHAMPION__NAME__X": "m"},
+            "models.champion.name is a single setting, not a table; did you mean "
+            "SIDECAR_MODELS__CHAMPION__NAME?",
+        ),
+        (
+            {"SIDECAR_ROLLOUT__MODE": "yolo"},
+            "environment variable SIDECAR_ROLLOUT__MODE: `rollout.mode` = 'yolo' is not one of "
+            "'shadow', 'canary', 'promoted', 'rolled_back'",
+        ),
+        (
+            {"SIDECAR_PIPELINE__MAX_BATCH": "0"},
+            "environment variable SIDECAR_PIPELINE__MAX_BATCH: `pipeline.max_batch`: Expected "
+            "`int` >= 1",
+        ),
+        (
+            {"SIDECAR_MODELS__CHAMPION__FEATURES": '[{"name": "amount", "typ": "number"}]'},
+            "environment variable SIDECAR_MODELS__CHAMPION__FEATURES: unknown setting "
+            "`models.champion.features[0].typ`; did you mean `models.champion.features[0].type`?",
+        ),
+        (
+            {"SIDECAR_AGGREGATE__RULES": '[{"name": "r"}]'},
+            "missing required setting `aggregate.rules[0].figure`",
+        ),
+    ],
+)
+def test_environment_errors_name_the_variable_and_suggest_the_right_one(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(EXAMPLE, env=env)
+    assert message in str(info.value)
+    assert str(EXAMPLE) not in str(info.value), "an environment error blamed the file"
+
+
+def test_environment_paths_that_are_settings_are_accepted() -> None:
+    cfg = load_config(
+        EXAMPLE,
+        env={
+            "SIDECAR_MODELS__CANDIDATE__TIMEOUT_MS": "7",  # inside an optional table
+            "SIDECAR_MODELS__CHAMPION__OPTIONS__SEED": "3",  # inside a free-form table
+            "SIDECAR_MODELS__CHAMPION__BREAKER__ENABLED": "true",
+        },
+    )
+    assert cfg.models.candidate is not None and cfg.models.candidate.timeout_ms == 7
+    assert cfg.models.champion.options == {"seed": "3"}
+    assert cfg.models.champion.breaker.enabled
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        (
+            "[rollout]\ncanary_share = 5\n",
+            ": unknown setting `rollout.canary_share`; did you mean `rollout.canary_share_bp`?",
+        ),
+        (
+            "[rolout]\nmode = 'shadow'\n",
+            ": unknown setting `rolout`; did you mean `rollout`?",
+        ),
+        (
+            "[kafka]\nacks = 'most'\n",
+            ": `kafka.acks` = 'most' is not one of '0', '1', 'all'",
+        ),
+        (
+            "[kafka]\nzzz = 1\n",
+            "unknown setting `kafka.zzz` (known here: bootstrap_servers, group_id,",
+        ),
+    ],
+)
+def test_file_errors_suggest_the_closest_key_and_list_choices(
+    tmp_path: Path, toml: str, message: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(MINIMAL + toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value).startswith(str(path))
+    assert message in str(info.value)
+
+
+def test_no_config_at_all_says_how_to_give_one() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env={})
+    assert "no configuration given: pass --config FILE" in str(info.value)
+    assert "Object missing" not in str(info.value)
+
+
+def test_a_file_without_models_names_the_missing_setting(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[kafka]\ngroup_id = 'g'\n")
+    with pytest.raises(ConfigError, match=r"missing required setting `models`"):
+        load_config(path, env={})

@@ -133,6 +133,15 @@ def test_prometheus_scrapes_every_service_on_its_metrics_port(services: dict[str
     assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prom_svc["volumes"]
 
 
+def test_prometheus_loads_the_alert_rules(services: dict[str, Any]) -> None:
+    prom = load_yaml("prometheus.yml")
+    mounts = dict(v.split(":")[:2] for v in services["prometheus"]["volumes"])
+    for rule_file in prom["rule_files"]:
+        source = next(src for src, dst in mounts.items() if dst == rule_file)
+        assert (DOCKER / source).resolve() == (DOCKER.parent / "deploy/prometheus/alerts.yml")
+        assert yaml.safe_load((DOCKER / source).read_text())["groups"]
+
+
 def _series_names() -> set[str]:
     """Every series name our code exports: counters as ``_total``, histograms as ``_bucket``,
     ``_sum``, ``_count`` (read from the real registries, not from a list kept by hand)."""
@@ -175,7 +184,7 @@ def test_grafana_is_provisioned_with_a_dashboard_of_real_metrics() -> None:
         "sidecar_records_consumed_total",
         "sidecar_decisions_total",
         "sidecar_dead_letters_total",
-        "sidecar_model_batch_latency_ms_bucket",
+        "sidecar_model_batch_latency_seconds_bucket",
         "sidecar_policy_epoch",
         "sidecar_policy_mode",
         "sidecar_candidate_share_bp",

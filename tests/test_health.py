@@ -78,8 +78,11 @@ def test_a_stale_snapshot_fails_readiness_then_liveness() -> None:
 
 def test_partitions_check_explains_an_idle_member() -> None:
     assert not assignment_check(None, "req", None).ok
-    idle = assignment_check(0, "req", 3)
-    assert not idle.ok and "more members than req has 3 partitions" in idle.detail
+    joining = assignment_check(0, "req", 3)
+    assert not joining.ok and "joining the consumer group" in joining.detail
+    standby = assignment_check(0, "req", 3, joined=True)
+    assert standby.ok and standby.detail.startswith("standby:")
+    assert "more members than req has 3 partitions" in standby.detail
     good = assignment_check(2, "req", 6)
     assert good == Check("partitions", True, "2 partitions of req assigned")
 
@@ -182,3 +185,27 @@ def test_serve_with_port_zero_is_off() -> None:
     from sidecar.metrics import SidecarMetrics
 
     assert SidecarMetrics().serve(0) is None
+
+
+@pytest.mark.parametrize("component", ["sidecar", "aggregator"])
+def test_metrics_carry_process_gc_and_readiness_series(component: str) -> None:
+    from sidecar.aggregate.metrics import AggregateMetrics
+    from sidecar.metrics import SidecarMetrics
+
+    metrics = SidecarMetrics() if component == "sidecar" else AggregateMetrics()
+    health = HealthState(component)
+    server = metrics.serve(free_port(), "127.0.0.1", health=health)
+    assert server is not None
+    try:
+        health.publish(SERVING, [*OK, Check("control", False, "not replayed")])
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    finally:
+        server.close()
+    for series in ("process_cpu_seconds_total", "process_resident_memory_bytes", "python_info"):
+        assert f"\n{series}" in text, series
+    assert 'python_gc_collections_total{generation="0"}' in text
+    assert f'sidecar_ready{{component="{component}"}} 0.0' in text
+    assert f'sidecar_readiness_check{{check="control",component="{component}"}} 0.0' in text
+    assert f'sidecar_readiness_check{{check="broker",component="{component}"}} 1.0' in text
+    assert "_ms_" not in text and "_ms{" not in text, "latency and time metrics are in seconds"

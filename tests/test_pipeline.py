@@ -104,6 +104,7 @@ async def test_templated_outputs_are_what_msgspec_encodes_for_the_struct() -> No
     st.lists(st.text(min_size=1, max_size=30), min_size=1, max_size=20, unique=True),
     st.lists(st.one_of(st.none(), st.text(max_size=20)), min_size=20, max_size=20),
 )
+@pytest.mark.slow
 async def test_arbitrary_ids_and_keys_survive_encoding(
     ids: list[str], keys: list[str | None]
 ) -> None:

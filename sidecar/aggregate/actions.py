@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..control.commands import ControlCommand
+from ..timefmt import utc_window
 from .guards import GuardEvent
 from .stats import Figure
 
@@ -46,7 +47,7 @@ def command_reason(event: GuardEvent, comparisons_topic: str) -> str:
     head = (
         f"guard {rule.name}: {rule.figure}={event.value:.4g} {rule.comparison} "
         f"{rule.threshold:g} over {max(event.consecutive_windows, 1)} window(s); "
-        f"window [{event.window_start_ms},{event.window_end_ms}) ms"
+        f"window {utc_window(event.window_start_ms, event.window_end_ms)}"
     )
     spans = ",".join(f"{o.partition}@{o.first}-{o.last}" for o in event.offsets)
     parts = [head, f"evidence {comparisons_topic}[{spans}]"]

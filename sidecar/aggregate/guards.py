@@ -13,6 +13,7 @@ from typing import Literal
 
 import msgspec
 
+from ..timefmt import utc_window
 from .report import FIGURES, OffsetRange, WindowReport, figure_of
 from .stats import Figure
 
@@ -244,8 +245,9 @@ class GuardEngine:
         limit = rule.threshold if kind == "fired" else rule.clear
         reason = (
             f"{rule.name}: {rule.figure}.{rule.bound}={x:.6g} {word} "
-            f"({rule.comparison} {limit:g}) over window [{report.window_start_ms}, "
-            f"{report.window_end_ms}) with {report.counts.records} pairs"
+            f"({rule.comparison} {limit:g}) over window "
+            f"{utc_window(report.window_start_ms, report.window_end_ms)} with "
+            f"{report.counts.records} pairs"
         )
         return GuardEvent(
             kind=kind,

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from ..health import ReadinessCollector
+from ..metrics import standard_collectors
 from .guards import GuardEngine, GuardEvent
 from .report import FIGURES, WindowReport
 
@@ -17,8 +19,10 @@ if TYPE_CHECKING:
 
 class AggregateMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        self.registry = registry or standard_collectors(CollectorRegistry())
         r = self.registry
+        self.readiness = ReadinessCollector("aggregator")
+        r.register(self.readiness)
         self.figure = Gauge(
             "sidecar_aggregate_figure",
             "Latest closed window's figure (decision-rate ratio, PSI, JS, KS, error rates, "
@@ -27,8 +31,8 @@ class AggregateMetrics:
             registry=r,
         )
         self.window_end = Gauge(
-            "sidecar_aggregate_window_end_ms",
-            "Event-time end of the latest closed window",
+            "sidecar_aggregate_window_end_timestamp_seconds",
+            "Event-time end of the latest closed window (Unix time)",
             ["rollout"],
             registry=r,
         )
@@ -84,12 +88,19 @@ class AggregateMetrics:
         )
 
     def serve(
-        self, port: int, host: str = "0.0.0.0", health: HealthState | None = None
+        self, port: int, host: str = "127.0.0.1", health: HealthState | None = None
     ) -> HealthServer | None:
         """``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (0: off)."""
         from ..health import HealthState, serve
 
-        return serve(self.registry, health or HealthState("aggregator"), port, host)
+        self.readiness.health = health = health or HealthState("aggregator")
+        return serve(
+            self.registry,
+            health,
+            port,
+            host,
+            setting="aggregate.metrics_port",
+        )
 
     def observe_report(self, report: WindowReport, guards: GuardEngine) -> None:
         rollout = report.rollout
@@ -97,7 +108,7 @@ class AggregateMetrics:
             fig = get(report)
             value = fig.value if fig.ok and fig.value is not None else math.nan
             self.figure.labels(rollout, name).set(value)
-        self.window_end.labels(rollout).set(report.window_end_ms)
+        self.window_end.labels(rollout).set(report.window_end_ms / 1000)
         self.window_records.labels(rollout).set(report.counts.records)
         self.reports.labels(rollout).inc()
         if report.closed_by == "capacity":

@@ -39,6 +39,7 @@ from ..kafka import (
     stop_quietly,
     topic_partitions,
 )
+from ..timefmt import humanise
 from ..untrusted import decoded_or_none, printable
 from .commands import (
     Action,
@@ -424,7 +425,8 @@ def _history_line(ts: int, cmd: ControlCommand | None, outcome: Outcome) -> str:
     )
     return (
         f"  {_when(ts)}  {cmd.action:8} {args + ' ' if args else ''}[{cmd.command_id}] by "
-        f"{cmd.issued_by} ({cmd.key_id or 'unsigned'}): {cmd.reason!r}  {_outcome_text(outcome)}"
+        f"{cmd.issued_by} ({cmd.key_id or 'unsigned'}): {humanise(cmd.reason)!r}  "
+        f"{_outcome_text(outcome)}"
     )
 
 
@@ -492,14 +494,23 @@ _MUTATING: dict[str, tuple[str, str]] = {
 }
 
 
-def _common(parser: argparse.ArgumentParser, mutating: bool) -> None:
+def _where(parser: argparse.ArgumentParser, default: Any) -> None:
+    """``--config`` and ``--rollout``. Both are accepted before the action (``sidecar ctl
+    --config X status``) and after it: the action's parser has ``default`` SUPPRESS so that,
+    when they are not repeated there, the values given before the action are kept."""
     parser.add_argument(
         "--config",
-        default=os.environ.get("SIDECAR_CONFIG"),
+        default=os.environ.get("SIDECAR_CONFIG") if default is None else default,
         help="the sidecars' TOML config (default $SIDECAR_CONFIG); settings may also come "
         "from SIDECAR_* environment variables",
     )
-    parser.add_argument("--rollout", help="rollout name (default: rollout.name of the config)")
+    parser.add_argument(
+        "--rollout", default=default, help="rollout name (default: rollout.name of the config)"
+    )
+
+
+def _common(parser: argparse.ArgumentParser, mutating: bool) -> None:
+    _where(parser, argparse.SUPPRESS)
     if not mutating:
         return
     parser.add_argument(
@@ -527,11 +538,13 @@ def add_ctl_parser(sub: Any) -> None:
     ctl = sub.add_parser(
         "ctl",
         help="steer every sidecar instance: status, canary, ramp, promote, rollback, ...",
+        usage="sidecar ctl [--config FILE] ACTION [options]",
         description="Operator commands on the control topic. Each command is signed with your "
         "key (control.keys_file or $SIDECAR_CONTROL_KEYS), published, and applied by every "
         "instance; ctl waits until every live instance reports it. Exit codes: 0 applied, "
         "1 rejected or error, 2 timed out.",
     )
+    _where(ctl, None)
     ctl.set_defaults(func=cmd_ctl, ctl_command=None)
     actions = ctl.add_subparsers(dest="ctl_command", metavar="ACTION")
     p = actions.add_parser(

@@ -404,7 +404,9 @@ class Demo:
         self.acts = acts(opts.scenario, cal)
         keyring = Keyring.from_file(keys_file)
         wall_start = time.time_ns() // 1_000_000
-        broker = EmbeddedBroker(port=opts.broker_port, log_path=opts.out_dir / "broker.log")
+        broker = EmbeddedBroker(
+            port=opts.broker_port, log_path=opts.out_dir / "broker.log", port_flag="--broker-port"
+        )
         await asyncio.to_thread(broker.start)
         tasks: list[asyncio.Task[Any]] = []
         results: list[ActResult] = []

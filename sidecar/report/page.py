@@ -17,6 +17,7 @@ import msgspec
 from ..aggregate.guards import GuardRule
 from ..aggregate.report import WindowReport, figure_of
 from ..control.commands import format_ramp_plan
+from ..timefmt import humanise
 from .model import (
     CommandEntry,
     Point,
@@ -38,6 +39,19 @@ from .model import (
 from .svg import PALETTE, Band, Chart, HLine, Marker, Series, fmt_time, render
 
 CHAMPION, CANDIDATE = PALETTE[0], PALETTE[1]
+#: Line styles of the percentiles: p50 dotted, p95 dashed, p99 solid (and thicker: the
+#: figure the latency guard watches). The legend draws the same strokes.
+DOTTED, DASHED = "1 3", "5 3"
+#: Each latency line its own colour: the champion's percentiles in blues, the candidate's in
+#: oranges (light to dark from p50 to p99), so neither colour nor dash alone tells them apart.
+LATENCY_COLORS = {
+    ("champion", "p50"): "#56B4E9",
+    ("champion", "p95"): "#0072B2",
+    ("champion", "p99"): "#003B5C",
+    ("candidate", "p50"): "#E69F00",
+    ("candidate", "p95"): "#D55E00",
+    ("candidate", "p99"): "#8A3A00",
+}
 ACTION_COLORS = {
     "rollback": "#D55E00",
     "pause": "#CC79A7",
@@ -149,15 +163,15 @@ def build_charts(rec: Recording) -> list[Chart]:
         )
     )
     latency: list[Series] = []
-    for arm, color in (("champion", CHAMPION), ("candidate", CANDIDATE)):
-        for q, dash in (("p50", "1 3"), ("p95", "5 3"), ("p99", None)):
+    for arm in ("champion", "candidate"):
+        for q, dash in (("p50", DOTTED), ("p95", DASHED), ("p99", None)):
             latency.append(
                 Series(
                     f"{arm} {q}",
                     _fig(reports, spans, named_path(f"{arm}.latency.{q}")),
-                    color,
+                    LATENCY_COLORS[arm, q],
                     dash=dash,
-                    width=2.0 if q == "p99" else 1.4,
+                    width=2.0 if q == "p99" else 1.6,
                     dots=q == "p99",
                 )
             )
@@ -189,13 +203,13 @@ def build_charts(rec: Recording) -> list[Chart]:
                     "only candidate flags",
                     _fig(reports, spans, _cell("champion_no_candidate_yes")),
                     CANDIDATE,
-                    dash="5 3",
+                    dash=DASHED,
                 ),
                 Series(
                     "only champion flags",
                     _fig(reports, spans, _cell("champion_yes_candidate_no")),
                     CHAMPION,
-                    dash="5 3",
+                    dash=DASHED,
                 ),
             ],
             y_format="{:.2%}",
@@ -276,7 +290,9 @@ def _args(e: CommandEntry) -> str:
 
 
 def _marker_label(e: CommandEntry) -> str:
-    return f"{e.command.action} by {e.command.issued_by}: {e.command.reason} [{e.outcome}]"
+    return (
+        f"{e.command.action} by {e.command.issued_by}: {humanise(e.command.reason)} [{e.outcome}]"
+    )
 
 
 def markers_of(timeline: Sequence[CommandEntry]) -> list[Marker]:
@@ -345,8 +361,7 @@ section.plot{background:#fff;border:1px solid #e2e2e2;border-radius:6px;padding:
 margin:14px 0}
 section.plot h2{margin:0 0 4px;font-size:16px}
 .legend{display:flex;flex-wrap:wrap;gap:14px;font-size:12.5px;color:#333;margin:4px 0}
-.legend span::before{content:"";display:inline-block;width:18px;height:3px;margin-right:5px;
-vertical-align:middle;background:var(--c)}
+.legend span{display:inline-flex;align-items:center;gap:5px}
 .note{color:#666;font-size:12.5px;margin:2px 0 0}
 svg .grid{stroke:#ececec} svg .frame{fill:none;stroke:#bbb}
 svg text{font:11px system-ui,sans-serif;fill:#555} svg .axis-label{font-size:12px;fill:#333}
@@ -380,11 +395,27 @@ document.documentElement.setAttribute('data-report-check','charts='+charts.lengt
 """
 
 
+def _swatch(color: str, dash: str | None, width: float) -> str:
+    """A legend sample drawn with the line's own stroke: colour, dash pattern and width."""
+    dashed = f' stroke-dasharray="{dash}"' if dash else ""
+    return (
+        '<svg class="swatch" width="26" height="10" viewBox="0 0 26 10" aria-hidden="true">'
+        f'<line x1="1" y1="5" x2="25" y2="5" stroke="{color}" stroke-width="{width:g}"'
+        f"{dashed}/></svg>"
+    )
+
+
 def _legend(chart: Chart) -> str:
     items = [
-        f'<span style="--c:{s.color}">{escape(s.name)}</span>' for s in chart.series if s.has_data
+        f'<span data-dash="{s.dash or "solid"}">{_swatch(s.color, s.dash, s.width)}'
+        f"{escape(s.name)}</span>"
+        for s in chart.series
+        if s.has_data
     ]
-    items += [f'<span style="--c:{h.color}">{escape(h.label)}</span>' for h in chart.hlines]
+    items += [
+        f'<span data-dash="{h.dash}">{_swatch(h.color, h.dash, 1.5)}{escape(h.label)}</span>'
+        for h in chart.hlines
+    ]
     return f'<div class="legend">{"".join(items)}</div>'
 
 
@@ -444,7 +475,7 @@ def _evidence_html(ev: Evidence) -> str:
         f"of rollout {escape(cmd.rollout)} by the aggregator at {_when(e.ts_ms)}</h3>"
         f"<p>{rule_text} {escape(applied)}; the rollout is now <b>{escape(e.mode)}</b> "
         f"(epoch {e.epoch}).</p>"
-        f"<p>Reason on the signed command: <code>{escape(cmd.reason)}</code></p>"
+        f"<p>Reason on the signed command: <code>{escape(humanise(cmd.reason))}</code></p>"
         f"<table><tr><th>figure</th>{head}</tr>{''.join(rows)}</table>"
         f'<p class="note">Evidence: comparison records {escape(offsets)}. Command '
         f"<code>{escape(cmd.command_id)}</code>, key <code>{escape(cmd.key_id or 'unsigned')}"
@@ -461,7 +492,7 @@ def _command_rows(timeline: Sequence[CommandEntry]) -> str:
         rows.append(
             f'<tr class="{cls}"><td class="num">{i}</td><td>{fmt_time(e.ts_ms)}</td>'
             f"<td>{escape(c.rollout)}</td><td><b>{escape(c.action)}</b> {escape(_args(e))}</td>"
-            f"<td>{escape(c.issued_by)}</td><td>{escape(c.reason)}</td>"
+            f"<td>{escape(c.issued_by)}</td><td>{escape(humanise(c.reason))}</td>"
             f"<td>{escape(e.outcome)}"
             f"{'<br>by ' + escape(', '.join(e.applied_by)) if e.applied_by and e.applied else ''}"
             "</td>"

@@ -108,3 +108,30 @@ def test_the_sidecar_keyring_fails_closed_without_keys() -> None:
     with pytest.raises(ConfigError, match="SIDECAR_CONTROL_KEYS"):
         load_keyring(cfg.control, required=True, environ={})
     assert configured_state(cfg).epoch == 0
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_config_and_rollout_go_before_or_after_the_action(
+    where: str, config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    opts = ["--config", str(config_file), "--rollout", "r1"]
+    argv = ["ctl", *opts, "rollback"] if where == "before" else ["ctl", "rollback", *opts]
+    args = build_parser().parse_args(argv)
+    assert (args.config, args.rollout, args.ctl_command) == (str(config_file), "r1", "rollback")
+    # The config given before the action is the one loaded (it has two keys: --key-id needed).
+    assert main([*argv, "--reason", "r"]) == 1
+    assert "choose one with --key-id" in capsys.readouterr().err
+
+
+def test_an_option_after_the_action_wins_over_the_same_one_before(config_file: Path) -> None:
+    args = build_parser().parse_args(
+        ["ctl", "--config", "first.toml", "status", "--config", str(config_file)]
+    )
+    assert args.config == str(config_file)
+
+
+def test_sidecar_config_from_the_environment_is_the_default(
+    monkeypatch: pytest.MonkeyPatch, config_file: Path
+) -> None:
+    monkeypatch.setenv("SIDECAR_CONFIG", str(config_file))
+    assert build_parser().parse_args(["ctl", "history"]).config == str(config_file)

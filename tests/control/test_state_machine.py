@@ -731,6 +731,7 @@ def _check_invariants(s: RolloutState) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(ops=ops_st)
+@pytest.mark.slow
 def test_random_histories(ops: list[tuple[Any, ...]]) -> None:
     state = initial_state("r1", now_ms=T0)
     t = T0

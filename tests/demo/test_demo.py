@@ -79,6 +79,7 @@ def test_demo_cli_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> Non
 
 @pytest.mark.broker
 @pytest.mark.timeout(150)
+@pytest.mark.slow
 async def test_quick_flags_demo_tells_the_whole_story(tmp_path: Path) -> None:
     out = io.StringIO()
     result = await run_demo(

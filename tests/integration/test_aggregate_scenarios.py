@@ -330,6 +330,7 @@ def _time_to_rollback(o: Outcome, rollout: str, cmd: ControlCommand, t_read: flo
     return line
 
 
+@pytest.mark.slow
 def test_flag_rate_doubling_rolls_back_within_two_windows_while_in_shadow(o: Outcome) -> None:
     cmds = _commands_for(o, "flags-2x")
     rollbacks = [(t, c) for t, c in cmds if c.action == "rollback"]

@@ -81,6 +81,7 @@ async def run_until(service: AggregatorService, reports: int) -> None:
 
 
 @pytest.mark.parametrize("decode_processes", [0, 1], ids=["in-loop", "helper"])
+@pytest.mark.slow
 async def test_restart_rebuilds_the_open_window_from_committed_offsets(
     bootstrap: str, decode_processes: int
 ) -> None:

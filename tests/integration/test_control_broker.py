@@ -92,6 +92,7 @@ async def audits(cfg: SidecarConfig, idle_s: float = 1.0) -> list[AuditRecord]:
     return list(decode_values(records, AuditRecord))
 
 
+@pytest.mark.slow
 async def test_canary_then_rollback_reaches_every_instance_and_routing_follows_epochs(
     bootstrap: str, tmp_path: Path
 ) -> None:
@@ -284,6 +285,7 @@ async def test_ctl_status_shows_every_instance_and_the_last_commands(
         assert "champion  fraud-lr 1.4.0" in out and "breaker off" in out  # the models' health
 
 
+@pytest.mark.slow
 async def test_a_ramp_advances_through_signed_advances_once_per_step(
     bootstrap: str, tmp_path: Path
 ) -> None:

@@ -231,6 +231,7 @@ def _spawn(config_path: Path) -> subprocess.Popen[bytes]:
     )
 
 
+@pytest.mark.slow
 async def test_sigterm_drains_commits_and_exits_zero(bootstrap: str, tmp_path: Path) -> None:
     cfg = make_config(bootstrap)
     await create_topics(cfg)
@@ -255,6 +256,7 @@ async def test_sigterm_drains_commits_and_exits_zero(bootstrap: str, tmp_path: P
     assert again.processed == 0
 
 
+@pytest.mark.slow
 async def test_sigkill_mid_stream_loses_nothing(bootstrap: str, tmp_path: Path) -> None:
     # A champion that takes 40 ms a batch keeps the sidecar behind the producer, so the kill
     # lands while records are consumed, scored and unacknowledged.
@@ -301,6 +303,7 @@ async def test_sigkill_mid_stream_loses_nothing(bootstrap: str, tmp_path: Path) 
     assert proc.returncode == 0, out.decode()[-2000:]
 
 
+@pytest.mark.slow
 async def test_a_broker_that_appears_late_is_waited_for(tmp_path: Path) -> None:
     port = free_port()
     cfg = make_config(f"127.0.0.1:{port}")
@@ -318,6 +321,7 @@ async def test_a_broker_that_appears_late_is_waited_for(tmp_path: Path) -> None:
         assert len(decisions) == 100
 
 
+@pytest.mark.slow
 async def test_two_instances_share_the_work_and_survive_one_leaving(bootstrap: str) -> None:
     cfg = make_config(bootstrap, partitions=4, pipeline={"max_batch": 200})
     await create_topics(cfg)
@@ -337,6 +341,7 @@ async def test_two_instances_share_the_work_and_survive_one_leaving(bootstrap: s
     assert ids == {f"req-{i}" for i in range(n)}
 
 
+@pytest.mark.slow
 async def test_backpressure_bounds_the_records_in_flight(tmp_path: Path) -> None:
     """Freeze the broker (SIGSTOP) while the consumer holds prefetched records: no
     acknowledgement can arrive. aiokafka's producer itself stops accepting batches after about
@@ -381,10 +386,11 @@ async def test_metrics_are_served_over_http(bootstrap: str) -> None:
     assert 'sidecar_records_consumed_total{topic="' + cfg.topics.requests + '"} 501.0' in body
     assert 'sidecar_dead_letters_total{kind="decode"} 1.0' in body
     assert 'sidecar_comparisons_total{rollout="fraud-v2"} 500.0' in body
-    assert "sidecar_model_batch_latency_ms_bucket" in body
+    assert "sidecar_model_batch_latency_seconds_bucket" in body
     assert 'sidecar_policy_mode{mode="canary",rollout="fraud-v2"} 1.0' in body
 
 
+@pytest.mark.slow
 async def test_a_broker_outage_mid_stream_is_retried_and_loses_nothing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -218,6 +218,7 @@ def test_cli_contract_check_passes_a_good_config(
 
 
 @pytest.mark.broker
+@pytest.mark.slow
 async def test_digests_and_strict_validation_through_the_broker(bootstrap: str) -> None:
     cfg = gated_config(
         bootstrap,

@@ -35,6 +35,7 @@ def http_model(url: str, **kw: Any) -> ModelConfig:
     )
 
 
+@pytest.mark.slow
 async def test_scores_equal_the_trained_models_probabilities(
     mlserver: MLServer, mlserver_model: tuple[Path, np.ndarray]
 ) -> None:
@@ -47,6 +48,7 @@ async def test_scores_equal_the_trained_models_probabilities(
     await model.aclose()
 
 
+@pytest.mark.slow
 async def test_failures_are_data(mlserver: MLServer) -> None:
     probe = np.zeros((5, len(CHAMPION_FEATURES)))
     wrong = load_model(

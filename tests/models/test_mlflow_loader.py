@@ -160,6 +160,7 @@ async def _run(cfg: Any, n: int, start_id: int, seed: int) -> None:
 
 
 @pytest.mark.broker
+@pytest.mark.slow
 async def test_mlflow_champion_end_to_end_and_alias_move(bootstrap: str, registry: str) -> None:
     """Decisions carry the semantic version and the digest of the resolved registry version;
     after the alias moves, a restarted sidecar serves the new version."""

@@ -87,6 +87,7 @@ def test_a_factory_that_fails_in_the_worker_fails_the_load() -> None:
 
 
 @pytest.mark.broker
+@pytest.mark.slow
 async def test_process_candidate_end_to_end_with_a_crash(bootstrap: str, tmp_path: Path) -> None:
     cfg = make_config(
         bootstrap,

@@ -192,3 +192,39 @@ def test_renders_in_headless_chromium(rec: Recording, tmp_path: Path) -> None:
 def test_meta_is_plain_json(rec: Recording) -> None:
     msgspec.json.encode(rec.meta)  # what the demo put there stays serialisable
     assert rec.meta["rules"] and rec.meta["initial"][BAD] == {"mode": "shadow"}
+
+
+def test_legend_swatches_are_drawn_like_their_lines(rec: Recording) -> None:
+    page = render_page(rec)
+    for chart in build_charts(rec):
+        section = page[page.index(f'id="plot-{chart.key}"') :]
+        legend = section[: section.index("</div>")]
+        swatches = re.findall(
+            r'<span data-dash="([^"]+)"><svg class="swatch"[^>]*><line [^>]*'
+            r'stroke="([^"]+)" stroke-width="([^"]+)"( stroke-dasharray="([^"]+)")?/></svg>'
+            r"([^<]+)</span>",
+            legend,
+        )
+        by_name = {name: (color, dash or None) for _, color, _, _, dash, name in swatches}
+        for series in chart.series:
+            assert by_name[series.name] == (series.color, series.dash), (chart.key, series.name)
+    latency = next(c for c in build_charts(rec) if c.key == "latency")
+    assert len({s.color for s in latency.series}) == len(latency.series) == 6, "distinct colours"
+    dashes = {s.name.split()[-1]: s.dash for s in latency.series}
+    assert (
+        dashes["p99"] is None
+        and dashes["p50"] != dashes["p95"]
+        and None
+        not in (
+            dashes["p50"],
+            dashes["p95"],
+        )
+    )
+
+
+def test_windows_in_command_reasons_are_utc_times(rec: Recording) -> None:
+    rollback = next(e for e in command_timeline(rec) if e.command.action == "rollback")
+    assert re.search(r"\[\d{13},\d{13}\) ms", rollback.command.reason), "recorded raw"
+    page = render_page(rec)
+    assert not re.search(r"\d{13},\s*\d{13}", page), "a raw epoch-ms window on the page"
+    assert "window 2026-11-25 23:02:30-23:02:32 UTC" in page

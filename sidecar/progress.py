@@ -1,0 +1,156 @@
+"""A progress line every few seconds while ``sidecar run`` serves, and the consumer-lag gauge.
+
+Between "partitions assigned" and Ctrl-C the sidecar would otherwise say nothing. Every
+``logging.progress_interval_s`` seconds (default 10) one INFO line reads, e.g.::
+
+    progress: 1,998 records/s, lag 412, 3 dead letters (+0), mode canary 10%, epoch 4,
+    3 partitions, 0 in flight, 120,000 records in all
+
+:func:`summary` is pure (two :class:`Sample` s -> the line); :func:`sample` reads a running
+:class:`~sidecar.runner.Sidecar` without changing it, and :func:`watch_progress` is the task
+``sidecar run`` starts beside it. Lag is the high watermark of the consumer's last fetch minus
+its position, summed over the assigned partitions of the requests topic: no extra request to
+the broker. It also sets ``sidecar_consumer_lag_records`` (for alerts), every
+:data:`SAMPLE_EVERY_S` seconds even when the log line is off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import Counter
+
+if TYPE_CHECKING:
+    from .runner import Sidecar
+
+log = logging.getLogger("sidecar.progress")
+
+#: How often the lag gauge is refreshed (the log line may be rarer).
+SAMPLE_EVERY_S = 5.0
+#: Longest wait for one partition's position (it is known once a fetch was made).
+_POSITION_TIMEOUT_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    #: ``time.monotonic()`` when taken.
+    at: float
+    processed: int
+    dead_letters: int
+    #: None while unknown (nothing fetched yet on some assigned partition).
+    lag: int | None
+    mode: str
+    share_bp: int
+    epoch: int
+    partitions: int
+    in_flight: int
+
+
+def summary(previous: Sample | None, current: Sample) -> str:
+    """The progress line: rates over the time since ``previous`` (or none yet)."""
+    elapsed = current.at - previous.at if previous is not None else 0.0
+    if previous is not None and elapsed > 0:
+        rate = f"{(current.processed - previous.processed) / elapsed:,.0f} records/s"
+        new_dead = current.dead_letters - previous.dead_letters
+    else:
+        rate, new_dead = "starting", current.dead_letters
+    lag = "lag unknown" if current.lag is None else f"lag {current.lag:,}"
+    mode = current.mode
+    if mode == "canary":
+        mode += f" {current.share_bp / 100:g}%"
+    return (
+        f"progress: {rate}, {lag}, {current.dead_letters:,} dead letters (+{new_dead:,}), "
+        f"mode {mode}, epoch {current.epoch}, {current.partitions} partitions, "
+        f"{current.in_flight:,} in flight, {current.processed:,} records in all"
+    )
+
+
+def counter_total(counter: Counter) -> int:
+    """Sum of a (labelled) counter over all its label values."""
+    return int(
+        sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
+    )
+
+
+async def consumer_lag(consumer: Any, topic: str) -> tuple[int | None, int]:
+    """(records behind on the assigned partitions of ``topic`` or None, partitions)."""
+    if consumer is None:
+        return None, 0
+    assigned = [tp for tp in consumer.assignment() if tp.topic == topic]
+    total = 0
+    for tp in assigned:
+        highwater = consumer.highwater(tp)
+        try:
+            position = await asyncio.wait_for(consumer.position(tp), _POSITION_TIMEOUT_S)
+        except Exception:  # not fetched yet, or revoked meanwhile: unknown, never fatal
+            return None, len(assigned)
+        if highwater is None:
+            return None, len(assigned)
+        total += max(0, highwater - position)
+    return total, len(assigned)
+
+
+async def sample(sidecar: Sidecar, clock: Any = time.monotonic) -> Sample:
+    topic = sidecar.config.topics.requests
+    lag, partitions = await consumer_lag(sidecar.consumer, topic)
+    if lag is not None:
+        sidecar.metrics.consumer_lag.labels(topic).set(lag)
+    policy = sidecar.policy.current
+    return Sample(
+        at=clock(),
+        processed=sidecar.processed,
+        dead_letters=counter_total(sidecar.metrics.dead_letters),
+        lag=lag,
+        mode=policy.mode.value,
+        share_bp=policy.candidate_share_bp,
+        epoch=policy.epoch,
+        partitions=partitions,
+        in_flight=sidecar.in_flight_records,
+    )
+
+
+async def watch_progress(sidecar: Sidecar, interval_s: float) -> None:
+    """Until cancelled: refresh the lag gauge and log :func:`summary` every ``interval_s``
+    (0: no log line) once the sidecar serves."""
+    await sidecar.ready.wait()
+    every = min(SAMPLE_EVERY_S, interval_s) if interval_s > 0 else SAMPLE_EVERY_S
+    previous = await sample(sidecar)
+    while not sidecar.stopping:
+        await asyncio.sleep(every)
+        try:
+            current = await sample(sidecar)
+        except Exception:  # a bug here must never take the sidecar down
+            log.exception("progress: sampling failed")
+            continue
+        if interval_s > 0 and current.at - previous.at >= interval_s - 1e-3:
+            log.info("%s", summary(previous, current))
+            previous = current
+
+
+@contextlib.asynccontextmanager
+async def progress_task(sidecar: Sidecar, interval_s: float) -> AsyncIterator[asyncio.Task[None]]:
+    """Run :func:`watch_progress` beside the body of the ``async with``."""
+    task = asyncio.create_task(watch_progress(sidecar, interval_s), name="progress")
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+__all__ = [
+    "Sample",
+    "consumer_lag",
+    "counter_total",
+    "progress_task",
+    "sample",
+    "summary",
+    "watch_progress",
+]

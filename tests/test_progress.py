@@ -1,0 +1,44 @@
+"""The progress line of ``sidecar run`` (pure parts; the broker test is in
+tests/integration/test_progress_broker.py)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter
+
+from sidecar.progress import Sample, counter_total, summary
+
+
+def sample(at: float, processed: int, dead: int = 0, lag: int | None = 0, **kw: object) -> Sample:
+    base: dict[str, object] = {
+        "mode": "shadow",
+        "share_bp": 0,
+        "epoch": 0,
+        "partitions": 3,
+        "in_flight": 0,
+    }
+    base.update(kw)
+    return Sample(at, processed, dead, lag, **base)  # type: ignore[arg-type]
+
+
+def test_the_line_has_rate_lag_dead_letters_mode_and_epoch() -> None:
+    line = summary(
+        sample(100.0, 1_000, dead=2),
+        sample(110.0, 21_000, dead=5, lag=1_234, mode="canary", share_bp=1_050, epoch=4),
+    )
+    assert line == (
+        "progress: 2,000 records/s, lag 1,234, 5 dead letters (+3), mode canary 10.5%, "
+        "epoch 4, 3 partitions, 0 in flight, 21,000 records in all"
+    )
+
+
+def test_the_first_line_and_an_unknown_lag_say_so() -> None:
+    line = summary(None, sample(0.0, 0, lag=None))
+    assert line.startswith("progress: starting, lag unknown, 0 dead letters (+0), mode shadow,")
+
+
+def test_counter_total_adds_every_label() -> None:
+    counter = Counter("x", "x", ["kind"], registry=CollectorRegistry())
+    assert counter_total(counter) == 0
+    counter.labels("a").inc(2)
+    counter.labels("b").inc(3)
+    assert counter_total(counter) == 5

@@ -140,6 +140,7 @@ def produce_external(
     return [w for w in where if w is not None]
 
 
+@pytest.mark.slow
 async def test_a_poison_corpus_neither_crashes_nor_stalls_nor_stops_rollback(
     bootstrap: str, tmp_path: Path
 ) -> None:

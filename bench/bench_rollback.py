@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -82,13 +81,18 @@ async def _read_decisions(bootstrap: str, topic: str, idle_s: float = 3.0) -> li
         await consumer.stop()
 
 
-async def _wait_for_instances(cfg: Any, keyring: Any, count: int, timeout_s: float) -> None:
-    from sidecar.control.ctl import load_view
+async def _wait_for_instances(cfg: Any, trust: Any, count: int, timeout_s: float) -> None:
+    from sidecar.control.client import load_view
 
     deadline = time.monotonic() + timeout_s
+    live: list[Any] = []
     while time.monotonic() < deadline:
-        view = await load_view(cfg, keyring)
-        live = [s for s in view.instances if view.now_ms - s.ts_ms <= view.stale_ms]
+        view = await load_view(cfg, trust)
+        live = [
+            b
+            for b in view.instances
+            if b.verified and view.now_ms - b.status.ts_ms <= view.stale_ms
+        ]
         if len(live) >= count:
             return
         await asyncio.sleep(0.5)
@@ -98,22 +102,29 @@ async def _wait_for_instances(cfg: Any, keyring: Any, count: int, timeout_s: flo
 async def bench(args: argparse.Namespace, bootstrap: str, workdir: Path) -> None:
     from kafka_helpers import create_topics, make_config, write_toml
 
-    from sidecar.control import Keyring
-    from sidecar.control.ctl import EXIT_OK, build_command, issue
+    from sidecar.control import SigningKey, TrustStore
+    from sidecar.control.client import EXIT_OK, build_command, issue
+    from sidecar.control.keys import write_key_set
     from sidecar.kafka import ensure_control_topics
 
-    secret = secrets.token_hex(32)
-    keyring = Keyring.parse(f"bench:{secret}")
+    keys = write_key_set(workdir / "keys", "bench")
+    trust = TrustStore.from_file(keys.trust_file)
+    operator = SigningKey.from_file(keys.operator)
     cfg = make_config(
         bootstrap,
         partitions=6,
         rollout={"mode": "shadow", "canary_share_bp": 0},
-        control={"key_id": "bench", "heartbeat_interval_s": 1.0},
+        control={
+            "trust_file": str(keys.trust_file),
+            "signing_key_file": str(keys.sidecar),
+            "heartbeat_interval_s": 1.0,
+            "allow_create_time": True,
+        },
     )
     await ensure_control_topics(cfg)
     await create_topics(cfg)
     toml = write_toml(cfg, workdir / "sidecar.toml")
-    env = {**os.environ, "SIDECAR_CONTROL_KEYS": f"bench:{secret}", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cli = [sys.executable, "-m", "sidecar.cli"]
     logs = open(workdir / "processes.log", "ab")  # noqa: SIM115 - closed in finally
     sidecars = [
@@ -131,14 +142,14 @@ async def bench(args: argparse.Namespace, bootstrap: str, workdir: Path) -> None
     )
     trials: list[tuple[float, int, int]] = []  # (ctl wait s, rollback record ts, rollback epoch)
     try:
-        await _wait_for_instances(cfg, keyring, args.instances, 60)
+        await _wait_for_instances(cfg, trust, args.instances, 60)
         await asyncio.sleep(args.warmup)
         for i in range(args.trials):
             canary = await issue(
                 cfg,
-                build_command("canary", cfg.rollout.name, issued_by="bench", share_bp=5000),
-                keyring=keyring,
-                key_id="bench",
+                build_command("canary", cfg.rollout.name, share_bp=5000),
+                key=operator,
+                trust=trust,
                 timeout_s=10,
             )
             if canary.code != EXIT_OK:
@@ -146,11 +157,9 @@ async def bench(args: argparse.Namespace, bootstrap: str, workdir: Path) -> None
             await asyncio.sleep(args.dwell)
             rollback = await issue(
                 cfg,
-                build_command(
-                    "rollback", cfg.rollout.name, issued_by="bench", reason=f"bench trial {i}"
-                ),
-                keyring=keyring,
-                key_id="bench",
+                build_command("rollback", cfg.rollout.name, reason=f"bench trial {i}"),
+                key=operator,
+                trust=trust,
                 timeout_s=10,
             )
             if rollback.code != EXIT_OK or rollback.epoch is None:

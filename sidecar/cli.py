@@ -48,6 +48,11 @@ def cmd_broker(args: argparse.Namespace) -> int:
                 ensure_config_topics(msgspec.structs.replace(cfg, kafka=kafka_cfg))
             )
             print(f"topics created: {', '.join(created) or 'none (all existed)'}", flush=True)
+        print(
+            "note: this broker keeps producer-chosen record times, so configs that use it "
+            "need control.allow_create_time = true (README: Control-plane security)",
+            flush=True,
+        )
         print("Ctrl-C stops it.", flush=True)
         _wait_for_signal(broker)
     return 0
@@ -80,10 +85,15 @@ def _maybe_embedded(args: argparse.Namespace, cfg: SidecarConfig) -> Iterator[Si
     from .broker import EmbeddedBroker
 
     with EmbeddedBroker(port=args.broker_port, port_flag="--broker-port") as broker:
-        log.info("started the embedded broker on %s", broker.bootstrap_servers)
+        log.info(
+            "started the embedded broker on %s (it keeps producer-chosen record times, so "
+            "control.allow_create_time is on)",
+            broker.bootstrap_servers,
+        )
         yield msgspec.structs.replace(
             cfg,
             kafka=msgspec.structs.replace(cfg.kafka, bootstrap_servers=broker.bootstrap_servers),
+            control=msgspec.structs.replace(cfg.control, allow_create_time=True),
         )
 
 
@@ -276,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_schemas)
 
-    from .control.ctl import add_ctl_parser
+    from .control.cli import add_ctl_parser
 
     add_ctl_parser(sub)
     p = sub.add_parser(

@@ -239,11 +239,13 @@ class ControlSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """
 
     enabled: bool = True
-    #: Key file (``key_id=hexsecret`` per line); when unset the keys come from ``keys_env``.
-    keys_file: str | None = None
-    keys_env: str = "SIDECAR_CONTROL_KEYS"
-    #: Key this instance signs its ramp ``advance`` commands with (unset: it never advances).
-    key_id: str | None = None
+    #: Trust file: the public keys that may sign commands, their roles and validity (TOML,
+    #: see ``sidecar ctl keygen``). Unset: every command is refused (fail closed).
+    trust_file: str | None = None
+    #: This instance's private key (role ``sidecar``): signs its ramp ``advance`` commands,
+    #: heartbeats and audit records. Unset: it never advances a ramp, and ``sidecar ctl`` shows
+    #: its heartbeats as unverified (and cannot wait for it).
+    signing_key_file: str | None = None
     #: Heartbeats (InstanceStatus), keyed by instance id. Default: ``<topics.control>.status``.
     status_topic: str | None = None
     #: Outcome of every control record on every instance. Default: ``<topics.control>.audit``.
@@ -256,6 +258,19 @@ class ControlSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     min_promoted_age_s: Annotated[float, Meta(ge=0)] = 3600.0
     #: ``false`` only for local demos: unsigned commands are then applied.
     require_signature: bool = True
+    #: Judge freshness and key validity by a record time its producer chose (CreateTime).
+    #: Leave false in production and create the control topic with
+    #: ``message.timestamp.type=LogAppendTime`` (``sidecar broker`` and ``--create-topics``
+    #: do); the embedded broker (Tansu) keeps CreateTime whatever the topic says, so its
+    #: configs set this to true. Replays and epochs still protect it (see the README).
+    allow_create_time: bool = False
+    #: When a ramp may advance, besides hold and samples: ``none``, ``no_stop`` (unless the
+    #: latest guard verdict of the epoch says stop) or ``verdict`` (only with a go verdict on
+    #: a window that ended after the step started).
+    ramp_gate: Literal["none", "no_stop", "verdict"] = "no_stop"
+    #: ``quality``: promotion needs the latest verdict of the epoch to pass the quality gate
+    #: (published by the outcomes stage); ``none``: no such condition.
+    promote_gate: Literal["none", "quality"] = "none"
     #: Longest a fetch of the control topic waits; bounds rollback propagation latency.
     fetch_max_wait_ms: Annotated[int, Meta(ge=1, le=1000)] = 20
 

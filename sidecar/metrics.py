@@ -124,6 +124,13 @@ class SidecarMetrics:
         self.produce_retries = Counter(
             "sidecar_produce_retries", "Output batches sent again after a failure", registry=r
         )
+        self.champion_fallbacks = Counter(
+            "sidecar_champion_fallbacks",
+            "Records the policy gave the champion but the candidate decided, because the "
+            "champion failed (rollout.champion_failure = fallback_candidate)",
+            ["rollout"],
+            registry=r,
+        )
         self.model_health = Gauge(
             "sidecar_model_health",
             "Circuit breaker of a model: 0 closed (healthy), 1 half-open (probing), 2 open",
@@ -168,6 +175,8 @@ class SidecarMetrics:
         self.consumed.labels(topic).inc(consumed)
         self.batch_size.observe(consumed)
         rollout = result.policy.rollout if result.policy else ""
+        if result.champion_fallbacks:
+            self.champion_fallbacks.labels(rollout).inc(result.champion_fallbacks)
         for label, n in result.decided_by.items():
             arm = "champion" if label == "default" else label
             if arm not in names:

@@ -98,6 +98,9 @@ class BatchResult:
     slow_path: int = 0
     #: Values outside a manifest's allowed range, per (arm, feature).
     out_of_range: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Records the policy gave the champion but the candidate decided, because the champion
+    #: failed (``rollout.champion_failure = "fallback_candidate"``).
+    champion_fallbacks: int = 0
 
     def extend(self, other: BatchResult) -> None:
         """Append ``other``'s outputs (a later part of the same batch) and counts. The
@@ -117,6 +120,7 @@ class BatchResult:
         self.champion = self.champion or other.champion
         self.candidate = self.candidate or other.candidate
         self.slow_path += other.slow_path
+        self.champion_fallbacks += other.champion_fallbacks
 
 
 def _add_counts(counts: dict[K, int], more: dict[K, int]) -> None:
@@ -551,6 +555,9 @@ class Pipeline:
             out.keys.extend(key_bytes)
             out.values.extend(dec_values)  # type: ignore[arg-type]
             out.headers.extend(dec_headers)  # type: ignore[arg-type]
+        result.champion_fallbacks = int(
+            np.count_nonzero((choice == _CANDIDATE) & ~candidate_decides)
+        )
         counts = result.decided_by
         for c, count in zip(*np.unique(choice, return_counts=True), strict=True):
             if int(c) != _DEAD_LETTER:

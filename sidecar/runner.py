@@ -130,6 +130,9 @@ class Sidecar:
         #: Readiness snapshot served on ``/readyz`` (see ``sidecar.health``).
         self.health = HealthState("sidecar")
         self.processed = 0
+        #: Champion decisions the candidate made because the champion failed (heartbeats
+        #: and ``ctl status`` show it: a degrading champion must not go unnoticed).
+        self.champion_fallbacks = 0
 
     @property
     def stopping(self) -> bool:
@@ -315,6 +318,7 @@ class Sidecar:
             self.metrics.in_flight.set(self._in_flight_records)
             self.metrics.observe_batch(topics.requests, len(records), result, self._names)
             self.processed += len(records)
+            self.champion_fallbacks += result.champion_fallbacks
             self._changed.set()
 
     def _output(self, result: BatchResult, topic: str) -> TopicOutput:

@@ -58,6 +58,8 @@ def make_config(bootstrap: str, partitions: int = 3, **sections: dict[str, Any])
         },
         "metrics": {"port": 0},
         "pipeline": {"drain_timeout_s": 20},
+        # The embedded broker (Tansu) keeps producer-chosen record times on the control topic.
+        "control": {"allow_create_time": True},
     }
     for section, values in sections.items():
         node = tree.setdefault(section, {})

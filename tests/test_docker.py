@@ -94,8 +94,12 @@ def test_sidecar_and_aggregator_services(services: dict[str, Any]) -> None:
         assert f":{port}/" in " ".join(svc["healthcheck"]["test"])
         assert str(port) in svc["expose"]
         assert svc["depends_on"]["topics"]["condition"] == "service_completed_successfully"
-        keys = svc["environment"]["SIDECAR_CONTROL_KEYS"]
-        assert keys.startswith("${SIDECAR_CONTROL_KEYS:?"), "keys only from the environment"
+        # Public keys for both; each service mounts only its own private key (git-ignored).
+        mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in svc["volumes"])
+        assert mounts["./keys/trust.toml"] == cfg.control.trust_file
+        own = "./keys/sidecar.key" if svc is sidecar else "./keys/guard.key"
+        assert mounts[own] == cfg.control.signing_key_file == cfg.aggregate.signing_key_file
+        assert sum(src.endswith(".key") for src in mounts) == 1
         assert "container_name" not in svc
     assert aggregator["environment"]["SIDECAR_HEALTH_PORT"] == str(cfg.aggregate.metrics_port)
     for name in ("prometheus", "grafana"):
@@ -105,7 +109,7 @@ def test_sidecar_and_aggregator_services(services: dict[str, Any]) -> None:
 def test_no_secret_is_committed() -> None:
     text = (DOCKER / "compose.yaml").read_text() + (DOCKER / ".env.example").read_text()
     assert not re.search(r"[0-9a-fA-F]{32,}", text), "a hex secret in docker/"
-    assert ".env" in (DOCKER / ".gitignore").read_text().split()
+    assert {".env", "keys/"} <= set((DOCKER / ".gitignore").read_text().split())
 
 
 def test_dockerfile() -> None:

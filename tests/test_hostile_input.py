@@ -26,15 +26,11 @@ from records import Rec
 from sidecar.aggregate.aggregator import WindowManager
 from sidecar.aggregate.ingest import ingest
 from sidecar.contracts import MAX_EPOCH_MS, DeadLetter, Decision
-from sidecar.control.commands import Keyring
-from sidecar.control.ctl import _history_line
-from sidecar.control.state_machine import (
-    Applied,
-    audit_record,
-    initial_state,
-    process_record,
-    replay,
-)
+from sidecar.control import ControlCommand, ControlRecord, SigningKey, TrustStore, sign_command
+from sidecar.control.client import HistoryEntry
+from sidecar.control.format import history_line
+from sidecar.control.records import audit_record
+from sidecar.control.state_machine import Applied, initial_state, process_record, replay
 from sidecar.examples import fraud
 from sidecar.kafka import UNREADABLE_HEADER, Unreadable, unreadable_of
 from sidecar.models import load_model
@@ -352,7 +348,8 @@ async def test_an_output_too_large_for_its_topic_is_dead_lettered_not_sent() -> 
 
 # --------------------------------------------------------------------------- control
 
-KEYRING = Keyring.parse(f"k1={'5e' * 32}")
+KEY = SigningKey.generate("k1", "operator")
+TRUST = TrustStore([KEY.trusted()])
 
 
 def valid_command(i: int) -> dict[str, Any]:
@@ -361,11 +358,12 @@ def valid_command(i: int) -> dict[str, Any]:
         "rollout": "fraud-v2",
         "action": "canary",
         "args": {"share_bp": 500 + i},
-        "issued_by": "op",
+        "issued_by": "k1",
         "reason": "fuzz",
         "issued_at_ms": 1_700_000_000_000,
+        "expected_epoch": 0,
         "key_id": "k1",
-        "signature": "00" * 32,
+        "signature": "A" * 86,
     }
 
 
@@ -374,16 +372,17 @@ def valid_command(i: int) -> dict[str, Any]:
 def test_no_control_record_escapes_processing_or_replay(data: st.DataObject) -> None:
     state = initial_state("fraud-v2", mode=Mode.SHADOW)
     raws = [data.draw(hostile_json(valid_command(i))) for i in range(data.draw(st.integers(1, 5)))]
-    outcomes = []
-    for raw in raws:
-        outcome = process_record(state, raw, 1_700_000_000_500, keyring=KEYRING)
+    records = [ControlRecord(raw, 1_700_000_000_500) for raw in raws]
+    for record in records:
+        outcome = process_record(state, record, trust=TRUST)
         assert not isinstance(outcome, Applied)  # none of them carries a valid signature
-        outcomes.append(outcome)
-        record = audit_record(outcome, instance_id="i-1", applied_at_ms=1)
-        assert msgspec.json.decode(msgspec.json.encode(record)) is not None
-        line = printable(_history_line(1_700_000_000_000, outcome.command, outcome))
+        audit = audit_record(outcome, instance_id="i-1", applied_at_ms=1)
+        assert msgspec.json.decode(msgspec.json.encode(audit)) is not None
+        command = getattr(outcome, "command", None)
+        entry = HistoryEntry(1_700_000_000_000, 0, command, outcome)
+        line = printable(history_line(entry))
         assert "\n" not in line and "\x1b" not in line
-    final, replayed = replay([(r, 1_700_000_000_500) for r in raws], initial=state, keyring=KEYRING)
+    final, replayed = replay(records, initial=state, trust=TRUST)
     assert final == state and len(replayed) == len(raws)
 
 
@@ -397,17 +396,13 @@ def test_signed_hostile_commands_never_raise(data: st.DataObject) -> None:
     path = data.draw(st.sampled_from(paths(doc)))
     set_path(doc, list(path), data.draw(json_values))
     try:
-        cmd = msgspec.json.decode(
-            ENC.encode(doc),
-            type=__import__("sidecar.control.commands", fromlist=["ControlCommand"]).ControlCommand,
-        )
+        cmd = msgspec.json.decode(ENC.encode(doc), type=ControlCommand)
     except msgspec.ValidationError:
         return
-    signed = KEYRING.sign(cmd, "k1") if cmd.key_id == "k1" else cmd
+    signed = sign_command(cmd, KEY)
     state = initial_state("fraud-v2", mode=Mode.SHADOW)
-    outcome = process_record(
-        state, msgspec.json.encode(signed), signed.issued_at_ms, keyring=KEYRING
-    )
+    record = ControlRecord(msgspec.json.encode(signed), signed.issued_at_ms)
+    outcome = process_record(state, record, trust=TRUST)
     audit_record(outcome, instance_id="i", applied_at_ms=0)
 
 

@@ -117,7 +117,10 @@ def test_the_configmap_is_a_valid_config_listening_beyond_loopback() -> None:
     cfg = config()
     assert cfg.metrics.host == "0.0.0.0", "probes and Prometheus reach the pod IP"
     assert cfg.kafka.acks == "all" and cfg.topics.replication_factor >= 3
-    assert cfg.control.keys_env == "SIDECAR_CONTROL_KEYS" and not cfg.control.keys_file
+    assert cfg.control.trust_file == "/etc/sidecar/trust.toml"
+    assert cfg.control.signing_key_file == cfg.aggregate.signing_key_file
+    assert cfg.control.signing_key_file == "/etc/sidecar-keys/signing.key"
+    assert not cfg.control.allow_create_time  # a real Kafka cluster keeps append times
 
 
 def container(name: str) -> dict[str, Any]:
@@ -151,11 +154,21 @@ def test_deployments_probe_the_health_endpoints_on_the_configured_port(
     assert ports == {"metrics": port_of(cfg)}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
-    # The control keys come only from the Secret; every SIDECAR_*__* variable is a setting.
+    # The pod's private key comes only from its own Secret, mounted where the config says;
+    # every SIDECAR_*__* variable is a setting.
     env = {e["name"]: e for e in c["env"]}
-    ref = env["SIDECAR_CONTROL_KEYS"]["valueFrom"]["secretKeyRef"]
-    assert ref == {"name": "sidecar-control-keys", "key": "SIDECAR_CONTROL_KEYS"}
     apply_env({}, {k: str(v.get("value", "x")) for k, v in env.items()})
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    key_file = cfg.control.signing_key_file if command == "run" else cfg.aggregate.signing_key_file
+    assert key_file is not None and key_file.startswith(mounts["signing-key"] + "/")
+    secret = volumes["signing-key"]["secret"]
+    assert secret["secretName"] == {"run": "sidecar-signing-key"}.get(
+        command, "aggregator-signing-key"
+    )
+    assert secret["defaultMode"] == 0o400
+    assert cfg.control.trust_file is not None
+    assert cfg.control.trust_file.startswith(mounts["config"] + "/")
     security = pod["spec"]["securityContext"]
     assert security["runAsNonRoot"] and security["runAsUser"] != 0
     # SIGTERM drains for up to pipeline.drain_timeout_s before the kubelet kills the pod.
@@ -163,13 +176,16 @@ def test_deployments_probe_the_health_endpoints_on_the_configured_port(
         assert pod["spec"]["terminationGracePeriodSeconds"] > cfg.pipeline.drain_timeout_s
 
 
-def test_the_secret_holds_placeholders_only() -> None:
+def test_the_secrets_hold_placeholders_only_and_the_trust_file_parses() -> None:
     import re
+    import tomllib
 
-    secret = one("Secret", "sidecar-control-keys")
-    value = secret["stringData"]["SIDECAR_CONTROL_KEYS"]
-    assert "REPLACE_WITH" in value
-    assert not re.search(r"[0-9a-fA-F]{32,}", (K8S / "secret.yaml").read_text())
+    for name, role in (("sidecar-signing-key", "sidecar"), ("aggregator-signing-key", "guard")):
+        key_file = tomllib.loads(one("Secret", name)["stringData"]["signing.key"])
+        assert key_file["role"] == role and "REPLACE_WITH" in key_file["private_key"]
+    assert not re.search(r"[A-Za-z0-9+/]{40,}", (K8S / "secret.yaml").read_text())
+    trust = tomllib.loads(one("ConfigMap", "sidecar-config")["data"]["trust.toml"])
+    assert {k["role"] for k in trust["keys"]} == {"operator", "guard", "sidecar"}
 
 
 def test_the_disruption_budget_covers_the_sidecar_pods() -> None:

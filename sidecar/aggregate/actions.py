@@ -31,6 +31,12 @@ _EVIDENCE_FIGURES = (
 )
 
 
+def is_guard_command(cmd: ControlCommand) -> bool:
+    """Whether ``cmd`` came from a guard (its id says so; ``issued_by`` names the key's
+    holder, whatever a deployment calls it)."""
+    return cmd.command_id.startswith("guard:")
+
+
 def command_id(event: GuardEvent) -> str:
     """Deterministic per (rollout, rule, breaching window): a replay or restart that fires the
     same breach again yields the same id, which the control plane ignores as a duplicate."""
@@ -97,4 +103,5 @@ __all__ = [
     "command_reason",
     "commit_points",
     "guard_command",
+    "is_guard_command",
 ]

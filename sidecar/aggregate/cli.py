@@ -72,9 +72,8 @@ def add_aggregate_parsers(sub: Any) -> None:
         help="window the comparisons, publish reports, and roll a bad candidate back",
         description="Consume the comparisons topic in a consumer group (aggregate.group_id), "
         "close event-time windows into reports on aggregate.reports_topic, evaluate the guard "
-        "rules, and publish signed rollback/pause commands to the control topic (keys from "
-        "control.keys_file or $SIDECAR_CONTROL_KEYS, key id aggregate.key_id or "
-        "control.key_id). Prometheus on aggregate.metrics_port.",
+        "rules, and publish rollback/pause commands to the control topic, signed with the key "
+        "of role guard in aggregate.signing_key_file. Prometheus on aggregate.metrics_port.",
     )
     p.add_argument("--config", help="TOML config file (settings may also come from the env)")
     p.add_argument(

@@ -41,7 +41,8 @@ from aiokafka.errors import KafkaError
 
 from ..config import SidecarConfig
 from ..contracts import DeadLetterKind
-from ..control.commands import ControlCommand, Keyring, encode_command
+from ..control.commands import ControlCommand, encode_command, sign_command
+from ..control.keys import SigningKey
 from ..dead_letters import DeadLetterWriter, keep_bytes
 from ..errors import ConfigError
 from ..health import HealthState, watch_aggregator
@@ -76,29 +77,29 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def signing_key(cfg: SidecarConfig, keyring: Keyring | None) -> tuple[Keyring | None, str | None]:
-    """The keyring and key id commands are signed with; None when nothing needs signing.
+def signing_key(cfg: SidecarConfig, key: SigningKey | None) -> SigningKey | None:
+    """The key guard commands are signed with; None when nothing needs signing.
 
-    Raises ConfigError (saying what to set) when a rule can issue commands but no key is usable.
+    Raises ConfigError (saying what to set) when a rule can issue commands but no key of
+    role ``guard`` is usable.
     """
     settings = cfg.aggregate
     if settings.dry_run or not any(r.action in COMMAND_ACTIONS for r in settings.rules):
-        return keyring, None
-    if keyring is None:
-        from ..control.plane import load_keyring
-
-        keyring = load_keyring(cfg.control, required=True)
-    key_id = settings.key_id or cfg.control.key_id
-    if key_id is None:
+        return key
+    if key is None:
+        if not settings.signing_key_file:
+            raise ConfigError(
+                "the aggregator signs rollback/pause commands: set aggregate.signing_key_file "
+                "to a key of role guard (`sidecar ctl keygen --role guard`), or set "
+                "aggregate.dry_run = true"
+            )
+        key = SigningKey.from_file(settings.signing_key_file)
+    if key.role not in ("guard", "operator"):
         raise ConfigError(
-            "the aggregator signs rollback/pause commands: set aggregate.key_id (or "
-            "control.key_id) to one of the control keys, or set aggregate.dry_run = true"
+            f"aggregate.signing_key_file holds a key of role {key.role}; guard commands need "
+            "role guard"
         )
-    if key_id not in keyring:
-        raise ConfigError(
-            f"aggregate key id {key_id!r} is not among the control keys {list(keyring.key_ids)}"
-        )
-    return keyring, key_id
+    return key
 
 
 async def _until_either(main: Awaitable[None], other: asyncio.Task[None] | None) -> None:
@@ -144,14 +145,14 @@ class AggregatorService:
         self,
         config: SidecarConfig,
         *,
-        keyring: Keyring | None = None,
+        key: SigningKey | None = None,
         metrics: AggregateMetrics | None = None,
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self.config = config
         self.settings = config.aggregate
         self.dry_run = self.settings.dry_run
-        self.keyring, self.key_id = signing_key(config, keyring)
+        self.key = signing_key(config, key)
         self.guards = GuardEngine(self.settings.rules)
         #: Shared rollouts (comparisons keyed by routing key): windows close into per-partition
         #: partials for the merge stage instead of reports (see ``partials``).
@@ -575,8 +576,8 @@ class AggregatorService:
             )
             self.commands.append(cmd)
             return []
-        assert self.keyring is not None and self.key_id is not None
-        signed = self.keyring.sign(cmd, self.key_id)
+        assert self.key is not None
+        signed = sign_command(cmd, self.key)
         from ..control.plane import CONTROL_PARTITION
 
         self.commands.append(signed)

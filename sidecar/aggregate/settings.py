@@ -26,8 +26,9 @@ class AggregateSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     group_id: str = "sidecar-aggregator"
     #: Log what would be published (reports, commands) and publish nothing.
     dry_run: bool = False
-    #: Key id the aggregator signs its commands with; unset: ``control.key_id``.
-    key_id: str | None = None
+    #: The aggregator's private key (role ``guard``): signs rollback, pause and verdict
+    #: commands (``sidecar ctl keygen --role guard``). Needed unless ``dry_run``.
+    signing_key_file: str | None = None
     #: Prometheus port of ``sidecar aggregate`` (0 disables); host is ``metrics.host``.
     metrics_port: Annotated[int, Meta(ge=0, le=65535)] = 9101
     #: When set, late comparison records (their window already closed) are copied here as-is.

@@ -1,36 +1,43 @@
-"""Control commands: the wire format, their HMAC signatures, and the checks done before the
-state machine sees them.
+"""Control commands: the wire format, their Ed25519 signatures, and the checks done before
+the state machine sees them.
 
-A command is JSON on the control topic. Its signature is a hex HMAC-SHA256 over its
-*canonical bytes* (see :func:`canonical_bytes`), keyed by one of several secrets held in a
-:class:`Keyring` so that keys can be rotated without downtime.
+A command is JSON on the control topic. Its ``signature`` is an Ed25519 signature (base64url)
+over :data:`SIGNATURE_DOMAIN` + its *canonical bytes* (:func:`canonical_bytes`), by the key
+``key_id`` of the trust file (:mod:`sidecar.control.keys`), which also says whether that key's
+role may sign the action, and when the key is valid.
 
-Every check here is a pure function of the command, the keyring and a ``now_ms``. The Kafka
-layer passes the **record timestamp** as ``now_ms`` (live and on replay alike), so every
-instance reaches the same verdict on the same record, however late it reads it.
+Every check here is a pure function of the command, the trust store and the record's time.
+The Kafka layer passes the broker's append time of the record (live and on replay alike), so
+every instance reaches the same verdict on the same record, however late it reads it.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
 import math
-import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
 
-from ..errors import ConfigError, SidecarError
+from ..errors import SidecarError
 from ..hashing import BUCKETS
 from ..untrusted import error_text
+from .keys import Refusal, SigningKey, TrustStore
 
 Action = Literal[
-    "shadow", "canary", "ramp", "promote", "rollback", "pause", "resume", "retire", "advance"
+    "shadow",
+    "canary",
+    "ramp",
+    "promote",
+    "rollback",
+    "pause",
+    "resume",
+    "retire",
+    "advance",
+    "verdict",
 ]
 ACTIONS: tuple[Action, ...] = (
     "shadow",
@@ -42,20 +49,14 @@ ACTIONS: tuple[Action, ...] = (
     "resume",
     "retire",
     "advance",
+    "verdict",
 )
 
-#: Prefix of the HMAC input: a signature made for anything else can never verify here.
-SIGNATURE_DOMAIN = b"sidecar-control-v1\n"
+#: Prefix of the signed bytes: a signature made for anything else never verifies here.
+SIGNATURE_DOMAIN = b"sidecar-control-v2\n"
 #: Commands bigger than this are rejected before decoding.
 MAX_COMMAND_BYTES = 64 * 1024
-#: Env variable read by :meth:`Keyring.from_env`.
-KEYS_ENV_VAR = "SIDECAR_CONTROL_KEYS"
-#: Secrets shorter than this (bytes) are refused: HMAC is only as strong as its key.
-MIN_SECRET_BYTES = 16
 MAX_RAMP_STEPS = 64
-
-_KEY_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_HEX_SIG_RE = re.compile(r"^[0-9a-f]{64}$")
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -70,6 +71,18 @@ class RampStep(msgspec.Struct, frozen=True, kw_only=True):
     min_samples: int
 
 
+class Verdict(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A guard's judgement of the rollout at its current epoch, from the windows it has seen:
+    may a ramp move on (``guards_ok``), and is the candidate good enough to promote
+    (``quality_ok``; None while nothing is known about quality)."""
+
+    guards_ok: bool
+    quality_ok: bool | None = None
+    #: End of the newest window (event time) the verdict is based on.
+    window_end_ms: NonNegInt
+    detail: Annotated[str, msgspec.Meta(max_length=256)] = ""
+
+
 class CommandArgs(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Action arguments. Each action accepts only the fields it uses (see STATES.md)."""
 
@@ -78,10 +91,12 @@ class CommandArgs(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     score_shadow_arm: bool | None = None
     #: ``advance`` only: compared records the issuer counted in the current step (audited).
     samples: int | None = None
+    #: ``verdict`` only.
+    verdict: Verdict | None = None
 
 
 class ControlCommand(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One operator (or sidecar-issued ``advance``) command.
+    """One command of an operator, a guard, or a sidecar (``advance``).
 
     ``omit_defaults`` keeps ``None`` fields off the wire *and* out of the canonical bytes, so
     adding an optional field in a later version leaves old signatures valid.
@@ -91,18 +106,20 @@ class ControlCommand(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     rollout: NonEmpty
     action: Action
     args: CommandArgs = CommandArgs()
+    #: The signing key's holder (its principal, else its id): bound, checked on verification.
     issued_by: NonEmpty
     reason: NonEmpty
     issued_at_ms: NonNegInt
-    #: Compare-and-set: applied only while the rollout is at exactly this epoch.
+    #: The epoch the issuer saw: the command applies only while the rollout is at exactly
+    #: this epoch. Required for every action but ``rollback`` (always safe to apply).
     expected_epoch: NonNegInt | None = None
     key_id: str | None = None
-    #: Lower-case hex HMAC-SHA256 over :func:`canonical_bytes`.
+    #: Ed25519 over ``SIGNATURE_DOMAIN`` + :func:`canonical_bytes`, unpadded base64url.
     signature: str | None = None
 
 
 class RejectReason(enum.StrEnum):
-    """Why a command was not applied; the value is the code written to the audit topic."""
+    """Why a control record was not applied; the value is the code on the audit topic."""
 
     OVERSIZE = "oversize"
     MALFORMED = "malformed"  # not JSON
@@ -110,9 +127,21 @@ class RejectReason(enum.StrEnum):
     UNSIGNED = "unsigned"
     UNKNOWN_KEY = "unknown_key"
     BAD_SIGNATURE = "bad_signature"
+    KEY_NOT_YET_VALID = "key_not_yet_valid"
+    KEY_EXPIRED = "key_expired"
+    KEY_REVOKED = "key_revoked"
+    #: The key's role (or its ``actions``) does not allow the action.
+    ROLE = "role"
+    #: ``issued_by`` is not the principal of the signing key.
+    BAD_ISSUER = "bad_issuer"
+    #: The record's time was chosen by its producer (CreateTime) and the control plane is
+    #: configured to trust only the broker's append time.
+    UNTRUSTED_TIME = "untrusted_time"
     STALE = "stale"
     FUTURE = "future"
     OTHER_ROLLOUT = "other_rollout"
+    #: This command id was seen before (and refused then): a command applies once or never.
+    REPLAYED = "replayed"
     RETIRED = "retired"
     EPOCH_CONFLICT = "epoch_conflict"
     INVALID_ARGS = "invalid_args"
@@ -120,15 +149,35 @@ class RejectReason(enum.StrEnum):
     NO_CANDIDATE = "no_candidate"
     TOO_EARLY = "too_early"
     NO_CHANGE = "no_change"
+    #: A record carrying the start-up barrier header and a value (barriers have none).
+    BARRIER = "barrier"
     #: Processing the record raised an unexpected error (a bug; the detail names it).
     UNPROCESSABLE = "unprocessable"
     #: The Kafka client could not parse the record (see ``sidecar.kafka.unreadable``).
     UNREADABLE = "unreadable"
 
 
+#: Rejections after which the command counts as *seen*: it was authentic, so its id may never
+#: apply later (a replay of a refused command must stay refused).
+AUTHENTIC_REJECTIONS = frozenset(
+    {
+        RejectReason.STALE,
+        RejectReason.FUTURE,
+        RejectReason.RETIRED,
+        RejectReason.EPOCH_CONFLICT,
+        RejectReason.INVALID_ARGS,
+        RejectReason.ILLEGAL_TRANSITION,
+        RejectReason.NO_CANDIDATE,
+        RejectReason.TOO_EARLY,
+        RejectReason.NO_CHANGE,
+        RejectReason.REPLAYED,
+    }
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Rejected:
-    """Outcome: the command was refused; the state is unchanged."""
+    """Outcome: the record was refused; the state is unchanged."""
 
     reason: RejectReason
     detail: str
@@ -143,16 +192,12 @@ class Duplicate:
 
 
 class CommandRejected(SidecarError):
-    """Raised by :meth:`Keyring.verify` and :func:`check_fresh`; carries the audit code."""
+    """Raised by :func:`check_fresh`; carries the audit code."""
 
     def __init__(self, reason: RejectReason, detail: str) -> None:
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail
-
-
-class KeyringError(ConfigError):
-    """The control keys could not be loaded; the message never contains a secret."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,135 +249,35 @@ def decode_command(raw: bytes) -> ControlCommand | Rejected:
         return Rejected(RejectReason.MALFORMED, error_text(exc))
 
 
-# --------------------------------------------------------------------------- keyring
+# --------------------------------------------------------------------------- signatures
 
 
-class Keyring:
-    """HMAC keys by id; several ids are valid at once so keys rotate without downtime.
+def sign_command(cmd: ControlCommand, key: SigningKey) -> ControlCommand:
+    """``cmd`` (normalised) signed by ``key``; ``issued_by`` becomes the key's holder (its
+    principal, else its id): verifiers insist on it."""
+    with_key = _normalise(
+        msgspec.structs.replace(cmd, key_id=key.id, issued_by=key.holder, signature=None)
+    )
+    signature = key.sign(SIGNATURE_DOMAIN + canonical_bytes(with_key))
+    return msgspec.structs.replace(with_key, signature=signature)
 
-    Rotation: add the new key everywhere, switch signers to it, and drop the old key only once
-    no command signed with it remains on the control topic (replay must still verify it).
-    Secrets never appear in ``repr``/``str`` or in any error message.
-    """
 
-    __slots__ = ("_keys",)
-
-    def __init__(self, keys: Mapping[str, bytes]) -> None:
-        for key_id, secret in keys.items():
-            if not _KEY_ID_RE.match(key_id):
-                raise KeyringError(f"invalid control key id {key_id!r}: use [A-Za-z0-9_.-]{{1,64}}")
-            if len(secret) < MIN_SECRET_BYTES:
-                raise KeyringError(
-                    f"control key {key_id!r} is {len(secret)} bytes; at least "
-                    f"{MIN_SECRET_BYTES} are required (e.g. `openssl rand -hex 32`)"
-                )
-        self._keys = dict(keys)
-
-    def __repr__(self) -> str:
-        return f"Keyring(key_ids={sorted(self._keys)!r})"
-
-    __str__ = __repr__
-
-    def __contains__(self, key_id: object) -> bool:
-        return key_id in self._keys
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    @property
-    def key_ids(self) -> tuple[str, ...]:
-        return tuple(sorted(self._keys))
-
-    @classmethod
-    def from_pairs(cls, pairs: Iterable[tuple[str, str]], *, source: str) -> Keyring:
-        """Build from ``(key_id, hex_secret)`` pairs; ``source`` names the origin in errors."""
-        keys: dict[str, bytes] = {}
-        for key_id, hex_secret in pairs:
-            if key_id in keys:
-                raise KeyringError(f"{source}: control key id {key_id!r} is defined twice")
-            try:
-                keys[key_id] = bytes.fromhex(hex_secret)
-            except ValueError:
-                raise KeyringError(
-                    f"{source}: the secret of control key {key_id!r} is not hex"
-                ) from None
-        return cls(keys)
-
-    @classmethod
-    def parse(cls, text: str, *, source: str = "keys") -> Keyring:
-        """Parse the key-file format: one ``key_id=hexsecret`` per line; blank lines and lines
-        starting with ``#`` are ignored. Commas also separate entries, and ``:`` is accepted
-        instead of ``=``, so the same parser reads ``SIDECAR_CONTROL_KEYS="k1:hex1,k2:hex2"``."""
-        pairs: list[tuple[str, str]] = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            stripped = line.strip()
-            if not stripped or stripped.startswith("#"):
-                continue
-            for entry in stripped.split(","):
-                entry = entry.strip()
-                if not entry:
-                    continue
-                sep = "=" if "=" in entry else ":"
-                key_id, found, secret = entry.partition(sep)
-                if not found or not key_id.strip() or not secret.strip():
-                    raise KeyringError(
-                        f"{source}:{lineno}: expected `key_id=hexsecret` (secret not shown)"
-                    )
-                pairs.append((key_id.strip(), secret.strip()))
-        return cls.from_pairs(pairs, source=source)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> Keyring:
-        """Load a key file (see :meth:`parse`); keep it readable by the sidecar user only."""
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise KeyringError(
-                f"cannot read control key file {str(path)!r}: {exc.strerror}"
-            ) from None
-        return cls.parse(text, source=str(path))
-
-    @classmethod
-    def from_env(cls, var: str = KEYS_ENV_VAR, environ: Mapping[str, str] | None = None) -> Keyring:
-        """Load ``k1:hex1,k2:hex2`` from an environment variable."""
-        env = os.environ if environ is None else environ
-        value = env.get(var)
-        if value is None or not value.strip():
-            raise KeyringError(f"environment variable {var} is not set or empty")
-        return cls.parse(value, source=f"${var}")
-
-    def _mac(self, key_id: str, cmd: ControlCommand) -> str:
-        return hmac.new(
-            self._keys[key_id], SIGNATURE_DOMAIN + canonical_bytes(cmd), hashlib.sha256
-        ).hexdigest()
-
-    def sign(self, cmd: ControlCommand, key_id: str) -> ControlCommand:
-        """Return ``cmd`` (normalised) with ``key_id`` and ``signature`` set."""
-        if key_id not in self._keys:
-            raise KeyringError(f"unknown control key id {key_id!r}; known: {list(self.key_ids)}")
-        with_key = _normalise(msgspec.structs.replace(cmd, key_id=key_id, signature=None))
-        return msgspec.structs.replace(with_key, signature=self._mac(key_id, with_key))
-
-    def verify(self, cmd: ControlCommand) -> None:
-        """Raise :class:`CommandRejected` unless ``cmd`` carries a valid signature."""
-        if cmd.signature is None or cmd.key_id is None:
-            raise CommandRejected(RejectReason.UNSIGNED, "command has no key_id/signature")
-        if cmd.key_id not in self._keys:
-            raise CommandRejected(
-                RejectReason.UNKNOWN_KEY, f"key id {cmd.key_id!r} is not in the keyring"
-            )
-        if not _HEX_SIG_RE.match(cmd.signature):
-            raise CommandRejected(
-                RejectReason.BAD_SIGNATURE, "signature is not 64 lower-case hex digits"
-            )
-        try:
-            expected = self._mac(cmd.key_id, cmd)
-        except CommandRejected as exc:
-            raise CommandRejected(RejectReason.BAD_SIGNATURE, exc.detail) from None
-        if not hmac.compare_digest(expected.encode(), cmd.signature.encode()):
-            raise CommandRejected(
-                RejectReason.BAD_SIGNATURE, f"signature does not match key {cmd.key_id!r}"
-            )
+def verify_command(cmd: ControlCommand, trust: TrustStore, at_ms: int) -> None:
+    """Raise :class:`CommandRejected` unless ``cmd`` is signed by a key of ``trust`` that may
+    sign its action at ``at_ms``, with ``issued_by`` bound to the key's principal."""
+    try:
+        message = SIGNATURE_DOMAIN + canonical_bytes(cmd)
+    except CommandRejected as exc:
+        raise CommandRejected(RejectReason.BAD_SIGNATURE, exc.detail) from None
+    try:
+        key = trust.check(cmd.key_id, cmd.signature, message, at_ms, cmd.action)
+    except Refusal as exc:
+        raise CommandRejected(RejectReason(exc.code), exc.detail) from None
+    if cmd.issued_by != key.holder:
+        raise CommandRejected(
+            RejectReason.BAD_ISSUER,
+            f"issued_by {cmd.issued_by!r} is not {key.holder!r}, the holder of key {key.id!r}",
+        )
 
 
 # --------------------------------------------------------------------------- checks
@@ -340,7 +285,7 @@ class Keyring:
 
 def check_fresh(cmd: ControlCommand, now_ms: int, freshness: Freshness) -> None:
     """Raise :class:`CommandRejected` when ``issued_at_ms`` is too old or too far ahead of
-    ``now_ms`` (the record timestamp), which stops re-publication of old signed commands."""
+    ``now_ms`` (the record's time), which stops late publication of captured commands."""
     age_ms = now_ms - cmd.issued_at_ms
     if age_ms > freshness.max_age_s * 1000:
         raise CommandRejected(
@@ -359,22 +304,23 @@ def authenticate(
     raw: bytes | ControlCommand,
     now_ms: int,
     *,
-    keyring: Keyring,
+    trust: TrustStore,
     freshness: Freshness = Freshness(),
     require_signature: bool = True,
 ) -> ControlCommand | Rejected:
-    """Decode (if bytes), verify the signature and check freshness; never raises.
+    """Decode (if bytes), verify the signature and the key's rights, check freshness; never
+    raises.
 
     With ``require_signature=False`` (local demos only) unsigned commands pass, but a command
-    that *does* carry a signature must still verify. Duplicates are detected later, by the
-    state machine, since only the state knows which ids were applied.
+    that *does* carry a signature must still verify. Replays are detected later, by the state
+    machine, since only the state knows which ids were seen.
     """
     cmd = decode_command(raw) if isinstance(raw, bytes) else raw
     if isinstance(cmd, Rejected):
         return cmd
     try:
         if require_signature or cmd.signature is not None or cmd.key_id is not None:
-            keyring.verify(cmd)
+            verify_command(cmd, trust, now_ms)
         check_fresh(cmd, now_ms, freshness)
     except CommandRejected as exc:
         return Rejected(exc.reason, exc.detail, cmd)

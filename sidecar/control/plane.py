@@ -24,7 +24,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -42,20 +42,32 @@ from ..kafka import (
     new_consumer,
     new_producer,
     stop_quietly,
+    topic_configs,
     unreadable_of,
 )
 from ..routing import Mode, PolicyHolder
-from .commands import Freshness, Keyring, KeyringError, Rejected, RejectReason, encode_command
+from .commands import Freshness, Rejected, RejectReason, encode_command, sign_command
+from .keys import SigningKey, TrustStore
+from .records import (
+    AuditRecord,
+    InstanceRecord,
+    InstanceStatus,
+    ModelHealth,
+    audit_record,
+    instance_status,
+    sign_record,
+)
 from .state_machine import (
     Applied,
     ControlConfig,
-    ModelHealth,
+    ControlRecord,
+    Noted,
     Outcome,
     RolloutState,
-    audit_record,
     initial_state,
-    instance_status,
+    next_state,
     process_record,
+    ramp_gate_holds,
     replay,
     tick,
     to_policy,
@@ -73,8 +85,8 @@ log = logging.getLogger(__name__)
 CONTROL_PARTITION = 0
 #: Header that marks a start-up barrier record; barriers are not commands and never audited.
 BARRIER_HEADER = "sidecar-control-barrier"
-#: An instance re-publishes the same ``advance`` at most this often (it may be rejected as
-#: ``too_early`` when clocks differ slightly; the id stays the same, so retries dedupe).
+#: An instance proposes an ``advance`` for the same epoch at most this often (one may be
+#: refused as ``too_early`` when clocks differ slightly; the next attempt has a new id).
 ADVANCE_RETRY_S = 5.0
 
 
@@ -85,25 +97,24 @@ def now_ms() -> int:
 # --------------------------------------------------------------------------- settings
 
 
-def load_keyring(
-    settings: ControlSettings, *, required: bool, environ: Mapping[str, str] | None = None
-) -> Keyring:
-    """The keyring from ``control.keys_file`` or the ``control.keys_env`` variable.
+def load_trust(settings: ControlSettings, *, required: bool) -> TrustStore:
+    """The trust store of ``control.trust_file``.
 
-    A sidecar without keys (``required=False``) gets an empty keyring: it runs its configured
-    policy and rejects (and audits) every command as ``unknown_key`` -- it fails closed.
+    Without one (``required=False``) the store is empty: the instance runs its configured
+    policy and refuses (and audits) every command as ``unknown_key`` -- it fails closed.
     """
-    env = os.environ if environ is None else environ
-    if settings.keys_file:
-        return Keyring.from_file(settings.keys_file)
-    if env.get(settings.keys_env, "").strip():
-        return Keyring.from_env(settings.keys_env, env)
+    if settings.trust_file:
+        return TrustStore.from_file(settings.trust_file)
     if required:
-        raise KeyringError(
-            f"no control keys: set control.keys_file in the config or ${settings.keys_env} "
-            "to `key_id:hexsecret[,key_id:hexsecret]`"
+        raise ConfigError(
+            "no trust file: set control.trust_file to the public keys that may sign commands "
+            "(`sidecar ctl keygen` prints the entry of a new key)"
         )
-    return Keyring({})
+    return TrustStore()
+
+
+def load_signing_key(path: str | None) -> SigningKey | None:
+    return SigningKey.from_file(path) if path else None
 
 
 def control_config(settings: ControlSettings) -> ControlConfig:
@@ -114,6 +125,9 @@ def control_config(settings: ControlSettings) -> ControlConfig:
             max_age_s=settings.max_command_age_s, max_future_s=settings.max_command_future_s
         ),
         require_signature=settings.require_signature,
+        allow_create_time=settings.allow_create_time,
+        ramp_gate=settings.ramp_gate,
+        promote_gate=settings.promote_gate,
     )
 
 
@@ -139,13 +153,25 @@ def is_barrier(headers: Any) -> bool:
     return any(name == BARRIER_HEADER for name, _ in headers or ())
 
 
+#: ``ConsumerRecord.timestamp_type`` of a broker-assigned time (LogAppendTime).
+LOG_APPEND_TIME = 1
+
+
+def control_record(rec: Any) -> ControlRecord:
+    """A consumed control-topic record as the state machine sees it."""
+    return ControlRecord(
+        rec.value or b"", rec.timestamp, getattr(rec, "timestamp_type", 0) == LOG_APPEND_TIME
+    )
+
+
 async def read_to_barrier(
     consumer: AIOKafkaConsumer,
     producer: AIOKafkaProducer,
     tp: TopicPartition,
     timeout_s: float = 30.0,
-) -> list[Any]:
-    """Every record of ``tp`` from the consumer's position up to a barrier produced now.
+) -> tuple[list[Any], Any]:
+    """Every record of ``tp`` from the consumer's position up to a barrier produced now, and
+    that barrier record (its timestamp type tells what the broker does with record times).
 
     Barriers themselves are left out. Raises BrokerError if the barrier does not come back.
     """
@@ -160,7 +186,7 @@ async def read_to_barrier(
         for rec in batch.get(tp, []):
             if is_barrier(rec.headers):
                 if (BARRIER_HEADER, token) in list(rec.headers):
-                    return records
+                    return records, rec
                 continue
             records.append(rec)
     raise BrokerError(
@@ -234,11 +260,12 @@ def models_health(champion: ScoringModel, candidate: ScoringModel | None) -> lis
 class ControlPlane:
     """Keeps one instance's routing policy in step with the control topic.
 
-    Audit: every instance writes its own audit record (keyed by its instance id) for every
-    live control record of its rollout -- applied, rejected or duplicate. One writer per
-    instance needs no election, and the audit then *proves* each instance applied a command,
-    which is what ``sidecar ctl`` waits for. Records replayed at start-up are not audited
-    again (the instances live at the time did); records for other rollouts are not audited.
+    Audit: every instance writes its own signed audit record (keyed by its instance id) for
+    every live record of the control topic that is not its own start-up barrier -- applied,
+    rejected (for whatever reason, other rollouts and garbage included), duplicate or noted.
+    One writer per instance needs no election, and the audit then *proves* each instance
+    applied a command, which is what ``sidecar ctl`` waits for. Records replayed at start-up
+    are not audited again (the instances live at the time did).
     """
 
     def __init__(
@@ -247,25 +274,36 @@ class ControlPlane:
         policy: PolicyHolder,
         instance_id: str,
         *,
-        keyring: Keyring | None = None,
+        trust: TrustStore | None = None,
+        signing_key: SigningKey | None = None,
         samples: Callable[[int], int] | None = None,
         assigned_partitions: Callable[[], int | None] | None = None,
         started_at_ms: int | None = None,
         models: Callable[[], list[ModelHealth] | None] | None = None,
+        champion_fallbacks: Callable[[], int] | None = None,
         supervisor: Supervisor | None = None,
     ) -> None:
         self.config = config
         self.settings = config.control
         self.policy = policy
         self.instance_id = instance_id
-        self.keyring = (
-            keyring if keyring is not None else load_keyring(self.settings, required=False)
+        self.trust = trust if trust is not None else load_trust(self.settings, required=False)
+        self.signing_key = (
+            signing_key
+            if signing_key is not None
+            else load_signing_key(self.settings.signing_key_file)
         )
+        if self.signing_key is not None and self.signing_key.role != "sidecar":
+            raise ConfigError(
+                f"control.signing_key_file holds a key of role {self.signing_key.role}; a "
+                "sidecar signs with a key of role sidecar (`sidecar ctl keygen --role sidecar`)"
+            )
         self.rules = control_config(self.settings)
         self.state = configured_state(config)
         self._samples = samples or (lambda _epoch: 0)
         self._assigned = assigned_partitions or (lambda: None)
         self._models = models or (lambda: None)
+        self._champion_fallbacks = champion_fallbacks or (lambda: 0)
         self._started_at_ms = started_at_ms or now_ms()
         self._host = socket.gethostname()
         self._tp = TopicPartition(config.topics.control, CONTROL_PARTITION)
@@ -275,8 +313,10 @@ class ControlPlane:
         #: stops the whole instance (a sidecar deaf to rollbacks must not keep serving).
         self.supervisor = supervisor or Supervisor("control plane", self._on_task_failure)
         self._tasks: list[asyncio.Task[None]] = []
-        self._last_advance: tuple[str, float] | None = None
+        self._advance_attempts = 0
+        self._last_advance: tuple[int, float] | None = None
         self._warned_no_key = False
+        self._barrier_token: bytes | None = None
         #: Outcomes seen live (tests and benchmarks look at them).
         self.outcomes: list[Outcome] = []
         self.applied = asyncio.Event()
@@ -290,7 +330,7 @@ class ControlPlane:
         counter.attach(sidecar.metrics)
 
         def assigned() -> int | None:
-            consumer = sidecar._consumer  # read-only peek, for the heartbeat
+            consumer = sidecar.consumer
             return None if consumer is None else len(consumer.assignment())
 
         return cls(
@@ -300,6 +340,7 @@ class ControlPlane:
             samples=counter.since,
             assigned_partitions=assigned,
             models=lambda: models_health(sidecar.champion, sidecar.candidate),
+            champion_fallbacks=lambda: sidecar.champion_fallbacks,
             supervisor=sidecar.supervisor,
         )
 
@@ -308,13 +349,13 @@ class ControlPlane:
     async def start(self) -> None:
         """Replay the control topic and install its policy; then tail it in the background."""
         cfg = self.config
-        if not len(self.keyring):
+        if not len(self.trust):
             log.warning(
-                "no control keys configured (control.keys_file or $%s): every control command "
-                "will be rejected and the configured policy stays in force",
-                self.settings.keys_env,
+                "no trust file (control.trust_file): every control command will be refused "
+                "and the configured policy stays in force"
             )
         await ensure_control_topics(cfg)
+        await self._check_timestamps()
         self._producer = new_producer(cfg, "control", instance=self.instance_id)
         await self._producer.start()
         self._consumer = new_consumer(
@@ -335,11 +376,12 @@ class ControlPlane:
             )
         self._consumer.assign([self._tp])
         await self._consumer.seek_to_beginning(self._tp)
-        history = await read_to_barrier(self._consumer, self._producer, self._tp)
+        history, barrier = await read_to_barrier(self._consumer, self._producer, self._tp)
+        self._check_barrier_time(barrier)
         self.state, outcomes = replay(
-            [(rec.value or b"", rec.timestamp) for rec in history],
+            [control_record(rec) for rec in history],
             initial=self.state,
-            keyring=self.keyring,
+            trust=self.trust,
             config=self.rules,
         )
         applied = sum(isinstance(o, Applied) for o in outcomes)
@@ -360,6 +402,47 @@ class ControlPlane:
             self.supervisor.spawn(self._heartbeat(), "control-heartbeat"),
             self.supervisor.spawn(self._ticker(), "control-tick"),
         ]
+
+    async def _check_timestamps(self) -> None:
+        """Refuse to start against a control topic whose record times its producers choose,
+        unless ``control.allow_create_time`` says so (see ``ControlConfig``)."""
+        configs = (await topic_configs(self.config, [self._tp.topic]))[self._tp.topic]
+        kind = configs.get("message.timestamp.type")
+        if kind == "LogAppendTime":
+            return
+        if self.settings.allow_create_time:
+            log.warning(
+                "control topic %s keeps producer-chosen record times (%s): freshness and key "
+                "validity are judged by a time an attacker with write access could choose "
+                "(control.allow_create_time = true); replays and back-dated commands are "
+                "still refused by command ids and epochs",
+                self._tp.topic,
+                kind or "CreateTime (not reported)",
+            )
+            return
+        raise ConfigError(
+            f"control topic {self._tp.topic} has message.timestamp.type="
+            f"{kind or 'CreateTime (not reported)'}: command freshness must be judged by the "
+            "broker's append time. Set it with `kafka-configs --alter --entity-type topics "
+            f"--entity-name {self._tp.topic} --add-config message.timestamp.type=LogAppendTime`,"
+            " or, where the broker cannot (the embedded one), set control.allow_create_time = "
+            "true"
+        )
+
+    def _check_barrier_time(self, barrier: Any) -> None:
+        """Our own barrier shows what the broker does: a topic configured for LogAppendTime
+        whose records still carry producer times (the embedded broker) would refuse every
+        command as ``untrusted_time``; say so at start-up instead."""
+        if getattr(barrier, "timestamp_type", 0) == LOG_APPEND_TIME:
+            return
+        if not self.settings.allow_create_time:
+            raise ConfigError(
+                f"the broker keeps producer-chosen record times on {self._tp.topic} (our "
+                "start-up barrier came back with CreateTime although the topic asks for "
+                "LogAppendTime; the embedded broker does this): every command would be refused "
+                "as untrusted_time. Use a broker that honours message.timestamp.type, or set "
+                "control.allow_create_time = true"
+            )
 
     def _on_task_failure(self, failure: TaskFailure) -> None:
         """A plane running on its own supervisor (not a sidecar's): it stops being caught up,
@@ -407,25 +490,40 @@ class ControlPlane:
                 continue
             backoff.reset()
             for rec in batch.get(self._tp, []):
-                skipped = unreadable_of(rec)
-                if skipped is not None:
-                    await self._refuse(Rejected(RejectReason.UNREADABLE, skipped.describe()))
-                elif not is_barrier(rec.headers):
-                    await self.handle(rec.value or b"", rec.timestamp)
+                await self.handle_record(rec)
 
-    async def _refuse(self, outcome: Rejected) -> None:
+    async def handle_record(self, rec: Any) -> Outcome | None:
+        """One live consumer record of the control topic (None: a start-up barrier)."""
+        skipped = unreadable_of(rec)
+        if skipped is not None:
+            return await self._refuse(
+                Rejected(RejectReason.UNREADABLE, skipped.describe()), rec.offset
+            )
+        if is_barrier(rec.headers):
+            if not rec.value:
+                return None  # an instance's start-up barrier: not a command, nothing to do
+            return await self._refuse(
+                Rejected(
+                    RejectReason.BARRIER,
+                    "a record with the start-up barrier header and a value: barriers carry "
+                    "none, so it is no barrier and no command",
+                ),
+                rec.offset,
+            )
+        return await self.handle(control_record(rec), rec.offset)
+
+    async def _refuse(self, outcome: Rejected, offset: int | None) -> Outcome:
         """Audit a control record that never reached the state machine."""
         log.warning("control: rejected a record: %s: %s", outcome.reason.value, outcome.detail)
         self.outcomes.append(outcome)
-        await self._publish_audit(outcome)
+        await self._publish_audit(outcome, offset)
+        return outcome
 
-    async def handle(self, value: bytes, record_ts_ms: int) -> Outcome:
+    async def handle(self, record: ControlRecord, offset: int | None = None) -> Outcome:
         """One live control record: apply it (swapping the policy first), then audit it."""
-        outcome = process_record(
-            self.state, value, record_ts_ms, keyring=self.keyring, config=self.rules
-        )
+        outcome = process_record(self.state, record, trust=self.trust, config=self.rules)
+        self.state = next_state(self.state, outcome)
         if isinstance(outcome, Applied):
-            self.state = outcome.new_state
             self._install()  # before any I/O: this is the rollback latency
             log.info(
                 "control: applied %s %s (epoch %d -> %d) by %s: %s",
@@ -437,37 +535,54 @@ class ControlPlane:
                 outcome.command.reason,
             )
             self.applied.set()
+        elif isinstance(outcome, Noted):
+            verdict = outcome.command.args.verdict
+            log.info("control: guard verdict %s: %s", outcome.command.command_id, verdict)
         elif isinstance(outcome, Rejected):
-            if outcome.reason is RejectReason.OTHER_ROLLOUT:
-                return outcome
             cmd_id = outcome.command.command_id if outcome.command else "(undecodable)"
-            log.warning(
-                "control: rejected %s: %s: %s", cmd_id, outcome.reason.value, outcome.detail
+            level = (
+                logging.INFO if outcome.reason is RejectReason.OTHER_ROLLOUT else logging.WARNING
+            )
+            log.log(
+                level,
+                "control: rejected %s: %s: %s",
+                cmd_id,
+                outcome.reason.value,
+                outcome.detail,
             )
         self.outcomes.append(outcome)
-        await self._publish_audit(outcome)
+        await self._publish_audit(outcome, offset)
         if isinstance(outcome, Applied):
             await self._publish_status()
         return outcome
 
-    async def _publish_audit(self, outcome: Outcome) -> None:
-        record = audit_record(outcome, instance_id=self.instance_id, applied_at_ms=now_ms())
-        await self._send(self.config.audit_topic, msgspec.json.encode(record))
+    def _signed(self, record: InstanceRecord) -> bytes:
+        if self.signing_key is not None:
+            record = sign_record(record, self.signing_key)
+        return msgspec.json.encode(record)
+
+    async def _publish_audit(self, outcome: Outcome, offset: int | None = None) -> None:
+        record: AuditRecord = audit_record(
+            outcome, instance_id=self.instance_id, applied_at_ms=now_ms(), record_offset=offset
+        )
+        await self._send(self.config.audit_topic, self._signed(record))
+
+    def status_record(self) -> InstanceStatus:
+        return instance_status(
+            self.state,
+            instance_id=self.instance_id,
+            ts_ms=now_ms(),
+            host=self._host,
+            pid=os.getpid(),
+            assigned_partitions=self._assigned(),
+            started_at_ms=self._started_at_ms,
+            version=__version__,
+            models=self._models(),
+            champion_fallbacks=self._champion_fallbacks(),
+        )
 
     def status(self) -> bytes:
-        return msgspec.json.encode(
-            instance_status(
-                self.state,
-                instance_id=self.instance_id,
-                ts_ms=now_ms(),
-                host=self._host,
-                pid=os.getpid(),
-                assigned_partitions=self._assigned(),
-                started_at_ms=self._started_at_ms,
-                version=__version__,
-                models=self._models(),
-            )
-        )
+        return self._signed(self.status_record())
 
     async def _publish_status(self) -> None:
         await self._send(self.config.status_topic, self.status())
@@ -495,47 +610,53 @@ class ControlPlane:
                 log.warning("control: publishing a ramp advance failed: %s", exc)
 
     async def tick_once(self) -> bool:
-        """Publish a signed ``advance`` when the ramp's floors are met; True if published."""
+        """Publish a signed ``advance`` when the ramp's floors are met and the guards do not
+        hold it back (``control.ramp_gate``); True if published."""
         ramp = self.state.ramp
         if ramp is None:
             return False
+        key = self.signing_key
+        issuer = key.principal if key is not None and key.principal else self.instance_id
         samples = self._samples(ramp.step_epoch)
+        now = time.monotonic()
+        if (
+            self._last_advance is not None
+            and self._last_advance[0] == self.state.epoch
+            and now - self._last_advance[1] < ADVANCE_RETRY_S
+        ):
+            return False
         proposal = tick(
             self.state,
             now_ms(),
             samples,
-            guard_ok=True,
             config=self.rules,
-            issued_by=f"sidecar/{self.instance_id}",
+            issued_by=issuer,
+            attempt=self._advance_attempts,
         )
         if proposal is None:
             return False
-        key_id = self.settings.key_id
-        if key_id is None or key_id not in self.keyring:
+        if key is None:
             if not self._warned_no_key:
                 log.warning(
-                    "control: ramp step %d is ready to advance but control.key_id is %s; "
-                    "set it to a key in the keyring so this instance can sign advances",
+                    "control: ramp step %d is ready to advance but this instance has no "
+                    "signing key (control.signing_key_file, role sidecar): it never advances",
                     ramp.step + 1,
-                    "unset" if key_id is None else f"{key_id!r} (unknown)",
                 )
                 self._warned_no_key = True
             return False
-        cmd = proposal.command
-        now = time.monotonic()
-        if (
-            self._last_advance
-            and self._last_advance[0] == cmd.command_id
-            and (now - self._last_advance[1] < ADVANCE_RETRY_S)
-        ):
-            return False
-        self._last_advance = (cmd.command_id, now)
+        cmd = sign_command(proposal.command, key)
+        self._advance_attempts += 1
+        self._last_advance = (self.state.epoch, now)
         assert self._producer is not None
         await self._producer.send_and_wait(
             self._tp.topic,
-            encode_command(self.keyring.sign(cmd, key_id)),
+            encode_command(cmd),
             key=self.state.rollout.encode(),
             partition=CONTROL_PARTITION,
         )
         log.info("control: published %s (%s)", cmd.command_id, cmd.reason)
         return True
+
+    def ramp_held_by(self) -> str | None:
+        """Why the guards hold the running ramp back (for status), or None."""
+        return ramp_gate_holds(self.state, self.rules)

@@ -1,8 +1,20 @@
-"""The rollout state machine: pure functions from (state, command, time) to a new state.
+"""The rollout state machine: pure functions from (state, control record) to a new state.
 
-No I/O. :func:`apply` is deterministic in its arguments, so every sidecar instance that reads
-the same control-topic records (and uses their record timestamps as ``now_ms``) converges on
-the same :class:`RolloutState`; :func:`replay` does exactly that at start-up. See STATES.md.
+No I/O. :func:`step` is deterministic in its arguments, so every sidecar instance that reads
+the same control-topic records (with the broker's append time of each) converges on the same
+:class:`RolloutState`; :func:`replay` does exactly that at start-up. See STATES.md.
+
+What makes a command apply, and apply once (the attacks it answers are in STATES.md):
+
+* it is signed by a key of the trust file whose role may sign its action, valid at the
+  record's time, with ``issued_by`` bound to the key's principal;
+* the record's time is the broker's append time (or CreateTime is explicitly allowed), and the
+  command was issued within the freshness window of it;
+* its id was never seen before -- applied (then it is an idempotent duplicate) or refused
+  after authentication (then it is refused again as ``replayed``);
+* it was issued against the rollout's current epoch (``expected_epoch``); only ``rollback``
+  goes without, because rolling back is always safe;
+* the transition is legal from the current state, and the guards' gates allow it.
 """
 
 from __future__ import annotations
@@ -18,17 +30,27 @@ from ..hashing import BUCKETS
 from ..routing import Mode, RoutingPolicy
 from ..untrusted import error_text
 from .commands import (
+    AUTHENTIC_REJECTIONS,
     CommandArgs,
     ControlCommand,
     Duplicate,
     Freshness,
-    Keyring,
     RampStep,
     Rejected,
     RejectReason,
+    Verdict,
     authenticate,
     validate_plan,
 )
+from .keys import TrustStore
+
+#: ``none``: ramps advance on hold and samples alone. ``no_stop`` (default): and only while
+#: the latest guard verdict of the epoch does not say stop. ``verdict``: and only with a
+#: guard verdict that says go, based on a window that ended after the step started.
+RampGate = Literal["none", "no_stop", "verdict"]
+#: ``quality``: promotion (by ``promote`` or by a ramp's last advance to 100%) needs the
+#: latest verdict of the epoch to say the candidate's quality passes its gate.
+PromoteGate = Literal["none", "quality"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +63,24 @@ class ControlConfig:
     freshness: Freshness = field(default_factory=Freshness)
     #: ``False`` only for local demos: unsigned commands are then accepted.
     require_signature: bool = True
+    #: Accept records whose time the producer chose (CreateTime). Off in production: the
+    #: control topic must use ``message.timestamp.type=LogAppendTime``.
+    allow_create_time: bool = False
+    ramp_gate: RampGate = "no_stop"
+    promote_gate: PromoteGate = "none"
 
 
 DEFAULT_CONFIG = ControlConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class ControlRecord:
+    """One record of the control topic, as the state machine sees it."""
+
+    value: bytes | ControlCommand
+    #: The record's timestamp (epoch ms): the broker's append time when ``log_append_time``.
+    ts_ms: int
+    log_append_time: bool = True
 
 
 class RampProgress(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,8 +105,9 @@ class RampProgress(msgspec.Struct, frozen=True, kw_only=True):
 class RolloutState(msgspec.Struct, frozen=True, kw_only=True):
     """Everything the control plane knows about one rollout; immutable.
 
-    ``applied_ids`` holds *every* applied command id: commands arrive at operator pace, so the
-    set stays small, and a bounded window would let an old command re-apply once it fell out.
+    ``applied_ids`` and ``seen_ids`` hold *every* applied or authentic-but-refused command id:
+    commands arrive at operator pace, so the sets stay small, and a bounded window would let an
+    old command apply once it fell out.
     """
 
     rollout: str
@@ -77,6 +115,8 @@ class RolloutState(msgspec.Struct, frozen=True, kw_only=True):
     #: Share of buckets the candidate decides: 0 in shadow/rolled_back, 10000 when promoted.
     share_bp: int = 0
     epoch: int = 0
+    #: Frozen where it stands by ``pause`` (a running ramp, or a hold in shadow or canary):
+    #: no advance, no promote, no change of share until ``resume``; ``rollback`` always works.
     paused: bool = False
     ramp: RampProgress | None = None
     has_candidate: bool = True
@@ -86,6 +126,9 @@ class RolloutState(msgspec.Struct, frozen=True, kw_only=True):
     last_command_id: str | None = None
     since_ms: int = 0
     applied_ids: frozenset[str] = frozenset()
+    seen_ids: frozenset[str] = frozenset()
+    #: The newest guard verdict at this epoch (cleared when the epoch moves on).
+    verdict: Verdict | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +141,15 @@ class Applied:
     command: ControlCommand
 
 
-Outcome = Applied | Rejected | Duplicate
+@dataclass(frozen=True, slots=True)
+class Noted:
+    """Outcome: a guard verdict was recorded; routing and epoch are unchanged."""
+
+    new_state: RolloutState
+    command: ControlCommand
+
+
+Outcome = Applied | Noted | Rejected | Duplicate
 
 
 def initial_state(
@@ -153,6 +204,36 @@ def to_policy(state: RolloutState) -> RoutingPolicy:
     )
 
 
+# --------------------------------------------------------------------------- gates
+
+
+def ramp_gate_holds(state: RolloutState, config: ControlConfig) -> str | None:
+    """Why the guards hold the ramp back now (None: they do not)."""
+    verdict, ramp = state.verdict, state.ramp
+    if config.ramp_gate == "none":
+        return None
+    if verdict is not None and not verdict.guards_ok:
+        return f"a guard says stop: {verdict.detail or 'no detail'}"
+    if config.ramp_gate == "verdict":
+        if verdict is None:
+            return "no guard verdict at this epoch yet (control.ramp_gate = verdict)"
+        if ramp is not None and verdict.window_end_ms < ramp.step_started_ms:
+            return "the latest guard verdict is about a window before this step started"
+    return None
+
+
+def promote_gate_holds(state: RolloutState, config: ControlConfig) -> str | None:
+    """Why the quality gate holds promotion back now (None: it does not)."""
+    if config.promote_gate == "none":
+        return None
+    verdict = state.verdict
+    if verdict is None or verdict.quality_ok is None:
+        return "no quality verdict at this epoch yet (control.promote_gate = quality)"
+    if not verdict.quality_ok:
+        return f"the quality gate holds: {verdict.detail or 'candidate not yet good enough'}"
+    return None
+
+
 # --------------------------------------------------------------------------- apply
 
 _ARGS_BY_ACTION: dict[str, frozenset[str]] = {
@@ -165,7 +246,10 @@ _ARGS_BY_ACTION: dict[str, frozenset[str]] = {
     "resume": frozenset(),
     "retire": frozenset(),
     "advance": frozenset({"samples"}),
+    "verdict": frozenset({"verdict"}),
 }
+#: Actions that change the share while a pause holds the rollout.
+_HELD_BACK = frozenset({"shadow", "canary", "ramp", "promote", "advance"})
 
 
 class _Refused(Exception):
@@ -212,6 +296,12 @@ def _transition(
             s, mode=Mode.ROLLED_BACK, share_bp=0, promoted_since_ms=None, **no_ramp
         )
 
+    if s.paused and a in _HELD_BACK:
+        raise _Refused(
+            RejectReason.ILLEGAL_TRANSITION,
+            f"{a}: the rollout is held by a pause where it stands; resume first (or roll back)",
+        )
+
     if a == "shadow":
         not_promoted()
         return msgspec.structs.replace(s, mode=Mode.SHADOW, share_bp=0, **no_ramp)
@@ -255,20 +345,28 @@ def _transition(
                 RejectReason.ILLEGAL_TRANSITION,
                 f"promote from {s.mode.value}: only shadow or canary can be promoted",
             )
+        held = promote_gate_holds(s, cfg)
+        if held:
+            raise _Refused(RejectReason.TOO_EARLY, f"promote: {held}")
         return msgspec.structs.replace(
             s, mode=Mode.PROMOTED, share_bp=BUCKETS, promoted_since_ms=now_ms, **no_ramp
         )
 
     if a == "pause":
-        if s.ramp is None:
-            raise _Refused(RejectReason.ILLEGAL_TRANSITION, "pause: no ramp is running")
+        if s.mode not in (Mode.SHADOW, Mode.CANARY):
+            raise _Refused(
+                RejectReason.ILLEGAL_TRANSITION,
+                f"pause: nothing to hold in {s.mode.value} (roll back, or nothing to do)",
+            )
         if s.paused:
-            raise _Refused(RejectReason.NO_CHANGE, "pause: the ramp is already paused")
+            raise _Refused(RejectReason.NO_CHANGE, "pause: the rollout is already held")
         return msgspec.structs.replace(s, paused=True)
 
     if a == "resume":
-        if s.ramp is None or not s.paused:
-            raise _Refused(RejectReason.ILLEGAL_TRANSITION, "resume: no paused ramp")
+        if not s.paused:
+            raise _Refused(RejectReason.ILLEGAL_TRANSITION, "resume: the rollout is not held")
+        if s.ramp is None:
+            return msgspec.structs.replace(s, paused=False)
         # The step's hold and sample floors restart: evidence must be gathered unpaused.
         ramp = msgspec.structs.replace(s.ramp, step_started_ms=now_ms, step_epoch=s.epoch + 1)
         return msgspec.structs.replace(s, paused=False, ramp=ramp)
@@ -287,10 +385,6 @@ def _transition(
     # advance: complete the current ramp step.
     if s.ramp is None:
         raise _Refused(RejectReason.ILLEGAL_TRANSITION, "advance: no ramp is running")
-    if s.paused:
-        raise _Refused(RejectReason.ILLEGAL_TRANSITION, "advance: the ramp is paused")
-    if cmd.expected_epoch is None:
-        raise _Refused(RejectReason.INVALID_ARGS, "advance needs expected_epoch (no step skips)")
     step = s.ramp.current
     held_ms = now_ms - s.ramp.step_started_ms
     if held_ms < hold_ms(step):
@@ -303,6 +397,9 @@ def _transition(
             RejectReason.TOO_EARLY,
             f"advance: step {s.ramp.step + 1} has {args.samples} of {step.min_samples} samples",
         )
+    held = ramp_gate_holds(s, cfg)
+    if held:
+        raise _Refused(RejectReason.TOO_EARLY, f"advance: {held}")
     if not s.ramp.is_last:
         nxt = s.ramp.step + 1
         ramp = RampProgress(
@@ -310,6 +407,9 @@ def _transition(
         )
         return msgspec.structs.replace(s, share_bp=s.ramp.plan[nxt].share_bp, ramp=ramp)
     if step.share_bp == BUCKETS:
+        held = promote_gate_holds(s, cfg)
+        if held:
+            raise _Refused(RejectReason.TOO_EARLY, f"advance to promoted: {held}")
         return msgspec.structs.replace(
             s, mode=Mode.PROMOTED, share_bp=BUCKETS, promoted_since_ms=now_ms, ramp=None
         )
@@ -327,6 +427,19 @@ def _same_policy(a: RolloutState, b: RolloutState) -> bool:
     )
 
 
+def _note_verdict(state: RolloutState, cmd: ControlCommand) -> RolloutState:
+    verdict = cmd.args.verdict
+    if verdict is None:
+        raise _Refused(RejectReason.INVALID_ARGS, "verdict needs args.verdict")
+    if state.verdict is not None and verdict.window_end_ms <= state.verdict.window_end_ms:
+        raise _Refused(
+            RejectReason.NO_CHANGE,
+            f"verdict about a window ending {verdict.window_end_ms}, not after the one in force "
+            f"({state.verdict.window_end_ms})",
+        )
+    return msgspec.structs.replace(state, verdict=verdict)
+
+
 def apply(
     state: RolloutState,
     command: ControlCommand,
@@ -334,26 +447,41 @@ def apply(
     *,
     config: ControlConfig = DEFAULT_CONFIG,
 ) -> Outcome:
-    """Apply an *authenticated* command at ``now_ms`` (the record timestamp). Pure.
+    """Apply an *authenticated* command at ``now_ms`` (the record's time). Pure.
 
-    Checks, in order: rollout name, duplicate id, retired, epoch compare-and-set, arguments,
-    transition rules, no-op. An applied command bumps the epoch by exactly one.
+    Checks, in order: rollout name, already applied (duplicate), already seen (replayed),
+    retired, epoch (required but for ``rollback``), arguments, transition rules and gates,
+    no-op. An applied command bumps the epoch by exactly one; a verdict changes no epoch.
     """
     cmd = command
     if cmd.rollout != state.rollout:
         return Rejected(RejectReason.OTHER_ROLLOUT, f"command is for rollout {cmd.rollout!r}", cmd)
     if cmd.command_id in state.applied_ids:
         return Duplicate(cmd)
+    if cmd.command_id in state.seen_ids:
+        return Rejected(
+            RejectReason.REPLAYED,
+            f"command {cmd.command_id} was refused before; a refused command never applies",
+            cmd,
+        )
     if state.retired:
         return Rejected(RejectReason.RETIRED, "the rollout is retired; start a new one", cmd)
+    if cmd.expected_epoch is None and cmd.action != "rollback":
+        return Rejected(
+            RejectReason.INVALID_ARGS,
+            f"{cmd.action} needs expected_epoch (the epoch it was issued against)",
+            cmd,
+        )
     if cmd.expected_epoch is not None and cmd.expected_epoch != state.epoch:
         return Rejected(
             RejectReason.EPOCH_CONFLICT,
-            f"expected epoch {cmd.expected_epoch}, rollout is at {state.epoch}",
+            f"issued against epoch {cmd.expected_epoch}, the rollout is at {state.epoch}",
             cmd,
         )
     try:
         _check_args(cmd)
+        if cmd.action == "verdict":
+            return Noted(_note_verdict(state, cmd), cmd)
         new = _transition(state, cmd, now_ms, config)
     except _Refused as exc:
         return Rejected(exc.reason, exc.detail, cmd)
@@ -365,8 +493,28 @@ def apply(
         last_command_id=cmd.command_id,
         since_ms=now_ms,
         applied_ids=state.applied_ids | {cmd.command_id},
+        verdict=None,
     )
     return Applied(new, state.epoch, new.epoch, cmd)
+
+
+def next_state(state: RolloutState, outcome: Outcome) -> RolloutState:
+    """The state after ``outcome``: the new state of an applied command or a noted verdict; an
+    authentic command that was refused is remembered as seen (its id never applies later)."""
+    if isinstance(outcome, Applied | Noted):
+        return outcome.new_state
+    if (
+        isinstance(outcome, Rejected)
+        and outcome.command is not None
+        and outcome.command.rollout == state.rollout
+        and outcome.command.action != "verdict"
+        and outcome.reason in AUTHENTIC_REJECTIONS
+        and outcome.command.command_id not in state.seen_ids
+    ):
+        return msgspec.structs.replace(
+            state, seen_ids=state.seen_ids | {outcome.command.command_id}
+        )
+    return state
 
 
 # --------------------------------------------------------------------------- ramps
@@ -378,23 +526,26 @@ def hold_ms(step: RampStep) -> int:
     return math.ceil(step.min_hold_s * 1000)
 
 
-def advance_command_id(state: RolloutState) -> str:
-    """Deterministic, so two instances that both decide to advance the same step issue the
-    same id: the first applies, the second is a :class:`Duplicate`."""
-    return f"advance:{state.rollout}:{state.epoch}"
+def advance_command_id(state: RolloutState, issuer: str, attempt: int = 0) -> str:
+    """Unique per (epoch, issuer, attempt): two instances advancing at once issue two ids, and
+    the first to apply moves the epoch, so the other is an ``epoch_conflict`` -- a step is
+    never skipped, and a refused advance (e.g. ``too_early`` under clock skew) can be retried
+    under a new id."""
+    return f"advance:{state.rollout}:{state.epoch}:{issuer}:{attempt}"
 
 
 def tick(
     state: RolloutState,
     now_ms: int,
     samples_compared: int,
-    guard_ok: bool,
     *,
     config: ControlConfig = DEFAULT_CONFIG,
     issued_by: str = "sidecar",
+    attempt: int = 0,
 ) -> Applied | None:
     """Should the ramp move on? ``samples_compared`` counts comparisons in the current step
-    (``policy_epoch >= state.ramp.step_epoch``); ``now_ms`` is the wall clock.
+    (``policy_epoch >= state.ramp.step_epoch``); ``now_ms`` is the wall clock. The guards are
+    asked through the verdict in force (``control.ramp_gate``).
 
     Returns the :class:`Applied` an ``advance`` would produce, or ``None``. At most one step
     per call. The Kafka layer must not install ``new_state`` directly: it signs and publishes
@@ -402,7 +553,7 @@ def tick(
     the control topic, so a step is never skipped nor applied twice.
     """
     ramp = state.ramp
-    if ramp is None or state.paused or state.retired or not guard_ok:
+    if ramp is None or state.paused or state.retired:
         return None
     step = ramp.current
     if samples_compared < step.min_samples:
@@ -411,7 +562,7 @@ def tick(
         return None
     last = ramp.is_last
     cmd = ControlCommand(
-        command_id=advance_command_id(state),
+        command_id=advance_command_id(state, issued_by, attempt),
         rollout=state.rollout,
         action="advance",
         args=CommandArgs(samples=samples_compared),
@@ -433,202 +584,71 @@ def tick(
 
 def process_record(
     state: RolloutState,
-    record: bytes | ControlCommand,
-    record_ts_ms: int,
+    record: ControlRecord,
     *,
-    keyring: Keyring,
+    trust: TrustStore,
     config: ControlConfig = DEFAULT_CONFIG,
 ) -> Outcome:
-    """Decode, authenticate, check freshness against the record timestamp, and apply.
+    """Check the record's time, decode, authenticate, check freshness, and apply.
 
     Used identically for live records and on replay, so both reach the same verdicts. Total:
     whatever the record holds, the answer is an outcome (an unexpected error is a
     ``Rejected(UNPROCESSABLE)`` naming it), never an exception -- one record must not stop
-    the control tail or the start-up replay of every instance.
+    the control tail or the start-up replay of every instance. Use :func:`next_state` (or
+    :func:`step`) for the state after it.
     """
     cmd: ControlCommand | Rejected | None = None
     try:
+        if not record.log_append_time and not config.allow_create_time:
+            return Rejected(
+                RejectReason.UNTRUSTED_TIME,
+                "the record's time was set by its producer (CreateTime): the control topic "
+                "must use message.timestamp.type=LogAppendTime (or set "
+                "control.allow_create_time = true where the broker cannot, e.g. the embedded "
+                "one)",
+            )
         cmd = authenticate(
-            record,
-            record_ts_ms,
-            keyring=keyring,
+            record.value,
+            record.ts_ms,
+            trust=trust,
             freshness=config.freshness,
             require_signature=config.require_signature,
         )
         if isinstance(cmd, Rejected):
             return cmd
-        return apply(state, cmd, record_ts_ms, config=config)
+        return apply(state, cmd, record.ts_ms, config=config)
     except Exception as exc:
         command = cmd if isinstance(cmd, ControlCommand) else None
         return Rejected(RejectReason.UNPROCESSABLE, error_text(exc), command)
 
 
+def step(
+    state: RolloutState,
+    record: ControlRecord,
+    *,
+    trust: TrustStore,
+    config: ControlConfig = DEFAULT_CONFIG,
+) -> tuple[RolloutState, Outcome]:
+    """:func:`process_record` and :func:`next_state` in one."""
+    outcome = process_record(state, record, trust=trust, config=config)
+    return next_state(state, outcome), outcome
+
+
 def replay(
-    records: Iterable[tuple[bytes | ControlCommand, int]],
+    records: Iterable[ControlRecord],
     *,
     initial: RolloutState,
-    keyring: Keyring,
+    trust: TrustStore,
     config: ControlConfig = DEFAULT_CONFIG,
 ) -> tuple[RolloutState, list[Outcome]]:
-    """Rebuild a rollout's state from its control-topic history of ``(value, record_ts_ms)``.
+    """Rebuild a rollout's state from its control-topic history.
 
-    Staleness is judged against each record's own timestamp, never the wall clock: a command
-    that was fresh when written stays valid when replayed years later, and all instances agree.
-    Records for other rollouts come back as ``Rejected(OTHER_ROLLOUT)``; do not audit those.
+    Times are each record's own, never the wall clock: a command that was fresh when written
+    stays valid when replayed years later, and all instances agree.
     """
     state = initial
     outcomes: list[Outcome] = []
-    for value, ts in records:
-        outcome = process_record(state, value, ts, keyring=keyring, config=config)
-        if isinstance(outcome, Applied):
-            state = outcome.new_state
+    for record in records:
+        state, outcome = step(state, record, trust=trust, config=config)
         outcomes.append(outcome)
     return state, outcomes
-
-
-# --------------------------------------------------------------------------- wire records
-
-OutcomeKind = Literal["applied", "rejected", "duplicate"]
-
-
-class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One line of the audit topic: what happened to one control record, on one instance."""
-
-    outcome: OutcomeKind
-    instance_id: str
-    applied_at_ms: int
-    command_id: str | None = None
-    rollout: str | None = None
-    action: str | None = None
-    issued_by: str | None = None
-    issued_at_ms: int | None = None
-    key_id: str | None = None
-    #: The operator's reason for the command.
-    command_reason: str | None = None
-    #: Rejection code (:class:`RejectReason` value) and its human-readable detail.
-    reason: str | None = None
-    detail: str | None = None
-    from_epoch: int | None = None
-    to_epoch: int | None = None
-    mode: str | None = None
-    share_bp: int | None = None
-    schema_version: str = "1.0"
-
-
-def audit_record(outcome: Outcome, *, instance_id: str, applied_at_ms: int) -> AuditRecord:
-    """The audit-topic record for ``outcome``."""
-    if isinstance(outcome, Applied):
-        record = AuditRecord(
-            outcome="applied",
-            instance_id=instance_id,
-            applied_at_ms=applied_at_ms,
-            from_epoch=outcome.from_epoch,
-            to_epoch=outcome.to_epoch,
-            mode=outcome.new_state.mode.value,
-            share_bp=outcome.new_state.share_bp,
-        )
-    elif isinstance(outcome, Duplicate):
-        record = AuditRecord(
-            outcome="duplicate",
-            instance_id=instance_id,
-            applied_at_ms=applied_at_ms,
-            reason="duplicate",
-        )
-    else:
-        record = AuditRecord(
-            outcome="rejected",
-            instance_id=instance_id,
-            applied_at_ms=applied_at_ms,
-            reason=outcome.reason.value,
-            detail=outcome.detail,
-        )
-    cmd = outcome.command
-    if cmd is None:
-        return record
-    return msgspec.structs.replace(
-        record,
-        command_id=cmd.command_id,
-        rollout=cmd.rollout,
-        action=cmd.action,
-        issued_by=cmd.issued_by,
-        issued_at_ms=cmd.issued_at_ms,
-        key_id=cmd.key_id,
-        command_reason=cmd.reason,
-    )
-
-
-class ModelHealth(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One model arm as an instance runs it: which exact model (the manifest digest names its
-    contract and, for registry loaders, the registry version) and its circuit breaker."""
-
-    arm: Literal["champion", "candidate"]
-    model: str
-    version: str
-    manifest_digest: str | None = None
-    #: ``off`` when the breaker is disabled (the model is called whatever happens).
-    breaker: Literal["off", "closed", "half_open", "open"] = "off"
-    #: Times the breaker opened since the instance started.
-    breaker_opened: int = 0
-    #: Registry loaders (``mlflow``): the registry version the target resolved to.
-    registry_version: str | None = None
-
-
-class InstanceStatus(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """Heartbeat of one sidecar instance: the policy it runs, so operators (and ``sidecar ctl
-    status``) can see every instance converge on the same epoch."""
-
-    instance_id: str
-    rollout: str
-    epoch: int
-    mode: str
-    share_bp: int
-    ts_ms: int
-    last_command_id: str | None = None
-    paused: bool = False
-    ramp_step: int | None = None  # 1-based
-    ramp_steps: int | None = None
-    score_shadow_arm: bool = True
-    retired: bool = False
-    host: str | None = None
-    pid: int | None = None
-    assigned_partitions: int | None = None
-    started_at_ms: int | None = None
-    version: str | None = None
-    #: The models' health (absent in heartbeats of older instances).
-    models: list[ModelHealth] | None = None
-    schema_version: str = "1.0"
-
-
-def instance_status(
-    state: RolloutState,
-    *,
-    instance_id: str,
-    ts_ms: int,
-    host: str | None = None,
-    pid: int | None = None,
-    assigned_partitions: int | None = None,
-    started_at_ms: int | None = None,
-    version: str | None = None,
-    models: list[ModelHealth] | None = None,
-) -> InstanceStatus:
-    """The heartbeat record for an instance running ``state``."""
-    return InstanceStatus(
-        instance_id=instance_id,
-        rollout=state.rollout,
-        epoch=state.epoch,
-        mode=state.mode.value,
-        share_bp=state.share_bp,
-        ts_ms=ts_ms,
-        last_command_id=state.last_command_id,
-        paused=state.paused,
-        ramp_step=None if state.ramp is None else state.ramp.step + 1,
-        ramp_steps=None if state.ramp is None else len(state.ramp.plan),
-        score_shadow_arm=state.score_shadow_arm,
-        retired=state.retired,
-        host=host,
-        pid=pid,
-        assigned_partitions=assigned_partitions,
-        started_at_ms=started_at_ms,
-        version=version,
-        models=models,
-    )

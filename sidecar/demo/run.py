@@ -3,7 +3,7 @@
 Everything runs in this process as asyncio tasks, through the same code as production: two
 :class:`~sidecar.runner.Sidecar` instances in one consumer group, one
 :class:`~sidecar.aggregate.service.AggregatorService`, a traffic generator, and operator
-commands issued with :func:`sidecar.control.ctl.issue` (the code behind ``sidecar ctl``),
+commands issued with :func:`sidecar.control.client.issue` (the code behind ``sidecar ctl``),
 signed with a key generated for this run. Guard actions are the aggregator's own: the demo only
 watches for them. Event time is wall time, with windows of a few seconds, so a story takes a
 minute or two.
@@ -19,8 +19,6 @@ import collections
 import contextlib
 import logging
 import math
-import os
-import secrets
 import sys
 import tempfile
 import time
@@ -33,14 +31,16 @@ import msgspec
 import numpy as np
 from aiokafka import TopicPartition
 
+from ..aggregate.actions import is_guard_command
 from ..aggregate.service import AggregatorService
 from ..broker import EmbeddedBroker
 from ..config import SidecarConfig
 from ..contracts import Comparison
-from ..control.commands import ControlCommand, Keyring
-from ..control.ctl import EXIT_OK, build_command, default_issuer, issue
+from ..control.client import EXIT_OK, build_command, issue
+from ..control.commands import ControlCommand
+from ..control.keys import KeySet, SigningKey, TrustStore, write_key_set
 from ..control.plane import CONTROL_PARTITION, is_barrier
-from ..control.state_machine import AuditRecord
+from ..control.records import AuditRecord
 from ..errors import SidecarError
 from ..examples import fraud
 from ..kafka import (
@@ -79,7 +79,15 @@ from .view import (
 
 log = logging.getLogger(__name__)
 
-KEY_ID = "demo"
+
+@dataclass(frozen=True)
+class _Operator:
+    """The demo operator's key, and the trust file the instances verify it with."""
+
+    key: SigningKey
+    trust: TrustStore
+
+
 INSTANCES = 2
 PLAN_SHARES = (100, 500, 1000, 5000, 10000)
 
@@ -248,7 +256,7 @@ def _event_text(e: CommandEntry) -> str:
         args = f" {c.args.share_bp / 100:g}%"
     elif c.args.plan is not None:
         args = " " + " -> ".join(f"{s.share_bp / 100:g}%" for s in c.args.plan)
-    who = "by the AGGREGATOR" if c.issued_by == "aggregator" else f"by {c.issued_by}"
+    who = "by the AGGREGATOR" if is_guard_command(c) else f"by {c.issued_by}"
     verdict = (
         f"applied by {len(e.applied_by)}/{INSTANCES}, now {e.mode}"
         + (f" {e.share_bp / 100:g}%" if e.mode == "canary" else "")
@@ -380,16 +388,13 @@ class Demo:
         logging.getLogger("aiokafka").setLevel(logging.WARNING)
         try:
             with tempfile.TemporaryDirectory(prefix="sidecar-demo-") as tmp:
-                keys_file = Path(tmp) / "control.keys"
-                keys_file.write_text(f"{KEY_ID}={secrets.token_hex(32)}\n")
-                os.chmod(keys_file, 0o600)
-                return await self._run(keys_file, log_path)
+                return await self._run(write_key_set(Path(tmp) / "keys", "demo"), log_path)
         finally:
             root.removeHandler(handler)
             root.setLevel(old_level)
             handler.close()
 
-    async def _run(self, keys_file: Path, log_path: Path) -> DemoResult:
+    async def _run(self, keys: KeySet, log_path: Path) -> DemoResult:
         opts = self.opts
         print(
             f"sidecar demo ({opts.scenario}): fitting the example models and choosing "
@@ -402,7 +407,9 @@ class Demo:
         )
         tim = self.timing = timing(opts.duration_s, opts.rate)
         self.acts = acts(opts.scenario, cal)
-        keyring = Keyring.from_file(keys_file)
+        operator = _Operator(
+            SigningKey.from_file(keys.operator), TrustStore.from_file(keys.trust_file)
+        )
         wall_start = time.time_ns() // 1_000_000
         broker = EmbeddedBroker(
             port=opts.broker_port, log_path=opts.out_dir / "broker.log", port_flag="--broker-port"
@@ -412,13 +419,13 @@ class Demo:
         results: list[ActResult] = []
         recording = Recording()
         try:
-            settings = Settings(broker.bootstrap_servers, str(keys_file), KEY_ID, tim)
+            settings = Settings(broker.bootstrap_servers, keys, tim)
             cfgs = [act_config(settings, a) for a in self.acts]
             base = cfgs[0]
             await ensure_config_topics(base)
             self.traffic = Traffic(base, opts.rate, opts.seed, opts.fraud_rate)
             self.observer = Observer(base, self.traffic.frauds.__contains__)
-            self.aggregator = AggregatorService(base, keyring=keyring)
+            self.aggregator = AggregatorService(base)
             tasks = [
                 asyncio.create_task(self.aggregator.run(), name="demo-aggregator"),
                 asyncio.create_task(self.observer.run(), name="demo-observer"),
@@ -428,7 +435,7 @@ class Demo:
             tasks.append(asyncio.create_task(self.show(), name="demo-view"))
             for i, (act, cfg) in enumerate(zip(self.acts, cfgs, strict=True), start=1):
                 self.act_index, self.act = i, act
-                results.append(await self._act(act, cfg, keyring, tim))
+                results.append(await self._act(act, cfg, operator, tim))
                 self._check(tasks)
             self.say("done: stopping traffic and the aggregator, reading the topics")
         finally:
@@ -522,21 +529,17 @@ class Demo:
         return done()
 
     async def _operator(
-        self, cfg: SidecarConfig, keyring: Keyring, action: Any, reason: str, **kw: Any
+        self, cfg: SidecarConfig, operator: _Operator, action: Any, reason: str, **kw: Any
     ) -> bool:
-        cmd = build_command(
-            action,
-            cfg.rollout.name,
-            issued_by=f"{default_issuer()} (demo operator)",
-            reason=reason,
-            **kw,
-        )
-        result = await issue(cfg, cmd, keyring=keyring, key_id=KEY_ID, timeout_s=15)
+        cmd = build_command(action, cfg.rollout.name, reason=reason, **kw)
+        result = await issue(cfg, cmd, key=operator.key, trust=operator.trust, timeout_s=15)
         if result.code != EXIT_OK:
             log.warning("operator %s: %s", action, result.message)
         return result.code == EXIT_OK
 
-    async def _act(self, act: Act, cfg: SidecarConfig, keyring: Keyring, tim: Timing) -> ActResult:
+    async def _act(
+        self, act: Act, cfg: SidecarConfig, operator: _Operator, tim: Timing
+    ) -> ActResult:
         window = tim.window_s
         previous = self.sidecars[0].config if self.sidecars else None
         await self._stop_sidecars()
@@ -558,7 +561,7 @@ class Demo:
             self.say(f"operator: sidecar ctl ramp {tim.plan}")
             ok = await self._operator(
                 cfg,
-                keyring,
+                operator,
                 "ramp",
                 (
                     "shadow looks healthy: ramp 1% -> 100%"
@@ -622,7 +625,7 @@ class Demo:
         )
         await asyncio.sleep(window)
         reason = "latency regression confirmed: the aggregator paused the ramp on latency_p99_ratio"
-        rolled = await self._operator(cfg, keyring, "rollback", reason)
+        rolled = await self._operator(cfg, operator, "rollback", reason)
         return await self._settle(
             act,
             ActResult(

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..config import SidecarConfig, config_from_dict
+from ..control.keys import KeySet
 from ..examples import fraud
 
 CHAMPION_THRESHOLD = 0.3
@@ -198,8 +199,7 @@ class Topics:
 @dataclass(frozen=True)
 class Settings:
     bootstrap: str
-    keys_file: str
-    key_id: str
+    keys: KeySet
     timing: Timing
     topics: Topics = field(default_factory=Topics)
     partitions: int = 6
@@ -250,15 +250,17 @@ def act_config(s: Settings, act: Act) -> SidecarConfig:
         "pipeline": {"drain_timeout_s": 10},
         "metrics": {"port": 0},
         "control": {
-            "keys_file": s.keys_file,
-            "key_id": s.key_id,
+            "trust_file": str(s.keys.trust_file),
+            "signing_key_file": str(s.keys.sidecar),
+            # The embedded broker keeps producer-chosen record times (see the README).
+            "allow_create_time": True,
             "heartbeat_interval_s": 0.5,
             "tick_interval_s": 0.5,
         },
         "aggregate": {
             "reports_topic": t.reports,
             "group_id": "demo-aggregator",
-            "key_id": s.key_id,
+            "signing_key_file": str(s.keys.guard),
             "metrics_port": 0,
             "window_ms": window_ms,
             "allowed_lateness_ms": min(500, window_ms // 2),

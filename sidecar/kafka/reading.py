@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,9 +63,12 @@ async def read_until_idle(
     since_ms: int | None = None,
     idle_s: float = 0.5,
     only_partition: int | None = None,
+    max_s: float = 60.0,
 ) -> list[Any]:
-    """Records of ``topic`` (those with a timestamp at or after ``since_ms``, else all) until
-    a fetch of ``idle_s`` brings nothing. Records are returned as the consumer gave them:
+    """Records of ``topic`` (those with a timestamp at or after ``since_ms``, else all) up to
+    now: a partition is done once it is idle for ``idle_s`` or delivers a record stamped after
+    the read began (a busy topic -- heartbeats every few hundred milliseconds -- is never
+    idle), and the whole read after ``max_s``. Records are returned as the consumer gave them:
     untrusted."""
     consumer = new_consumer(cfg, role, fetch_max_wait_ms=20)
     try:
@@ -81,15 +85,21 @@ async def read_until_idle(
             await consumer.seek_to_beginning(*tps)
         else:
             await seek_since(consumer, tps, since_ms)
+        loop = asyncio.get_running_loop()
+        started_ms = time.time_ns() // 1_000_000
+        deadline = loop.time() + max_s
         records: list[Any] = []
-        while True:
+        while loop.time() < deadline:
             batch = await consumer.getmany(timeout_ms=int(idle_s * 1000))
             if not batch:
                 return records
-            for part in batch.values():
-                if since_ms is None:
-                    records.extend(part)
-                else:  # where the broker could not seek by time
-                    records.extend(r for r in part if r.timestamp >= since_ms)
+            for tp, part in batch.items():
+                for r in part:
+                    if since_ms is None or r.timestamp >= since_ms:
+                        records.append(r)
+                    if r.timestamp > started_ms:  # caught up with the present
+                        consumer.pause(tp)
+                        break
+        return records
     finally:
         await stop_quietly(consumer)

@@ -62,6 +62,11 @@ async def ensure_topics(
         await admin.close()
 
 
+#: The control topic's records carry the broker's append time, which no producer chooses:
+#: command freshness and key validity are judged by it (see ``sidecar.control``).
+CONTROL_TOPIC_CONFIGS = {"message.timestamp.type": "LogAppendTime"}
+
+
 async def ensure_config_topics(cfg: SidecarConfig) -> list[str]:
     """Create every missing topic ``cfg`` names; return the names created.
 
@@ -74,6 +79,7 @@ async def ensure_config_topics(cfg: SidecarConfig) -> list[str]:
         topics=[cfg.topics.control],
         partitions=1,
         replication_factor=cfg.topics.replication_factor,
+        configs=CONTROL_TOPIC_CONFIGS,
         **kafka,
     )
     created += await ensure_topics(
@@ -93,6 +99,7 @@ async def ensure_control_topics(cfg: SidecarConfig) -> list[str]:
         topics=[cfg.topics.control],
         partitions=1,
         replication_factor=cfg.topics.replication_factor,
+        configs=CONTROL_TOPIC_CONFIGS,
         **kafka,
     )
     created += await ensure_topics(

@@ -22,13 +22,15 @@ from ..aggregate.guards import GuardRule, default_rules
 from ..aggregate.report import WindowReport, figure_of
 from ..aggregate.stats import Figure
 from ..control.commands import CommandRejected, ControlCommand, Freshness, Rejected, check_fresh
+from ..control.records import AuditRecord
 from ..control.state_machine import (
     Applied,
-    AuditRecord,
     ControlConfig,
+    Noted,
     RolloutState,
     apply,
     initial_state,
+    next_state,
 )
 from ..errors import SidecarError
 from ..routing import Mode
@@ -196,6 +198,10 @@ def command_timeline(rec: Recording) -> list[CommandEntry]:
         if state is None:
             mode, share = _initial(rec, cmd.rollout)
             state = initial_state(cmd.rollout, mode=mode, share_bp=share or None)
+        if cmd.expected_epoch is None and cmd.action != "rollback":
+            # Recorded before every command had to name its epoch: judged at the epoch it
+            # arrived at, as the instances of that version did.
+            cmd = msgspec.structs.replace(cmd, expected_epoch=state.epoch)
         try:
             check_fresh(cmd, ts, rules.freshness)
             outcome = apply(state, cmd, ts, config=rules)
@@ -203,12 +209,14 @@ def command_timeline(rec: Recording) -> list[CommandEntry]:
             text = f"rejected: {exc.reason.value}: {exc.detail}"
         else:
             if isinstance(outcome, Applied):
-                state = outcome.new_state
                 text = "applied"
+            elif isinstance(outcome, Noted):
+                text = "noted"
             elif isinstance(outcome, Rejected):
                 text = f"rejected: {outcome.reason.value}: {outcome.detail}"
             else:
                 text = "duplicate"
+            state = next_state(state, outcome)
         states[cmd.rollout] = state
         out.append(
             CommandEntry(

@@ -14,6 +14,7 @@ from html import escape
 
 import msgspec
 
+from ..aggregate.actions import is_guard_command
 from ..aggregate.guards import GuardRule
 from ..aggregate.report import WindowReport, figure_of
 from ..control.commands import format_ramp_plan
@@ -302,7 +303,7 @@ def markers_of(timeline: Sequence[CommandEntry]) -> list[Marker]:
             i,
             _marker_label(e),
             ACTION_COLORS.get(e.command.action, "#0072B2") if e.applied else "#999999",
-            f"{e.command.action} by the aggregator" if e.command.issued_by == "aggregator" else "",
+            f"{e.command.action} by the aggregator" if is_guard_command(e.command) else "",
         )
         for i, e in enumerate(timeline, start=1)
     ]
@@ -333,7 +334,7 @@ def evidence_of(rec: Recording, timeline: Sequence[CommandEntry]) -> list[Eviden
     rules = rules_of(rec)
     out = []
     for i, e in enumerate(timeline, start=1):
-        if e.command.issued_by != "aggregator":
+        if not is_guard_command(e.command):
             continue
         window = firing_window(rec, e.command)
         parts = e.command.command_id.split(":")
@@ -487,7 +488,7 @@ def _command_rows(timeline: Sequence[CommandEntry]) -> str:
     rows = []
     for i, e in enumerate(timeline, start=1):
         c = e.command
-        cls = "guard" if c.issued_by == "aggregator" else ("" if e.applied else "rejected")
+        cls = "guard" if is_guard_command(c) else ("" if e.applied else "rejected")
         state = f"{e.mode} {e.share_bp / 100:g}% (epoch {e.epoch})"
         rows.append(
             f'<tr class="{cls}"><td class="num">{i}</td><td>{fmt_time(e.ts_ms)}</td>'

@@ -18,7 +18,7 @@ from ..aggregate.report import WindowReport
 from ..config import SidecarConfig
 from ..control.commands import ControlCommand
 from ..control.plane import is_barrier
-from ..control.state_machine import AuditRecord
+from ..control.records import AuditRecord
 from ..errors import BrokerError
 from ..kafka import read_until_idle
 from ..untrusted import decoded_or_none

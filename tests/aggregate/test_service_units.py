@@ -4,6 +4,7 @@ decoding, replay bounds and the replayer."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import NamedTuple
 
 import msgspec
@@ -19,7 +20,8 @@ from sidecar.aggregate.replay import Bound, Replayer, check_range, format_result
 from sidecar.aggregate.service import AggregatorService, _Send, signing_key
 from sidecar.aggregate.settings import AggregateSettings
 from sidecar.config import config_from_dict, load_config
-from sidecar.control import Keyring
+from sidecar.control import SigningKey, TrustStore, sign_command, verify_command
+from sidecar.control.keys import write_key_set
 from sidecar.errors import ConfigError
 from sidecar.kafka import ProduceRefused
 
@@ -71,8 +73,9 @@ def test_guard_command_reason_carries_evidence_and_fits() -> None:
     short = command_reason(event, "cmp")
     assert "evidence cmp[0@3000-3999]" in short
     assert "window 1970-01-01 00:00:03-00:00:04 UTC" in short, "windows are UTC times"
-    signed = Keyring({"agg": b"k" * 32}).sign(cmd, "agg")
-    Keyring({"agg": b"k" * 32}).verify(signed)
+    guard = SigningKey.generate("agg", "guard")
+    signed = sign_command(cmd, guard)
+    verify_command(signed, TrustStore([guard.trusted()]), 123)  # a guard may roll back
 
 
 def test_alert_events_are_not_commands() -> None:
@@ -166,18 +169,21 @@ def test_settings_from_toml_and_env(tmp_path: object) -> None:
         )
 
 
-def test_signing_key_says_what_to_set() -> None:
+def test_signing_key_says_what_to_set(tmp_path: Path) -> None:
     cfg = config_from_dict({"models": MODELS})
-    ring = Keyring({"k1": b"s" * 32})
-    with pytest.raises(ConfigError, match=r"aggregate\.key_id"):
-        signing_key(cfg, ring)
-    cfg = config_from_dict({"models": MODELS, "aggregate": {"key_id": "nope"}})
-    with pytest.raises(ConfigError, match="not among"):
-        signing_key(cfg, ring)
-    cfg = config_from_dict({"models": MODELS, "control": {"key_id": "k1"}})
-    assert signing_key(cfg, ring) == (ring, "k1")
+    with pytest.raises(ConfigError, match=r"aggregate\.signing_key_file"):
+        signing_key(cfg, None)
+    keys = write_key_set(tmp_path / "keys")
+    sidecar_key = config_from_dict(
+        {"models": MODELS, "aggregate": {"signing_key_file": str(keys.sidecar)}}
+    )
+    with pytest.raises(ConfigError, match="role sidecar"):
+        signing_key(sidecar_key, None)
+    guard = config_from_dict({"models": MODELS, "aggregate": {"signing_key_file": str(keys.guard)}})
+    key = signing_key(guard, None)
+    assert key is not None and key.role == "guard"
     dry = config_from_dict({"models": MODELS, "aggregate": {"dry_run": True}})
-    assert signing_key(dry, None) == (None, None)
+    assert signing_key(dry, None) is None
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,12 @@
 from __future__ import annotations
 
 import pytest
-from ctl_support import SECRET_1, SECRET_2, CommandFactory, command_factory
-
-from sidecar.control import Keyring
+from ctl_support import CommandFactory, Keys, command_factory, make_keys
 
 
 @pytest.fixture
-def keyring() -> Keyring:
-    return Keyring.parse(f"k1={SECRET_1}\nk2={SECRET_2}\n")
+def keys() -> Keys:
+    return make_keys()
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from ctl_support import SECRET_1, T0, CommandFactory, command_factory
+from ctl_support import KEYS, T0, CommandFactory, Keys, apply_at, command_factory, fixed_key
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -15,21 +15,25 @@ from sidecar.control import (
     CommandArgs,
     ControlCommand,
     ControlConfig,
+    ControlRecord,
     Duplicate,
     Freshness,
     InstanceStatus,
-    Keyring,
+    Noted,
     Outcome,
     RampStep,
     Rejected,
     RejectReason,
     RolloutState,
+    TrustStore,
+    Verdict,
     advance_command_id,
     apply,
     audit_record,
     encode_command,
     initial_state,
     instance_status,
+    next_state,
     process_record,
     replay,
     tick,
@@ -78,7 +82,7 @@ def build(name: str) -> RolloutState:
         "retired": [c("promote"), c("retire", issued_at_ms=T0 + 3_600_000)],
     }
     for command in steps[name]:
-        s = ok(apply(s, command, command.issued_at_ms, config=CFG))
+        s = ok(apply_at(s, command, command.issued_at_ms, config=CFG))
     return s
 
 
@@ -129,7 +133,7 @@ TABLE: list[tuple[str, str, A, RejectReason | tuple[Mode, int]]] = [
     ),
     ("shadow", "promote", {}, (Mode.PROMOTED, 10_000)),
     ("shadow", "rollback", {}, (Mode.ROLLED_BACK, 0)),
-    ("shadow", "pause", {}, R.ILLEGAL_TRANSITION),
+    ("shadow", "pause", {}, (Mode.SHADOW, 0)),  # a hold: frozen where it stands
     ("shadow", "resume", {}, R.ILLEGAL_TRANSITION),
     ("shadow", "retire", {}, R.ILLEGAL_TRANSITION),
     ("shadow", "advance", {"samples": 10**9, "expected_epoch": 0}, R.ILLEGAL_TRANSITION),
@@ -141,7 +145,7 @@ TABLE: list[tuple[str, str, A, RejectReason | tuple[Mode, int]]] = [
     ("canary", "ramp", {"plan": PLAN}, (Mode.CANARY, 100)),
     ("canary", "promote", {}, (Mode.PROMOTED, 10_000)),
     ("canary", "rollback", {}, (Mode.ROLLED_BACK, 0)),
-    ("canary", "pause", {}, R.ILLEGAL_TRANSITION),
+    ("canary", "pause", {}, (Mode.CANARY, 500)),
     ("canary", "resume", {}, R.ILLEGAL_TRANSITION),
     ("canary", "retire", {}, R.ILLEGAL_TRANSITION),
     # from a running ramp (step 1 of 3, 1%)
@@ -154,16 +158,17 @@ TABLE: list[tuple[str, str, A, RejectReason | tuple[Mode, int]]] = [
     ("ramping", "promote", {}, (Mode.PROMOTED, 10_000)),
     ("ramping", "rollback", {}, (Mode.ROLLED_BACK, 0)),
     ("ramping", "retire", {}, R.ILLEGAL_TRANSITION),
-    ("ramping", "advance", {"samples": 10**9}, R.INVALID_ARGS),  # no expected_epoch
+    ("ramping", "advance", {"samples": 10**9, "expected_epoch": 0}, R.EPOCH_CONFLICT),
     ("ramping", "pause", {"share_bp": 5}, R.INVALID_ARGS),
     # from a paused ramp
     ("paused", "pause", {}, R.NO_CHANGE),
     ("paused", "resume", {}, (Mode.CANARY, 100)),
     ("paused", "advance", {"samples": 10**9, "expected_epoch": 2}, R.ILLEGAL_TRANSITION),
     ("paused", "rollback", {}, (Mode.ROLLED_BACK, 0)),
-    ("paused", "promote", {}, (Mode.PROMOTED, 10_000)),
-    ("paused", "canary", {"share_bp": 300}, (Mode.CANARY, 300)),
-    ("paused", "shadow", {}, (Mode.SHADOW, 0)),
+    ("paused", "promote", {}, R.ILLEGAL_TRANSITION),  # held: resume first
+    ("paused", "canary", {"share_bp": 300}, R.ILLEGAL_TRANSITION),
+    ("paused", "shadow", {}, R.ILLEGAL_TRANSITION),
+    ("paused", "ramp", {"plan": PLAN}, R.ILLEGAL_TRANSITION),
     # from promoted
     ("promoted", "shadow", {}, R.ILLEGAL_TRANSITION),
     ("promoted", "canary", {"share_bp": 500}, R.ILLEGAL_TRANSITION),
@@ -194,7 +199,7 @@ def test_transition(
     expect: RejectReason | tuple[Mode, int],
 ) -> None:
     state = build(start)
-    outcome = apply(state, cmd(action, **kw), T0 + 1, config=CFG)
+    outcome = apply_at(state, cmd(action, **kw), T0 + 1, config=CFG)
     if isinstance(expect, RejectReason):
         refused(outcome, expect)
         return
@@ -207,7 +212,7 @@ def test_transition(
 
 @pytest.mark.parametrize("action", ACTIONS)
 def test_retired_rejects_everything(cmd: CommandFactory, action: str) -> None:
-    refused(apply(build("retired"), cmd(action), T0 + 10**9, config=CFG), R.RETIRED)
+    refused(apply_at(build("retired"), cmd(action), T0 + 10**9, config=CFG), R.RETIRED)
 
 
 @pytest.mark.parametrize(
@@ -221,12 +226,12 @@ def test_retired_rejects_everything(cmd: CommandFactory, action: str) -> None:
 )
 def test_no_candidate(cmd: CommandFactory, action: str, kw: A, reason: RejectReason) -> None:
     state = initial_state("r1", has_candidate=False)
-    refused(apply(state, cmd(action, **kw), T0), reason)
-    assert ok(apply(state, cmd("rollback"), T0)).mode is Mode.ROLLED_BACK
+    refused(apply_at(state, cmd(action, **kw), T0), reason)
+    assert ok(apply_at(state, cmd("rollback"), T0)).mode is Mode.ROLLED_BACK
 
 
 def test_other_rollout(cmd: CommandFactory) -> None:
-    refused(apply(build("shadow"), cmd("promote", rollout="r2"), T0), R.OTHER_ROLLOUT)
+    refused(apply_at(build("shadow"), cmd("promote", rollout="r2"), T0), R.OTHER_ROLLOUT)
 
 
 # ------------------------------------------------------------------ specific rules
@@ -234,21 +239,21 @@ def test_other_rollout(cmd: CommandFactory) -> None:
 
 def test_rollback_mid_ramp_cancels_ramp(cmd: CommandFactory) -> None:
     for start in ("ramping", "paused"):
-        new = ok(apply(build(start), cmd("rollback"), T0 + 1))
+        new = ok(apply_at(build(start), cmd("rollback"), T0 + 1))
         assert new.ramp is None and not new.paused
         assert to_policy(new).candidate_share_bp == 0
 
 
 def test_manual_canary_cancels_ramp(cmd: CommandFactory) -> None:
-    new = ok(apply(build("ramping"), cmd("canary", share_bp=100), T0 + 1))
+    new = ok(apply_at(build("ramping"), cmd("canary", share_bp=100), T0 + 1))
     assert new.ramp is None and new.share_bp == 100
 
 
 def test_pause_freezes_and_resume_restarts_step_clock(cmd: CommandFactory) -> None:
     paused = build("paused")
     assert paused.paused and paused.ramp is not None and paused.share_bp == 100
-    assert tick(paused, T0 + 10**9, 10**9, True) is None
-    resumed = ok(apply(paused, cmd("resume"), T0 + 50_000))
+    assert tick(paused, T0 + 10**9, 10**9) is None
+    resumed = ok(apply_at(paused, cmd("resume"), T0 + 50_000))
     assert not resumed.paused and resumed.ramp is not None
     assert resumed.ramp.step == 0
     assert resumed.ramp.step_started_ms == T0 + 50_000
@@ -258,9 +263,9 @@ def test_pause_freezes_and_resume_restarts_step_clock(cmd: CommandFactory) -> No
 def test_retire_after_min_promoted_age(cmd: CommandFactory) -> None:
     promoted = build("promoted")
     assert promoted.promoted_since_ms == T0
-    early = refused(apply(promoted, cmd("retire"), T0 + 3_599_999, config=CFG), R.TOO_EARLY)
+    early = refused(apply_at(promoted, cmd("retire"), T0 + 3_599_999, config=CFG), R.TOO_EARLY)
     assert "3600s" in early.detail
-    retired = ok(apply(promoted, cmd("retire"), T0 + 3_600_000, config=CFG))
+    retired = ok(apply_at(promoted, cmd("retire"), T0 + 3_600_000, config=CFG))
     assert retired.retired and not retired.score_shadow_arm
     policy = to_policy(retired)
     assert policy.mode is Mode.PROMOTED and not policy.score_shadow_arm
@@ -268,15 +273,15 @@ def test_retire_after_min_promoted_age(cmd: CommandFactory) -> None:
 
 
 def test_rollback_clears_promoted_since(cmd: CommandFactory) -> None:
-    rolled = ok(apply(build("promoted"), cmd("rollback"), T0 + 1))
+    rolled = ok(apply_at(build("promoted"), cmd("rollback"), T0 + 1))
     assert rolled.promoted_since_ms is None
-    refused(apply(rolled, cmd("retire"), T0 + 10**9, config=CFG), R.ILLEGAL_TRANSITION)
+    refused(apply_at(rolled, cmd("retire"), T0 + 10**9, config=CFG), R.ILLEGAL_TRANSITION)
 
 
 def test_score_shadow_arm_carried(cmd: CommandFactory) -> None:
-    s = ok(apply(build("shadow"), cmd("canary", share_bp=5, score_shadow_arm=False), T0))
+    s = ok(apply_at(build("shadow"), cmd("canary", share_bp=5, score_shadow_arm=False), T0))
     assert not s.score_shadow_arm
-    s = ok(apply(s, cmd("canary", share_bp=6), T0))
+    s = ok(apply_at(s, cmd("canary", share_bp=6), T0))
     assert not s.score_shadow_arm  # kept unless a command changes it
     assert not to_policy(s).score_shadow_arm
 
@@ -297,40 +302,48 @@ def test_epoch_increases_by_one_per_applied(cmd: CommandFactory) -> None:
             cmd("rollback"),
         ]
     ):
-        out = apply(s, c, T0 + i)
+        out = apply_at(s, c, T0 + i)
         if isinstance(out, Applied):
             assert out.from_epoch == s.epoch and out.to_epoch == s.epoch + 1
             s = out.new_state
     assert s.epoch == 5  # the second canary 5 was a no-op rejection
 
 
-def test_compare_and_set(cmd: CommandFactory) -> None:
+def test_every_command_but_rollback_is_bound_to_an_epoch(cmd: CommandFactory) -> None:
     s = ok(apply(build("shadow"), cmd("canary", share_bp=5, expected_epoch=0), T0))
     conflict = refused(apply(s, cmd("canary", share_bp=9, expected_epoch=0), T0), R.EPOCH_CONFLICT)
-    assert "expected epoch 0, rollout is at 1" in conflict.detail
+    assert "issued against epoch 0, the rollout is at 1" in conflict.detail
+    missing = refused(apply(s, cmd("canary", share_bp=9), T0), R.INVALID_ARGS)
+    assert "needs expected_epoch" in missing.detail
     refused(apply(s, cmd("rollback", expected_epoch=7), T0), R.EPOCH_CONFLICT)
+    assert ok(apply(s, cmd("rollback"), T0)).mode is Mode.ROLLED_BACK  # always safe
     assert ok(apply(s, cmd("canary", share_bp=9, expected_epoch=1), T0)).share_bp == 9
 
 
 def test_duplicate_command_id_is_ignored(cmd: CommandFactory) -> None:
-    c = cmd("canary", share_bp=5)
+    c = cmd("canary", share_bp=5, expected_epoch=0)
     s = ok(apply(build("shadow"), c, T0))
     again = apply(s, c, T0 + 5)
     assert isinstance(again, Duplicate) and again.command == c
     # Even a different payload under an applied id is a duplicate (ids are the idempotency key)
-    assert isinstance(apply(s, msgspec.structs.replace(c, action="promote"), T0), Duplicate)
+    assert isinstance(apply_at(s, msgspec.structs.replace(c, action="promote"), T0), Duplicate)
     # ... and even after the rollout moved on or retired.
-    s2 = ok(apply(s, cmd("promote"), T0))
-    s3 = ok(apply(s2, cmd("retire"), T0 + 10**8))
-    assert isinstance(apply(s3, c, T0), Duplicate)
+    s2 = ok(apply_at(s, cmd("promote"), T0))
+    s3 = ok(apply_at(s2, cmd("retire"), T0 + 10**8))
+    assert isinstance(apply_at(s3, c, T0), Duplicate)
 
 
-def test_rejected_command_is_not_remembered(cmd: CommandFactory) -> None:
-    c = cmd("pause")
-    s = build("shadow")
-    refused(apply(s, c, T0), R.ILLEGAL_TRANSITION)
-    s = ok(apply(s, cmd("ramp", plan=PLAN), T0))
-    assert ok(apply(s, c, T0)).paused
+def test_a_refused_command_never_applies_later(cmd: CommandFactory) -> None:
+    # An operator's canary 6% is refused (no change); the operator rolls back; replaying the
+    # refused command's exact bytes must not undo the rollback.
+    s = build("canary")
+    c = cmd("canary", share_bp=500, expected_epoch=s.epoch)
+    s = next_state(s, refused(apply(s, c, T0), R.NO_CHANGE))
+    assert c.command_id in s.seen_ids
+    s = ok(apply(s, cmd("rollback"), T0 + 1))
+    replayed = refused(apply(s, msgspec.structs.replace(c, expected_epoch=s.epoch), T0), R.REPLAYED)
+    assert "refused before" in replayed.detail
+    assert next_state(s, replayed) == s
 
 
 # ------------------------------------------------------------------ ramps
@@ -342,7 +355,7 @@ def ramp_at_step(n: int) -> RolloutState:
     for _ in range(n):
         assert s.ramp is not None
         t += 10**9
-        s = ok(tick(s, t, 10**9, True))
+        s = ok(tick(s, t, 10**9))
     return s
 
 
@@ -358,18 +371,22 @@ def test_ramp_starts_at_first_step(cmd: CommandFactory) -> None:
     [
         (60_000, 99, True),  # hold met, samples short
         (59_999, 100, True),  # samples met, hold short
-        (10**9, 10**9, False),  # guard failing
+        (10**9, 10**9, False),  # a guard says stop
         (0, 0, True),
     ],
 )
 def test_tick_holds(elapsed_ms: int, samples: int, guard_ok: bool) -> None:
     s = build("ramping")
-    assert tick(s, T0 + elapsed_ms, samples, guard_ok) is None
+    if not guard_ok:
+        s = msgspec.structs.replace(
+            s, verdict=Verdict(guards_ok=False, window_end_ms=T0, detail="flag rate x2")
+        )
+    assert tick(s, T0 + elapsed_ms, samples) is None
 
 
 def test_tick_advances_when_both_floors_met() -> None:
     s = build("ramping")
-    applied = tick(s, T0 + 60_000, 100, True, issued_by="inst-1")
+    applied = tick(s, T0 + 60_000, 100, issued_by="inst-1")
     new = ok(applied)
     assert new.ramp is not None
     assert (new.share_bp, new.ramp.step) == (500, 1)
@@ -377,7 +394,7 @@ def test_tick_advances_when_both_floors_met() -> None:
     assert applied is not None
     c = applied.command
     assert c.action == "advance" and c.expected_epoch == s.epoch
-    assert c.command_id == advance_command_id(s) == "advance:r1:1"
+    assert c.command_id == advance_command_id(s, "inst-1") == "advance:r1:1:inst-1:0"
     assert c.issued_by == "inst-1" and c.args.samples == 100
 
 
@@ -387,7 +404,7 @@ def test_tick_never_skips_a_step() -> None:
     t = T0
     while s.ramp is not None:
         t += 10**10
-        s = ok(tick(s, t, 10**12, True))
+        s = ok(tick(s, t, 10**12))
         shares.append(s.share_bp)
     assert shares == [100, 500, 10_000, 10_000]
     assert s.mode is Mode.PROMOTED and s.promoted_since_ms == t
@@ -397,30 +414,30 @@ def test_tick_floors_are_per_step() -> None:
     s = ramp_at_step(1)
     assert s.ramp is not None and s.ramp.step == 1
     started = s.ramp.step_started_ms
-    assert tick(s, started + 119_999, 500, True) is None
-    assert tick(s, started + 120_000, 499, True) is None
-    assert ok(tick(s, started + 120_000, 500, True)).share_bp == 10_000
+    assert tick(s, started + 119_999, 500) is None
+    assert tick(s, started + 120_000, 499) is None
+    assert ok(tick(s, started + 120_000, 500)).share_bp == 10_000
 
 
 def test_last_step_at_full_share_promotes() -> None:
     s = ramp_at_step(2)
     assert s.ramp is not None and s.ramp.is_last and s.mode is Mode.CANARY
-    done = ok(tick(s, s.ramp.step_started_ms + 300_000, 1000, True))
+    done = ok(tick(s, s.ramp.step_started_ms + 300_000, 1000))
     assert done.mode is Mode.PROMOTED and done.ramp is None
-    assert tick(done, T0 + 10**12, 10**9, True) is None
+    assert tick(done, T0 + 10**12, 10**9) is None
 
 
 def test_last_step_below_full_share_ends_ramp_in_canary(cmd: CommandFactory) -> None:
     plan = [RampStep(share_bp=100, min_hold_s=0, min_samples=0)]
-    s = ok(apply(build("shadow"), cmd("ramp", plan=plan), T0))
-    done = ok(tick(s, T0, 0, True))
+    s = ok(apply_at(build("shadow"), cmd("ramp", plan=plan), T0))
+    done = ok(tick(s, T0, 0))
     assert (done.mode, done.share_bp, done.ramp) == (Mode.CANARY, 100, None)
-    assert tick(done, T0 + 10**9, 10**9, True) is None
+    assert tick(done, T0 + 10**9, 10**9) is None
 
 
 def test_tick_outside_ramp_is_none() -> None:
     for name in ("shadow", "canary", "paused", "promoted", "rolled_back", "retired"):
-        assert tick(build(name), T0 + 10**12, 10**12, True) is None
+        assert tick(build(name), T0 + 10**12, 10**12) is None
 
 
 def test_advance_command_rules(cmd: CommandFactory) -> None:
@@ -434,24 +451,24 @@ def test_advance_command_rules(cmd: CommandFactory) -> None:
 
 
 def test_concurrent_advances_apply_once() -> None:
-    """Two instances decide to advance the same step: one applies, the other is a duplicate;
-    a late advance computed on an older state is an epoch conflict."""
+    """Two instances decide to advance the same step: the first applies and moves the
+    epoch, so the other's advance (issued against the old epoch) is an epoch conflict."""
     s = build("ramping")
-    a = tick(s, T0 + 60_000, 100, True, issued_by="inst-a")
-    b = tick(s, T0 + 61_000, 150, True, issued_by="inst-b")
+    a = tick(s, T0 + 60_000, 100, issued_by="inst-a")
+    b = tick(s, T0 + 61_000, 150, issued_by="inst-b")
     assert a is not None and b is not None
-    s1 = ok(apply(s, a.command, T0 + 60_000))
-    assert isinstance(apply(s1, b.command, T0 + 61_000), Duplicate)
-    stale = msgspec.structs.replace(b.command, command_id="other-id")
-    refused(apply(s1, stale, T0 + 61_000), R.EPOCH_CONFLICT)
+    assert a.command.command_id != b.command.command_id
+    s1 = ok(apply_at(s, a.command, T0 + 60_000))
+    refused(apply_at(s1, b.command, T0 + 61_000), R.EPOCH_CONFLICT)
+    assert isinstance(apply_at(s1, a.command, T0 + 61_000), Duplicate)
 
 
 def test_hold_boundary_agrees_between_tick_and_apply(cmd: CommandFactory) -> None:
     plan = [RampStep(share_bp=100, min_hold_s=0.29, min_samples=0), PLAN[2]]
-    s = ok(apply(build("shadow"), cmd("ramp", plan=plan), T0))
+    s = ok(apply_at(build("shadow"), cmd("ramp", plan=plan), T0))
     for dt in range(280, 300):
-        t = tick(s, T0 + dt, 0, True)
-        direct = apply(s, cmd("advance", samples=0, expected_epoch=s.epoch), T0 + dt)
+        t = tick(s, T0 + dt, 0)
+        direct = apply_at(s, cmd("advance", samples=0, expected_epoch=s.epoch), T0 + dt)
         assert (t is None) == isinstance(direct, Rejected)
 
 
@@ -497,25 +514,35 @@ def test_initial_state() -> None:
 # ------------------------------------------------------------------ records and replay
 
 
-def signed_history(keyring: Keyring, cmd: CommandFactory, t: int) -> list[tuple[bytes, int]]:
-    def rec(c: ControlCommand) -> tuple[bytes, int]:
-        return encode_command(keyring.sign(c, "k1")), c.issued_at_ms + 200
+def signed_history(keys: Keys, cmd: CommandFactory, t: int) -> list[ControlRecord]:
+    """A signed history, each command issued against the epoch it will meet."""
+    epoch = iter([0, 1, 2, 3, 4, 99])
 
-    return [
-        rec(cmd("canary", share_bp=100, issued_at_ms=t)),
+    def rec(c: ControlCommand, at_epoch: bool = True) -> ControlRecord:
+        if at_epoch and c.expected_epoch is None:
+            c = msgspec.structs.replace(c, expected_epoch=next(epoch))
+        return keys.record(c, c.issued_at_ms + 200)
+
+    first = cmd("canary", share_bp=100, issued_at_ms=t)
+    history = [
+        rec(first),
         rec(cmd("ramp", plan=PLAN, issued_at_ms=t + 1000)),
         rec(cmd("pause", issued_at_ms=t + 2000)),
         rec(cmd("resume", issued_at_ms=t + 3000)),
-        rec(cmd("canary", share_bp=100, issued_at_ms=t + 4000, command_id="c1")),  # duplicate
-        (b"garbage", t + 5000),
+    ]
+    duplicate = msgspec.structs.replace(first, issued_at_ms=t + 4000)
+    return [
+        *history,
+        keys.record(duplicate, t + 4200),  # an applied id again: duplicate
+        ControlRecord(b"garbage", t + 5000),
         rec(cmd("promote", issued_at_ms=t + 6000, expected_epoch=99)),  # conflict
     ]
 
 
-def test_replay_uses_record_time_not_wall_clock(keyring: Keyring, cmd: CommandFactory) -> None:
+def test_replay_uses_record_time_not_wall_clock(keys: Keys, cmd: CommandFactory) -> None:
     long_ago = 946_684_800_000  # 2000-01-01: fresh when written, decades old now
-    history = signed_history(keyring, cmd, long_ago)
-    state, outcomes = replay(history, initial=initial_state("r1"), keyring=keyring)
+    history = signed_history(keys, cmd, long_ago)
+    state, outcomes = replay(history, initial=initial_state("r1"), trust=keys.trust)
     assert [type(o).__name__ for o in outcomes] == [
         "Applied",
         "Applied",
@@ -531,74 +558,99 @@ def test_replay_uses_record_time_not_wall_clock(keyring: Keyring, cmd: CommandFa
     ]
     assert state.epoch == 4 and state.mode is Mode.CANARY and state.ramp is not None
     assert state.ramp.step_started_ms == long_ago + 3200  # the resume record's timestamp
-    again, _ = replay(history, initial=initial_state("r1"), keyring=keyring)
+    again, _ = replay(history, initial=initial_state("r1"), trust=keys.trust)
     assert again == state
 
 
-def test_replay_rejects_record_stale_at_its_own_time(keyring: Keyring, cmd: CommandFactory) -> None:
-    c = keyring.sign(cmd("promote", issued_at_ms=T0), "k1")
+def test_replay_rejects_record_stale_at_its_own_time(keys: Keys, cmd: CommandFactory) -> None:
+    c = encode_command(keys.sign(cmd("promote", issued_at_ms=T0, expected_epoch=0)))
     cfg = ControlConfig(freshness=Freshness(max_age_s=60, max_future_s=5))
     state, outcomes = replay(
-        [(encode_command(c), T0 + 61_000), (encode_command(c), T0 - 6_000)],
+        [ControlRecord(c, T0 + 61_000), ControlRecord(c, T0 - 6_000)],
         initial=initial_state("r1"),
-        keyring=keyring,
+        trust=keys.trust,
         config=cfg,
     )
     assert [o.reason for o in outcomes if isinstance(o, Rejected)] == [R.STALE, R.FUTURE]
     assert state.epoch == 0
 
 
-def test_replay_signature_failures(keyring: Keyring, cmd: CommandFactory) -> None:
-    unsigned = encode_command(cmd("promote"))
-    unknown = encode_command(Keyring.parse(f"k9={SECRET_1}").sign(cmd("promote"), "k9"))
-    state, outcomes = replay(
-        [(unsigned, T0), (unknown, T0)], initial=initial_state("r1"), keyring=keyring
+def test_records_with_producer_chosen_times_are_refused_unless_allowed(
+    keys: Keys, cmd: CommandFactory
+) -> None:
+    record = keys.record(cmd("promote", expected_epoch=0), T0)
+    created = ControlRecord(record.value, T0, log_append_time=False)
+    _, outcomes = replay([created], initial=initial_state("r1"), trust=keys.trust)
+    refused(outcomes[0], R.UNTRUSTED_TIME)
+    allowed = ControlConfig(allow_create_time=True)
+    state, _ = replay([created], initial=initial_state("r1"), trust=keys.trust, config=allowed)
+    assert state.mode is Mode.PROMOTED
+
+
+def test_replay_signature_failures(keys: Keys, cmd: CommandFactory) -> None:
+    unsigned = encode_command(cmd("promote", expected_epoch=0))
+    stranger = fixed_key("k9", "operator", 9)
+    unknown = encode_command(msgspec.structs.replace(keys.sign(cmd("promote")), key_id="k9"))
+    forged = encode_command(
+        msgspec.structs.replace(
+            keys.sign(cmd("promote", expected_epoch=0)),
+            signature=keys.sign(cmd("promote", expected_epoch=0), "k2").signature,
+        )
     )
-    assert [o.reason for o in outcomes if isinstance(o, Rejected)] == [R.UNSIGNED, R.UNKNOWN_KEY]
-    assert state.epoch == 0
+    mine = TrustStore([stranger.trusted()])
+    state, outcomes = replay(
+        [ControlRecord(unsigned, T0), ControlRecord(unknown, T0), ControlRecord(forged, T0)],
+        initial=initial_state("r1"),
+        trust=keys.trust,
+    )
+    assert [o.reason for o in outcomes if isinstance(o, Rejected)] == [
+        R.UNSIGNED,
+        R.UNKNOWN_KEY,
+        R.BAD_SIGNATURE,
+    ]
+    assert state.epoch == 0 and len(mine) == 1
 
 
-def test_two_instances_converge(keyring: Keyring, cmd: CommandFactory) -> None:
+def test_two_instances_converge(keys: Keys, cmd: CommandFactory) -> None:
     """Instance A processes records live (advancing the ramp through its own ticks, published
     to the log); instance B starts later and replays the log: same state."""
-    log: list[tuple[bytes, int]] = []
+    log: list[ControlRecord] = []
     a = initial_state("r1")
 
-    def publish(c: ControlCommand, ts: int) -> None:
+    def publish(c: ControlCommand, ts: int, key_id: str = "k2") -> None:
         nonlocal a
-        log.append((encode_command(keyring.sign(c, "k2")), ts))
-        out = process_record(a, log[-1][0], ts, keyring=keyring)
-        if isinstance(out, Applied):
-            a = out.new_state
+        log.append(keys.record(c, ts, key_id))
+        out = process_record(a, log[-1], trust=keys.trust)
+        a = next_state(a, out)
 
-    publish(cmd("ramp", plan=PLAN, issued_at_ms=T0), T0)
+    publish(cmd("ramp", plan=PLAN, issued_at_ms=T0, expected_epoch=0), T0)
     t = T0
     while a.ramp is not None:
         t += 400_000
-        adv = tick(a, t, 5000, True, issued_by="inst-a")
+        adv = tick(a, t, 5000, issued_by="s1")
         assert adv is not None
-        publish(adv.command, t + 10)
-        publish(adv.command, t + 20)  # a redelivery
+        publish(adv.command, t + 10, "s1")
+        publish(adv.command, t + 20, "s1")  # a redelivery
     assert a.mode is Mode.PROMOTED and a.epoch == 4
-    b, outcomes = replay(log, initial=initial_state("r1"), keyring=keyring)
+    b, outcomes = replay(log, initial=initial_state("r1"), trust=keys.trust)
     assert b == a
     assert sum(isinstance(o, Duplicate) for o in outcomes) == 3
 
 
-def test_replay_other_rollout(keyring: Keyring, cmd: CommandFactory) -> None:
-    raw = encode_command(keyring.sign(cmd("promote", rollout="r2"), "k1"))
-    _, outcomes = replay([(raw, T0)], initial=initial_state("r1"), keyring=keyring)
+def test_replay_other_rollout(keys: Keys, cmd: CommandFactory) -> None:
+    record = keys.record(cmd("promote", rollout="r2", expected_epoch=0), T0)
+    _, outcomes = replay([record], initial=initial_state("r1"), trust=keys.trust)
     assert isinstance(outcomes[0], Rejected) and outcomes[0].reason is R.OTHER_ROLLOUT
 
 
 # ------------------------------------------------------------------ audit and status
 
 
-def test_audit_records(keyring: Keyring, cmd: CommandFactory) -> None:
+def test_audit_records(keys: Keys, cmd: CommandFactory) -> None:
     s = build("shadow")
-    c = keyring.sign(cmd("canary", share_bp=5, reason="first look"), "k1")
+    c = keys.sign(cmd("canary", share_bp=5, reason="first look", expected_epoch=0))
     applied = apply(s, c, T0)
-    rec = audit_record(applied, instance_id="i1", applied_at_ms=T0 + 3)
+    rec = audit_record(applied, instance_id="i1", applied_at_ms=T0 + 3, record_offset=7)
     assert rec == AuditRecord(
         outcome="applied",
         instance_id="i1",
@@ -614,6 +666,7 @@ def test_audit_records(keyring: Keyring, cmd: CommandFactory) -> None:
         to_epoch=1,
         mode="canary",
         share_bp=5,
+        record_offset=7,
     )
     assert msgspec.json.decode(msgspec.json.encode(rec), type=AuditRecord) == rec
 
@@ -621,11 +674,11 @@ def test_audit_records(keyring: Keyring, cmd: CommandFactory) -> None:
     dup = audit_record(apply(applied.new_state, c, T0), instance_id="i1", applied_at_ms=T0)
     assert (dup.outcome, dup.reason, dup.to_epoch) == ("duplicate", "duplicate", None)
 
-    rej = audit_record(apply(s, cmd("pause"), T0), instance_id="i1", applied_at_ms=T0)
-    assert (rej.outcome, rej.reason, rej.action) == ("rejected", "illegal_transition", "pause")
+    rej = audit_record(apply_at(s, cmd("resume"), T0), instance_id="i1", applied_at_ms=T0)
+    assert (rej.outcome, rej.reason, rej.action) == ("rejected", "illegal_transition", "resume")
     assert rej.detail
 
-    bad = process_record(s, b"{", T0, keyring=keyring)
+    bad = process_record(s, ControlRecord(b"{", T0), trust=keys.trust)
     garbage = audit_record(bad, instance_id="i1", applied_at_ms=T0)
     assert (garbage.outcome, garbage.reason, garbage.command_id) == ("rejected", "malformed", None)
     assert b"command_id" not in msgspec.json.encode(garbage)
@@ -655,7 +708,6 @@ def test_state_is_serialisable() -> None:
 # ------------------------------------------------------------------ properties
 
 PROP_CFG = ControlConfig(min_promoted_age_s=60)
-PROP_KEYS = Keyring.parse(f"k1={SECRET_1}")
 
 steps_st = st.lists(
     st.builds(
@@ -709,7 +761,8 @@ command_op = st.sampled_from(ACTIONS).flatmap(
     )
 )
 tick_op = st.tuples(st.just("tick"), st.integers(0, 3000), st.booleans(), st.integers(0, 700_000))
-ops_st = st.lists(st.one_of(command_op, tick_op), min_size=10, max_size=60)
+verdict_op = st.tuples(st.just("verdict"), st.booleans(), st.integers(0, 700_000))
+ops_st = st.lists(st.one_of(command_op, command_op, tick_op, verdict_op), min_size=10, max_size=60)
 
 
 def _check_invariants(s: RolloutState) -> None:
@@ -718,7 +771,7 @@ def _check_invariants(s: RolloutState) -> None:
     assert policy.candidate_share_bp == s.share_bp
     assert policy.epoch == s.epoch
     if s.paused:
-        assert s.ramp is not None
+        assert s.mode in (Mode.SHADOW, Mode.CANARY)
     if s.ramp is not None:
         assert s.mode is Mode.CANARY
         assert 0 <= s.ramp.step < len(s.ramp.plan)
@@ -735,16 +788,33 @@ def _check_invariants(s: RolloutState) -> None:
 def test_random_histories(ops: list[tuple[Any, ...]]) -> None:
     state = initial_state("r1", now_ms=T0)
     t = T0
-    log: list[tuple[bytes, int]] = []
+    log: list[ControlRecord] = []
     ids: list[str] = []
+    window_end = T0
     for n, op in enumerate(ops):
+        key_id = "k1"
         if op[0] == "tick":
-            _, samples, guard, dt = op
+            _, samples, _, dt = op
             t += dt
-            maybe = tick(state, t, samples, guard)
+            maybe = tick(state, t, samples, config=PROP_CFG, issued_by="s1")
             if maybe is None:
                 continue
-            command = maybe.command
+            command, key_id = maybe.command, "s1"
+        elif op[0] == "verdict":
+            _, go, dt = op
+            t += dt
+            window_end += dt
+            command = ControlCommand(
+                command_id=f"v{n}",
+                rollout="r1",
+                action="verdict",
+                args=CommandArgs(verdict=Verdict(guards_ok=go, window_end_ms=window_end)),
+                issued_by="g1",
+                reason="window",
+                issued_at_ms=t,
+                expected_epoch=state.epoch,
+            )
+            key_id = "g1"
         else:
             _, action, args, cas, random_epoch, dt, reuse = op
             expected = {"none": None, "current": state.epoch}.get(cas, random_epoch)
@@ -761,23 +831,26 @@ def test_random_histories(ops: list[tuple[Any, ...]]) -> None:
                 expected_epoch=expected,
             )
         ids.append(command.command_id)
-        raw = encode_command(PROP_KEYS.sign(command, "k1"))
-        log.append((raw, t))
-        out = process_record(state, raw, t, keyring=PROP_KEYS, config=PROP_CFG)
+        record = KEYS.record(command, t, key_id)
+        log.append(record)
+        out = process_record(state, record, trust=KEYS.trust, config=PROP_CFG)
         if isinstance(out, Applied):
             assert out.from_epoch == state.epoch and out.to_epoch == state.epoch + 1
             assert out.new_state.epoch == state.epoch + 1
-            state = out.new_state
-        else:
-            assert not (isinstance(out, Rejected) and out.reason in (R.BAD_SIGNATURE, R.STALE))
+            assert command.action == "rollback" or command.expected_epoch == state.epoch
+        if isinstance(out, Noted):
+            assert out.new_state.epoch == state.epoch
+        if isinstance(out, Rejected):
+            assert out.reason not in (R.BAD_SIGNATURE, R.STALE, R.ROLE, R.BAD_ISSUER)
+        state = next_state(state, out)
         _check_invariants(state)
         event(f"{type(out).__name__}:{out.reason if isinstance(out, Rejected) else command.action}")
 
     first, outcomes1 = replay(
-        log, initial=initial_state("r1", now_ms=T0), keyring=PROP_KEYS, config=PROP_CFG
+        log, initial=initial_state("r1", now_ms=T0), trust=KEYS.trust, config=PROP_CFG
     )
     second, outcomes2 = replay(
-        log, initial=initial_state("r1", now_ms=T0), keyring=PROP_KEYS, config=PROP_CFG
+        log, initial=initial_state("r1", now_ms=T0), trust=KEYS.trust, config=PROP_CFG
     )
     assert first == second == state
     assert outcomes1 == outcomes2
@@ -792,12 +865,12 @@ def test_random_histories(ops: list[tuple[Any, ...]]) -> None:
 def test_ramp_visits_every_step_in_order(plan: list[int], samples: list[int]) -> None:
     steps = [RampStep(share_bp=b, min_hold_s=1, min_samples=500) for b in plan]
     c = command_factory()
-    s = ok(apply(initial_state("r1"), c("ramp", plan=steps), T0))
+    s = ok(apply_at(initial_state("r1"), c("ramp", plan=steps), T0))
     seen = [s.share_bp]
     t = T0
     for n in samples:
         t += 10**9
-        out = tick(s, t, n, True)
+        out = tick(s, t, n)
         if out is None:
             assert n < 500 or s.ramp is None
             continue

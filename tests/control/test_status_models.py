@@ -6,10 +6,10 @@ from __future__ import annotations
 import msgspec
 
 from sidecar.config import BreakerConfig, FeatureSpec, ModelConfig, config_from_dict
-from sidecar.control import InstanceStatus, ModelHealth
-from sidecar.control.ctl import ControlView, format_status
+from sidecar.control import InstanceStatus, ModelHealth, instance_status
+from sidecar.control.client import ControlView, Heartbeat
+from sidecar.control.format import format_status
 from sidecar.control.plane import configured_state, models_health
-from sidecar.control.state_machine import instance_status
 from sidecar.examples.fraud import CANDIDATE_FEATURES, CHAMPION_FEATURES
 from sidecar.models import load_model
 
@@ -96,10 +96,12 @@ def test_status_carries_models_and_old_heartbeats_still_decode() -> None:
     bare = instance_status(state, instance_id="i0", ts_ms=T0)
     assert b"models" not in msgspec.json.encode(bare)
 
-    view = ControlView({state.rollout: state}, [], [bare, status], T0 + 1000, 6000)
+    beats = [Heartbeat(bare, "s1"), Heartbeat(status, None)]
+    view = ControlView({state.rollout: state}, [], beats, T0 + 1000, 6000)
     text = format_status(view, None, last=5)
     assert (
         "    champion  m 1.0.0 (registry version 7)  sha256:00112233aabbccdd  "
         "breaker HALF_OPEN, opened 3x"
     ) in text.splitlines()
     assert text.count("breaker") == 1  # the old heartbeat shows no model lines
+    assert "signed s1" in text and "UNVERIFIED" in text

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sidecar.aggregate.actions import is_guard_command
 from sidecar.aggregate.guards import default_rules
 from sidecar.cli import main
 from sidecar.demo.run import DemoOptions, run_demo
@@ -97,7 +98,7 @@ async def test_quick_flags_demo_tells_the_whole_story(tmp_path: Path) -> None:
     first = [e for e in result.timeline if e.command.rollout == bad]
     assert [e.command.action for e in first if e.applied] == ["rollback"]
     rollback = next(e for e in first if e.applied)
-    assert rollback.command.issued_by == "aggregator"
+    assert rollback.command.issued_by == "demo-guard"  # the holder of the guard key
     assert "decision_rate_ratio" in rollback.command.reason
     assert rollback.command.command_id.startswith(f"guard:{bad}:decision_rate_ratio:")
     assert sorted(rollback.applied_by) == ["bad-1", "bad-2"]
@@ -113,7 +114,7 @@ async def test_quick_flags_demo_tells_the_whole_story(tmp_path: Path) -> None:
         ("promoted", 10000),
     ]
     assert [e.command.action for e in second] == ["ramp"] + ["advance"] * 5
-    assert not any(e.command.issued_by == "aggregator" for e in result.timeline[len(first) :])
+    assert not any(is_guard_command(e.command) for e in result.timeline[len(first) :])
 
     # Better ranking, measured on the sidecars' own scores against the generator's labels.
     for act in result.acts:

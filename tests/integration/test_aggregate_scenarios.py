@@ -27,20 +27,25 @@ import msgspec
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from control_helpers import key_set
 from kafka_helpers import create_topics, decode_values, make_config, read_topic, unique, wait_until
 
 from sidecar.aggregate.report import WindowReport
 from sidecar.aggregate.service import AggregatorService
 from sidecar.config import SidecarConfig
 from sidecar.contracts import Comparison, ModelError, ModelResult
-from sidecar.control import ControlCommand, Keyring
-from sidecar.control.plane import load_keyring
+from sidecar.control import ControlCommand, TrustStore, verify_command
 from sidecar.kafka import ensure_control_topics
 from sidecar.traffic import produce_values
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
 
-SECRET = "ab" * 32
+
+def keys_of(cfg: SidecarConfig) -> str:
+    assert cfg.control.trust_file is not None
+    return cfg.control.trust_file
+
+
 WINDOW_MS = 1_000
 PER_WINDOW = 1_500
 GOOD_WINDOWS = 3
@@ -143,8 +148,7 @@ def window_comparisons(sc: Scenario, w: int, base_ms: int) -> list[Comparison]:
 def aggregate_config(
     bootstrap: str, tmp_path: Path, *, base: SidecarConfig | None = None, **aggregate: Any
 ) -> SidecarConfig:
-    keys = tmp_path / "control.keys"
-    keys.write_text(f"agg={SECRET}\n")
+    keys = key_set(tmp_path)
     settings: dict[str, Any] = {
         "group_id": unique("agg"),
         "reports_topic": f"{unique('t')}.reports",
@@ -152,14 +156,14 @@ def aggregate_config(
         "allowed_lateness_ms": 100,
         "idle_timeout_ms": 1_500,
         "metrics_port": 0,
-        "key_id": "agg",
+        "signing_key_file": str(keys.guard),
         "commit_interval_ms": 200,
     }
     settings.update(aggregate)
     cfg = make_config(
         bootstrap,
         rollout={"name": "flags-2x", "mode": "shadow", "canary_share_bp": 0},
-        control={"keys_file": str(keys)},
+        control={"trust_file": str(keys.trust_file), "allow_create_time": True},
         aggregate=settings,
     )
     if base is not None:  # same comparisons topic, everything else its own
@@ -258,7 +262,7 @@ class Outcome:
     reports: list[WindowReport]
     base_ms: int
     bad_produced_at: float
-    keyring: Keyring
+    trust: TrustStore
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +306,7 @@ async def outcome(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> O
         reports,
         base_ms,
         bad_at,
-        load_keyring(cfg.control, required=True),
+        TrustStore.from_file(keys_of(cfg)),
     )
 
 
@@ -337,8 +341,8 @@ def test_flag_rate_doubling_rolls_back_within_two_windows_while_in_shadow(o: Out
     assert len(rollbacks) == 1, [c.command_id for _, c in cmds]
     t, cmd = rollbacks[0]
     assert cmd.command_id == f"guard:flags-2x:decision_rate_ratio:{o.base_ms + 4 * WINDOW_MS}"
-    assert cmd.issued_by == "aggregator" and cmd.key_id == "agg"
-    o.keyring.verify(cmd)  # signed with the control key: the control plane will accept it
+    assert cmd.issued_by == "dev-guard" and cmd.key_id == "dev-guard"
+    verify_command(cmd, o.trust, cmd.issued_at_ms)  # a guard key: the instances accept it
     assert "decision_rate_ratio" in cmd.reason and f"{o.cfg.topics.comparisons}[" in cmd.reason
     assert len(cmd.reason) <= 256
     _time_to_rollback(o, "flags-2x", cmd, t)
@@ -347,7 +351,7 @@ def test_flag_rate_doubling_rolls_back_within_two_windows_while_in_shadow(o: Out
 def test_candidate_errors_roll_back(o: Outcome) -> None:
     rollbacks = [(t, c) for t, c in _commands_for(o, "nan-errors") if c.action == "rollback"]
     assert [c.command_id.split(":")[2] for _, c in rollbacks] == ["candidate_error_rate"]
-    o.keyring.verify(rollbacks[0][1])
+    verify_command(rollbacks[0][1], o.trust, rollbacks[0][1].issued_at_ms)
     _time_to_rollback(o, "nan-errors", rollbacks[0][1], rollbacks[0][0])
 
 

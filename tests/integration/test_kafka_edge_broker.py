@@ -8,9 +8,9 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from control_helpers import control_config, running, setup
 from kafka_helpers import decode_values, make_config, produce, read_topic, unique, wait_until
 
-from integration.test_control_broker import control_config, running, setup
 from sidecar.contracts import DeadLetter, Decision
 from sidecar.examples import fraud
 from sidecar.kafka import (

@@ -14,11 +14,11 @@ from typing import Any
 
 import msgspec
 import pytest
+from control_helpers import audits, control_config, ctl, running, setup
 from kafka_helpers import decode_values, read_topic, wait_until
 
-from integration.test_control_broker import audits, control_config, ctl, running, setup
 from sidecar.contracts import DeadLetter, Decision
-from sidecar.control.ctl import EXIT_OK
+from sidecar.control.client import EXIT_OK
 from sidecar.examples import fraud
 from sidecar.routing import Mode
 

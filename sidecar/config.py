@@ -107,6 +107,10 @@ class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     fetch_timeout_ms: Annotated[int, Meta(ge=1)] = 100
     #: Seconds to wait for in-flight outputs on shutdown or rebalance before giving up.
     drain_timeout_s: Annotated[float, Meta(gt=0)] = 30.0
+    #: Batches whose champion decisions are out and that wait for the candidate (its lane).
+    #: Past this the candidate is not asked for the next batch (``shed``), so a slow or hung
+    #: candidate costs comparisons, never champion latency or throughput.
+    candidate_backlog: Annotated[int, Meta(ge=1)] = 8
 
 
 FeatureType = Literal["number", "integer", "bool", "category"]
@@ -126,8 +130,11 @@ class FeatureSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class BreakerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Circuit breaker of one model (``sidecar.models.health``)."""
 
-    #: Off by default: a failing model is then called on every batch (and times out there).
-    enabled: bool = False
+    #: On by default: a model that fails half of its last 20 calls (5 at least) is not
+    #: called for 5 s, then probed; a failing candidate then costs nothing (not even a
+    #: timeout per batch), and a failing champion's records go straight to
+    #: ``rollout.champion_failure`` instead of waiting for a timeout each.
+    enabled: bool = True
     #: Share of failed calls in the window that opens the breaker.
     failure_rate: Annotated[float, Meta(gt=0, le=1)] = 0.5
     #: Calls remembered.

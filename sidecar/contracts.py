@@ -43,7 +43,8 @@ class InferenceRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
 class ModelError(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Why a model produced no usable score for a record."""
 
-    kind: Literal["exception", "timeout", "invalid_output", "unavailable", "skipped"]
+    #: ``shed``: not asked, because the candidate was too far behind (its lane was full).
+    kind: Literal["exception", "timeout", "invalid_output", "unavailable", "skipped", "shed"]
     message: str
 
 

@@ -124,6 +124,13 @@ class SidecarMetrics:
         self.produce_retries = Counter(
             "sidecar_produce_retries", "Output batches sent again after a failure", registry=r
         )
+        self.candidate_shed = Counter(
+            "sidecar_candidate_shed_records",
+            "Records the candidate was not asked to score because its lane was full "
+            "(pipeline.candidate_backlog batches behind): the champion decided, the "
+            "comparison says shed",
+            registry=r,
+        )
         self.champion_fallbacks = Counter(
             "sidecar_champion_fallbacks",
             "Records the policy gave the champion but the candidate decided, because the "

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import numpy as np
@@ -45,6 +46,13 @@ _SCHEMA_HEADER = ("schema_version", OUTPUT_SCHEMA_VERSION.encode())
 _COMPARISON_HEADERS: Headers = [_SCHEMA_HEADER]
 _SKIPPED = ModelError(kind="skipped", message="not scored: policy scores only the deciding arm")
 _NO_CANDIDATE = ModelError(kind="unavailable", message="no candidate model configured")
+_SHED = ModelError(
+    kind="shed",
+    message="not scored: the candidate lane was full (pipeline.candidate_backlog batches "
+    "waiting for the candidate); the champion decided",
+)
+#: Placeholder for the candidate while the first stage writes champion decisions.
+_PENDING = ModelError(kind="skipped", message="pending")
 
 # Per-record choice codes (see Pipeline._choose).
 _CHAMPION, _CANDIDATE, _DEFAULT, _DEAD_LETTER = 0, 1, 2, 3
@@ -313,6 +321,8 @@ class Pipeline:
             strict=config.request_contract.validation == "strict",
         )
         self._shadow_only = candidate is not None and candidate.config.shadow_only
+        #: Champion calls tried a second time after a timeout.
+        self.champion_retries = 0
         self.set_record_limits({})
 
     def set_record_limits(self, limits: dict[str, int]) -> None:
@@ -369,55 +379,289 @@ class Pipeline:
             ),
         )
 
+    async def start(
+        self, records: list[RawRecord], policy: RoutingPolicy, *, shed_candidate: bool = False
+    ) -> StagedBatch:
+        """Stage one of a batch: decode, route, score the champion, and write the decisions
+        the champion makes (``early``) -- without waiting for the candidate, which scores
+        meanwhile; :meth:`StagedBatch.finish` gives the rest (the candidate's decisions,
+        fallbacks, every comparison) once the candidate answered or its timeout passed.
+
+        ``shed_candidate``: the candidate lane is full, so the candidate is not asked at all
+        (its comparisons say ``shed``; records routed to it are decided by the champion).
+        A batch that raises here goes through :meth:`process`, which isolates the record.
+        """
+        try:
+            return await self._start(records, policy, shed_candidate, staged=True)
+        except Exception as exc:
+            log.error(
+                "staging a batch of %d records raised %s; processing it whole instead",
+                len(records),
+                error_text(exc),
+                exc_info=exc,
+            )
+        return StagedBatch(await self.process(records, policy), None)
+
     async def _process(self, records: list[RawRecord], policy: RoutingPolicy) -> BatchResult:
+        """One stage: both arms awaited, outputs in record order."""
+        return (await self._start(records, policy, False, staged=False)).early
+
+    async def _start(
+        self,
+        records: list[RawRecord],
+        policy: RoutingPolicy,
+        shed_candidate: bool,
+        *,
+        staged: bool,
+    ) -> StagedBatch:
         batch = self.decoder.decode(records)
         result = BatchResult(policy=policy)
         batch, out_of_range, flagged = self._validator.apply(batch, result.out_of_range)
         for rejected in batch.rejected + out_of_range:
             self._dead_letter(result, rejected)
         if not len(batch):
-            return result
+            return StagedBatch(result, None)
         # Encoded once: the routing hash and the decisions' Kafka keys both use these bytes.
         key_bytes = [k.encode() for k in batch.routing_keys]
         buckets, candidate_decides = policy.route(key_bytes)
         if self._shadow_only:  # may break the contracts: never lets it decide
             candidate_decides = np.zeros_like(candidate_decides)
-        champion, candidate = await self._score(batch, policy, candidate_decides)
-        result.champion, result.candidate = champion, candidate
-        self._assemble(
-            result,
-            batch,
-            key_bytes,
-            policy,
-            buckets,
-            candidate_decides,
-            champion,
-            candidate,
-            flagged,
-        )
-        return result
-
-    async def _score(
-        self, batch: DecodedBatch, policy: RoutingPolicy, candidate_decides: np.ndarray
-    ) -> tuple[BatchScores, BatchScores]:
-        """Both arms at once, each off the event loop; failures come back as data."""
         n = len(batch)
-        any_candidate = bool(candidate_decides.any())
+        known = self._candidate_job(batch, policy, candidate_decides, shed_candidate)
+        # Asked: it scores on its own while the champion does, and nobody waits for it but
+        # the records it decides and the comparisons.
+        candidate_job = known if isinstance(known, BatchScores) else asyncio.ensure_future(known)
         run_champion = policy.scores_champion or not candidate_decides.all()
-        run_candidate = self.candidate is not None and (policy.scores_candidate or any_candidate)
-        champion_job = (
-            self.champion.score(batch.matrix[:, self._champion_cols])
-            if run_champion
-            else _skipped(n)
-        )
+        champion = await self._score_champion(batch) if run_champion else _SKIPPED_SCORES(n)
+        result.champion = champion
+        if not staged and not isinstance(candidate_job, BatchScores):
+            candidate_job = await candidate_job
+        if isinstance(candidate_job, BatchScores):  # known already: one stage
+            result.candidate = candidate_job
+            self._assemble(
+                result,
+                batch,
+                key_bytes,
+                policy,
+                buckets,
+                candidate_decides,
+                champion,
+                candidate_job,
+                flagged,
+            )
+            return StagedBatch(result, None)
+        # The champion's own decisions leave now: records it is routed and scored.
+        early = ~candidate_decides & champion.valid
+        if early.any():
+            self._early_decisions(result, batch, key_bytes, policy, buckets, champion, early)
+        job = candidate_job
+
+        async def finish() -> BatchResult:
+            candidate = await job
+            late = BatchResult(policy=policy, champion=champion, candidate=candidate)
+            self._assemble(
+                late,
+                batch,
+                key_bytes,
+                policy,
+                buckets,
+                candidate_decides,
+                champion,
+                candidate,
+                flagged,
+                decided=early,
+            )
+            return late
+
+        return StagedBatch(result, finish)
+
+    def _candidate_job(
+        self,
+        batch: DecodedBatch,
+        policy: RoutingPolicy,
+        candidate_decides: np.ndarray,
+        shed: bool,
+    ) -> BatchScores | Coroutine[Any, Any, BatchScores]:
+        """The candidate's scores when they are known without asking it (none, skipped,
+        shed), else the call that asks it."""
+        n = len(batch)
         if self.candidate is None:
-            candidate_job = _unavailable(n, _NO_CANDIDATE)
-        elif run_candidate:
-            candidate_job = self.candidate.score(batch.matrix[:, self._candidate_cols])
+            return BatchScores.failed(n, _NO_CANDIDATE, 0.0)
+        if not (policy.scores_candidate or candidate_decides.any()):
+            return _SKIPPED_SCORES(n)
+        if shed:
+            return BatchScores.failed(n, _SHED, 0.0)
+        return self.candidate.score(batch.matrix[:, self._candidate_cols])
+
+    async def _score_champion(self, batch: DecodedBatch) -> BatchScores:
+        """The champion's scores; a call that timed out (a stall, a GC pause) is tried once
+        more before its records get a fallback or a default decision."""
+        matrix = batch.matrix[:, self._champion_cols]
+        scores = await self.champion.score(matrix)
+        if scores.error is not None and scores.error.kind == "timeout":
+            self.champion_retries += 1
+            log.warning("champion timed out on a batch of %d; trying once more", len(batch))
+            scores = await self.champion.score(matrix)
+        return scores
+
+    def _texts(self, batch: DecodedBatch) -> tuple[list[str], list[str]]:
+        """Request ids and routing keys as JSON string bodies (escaped only when needed)."""
+        ids, keys = batch.request_ids, batch.routing_keys
+        if needs_escape("".join(ids)) or needs_escape("".join(keys)):
+            return [escape(t) for t in ids], [escape(t) for t in keys]
+        return ids, keys
+
+    def _early_decisions(
+        self,
+        result: BatchResult,
+        batch: DecodedBatch,
+        key_bytes: list[bytes],
+        policy: RoutingPolicy,
+        buckets: np.ndarray,
+        champion: BatchScores,
+        rows_mask: np.ndarray,
+    ) -> None:
+        """The decisions of ``rows_mask`` (routed to the champion, scored by it), written
+        before the candidate has answered."""
+        n = len(batch)
+        pending = BatchScores.failed(n, _PENDING, 0.0)
+        fmt = _BatchFormats(self, policy, champion, pending)
+        texts, key_texts = self._texts(batch)
+        choice_list = [_CHAMPION] * n
+        dec_values: list[bytes | None] = [None] * n
+        dec_headers: list[Headers | None] = [None] * n
+        self._write_decisions(
+            batch,
+            np.flatnonzero(rows_mask).tolist(),
+            choice_list,
+            [_CHAMPION] * n,
+            policy,
+            fmt,
+            texts,
+            key_texts,
+            buckets.tolist(),
+            champion,
+            pending,
+            dec_values,
+            dec_headers,
+            result,
+        )
+        for i in sorted(_too_big(dec_values, key_bytes, self._decision_limit)):
+            self._dead_letter(result, self._oversize(batch, i, dec_values[i], None))
+            dec_values[i] = None
+            rows_mask[i] = False  # not decided: the late stage writes no decision either
+        self._emit_decisions(result, key_bytes, dec_values, dec_headers)
+        _count_choices(result, np.asarray(choice_list)[rows_mask])
+
+    def _write_decisions(
+        self,
+        batch: DecodedBatch,
+        rows: list[int],
+        choice_list: list[int],
+        routed_list: list[int],
+        policy: RoutingPolicy,
+        fmt: _BatchFormats,
+        texts: list[str],
+        key_texts: list[str],
+        bucket_list: list[int],
+        champion: BatchScores,
+        candidate: BatchScores,
+        dec_values: list[bytes | None],
+        dec_headers: list[Headers | None],
+        result: BatchResult,
+    ) -> int:
+        """Decisions of ``rows``: a template format each when the routed arm decided and
+        there is no metadata, else a full Struct (fallbacks, defaults, metadata) or a dead
+        letter. Returns how many took the slow way."""
+        champ_scores = json_numbers(champion.scores.tolist())
+        cand_scores = json_numbers(candidate.scores.tolist())
+        metadata, has_key, ts_list, ids = (
+            batch.metadata,
+            batch.has_routing_key,
+            batch.ts,
+            batch.request_ids,
+        )
+        decision_tmpl = fmt.decision
+        version_header = fmt.version_headers
+        schema_header = _SCHEMA_HEADER
+        champ_dec = champion.decisions
+        cand_dec = candidate.decisions
+        slow = 0
+        for i in rows:
+            arm = choice_list[i]
+            if arm == routed_list[i] and metadata[i] is None:
+                rid, ts = texts[i], ts_list[i]
+                if arm:
+                    score, decided = cand_scores[i], JSON_BOOL[bool(cand_dec[i])]
+                else:
+                    score, decided = champ_scores[i], JSON_BOOL[bool(champ_dec[i])]
+                if has_key[i]:
+                    dec = decision_tmpl[arm][1] % (
+                        rid,
+                        key_texts[i],
+                        score,
+                        decided,
+                        bucket_list[i],
+                        ts,
+                    )
+                else:
+                    dec = decision_tmpl[arm][0] % (rid, score, decided, bucket_list[i], ts)
+                dec_values[i] = dec.encode()
+                dec_headers[i] = [
+                    ("request_id", ids[i].encode()),
+                    version_header[arm],
+                    schema_header,
+                ]
+                continue
+            slow += 1
+            if arm == _DEAD_LETTER:
+                self._dead_letter(
+                    result,
+                    Rejected(
+                        batch.records[i],
+                        "model_failure",
+                        "champion failed and rollout.champion_failure is dead_letter: "
+                        f"{_error_text(champion.error or champion.record_error)}",
+                        batch.request_ids[i],
+                    ),
+                )
+                continue
+            dec_values[i], dec_headers[i] = self._slow_decision(
+                batch, i, policy, fmt, arm, routed_list[i], champion, candidate, bucket_list[i]
+            )
+        return slow
+
+    def _emit_decisions(
+        self,
+        result: BatchResult,
+        key_bytes: list[bytes],
+        dec_values: list[bytes | None],
+        dec_headers: list[Headers | None],
+    ) -> None:
+        out = result.decisions
+        if None in dec_values:
+            for i, value in enumerate(dec_values):
+                if value is not None:
+                    out.keys.append(key_bytes[i])
+                    out.values.append(value)
+                    out.headers.append(dec_headers[i])  # type: ignore[arg-type]
         else:
-            candidate_job = _skipped(n)
-        champion, candidate = await asyncio.gather(champion_job, candidate_job)
-        return champion, candidate
+            out.keys.extend(key_bytes)
+            out.values.extend(dec_values)  # type: ignore[arg-type]
+            out.headers.extend(dec_headers)  # type: ignore[arg-type]
+
+    def _oversize(
+        self, batch: DecodedBatch, i: int, decision: bytes | None, comparison: bytes | None
+    ) -> Rejected:
+        return Rejected(
+            batch.records[i],
+            "output_oversize",
+            f"its decision or comparison would be about "
+            f"{len(decision or b'') + len(comparison or b'')} bytes, more than "
+            "the output topics take (kafka.max_record_bytes or the topic's "
+            "max.message.bytes); shrink its metadata or routing key",
+            batch.request_ids[i],
+        )
 
     def _assemble(
         self,
@@ -430,79 +674,47 @@ class Pipeline:
         champion: BatchScores,
         candidate: BatchScores,
         flagged: dict[int, list[str]],
+        decided: np.ndarray | None = None,
     ) -> None:
         """Choose the deciding arm per record (vectorised), then encode the outputs.
 
-        Records where both arms scored, the routed arm decides and there is no metadata take
-        the fast path: one template format per output. The rest (fallbacks, failures, default
-        decisions, dead letters, metadata) take the general path. Outputs are written by
-        record index, so per-key order within the batch is kept whichever path a record took.
+        ``decided`` marks records whose decision is out already (the champion's, written by
+        the first stage): only their comparison is written here. A decision takes one
+        template format when the routed arm decided and there is no metadata; a comparison
+        takes one when both arms scored, two fragment formats when an arm failed -- a failed
+        arm costs no Struct encode. Fallbacks, default decisions and metadata take the
+        general path. Outputs are written by record index, so per-key order within the
+        batch is kept whichever path a record took.
         """
         n = len(batch)
         choice = self._choose(candidate_decides, champion, candidate)
         fmt = _BatchFormats(self, policy, champion, candidate)
-        ids = batch.request_ids
-        keys = batch.routing_keys
-        if needs_escape("".join(ids)) or needs_escape("".join(keys)):
-            texts = [escape(t) for t in ids]
-            key_texts = [escape(t) for t in keys]
-        else:
-            texts, key_texts = ids, keys
-        no_metadata = np.fromiter((m is None for m in batch.metadata), dtype=bool, count=n)
-        fast = (choice == candidate_decides) & champion.valid & candidate.valid & no_metadata
-        # JSON text of every score with one msgspec call per arm, not a float repr per record.
-        champ_scores = json_numbers(champion.scores.tolist())
-        cand_scores = json_numbers(candidate.scores.tolist())
-        champ_dec = [JSON_BOOL[d] for d in champion.decisions.tolist()]
-        cand_dec = [JSON_BOOL[d] for d in candidate.decisions.tolist()]
+        texts, key_texts = self._texts(batch)
         choice_list = choice.tolist()
+        routed_list = candidate_decides.astype(np.int8).tolist()
         bucket_list = buckets.tolist()
-        has_key = batch.has_routing_key
-        ts_list = batch.ts
-        decision_tmpl = fmt.decision
-        both_tmpl = fmt.comparison_both
-        version_header = fmt.version_headers
-        schema_header = _SCHEMA_HEADER
+        todo = np.ones(n, dtype=bool) if decided is None else ~decided
         dec_values: list[bytes | None] = [None] * n
         dec_headers: list[Headers | None] = [None] * n
-        cmp_values: list[bytes | None] = [None] * n
-
-        for i in np.flatnonzero(fast).tolist():
-            arm = choice_list[i]
-            rid, ts = texts[i], ts_list[i]
-            cs, ks, cd, kd = champ_scores[i], cand_scores[i], champ_dec[i], cand_dec[i]
-            score, decided = (ks, kd) if arm else (cs, cd)
-            if has_key[i]:
-                rkey = key_texts[i]
-                dec = decision_tmpl[arm][1] % (rid, rkey, score, decided, bucket_list[i], ts)
-                cmp = both_tmpl[arm][1] % (rid, rkey, ts, cs, cd, ks, kd)
-            else:
-                dec = decision_tmpl[arm][0] % (rid, score, decided, bucket_list[i], ts)
-                cmp = both_tmpl[arm][0] % (rid, ts, cs, cd, ks, kd)
-            dec_values[i] = dec.encode()
-            cmp_values[i] = cmp.encode()
-            dec_headers[i] = [("request_id", ids[i].encode()), version_header[arm], schema_header]
-
-        slow = np.flatnonzero(~fast).tolist()
-        for i in slow:
-            self._general_outputs(
-                result,
-                batch,
-                i,
-                policy,
-                fmt,
-                texts[i],
-                key_texts[i],
-                choice_list[i],
-                _CANDIDATE if candidate_decides[i] else _CHAMPION,
-                champion,
-                candidate,
-                bucket_list[i],
-                dec_values,
-                dec_headers,
-                cmp_values,
-            )
-
+        result.slow_path = self._write_decisions(
+            batch,
+            np.flatnonzero(todo).tolist(),
+            choice_list,
+            routed_list,
+            policy,
+            fmt,
+            texts,
+            key_texts,
+            bucket_list,
+            champion,
+            candidate,
+            dec_values,
+            dec_headers,
+            result,
+        )
+        cmp_values = self._comparisons(
+            batch, choice_list, fmt, texts, key_texts, champion, candidate
+        )
         for i, features in flagged.items():  # rare: records with out-of-range features
             cmp_values[i] = _with_out_of_range(cmp_values[i], features)
         comparison_keys = (
@@ -512,25 +724,12 @@ class Pipeline:
             cmp_values, comparison_keys, self._comparison_limit
         )
         for i in sorted(oversize):  # rare: a huge metadata or key; never sent, dead-lettered
-            if choice_list[i] == _DEAD_LETTER:  # dead-lettered already; drop its comparison
-                cmp_values[i] = None
+            if choice_list[i] == _DEAD_LETTER or not todo[i]:
+                cmp_values[i] = None  # dead-lettered or decided already: drop the comparison
                 continue
-            self._dead_letter(
-                result,
-                Rejected(
-                    batch.records[i],
-                    "output_oversize",
-                    f"its decision or comparison would be about "
-                    f"{len(dec_values[i] or b'') + len(cmp_values[i] or b'')} bytes, more than "
-                    "the output topics take (kafka.max_record_bytes or the topic's "
-                    "max.message.bytes); shrink its metadata or routing key",
-                    batch.request_ids[i],
-                ),
-            )
+            self._dead_letter(result, self._oversize(batch, i, dec_values[i], cmp_values[i]))
             dec_values[i] = cmp_values[i] = None
             choice_list[i] = _DEAD_LETTER
-        if oversize:
-            choice = np.array(choice_list)
         out = result.comparisons
         # One shared header list: the request id is in the body, and every distinct header
         # costs the producer's record builder time per record.
@@ -544,84 +743,61 @@ class Pipeline:
             out.values.extend(cmp_values)  # type: ignore[arg-type]
             out.keys.extend(comparison_keys)
             out.headers.extend([_COMPARISON_HEADERS] * n)
-        out = result.decisions
-        if choice.max(initial=0) == _DEAD_LETTER:
-            for i in range(n):
-                if dec_values[i] is not None:
-                    out.keys.append(key_bytes[i])
-                    out.values.append(dec_values[i])  # type: ignore[arg-type]
-                    out.headers.append(dec_headers[i])  # type: ignore[arg-type]
-        else:
-            out.keys.extend(key_bytes)
-            out.values.extend(dec_values)  # type: ignore[arg-type]
-            out.headers.extend(dec_headers)  # type: ignore[arg-type]
+        self._emit_decisions(result, key_bytes, dec_values, dec_headers)
+        choice = np.asarray(choice_list)
         result.champion_fallbacks = int(
             np.count_nonzero((choice == _CANDIDATE) & ~candidate_decides)
         )
-        counts = result.decided_by
-        for c, count in zip(*np.unique(choice, return_counts=True), strict=True):
-            if int(c) != _DEAD_LETTER:
-                counts[_ARM_NAMES[int(c)]] = counts.get(_ARM_NAMES[int(c)], 0) + int(count)
-        result.slow_path = len(slow)
+        _count_choices(result, choice[todo])
 
-    def _general_outputs(
+    def _comparisons(
         self,
-        result: BatchResult,
         batch: DecodedBatch,
-        i: int,
-        policy: RoutingPolicy,
+        choice_list: list[int],
         fmt: _BatchFormats,
-        rid_text: str,
-        key_text: str,
-        choice: int,
-        routed: int,
+        texts: list[str],
+        key_texts: list[str],
         champion: BatchScores,
         candidate: BatchScores,
-        bucket: int,
-        dec_values: list[bytes | None],
-        dec_headers: list[Headers | None],
-        cmp_values: list[bytes | None],
-    ) -> None:
-        """One record off the fast path: any mix of failures, fallbacks and metadata."""
-        champ_frag = (
-            fmt.champion_ok
-            % (raw_json(float(champion.scores[i])), JSON_BOOL[bool(champion.decisions[i])])
-            if champion.valid[i]
-            else fmt.champion_error
-        )
-        cand_frag = (
-            fmt.candidate_ok
-            % (raw_json(float(candidate.scores[i])), JSON_BOOL[bool(candidate.decisions[i])])
-            if candidate.valid[i]
-            else fmt.candidate_error
-        )
-        served: int | None
-        if choice == _DEAD_LETTER:
-            served = None
-            self._dead_letter(
-                result,
-                Rejected(
-                    batch.records[i],
-                    "model_failure",
-                    "champion failed and rollout.champion_failure is dead_letter: "
-                    f"{_error_text(champion.error or champion.record_error)}",
-                    batch.request_ids[i],
-                ),
-            )
-        else:
-            served = _CHAMPION if choice == _DEFAULT else choice
-            value, headers = self._slow_decision(
-                batch, i, policy, fmt, choice, routed, champion, candidate, bucket
-            )
-            dec_values[i] = value
-            dec_headers[i] = headers
-        tmpl = fmt.comparison[served][batch.has_routing_key[i]]
-        args = (
-            (rid_text, key_text, batch.ts[i], champ_frag, cand_frag)
-            if batch.has_routing_key[i]
-            else (rid_text, batch.ts[i], champ_frag, cand_frag)
-        )
-        cmp_values[i] = (tmpl % args).encode()
+    ) -> list[bytes | None]:
+        """Every record's comparison: both arms' results, ``served_by`` the deciding arm."""
+        n = len(batch)
+        champ_scores = json_numbers(champion.scores.tolist())
+        cand_scores = json_numbers(candidate.scores.tolist())
+        champ_dec = [JSON_BOOL[d] for d in champion.decisions.tolist()]
+        cand_dec = [JSON_BOOL[d] for d in candidate.decisions.tolist()]
+        champ_valid, cand_valid = champion.valid.tolist(), candidate.valid.tolist()
+        has_key, ts_list = batch.has_routing_key, batch.ts
+        both_tmpl, frag_tmpl = fmt.comparison_both, fmt.comparison
+        cmp_values: list[bytes | None] = [None] * n
+        for i in range(n):
+            arm = choice_list[i]
+            served = None if arm == _DEAD_LETTER else (_CHAMPION if arm == _DEFAULT else arm)
+            rid, ts = texts[i], ts_list[i]
+            if champ_valid[i] and cand_valid[i] and served is not None:
+                cs, cd, ks, kd = champ_scores[i], champ_dec[i], cand_scores[i], cand_dec[i]
+                if has_key[i]:
+                    cmp = both_tmpl[served][1] % (rid, key_texts[i], ts, cs, cd, ks, kd)
+                else:
+                    cmp = both_tmpl[served][0] % (rid, ts, cs, cd, ks, kd)
+            else:
+                champ_frag = (
+                    fmt.champion_ok % (champ_scores[i], champ_dec[i])
+                    if champ_valid[i]
+                    else fmt.champion_error
+                )
+                cand_frag = (
+                    fmt.candidate_ok % (cand_scores[i], cand_dec[i])
+                    if cand_valid[i]
+                    else fmt.candidate_error
+                )
+                tmpl = frag_tmpl[served][has_key[i]]
+                if has_key[i]:
+                    cmp = tmpl % (rid, key_texts[i], ts, champ_frag, cand_frag)
+                else:
+                    cmp = tmpl % (rid, ts, champ_frag, cand_frag)
+            cmp_values[i] = cmp.encode()
+        return cmp_values
 
     def _choose(
         self, candidate_decides: np.ndarray, champion: BatchScores, candidate: BatchScores
@@ -740,9 +916,26 @@ def _error_text(error: ModelError | None) -> str:
     return f"{error.kind}: {error.message}" if error else "unknown error"
 
 
-async def _skipped(n: int) -> BatchScores:
+def _SKIPPED_SCORES(n: int) -> BatchScores:
     return BatchScores.failed(n, _SKIPPED, 0.0)
 
 
-async def _unavailable(n: int, error: ModelError) -> BatchScores:
-    return BatchScores.failed(n, error, 0.0)
+def _count_choices(result: BatchResult, choice: np.ndarray) -> None:
+    """Add the decisions of ``choice`` (per record) to ``result.decided_by``."""
+    counts = result.decided_by
+    for c, count in zip(*np.unique(choice, return_counts=True), strict=True):
+        if int(c) != _DEAD_LETTER:
+            counts[_ARM_NAMES[int(c)]] = counts.get(_ARM_NAMES[int(c)], 0) + int(count)
+
+
+@dataclass(slots=True)
+class StagedBatch:
+    """A batch after :meth:`Pipeline.start`: ``early`` holds what can be sent now (the
+    champion's decisions, dead letters); ``pending`` (None when nothing is pending) gives
+    the rest once the candidate answered or timed out."""
+
+    early: BatchResult
+    pending: Callable[[], Awaitable[BatchResult]] | None
+
+    async def finish(self) -> BatchResult | None:
+        return None if self.pending is None else await self.pending()

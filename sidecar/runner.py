@@ -28,6 +28,7 @@ from .config import SidecarConfig
 from .errors import BrokerError, ContractError
 from .health import HealthState, watch_sidecar
 from .kafka import (
+    BackgroundTaskFailed,
     Backoff,
     BatchSender,
     Delivery,
@@ -45,8 +46,9 @@ from .metrics import SidecarMetrics
 from .models import ScoringModel, load_model
 from .models.contract import check_startup
 from .models.health import watch_health
-from .pipeline import BatchResult, Pipeline, TopicOutput
+from .pipeline import BatchResult, Pipeline, StagedBatch
 from .routing import PolicyHolder, RoutingPolicy
+from .untrusted import error_text
 
 if TYPE_CHECKING:
     from .control.plane import ControlPlane
@@ -63,12 +65,14 @@ def new_instance_id() -> str:
 
 @dataclass
 class _InFlight:
-    """One consumed batch whose outputs are being acknowledged."""
+    """One consumed batch whose outputs are being acknowledged. ``lane`` finishes its
+    candidate stage (the comparisons, the candidate's decisions) and adds its deliveries;
+    the batch commits once the lane is done and every delivery acknowledged."""
 
     offsets: dict[TopicPartition, int]
     deliveries: list[Delivery]
-    result: BatchResult
     records: int
+    lane: asyncio.Task[None] | None = None
 
 
 class Sidecar:
@@ -116,6 +120,9 @@ class Sidecar:
         watch_health(self.metrics.model_health, self.champion, self.candidate)
         self._in_flight: deque[_InFlight] = deque()
         self._in_flight_records = 0
+        #: Candidate stages running, and the policy epoch they were started under.
+        self._lanes_running = 0
+        self._lane_epoch: int | None = None
         #: Most consumed-but-unacknowledged records seen at once (backpressure evidence).
         self.peak_in_flight_records = 0
         self._changed = asyncio.Event()
@@ -295,7 +302,6 @@ class Sidecar:
         cfg = self.config.pipeline
         consumer = self._consumer
         assert consumer is not None
-        topics = self.config.topics
         while not self._stopping.is_set():
             if self._in_flight_records >= cfg.max_in_flight_records:
                 await self._wait_for_room(consumer)
@@ -307,27 +313,54 @@ class Sidecar:
                 continue
             records = [record for part in batches.values() for record in part]
             policy = self.policy.current
-            result = await self.pipeline.process(records, policy)
-            deliveries = await self._send_until_accepted(result)
+            if policy.epoch != self._lane_epoch:
+                # Keep each key's decisions in order across a change of who decides it: the
+                # candidate stages of the old policy finish (within the candidate's timeout)
+                # before any decision of the new one leaves.
+                await self._finish_lanes()
+                self._lane_epoch = policy.epoch
+            shed = self._lanes_running >= cfg.candidate_backlog
+            if shed:
+                self.metrics.candidate_shed.inc(len(records))
+            staged = await self.pipeline.start(records, policy, shed_candidate=shed)
+            deliveries = await self._send_until_accepted(staged.early)
             if deliveries is None:  # stopping during an outage: not committed, re-consumed
                 break
             offsets = {tp: part[-1].offset + 1 for tp, part in batches.items()}
-            self._in_flight.append(_InFlight(offsets, deliveries, result, len(records)))
+            entry = _InFlight(offsets, deliveries, len(records))
+            if staged.pending is not None:
+                self._lanes_running += 1
+                entry.lane = asyncio.create_task(self._candidate_lane(entry, staged))
+            self._in_flight.append(entry)
             self._in_flight_records += len(records)
             self.peak_in_flight_records = max(self.peak_in_flight_records, self._in_flight_records)
             self.metrics.in_flight.set(self._in_flight_records)
-            self.metrics.observe_batch(topics.requests, len(records), result, self._names)
+            self._observe(staged.early, len(records))
             self.processed += len(records)
-            self.champion_fallbacks += result.champion_fallbacks
             self._changed.set()
 
-    def _output(self, result: BatchResult, topic: str) -> TopicOutput:
-        t = self.config.topics
-        return {
-            t.decisions: result.decisions,
-            t.comparisons: result.comparisons,
-            t.dead_letter: result.dead_letters,
-        }[topic]
+    def _observe(self, result: BatchResult, consumed: int) -> None:
+        self.metrics.observe_batch(self.config.topics.requests, consumed, result, self._names)
+        self.champion_fallbacks += result.champion_fallbacks
+
+    async def _candidate_lane(self, entry: _InFlight, staged: StagedBatch) -> None:
+        """A batch's candidate stage: wait for the candidate (its own timeout bounds this),
+        then send the comparisons and the decisions that needed it."""
+        try:
+            late = await staged.finish()
+            if late is not None:
+                deliveries = await self._send_until_accepted(late)
+                if deliveries is not None:
+                    entry.deliveries = entry.deliveries + deliveries
+                    self._observe(late, 0)
+        finally:
+            self._lanes_running -= 1
+            self._changed.set()
+
+    async def _finish_lanes(self) -> None:
+        lanes = [e.lane for e in self._in_flight if e.lane is not None and not e.lane.done()]
+        if lanes:
+            await asyncio.wait(lanes)
 
     async def _send(self, result: BatchResult) -> list[Delivery]:
         sender = self._sender
@@ -392,6 +425,13 @@ class Sidecar:
                 await self._changed.wait()
                 continue
             head = self._in_flight[0]
+            if head.lane is not None:
+                await asyncio.wait([head.lane])
+                lane_error = head.lane.exception()
+                if lane_error is not None:  # a bug: stop, the batch is consumed again
+                    raise BackgroundTaskFailed(
+                        TaskFailure("candidate-lane", error_text(lane_error), 0.0, lane_error)
+                    ) from lane_error
             failed = await _failed_deliveries(head.deliveries)
             if failed:
                 delivery, exc = failed[0]
@@ -424,10 +464,7 @@ class Sidecar:
         again: list[Delivery] = []
         for delivery in failed:
             try:
-                output = self._output(head.result, delivery.topic)
-                again += await sender.send_records(
-                    delivery.topic, delivery.partition, output, delivery.indices
-                )
+                again += await sender.resend(delivery)
             except KafkaError as exc:  # the producer refuses new batches still: next round
                 log.debug("re-sending to %s refused: %s", delivery.topic, exc)
                 again.append(delivery)

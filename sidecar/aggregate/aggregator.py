@@ -147,7 +147,13 @@ class _ArmState:
 
     @property
     def error_total(self) -> int:
-        return int(self.errors[1:].sum())
+        """Records the model failed on; ``skipped`` and ``shed`` are not failures (the model
+        was not asked)."""
+        return int(self.errors[1:].sum() - self.errors[_NOT_ASKED].sum())
+
+
+#: ``errors`` slots of the kinds where the model was not asked at all.
+_NOT_ASKED = [ERROR_KINDS.index(k) + 1 for k in ("skipped", "shed")]
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,14 @@ import numpy.typing as npt
 from ..contracts import MAX_EPOCH_MS, Arm
 
 #: Error kinds in code order (code 0 means "no error"); mirrors ``ModelError.kind``.
-ERROR_KINDS: tuple[str, ...] = ("exception", "timeout", "invalid_output", "unavailable", "skipped")
+ERROR_KINDS: tuple[str, ...] = (
+    "exception",
+    "timeout",
+    "invalid_output",
+    "unavailable",
+    "skipped",
+    "shed",
+)
 _ERROR_CODE: dict[str, int] = {k: i + 1 for i, k in enumerate(ERROR_KINDS)}
 #: ``served_by`` codes: 0 none (shadow only or both failed), 1 champion, 2 candidate.
 SERVED_NONE, SERVED_CHAMPION, SERVED_CANDIDATE = 0, 1, 2
@@ -144,7 +151,7 @@ class ComparisonLike(Protocol):
 class ErrorView(msgspec.Struct, gc=False):
     """``ModelError`` reduced to what the aggregator reads."""
 
-    kind: Literal["exception", "timeout", "invalid_output", "unavailable", "skipped"]
+    kind: Literal["exception", "timeout", "invalid_output", "unavailable", "skipped", "shed"]
 
 
 #: Bounded strings: the comparisons topic is untrusted like every other (a megabyte request

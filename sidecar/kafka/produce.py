@@ -114,6 +114,8 @@ class Delivery:
     indices: Sequence[int]
     future: asyncio.Future[Any]
     size: int
+    #: The output ``indices`` refer to (to send them again).
+    output: TopicOutputLike
 
 
 class BatchSender:
@@ -163,16 +165,29 @@ class BatchSender:
             if appended is not None:
                 continue
             # Full: send what it holds and start the next batch with this record.
-            deliveries.append(await self._submit(builder, topic, partition, indices[start:pos]))
+            deliveries.append(
+                await self._submit(builder, topic, partition, output, indices[start:pos])
+            )
             builder = producer.create_batch()
             builder.append(key=keys[i], value=values[i], timestamp=None, headers=headers[i])
             start = pos
-        deliveries.append(await self._submit(builder, topic, partition, indices[start:]))
+        deliveries.append(await self._submit(builder, topic, partition, output, indices[start:]))
         return deliveries
 
+    async def resend(self, delivery: Delivery) -> list[Delivery]:
+        """The records of a failed ``delivery``, sent again."""
+        return await self.send_records(
+            delivery.topic, delivery.partition, delivery.output, delivery.indices
+        )
+
     async def _submit(
-        self, builder: Any, topic: str, partition: int, indices: Sequence[int]
+        self,
+        builder: Any,
+        topic: str,
+        partition: int,
+        output: TopicOutputLike,
+        indices: Sequence[int],
     ) -> Delivery:
         size = builder.size()
         future = await self._producer.send_batch(builder, topic, partition=partition)
-        return Delivery(topic, partition, indices, future, size)
+        return Delivery(topic, partition, indices, future, size, output)

@@ -77,6 +77,7 @@ def test_add_counts_errors_decisions_and_never_crashes_on_bad_scores() -> None:
         "invalid_output": 0,
         "unavailable": 0,
         "skipped": 0,
+        "shed": 0,
     }
     assert (r.candidate.scored, r.candidate.score_nan, r.candidate.score_missing) == (1, 1, 2)
     assert (r.paired.pairs, r.paired.both_yes, r.paired.champion_yes_candidate_no) == (2, 1, 1)

@@ -154,7 +154,7 @@ async def test_ctl_status_shows_every_instance_and_the_last_commands(
         assert "rollout fraud-v2: canary 10% (1000 bp), epoch 1" in out
         assert "inst-0" in out and "inst-1" in out and "live" in out and "signed dev-sidecar" in out
         assert "'ten percent'" in out and "applied -> epoch 1" in out
-        assert "champion  fraud-lr 1.4.0" in out and "breaker off" in out  # the models' health
+        assert "champion  fraud-lr 1.4.0" in out and "breaker closed" in out  # the models' health
 
 
 @pytest.mark.slow

@@ -33,6 +33,19 @@ from .histograms import (
     ScoreHistogram,
     uniform_edges,
 )
+from .paired import (
+    BATCH_SAMPLE,
+    FAILURE_SLOTS,
+    HOST_SHARE,
+    LATENCY_MARGIN,
+    LATENCY_MIN_DIFF_MS,
+    MIN_LATENCY_BATCHES,
+    BatchLatencies,
+    failure_counts,
+    latency_rows,
+    paired_failures,
+    paired_latency,
+)
 from .report import (
     ArmReport,
     ClosedBy,
@@ -72,6 +85,8 @@ from .windows import (
 
 log = logging.getLogger(__name__)
 
+_INVALID_OUTPUT = ERROR_KINDS.index("invalid_output") + 1
+
 Int64Array = npt.NDArray[np.int64]
 
 
@@ -107,6 +122,16 @@ class AggregatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     #: ``closed_by="capacity"`` and later records of theirs count as late: a skewed producer
     #: clock holding the watermark back cannot grow memory without bound.
     max_open_windows: int = 1_000
+    #: Paired latency (see ``paired``): a batch is "candidate slower" past this ratio ...
+    latency_margin: float = LATENCY_MARGIN
+    #: ... and this many milliseconds.
+    latency_min_diff_ms: float = LATENCY_MIN_DIFF_MS
+    #: Fewest distinct batches for the paired latency figures.
+    min_latency_batches: int = MIN_LATENCY_BATCHES
+    #: Distinct batches kept per window for them (a bottom-k sample).
+    latency_batch_sample: int = BATCH_SAMPLE
+    #: A one-arm timeout is the host's when the other arm took this share of its time.
+    timeout_host_share: float = HOST_SHARE
 
     def window_spec(self) -> WindowSpec:
         return WindowSpec(
@@ -171,6 +196,86 @@ def _count_feature(features: dict[str, int], name: str, count: int) -> None:
     features[name] = features.get(name, 0) + count
 
 
+#: Policy modes in which the champion decides every request: a record the candidate served
+#: then is a fallback (the champion failed and ``rollout.champion_failure`` let it decide).
+CHAMPION_DECIDES = frozenset({"shadow", "rolled_back"})
+#: Most policy modes counted per window (mode names come from untrusted records too).
+MAX_POLICY_MODES = 16
+
+
+def _count_mode(modes: dict[str, int], name: str, count: int) -> None:
+    if name not in modes and len(modes) >= MAX_POLICY_MODES:
+        name = OTHER_FEATURES
+    modes[name] = modes.get(name, 0) + count
+
+
+class PolicySeen:
+    """Which routing policies (epochs and modes) a window's records were decided under.
+
+    Mergeable: epochs by min/max, the mode of the highest epoch with it, counts by adding.
+    """
+
+    __slots__ = (
+        "candidate_fallbacks",
+        "champion_decides",
+        "epoch_max",
+        "epoch_min",
+        "mode",
+        "modes",
+    )
+
+    def __init__(self) -> None:
+        self.epoch_min: int | None = None
+        self.epoch_max: int | None = None
+        #: The mode of the highest epoch seen (the policy the window ended under).
+        self.mode: str | None = None
+        #: Records per policy mode.
+        self.modes: dict[str, int] = {}
+        #: Records decided under a mode where the champion decides, and of those the ones the
+        #: candidate served (fallbacks).
+        self.champion_decides = 0
+        self.candidate_fallbacks = 0
+
+    def add(self, batch: ComparisonBatch) -> None:
+        epochs, names, codes = batch.policy_epoch, batch.policy_modes, batch.policy_mode_code
+        hi = int(epochs.max())
+        self._epochs(int(epochs.min()), hi)
+        served_candidate = batch.served_by == SERVED_CANDIDATE
+        if len(names) == 1:  # the usual batch: one mode
+            if self.epoch_max == hi:
+                self.mode = names[0]
+            _count_mode(self.modes, names[0], len(batch))
+            if names[0] in CHAMPION_DECIDES:
+                self.champion_decides += len(batch)
+                self.candidate_fallbacks += int(np.count_nonzero(served_candidate))
+            return
+        if self.epoch_max == hi:
+            self.mode = names[int(codes[np.flatnonzero(epochs == hi)[-1]])]
+        counts = np.bincount(codes, minlength=len(names)).tolist()
+        for name, count in zip(names, counts, strict=False):
+            if count:
+                _count_mode(self.modes, name, count)
+        decides = np.fromiter((m in CHAMPION_DECIDES for m in names), dtype=np.bool_)[codes]
+        self.champion_decides += int(np.count_nonzero(decides))
+        self.candidate_fallbacks += int(np.count_nonzero(decides & served_candidate))
+
+    def _epochs(self, lo: int, hi: int) -> None:
+        self.epoch_min = lo if self.epoch_min is None else min(self.epoch_min, lo)
+        if self.epoch_max is None or hi > self.epoch_max:
+            self.epoch_max = hi
+
+    def merge(self, other: PolicySeen) -> None:
+        if other.epoch_min is not None and other.epoch_max is not None:
+            before = self.epoch_max
+            self._epochs(other.epoch_min, other.epoch_max)
+            if before is None or other.epoch_max > before:
+                self.mode = other.mode
+        for name, count in other.modes.items():
+            _count_mode(self.modes, name, count)
+        self.champion_decides += other.champion_decides
+        self.candidate_fallbacks += other.candidate_fallbacks
+
+
 class WindowAggregate:
     """Aggregate of one (rollout, champion version, candidate version, window)."""
 
@@ -206,6 +311,11 @@ class WindowAggregate:
         self.min_ts: int | None = None
         self.max_ts: int | None = None
         self.dedupe = RequestDeduper(c.dedupe_exact_cap, c.dedupe_bloom_bits, c.dedupe_bloom_hashes)
+        self.policy = PolicySeen()
+        #: Paired failure table (``paired.FAILURE_SLOTS`` counters).
+        self.failures: Int64Array = np.zeros(FAILURE_SLOTS, dtype=np.int64)
+        #: Distinct batches' latency pairs (a bottom-k sample).
+        self.batches = BatchLatencies(c.latency_batch_sample)
         return self
 
     def add(self, batch: ComparisonBatch) -> None:
@@ -234,6 +344,14 @@ class WindowAggregate:
         self.table += np.bincount(code, minlength=4)
         if batch.out_of_range_code.any():  # rare
             self._add_out_of_range(batch)
+        self.policy.add(batch)
+        champion, candidate = batch.champion, batch.candidate
+        self.failures += failure_counts(champion, candidate, self.config.timeout_host_share)
+        rows = latency_rows(champion, candidate)
+        if rows.all():
+            self.batches.add(champion.latency_ms, candidate.latency_ms)
+        else:
+            self.batches.add(champion.latency_ms[rows], candidate.latency_ms[rows])
 
     def _add_out_of_range(self, batch: ComparisonBatch) -> None:
         sets = batch.out_of_range_sets
@@ -288,6 +406,9 @@ class WindowAggregate:
         if other.max_ts is not None:
             self.max_ts = other.max_ts if self.max_ts is None else max(self.max_ts, other.max_ts)
         self.dedupe.merge(other.dedupe)
+        self.policy.merge(other.policy)
+        self.failures += other.failures
+        self.batches.merge(other.batches)
         return self
 
     @property
@@ -344,6 +465,12 @@ class WindowAggregate:
             decided=arm.decided,
             errors={k: int(v) for k, v in zip(ERROR_KINDS, arm.errors[1:].tolist(), strict=True)},
             error_rate=wilson(arm.error_total, self.records, z=c.z, min_count=c.min_pairs),
+            nan_rate=wilson(
+                int(arm.errors[_INVALID_OUTPUT]) + arm.hist.nan,
+                self.records,
+                z=c.z,
+                min_count=c.min_pairs,
+            ),
             decision_rate=decision_rate,
             latency=self._latency(arm.latency),
             drift_vs_reference=self._drift(None if ref is None else ref.hist, arm.hist),
@@ -394,6 +521,7 @@ class WindowAggregate:
         candidate = self._arm_report(
             self.candidate, k.candidate_model, k.candidate_version, cand_rate, candidate_reference
         )
+        policy = self.policy
         counts = ReportCounts(
             records=self.records,
             duplicates=self.duplicates,
@@ -404,6 +532,8 @@ class WindowAggregate:
             dedupe_false_positive_rate=self.dedupe.false_positive_rate,
             out_of_range=self.out_of_range,
             out_of_range_features=dict(sorted(self.out_of_range_features.items())),
+            champion_decides=policy.champion_decides,
+            candidate_fallbacks=policy.candidate_fallbacks,
         )
         return WindowReport(
             rollout=k.rollout,
@@ -425,6 +555,21 @@ class WindowAggregate:
             closed_by=closed_by,
             partitions_missing=list(partitions_missing),
             out_of_range_rate=wilson(self.out_of_range, self.records, z=c.z, min_count=m),
+            policy_epoch_min=policy.epoch_min,
+            policy_epoch_max=policy.epoch_max,
+            policy_mode=policy.mode,
+            policy_modes=dict(sorted(policy.modes.items())),
+            champion_fallback_rate=wilson(
+                policy.candidate_fallbacks, policy.champion_decides, z=c.z, min_count=m
+            ),
+            failures=paired_failures(self.failures, z=c.z, min_count=m),
+            latency_paired=paired_latency(
+                self.batches,
+                margin=c.latency_margin,
+                min_diff_ms=c.latency_min_diff_ms,
+                min_batches=c.min_latency_batches,
+                z=c.z,
+            ),
         )
 
 

@@ -136,13 +136,30 @@ def test_event_carries_evidence() -> None:
 
 def test_default_rules_cover_the_documented_figures() -> None:
     names = {r.figure: r for r in default_rules()}
-    assert names["decision_rate_ratio"].threshold == 1.5
-    assert names["decision_rate_ratio"].clear == 1.2
+    ratio = names["decision_rate_ratio"]
+    assert (ratio.threshold, ratio.clear) == (1.5, 1.2)
+    assert ratio.lower_threshold == pytest.approx(1 / 1.5)
+    assert ratio.lower_clear == pytest.approx(1 / 1.2)
     assert names["psi_candidate_vs_champion"].threshold == 0.25
-    assert names["candidate_error_rate"].threshold == 0.01
-    assert names["latency_p99_ratio"].threshold == 2.0
+    assert names["candidate_excess_error_rate"].threshold == 0.01
+    assert names["candidate_excess_timeout_rate"].threshold == 0.01
+    assert names["latency_slower_share"].bound == "lo"
+    assert names["latency_tail_share"].bound == "lo"
+    for figure in ("champion_error_rate", "champion_nan_rate", "psi_champion_vs_reference"):
+        assert names[figure].action == "alert"
+    assert names["champion_fallback_rate"].action == "alert"
+    acting = {r.name for r in default_rules() if r.action != "alert"}
+    assert acting == {
+        "decision_rate_ratio",
+        "score_psi",
+        "candidate_errors",
+        "candidate_timeouts",
+        "latency_median",
+        "latency_tail",
+    }
     for r in default_rules():
         assert figure_of(_BASE, r.figure).status == "insufficient_data"
+        assert r.consecutive >= 1 and r.min_pairs >= 200
 
 
 def _scenario(seed: int, candidate_threshold: float, noise: float) -> list[str]:
@@ -192,7 +209,16 @@ def _latency_report(window: int, ratio: float, candidate_p99_ms: float) -> Windo
 
 
 def test_a_second_condition_keeps_millisecond_noise_from_firing() -> None:
-    [latency_rule] = [r for r in default_rules() if r.name == "latency_p99_ratio"]
+    latency_rule = rule(
+        name="p99",
+        figure="latency_p99_ratio",
+        threshold=2.0,
+        clear_threshold=1.5,
+        consecutive=2,
+        action="pause",
+        only_if="candidate_latency_p99",
+        only_if_above=20.0,
+    )
     engine = GuardEngine([latency_rule])
     # A tripled p99 of a few milliseconds: scheduling noise on a busy host, not a regression.
     noisy = [engine.evaluate(_latency_report(w, 3.0, 6.0)) for w in range(4)]

@@ -240,13 +240,15 @@ def default_rules() -> list[GuardRule]:
             cooldown_s=600,
             action="pause",
         ),
-        # ... and in more than 5% of batches it was that much slower *and* above the
-        # champion's p95: a slower tail (a candidate no worse than the champion stays near 0).
+        # Paired tail: more batches where the candidate alone went past 1.5x the champion's
+        # p95 (and 1.5x the champion on that batch) than the other way round, by over 5% of
+        # the batches at the lower 95% bound. Scheduling noise throws either arm into its tail;
+        # only a surplus on the candidate's side is a slower tail.
         GuardRule(
             name="latency_tail",
-            figure="latency_tail_share",
+            figure="latency_tail_excess",
             threshold=0.05,
-            clear_threshold=0.02,
+            clear_threshold=0.0,
             bound="lo",
             min_pairs=200,
             consecutive=2,
@@ -326,6 +328,10 @@ class _PairState:
     #: Epochs this engine's own published pauses would create (expected epoch + 1): moving
     #: to one of them changes nothing about who decides, so it resets nothing.
     own_pauses: set[int] = field(default_factory=set)
+    #: The epoch a rollback (pause) fired under: until the rollout leaves it, another
+    #: command (pause) would only be refused, so those rules wait.
+    rollback_epoch: int | None = None
+    pause_epoch: int | None = None
 
 
 def _pick(fig: Figure, bound: Bound) -> float | None:
@@ -352,8 +358,12 @@ class GuardEngine:
     ``consecutive`` windows. The only epoch that resets nothing is the one this engine's own
     ``pause`` creates (same mode, one epoch on: see :meth:`published_pause`). The comparisons
     do not carry the canary share, so every other epoch change is taken as one that may have
-    changed who decides (an operator's pause or resume re-arms the rules too). While a
-    window's policy is ``rolled_back`` the rules that issue commands stay quiet.
+    changed who decides (an operator's pause or resume re-arms the rules too).
+
+    Rules that issue commands stay quiet where a command could only be refused or pointless:
+    while a window's policy is ``rolled_back``, in the rest of the epoch a rollback fired
+    under (the windows still in flight before it applies), and for pauses, in the rest of
+    the epoch a pause fired under.
 
     A window that straddles a command (records of two epochs) counts as a window of the
     later epoch: both arms score every request in every mode, so its paired figures are the
@@ -412,10 +422,17 @@ class GuardEngine:
             return []  # older than a window already evaluated, or the same one again
         state.last_window_end_ms = end
         self._follow_policy(state, report)
-        quiet = report.policy_mode == ROLLED_BACK
+        epoch = report.policy_epoch_max
+        quiet: set[str] = set()
+        if report.policy_mode == ROLLED_BACK or (
+            epoch is not None and epoch == state.rollback_epoch
+        ):
+            quiet = {"rollback", "pause"}
+        elif epoch is not None and epoch == state.pause_epoch:
+            quiet = {"pause"}
         events: list[GuardEvent] = []
         for rule in self.rules:
-            if quiet and rule.issues_command:
+            if rule.action in quiet:
                 continue
             st = state.rules.get(rule.name)
             if st is None:
@@ -423,6 +440,11 @@ class GuardEngine:
             event = self._evaluate_rule(rule, st, report)
             if event is not None:
                 events.append(event)
+                if event.kind == "fired" and epoch is not None:
+                    if rule.action == "rollback":
+                        state.rollback_epoch = epoch
+                    elif rule.action == "pause":
+                        state.pause_epoch = epoch
         return events
 
     def _follow_policy(self, state: _PairState, report: WindowReport) -> None:
@@ -435,8 +457,11 @@ class GuardEngine:
         if epoch <= state.epoch:
             return  # the same policy (or a lagging instance's records)
         own = epoch in state.own_pauses and mode == state.mode
-        if not own:
+        if own:  # held by our own pause: another pause would only be refused
+            state.pause_epoch = epoch
+        else:
             state.rules.clear()
+            state.rollback_epoch = state.pause_epoch = None
             self._resets.append(
                 GuardReset(
                     rollout=report.rollout,

@@ -46,7 +46,7 @@ LATENCY_MIN_DIFF_MS = 1.0
 #: Fewest distinct batches for the paired latency figures.
 MIN_LATENCY_BATCHES = 20
 #: A one-arm timeout is the host's when the other arm took at least this share of its time.
-HOST_SHARE = 0.5
+HOST_SHARE = 0.25
 
 # Failure-table slots (``PairedFailures.counts``).
 PAIRS = 0  # records where both arms were called (neither skipped)
@@ -57,7 +57,8 @@ CANDIDATE_ONLY_TIMEOUT = 4  # the champion was fast on the same batch
 CHAMPION_ONLY_TIMEOUT = 5
 CANDIDATE_ONLY_TIMEOUT_HOST = 6  # the champion was slow too: the host's
 CHAMPION_ONLY_TIMEOUT_HOST = 7
-FAILURE_SLOTS = 8
+BOTH_TIMED_OUT = 8  # of BOTH_FAILED
+FAILURE_SLOTS = 9
 
 
 def pair_hash(champion_ms: FloatArray, candidate_ms: FloatArray) -> UInt64Array:
@@ -152,6 +153,7 @@ def failure_counts(champion: ArmColumns, candidate: ArmColumns, host_share: floa
         return out
     cf, kf = (ce != 0) & called, (ke != 0) & called
     out[BOTH_FAILED] = int(np.count_nonzero(cf & kf))
+    out[BOTH_TIMED_OUT] = int(np.count_nonzero((ce == _TIMEOUT) & (ke == _TIMEOUT)))
     k_only, c_only = kf & ~cf, cf & ~kf
     k_to, c_to = k_only & (ke == _TIMEOUT), c_only & (ce == _TIMEOUT)
     out[CANDIDATE_ONLY_ERROR] = int(np.count_nonzero(k_only & ~k_to))
@@ -172,8 +174,10 @@ class PairedFailures(msgspec.Struct, frozen=True, kw_only=True):
 
     #: Records where both arms were called (a ``skipped`` arm leaves a record out).
     pairs: int
-    #: Both calls failed: a host or input problem, blamed on neither model.
+    #: Both calls failed: a host or input problem, blamed on neither model ...
     both_failed: int
+    #: ... of which both timed out (the host stalled).
+    both_timed_out: int
     #: Only one arm failed with an exception, invalid output or an open circuit.
     candidate_only_errors: int
     champion_only_errors: int
@@ -186,6 +190,9 @@ class PairedFailures(msgspec.Struct, frozen=True, kw_only=True):
     #: (candidate-only errors - champion-only errors) / pairs, with a 95% interval.
     candidate_excess_error_rate: Figure
     #: (candidate-only timeouts - champion-only timeouts) / pairs, host timeouts left out.
+    #: Insufficient data (reason ``host_stall``) in a window where both arms timed out
+    #: together more often than the candidate alone: the host was stalling, and whatever the
+    #: candidate's own timeouts were, they cannot be told from it.
     candidate_excess_timeout_rate: Figure
 
 
@@ -202,9 +209,16 @@ def _excess(b: int, c: int, n: int, *, z: float, min_count: int) -> Figure:
 def paired_failures(counts: Int64Array, *, z: float, min_count: int) -> PairedFailures:
     c = [int(x) for x in counts.tolist()]
     n = c[PAIRS]
+    timeouts = _excess(
+        c[CANDIDATE_ONLY_TIMEOUT], c[CHAMPION_ONLY_TIMEOUT], n, z=z, min_count=min_count
+    )
+    stalled = c[BOTH_TIMED_OUT] > c[CANDIDATE_ONLY_TIMEOUT] + c[CANDIDATE_ONLY_TIMEOUT_HOST]
+    if timeouts.ok and stalled:
+        timeouts = insufficient(n, "host_stall")
     return PairedFailures(
         pairs=n,
         both_failed=c[BOTH_FAILED],
+        both_timed_out=c[BOTH_TIMED_OUT],
         candidate_only_errors=c[CANDIDATE_ONLY_ERROR],
         champion_only_errors=c[CHAMPION_ONLY_ERROR],
         candidate_only_timeouts=c[CANDIDATE_ONLY_TIMEOUT],
@@ -214,9 +228,7 @@ def paired_failures(counts: Int64Array, *, z: float, min_count: int) -> PairedFa
         candidate_excess_error_rate=_excess(
             c[CANDIDATE_ONLY_ERROR], c[CHAMPION_ONLY_ERROR], n, z=z, min_count=min_count
         ),
-        candidate_excess_timeout_rate=_excess(
-            c[CANDIDATE_ONLY_TIMEOUT], c[CHAMPION_ONLY_TIMEOUT], n, z=z, min_count=min_count
-        ),
+        candidate_excess_timeout_rate=timeouts,
     )
 
 
@@ -241,10 +253,13 @@ class PairedLatency(msgspec.Struct, frozen=True, kw_only=True):
     #: ``p_value``: one-sided sign test of "slower on more than half the batches". Its lower
     #: bound above 0.5 means the median paired ratio is above the margin.
     slower_share: Figure
-    #: Share of batches where the candidate was slower (by the margin) *and* above the
-    #: champion's p95 over the same batches: a tail regression. Under a candidate whose tail
-    #: is no worse than the champion's it stays well under 5%.
-    tail_share: Figure
+    #: Tail excursions, paired: batches where the candidate was slower by the margin *and*
+    #: above ``margin`` x the champion's p95, less batches where the champion was slower by
+    #: the margin and above ``margin`` x the candidate's p95, over all batches (interval for
+    #: matched proportions; ``p_value``: one-sided sign test between the two counts).
+    #: Scheduling noise throws either arm into its tail now and then, so only a surplus on
+    #: the candidate's side is a tail regression.
+    tail_excess: Figure
 
 
 def _q(x: FloatArray, q: float) -> float:
@@ -273,14 +288,17 @@ def paired_latency(
             p50_ratio=none,
             p95_ratio=none,
             slower_share=none,
-            tail_share=none,
+            tail_excess=none,
         )
     c, k = sample.champion, sample.candidate
     slower = (k > margin * c) & (k - c >= min_diff_ms)
+    faster = (c > margin * k) & (c - k >= min_diff_ms)
     c50, k50, c95, k95 = _q(c, 0.5), _q(k, 0.5), _q(c, 0.95), _q(k, 0.95)
     n_slower = int(np.count_nonzero(slower))
-    n_tail = int(np.count_nonzero(slower & (k > c95)))
+    tail_k = int(np.count_nonzero(slower & (k > margin * c95)))
+    tail_c = int(np.count_nonzero(faster & (c > margin * k95)))
     share = wilson(n_slower, n, z=z)
+    tail = _excess(tail_k, tail_c, n, z=z, min_count=1)
     return PairedLatency(
         batches=n,
         margin=margin,
@@ -298,7 +316,13 @@ def paired_latency(
             p_value=sign_test_greater(n_slower, n),
             n=n,
         ),
-        tail_share=wilson(n_tail, n, z=z),
+        tail_excess=Figure(
+            value=tail.value,
+            lo=tail.lo,
+            hi=tail.hi,
+            p_value=sign_test_greater(tail_k, tail_k + tail_c),
+            n=n,
+        ),
     )
 
 

@@ -220,6 +220,6 @@ FIGURES: dict[str, _Getter] = {
     "latency_p95_ratio": _Getter("latency_paired.p95_ratio"),
     "latency_slower_share": _Getter("latency_paired.slower_share"),
     "latency_slower_p_value": _Getter("latency_paired.slower_share", p_value=True),
-    "latency_tail_share": _Getter("latency_paired.tail_share"),
+    "latency_tail_excess": _Getter("latency_paired.tail_excess"),
     "out_of_range_rate": _Getter("out_of_range_rate"),
 }

@@ -144,7 +144,7 @@ def test_default_rules_cover_the_documented_figures() -> None:
     assert names["candidate_excess_error_rate"].threshold == 0.01
     assert names["candidate_excess_timeout_rate"].threshold == 0.01
     assert names["latency_slower_share"].bound == "lo"
-    assert names["latency_tail_share"].bound == "lo"
+    assert names["latency_tail_excess"].bound == "lo"
     for figure in ("champion_error_rate", "champion_nan_rate", "psi_champion_vs_reference"):
         assert names[figure].action == "alert"
     assert names["champion_fallback_rate"].action == "alert"

@@ -35,13 +35,12 @@ from .histograms import (
 )
 from .paired import (
     BATCH_SAMPLE,
-    FAILURE_SLOTS,
     HOST_SHARE,
     LATENCY_MARGIN,
     LATENCY_MIN_DIFF_MS,
     MIN_LATENCY_BATCHES,
     BatchLatencies,
-    failure_counts,
+    FailureTable,
     latency_rows,
     paired_failures,
     paired_latency,
@@ -312,8 +311,8 @@ class WindowAggregate:
         self.max_ts: int | None = None
         self.dedupe = RequestDeduper(c.dedupe_exact_cap, c.dedupe_bloom_bits, c.dedupe_bloom_hashes)
         self.policy = PolicySeen()
-        #: Paired failure table (``paired.FAILURE_SLOTS`` counters).
-        self.failures: Int64Array = np.zeros(FAILURE_SLOTS, dtype=np.int64)
+        #: Paired failure table (``paired.FAILURE_SLOTS`` counters and failed calls).
+        self.failures = FailureTable(c.timeout_host_share)
         #: Distinct batches' latency pairs (a bottom-k sample).
         self.batches = BatchLatencies(c.latency_batch_sample)
         return self
@@ -346,7 +345,7 @@ class WindowAggregate:
             self._add_out_of_range(batch)
         self.policy.add(batch)
         champion, candidate = batch.champion, batch.candidate
-        self.failures += failure_counts(champion, candidate, self.config.timeout_host_share)
+        self.failures.add(champion, candidate)
         rows = latency_rows(champion, candidate)
         if rows.all():
             self.batches.add(champion.latency_ms, candidate.latency_ms)
@@ -407,7 +406,7 @@ class WindowAggregate:
             self.max_ts = other.max_ts if self.max_ts is None else max(self.max_ts, other.max_ts)
         self.dedupe.merge(other.dedupe)
         self.policy.merge(other.policy)
-        self.failures += other.failures
+        self.failures.merge(other.failures)
         self.batches.merge(other.batches)
         return self
 

@@ -213,6 +213,9 @@ def default_rules() -> list[GuardRule]:
             consecutive=2,
             cooldown_s=600,
             action="rollback",
+            # from two calls on: one failed batch of a few hundred records is one event
+            only_if="candidate_error_calls",
+            only_if_above=1.5,
         ),
         # Paired, host stalls left out: timeouts on both arms, or on one arm while the other
         # was slow on the same batch too, blame neither model.
@@ -225,6 +228,8 @@ def default_rules() -> list[GuardRule]:
             consecutive=2,
             cooldown_s=600,
             action="rollback",
+            only_if="candidate_timeout_calls",
+            only_if_above=1.5,
         ),
         # Paired per batch: the candidate took more than 1.5x the champion's time (and 1 ms
         # more) on most batches, significantly (the share's lower 95% bound above one half):

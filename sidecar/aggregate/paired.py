@@ -143,14 +143,73 @@ def latency_rows(champion: ArmColumns, candidate: ArmColumns) -> BoolArray:
     )
 
 
-def failure_counts(champion: ArmColumns, candidate: ArmColumns, host_share: float) -> Int64Array:
-    """The paired failure table of a batch of records (``FAILURE_SLOTS`` counters)."""
+#: Distinct failed calls counted per window and kind (past it: "at least this many").
+MAX_CALLS = 64
+
+
+class DistinctCalls:
+    """How many distinct model calls (batches) some records came from, up to ``capacity``.
+
+    Records of one call share its latency pair, so one failed call of 200 records is one
+    failure, not 200. Keeps the ``capacity`` smallest call hashes: exact to merge, and the
+    count is exact up to ``capacity``.
+    """
+
+    __slots__ = ("capacity", "keys")
+
+    def __init__(self, capacity: int = MAX_CALLS) -> None:
+        self.capacity = capacity
+        self.keys: UInt64Array = np.zeros(0, dtype=np.uint64)
+
+    def __len__(self) -> int:
+        return int(self.keys.size)
+
+    def add(self, keys: UInt64Array) -> None:
+        if keys.size:
+            self.keys = np.unique(np.concatenate([self.keys, keys]))[: self.capacity]
+
+    def merge(self, other: DistinctCalls) -> None:
+        self.add(other.keys)
+
+
+class FailureTable:
+    """A window's paired failure counters (``FAILURE_SLOTS``) and the distinct calls behind
+    the candidate's own failures."""
+
+    __slots__ = ("counts", "error_calls", "host_share", "timeout_calls")
+
+    def __init__(self, host_share: float = HOST_SHARE) -> None:
+        self.host_share = host_share
+        self.counts: Int64Array = np.zeros(FAILURE_SLOTS, dtype=np.int64)
+        #: Calls where the candidate alone failed (not a timeout) / timed out (its fault).
+        self.error_calls = DistinctCalls()
+        self.timeout_calls = DistinctCalls()
+
+    def add(self, champion: ArmColumns, candidate: ArmColumns) -> None:
+        counts, k_err, k_to = failure_counts(champion, candidate, self.host_share)
+        self.counts += counts
+        if k_err is not None and k_err.any():
+            self.error_calls.add(pair_hash(champion.latency_ms[k_err], candidate.latency_ms[k_err]))
+        if k_to is not None and k_to.any():
+            self.timeout_calls.add(pair_hash(champion.latency_ms[k_to], candidate.latency_ms[k_to]))
+
+    def merge(self, other: FailureTable) -> None:
+        self.counts += other.counts
+        self.error_calls.merge(other.error_calls)
+        self.timeout_calls.merge(other.timeout_calls)
+
+
+def failure_counts(
+    champion: ArmColumns, candidate: ArmColumns, host_share: float
+) -> tuple[Int64Array, BoolArray | None, BoolArray | None]:
+    """The paired failure table of a batch of records (``FAILURE_SLOTS`` counters), and the
+    rows where the candidate alone failed with an error / timed out (its fault), if any."""
     out = np.zeros(FAILURE_SLOTS, dtype=np.int64)
     ce, ke = champion.error, candidate.error
     called = (ce != _SKIPPED) & (ke != _SKIPPED)
     out[PAIRS] = int(np.count_nonzero(called))
     if not (ce.any() or ke.any()):  # the usual batch: nothing failed
-        return out
+        return out, None, None
     cf, kf = (ce != 0) & called, (ke != 0) & called
     out[BOTH_FAILED] = int(np.count_nonzero(cf & kf))
     out[BOTH_TIMED_OUT] = int(np.count_nonzero((ce == _TIMEOUT) & (ke == _TIMEOUT)))
@@ -166,7 +225,7 @@ def failure_counts(champion: ArmColumns, candidate: ArmColumns, host_share: floa
     out[CHAMPION_ONLY_TIMEOUT_HOST] = int(np.count_nonzero(c_host))
     out[CANDIDATE_ONLY_TIMEOUT] = int(np.count_nonzero(k_to)) - out[CANDIDATE_ONLY_TIMEOUT_HOST]
     out[CHAMPION_ONLY_TIMEOUT] = int(np.count_nonzero(c_to)) - out[CHAMPION_ONLY_TIMEOUT_HOST]
-    return out
+    return out, k_only & ~k_to, k_to & ~k_host
 
 
 class PairedFailures(msgspec.Struct, frozen=True, kw_only=True):
@@ -189,6 +248,11 @@ class PairedFailures(msgspec.Struct, frozen=True, kw_only=True):
     champion_only_timeouts_host: int
     #: (candidate-only errors - champion-only errors) / pairs, with a 95% interval.
     candidate_excess_error_rate: Figure
+    #: Distinct calls (batches) behind ``candidate_only_errors`` / ``candidate_only_timeouts``
+    #: (counted up to 64): one failed call of 200 records is one failure. The default rules
+    #: need two before they count a window as a breach.
+    candidate_error_calls: Figure
+    candidate_timeout_calls: Figure
     #: (candidate-only timeouts - champion-only timeouts) / pairs, host timeouts left out.
     #: Insufficient data (reason ``host_stall``) in a window where both arms timed out
     #: together more often than the candidate alone: the host was stalling, and whatever the
@@ -206,8 +270,8 @@ def _excess(b: int, c: int, n: int, *, z: float, min_count: int) -> Figure:
     return Figure(value=d, lo=max(-1.0, d - half), hi=min(1.0, d + half), n=n)
 
 
-def paired_failures(counts: Int64Array, *, z: float, min_count: int) -> PairedFailures:
-    c = [int(x) for x in counts.tolist()]
+def paired_failures(table: FailureTable, *, z: float, min_count: int) -> PairedFailures:
+    c = [int(x) for x in table.counts.tolist()]
     n = c[PAIRS]
     timeouts = _excess(
         c[CANDIDATE_ONLY_TIMEOUT], c[CHAMPION_ONLY_TIMEOUT], n, z=z, min_count=min_count
@@ -229,6 +293,8 @@ def paired_failures(counts: Int64Array, *, z: float, min_count: int) -> PairedFa
             c[CANDIDATE_ONLY_ERROR], c[CHAMPION_ONLY_ERROR], n, z=z, min_count=min_count
         ),
         candidate_excess_timeout_rate=timeouts,
+        candidate_error_calls=Figure(value=float(len(table.error_calls)), n=n),
+        candidate_timeout_calls=Figure(value=float(len(table.timeout_calls)), n=n),
     )
 
 
@@ -339,6 +405,8 @@ __all__ = [
     "LATENCY_MIN_DIFF_MS",
     "MIN_LATENCY_BATCHES",
     "BatchLatencies",
+    "DistinctCalls",
+    "FailureTable",
     "PairedFailures",
     "PairedLatency",
     "failure_counts",

@@ -85,8 +85,11 @@ class WindowPartial(msgspec.Struct, frozen=True, kw_only=True):
     #: them.
     champion_decides: int = 0
     candidate_fallbacks: int = 0
-    #: The paired failure table (``paired.FAILURE_SLOTS`` counters; empty: none reported).
+    #: The paired failure table (``paired.FAILURE_SLOTS`` counters; empty: none reported),
+    #: and the hashes of the distinct calls the candidate alone failed / timed out on.
     failures: list[int] = []
+    failed_error_calls: list[int] = []
+    failed_timeout_calls: list[int] = []
     #: The distinct batches' latencies (a bottom-k sample, see ``paired.BatchLatencies``).
     batch_champion_ms: list[float] = []
     batch_candidate_ms: list[float] = []
@@ -167,7 +170,9 @@ def partial_of(
         policy_modes=dict(agg.policy.modes),
         champion_decides=agg.policy.champion_decides,
         candidate_fallbacks=agg.policy.candidate_fallbacks,
-        failures=agg.failures.tolist(),
+        failures=agg.failures.counts.tolist(),
+        failed_error_calls=agg.failures.error_calls.keys.tolist(),
+        failed_timeout_calls=agg.failures.timeout_calls.keys.tolist(),
         batch_champion_ms=agg.batches.champion.tolist(),
         batch_candidate_ms=agg.batches.candidate.tolist(),
     )
@@ -197,9 +202,11 @@ def aggregate_of(partial: WindowPartial, config: AggregatorConfig) -> WindowAggr
     policy.champion_decides = partial.champion_decides
     policy.candidate_fallbacks = partial.candidate_fallbacks
     if partial.failures:
-        if len(partial.failures) != agg.failures.size:
+        if len(partial.failures) != agg.failures.counts.size:
             raise ValueError("partial has another failure table than this aggregator")
-        agg.failures[:] = partial.failures
+        agg.failures.counts[:] = partial.failures
+    agg.failures.error_calls.add(np.asarray(partial.failed_error_calls, dtype=np.uint64))
+    agg.failures.timeout_calls.add(np.asarray(partial.failed_timeout_calls, dtype=np.uint64))
     agg.batches.load(partial.batch_champion_ms, partial.batch_candidate_ms)
     return agg
 

@@ -212,6 +212,8 @@ FIGURES: dict[str, _Getter] = {
     "champion_nan_rate": _Getter("champion.nan_rate"),
     "candidate_excess_error_rate": _Getter("failures.candidate_excess_error_rate"),
     "candidate_excess_timeout_rate": _Getter("failures.candidate_excess_timeout_rate"),
+    "candidate_error_calls": _Getter("failures.candidate_error_calls"),
+    "candidate_timeout_calls": _Getter("failures.candidate_timeout_calls"),
     "champion_fallback_rate": _Getter("champion_fallback_rate"),
     "candidate_latency_p99": _Getter("candidate.latency.p99"),
     "champion_latency_p99": _Getter("champion.latency.p99"),

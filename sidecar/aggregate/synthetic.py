@@ -67,6 +67,9 @@ class Arm:
     sigma: float = 0.25
     #: Logit shift of the score (the candidate flags more or less often at the threshold).
     flag_shift: float = 0.0
+    #: Its own decision threshold (None: ``Traffic.THRESHOLD``, the champion's): the same
+    #: scores, flagged more or less often.
+    threshold: float | None = None
     #: Share of batches on which the call takes ``tail_ms`` longer (e.g. its GC pauses).
     tail_rate: float = 0.0
     tail_ms: float = 0.0
@@ -144,8 +147,10 @@ class Applied:
 class Traffic:
     """Seeded comparison batches: ``batch(t_ms, n, ...)`` -> ``ComparisonBatch``."""
 
-    #: Champion score logit ``a + b z``: at ``threshold`` about 5.3% of records are flagged.
+    #: Champion score logit ``a + b z``: at ``THRESHOLD`` about 5.3% of records are flagged,
+    #: at ``DOUBLE`` about twice as many, at ``HALF`` half as many.
     A, B, THRESHOLD = -3.0, 1.0, 0.2
+    DOUBLE, HALF = 0.1478, 0.2564
 
     def __init__(self, seed: int, *, rho: float = 0.9, candidate_version: str = CANDIDATE[1]):
         self.rng = np.random.default_rng(seed)
@@ -205,7 +210,8 @@ class Traffic:
                 error[rng.random(n) < arm.nan_rate] = _INVALID
             failed = error != 0
             score[failed] = np.nan
-            decision = np.where(failed, -1, score > self.THRESHOLD).astype(np.int8)
+            threshold = self.THRESHOLD if arm.threshold is None else arm.threshold
+            decision = np.where(failed, -1, score > threshold).astype(np.int8)
             cols.append(
                 ArmColumns(score, failed, decision, np.full(n, lat, dtype=np.float64), error)
             )

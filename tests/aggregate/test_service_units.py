@@ -13,7 +13,13 @@ from agg_support import comparisons
 from aiokafka.errors import MessageSizeTooLargeError, NotLeaderForPartitionError
 
 from sidecar.aggregate import GuardEngine, GuardEvent, GuardRule, WindowManager, default_rules
-from sidecar.aggregate.actions import command_id, command_reason, commit_points, guard_command
+from sidecar.aggregate.actions import (
+    command_id,
+    command_reason,
+    commanding,
+    commit_points,
+    guard_command,
+)
 from sidecar.aggregate.ingest import ingest
 from sidecar.aggregate.replay import Bound, Replayer, check_range, format_result, parse_bound
 from sidecar.aggregate.service import AggregatorService, _Send, signing_key
@@ -73,6 +79,23 @@ def test_guard_command_reason_carries_evidence_and_fits() -> None:
     assert "window 1970-01-01 00:00:03-00:00:04 UTC" in short, "windows are UTC times"
     signed = Keyring({"agg": b"k" * 32}).sign(cmd, "agg")
     Keyring({"agg": b"k" * 32}).verify(signed)
+
+
+def test_a_pause_is_a_compare_and_set_on_the_breaching_epoch_and_a_rollback_is_not() -> None:
+    event = next(e for e in fired_events(SETTINGS) if e.rule.action == "rollback")
+    assert event.policy_epoch == 1 and event.policy_mode == "shadow"  # from the comparisons
+    assert guard_command(event, "cmp", 0).expected_epoch is None
+    pause = msgspec.structs.replace(
+        event, rule=msgspec.structs.replace(event.rule, action="pause"), policy_epoch=41
+    )
+    cmd = guard_command(pause, "cmp", 0)
+    assert cmd.action == "pause" and cmd.expected_epoch == 41
+    Keyring({"agg": b"k" * 32}).verify(Keyring({"agg": b"k" * 32}).sign(cmd, "agg"))
+    assert commanding([pause, event]) == [event]  # the rollback covers the pause
+    second = msgspec.structs.replace(pause, rule=msgspec.structs.replace(pause.rule, name="b"))
+    assert commanding([pause, second]) == [pause]  # one pause per window
+    cleared = msgspec.structs.replace(event, kind="cleared")
+    assert commanding([cleared]) == []
 
 
 def test_alert_events_are_not_commands() -> None:

@@ -44,7 +44,7 @@ LATENCY_MARGIN = 1.5
 #: ... and at least this many milliseconds more (a 0.1 ms model doubling is no regression).
 LATENCY_MIN_DIFF_MS = 1.0
 #: Fewest distinct batches for the paired latency figures.
-MIN_LATENCY_BATCHES = 20
+MIN_LATENCY_BATCHES = 10
 #: A one-arm timeout is the host's when the other arm took at least this share of its time.
 HOST_SHARE = 0.25
 

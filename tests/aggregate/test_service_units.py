@@ -238,6 +238,7 @@ def test_format_result_lists_firings_and_windows() -> None:
     text = format_result(replayer.finish())
     assert "decision_rate_ratio" in text and "guard:fraud-v2:decision_rate_ratio:1000" in text
     assert "nothing was published" in text and "*" in text  # the last window is partial
+    assert "shadow@1" in text and "err_excess" in text  # the policy each window ran under
 
 
 def test_window_manager_open_first_offsets() -> None:

@@ -23,15 +23,11 @@ import msgspec
 import numpy as np
 
 from ..contracts import OUTPUT_SCHEMA_VERSION
-from .aggregator import (
-    AggregatorConfig,
-    References,
-    WindowAggregate,
-    _ArmState,
-    _count_mode,
-)
 from .batch import GroupKey
+from .config import AggregatorConfig
+from .references import References
 from .report import ClosedBy, OffsetRange, WindowReport
+from .window import WindowAggregate, _ArmState, _count_mode
 
 
 class ArmPartial(msgspec.Struct, frozen=True, kw_only=True):

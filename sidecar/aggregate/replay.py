@@ -25,9 +25,9 @@ from ..config import SidecarConfig
 from ..errors import BrokerError
 from ..kafka import new_consumer, stop_quietly
 from .actions import COMMAND_ACTIONS, command_id
-from .aggregator import WindowManager
 from .guards import GuardEngine, GuardEvent
 from .ingest import ComparisonDecoder, RecordLike, ingest
+from .manager import WindowManager
 from .report import WindowReport, figure_of
 from .settings import AggregateSettings
 

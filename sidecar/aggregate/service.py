@@ -57,11 +57,11 @@ from ..kafka import (
 )
 from ..timefmt import utc_window
 from .actions import COMMAND_ACTIONS, commanding, guard_command
-from .aggregator import WindowManager
 from .commits import SafeCommitter
 from .decode_pool import DecodePool
 from .guards import GuardEngine, GuardEvent, GuardReset
 from .ingest import ComparisonDecoder, Ingested, RecordLike, ingest
+from .manager import WindowManager
 from .merge_stage import MergeStage
 from .metrics import AggregateMetrics
 from .partials import partial_of

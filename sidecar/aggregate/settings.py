@@ -11,7 +11,7 @@ from typing import Annotated
 
 import msgspec
 
-from .aggregator import AggregatorConfig
+from .config import AggregatorConfig
 from .guards import GuardRule, default_rules
 from .paired import (
     BATCH_SAMPLE,

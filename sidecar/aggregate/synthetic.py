@@ -33,7 +33,6 @@ import numpy as np
 import numpy.typing as npt
 
 from .actions import commanding
-from .aggregator import AggregatorConfig, WindowManager
 from .batch import (
     ERROR_KINDS,
     SERVED_CANDIDATE,
@@ -43,7 +42,9 @@ from .batch import (
     ComparisonBatch,
     GroupKey,
 )
+from .config import AggregatorConfig
 from .guards import GuardEngine, GuardEvent, GuardRule
+from .manager import WindowManager
 from .report import WindowReport
 
 FloatArray = npt.NDArray[np.float64]

@@ -439,11 +439,16 @@ async def test_real_sidecar_with_flag_shifted_candidate_is_rolled_back(
                 "action": "rollback",
             },
             {
-                "name": "candidate_error_rate",
-                "figure": "candidate_error_rate",
+                # Paired: an unpaired error rate here rolled this healthy-but-shifted candidate
+                # back on a loaded machine, where the first batches timed out on both arms.
+                "name": "candidate_errors",
+                "figure": "candidate_excess_error_rate",
                 "threshold": 0.01,
                 "min_pairs": 500,
+                "consecutive": 2,
                 "action": "rollback",
+                "only_if": "candidate_error_calls",
+                "only_if_above": 1.5,
             },
         ],
     )

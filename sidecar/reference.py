@@ -58,13 +58,21 @@ def _type_name(t: msgspec.inspect.Type) -> str:
     return type(t).__name__.removesuffix("Type").lower()
 
 
+def _tables(default: Any) -> str | None:
+    """A list of named tables (the guard rules) as their names, else None."""
+    if isinstance(default, list) and default and all(hasattr(x, "name") for x in default):
+        return f"[{len(default)} tables: " + ", ".join(str(x.name) for x in default) + "]"
+    return None
+
+
 def _short(default: Any, limit: int = 60) -> str:
     """A default as ``repr``, except long lists of tables (the guard rules): their names."""
     text = repr(default)
     if len(text) <= limit:
         return text
-    if isinstance(default, list) and all(hasattr(x, "name") for x in default):
-        return f"[{len(default)} tables: " + ", ".join(str(x.name) for x in default) + "]"
+    tables = _tables(default)
+    if tables is not None:
+        return tables if len(tables) <= 100 else tables[: tables.rfind(",", 0, 95)] + ", ...]"
     return text[: limit - 3] + "..."
 
 
@@ -85,7 +93,8 @@ def settings_text(word: str = "") -> str:
 def settings_markdown() -> str:
     rows = ["| setting | environment variable | type | default |", "|---|---|---|---|"]
     for path, env, default, type_name in _settings(SidecarConfig, []):
-        rows.append(f"| `{path}` | `{env}` | {type_name} | `{default!r}` |")
+        shown = _tables(default) or repr(default)
+        rows.append(f"| `{path}` | `{env}` | {type_name} | `{shown}` |")
     return "\n".join(rows)
 
 

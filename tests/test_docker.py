@@ -205,7 +205,12 @@ def test_grafana_is_provisioned_with_a_dashboard_of_real_metrics() -> None:
         "decision_rate_ratio",
         "psi_candidate_vs_champion",
         "candidate_error_rate",
-        "latency_p99_ratio",
+        "candidate_excess_error_rate",
+        "candidate_excess_timeout_rate",
+        "latency_slower_share",
+        "latency_tail_excess",
+        "champion_nan_rate",
+        "champion_fallback_rate",
     } <= shown
     # Panels do not overlap on Grafana's 24-column grid.
     cells: set[tuple[int, int]] = set()

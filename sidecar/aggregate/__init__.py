@@ -7,10 +7,11 @@ and runs them through a ``GuardEngine`` whose fired events become control comman
 
 from __future__ import annotations
 
-from .aggregator import AggregatorConfig, ProcessResult, Reference, WindowAggregate, WindowManager
 from .batch import ERROR_KINDS, ArmColumns, ComparisonBatch, GroupKey, comparison_batch
+from .config import AggregatorConfig
 from .guards import GuardEngine, GuardEvent, GuardRule, default_rules
 from .histograms import LatencySketch, ScoreHistogram, quantile_edges, uniform_edges
+from .manager import ProcessResult, WindowManager
 from .report import (
     FIGURES,
     ArmReport,
@@ -35,6 +36,7 @@ from .stats import (
     psi_band,
     wilson,
 )
+from .window import Reference, WindowAggregate
 from .windows import RequestDeduper, Watermark, WindowSpec
 
 __all__ = [

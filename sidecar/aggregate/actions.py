@@ -6,7 +6,7 @@ definition of "which command a breach becomes".
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from ..control.commands import ControlCommand
 from ..timefmt import utc_window
@@ -24,8 +24,11 @@ MAX_REASON = 256
 _EVIDENCE_FIGURES = (
     ("ratio", "decision_rate_ratio"),
     ("psi", "psi_candidate_vs_champion"),
-    ("cand_err", "candidate_error_rate"),
-    ("p99_ratio", "latency_p99_ratio"),
+    ("cand_err_excess", "candidate_excess_error_rate"),
+    ("cand_timeout_excess", "candidate_excess_timeout_rate"),
+    ("slower", "latency_slower_share"),
+    ("p50_ratio", "latency_p50_ratio"),
+    ("p95_ratio", "latency_p95_ratio"),
     ("js", "js_candidate_vs_champion"),
     ("ks", "ks_candidate_vs_champion"),
 )
@@ -71,7 +74,13 @@ def command_reason(event: GuardEvent, comparisons_topic: str) -> str:
 
 
 def guard_command(event: GuardEvent, comparisons_topic: str, issued_at_ms: int) -> ControlCommand:
-    """The (unsigned) control command a fired rollback/pause event becomes."""
+    """The (unsigned) control command a fired rollback/pause event becomes.
+
+    A ``pause`` is a compare-and-set on the latest epoch seen in the breaching window
+    (``expected_epoch``): it applies only while the rollout is still in the state the
+    evidence was gathered under, never to whatever an operator did since. A ``rollback`` is
+    always wanted, whatever the epoch, so it carries none.
+    """
     action = event.rule.action
     if event.kind != "fired" or action == "alert":
         raise ValueError(f"event {event.rule.name}/{event.kind} does not issue a command")
@@ -82,7 +91,19 @@ def guard_command(event: GuardEvent, comparisons_topic: str, issued_at_ms: int) 
         issued_by=ISSUER,
         reason=command_reason(event, comparisons_topic),
         issued_at_ms=issued_at_ms,
+        expected_epoch=event.policy_epoch if action == "pause" else None,
     )
+
+
+def commanding(events: Sequence[GuardEvent]) -> list[GuardEvent]:
+    """The fired events of one report that become commands: the first per action, and no
+    pause when a rollback fired (it would be pointless, and its expected epoch gone). Two
+    pauses of one window would be one pause and a refused compare-and-set."""
+    fired = [e for e in events if e.kind == "fired" and e.rule.action in COMMAND_ACTIONS]
+    rollbacks = [e for e in fired if e.rule.action == "rollback"]
+    if rollbacks:
+        return rollbacks[:1]
+    return fired[:1]
 
 
 def commit_points(
@@ -101,6 +122,7 @@ __all__ = [
     "MAX_REASON",
     "command_id",
     "command_reason",
+    "commanding",
     "commit_points",
     "guard_command",
     "is_guard_command",

@@ -31,6 +31,8 @@ _ERROR_CODE: dict[str, int] = {k: i + 1 for i, k in enumerate(ERROR_KINDS)}
 SERVED_NONE, SERVED_CHAMPION, SERVED_CANDIDATE = 0, 1, 2
 _SERVED_CODE: dict[str | None, int] = {None: 0, "champion": 1, "candidate": 2}
 #: Decision codes: -1 missing, 0 no, 1 yes.
+#: Largest policy epoch accepted from a comparison (it must fit an int64 column).
+MAX_POLICY_EPOCH = 2**62
 
 Int8Array = npt.NDArray[np.int8]
 Int32Array = npt.NDArray[np.int32]
@@ -39,6 +41,10 @@ UInt64Array = npt.NDArray[np.uint64]
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 IndexArray = npt.NDArray[np.intp] | Int64Array
+
+
+#: Stands for the rest when a batch carries more distinct policy modes than a code holds.
+OTHER_MODE = "(other)"
 
 
 class GroupKey(NamedTuple):
@@ -86,6 +92,12 @@ class ComparisonBatch:
     candidate: ArmColumns
     #: Per row, an index into ``out_of_range_sets`` (0: no feature out of range).
     out_of_range_code: Int32Array
+    #: ``Comparison.policy_epoch`` per row (the routing policy the sidecar decided under).
+    policy_epoch: Int64Array
+    #: Per row, an index into ``policy_modes`` (``Comparison.policy_mode``).
+    policy_mode_code: Int8Array
+    #: Distinct policy modes of the batch, in code order.
+    policy_modes: tuple[str, ...]
     #: Distinct ``Comparison.out_of_range`` lists of the batch; entry 0 is the empty one.
     out_of_range_sets: tuple[tuple[str, ...], ...] = ((),)
 
@@ -105,6 +117,9 @@ class ComparisonBatch:
             self.champion.take(idx),
             self.candidate.take(idx),
             self.out_of_range_code[idx],
+            self.policy_epoch[idx],
+            self.policy_mode_code[idx],
+            self.policy_modes,
             self.out_of_range_sets,
         )
 
@@ -146,6 +161,10 @@ class ComparisonLike(Protocol):
     def candidate(self) -> _ResultLike: ...
     @property
     def out_of_range(self) -> list[str] | None: ...
+    @property
+    def policy_epoch(self) -> int: ...
+    @property
+    def policy_mode(self) -> str: ...
 
 
 class ErrorView(msgspec.Struct, gc=False):
@@ -180,6 +199,9 @@ class ComparisonView(msgspec.Struct, kw_only=True, gc=False):
     request_id: Name
     rollout: Name
     ts: Annotated[int, msgspec.Meta(ge=0, le=MAX_EPOCH_MS)]
+    #: Bounded so that it fits the int64 column (an epoch is a count of control commands).
+    policy_epoch: Annotated[int, msgspec.Meta(ge=0, le=MAX_POLICY_EPOCH)]
+    policy_mode: Name
     served_by: Arm | None
     champion: ResultView
     candidate: ResultView
@@ -225,8 +247,18 @@ def hash_strings(values: Sequence[str]) -> UInt64Array:
 _SCORE, _DECISION, _LATENCY, _ERROR = (
     attrgetter(f) for f in ("score", "decision", "latency_ms", "error")
 )
-_ROLLOUT, _MODEL, _VERSION, _TS, _SERVED, _REQUEST_ID = (
-    attrgetter(f) for f in ("rollout", "model", "version", "ts", "served_by", "request_id")
+_ROLLOUT, _MODEL, _VERSION, _TS, _SERVED, _REQUEST_ID, _EPOCH, _MODE = (
+    attrgetter(f)
+    for f in (
+        "rollout",
+        "model",
+        "version",
+        "ts",
+        "served_by",
+        "request_id",
+        "policy_epoch",
+        "policy_mode",
+    )
 )
 
 
@@ -259,6 +291,14 @@ def _arm_columns(results: Sequence[_ResultLike]) -> ArmColumns:
         latency_ms=_floats(results, _LATENCY, n),
         error=error,
     )
+
+
+def _epochs(comparisons: Sequence[ComparisonLike], n: int) -> Int64Array:
+    """The policy-epoch column; a poll usually holds a single epoch (no array pass then)."""
+    epochs = list(map(_EPOCH, comparisons))
+    if n and epochs.count(epochs[0]) == n:
+        return np.full(n, epochs[0], dtype=np.int64)
+    return np.array(epochs, dtype=np.int64)
 
 
 def comparison_batch(
@@ -305,6 +345,20 @@ def comparison_batch(
         )
     else:
         oor = np.zeros(n, dtype=np.int32)
+    modes = list(map(_MODE, comparisons))
+    mode_index: dict[str, int] = {}
+    if n and modes.count(modes[0]) == n:  # one mode: the usual batch (interned: identity)
+        mode_index[modes[0]] = 0
+        mode_code = np.zeros(n, dtype=np.int8)
+    else:
+        mode_code = np.fromiter(
+            (mode_index.setdefault(m, len(mode_index)) for m in modes), dtype=np.int64, count=n
+        )
+        if len(mode_index) > 127:  # untrusted: made-up modes beyond what a code holds
+            kept = [*list(mode_index)[:126], OTHER_MODE]
+            mode_index = {m: i for i, m in enumerate(kept)}
+            mode_code = np.minimum(mode_code, 126)
+        mode_code = mode_code.astype(np.int8)
     return ComparisonBatch(
         keys=tuple(GroupKey(*k) for k in index),
         key_code=codes,
@@ -319,4 +373,7 @@ def comparison_batch(
         candidate=_arm_columns(candidates),
         out_of_range_code=oor,
         out_of_range_sets=tuple(sets),
+        policy_epoch=_epochs(comparisons, n),
+        policy_mode_code=mode_code,
+        policy_modes=tuple(mode_index),
     )

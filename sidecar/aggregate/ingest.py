@@ -40,8 +40,8 @@ class RecordLike(Protocol):
 
 _PLAIN = msgspec.json.Decoder(ComparisonView)
 _PARTITION, _OFFSET, _VALUE = (attrgetter(f) for f in ("partition", "offset", "value"))
-_ROLLOUT, _CHAMPION, _CANDIDATE, _MODEL, _VERSION = (
-    attrgetter(f) for f in ("rollout", "champion", "candidate", "model", "version")
+_ROLLOUT, _CHAMPION, _CANDIDATE, _MODEL, _VERSION, _MODE = (
+    attrgetter(f) for f in ("rollout", "champion", "candidate", "model", "version", "policy_mode")
 )
 
 #: Most distinct values interned per field. Past it the field restarts from the values of
@@ -57,8 +57,8 @@ def _one_of(values: dict[str, None]) -> Any:
 class ComparisonDecoder:
     """Decodes a poll's comparison values in one call, interning the group-key strings.
 
-    Rollout, model and version names repeat on every record. Decoding them as ``Literal``
-    types of the values seen so far makes msgspec return the same ``str`` objects: no
+    Rollout, model, version and policy-mode names repeat on every record. Decoding them as
+    ``Literal`` types of the values seen so far makes msgspec return the same ``str`` objects: no
     allocation per record, and the key columns then compare by identity (about a quarter
     less decode and column time, ``bench/bench_aggregate.py``). A value not seen yet fails
     the typed decode once; that poll is decoded with plain ``str`` fields (``ComparisonView``)
@@ -75,12 +75,13 @@ class ComparisonDecoder:
         self._rollouts: dict[str, None] = {}
         self._models: dict[str, None] = {}
         self._versions: dict[str, None] = {}
+        self._modes: dict[str, None] = {}
         self._typed: msgspec.json.Decoder[Any] | None = None
 
     @property
     def interned(self) -> int:
-        """How many names are interned now (at most ``3 * MAX_INTERNED``)."""
-        return len(self._rollouts) + len(self._models) + len(self._versions)
+        """How many names are interned now (at most ``4 * MAX_INTERNED``)."""
+        return len(self._rollouts) + len(self._models) + len(self._versions) + len(self._modes)
 
     def decode(self, values: Sequence[bytes | None]) -> tuple[list[ComparisonLike], list[int]]:
         """The comparisons of ``values`` and the indices of the undecodable ones."""
@@ -120,6 +121,7 @@ class ComparisonDecoder:
             (self._rollouts, set(map(_ROLLOUT, comps))),
             (self._models, set(map(_MODEL, arms))),
             (self._versions, set(map(_VERSION, arms))),
+            (self._modes, set(map(_MODE, comps))),
         )
         changed = False
         for known, seen in fields:
@@ -139,6 +141,7 @@ class ComparisonDecoder:
         view = _retyped(
             ComparisonView,
             rollout=_one_of(self._rollouts),
+            policy_mode=_one_of(self._modes),
             champion=result,
             candidate=result,
         )

@@ -83,6 +83,26 @@ class AggregateMetrics:
             ["rollout"],
             registry=r,
         )
+        self.guard_resets = Counter(
+            "sidecar_aggregate_guard_resets",
+            "Times a rollout's guard state was reset because it moved to another policy epoch "
+            "(mode, share or candidate changed)",
+            ["rollout"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "sidecar_aggregate_champion_fallbacks",
+            "Records the candidate decided while the policy said the champion decides "
+            "(shadow, rolled_back): the champion failed and fell back to the candidate",
+            ["rollout"],
+            registry=r,
+        )
+        self.policy_epoch = Gauge(
+            "sidecar_aggregate_policy_epoch",
+            "Highest policy epoch in the latest closed window's comparisons",
+            ["rollout"],
+            registry=r,
+        )
         self.open_windows = Gauge(
             "sidecar_aggregate_open_windows", "Windows currently open", registry=r
         )
@@ -113,6 +133,10 @@ class AggregateMetrics:
         self.reports.labels(rollout).inc()
         if report.closed_by == "capacity":
             self.closed_early.labels(rollout).inc()
+        if report.counts.candidate_fallbacks:
+            self.fallbacks.labels(rollout).inc(report.counts.candidate_fallbacks)
+        if report.policy_epoch_max is not None:
+            self.policy_epoch.labels(rollout).set(report.policy_epoch_max)
         active = set(guards.active(rollout))
         for rule in guards.rules:
             self.guard_active.labels(rollout, rule.name).set(int(rule.name in active))

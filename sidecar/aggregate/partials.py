@@ -23,9 +23,11 @@ import msgspec
 import numpy as np
 
 from ..contracts import OUTPUT_SCHEMA_VERSION
-from .aggregator import AggregatorConfig, References, WindowAggregate, _ArmState
 from .batch import GroupKey
+from .config import AggregatorConfig
+from .references import References
 from .report import ClosedBy, OffsetRange, WindowReport
+from .window import WindowAggregate, _ArmState, _count_mode
 
 
 class ArmPartial(msgspec.Struct, frozen=True, kw_only=True):
@@ -69,6 +71,24 @@ class WindowPartial(msgspec.Struct, frozen=True, kw_only=True):
     out_of_range: int = 0
     out_of_range_features: dict[str, int] = {}
     emitted_at_ms: int = 0
+    #: Lowest and highest ``policy_epoch`` of the records, the mode of the highest, records
+    #: per mode (see ``WindowReport``).
+    policy_epoch_min: int | None = None
+    policy_epoch_max: int | None = None
+    policy_mode: str | None = None
+    policy_modes: dict[str, int] = {}
+    #: Records under a mode where the champion decides, and the candidate's fallbacks among
+    #: them.
+    champion_decides: int = 0
+    candidate_fallbacks: int = 0
+    #: The paired failure table (``paired.FAILURE_SLOTS`` counters; empty: none reported),
+    #: and the hashes of the distinct calls the candidate alone failed / timed out on.
+    failures: list[int] = []
+    failed_error_calls: list[int] = []
+    failed_timeout_calls: list[int] = []
+    #: The distinct batches' latencies (a bottom-k sample, see ``paired.BatchLatencies``).
+    batch_champion_ms: list[float] = []
+    batch_candidate_ms: list[float] = []
     schema_version: str = OUTPUT_SCHEMA_VERSION
 
     @property
@@ -140,6 +160,17 @@ def partial_of(
         out_of_range=agg.out_of_range,
         out_of_range_features=dict(agg.out_of_range_features),
         emitted_at_ms=emitted_at_ms,
+        policy_epoch_min=agg.policy.epoch_min,
+        policy_epoch_max=agg.policy.epoch_max,
+        policy_mode=agg.policy.mode,
+        policy_modes=dict(agg.policy.modes),
+        champion_decides=agg.policy.champion_decides,
+        candidate_fallbacks=agg.policy.candidate_fallbacks,
+        failures=agg.failures.counts.tolist(),
+        failed_error_calls=agg.failures.error_calls.keys.tolist(),
+        failed_timeout_calls=agg.failures.timeout_calls.keys.tolist(),
+        batch_champion_ms=agg.batches.champion.tolist(),
+        batch_candidate_ms=agg.batches.candidate.tolist(),
     )
 
 
@@ -157,6 +188,22 @@ def aggregate_of(partial: WindowPartial, config: AggregatorConfig) -> WindowAggr
     agg.min_ts, agg.max_ts = partial.min_ts_ms, partial.max_ts_ms
     agg.out_of_range = partial.out_of_range
     agg.out_of_range_features = dict(partial.out_of_range_features)
+    policy = agg.policy
+    if (partial.policy_epoch_min is None) != (partial.policy_epoch_max is None):
+        raise ValueError("partial has only one of policy_epoch_min and policy_epoch_max")
+    policy.epoch_min, policy.epoch_max = partial.policy_epoch_min, partial.policy_epoch_max
+    policy.mode = partial.policy_mode
+    for name, count in partial.policy_modes.items():
+        _count_mode(policy.modes, name, count)  # bounded, like a window's own
+    policy.champion_decides = partial.champion_decides
+    policy.candidate_fallbacks = partial.candidate_fallbacks
+    if partial.failures:
+        if len(partial.failures) != agg.failures.counts.size:
+            raise ValueError("partial has another failure table than this aggregator")
+        agg.failures.counts[:] = partial.failures
+    agg.failures.error_calls.add(np.asarray(partial.failed_error_calls, dtype=np.uint64))
+    agg.failures.timeout_calls.add(np.asarray(partial.failed_timeout_calls, dtype=np.uint64))
+    agg.batches.load(partial.batch_champion_ms, partial.batch_candidate_ms)
     return agg
 
 

@@ -25,9 +25,9 @@ from ..config import SidecarConfig
 from ..errors import BrokerError
 from ..kafka import new_consumer, stop_quietly
 from .actions import COMMAND_ACTIONS, command_id
-from .aggregator import WindowManager
 from .guards import GuardEngine, GuardEvent
 from .ingest import ComparisonDecoder, RecordLike, ingest
+from .manager import WindowManager
 from .report import WindowReport, figure_of
 from .settings import AggregateSettings
 
@@ -237,12 +237,23 @@ WINDOW_FIGURES = (
     ("champ_rate", "champion_decision_rate"),
     ("cand_rate", "candidate_decision_rate"),
     ("psi", "psi_candidate_vs_champion"),
-    ("js", "js_candidate_vs_champion"),
     ("ks", "ks_candidate_vs_champion"),
-    ("cand_err", "candidate_error_rate"),
-    ("p99_champ", "champion_latency_p99"),
-    ("p99_cand", "candidate_latency_p99"),
+    ("err_excess", "candidate_excess_error_rate"),
+    ("timeout_excess", "candidate_excess_timeout_rate"),
+    ("slower", "latency_slower_share"),
+    ("p50_ratio", "latency_p50_ratio"),
+    ("champ_err", "champion_error_rate"),
+    ("fallback", "champion_fallback_rate"),
 )
+
+
+def _policy(rep: WindowReport) -> str:
+    """``mode@epoch`` the window ended under (``lo-hi`` when it straddled commands)."""
+    lo, hi = rep.policy_epoch_min, rep.policy_epoch_max
+    if hi is None:
+        return "-"
+    epochs = str(hi) if lo == hi else f"{lo}-{hi}"
+    return f"{rep.policy_mode}@{epochs}"
 
 
 def format_windows(result: ReplayResult) -> str:
@@ -255,10 +266,18 @@ def format_windows(result: ReplayResult) -> str:
                 iso(rep.window_start_ms) + mark,
                 str(rep.counts.records),
                 str(rep.counts.late),
+                _policy(rep),
                 *(_num(rep, name) for _, name in WINDOW_FIGURES),
             ]
         )
-    header = ["rollout", "window start (UTC)", "records", "late", *(s for s, _ in WINDOW_FIGURES)]
+    header = [
+        "rollout",
+        "window start (UTC)",
+        "records",
+        "late",
+        "policy",
+        *(s for s, _ in WINDOW_FIGURES),
+    ]
     return _table(header, rows)
 
 

@@ -11,6 +11,7 @@ from typing import Literal
 import msgspec
 
 from ..contracts import OUTPUT_SCHEMA_VERSION
+from .paired import PairedFailures, PairedLatency
 from .stats import Figure, PsiBand, insufficient
 
 REPORT_SCHEMA_VERSION = OUTPUT_SCHEMA_VERSION
@@ -56,6 +57,9 @@ class ArmReport(msgspec.Struct, frozen=True, kw_only=True):
     latency: LatencyReport
     drift_vs_reference: DriftReport
     reference_window_start_ms: int | None
+    #: Share of records whose score was NaN/infinite or otherwise invalid (error kind
+    #: ``invalid_output``). Absent from reports of older aggregators.
+    nan_rate: Figure = msgspec.field(default_factory=lambda: insufficient(0, "not_reported"))
 
 
 class PairedReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,6 +91,12 @@ class ReportCounts(msgspec.Struct, frozen=True, kw_only=True):
     out_of_range: int = 0
     #: Per feature, records where it was out of range.
     out_of_range_features: dict[str, int] = {}
+    #: Records decided under a policy mode where the champion decides everything
+    #: (``shadow``, ``rolled_back``) ...
+    champion_decides: int = 0
+    #: ... and of those, the ones the candidate decided: the champion failed and
+    #: ``rollout.champion_failure = "fallback_candidate"`` let the unpromoted candidate decide.
+    candidate_fallbacks: int = 0
 
 
 #: Why a window was closed: its watermark passed (the normal case), too many windows were open
@@ -121,6 +131,24 @@ class WindowReport(msgspec.Struct, frozen=True, kw_only=True):
     closed_by: ClosedBy = "watermark"
     #: Comparison partitions whose share of the window is missing (merge timeout only).
     partitions_missing: list[int] = []
+    #: Lowest and highest ``policy_epoch`` of the window's records, and the ``policy_mode`` of
+    #: the highest: the routing policy the window ended under (a window may straddle a control
+    #: command; both arms score every request in every mode, so the paired figures hold
+    #: across it). None in reports of older aggregators.
+    policy_epoch_min: int | None = None
+    policy_epoch_max: int | None = None
+    policy_mode: str | None = None
+    #: Records per ``policy_mode``.
+    policy_modes: dict[str, int] = {}
+    #: ``counts.candidate_fallbacks / counts.champion_decides`` (Wilson interval): how often
+    #: the candidate decided while it was not meant to decide anything.
+    champion_fallback_rate: Figure = msgspec.field(
+        default_factory=lambda: insufficient(0, "not_reported")
+    )
+    #: Failures on the same requests, host problems left out (see ``paired``).
+    failures: PairedFailures | None = None
+    #: Latency over the same batches, compared batch by batch (see ``paired``).
+    latency_paired: PairedLatency | None = None
     schema_version: str = REPORT_SCHEMA_VERSION
 
 
@@ -131,6 +159,8 @@ def figure_of(report: WindowReport, name: str) -> Figure:
         return getter(report)
     obj: object = report
     for part in name.split("."):
+        if obj is None:  # an optional part older aggregators did not report
+            return insufficient(0, "not_reported")
         if not hasattr(obj, part):
             raise KeyError(f"unknown figure {name!r}")
         obj = getattr(obj, part)
@@ -152,6 +182,8 @@ class _Getter(msgspec.Struct, frozen=True):
     def __call__(self, report: WindowReport) -> Figure:
         obj: object = report
         for part in self.path.split("."):
+            if obj is None:  # an optional part older aggregators did not report
+                return insufficient(0, "not_reported")
             obj = getattr(obj, part)
         assert isinstance(obj, Figure)
         return _p_value(obj) if self.p_value else obj
@@ -176,8 +208,20 @@ FIGURES: dict[str, _Getter] = {
     "ks_candidate_vs_reference": _Getter("candidate.drift_vs_reference.ks"),
     "candidate_error_rate": _Getter("candidate.error_rate"),
     "champion_error_rate": _Getter("champion.error_rate"),
+    "candidate_nan_rate": _Getter("candidate.nan_rate"),
+    "champion_nan_rate": _Getter("champion.nan_rate"),
+    "candidate_excess_error_rate": _Getter("failures.candidate_excess_error_rate"),
+    "candidate_excess_timeout_rate": _Getter("failures.candidate_excess_timeout_rate"),
+    "candidate_error_calls": _Getter("failures.candidate_error_calls"),
+    "candidate_timeout_calls": _Getter("failures.candidate_timeout_calls"),
+    "champion_fallback_rate": _Getter("champion_fallback_rate"),
     "candidate_latency_p99": _Getter("candidate.latency.p99"),
     "champion_latency_p99": _Getter("champion.latency.p99"),
     "latency_p99_ratio": _Getter("latency_p99_ratio"),
+    "latency_p50_ratio": _Getter("latency_paired.p50_ratio"),
+    "latency_p95_ratio": _Getter("latency_paired.p95_ratio"),
+    "latency_slower_share": _Getter("latency_paired.slower_share"),
+    "latency_slower_p_value": _Getter("latency_paired.slower_share", p_value=True),
+    "latency_tail_excess": _Getter("latency_paired.tail_excess"),
     "out_of_range_rate": _Getter("out_of_range_rate"),
 }

@@ -30,6 +30,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from itertools import chain
 from typing import Any, NamedTuple
@@ -55,12 +56,13 @@ from ..kafka import (
     refusal,
     stop_quietly,
 )
-from .actions import COMMAND_ACTIONS, guard_command
-from .aggregator import WindowManager
+from ..timefmt import utc_window
+from .actions import COMMAND_ACTIONS, commanding, guard_command
 from .commits import SafeCommitter
 from .decode_pool import DecodePool
-from .guards import GuardEngine, GuardEvent
+from .guards import GuardEngine, GuardEvent, GuardReset
 from .ingest import ComparisonDecoder, Ingested, RecordLike, ingest
+from .manager import WindowManager
 from .merge_stage import MergeStage
 from .metrics import AggregateMetrics
 from .partials import partial_of
@@ -69,6 +71,8 @@ from .report import WindowReport
 log = logging.getLogger(__name__)
 
 _REPORT_ENCODER = msgspec.json.Encoder()
+#: Reports, guard events and commands an ``AggregatorService`` keeps for inspection.
+KEEP_RECENT = 10_000
 #: Header on late records copied to ``aggregate.late_topic``.
 LATE_HEADER = "sidecar-late"
 
@@ -165,6 +169,8 @@ class AggregatorService:
         self._generation = 0
         #: Polls handed to the decode pool and not applied yet.
         self._inflight = 0
+        #: Assigned partitions that have delivered no record since their assignment.
+        self._undelivered: set[int] = set()
         self.metrics = metrics or AggregateMetrics()
         self._clock = clock
         self._topic = config.topics.comparisons
@@ -181,13 +187,16 @@ class AggregatorService:
         self.ready = asyncio.Event()
         #: Readiness snapshot served on ``/readyz`` (see ``sidecar.health``).
         self.health = HealthState("aggregator")
-        #: What this process did (tests and the benchmark read these).
+        #: What this process did (tests and the benchmark read these). The latest
+        #: ``KEEP_RECENT`` of each only: a long-lived aggregator must not grow with its age.
         self.consumed = 0
         #: ``time.monotonic()`` of the first poll that returned records (the benchmark).
         self.first_poll_at: float | None = None
-        self.reports: list[WindowReport] = []
-        self.events: list[GuardEvent] = []
-        self.commands: list[ControlCommand] = []
+        self.reports: deque[WindowReport] = deque(maxlen=KEEP_RECENT)
+        self.events: deque[GuardEvent] = deque(maxlen=KEEP_RECENT)
+        self.commands: deque[ControlCommand] = deque(maxlen=KEEP_RECENT)
+        #: Totals since start (the deques above forget their oldest entries).
+        self.reports_total = 0
         self.keep_reports = True
 
     def _new_manager(self) -> WindowManager:
@@ -309,6 +318,37 @@ class AggregatorService:
     def on_assigned(self, partitions: set[int]) -> None:
         log.info("partitions assigned: %s[%s]", self._topic, ",".join(map(str, sorted(partitions))))
         self.manager.assign_partitions(partitions, self._clock())
+        self._undelivered = set(partitions)
+
+    async def _find_caught_up(
+        self, consumer: AIOKafkaConsumer, polled: dict[TopicPartition, list[Any]]
+    ) -> None:
+        """Assigned partitions that have delivered nothing since their assignment and sit at
+        their end (position at the high watermark of the last fetch) stop holding the
+        watermark back (see ``Watermark.caught_up``): the first windows then close as soon as
+        the partitions with data pass them, not after ``aggregate.idle_timeout_ms``."""
+        for tp in polled:
+            self._undelivered.discard(tp.partition)
+        if not self._undelivered:
+            return
+        found = []
+        for p in sorted(self._undelivered):
+            tp = TopicPartition(self._topic, p)
+            highwater = consumer.highwater(tp)
+            if highwater is None:  # not fetched yet
+                continue
+            with contextlib.suppress(Exception):  # e.g. revoked meanwhile: ask again later
+                if await consumer.position(tp) >= highwater:
+                    found.append(p)
+        if found:
+            self._undelivered.difference_update(found)
+            async with self._lock:
+                self.manager.watermark.caught_up(found)
+            log.info(
+                "%s[%s] at their end with nothing to read: they do not hold windows back",
+                self._topic,
+                ",".join(map(str, found)),
+            )
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -324,6 +364,7 @@ class AggregatorService:
                 records = list(chain.from_iterable(polled.values()))
                 if records and self.first_poll_at is None:
                     self.first_poll_at = time.monotonic()
+                await self._find_caught_up(consumer, polled)
                 async with self._lock:
                     await self.process(records)
             return
@@ -342,6 +383,7 @@ class AggregatorService:
                     timeout_ms=s.fetch_timeout_ms, max_records=s.max_batch
                 )
                 records = list(chain.from_iterable(polled.values()))
+                await self._find_caught_up(consumer, polled)
                 if records:
                     if self.first_poll_at is None:
                         self.first_poll_at = time.monotonic()
@@ -485,9 +527,14 @@ class AggregatorService:
                     report.window_end_ms,
                     report.counts.records,
                 )
-            for event in self.guards.evaluate(report):
-                sends += self._on_event(event, now)
+            events = self.guards.evaluate(report)
+            for reset in self.guards.take_resets():
+                self._on_reset(reset)
+            acting = commanding(events)
+            for event in events:
+                sends += self._on_event(event, now, acts=any(event is e for e in acting))
             self.metrics.observe_report(report, self.guards)
+            self.reports_total += 1
             if self.keep_reports:
                 self.reports.append(report)
         late_topic = self.settings.late_topic
@@ -553,8 +600,24 @@ class AggregatorService:
             await backoff.wait()
             sends = [send for send, _ in failed]
 
-    def _on_event(self, event: GuardEvent, now: int) -> list[_Send]:
-        """Log and count a guard event; a fired rollback/pause becomes a signed command."""
+    def _on_reset(self, reset: GuardReset) -> None:
+        self.metrics.guard_resets.labels(reset.rollout).inc()
+        log.info(
+            "guard state of %s (%s -> %s) reset: policy epoch %d (%s) -> %d (%s) in window %s",
+            reset.rollout,
+            reset.champion_version,
+            reset.candidate_version,
+            reset.from_epoch,
+            reset.from_mode,
+            reset.to_epoch,
+            reset.to_mode,
+            utc_window(reset.window_start_ms, reset.window_end_ms),
+        )
+
+    def _on_event(self, event: GuardEvent, now: int, *, acts: bool = True) -> list[_Send]:
+        """Log and count a guard event; a fired rollback/pause becomes a signed command
+        (unless ``acts`` is False: another command of the same window covers it, see
+        ``actions.commanding``)."""
         self.events.append(event)
         self.metrics.observe_event(event)
         action = event.rule.action
@@ -563,6 +626,16 @@ class AggregatorService:
             return []
         if action not in COMMAND_ACTIONS:
             log.warning("guard alert for %s: %s", event.rollout, event.reason)
+            return []
+        if not acts:
+            log.warning(
+                "guard %s fired for %s; its %s is not sent: another command of the same window "
+                "covers it: %s",
+                event.rule.name,
+                event.rollout,
+                action,
+                event.reason,
+            )
             return []
         cmd = guard_command(event, self._topic, issued_at_ms=now)
         if self.dry_run or self._producer is None:
@@ -580,6 +653,8 @@ class AggregatorService:
         signed = sign_command(cmd, self.key)
         from ..control.plane import CONTROL_PARTITION
 
+        if action == "pause":
+            self.guards.published_pause(event)
         self.commands.append(signed)
         self.metrics.commands.labels(event.rollout, action, "published").inc()
         log.warning("guard fired: publishing %s %s: %s", action, signed.command_id, signed.reason)
@@ -599,4 +674,4 @@ class AggregatorService:
         await self._commits.commit(self._consumer, self.manager.open_first_offsets())
 
 
-__all__ = ["LATE_HEADER", "AggregatorService", "signing_key"]
+__all__ = ["KEEP_RECENT", "LATE_HEADER", "AggregatorService", "signing_key"]

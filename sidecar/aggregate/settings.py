@@ -11,8 +11,15 @@ from typing import Annotated
 
 import msgspec
 
-from .aggregator import AggregatorConfig
+from .config import AggregatorConfig
 from .guards import GuardRule, default_rules
+from .paired import (
+    BATCH_SAMPLE,
+    HOST_SHARE,
+    LATENCY_MARGIN,
+    LATENCY_MIN_DIFF_MS,
+    MIN_LATENCY_BATCHES,
+)
 
 Meta = msgspec.Meta
 
@@ -47,6 +54,19 @@ class AggregateSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     #: Minimum compared pairs for paired, rate and drift figures in a report.
     min_pairs: Annotated[int, Meta(ge=1)] = 200
     min_latency_count: Annotated[int, Meta(ge=1)] = 50
+    #: Paired latency (guards ``latency_median``/``latency_tail``): a batch counts as
+    #: "candidate slower" when the candidate took more than this many times the champion's
+    #: time on the same batch ...
+    latency_margin: Annotated[float, Meta(ge=1.0)] = LATENCY_MARGIN
+    #: ... and at least this many milliseconds more.
+    latency_min_diff_ms: Annotated[float, Meta(ge=0.0)] = LATENCY_MIN_DIFF_MS
+    #: Fewest distinct batches (model calls) in a window for the paired latency figures.
+    min_latency_batches: Annotated[int, Meta(ge=1)] = MIN_LATENCY_BATCHES
+    #: Distinct batches kept per window for them (a uniform sample, mergeable).
+    latency_batch_sample: Annotated[int, Meta(ge=16, le=65_536)] = BATCH_SAMPLE
+    #: A timeout of one arm is put down to the host (not the model) when the other arm's
+    #: call on the same batch took at least this share of the timed-out call's time.
+    timeout_host_share: Annotated[float, Meta(gt=0.0, le=1.0)] = HOST_SHARE
     #: Helper processes that decode comparisons while the loop fetches (0: decode in the
     #: loop). One is worth ~+20% on two cores; more help only with more idle cores.
     decode_processes: Annotated[int, Meta(ge=0, le=16)] = 1
@@ -83,6 +103,11 @@ class AggregateSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
             min_pairs=self.min_pairs,
             min_latency_count=self.min_latency_count,
             max_open_windows=self.max_open_windows,
+            latency_margin=self.latency_margin,
+            latency_min_diff_ms=self.latency_min_diff_ms,
+            min_latency_batches=self.min_latency_batches,
+            latency_batch_sample=self.latency_batch_sample,
+            timeout_host_share=self.timeout_host_share,
         )
 
 

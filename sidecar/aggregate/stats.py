@@ -248,6 +248,21 @@ def binom_cdf_half(k: int, n: int) -> float:
     return sum(math.comb(n, i) for i in range(k + 1)) / (1 << n)
 
 
+def sign_test_greater(k: int, n: int) -> float:
+    """One-sided sign test: ``P(X >= k)`` for ``X ~ Binomial(n, 1/2)`` (exact), i.e. the
+    p-value of "more than half of ``n`` paired observations went one way" when ``k`` did."""
+    if n <= 0 or k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    # log C(n, i) for i = 0..n by a running sum (floats: big-integer binomials for n ~ 1000
+    # would cost milliseconds per window).
+    j = np.arange(1, n + 1, dtype=np.float64)
+    log_comb = np.concatenate(([0.0], np.cumsum(np.log(n - j + 1.0) - np.log(j))))
+    tail = float(np.exp(log_comb[k:] - n * math.log(2.0)).sum())
+    return min(1.0, tail)
+
+
 def mcnemar(
     b: int,
     c: int,

@@ -81,16 +81,28 @@ class Watermark:
     partition is idle, the max over partitions is used (nothing is in flight, so windows may
     close); records that later arrive behind it are late, not lost.
     Assigned partitions that have not produced anything yet hold the watermark (at "unknown")
-    until they turn idle.
+    until they turn idle, or until the consumer finds them caught up (:meth:`caught_up`: at
+    their end, nothing to read): then they hold nothing until a record arrives on them. That
+    is what lets the first windows close right after start, where a partition without
+    comparisons would otherwise hold every window back for ``idle_timeout_ms``.
     """
 
-    __slots__ = ("_current", "_last_seen", "_max_ts", "allowed_lateness_ms", "idle_timeout_ms")
+    __slots__ = (
+        "_current",
+        "_empty",
+        "_last_seen",
+        "_max_ts",
+        "allowed_lateness_ms",
+        "idle_timeout_ms",
+    )
 
     def __init__(self, *, allowed_lateness_ms: int = 0, idle_timeout_ms: int = 30_000) -> None:
         self.allowed_lateness_ms = allowed_lateness_ms
         self.idle_timeout_ms = idle_timeout_ms
         self._max_ts: dict[int, int | None] = {}
         self._last_seen: dict[int, int] = {}
+        #: Partitions found caught up before any record of theirs was seen.
+        self._empty: set[int] = set()
         self._current: int | None = None
 
     @property
@@ -108,6 +120,20 @@ class Watermark:
         for p in partitions:
             self._max_ts.pop(int(p), None)
             self._last_seen.pop(int(p), None)
+            self._empty.discard(int(p))
+
+    def caught_up(self, partitions: Iterable[int]) -> None:
+        """Partitions the consumer read to their end without finding a record: they stop
+        holding the watermark (until they deliver one). Ignored for partitions that already
+        had records (those turn idle by time, as before)."""
+        for p in partitions:
+            if int(p) in self._last_seen and self._max_ts.get(int(p)) is None:
+                self._empty.add(int(p))
+
+    @property
+    def empty_partitions(self) -> list[int]:
+        """Assigned partitions found caught up with no record seen (they hold nothing)."""
+        return sorted(self._empty)
 
     @property
     def partitions(self) -> list[int]:
@@ -131,11 +157,16 @@ class Watermark:
                 prev = self._max_ts.get(p)
                 self._max_ts[p] = m if prev is None else max(prev, m)
                 self._last_seen[p] = max(self._last_seen.get(p, now_ms), now_ms)
+                self._empty.discard(p)
         return self.advance(now_ms)
 
     def advance(self, now_ms: int) -> int | None:
         """Recompute with idleness at ``now_ms`` (call on every poll, even an empty one)."""
-        active = [p for p, seen in self._last_seen.items() if now_ms - seen < self.idle_timeout_ms]
+        active = [
+            p
+            for p, seen in self._last_seen.items()
+            if now_ms - seen < self.idle_timeout_ms and p not in self._empty
+        ]
         candidate: int | None
         if active:
             held = [self._max_ts[p] for p in active]

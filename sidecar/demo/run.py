@@ -624,7 +624,7 @@ class Demo:
             "the aggregator paused the ramp; the operator looks at the evidence and rolls back"
         )
         await asyncio.sleep(window)
-        reason = "latency regression confirmed: the aggregator paused the ramp on latency_p99_ratio"
+        reason = "latency regression confirmed: the aggregator paused the ramp on its latency guard"
         rolled = await self._operator(cfg, operator, "rollback", reason)
         return await self._settle(
             act,

@@ -30,7 +30,7 @@ SCENARIO_HELP = {
     "errors": "a candidate that fails on 1 batch in 4 is ramped; the aggregator rolls it back "
     "(champion traffic is never harmed: its share falls back to the champion)",
     "latency": "a candidate 40 ms slower per batch is ramped; the aggregator pauses the ramp "
-    "on the p99 ratio and the operator rolls back",
+    "(slower on most of the same batches) and the operator rolls back",
     "benign": "only the healthy candidate: shadow, ramp 1% -> 100%, promoted",
 }
 Expect = Literal["rollback", "promoted", "paused"]
@@ -178,7 +178,7 @@ def acts(scenario: ScenarioName, cal: Calibration) -> list[Act]:
             {"delay_s": 0.04},
             round(cal.healthy_threshold, 4),
             "Candidate fraud-lr 2.0.2 takes 40 ms longer per batch: ramp starts, the aggregator "
-            "watches the p99 latency ratio",
+            "compares both models' latency batch by batch",
             "ramp",
             "paused",
             shadow_windows=0,

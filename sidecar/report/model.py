@@ -344,11 +344,14 @@ def share_steps(timeline: Sequence[CommandEntry], spans: Sequence[Span]) -> dict
 
 
 def guard_breaches(reports: Sequence[WindowReport], rule: GuardRule) -> list[Point]:
-    """Windows whose figure breaches ``rule`` (with enough pairs): the red dots on a plot."""
+    """Windows whose figure (at the rule's bound) breaches ``rule`` with enough pairs: the
+    red dots on a plot."""
     hits: list[Point] = []
     for r in reports:
         fig = figure_of(r, rule.figure)
         v = _value(fig)
+        if v is not None and rule.bound != "value":
+            v = fig.lo if rule.bound == "lo" else fig.hi
         if v is not None and r.counts.records >= rule.min_pairs and rule.breaches(v):
             hits.append((_mid(r), v))
     return hits

@@ -91,7 +91,27 @@ def _rule_lines(rule: GuardRule | None, fmt: str) -> list[HLine]:
     ]
     if rule.clear != rule.threshold:
         lines.append(HLine(rule.clear, f"clears below {fmt.format(rule.clear)}", "#999999", "2 3"))
+    low = rule.lower_threshold
+    if low is not None:
+        lines.append(HLine(low, f"guard {rule.name} ({rule.action}): < {fmt.format(low)}"))
+        if rule.lower_clear != low:
+            lines.append(
+                HLine(
+                    rule.lower_clear,
+                    f"clears above {fmt.format(rule.lower_clear)}",
+                    "#999999",
+                    "2 3",
+                )
+            )
     return lines
+
+
+def _rules_lines(rules: Sequence[GuardRule | None], fmt: str) -> list[HLine]:
+    return [line for rule in rules for line in _rule_lines(rule, fmt)]
+
+
+def _breaches(reports: Sequence[WindowReport], rules: Sequence[GuardRule | None]) -> list[Point]:
+    return [p for rule in rules if rule is not None for p in guard_breaches(reports, rule)]
 
 
 def build_charts(rec: Recording) -> list[Chart]:
@@ -176,7 +196,6 @@ def build_charts(rec: Recording) -> list[Chart]:
                     dots=q == "p99",
                 )
             )
-    lat_rule = rule_for(rules, "latency_p99_ratio")
     charts.append(
         Chart(
             "latency",
@@ -185,11 +204,37 @@ def build_charts(rec: Recording) -> list[Chart]:
             latency,
             y_format="{:.3g}",
             y_min=0.0,
+            note="Over records; the latency guards compare the two models batch by batch (next).",
+        )
+    )
+    median_rule = rule_for(rules, "latency_slower_share")
+    tail_rule = rule_for(rules, "latency_tail_excess")
+    charts.append(
+        Chart(
+            "latency_paired",
+            "Latency, paired: batches on which the candidate was much slower than the champion",
+            "share of batches",
+            [
+                Series(
+                    "candidate slower by the margin (lower 95% bound)",
+                    _fig(reports, spans, _bound("latency_slower_share", "lo")),
+                    CANDIDATE,
+                ),
+                Series(
+                    "tail surplus: candidate tail excursions less champion ones (lower bound)",
+                    _fig(reports, spans, _bound("latency_tail_excess", "lo")),
+                    PALETTE[4],
+                    dash=DASHED,
+                ),
+            ],
+            y_format="{:.0%}",
+            hlines=_rules_lines([median_rule, tail_rule], "{:.0%}"),
+            highlights=_breaches(reports, [median_rule, tail_rule]),
+            highlight_label="latency breach",
             note=(
-                f"Guard {lat_rule.name}: candidate p99 / champion p99 {lat_rule.comparison} "
-                f"{lat_rule.threshold:g} ({lat_rule.action})."
-                if lat_rule
-                else ""
+                "A batch counts when the candidate took more than the margin (1.5x by default) "
+                "times the champion's time on that very batch: host stalls slow both and cancel "
+                "out."
             ),
         )
     )
@@ -217,18 +262,69 @@ def build_charts(rec: Recording) -> list[Chart]:
             y_min=0.0,
         )
     )
-    err_rule = rule_for(rules, "candidate_error_rate")
+    err_rules = [
+        rule_for(rules, "candidate_excess_error_rate"),
+        rule_for(rules, "candidate_excess_timeout_rate"),
+    ]
     charts.append(
         Chart(
             "errors",
-            "Model error rate (exceptions, timeouts, invalid output)",
+            "Model error rate (exceptions, timeouts, invalid output), and the candidate's own",
             "errors",
-            both("error rate", "error_rate"),
+            [
+                *both("error rate", "error_rate"),
+                Series(
+                    "candidate-only errors less champion-only ones (paired)",
+                    _fig(reports, spans, named("candidate_excess_error_rate")),
+                    PALETTE[4],
+                    dash=DASHED,
+                ),
+                Series(
+                    "candidate-only timeouts less champion-only ones (host stalls left out)",
+                    _fig(reports, spans, named("candidate_excess_timeout_rate")),
+                    PALETTE[3],
+                    dash=DOTTED,
+                ),
+            ],
             y_format="{:.1%}",
-            hlines=_rule_lines(err_rule, "{:.1%}"),
-            highlights=guard_breaches(reports, err_rule) if err_rule else [],
-            highlight_label="error-rate breach",
+            hlines=_rules_lines(err_rules, "{:.1%}"),
+            highlights=_breaches(reports, err_rules),
+            highlight_label="error breach",
             y_min=0.0,
+            note=(
+                "The guards watch the paired lines: a request that failed on both arms (a host "
+                "stall) blames neither model."
+            ),
+        )
+    )
+    watch = [rule_for(rules, "champion_nan_rate"), rule_for(rules, "champion_fallback_rate")]
+    charts.append(
+        Chart(
+            "champion",
+            "The champion watched: invalid scores, and fallbacks to the unpromoted candidate",
+            "share",
+            [
+                Series(
+                    "champion NaN / invalid scores",
+                    _fig(reports, spans, named("champion_nan_rate")),
+                    CHAMPION,
+                ),
+                Series(
+                    "decided by the candidate while the champion should decide (fallbacks)",
+                    _fig(reports, spans, named("champion_fallback_rate")),
+                    CANDIDATE,
+                    dash=DASHED,
+                ),
+            ],
+            y_format="{:.2%}",
+            hlines=_rules_lines(watch, "{:.2%}"),
+            highlights=_breaches(reports, watch),
+            highlight_label="alert",
+            y_min=0.0,
+            note=(
+                "Fallbacks: windows in shadow or rolled back where the champion failed and "
+                "rollout.champion_failure = fallback_candidate let the candidate decide."
+            ),
         )
     )
     charts.append(
@@ -257,6 +353,16 @@ def build_charts(rec: Recording) -> list[Chart]:
         )
     )
     return charts
+
+
+def _bound(name: str, bound: str) -> Callable[[WindowReport], float | None]:
+    """A figure's CI bound (what a guard with that ``bound`` compares)."""
+
+    def get(r: WindowReport) -> float | None:
+        f = figure_of(r, name)
+        return getattr(f, bound) if f.ok else None
+
+    return get
 
 
 def named_path(path: str) -> Callable[[WindowReport], object]:
@@ -437,7 +543,12 @@ _EVIDENCE_ROWS = (
     ("decision-rate ratio", "decision_rate_ratio", "{:.3f}"),
     ("PSI (candidate vs champion)", "psi_candidate_vs_champion", "{:.3f}"),
     ("candidate error rate", "candidate_error_rate", "{:.2%}"),
-    ("latency p99 ratio", "latency_p99_ratio", "{:.2f}"),
+    ("candidate-only errors, less the champion's", "candidate_excess_error_rate", "{:.2%}"),
+    ("candidate-only timeouts, less the champion's", "candidate_excess_timeout_rate", "{:.2%}"),
+    ("batches the candidate was slower on", "latency_slower_share", "{:.0%}"),
+    ("latency median ratio (same batches)", "latency_p50_ratio", "{:.2f}"),
+    ("latency p95 ratio (same batches)", "latency_p95_ratio", "{:.2f}"),
+    ("champion fallbacks to the candidate", "champion_fallback_rate", "{:.2%}"),
 )
 
 

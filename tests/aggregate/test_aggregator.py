@@ -314,3 +314,39 @@ def test_full_report_figures_on_a_clear_difference() -> None:
     assert r.drift_candidate_vs_champion.psi.value is not None
     assert r.drift_candidate_vs_champion.psi.value < 0.1  # same scores, different threshold
     assert all(math.isfinite(f.value) for f in (ratio,) if f.value is not None)
+
+
+def test_a_window_says_which_policies_its_records_were_decided_under() -> None:
+    from sidecar.aggregate.ingest import ComparisonDecoder, decode_columns
+
+    rng = np.random.default_rng(4)
+    # Shadow at epoch 6, champion failing on 4% (the candidate decides those: fallbacks),
+    # then a canary at epoch 7 from the middle of the window; one straggler of epoch 5.
+    shadow = comparisons(rng, 400, t0=0, spacing_ms=1, policy_epoch=6, champion_error_rate=0.04)
+    canary = comparisons(
+        rng, 400, t0=500, spacing_ms=1, policy_epoch=7, policy_mode="canary", id_prefix="c"
+    )
+    late = comparisons(rng, 1, t0=900, policy_epoch=5, id_prefix="l")
+    values = [msgspec.json.encode(c) for c in shadow + canary + late]
+    decoder = ComparisonDecoder()
+    mgr = WindowManager(SMALL)
+    reports = []
+    for start in range(0, len(values), 300):  # polls: typed (interned) decoding after the first
+        chunk = values[start : start + 300]
+        batch, bad = decode_columns(
+            chunk,
+            np.zeros(len(chunk), np.int32),
+            np.arange(start, start + len(chunk), dtype=np.int64),
+            decoder,
+        )
+        assert bad == []
+        reports += mgr.process(batch, 0).reports
+    (r,) = reports + mgr.flush(0)
+    assert (r.policy_epoch_min, r.policy_epoch_max, r.policy_mode) == (5, 7, "canary")
+    assert r.policy_modes == {"canary": 400, "shadow": 401}
+    fallbacks = sum(c.served_by == "candidate" for c in shadow)
+    assert fallbacks > 5
+    assert (r.counts.champion_decides, r.counts.candidate_fallbacks) == (401, fallbacks)
+    assert r.champion_fallback_rate.value == pytest.approx(fallbacks / 401)
+    # in canary the candidate serving a fifth is its share, not a fallback
+    assert r.counts.served_candidate == fallbacks + 80

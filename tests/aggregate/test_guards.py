@@ -24,21 +24,33 @@ _BASE = WindowAggregate(KEY, 0, 60_000).result()
 
 
 def report(
-    ratio: float | None, *, window: int = 0, records: int = 1_000, rollout: str = ROLLOUT
+    ratio: float | None,
+    *,
+    window: int = 0,
+    records: int = 1_000,
+    rollout: str = ROLLOUT,
+    epoch: int | None = None,
+    mode: str | None = None,
+    candidate_version: str = "2",
 ) -> WindowReport:
     """A report whose decision-rate ratio is ``ratio`` (None = insufficient data)."""
     fig = insufficient(records) if ratio is None else Figure(value=ratio, lo=ratio * 0.9, n=records)
     paired = msgspec.structs.replace(_BASE.paired, decision_rate_ratio=fig)
     counts = msgspec.structs.replace(_BASE.counts, records=records)
+    candidate = msgspec.structs.replace(_BASE.candidate, version=candidate_version)
     start = window * 60_000
     return msgspec.structs.replace(
         _BASE,
         rollout=rollout,
         paired=paired,
         counts=counts,
+        candidate=candidate,
         window_start_ms=start,
         window_end_ms=start + 60_000,
         emitted_at_ms=start + 61_000,
+        policy_epoch_min=epoch,
+        policy_epoch_max=epoch,
+        policy_mode=mode,
     )
 
 
@@ -136,13 +148,30 @@ def test_event_carries_evidence() -> None:
 
 def test_default_rules_cover_the_documented_figures() -> None:
     names = {r.figure: r for r in default_rules()}
-    assert names["decision_rate_ratio"].threshold == 1.5
-    assert names["decision_rate_ratio"].clear == 1.2
+    ratio = names["decision_rate_ratio"]
+    assert (ratio.threshold, ratio.clear) == (1.5, 1.2)
+    assert ratio.lower_threshold == pytest.approx(1 / 1.5)
+    assert ratio.lower_clear == pytest.approx(1 / 1.2)
     assert names["psi_candidate_vs_champion"].threshold == 0.25
-    assert names["candidate_error_rate"].threshold == 0.01
-    assert names["latency_p99_ratio"].threshold == 2.0
+    assert names["candidate_excess_error_rate"].threshold == 0.01
+    assert names["candidate_excess_timeout_rate"].threshold == 0.01
+    assert names["latency_slower_share"].bound == "lo"
+    assert names["latency_tail_excess"].bound == "lo"
+    for figure in ("champion_error_rate", "champion_nan_rate", "psi_champion_vs_reference"):
+        assert names[figure].action == "alert"
+    assert names["champion_fallback_rate"].action == "alert"
+    acting = {r.name for r in default_rules() if r.action != "alert"}
+    assert acting == {
+        "decision_rate_ratio",
+        "score_psi",
+        "candidate_errors",
+        "candidate_timeouts",
+        "latency_median",
+        "latency_tail",
+    }
     for r in default_rules():
         assert figure_of(_BASE, r.figure).status == "insufficient_data"
+        assert r.consecutive >= 1 and r.min_pairs >= 200
 
 
 def _scenario(seed: int, candidate_threshold: float, noise: float) -> list[str]:
@@ -192,7 +221,16 @@ def _latency_report(window: int, ratio: float, candidate_p99_ms: float) -> Windo
 
 
 def test_a_second_condition_keeps_millisecond_noise_from_firing() -> None:
-    [latency_rule] = [r for r in default_rules() if r.name == "latency_p99_ratio"]
+    latency_rule = rule(
+        name="p99",
+        figure="latency_p99_ratio",
+        threshold=2.0,
+        clear_threshold=1.5,
+        consecutive=2,
+        action="pause",
+        only_if="candidate_latency_p99",
+        only_if_above=20.0,
+    )
     engine = GuardEngine([latency_rule])
     # A tripled p99 of a few milliseconds: scheduling noise on a busy host, not a regression.
     noisy = [engine.evaluate(_latency_report(w, 3.0, 6.0)) for w in range(4)]
@@ -206,3 +244,113 @@ def test_a_second_condition_keeps_millisecond_noise_from_firing() -> None:
 def test_only_if_must_name_a_known_figure() -> None:
     with pytest.raises(ValueError, match="only_if"):
         rule(only_if="no_such_figure", only_if_above=1.0)
+
+
+# --------------------------------------------------------------------------- two-sided rules
+
+
+def band(**kw: object) -> GuardRule:
+    return rule(lower_threshold=0.67, lower_clear_threshold=0.83, **kw)
+
+
+def test_a_two_sided_rule_fires_on_either_side_and_clears_inside_the_band() -> None:
+    eng = GuardEngine([band()])
+    got = []
+    for w, v in enumerate([1.0, 0.5, 0.7, 0.9, 1.6, 0.5, 1.1]):
+        got += [(w, e.kind, e.side) for e in eng.evaluate(report(v, window=w))]
+    # 0.7 is inside the lower hysteresis band; a jump from one side to the other (1.6 -> 0.5)
+    # does not clear.
+    assert got == [
+        (1, "fired", "lower"),
+        (3, "cleared", None),
+        (4, "fired", "upper"),
+        (6, "cleared", None),
+    ]
+
+
+def test_two_sided_rule_validation() -> None:
+    with pytest.raises(ValueError, match="below threshold"):
+        rule(lower_threshold=2.0)
+    with pytest.raises(ValueError, match="comparison '>'"):
+        rule(comparison="<", threshold=0.5, clear_threshold=0.8, lower_threshold=0.2)
+    with pytest.raises(ValueError, match="lower_clear_threshold must lie"):
+        rule(lower_threshold=0.67, lower_clear_threshold=0.5)
+    with pytest.raises(ValueError, match="needs lower_threshold"):
+        rule(lower_clear_threshold=0.8)
+
+
+def test_a_lower_breach_is_named_in_the_reason() -> None:
+    (event,) = GuardEngine([band()]).evaluate(report(0.5))
+    assert "breached (< 0.67)" in event.reason
+
+
+# --------------------------------------------------------------------------- rollout state
+
+
+def run_policy(engine: GuardEngine, windows: list[tuple[float, int, str]]) -> list[str]:
+    out = []
+    for w, (v, epoch, mode) in enumerate(windows):
+        for e in engine.evaluate(report(v, window=w, epoch=epoch, mode=mode)):
+            out.append(f"{w}:{e.kind}")
+    return out
+
+
+def test_a_new_epoch_resets_streaks_activity_and_cooldown() -> None:
+    eng = GuardEngine([rule(consecutive=2, cooldown_s=3_600)])
+    events = run_policy(
+        eng,
+        [
+            (2.0, 4, "canary"),
+            (2.0, 4, "canary"),  # fires
+            (2.0, 5, "rolled_back"),  # quiet while rolled back (state reset, nothing counted)
+            (2.0, 5, "rolled_back"),
+            (2.0, 6, "canary"),  # re-entered: judged afresh, despite the hour of cool-down
+            (2.0, 6, "canary"),
+        ],
+    )
+    assert events == ["1:fired", "5:fired"]
+    resets = eng.take_resets()
+    assert [(r.from_epoch, r.to_epoch, r.to_mode) for r in resets] == [
+        (4, 5, "rolled_back"),
+        (5, 6, "canary"),
+    ]
+    assert eng.take_resets() == []
+
+
+def test_without_epochs_the_state_carries_on_as_before() -> None:
+    eng = GuardEngine([rule(consecutive=2, cooldown_s=3_600)])
+    assert run_policy(eng, [(2.0, 0, "canary")] * 2) == ["1:fired"]
+    events = [e.kind for w in range(2, 6) for e in eng.evaluate(report(2.0, window=w))]
+    assert events == []  # still active: no epoch says anything changed
+
+
+def test_own_pause_does_not_reset_but_other_commands_do() -> None:
+    pause = rule(action="pause", consecutive=1, clear_threshold=1.0)
+    eng = GuardEngine([pause])
+    (fired,) = eng.evaluate(report(2.0, window=0, epoch=7, mode="canary"))
+    assert fired.policy_epoch == 7
+    eng.published_pause(fired)  # it went out with expected_epoch 7
+    assert eng.evaluate(report(2.0, window=1, epoch=8, mode="canary")) == []  # held, no reset
+    assert eng.active(ROLLOUT) == ["ratio"] and eng.take_resets() == []
+    # an operator's resume (epoch 9): the rules are re-armed, and the breach pauses again
+    assert [e.kind for e in eng.evaluate(report(2.0, window=2, epoch=9, mode="canary"))] == [
+        "fired"
+    ]
+
+
+def test_no_second_command_in_the_epoch_a_rollback_fired_in() -> None:
+    rollback = rule(name="ratio", consecutive=1)
+    pause = rule(name="pause", action="pause", consecutive=2)
+    eng = GuardEngine([rollback, pause])
+    first = eng.evaluate(report(2.0, window=0, epoch=3, mode="shadow"))
+    assert [e.rule.name for e in first] == ["ratio"]
+    # the next window still ran under epoch 3 (the rollback was applied after it ended)
+    assert eng.evaluate(report(2.0, window=1, epoch=3, mode="shadow")) == []
+
+
+def test_state_is_per_candidate_version() -> None:
+    eng = GuardEngine([rule(consecutive=1, cooldown_s=3_600)])
+    assert [e.kind for e in eng.evaluate(report(2.0, window=0))] == ["fired"]
+    new = eng.evaluate(report(2.0, window=1, candidate_version="3"))
+    assert [(e.kind, e.candidate_version) for e in new] == [("fired", "3")]
+    assert eng.active(ROLLOUT) == ["ratio"]  # the latest pair's

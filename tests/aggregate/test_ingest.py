@@ -82,7 +82,7 @@ def test_past_the_cap_names_restart_and_decoding_stays_right() -> None:
     for i in range(MAX_INTERNED + 5):
         values = encoded(comparisons(rng, 3, rollout=f"rollout-{i}"))
         assert_same_columns(values, decoder)
-        assert decoder.interned <= MAX_INTERNED + 3  # rollouts capped; 1 model, 2 versions
+        assert decoder.interned <= MAX_INTERNED + 4  # rollouts capped; 1 model, 2 versions, 1 mode
     many = [encoded(comparisons(rng, 1, rollout=f"r{i}"))[0] for i in range(MAX_INTERNED + 1)]
     assert_same_columns(many, decoder)  # more names in one poll than the cap: plain str
     assert decoder.interned <= 3 * MAX_INTERNED

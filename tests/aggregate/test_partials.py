@@ -25,7 +25,18 @@ def traffic(seed: int, windows: int = 5, partitions: int = 3) -> list[tuple[int,
         for p in range(partitions):
             n = int(rng.integers(40, 120))
             comps = comparisons(
-                rng, n, t0=w * 1_000 + p, spacing_ms=7, noise=0.1, id_prefix=f"p{p}w{w}"
+                rng,
+                n,
+                t0=w * 1_000 + p,
+                spacing_ms=7,
+                noise=0.1,
+                id_prefix=f"p{p}w{w}",
+                error_rate=0.03,
+                champion_error_rate=0.05,
+                batch=4,
+                # the policy moves on mid-run, not on every partition at once
+                policy_epoch=3 + (w + p) // 3,
+                policy_mode="canary" if (w + p) // 3 else "shadow",
             )
             out.append((p, comps + comps[: int(rng.integers(0, 5))]))
     # Event time past the last window on every partition, so every window closes.
@@ -88,6 +99,13 @@ def test_merged_partials_report_exactly_what_one_aggregator_would(seed: int) -> 
     assert [comparable(r) for r in got] == [comparable(r) for r in want]
     assert sum(r.counts.duplicates for r in got) > 0
     assert got[-1].candidate.drift_vs_reference.psi.status == "ok"  # references work too
+    # the new state merges too: epochs, modes, fallbacks, paired failures and latencies
+    assert {(r.policy_epoch_min, r.policy_epoch_max) for r in got} >= {(3, 4), (4, 5)}
+    assert any(len(r.policy_modes) == 2 for r in got)
+    assert all(r.counts.candidate_fallbacks > 0 for r in got if "shadow" in r.policy_modes)
+    assert all(r.failures and r.failures.champion_only_errors > 0 for r in got)
+    assert all(r.failures and r.failures.candidate_only_timeouts_host > 0 for r in got)
+    assert all(r.latency_paired and r.latency_paired.batches > 20 for r in got)
 
 
 def test_a_partition_without_the_rollout_sends_an_empty_partial() -> None:

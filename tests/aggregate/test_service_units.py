@@ -14,7 +14,13 @@ from agg_support import comparisons
 from aiokafka.errors import MessageSizeTooLargeError, NotLeaderForPartitionError
 
 from sidecar.aggregate import GuardEngine, GuardEvent, GuardRule, WindowManager, default_rules
-from sidecar.aggregate.actions import command_id, command_reason, commit_points, guard_command
+from sidecar.aggregate.actions import (
+    command_id,
+    command_reason,
+    commanding,
+    commit_points,
+    guard_command,
+)
 from sidecar.aggregate.ingest import ingest
 from sidecar.aggregate.replay import Bound, Replayer, check_range, format_result, parse_bound
 from sidecar.aggregate.service import AggregatorService, _Send, signing_key
@@ -76,6 +82,24 @@ def test_guard_command_reason_carries_evidence_and_fits() -> None:
     guard = SigningKey.generate("agg", "guard")
     signed = sign_command(cmd, guard)
     verify_command(signed, TrustStore([guard.trusted()]), 123)  # a guard may roll back
+
+
+def test_a_pause_is_a_compare_and_set_on_the_breaching_epoch_and_a_rollback_is_not() -> None:
+    event = next(e for e in fired_events(SETTINGS) if e.rule.action == "rollback")
+    assert event.policy_epoch == 1 and event.policy_mode == "shadow"  # from the comparisons
+    assert guard_command(event, "cmp", 0).expected_epoch is None
+    pause = msgspec.structs.replace(
+        event, rule=msgspec.structs.replace(event.rule, action="pause"), policy_epoch=41
+    )
+    cmd = guard_command(pause, "cmp", 0)
+    assert cmd.action == "pause" and cmd.expected_epoch == 41
+    guard = SigningKey.generate("agg", "guard")
+    verify_command(sign_command(cmd, guard), TrustStore([guard.trusted()]), cmd.issued_at_ms)
+    assert commanding([pause, event]) == [event]  # the rollback covers the pause
+    second = msgspec.structs.replace(pause, rule=msgspec.structs.replace(pause.rule, name="b"))
+    assert commanding([pause, second]) == [pause]  # one pause per window
+    cleared = msgspec.structs.replace(event, kind="cleared")
+    assert commanding([cleared]) == []
 
 
 def test_alert_events_are_not_commands() -> None:
@@ -221,6 +245,7 @@ def test_format_result_lists_firings_and_windows() -> None:
     text = format_result(replayer.finish())
     assert "decision_rate_ratio" in text and "guard:fraud-v2:decision_rate_ratio:1000" in text
     assert "nothing was published" in text and "*" in text  # the last window is partial
+    assert "shadow@1" in text and "err_excess" in text  # the policy each window ran under
 
 
 def test_window_manager_open_first_offsets() -> None:

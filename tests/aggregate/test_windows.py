@@ -107,6 +107,22 @@ def test_assigned_partition_without_data_holds_until_idle() -> None:
     assert wm.current == 500
 
 
+def test_a_partition_caught_up_without_records_does_not_hold_the_watermark() -> None:
+    wm = Watermark(idle_timeout_ms=30_000)
+    wm.assign([0, 1, 2], now_ms=0)
+    wm.observe([0], [5_000], now_ms=10)
+    assert wm.current is None  # partitions 1 and 2 hold it (they might have data)
+    wm.caught_up([1, 2])  # the consumer found them at their end
+    assert wm.advance(now_ms=20) == 5_000 and wm.empty_partitions == [1, 2]
+    wm.observe([1], [6_000], now_ms=30)  # a record arrives there: it holds again
+    wm.observe([0], [9_000], now_ms=40)
+    assert wm.current == 6_000 and wm.empty_partitions == [2]
+    wm.caught_up([0])  # ignored: partition 0 had records (it turns idle by time)
+    assert wm.empty_partitions == [2]
+    wm.revoke([2])
+    assert wm.empty_partitions == []
+
+
 def test_dedupe_exact_and_within_batch() -> None:
     d = RequestDeduper(exact_cap=100)
     h = hash_strings(["a", "b", "a", "c"])

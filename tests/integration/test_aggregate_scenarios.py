@@ -101,8 +101,7 @@ def window_comparisons(sc: Scenario, w: int, base_ms: int) -> list[Comparison]:
     z2 = RHO * z1 + math.sqrt(1 - RHO**2) * rng.standard_normal(n)  # same marginal as z1
     s1 = _sigmoid(A + B * z1)
     s2 = _sigmoid(A + B * z2 + (sc.shift if bad else 0.0))
-    # ~12 ms median, ~25 ms p99: a model worth guarding (the default latency rule ignores
-    # ratios while the candidate's p99 is under 20 ms, where they are scheduling noise).
+    # ~12 ms median, ~25 ms p99 (every record its own model call here).
     lat1 = rng.lognormal(2.5, 0.3, n)
     lat2 = rng.lognormal(2.5, 0.3, n) * (sc.latency_scale if bad else 1.0)
     t0 = base_ms + w * WINDOW_MS
@@ -350,7 +349,7 @@ def test_flag_rate_doubling_rolls_back_within_two_windows_while_in_shadow(o: Out
 
 def test_candidate_errors_roll_back(o: Outcome) -> None:
     rollbacks = [(t, c) for t, c in _commands_for(o, "nan-errors") if c.action == "rollback"]
-    assert [c.command_id.split(":")[2] for _, c in rollbacks] == ["candidate_error_rate"]
+    assert [c.command_id.split(":")[2] for _, c in rollbacks] == ["candidate_errors"]
     verify_command(rollbacks[0][1], o.trust, rollbacks[0][1].issued_at_ms)
     _time_to_rollback(o, "nan-errors", rollbacks[0][1], rollbacks[0][0])
 
@@ -358,8 +357,9 @@ def test_candidate_errors_roll_back(o: Outcome) -> None:
 def test_tripled_latency_fires_the_latency_guard(o: Outcome) -> None:
     cmds = _commands_for(o, "latency-3x")
     assert [(c.action, c.command_id.split(":")[2]) for _, c in cmds] == [
-        ("pause", "latency_p99_ratio")
+        ("pause", "latency_median")
     ]
+    assert cmds[0][1].expected_epoch == 0  # the epoch of the breaching window's comparisons
     _time_to_rollback(o, "latency-3x", cmds[0][1], cmds[0][0])
 
 
@@ -443,11 +443,16 @@ async def test_real_sidecar_with_flag_shifted_candidate_is_rolled_back(
                 "action": "rollback",
             },
             {
-                "name": "candidate_error_rate",
-                "figure": "candidate_error_rate",
+                # Paired: an unpaired error rate here rolled this healthy-but-shifted candidate
+                # back on a loaded machine, where the first batches timed out on both arms.
+                "name": "candidate_errors",
+                "figure": "candidate_excess_error_rate",
                 "threshold": 0.01,
                 "min_pairs": 500,
+                "consecutive": 2,
                 "action": "rollback",
+                "only_if": "candidate_error_calls",
+                "only_if_above": 1.5,
             },
         ],
     )
@@ -493,3 +498,89 @@ async def test_real_sidecar_with_flag_shifted_candidate_is_rolled_back(
         sidecar.request_stop()
         await asyncio.wait_for(side_task, 40)
         sidecar.close_models()
+
+
+@pytest.mark.slow
+async def test_a_re_entered_harmful_candidate_is_rolled_back_again(
+    bootstrap: str, tmp_path: Path
+) -> None:
+    """A real sidecar in canary 10% with the flag-shifted candidate: the aggregator rolls it
+    back; an operator puts the same candidate back into canary (a signed command, as
+    ``sidecar ctl canary`` sends it); the aggregator rolls it back again, within two windows of
+    the re-entry, whatever the first rollback left behind (streaks, activity, cool-down)."""
+    from control_helpers import operator_key
+
+    from sidecar.control import sign_command
+    from sidecar.control.client import build_command, publish
+    from sidecar.routing import Mode
+    from sidecar.runner import Sidecar
+    from sidecar.traffic import produce_forever
+
+    ratio_rule = {
+        "name": "decision_rate_ratio",
+        "figure": "decision_rate_ratio",
+        "threshold": 1.5,
+        "clear_threshold": 1.2,
+        "lower_threshold": 0.67,
+        "min_pairs": 100,
+        "consecutive": 2,
+        "cooldown_s": 600,
+        "action": "rollback",
+    }
+    cfg = aggregate_config(bootstrap, tmp_path, idle_timeout_ms=500, rules=[ratio_rule])
+    models = cfg.models
+    assert models.candidate is not None
+    candidate = msgspec.structs.replace(
+        models.candidate, threshold=models.champion.threshold, options={"flag_shift": 0.5}
+    )
+    cfg = msgspec.structs.replace(
+        cfg,
+        models=msgspec.structs.replace(models, candidate=candidate),
+        rollout=msgspec.structs.replace(cfg.rollout, mode=Mode.CANARY, canary_share_bp=1_000),
+    )
+    await setup_topics(cfg)
+    operator = operator_key(cfg)
+    sidecar = Sidecar(cfg, instance_id="reentry-0")
+    service = AggregatorService(cfg)
+    side_task = asyncio.create_task(sidecar.run())
+    traffic = None
+    try:
+        await asyncio.wait_for(sidecar.ready.wait(), 30)
+        async with running(service):
+            traffic = asyncio.create_task(produce_forever(cfg, rate=3000))
+            await wait_until(lambda: len(service.commands) >= 1, 30)
+            await wait_until(lambda: sidecar.policy.current.mode is Mode.ROLLED_BACK, 10)
+            rolled_back = sidecar.policy.current.epoch
+            await asyncio.sleep(2 * WINDOW_MS / 1000)  # rolled back for a couple of windows
+            assert len(service.commands) == 1  # nothing more while the champion decides
+            canary = build_command(
+                "canary", cfg.rollout.name, share_bp=1_000, expected_epoch=rolled_back
+            )
+            reentered_ms = await publish(cfg, sign_command(canary, operator))
+            reentered = time.monotonic()
+            await wait_until(lambda: sidecar.policy.current.mode is Mode.CANARY, 10)
+            assert sidecar.policy.current.epoch == rolled_back + 1
+            await wait_until(lambda: len(service.commands) >= 2, 30)
+            took = time.monotonic() - reentered
+            await wait_until(lambda: sidecar.policy.current.mode is Mode.ROLLED_BACK, 10)
+    finally:
+        if traffic is not None:
+            traffic.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await traffic
+        sidecar.request_stop()
+        await asyncio.wait_for(side_task, 40)
+        sidecar.close_models()
+    first, second = list(service.commands)[:2]
+    assert first.action == second.action == "rollback"
+    assert first.command_id != second.command_id
+    fired = [e for e in service.events if e.kind == "fired"]
+    assert [e.policy_mode for e in fired] == ["canary", "canary"]
+    assert fired[1].policy_epoch == rolled_back + 1  # judged under the re-entry's epoch
+    windows_after = (fired[1].window_end_ms - reentered_ms) / WINDOW_MS
+    print(
+        f"[re-entry] second rollback published {took:.2f} s after the operator's canary "
+        f"command; its window ended {windows_after:.2f} windows after it"
+    )
+    assert windows_after <= 2
+    assert sidecar.policy.current.command_id == second.command_id

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import msgspec
@@ -145,3 +146,57 @@ async def test_replay_prints_when_guards_would_fire_and_writes_nothing(
 
     code = main(["replay", "--config", str(path), "--from", "offset:9", "--to", "offset:3"])
     assert code == 2 and "empty range" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("decode_processes", [0, 1], ids=["in-loop", "helper"])
+async def test_first_report_comes_within_two_windows_of_start_despite_empty_partitions(
+    bootstrap: str, decode_processes: int
+) -> None:
+    """Comparisons keyed by rollout fill one partition of three; the other two are empty.
+    They must not hold the first windows back for ``idle_timeout_ms`` (30 s by default)."""
+    cfg = make_config(
+        bootstrap,
+        partitions=3,
+        aggregate={
+            "group_id": unique("agg"),
+            "reports_topic": f"{unique('t')}.reports",
+            "window_ms": 1000,
+            "allowed_lateness_ms": 200,
+            "metrics_port": 0,
+            "dry_run": True,
+            "decode_processes": decode_processes,
+            "rules": [],
+        },
+    )
+    assert cfg.aggregate.idle_timeout_ms == 30_000  # the default
+    await ensure_control_topics(cfg)
+    await create_topics(cfg)
+    service = AggregatorService(cfg)
+    task = asyncio.create_task(service.run())
+    producer = AIOKafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all")
+    await producer.start()
+    try:
+        await asyncio.wait_for(service.ready.wait(), 30)
+        await wait_until(lambda: service.consumer is not None and service.consumer.assignment(), 30)
+        started = time.time()
+        rng = np.random.default_rng(0)
+        sent = 0
+        while not service.reports and time.time() - started < 10:
+            now = int(time.time() * 1000)
+            comps = comparisons(rng, 50, t0=now, spacing_ms=1, id_prefix=f"live{sent}")
+            for c in comps:
+                await producer.send(
+                    cfg.topics.comparisons, msgspec.json.encode(c), key=b"fraud-v2", partition=0
+                )
+            sent += 1
+            await asyncio.sleep(0.05)
+        took = time.time() - started
+    finally:
+        await producer.stop()
+        service.request_stop()
+        await asyncio.wait_for(task, 30)
+    print(f"first report {took:.2f} s after the first record (1 s windows, 200 ms lateness)")
+    assert service.reports, "no report within 10 s: the empty partitions held the watermark"
+    assert took < 2 * 1.0 + 0.2 + 1.0  # two windows, the lateness, and a second of slack
+    assert service.manager.watermark.empty_partitions == [1, 2]
+    assert service.reports[0].counts.late == 0

@@ -30,7 +30,21 @@ from sidecar.report.page import build_charts, evidence_of, markers_of, render_pa
 from sidecar.report.svg import nice_ticks, time_ticks
 
 RECORDED = Path(__file__).parent / "recorded_flags.jsonl"
-CHARTS = {"decision_rates", "ratio", "drift", "latency", "disagreement", "errors", "share"}
+#: The same story recorded by the aggregator before issue 12 (reports without the paired
+#: figures, policy epochs or fallbacks; windows in command reasons as raw epoch ms): a report
+#: over an older topic must still render.
+RECORDED_BEFORE = Path(__file__).parent / "recorded_before_issue_12.jsonl"
+CHARTS = {
+    "decision_rates",
+    "ratio",
+    "drift",
+    "latency",
+    "latency_paired",
+    "disagreement",
+    "errors",
+    "champion",
+    "share",
+}
 BAD, HEALTHY = "fraud-lr-v2", "fraud-lr-v2-1"
 
 
@@ -126,7 +140,7 @@ def test_cli_from_a_recording(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     out = tmp_path / "r.html"
     assert main(["report", "--input", str(RECORDED), "--out", str(out)]) == 0
     assert out.read_text().startswith("<!DOCTYPE html>")
-    assert "19 window reports" in capsys.readouterr().out
+    assert "18 window reports" in capsys.readouterr().out
     only = tmp_path / "only.html"
     assert main(["report", "--input", str(RECORDED), "--rollout", HEALTHY, "--out", str(only)]) == 0
     table = only.read_text().split("<h2>Control commands</h2>")[1]
@@ -222,9 +236,32 @@ def test_legend_swatches_are_drawn_like_their_lines(rec: Recording) -> None:
     )
 
 
-def test_windows_in_command_reasons_are_utc_times(rec: Recording) -> None:
+def test_windows_in_command_reasons_are_utc_times() -> None:
+    rec = read_jsonl(RECORDED_BEFORE).normalised()
     rollback = next(e for e in command_timeline(rec) if e.command.action == "rollback")
     assert re.search(r"\[\d{13},\d{13}\) ms", rollback.command.reason), "recorded raw"
     page = render_page(rec)
     assert not re.search(r"\d{13},\s*\d{13}", page), "a raw epoch-ms window on the page"
     assert "window 2026-11-25 23:02:30-23:02:32 UTC" in page
+
+
+def test_reports_of_an_older_aggregator_still_render() -> None:
+    rec = read_jsonl(RECORDED_BEFORE).normalised()
+    assert all(r.latency_paired is None and r.policy_epoch_max is None for r in rec.reports)
+    charts = {c.key: c for c in build_charts(rec)}
+    assert set(charts) == CHARTS
+    assert not charts["latency_paired"].has_data  # not reported then: no line, no error
+    assert charts["ratio"].has_data
+    render_page(rec)
+
+
+def test_champion_fallbacks_are_shown(rec: Recording) -> None:
+    champion = next(c for c in build_charts(rec) if c.key == "champion")
+    assert [s.name for s in champion.series] == [
+        "champion NaN / invalid scores",
+        "decided by the candidate while the champion should decide (fallbacks)",
+    ]
+    # shadow and rolled-back windows have a fallback rate (zero here); canary ones have none
+    rates = [v for _, v in champion.series[1].points if v is not None]
+    assert rates and all(v == 0.0 for v in rates)
+    assert any(h.label.startswith("guard champion_fallback (alert)") for h in champion.hlines)

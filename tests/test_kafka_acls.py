@@ -9,6 +9,8 @@ The same script is what the compose stack's setup job runs (tests/test_docker.py
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -164,3 +166,21 @@ def test_refuses_wildcards_and_malformed_names(
     assert done.returncode != 0
     assert message in done.stderr
     assert not grants, "nothing is granted when an input is wrong"
+
+
+def test_the_readme_shows_commands_the_script_runs(tmp_path: Path) -> None:
+    """Every `kafka-acls.sh ... --add` line of the README's security section is one the script
+    runs (same principal, operations and resources)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("* **Kafka ACLs as the first wall.**") :]
+    section = section[: section.index("```mermaid")]
+    shown = [
+        shlex.split(cmd.replace("\\\n", " "))
+        for cmd in re.findall(r"^ *kafka-acls\.sh \.\.\. (--add (?:.*\\\n)*.*)$", section, re.M)
+    ]
+    assert len(shown) >= 4
+    log = tmp_path / "calls.jsonl"
+    run_acls(tmp_path)
+    ran = [grants_of([args]) for args in calls(log, "kafka-acls.sh")]
+    for args in shown:
+        assert grants_of([args]) in ran, args

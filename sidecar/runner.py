@@ -241,7 +241,12 @@ class Sidecar:
 
     async def _start_clients(self) -> None:
         cfg = self.config
-        outputs = (cfg.topics.decisions, cfg.topics.comparisons, cfg.topics.dead_letter)
+        outputs = (
+            cfg.topics.decisions,
+            cfg.topics.comparisons,
+            cfg.topics.dead_letter,
+            *cfg.outputs.topics(),
+        )
         limits = await record_limits(cfg, outputs)
         self.pipeline.set_record_limits(limits)
         self._producer = new_producer(
@@ -369,6 +374,8 @@ class Sidecar:
         deliveries = await sender.send(t.decisions, result.decisions)
         deliveries += await sender.send(t.comparisons, result.comparisons)
         deliveries += await sender.send(t.dead_letter, result.dead_letters)
+        for topic, output in result.versions.items():  # older output versions, if any
+            deliveries += await sender.send(topic, output)
         return deliveries
 
     async def _send_until_accepted(self, result: BatchResult) -> list[Delivery] | None:

@@ -347,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .contract_cli import add_contract_parser
 
     add_contract_parser(sub)
+
+    from .outputs.cli import add_deprecations_parser
+
+    add_deprecations_parser(sub)
     return parser
 
 

@@ -112,6 +112,7 @@ class Sidecar:
             )
         )
         self.metrics = metrics or SidecarMetrics()
+        self.metrics.version_of = {v.topic: v.version for v in config.outputs.versions}
         self.metrics.observe_policy(self.policy.current)
         self.policy.on_swap(lambda _old, new: self.metrics.observe_policy(new))
         self._names = {"champion": (self.champion.name, self.champion.version)}
@@ -196,6 +197,7 @@ class Sidecar:
                 self._control = ControlPlane.for_sidecar(self)
                 await self._control.start()
             self.supervisor.spawn(self._commit_loop(), "committer")
+            self._watch_readers()
             self.ready.set()
             log.info(
                 "sidecar %s serving %s (rollout %s, epoch %d, mode %s)",
@@ -212,6 +214,23 @@ class Sidecar:
             await watcher.stop()
             await self._close()
         self.supervisor.raise_failure()
+
+    def _watch_readers(self) -> None:
+        """Older output versions: count who still reads them (a gauge; never fails)."""
+        outputs = self.config.outputs
+        if not outputs.versions or outputs.readers_interval_s <= 0:
+            return
+        from .outputs.lifecycle import configured_outputs
+        from .outputs.watch import ReaderWatch
+
+        configured = configured_outputs(outputs.versions)
+        control = self._control
+        watch = ReaderWatch(
+            self.config,
+            self.metrics,
+            lambda: control.state.outputs if control is not None else configured,
+        )
+        self.supervisor.spawn(watch.run(), "output-readers")
 
     async def _connect(self) -> bool:
         cfg = self.config

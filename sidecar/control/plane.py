@@ -45,8 +45,16 @@ from ..kafka import (
     topic_configs,
     unreadable_of,
 )
+from ..outputs.lifecycle import OutputState, configured_outputs
 from ..routing import Mode, PolicyHolder
-from .commands import Freshness, Rejected, RejectReason, encode_command, sign_command
+from .commands import (
+    OUTPUT_ACTIONS,
+    Freshness,
+    Rejected,
+    RejectReason,
+    encode_command,
+    sign_command,
+)
 from .keys import SigningKey, TrustStore
 from .records import (
     AuditRecord,
@@ -146,6 +154,7 @@ def configured_state(cfg: SidecarConfig) -> RolloutState:
         share_bp=r.canary_share_bp if r.mode is Mode.CANARY else None,
         has_candidate=cfg.models.candidate is not None,
         score_shadow_arm=r.score_shadow_arm,
+        outputs=configured_outputs(cfg.outputs.versions),
     )
 
 
@@ -282,6 +291,7 @@ class ControlPlane:
         models: Callable[[], list[ModelHealth] | None] | None = None,
         champion_fallbacks: Callable[[], int] | None = None,
         supervisor: Supervisor | None = None,
+        on_outputs: Callable[[tuple[OutputState, ...]], None] | None = None,
     ) -> None:
         self.config = config
         self.settings = config.control
@@ -304,6 +314,10 @@ class ControlPlane:
         self._assigned = assigned_partitions or (lambda: None)
         self._models = models or (lambda: None)
         self._champion_fallbacks = champion_fallbacks or (lambda: 0)
+        #: Told the older output versions' states whenever they change (the pipeline
+        #: serves, re-labels or unloads them).
+        self._on_outputs = on_outputs
+        self._outputs_installed: tuple[OutputState, ...] | None = None
         self._started_at_ms = started_at_ms or now_ms()
         self._host = socket.gethostname()
         self._tp = TopicPartition(config.topics.control, CONTROL_PARTITION)
@@ -342,6 +356,7 @@ class ControlPlane:
             models=lambda: models_health(sidecar.champion, sidecar.candidate),
             champion_fallbacks=lambda: sidecar.champion_fallbacks,
             supervisor=sidecar.supervisor,
+            on_outputs=sidecar.pipeline.set_output_states,
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -463,7 +478,13 @@ class ControlPlane:
 
     # -- live ------------------------------------------------------------------------------
 
+    def _install_outputs(self) -> None:
+        if self._on_outputs is not None and self.state.outputs != self._outputs_installed:
+            self._on_outputs(self.state.outputs)
+            self._outputs_installed = self.state.outputs
+
     def _install(self) -> None:
+        self._install_outputs()
         policy = to_policy(self.state)
         try:
             self.policy.swap(policy)
@@ -535,6 +556,17 @@ class ControlPlane:
                 outcome.command.reason,
             )
             self.applied.set()
+        elif isinstance(outcome, Noted) and outcome.command.action in OUTPUT_ACTIONS:
+            self._install_outputs()
+            args = outcome.command.args
+            log.info(
+                "control: %s output version %s (%s) by %s: %s",
+                outcome.command.action,
+                args.output_version,
+                outcome.command.command_id,
+                outcome.command.issued_by,
+                outcome.command.reason,
+            )
         elif isinstance(outcome, Noted):
             verdict = outcome.command.args.verdict
             log.info("control: guard verdict %s: %s", outcome.command.command_id, verdict)
@@ -552,7 +584,9 @@ class ControlPlane:
             )
         self.outcomes.append(outcome)
         await self._publish_audit(outcome, offset)
-        if isinstance(outcome, Applied):
+        if isinstance(outcome, Applied) or (
+            isinstance(outcome, Noted) and outcome.command.action in OUTPUT_ACTIONS
+        ):
             await self._publish_status()
         return outcome
 

@@ -65,8 +65,13 @@ def parse_date(text: str, *, what: str) -> int:
     return int(when.timestamp() * 1000)
 
 
+def link_ok(link: str) -> bool:
+    """Whether a header can carry ``link`` as it is."""
+    return _LINK.match(link) is not None
+
+
 def check_link(link: str, *, what: str) -> str:
-    if not _LINK.match(link):
+    if not link_ok(link):
         raise ConfigError(
             f"{what} {link[:80]!r} is not a URL a header can carry (no spaces, quotes, angle "
             "brackets or control characters)"

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +100,19 @@ class GroupReading:
             "members": self.members,
             "state": self.state,
         }
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _subscribed(metadata: bytes) -> list[str] | None:
@@ -194,7 +207,8 @@ class GroupInspector:
         if not groups or not self._describe:
             return out
         try:
-            responses = await admin.describe_consumer_groups(list(groups))
+            with _quiet("aiokafka.conn", "aiokafka"):  # it logs a parse failure as an error
+                responses = await admin.describe_consumer_groups(list(groups))
         except Exception as exc:  # the embedded broker answers some groups with bad bytes
             log.info("describing consumer groups failed (%s); members stay unknown", exc)
             self._describe = False
@@ -218,26 +232,32 @@ class GroupInspector:
                 out[group] = (state, counts if live else ({} if counts is not None else None))
         return out
 
-    async def record_times(self, wanted: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
-        """The timestamp of the record at each given offset (when it can still be read)."""
+    async def record_times(
+        self, wanted: dict[TopicPartition, set[int]]
+    ) -> dict[tuple[TopicPartition, int], int]:
+        """The timestamp of the record at each given offset (when it can still be read);
+        one seek per partition and round, as many rounds as a partition has offsets."""
         consumer = self._consumer
         assert consumer is not None
-        if not wanted:
-            return {}
-        consumer.assign(list(wanted))
-        for tp, offset in wanted.items():
-            consumer.seek(tp, offset)
-        times: dict[TopicPartition, int] = {}
-        deadline = time.monotonic() + 5.0
-        while len(times) < len(wanted) and time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=200)
-            for tp, records in batch.items():
-                for rec in records:
-                    if rec.offset >= wanted[tp]:
-                        times.setdefault(tp, rec.timestamp)
-                        consumer.pause(tp)
-                        break
-        consumer.resume(*consumer.assignment())
+        times: dict[tuple[TopicPartition, int], int] = {}
+        queues = {tp: sorted(offsets) for tp, offsets in wanted.items() if offsets}
+        deadline = time.monotonic() + 10.0
+        while queues and time.monotonic() < deadline:
+            round_ = {tp: offsets.pop(0) for tp, offsets in queues.items()}
+            queues = {tp: offsets for tp, offsets in queues.items() if offsets}
+            consumer.assign(list(round_))
+            for tp, offset in round_.items():
+                consumer.seek(tp, offset)
+            pending = set(round_)
+            round_deadline = min(deadline, time.monotonic() + 3.0)
+            while pending and time.monotonic() < round_deadline:
+                batch = await consumer.getmany(*pending, timeout_ms=200)
+                for tp, records in batch.items():
+                    for rec in records:
+                        if rec.offset >= round_[tp]:
+                            times[(tp, round_[tp])] = rec.timestamp
+                            pending.discard(tp)
+                            break
         return times
 
     async def look(
@@ -266,13 +286,12 @@ class GroupInspector:
             end = await self._consumer.end_offsets(every)
         groups = sorted({g for by_group in committed.values() for g in by_group})
         members = await self.members(groups)
-        wanted = {
-            TopicPartition(t, p): off - 1
-            for t, by_group in committed.items()
-            for offs in by_group.values()
-            for p, off in offs.items()
-            if off > 0
-        }
+        wanted: dict[TopicPartition, set[int]] = {}
+        for t, by_group in committed.items():
+            for offs in by_group.values():
+                for p, off in offs.items():
+                    if off > 0:
+                        wanted.setdefault(TopicPartition(t, p), set()).add(off - 1)
         times = await self.record_times(wanted)
         now = now_ms()
         out: dict[str, list[GroupReading]] = {}
@@ -281,9 +300,9 @@ class GroupInspector:
             for group, offs in sorted(committed.get(topic, {}).items()):
                 state, counts = members.get(group, (None, None))
                 stamps = [
-                    times[TopicPartition(topic, p)]
+                    times[(TopicPartition(topic, p), o - 1)]
                     for p, o in offs.items()
-                    if o > 0 and TopicPartition(topic, p) in times
+                    if (TopicPartition(topic, p), o - 1) in times
                 ]
                 before = (previous or {}).get((topic, group))
                 reading = GroupReading(

@@ -46,7 +46,6 @@ K = TypeVar("K")
 _RECORD_OVERHEAD_BYTES = 512
 _SCHEMA_HEADER = ("schema_version", OUTPUT_SCHEMA_VERSION.encode())
 _COMPARISON_HEADERS: Headers = [_SCHEMA_HEADER]
-_DECISION_SLOTS = ("request_id", "routing_key", "score", "decision", "bucket", "ts")
 _SKIPPED = ModelError(kind="skipped", message="not scored: policy scores only the deciding arm")
 _NO_CANDIDATE = ModelError(kind="unavailable", message="no candidate model configured")
 _SHED = ModelError(
@@ -73,6 +72,7 @@ _RAW = frozenset(
         "c_decision",
         "k_score",
         "k_decision",
+        "fallback",
     }
 )
 
@@ -175,45 +175,13 @@ class _BatchFormats:
         self.version_headers = tuple(
             ("model_version", (m.version if m else "").encode()) for m in models
         )
-        # decision_proto[arm][has_routing_key]: the prototype Decision of each template (an
-        # older output version's adapter templates from it too); None without a model.
-        self.decision_proto = tuple(
-            tuple(
-                Decision(
-                    request_id="@@request_id@@",
-                    routing_key="@@routing_key@@" if keyed else None,
-                    rollout=policy.rollout,
-                    model=m.name,
-                    model_version=m.version,
-                    arm=_ARM_NAMES[arm],  # type: ignore[arg-type]
-                    routed_arm=_ARM_NAMES[arm],  # type: ignore[arg-type]
-                    score="@@score@@",  # type: ignore[arg-type]
-                    decision="@@decision@@",  # type: ignore[arg-type]
-                    threshold=m.threshold,
-                    policy_epoch=policy.epoch,
-                    policy_mode=policy.mode.value,
-                    bucket="@@bucket@@",  # type: ignore[arg-type]
-                    ts="@@ts@@",  # type: ignore[arg-type]
-                    decided_at=self.decided_at,
-                    latency_ms=self.latency[arm],
-                    manifest_digest=m.manifest_digest,
-                )
-                if m is not None
-                else None
-                for keyed in (False, True)
-            )
-            for arm, m in enumerate(models)
-        )
+        self._policy, self._models = policy, models
+        self._fallbacks: dict[tuple[int, int], tuple[tuple[str, str], str]] = {}
         # decision[arm][has_routing_key]; slots: request_id, routing_key, score, decision,
         # bucket, ts.
         self.decision = tuple(
-            tuple(
-                _template_optional(proto, _DECISION_SLOTS, _RAW, bool(keyed))
-                if proto is not None
-                else ""
-                for keyed, proto in enumerate(protos)
-            )
-            for protos in self.decision_proto
+            self._decision_pair(arm, arm, None) if m is not None else ("", "")
+            for arm, m in enumerate(models)
         )
         # comparison[served_by][has_routing_key]; served_by None is index 2 (via dict below).
         # comparison[served_by][has_routing_key]: arms given as ready-made JSON fragments
@@ -268,6 +236,58 @@ class _BatchFormats:
             )
         self.champion_ok, self.candidate_ok = ok
         self.champion_error, self.candidate_error = err
+
+    def prototype(self, arm: int, routed: int, fallback: str | None, keyed: bool) -> Decision:
+        """The Decision a template is made from: every per-record field a sentinel slot (an
+        older output version's adapter templates from it too)."""
+        m = self._models[arm]
+        assert m is not None
+        return Decision(
+            request_id="@@request_id@@",
+            routing_key="@@routing_key@@" if keyed else None,
+            rollout=self._policy.rollout,
+            model=m.name,
+            model_version=m.version,
+            arm=_ARM_NAMES[arm],  # type: ignore[arg-type]
+            routed_arm=_ARM_NAMES[routed],  # type: ignore[arg-type]
+            score="@@score@@",  # type: ignore[arg-type]
+            decision="@@decision@@",  # type: ignore[arg-type]
+            threshold=m.threshold,
+            policy_epoch=self._policy.epoch,
+            policy_mode=self._policy.mode.value,
+            bucket="@@bucket@@",  # type: ignore[arg-type]
+            ts="@@ts@@",  # type: ignore[arg-type]
+            decided_at=self.decided_at,
+            latency_ms=self.latency[arm],
+            fallback=fallback,
+            manifest_digest=m.manifest_digest,
+        )
+
+    def _decision_pair(self, arm: int, routed: int, fallback: str | None) -> tuple[str, str]:
+        """Decision templates of ``arm`` deciding records routed to ``routed``, without and
+        with a routing key; a fallback (``arm != routed``) adds the ``fallback`` slot."""
+        slots: tuple[str, ...] = ("request_id", "routing_key", "score", "decision", "bucket", "ts")
+        if fallback is not None:
+            slots += ("fallback",)
+        unkeyed, keyed = (
+            _template_optional(self.prototype(arm, routed, fallback, keyed), slots, _RAW, keyed)
+            for keyed in (False, True)
+        )
+        return unkeyed, keyed
+
+    def fallback(self, arm: int, routed: int, reason: str) -> tuple[tuple[str, str], str]:
+        """The decision templates of records ``arm`` decided because ``routed`` failed, and
+        the JSON text of ``reason`` for their ``fallback`` slot. The reason (a model's error
+        text) is a slot, never part of the template: it may hold anything. Built once per
+        batch and direction."""
+        key = (arm, routed)
+        found = self._fallbacks.get(key)
+        if found is None:
+            found = self._fallbacks[key] = (
+                self._decision_pair(arm, routed, "@@fallback@@"),
+                raw_json(reason),
+            )
+        return found
 
     @staticmethod
     def _comparison_pair(
@@ -492,9 +512,19 @@ class Pipeline:
             candidate_decides = np.zeros_like(candidate_decides)
         n = len(batch)
         known = self._candidate_job(batch, policy, candidate_decides, shed_candidate)
-        # Asked: it scores on its own while the champion does, and nobody waits for it but
-        # the records it decides and the comparisons.
-        candidate_job = known if isinstance(known, BatchScores) else asyncio.ensure_future(known)
+        candidate_job: BatchScores | asyncio.Future[BatchScores]
+        if not isinstance(known, BatchScores):
+            # Asked: it scores on its own while the champion does, and nobody waits for it
+            # but the records it decides and the comparisons.
+            candidate_job = asyncio.ensure_future(known)
+        elif staged and shed_candidate:
+            # Shed because earlier batches' candidate stages are still running: this one's
+            # second stage (known already) queues behind theirs, so the decisions of the
+            # keys routed to the candidate stay in order.
+            candidate_job = asyncio.get_running_loop().create_future()
+            candidate_job.set_result(known)
+        else:
+            candidate_job = known
         run_champion = policy.scores_champion or not candidate_decides.all()
         champion = await self._score_champion(batch) if run_champion else _SKIPPED_SCORES(n)
         result.champion = champion
@@ -517,11 +547,13 @@ class Pipeline:
             return StagedBatch(result, None)
         # The champion's own decisions leave now: records it is routed and scored.
         early = ~candidate_decides & champion.valid
-        refused: set[int] = set()
-        if early.any():
-            refused = self._early_decisions(
+        dropped = (
+            self._early_decisions(
                 result, batch, key_bytes, policy, buckets, champion, early, outputs
             )
+            if early.any()
+            else []
+        )
         job = candidate_job
 
         async def finish() -> BatchResult:
@@ -538,8 +570,8 @@ class Pipeline:
                 candidate,
                 flagged,
                 decided=early,
+                dropped=dropped,
                 outputs=outputs,
-                refused=refused,
             )
             return late
 
@@ -571,7 +603,7 @@ class Pipeline:
         if scores.error is not None and scores.error.kind == "timeout":
             self.champion_retries += 1
             log.warning("champion timed out on a batch of %d; trying once more", len(batch))
-            scores = await self.champion.score(matrix)
+            scores = await self.champion.score(matrix, patient=True)
         return scores
 
     def _texts(self, batch: DecodedBatch) -> tuple[list[str], list[str]]:
@@ -591,10 +623,11 @@ class Pipeline:
         champion: BatchScores,
         rows_mask: np.ndarray,
         outputs: tuple[_Output, ...] = (),
-    ) -> set[int]:
+    ) -> list[int]:
         """The decisions of ``rows_mask`` (routed to the champion, scored by it), written
-        before the candidate has answered. Returns the records of ``rows_mask`` an older
-        output version refused (dead-lettered: no decision at all, none later either)."""
+        before the candidate has answered. Returns the rows dead-lettered instead (a decision
+        too big for its topic, or one an older output version refused): the late stage
+        writes no comparison for them either."""
         n = len(batch)
         pending = BatchScores.failed(n, _PENDING, 0.0)
         fmt = _BatchFormats(self, policy, champion, pending)
@@ -621,10 +654,10 @@ class Pipeline:
             dec_headers,
             result,
         )
-        for i in sorted(_too_big(dec_values, key_bytes, self._decision_limit)):
+        dropped = sorted(_too_big(dec_values, key_bytes, self._decision_limit))
+        for i in dropped:  # dead-lettered: the late stage writes no comparison either
             self._dead_letter(result, self._oversize(batch, i, dec_values[i], None))
             dec_values[i] = None
-            rows_mask[i] = False  # not decided: the late stage writes no decision either
         versions: list[list[bytes | None]] = []
         refused: set[int] = set()
         if outputs:
@@ -645,10 +678,11 @@ class Pipeline:
                 result,
             )
         self._emit_decisions(result, batch, key_bytes, dec_values, dec_headers, outputs, versions)
+        dropped = sorted(set(dropped) | refused)
         counted = rows_mask.copy()
-        counted[list(refused)] = False
+        counted[dropped] = False
         _count_choices(result, np.asarray(choice_list)[counted])
-        return refused
+        return dropped
 
     def _write_decisions(
         self,
@@ -703,6 +737,31 @@ class Pipeline:
                     )
                 else:
                     dec = decision_tmpl[arm][0] % (rid, score, decided, bucket_list[i], ts)
+                dec_values[i] = dec.encode()
+                dec_headers[i] = [
+                    ("request_id", ids[i].encode()),
+                    version_header[arm],
+                    schema_header,
+                ]
+                continue
+            if arm <= _CANDIDATE and metadata[i] is None:  # a fallback: the other arm failed
+                routed = routed_list[i]
+                failed = candidate if routed == _CANDIDATE else champion
+                (unkeyed, keyed), reason = fmt.fallback(
+                    arm,
+                    routed,
+                    f"{_ARM_NAMES[routed]}_failed: "
+                    f"{_error_text(failed.error or failed.record_error)}",
+                )
+                rid, ts = texts[i], ts_list[i]
+                if arm:
+                    score, decided = cand_scores[i], JSON_BOOL[bool(cand_dec[i])]
+                else:
+                    score, decided = champ_scores[i], JSON_BOOL[bool(champ_dec[i])]
+                if has_key[i]:
+                    dec = keyed % (rid, key_texts[i], score, decided, bucket_list[i], ts, reason)
+                else:
+                    dec = unkeyed % (rid, score, decided, bucket_list[i], ts, reason)
                 dec_values[i] = dec.encode()
                 dec_headers[i] = [
                     ("request_id", ids[i].encode()),
@@ -770,10 +829,12 @@ class Pipeline:
                 assert isinstance(adapter, DeclarativeAdapter)
                 tmpl = [
                     [
-                        adapter.batch_template(p, bool(k)) if p is not None else None
-                        for k, p in enumerate(protos)
+                        adapter.batch_template(fmt.prototype(arm, arm, None, keyed), keyed)
+                        for keyed in (False, True)
                     ]
-                    for protos in fmt.decision_proto
+                    if model is not None
+                    else None
+                    for arm, model in enumerate((self.champion, self.candidate))
                 ]
                 mapped = [adapter.slot_texts("score", a) for a in arm_scores]
                 if mapped[0] is None:
@@ -795,7 +856,7 @@ class Pipeline:
                 try:
                     arm = choice_list[i]
                     if templated and arm == routed_list[i] and metadata[i] is None:
-                        text, pick = tmpl[arm][has_key[i]]  # type: ignore[misc]
+                        text, pick = tmpl[arm][has_key[i]]  # type: ignore[index]
                         score = score_texts[arm][i]
                         decided = dec_texts[arm_decisions[arm][i]]
                         args: tuple[Any, ...]
@@ -905,8 +966,8 @@ class Pipeline:
         candidate: BatchScores,
         flagged: dict[int, list[str]],
         decided: np.ndarray | None = None,
+        dropped: list[int] | None = None,
         outputs: tuple[_Output, ...] = (),
-        refused: set[int] | None = None,
     ) -> None:
         """Choose the deciding arm per record (vectorised), then encode the outputs.
 
@@ -916,16 +977,13 @@ class Pipeline:
         takes one when both arms scored, two fragment formats when an arm failed -- a failed
         arm costs no Struct encode. Fallbacks, default decisions and metadata take the
         general path. Outputs are written by record index, so per-key order within the
-        batch is kept whichever path a record took. ``refused``: records decided by the first
-        stage whose decision an older output version refused (no decision was sent).
+        batch is kept whichever path a record took.
         """
         n = len(batch)
         choice = self._choose(candidate_decides, champion, candidate)
         fmt = _BatchFormats(self, policy, champion, candidate)
         texts, key_texts = self._texts(batch)
         choice_list = choice.tolist()
-        for i in refused or ():
-            choice_list[i] = _DEAD_LETTER
         routed_list = candidate_decides.astype(np.int8).tolist()
         bucket_list = buckets.tolist()
         todo = np.ones(n, dtype=bool) if decided is None else ~decided
@@ -949,8 +1007,9 @@ class Pipeline:
             result,
         )
         versions: list[list[bytes | None]] = []
+        refused: set[int] = set()
         if outputs:
-            versions, rejected = self._write_versions(
+            versions, refused = self._write_versions(
                 outputs,
                 batch,
                 rows,
@@ -966,13 +1025,15 @@ class Pipeline:
                 dec_values,
                 result,
             )
-            for i in rejected:
+            for i in refused:  # dead-lettered: no comparison either
                 choice_list[i] = _DEAD_LETTER
         cmp_values = self._comparisons(
             batch, choice_list, fmt, texts, key_texts, champion, candidate
         )
         for i, features in flagged.items():  # rare: records with out-of-range features
             cmp_values[i] = _with_out_of_range(cmp_values[i], features)
+        for i in (*(dropped or ()), *refused):  # dead-lettered (by the first stage)
+            cmp_values[i] = None
         comparison_keys = (
             key_bytes if self._comparisons_by_routing_key else [policy.rollout.encode()] * n
         )
@@ -994,7 +1055,7 @@ class Pipeline:
         cmp_headers = [_COMPARISON_HEADERS] * n
         for i, found in batch.trace.items():  # rare: requests with a trace context
             cmp_headers[i] = [*_COMPARISON_HEADERS, *found]
-        if oversize:
+        if oversize or dropped or refused:
             for i in range(n):
                 if cmp_values[i] is not None:
                     out.keys.append(comparison_keys[i])

@@ -137,7 +137,10 @@ class ScoringModel:
         if isinstance(self._predictor, AsyncPredictor):
             await self._predictor.aclose()
 
-    async def score(self, batch: FloatArray) -> BatchScores:
+    async def score(self, batch: FloatArray, *, patient: bool = False) -> BatchScores:
+        """Scores of ``batch``; never raises. ``patient`` (a retry after a timeout): the call
+        that timed out may still hold the model's slots, so waiting for a free slot gets its
+        own ``timeout_ms`` before the call's ``timeout_ms`` starts."""
         n = batch.shape[0]
         if not self.breaker.allow():
             error = ModelError(
@@ -149,20 +152,25 @@ class ScoringModel:
         size = self._max_batch
         if size and n > size:
             parts = await asyncio.gather(
-                *(self._score_call(batch[i : i + size]) for i in range(0, n, size))
+                *(self._score_call(batch[i : i + size], patient) for i in range(0, n, size))
             )
             result = _concat(parts, n)
         else:
-            result = await self._score_call(batch)
+            result = await self._score_call(batch, patient)
         self.breaker.record(result.error is None)
         return result
 
-    async def _score_call(self, batch: FloatArray) -> BatchScores:
+    async def _score_call(self, batch: FloatArray, patient: bool = False) -> BatchScores:
         n = batch.shape[0]
         start = time.perf_counter()
         try:
+            if patient:
+                async with asyncio.timeout(self._timeout_s):
+                    await self._slots.acquire()
+                start = time.perf_counter()
             async with asyncio.timeout(self._timeout_s):
-                await self._slots.acquire()
+                if not patient:
+                    await self._slots.acquire()
                 if isinstance(self._predictor, AsyncPredictor):
                     try:
                         raw = await self._predictor.predict_async(batch)

@@ -132,7 +132,8 @@ async def test_fallbacks_and_defaults_take_the_general_path_and_still_adapt() ->
     p = pipeline()
     p.champion.score = _failing(p.champion.score)  # type: ignore[method-assign]
     result = await p.process(records(300), policy())
-    assert result.slow_path > 0
+    fallbacks = [d for d in by_id(result.decisions.values).values() if d.get("fallback")]
+    assert fallbacks  # every champion-routed record fell back (to the candidate or a default)
     check_versions(p, result)
 
 
@@ -220,8 +221,8 @@ async def test_an_adapter_that_raises_dead_letters_that_record_on_every_version(
         letter = msgspec.json.decode(result.dead_letters.values[0])
         assert letter["request_id"] == bad and "output version v0" in letter["reason"]
         assert sum(result.decided_by.values()) == 199
-        served = {msgspec.json.decode(c)["request_id"]: c for c in result.comparisons.values}
-        assert b'"served_by"' not in served[bad] or b'"served_by":null' in served[bad]
+        compared = {msgspec.json.decode(c)["request_id"] for c in result.comparisons.values}
+        assert bad not in compared and len(compared) == 199  # like any dead-lettered record
 
 
 async def test_an_older_version_too_big_for_its_topic_is_refused_with_all_versions() -> None:

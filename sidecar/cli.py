@@ -351,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .outputs.cli import add_deprecations_parser
 
     add_deprecations_parser(sub)
+
+    from .registry_cli import add_registry_parser
+
+    add_registry_parser(sub)
     return parser
 
 

@@ -23,6 +23,7 @@ from .config_hints import LIST_HINT, check_env_path, closest, explain
 from .errors import ConfigError
 from .manifest import Manifest
 from .outputs.settings import OutputsSettings
+from .registry import RegistrySettings
 from .routing import Mode
 
 Meta = msgspec.Meta
@@ -301,6 +302,7 @@ class SidecarConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     control: ControlSettings = msgspec.field(default_factory=ControlSettings)
     aggregate: AggregateSettings = msgspec.field(default_factory=AggregateSettings)
     outputs: OutputsSettings = msgspec.field(default_factory=OutputsSettings)
+    registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
 
     @property
     def status_topic(self) -> str:

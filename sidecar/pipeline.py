@@ -907,18 +907,22 @@ class Pipeline:
         ``api_version`` are added here, and only when there is any."""
         for output, values in zip(outputs, versions, strict=True):
             out = result.versions.setdefault(output.adapter.topic, TopicOutput())
-            tail = output.headers
-            trace = batch.trace
-            for i, value in enumerate(values):
-                if value is not None:
-                    base = dec_headers[i]
-                    assert base is not None
-                    headers = [base[0], base[1], *tail]
-                    if trace and i in trace:
-                        headers += trace[i]
-                    out.keys.append(key_bytes[i])
-                    out.values.append(value)
-                    out.headers.append(headers)
+            # One shared header list per version (its api_version and lifecycle headers; the
+            # request id is in the body): a distinct list per record costs the producer.
+            shared = output.headers
+            headers = [shared] * len(values)
+            for i, found in batch.trace.items():  # rare: requests with a trace context
+                headers[i] = [*shared, *found]
+            if None in values:
+                for i, value in enumerate(values):
+                    if value is not None:
+                        out.keys.append(key_bytes[i])
+                        out.values.append(value)
+                        out.headers.append(headers[i])
+            else:
+                out.keys.extend(key_bytes)
+                out.values.extend(values)  # type: ignore[arg-type]
+                out.headers.extend(headers)
         if self._api_header is not None:
             api = self._api_header
             for h in dec_headers:

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from ..broker import EmbeddedBroker
 from ..config import SidecarConfig, config_from_dict
@@ -36,7 +35,13 @@ from ..control.client import build_command, issue
 from ..control.keys import KeySet, SigningKey, TrustStore, write_key_set
 from ..examples import fraud
 from ..examples.outputs import V1
-from ..kafka import ensure_config_topics, seek_since, topic_partitions
+from ..kafka import (
+    ensure_config_topics,
+    new_consumer,
+    new_producer,
+    seek_since,
+    topic_partitions,
+)
 from ..manifest import release_notes
 from ..models.contract import derived_manifest
 from ..outputs.cli import active_readers
@@ -68,14 +73,7 @@ class Ledger:
     last_v1_ms: int = 0
 
     async def read(self, topic: str, group: str, since_ms: int | None, stop: asyncio.Event) -> None:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.cfg.kafka.bootstrap_servers,
-            group_id=group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=6000,
-            heartbeat_interval_ms=1000,
-        )
+        consumer = new_consumer(self.cfg, "demo", group_id=group, auto_offset_reset="earliest")
         await consumer.start()
         try:
             if since_ms is None:
@@ -178,7 +176,7 @@ class Migrate:
         )
 
     async def traffic(self, cfg: SidecarConfig, stop: asyncio.Event) -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers)
+        producer = new_producer(cfg, "demo")
         await producer.start()
         try:
             chunk = max(1, int(self.rate / 10))

@@ -35,7 +35,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ..config import SidecarConfig
 from ..errors import BrokerError
-from ..kafka.clients import client_kwargs, new_consumer, stop_quietly
+from ..kafka.clients import new_admin, new_consumer, stop_quietly
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +142,7 @@ class GroupInspector:
         self._describe = True
 
     async def start(self) -> None:
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        self._admin = AIOKafkaAdminClient(**client_kwargs(self.cfg.kafka))
+        self._admin = new_admin(self.cfg, "readers")
         self._consumer = new_consumer(self.cfg, "readers", fetch_max_wait_ms=50)
         try:
             await self._admin.start()

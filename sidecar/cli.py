@@ -206,6 +206,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
 def cmd_schemas(args: argparse.Namespace) -> int:
     from . import schemas
 
+    if args.config:
+        return _version_schemas(args)
     directory = Path(args.dir) if args.dir else schemas.default_dir()
     if args.write:
         for path in schemas.write(directory):
@@ -218,6 +220,33 @@ def cmd_schemas(args: argparse.Namespace) -> int:
         print("run `sidecar schemas --write` to regenerate them", file=sys.stderr)
         return 1
     print(f"schemas in {directory} are current")
+    return 0
+
+
+def _version_schemas(args: argparse.Namespace) -> int:
+    """``sidecar schemas --config FILE``: the schema of each output version the config
+    serves (``outputs.schema_dir``, or ``--dir``)."""
+    from .outputs import schemas as outputs
+
+    cfg = load_config(args.config)
+    if cfg.outputs.api_version is None:
+        print(f"{args.config} declares no output versions (outputs.api_version)", file=sys.stderr)
+        return 1
+    directory = Path(args.dir) if args.dir else None
+    if args.write:
+        for path in outputs.write(cfg, directory):
+            print(f"wrote {path}")
+        return 0
+    problems = outputs.stale(cfg, directory)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(
+            f"run `sidecar schemas --config {args.config} --write` to regenerate them",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"output version schemas of {args.config} are current")
     return 0
 
 
@@ -332,9 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
         "schemas",
         help="check (default) or write the JSON Schema files of the wire contracts",
         description="Check that the JSON Schema files (schemas/*.json, shipped in the package) "
-        "match the msgspec contracts, or regenerate them.",
+        "match the msgspec contracts, or regenerate them. With --config: the schema of each "
+        "output version the config serves (decision.<version>.json in outputs.schema_dir).",
     )
     p.add_argument("--write", action="store_true", help="regenerate the files")
+    p.add_argument(
+        "--config", help="check (or write) the output versions' schemas of this config instead"
+    )
     p.add_argument(
         "--dir",
         help="schema directory (default: the installed package's, which the repository's "
@@ -370,6 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .contract_cli import add_contract_parser
 
     add_contract_parser(sub)
+
+    from .outputs.cli import add_deprecations_parser
+
+    add_deprecations_parser(sub)
+
+    from .registry_cli import add_registry_parser
+
+    add_registry_parser(sub)
     return parser
 
 

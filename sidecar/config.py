@@ -22,6 +22,8 @@ from .aggregate.settings import AggregateSettings
 from .config_hints import LIST_HINT, check_env_path, closest, explain
 from .errors import ConfigError
 from .manifest import Manifest
+from .outputs.settings import OutputsSettings
+from .registry import RegistrySettings
 from .routing import Mode
 
 Meta = msgspec.Meta
@@ -102,6 +104,10 @@ class DeadLetterConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     #: Dead letters carry bytes as base64 (4/3 the size), so the default stays well under the
     #: 1 MiB a Kafka topic takes by default.
     max_value_bytes: Annotated[int, Meta(ge=0)] = 262_144
+    #: The original record's headers are kept (in order) up to this many bytes of names and
+    #: base64 values; the rest are left out and the dead letter says so. Headers are
+    #: attacker-controlled: this bounds what they add to a dead letter.
+    max_header_bytes: Annotated[int, Meta(ge=0, le=262_144)] = 16_384
 
 
 class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -301,6 +307,8 @@ class SidecarConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     control: ControlSettings = msgspec.field(default_factory=ControlSettings)
     aggregate: AggregateSettings = msgspec.field(default_factory=AggregateSettings)
+    outputs: OutputsSettings = msgspec.field(default_factory=OutputsSettings)
+    registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
 
     @property
     def status_topic(self) -> str:
@@ -323,6 +331,7 @@ class SidecarConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             self.aggregate.reports_topic,
             *([self.aggregate.partials_topic] if self.shared_rollouts else []),
             *([self.aggregate.late_topic] if self.aggregate.late_topic else []),
+            *self.outputs.topics(),
         ]
 
     @property
@@ -449,13 +458,15 @@ def _check(cfg: SidecarConfig) -> None:
             "a whole session timeout, and a shorter request timeout fails every join"
         )
     # base64 of value and key, the reason and the coordinates must fit one record.
-    dead_letter_bytes = 2 * (cfg.dead_letter.max_value_bytes * 4 // 3) + 16_384
+    dead_letter_bytes = (
+        2 * (cfg.dead_letter.max_value_bytes * 4 // 3) + 16_384 + cfg.dead_letter.max_header_bytes
+    )
     if dead_letter_bytes > cfg.kafka.max_record_bytes:
         raise ConfigError(
             f"dead_letter.max_value_bytes ({cfg.dead_letter.max_value_bytes}) makes dead "
             f"letters of up to {dead_letter_bytes} bytes, more than kafka.max_record_bytes "
             f"({cfg.kafka.max_record_bytes}); lower it to at most "
-            f"{(cfg.kafka.max_record_bytes - 16_384) * 3 // 8}"
+            f"{(cfg.kafka.max_record_bytes - 16_384 - cfg.dead_letter.max_header_bytes) * 3 // 8}"
         )
     models = [cfg.models.champion] + ([cfg.models.candidate] if cfg.models.candidate else [])
     for m in models:
@@ -477,6 +488,7 @@ def _check(cfg: SidecarConfig) -> None:
                 f"model {m.name}: target {m.target!r} must look like 'models:/NAME@ALIAS' or "
                 "'models:/NAME/VERSION' (loader mlflow)"
             )
+    _check_outputs(cfg)
     if cfg.models.candidate is None and cfg.rollout.mode is not Mode.SHADOW:
         raise ConfigError(
             f"rollout.mode={cfg.rollout.mode.value} needs models.candidate; "
@@ -490,3 +502,34 @@ def _check(cfg: SidecarConfig) -> None:
                         f"feature {f_cand.name} is {f_champ.type} for the champion but "
                         f"{f_cand.type} for the candidate; one request cannot satisfy both"
                     )
+
+
+def _check_outputs(cfg: SidecarConfig) -> None:
+    """Versioned outputs: names and topics distinct, dates and declarative adapters valid
+    (callable adapters are imported when the pipeline is built)."""
+    from .outputs.adapters import DeclarativeAdapter
+    from .outputs.lifecycle import configured_outputs
+
+    out = cfg.outputs
+    if not out.versions:
+        return
+    if out.api_version is None:
+        raise ConfigError(
+            "outputs.versions is set but outputs.api_version is not: name the current "
+            'version (the Decision contract on topics.decisions), e.g. api_version = "v2"'
+        )
+    names = [out.api_version] + [v.version for v in out.versions]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"outputs: version name(s) {dupes} used twice")
+    topics = out.topics()
+    others = set(cfg.all_topics()[: -len(topics)])  # the versions' topics come last
+    for v in out.versions:
+        if v.topic in others or topics.count(v.topic) > 1:
+            raise ConfigError(
+                f"outputs.versions[{v.version}].topic {v.topic!r} is another topic of the "
+                "config: each version needs its own"
+            )
+        if v.adapter is None:
+            DeclarativeAdapter(v)
+    configured_outputs(out.versions)

@@ -5,9 +5,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
 from typing import Any
 
-from .manifest import diff_manifests, digest, format_diff, load_manifest
+from .manifest import (
+    Manifest,
+    diff_manifests,
+    digest,
+    format_diff,
+    load_manifest,
+    release_notes,
+    rollback_problems,
+)
 
 #: Exit status when the declared version bump is smaller than the changes require.
 EXIT_BUMP_TOO_SMALL = 3
@@ -35,7 +45,36 @@ def cmd_contract_diff(args: argparse.Namespace) -> int:
         )
     else:
         print(format_diff(diff))
+    if args.release_notes:
+        write_release_notes(args, old, new)
     return 0 if diff.ok else EXIT_BUMP_TOO_SMALL
+
+
+def write_release_notes(args: argparse.Namespace, old: Manifest, new: Manifest) -> None:
+    """``--release-notes FILE`` (``-``: stdout), and ``--store models:/NAME/VERSION``: the
+    note becomes that registry version's description and its ``release_notes`` tag."""
+    from .errors import ConfigError
+
+    note = release_notes(old, new, args.guide)
+    if args.release_notes == "-":
+        print(note)
+    else:
+        Path(args.release_notes).write_text(note)
+        print(f"wrote {args.release_notes}")
+    if args.store:
+        from .models.mlflow_registry import parse_target
+        from .registry import mlflow_client
+
+        ref = parse_target(args.store)
+        if ref.version is None:
+            raise ConfigError("--store needs models:/NAME/VERSION (a version, not an alias)")
+        client = mlflow_client(args.registry_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        client.update_model_version(ref.name, ref.version, description=note)
+        client.set_model_version_tag(ref.name, ref.version, "release_notes", note[:5000])
+        client.set_model_version_tag(
+            ref.name, ref.version, "rollback_safe", str(not rollback_problems(old, new)).lower()
+        )
+        print(f"stored the release note on {args.store}")
 
 
 def cmd_contract_check(args: argparse.Namespace) -> int:
@@ -68,6 +107,20 @@ def add_contract_parser(sub: Any) -> None:
     d.add_argument("old", help="the old manifest (TOML or JSON)")
     d.add_argument("new", help="the new manifest (TOML or JSON)")
     d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.add_argument(
+        "--release-notes",
+        metavar="FILE",
+        help="also write a release note (Markdown: bump, changes, migration guide, whether "
+        "rollback is safe) to FILE (- for stdout)",
+    )
+    d.add_argument("--guide", metavar="URL", help="the migration guide the note links to")
+    d.add_argument(
+        "--store",
+        metavar="MODELS_URI",
+        help="store the note on this registry version (models:/NAME/VERSION): its "
+        "description and release_notes/rollback_safe tags",
+    )
+    d.add_argument("--registry-uri", help="MLflow tracking/registry URI for --store")
     d.set_defaults(func=cmd_contract_diff)
     c = csub.add_parser("check", help="run the start-up gate on a config (loads no model)")
     c.add_argument("--config", required=True, help="TOML config file")

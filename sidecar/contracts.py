@@ -134,6 +134,13 @@ DeadLetterKind = Literal[
 ]
 
 
+class RecordHeader(msgspec.Struct, kw_only=True):
+    """One Kafka header of an original record (its value base64 in JSON; null stays null)."""
+
+    key: str
+    value: bytes | None
+
+
 class DeadLetter(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A record the sidecar could not serve, with why and where it came from.
 
@@ -161,3 +168,10 @@ class DeadLetter(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: Kind ``unreadable``: the last offset of the skipped range that starts at
     #: ``source_offset``.
     source_offset_last: int | None = None
+    #: The original record's headers, in order, up to ``dead_letter.max_header_bytes``
+    #: (names, and values as base64); omitted when it had none.
+    original_headers: list[RecordHeader] | None = None
+    #: Some original headers did not fit ``dead_letter.max_header_bytes`` and were left out
+    #: (``original_header_count`` says how many there were).
+    headers_truncated: bool = False
+    original_header_count: int | None = None

@@ -20,6 +20,7 @@ import numpy.typing as npt
 from .config import FeatureSpec, InputConfig, ModelConfig
 from .contracts import MAX_EPOCH_MS, REQUEST_SCHEMA_MAJOR, DeadLetterKind, InferenceRequest
 from .kafka.unreadable import unreadable_of
+from .tracecontext import trace_headers
 from .untrusted import clip, error_text, header_text
 
 FloatArray = npt.NDArray[np.float64]
@@ -61,6 +62,9 @@ class DecodedBatch:
     #: All declared features, one column each, in :attr:`RequestDecoder.columns` order.
     matrix: FloatArray = field(default_factory=lambda: np.zeros((0, 0)))
     rejected: list[Rejected] = field(default_factory=list)
+    #: W3C trace-context headers to pass on, by record index (only records that carry them:
+    #: empty in the common case; see :mod:`sidecar.tracecontext`).
+    trace: dict[int, list[tuple[str, bytes]]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.request_ids)
@@ -156,10 +160,12 @@ class RequestDecoder:
         requests: list[Any] = []
         fast = self._fast.decode
         max_bytes = self._max_bytes
+        headered = False
         for record in records:
             value = record.value
             try:
                 if value is None or len(value) > max_bytes or record.headers:
+                    headered = True
                     rejected = self._precheck(record)
                     if rejected is not None:
                         out.rejected.append(rejected)
@@ -192,6 +198,12 @@ class RequestDecoder:
             for r, rec in zip(requests, good_records, strict=True)
         ]
         out.metadata = [r.metadata for r in requests]
+        if headered:  # some record had headers: pass its trace context on
+            for i, record in enumerate(good_records):
+                if record.headers:
+                    found = trace_headers(record.headers)
+                    if found:
+                        out.trace[i] = found
         astuple = msgspec.structs.astuple
         out.matrix = self._to_matrix([astuple(r.features) for r in requests])
         return out

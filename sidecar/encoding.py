@@ -34,8 +34,8 @@ def escape(text: str) -> str:
     return _ENCODER.encode(text).decode()[1:-1]
 
 
-def template(prototype: msgspec.Struct, slots: tuple[str, ...], raw: frozenset[str]) -> str:
-    """A ``%``-format template from a prototype Struct.
+def template(prototype: Any, slots: tuple[str, ...], raw: frozenset[str]) -> str:
+    """A ``%``-format template from a prototype Struct (or a dict, encoded in its order).
 
     ``prototype`` holds ``"@@name@@"`` in each slot field; ``slots`` names them in the order
     they appear in the encoded JSON (checked), which is the order of the ``%`` arguments. A

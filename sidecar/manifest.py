@@ -355,3 +355,83 @@ def gate_problems(
             )
         )
     return problems
+
+
+# -- release notes --------------------------------------------------------------------------
+
+
+def rollback_problems(old: Manifest, new: Manifest) -> list[str]:
+    """Why rolling back from ``new`` to ``old`` may break someone (empty: safe).
+
+    A rollback runs ``old`` again: producers must still send what it requires (an input
+    ``new`` dropped or made optional may no longer be sent), and consumers that moved to
+    ``new``'s output contract see ``old``'s again.
+    """
+    problems = []
+    new_inputs = {i.name: i for i in new.inputs}
+    for spec in old.inputs:
+        if not spec.required:
+            continue
+        now = new_inputs.get(spec.name)
+        if now is None:
+            problems.append(
+                f"{spec.name} is required by {old.version} but {new.version} dropped it: "
+                "producers may stop sending it"
+            )
+        elif not now.required:
+            problems.append(
+                f"{spec.name} is required by {old.version} but optional in {new.version}: "
+                "producers may stop sending it"
+            )
+    if output_contract(old) != output_contract(new):
+        problems.append(
+            f"the output contract differs ({output_contract(new)} -> {output_contract(old)}): "
+            "consumers of the new output would see the old one; keep the old API version "
+            "served (outputs.versions) while a rollback is possible"
+        )
+    return problems
+
+
+def release_notes(old: Manifest, new: Manifest, guide: str | None = None) -> str:
+    """A release note in Markdown: the bump, every change, the migration guide and whether
+    rolling back to the old version is safe."""
+    diff = diff_manifests(old, new)
+    lines = [
+        f"# {new.name} {new.version}",
+        "",
+        f"Release of {new.name} {new.version} (from {old.version}): a **{diff.required.name}** "
+        f"change by the contract rules (declared: {diff.declared.name}"
+        + ("; the version number is too small" if not diff.ok else "")
+        + ").",
+        "",
+        "## Changes",
+        "",
+    ]
+    lines += [f"- **{c.bump.name}** {c.what}" for c in diff.changes] or ["- no contract changes"]
+    lines += ["", "## Migration", ""]
+    if diff.required >= Bump.MAJOR:
+        lines.append(
+            "Consumers or producers must change: "
+            + (f"follow the migration guide: {guide}" if guide else "no migration guide given")
+            + "."
+        )
+    else:
+        lines.append(
+            "Nothing breaks: no migration needed" + (f" (guide: {guide})" if guide else "") + "."
+        )
+    problems = rollback_problems(old, new)
+    lines += ["", "## Rollback", ""]
+    if problems:
+        lines.append(f"Rolling back to {old.version} is **not safe** as it stands:")
+        lines += [f"- {p}" for p in problems]
+    else:
+        lines.append(
+            f"Rolling back to {old.version} is safe: it needs nothing {new.version}'s "
+            "producers do not send, and its output contract is the same."
+        )
+    lines += [
+        "",
+        f"Manifest digests: {old.version} `{digest(old)}`, {new.version} `{digest(new)}`.",
+        "",
+    ]
+    return "\n".join(lines)

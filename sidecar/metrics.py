@@ -65,6 +65,8 @@ class SidecarMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or standard_collectors(CollectorRegistry())
         r = self.registry
+        #: Topic -> older output version, for ``output_records`` (set by the sidecar).
+        self.version_of: dict[str, str] = {}
         self.readiness = ReadinessCollector("sidecar")
         r.register(self.readiness)
         self.consumed = Counter(
@@ -169,6 +171,32 @@ class SidecarMetrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.output_records = Counter(
+            "sidecar_output_version_records",
+            "Decisions produced on an older output version's topic (outputs.versions)",
+            ["version"],
+            registry=r,
+        )
+        self.output_active_readers = Gauge(
+            "sidecar_output_active_readers",
+            "Consumer groups actively reading an older output version's topic: committed "
+            "offsets moving, a subscribed live member, or a consumed record younger than "
+            "outputs.active_window_s (polled every outputs.readers_interval_s)",
+            ["version", "topic"],
+            registry=r,
+        )
+        self.output_readers = Gauge(
+            "sidecar_output_readers",
+            "Consumer groups with committed offsets on an older output version's topic",
+            ["version", "topic"],
+            registry=r,
+        )
+        self.output_sunset = Gauge(
+            "sidecar_output_sunset_timestamp_seconds",
+            "Announced sunset date of an older output version (deprecate), Unix seconds",
+            ["version"],
+            registry=r,
+        )
         self.feature_out_of_range = Counter(
             "sidecar_feature_out_of_range",
             "Request feature values outside a model manifest's allowed range or categories",
@@ -230,6 +258,9 @@ class SidecarMetrics:
             self.comparisons.labels(rollout).inc(len(result.comparisons))
         for kind, n in result.dead_letter_kinds.items():
             self.dead_letters.labels(kind).inc(n)
+        for topic, output in result.versions.items():
+            if len(output):
+                self.output_records.labels(self.version_of.get(topic, topic)).inc(len(output))
         for (arm, feature), n in result.out_of_range.items():
             self.feature_out_of_range.labels(arm, feature).inc(n)
         for arm, scores in (("champion", result.champion), ("candidate", result.candidate)):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -33,6 +33,8 @@ from .decoding import DecodedBatch, RawRecord, Rejected, RequestDecoder
 from .encoding import JSON_BOOL, escape, json_numbers, needs_escape, raw_json, template
 from .models.base import BatchScores, ScoringModel
 from .models.validation import RangeValidator
+from .outputs.adapters import Adapter, DeclarativeAdapter, compile_adapter
+from .outputs.lifecycle import OutputState, configured_outputs, version_headers
 from .routing import RoutingPolicy
 from .untrusted import error_text
 
@@ -110,6 +112,9 @@ class BatchResult:
     #: Records the policy gave the champion but the candidate decided, because the champion
     #: failed (``rollout.champion_failure = "fallback_candidate"``).
     champion_fallbacks: int = 0
+    #: The older API versions of ``decisions`` (``outputs.versions``), by topic: the same
+    #: records, through each version's adapter (empty unless versions are configured).
+    versions: dict[str, TopicOutput] = field(default_factory=dict)
 
     def extend(self, other: BatchResult) -> None:
         """Append ``other``'s outputs (a later part of the same batch) and counts. The
@@ -123,6 +128,11 @@ class BatchResult:
             mine.keys.extend(theirs.keys)
             mine.values.extend(theirs.values)
             mine.headers.extend(theirs.headers)
+        for topic, theirs in other.versions.items():
+            mine = self.versions.setdefault(topic, TopicOutput())
+            mine.keys.extend(theirs.keys)
+            mine.values.extend(theirs.values)
+            mine.headers.extend(theirs.headers)
         _add_counts(self.decided_by, other.decided_by)
         _add_counts(self.dead_letter_kinds, other.dead_letter_kinds)
         _add_counts(self.out_of_range, other.out_of_range)
@@ -130,6 +140,14 @@ class BatchResult:
         self.candidate = self.candidate or other.candidate
         self.slow_path += other.slow_path
         self.champion_fallbacks += other.champion_fallbacks
+
+
+@dataclass(frozen=True, slots=True)
+class _Output:
+    """An older output version being served: its adapter and the headers of its records."""
+
+    adapter: Adapter
+    headers: Headers
 
 
 def _add_counts(counts: dict[K, int], more: dict[K, int]) -> None:
@@ -219,40 +237,40 @@ class _BatchFormats:
         self.champion_ok, self.candidate_ok = ok
         self.champion_error, self.candidate_error = err
 
+    def prototype(self, arm: int, routed: int, fallback: str | None, keyed: bool) -> Decision:
+        """The Decision a template is made from: every per-record field a sentinel slot (an
+        older output version's adapter templates from it too)."""
+        m = self._models[arm]
+        assert m is not None
+        return Decision(
+            request_id="@@request_id@@",
+            routing_key="@@routing_key@@" if keyed else None,
+            rollout=self._policy.rollout,
+            model=m.name,
+            model_version=m.version,
+            arm=_ARM_NAMES[arm],  # type: ignore[arg-type]
+            routed_arm=_ARM_NAMES[routed],  # type: ignore[arg-type]
+            score="@@score@@",  # type: ignore[arg-type]
+            decision="@@decision@@",  # type: ignore[arg-type]
+            threshold=m.threshold,
+            policy_epoch=self._policy.epoch,
+            policy_mode=self._policy.mode.value,
+            bucket="@@bucket@@",  # type: ignore[arg-type]
+            ts="@@ts@@",  # type: ignore[arg-type]
+            decided_at=self.decided_at,
+            latency_ms=self.latency[arm],
+            fallback=fallback,
+            manifest_digest=m.manifest_digest,
+        )
+
     def _decision_pair(self, arm: int, routed: int, fallback: str | None) -> tuple[str, str]:
         """Decision templates of ``arm`` deciding records routed to ``routed``, without and
         with a routing key; a fallback (``arm != routed``) adds the ``fallback`` slot."""
-        m = self._models[arm]
-        assert m is not None
         slots: tuple[str, ...] = ("request_id", "routing_key", "score", "decision", "bucket", "ts")
         if fallback is not None:
             slots += ("fallback",)
         unkeyed, keyed = (
-            _template_optional(
-                Decision(
-                    request_id="@@request_id@@",
-                    routing_key="@@routing_key@@" if keyed else None,
-                    rollout=self._policy.rollout,
-                    model=m.name,
-                    model_version=m.version,
-                    arm=_ARM_NAMES[arm],  # type: ignore[arg-type]
-                    routed_arm=_ARM_NAMES[routed],  # type: ignore[arg-type]
-                    score="@@score@@",  # type: ignore[arg-type]
-                    decision="@@decision@@",  # type: ignore[arg-type]
-                    threshold=m.threshold,
-                    policy_epoch=self._policy.epoch,
-                    policy_mode=self._policy.mode.value,
-                    bucket="@@bucket@@",  # type: ignore[arg-type]
-                    ts="@@ts@@",  # type: ignore[arg-type]
-                    decided_at=self.decided_at,
-                    latency_ms=self.latency[arm],
-                    fallback=fallback,
-                    manifest_digest=m.manifest_digest,
-                ),
-                slots,
-                _RAW,
-                keyed,
-            )
+            _template_optional(self.prototype(arm, routed, fallback, keyed), slots, _RAW, keyed)
             for keyed in (False, True)
         )
         return unkeyed, keyed
@@ -350,7 +368,39 @@ class Pipeline:
         self._shadow_only = candidate is not None and candidate.config.shadow_only
         #: Champion calls tried a second time after a timeout.
         self.champion_retries = 0
+        outputs = config.outputs
+        self._api_header = (
+            ("api_version", outputs.api_version.encode()) if outputs.api_version else None
+        )
+        self._adapters = {v.version: compile_adapter(v) for v in outputs.versions}
+        #: The older output versions served now (sunset ones left out), with their headers.
+        self._outputs: tuple[_Output, ...] = ()
         self.set_record_limits({})
+        self.set_output_states(configured_outputs(outputs.versions))
+
+    @property
+    def output_versions(self) -> list[str]:
+        """The older output versions served now (a sunset one is not)."""
+        return [o.adapter.version for o in self._outputs]
+
+    def set_output_states(self, states: Sequence[OutputState]) -> None:
+        """Serve each configured older version as ``states`` say: its deprecation headers, and
+        none of its records once it is sunset (its adapter is unloaded). Applies from the next
+        batch on; both stages of a batch use the versions of its start."""
+        by_name = {s.version: s for s in states}
+        outputs = []
+        for name, adapter in self._adapters.items():
+            state = by_name.get(name, OutputState(version=name))
+            if state.is_sunset:
+                continue
+            outputs.append(_Output(adapter, version_headers(state)))
+        self._outputs = tuple(outputs)
+        sunset = sorted(set(self._adapters) - {o.adapter.version for o in outputs})
+        if sunset:
+            # Unload: a sunset version is never served again by this process.
+            for name in sunset:
+                self._adapters.pop(name, None)
+                log.info("output version %s is sunset: its adapter is unloaded", name)
 
     def set_record_limits(self, limits: dict[str, int]) -> None:
         """Largest record each output topic takes (``sidecar.kafka.topics.record_limits``);
@@ -359,8 +409,14 @@ class Pipeline:
         default = self.config.kafka.max_record_bytes
         self._decision_limit = limits.get(t.decisions, default) - _RECORD_OVERHEAD_BYTES
         self._comparison_limit = limits.get(t.comparisons, default) - _RECORD_OVERHEAD_BYTES
+        self._version_limits = {
+            v.topic: limits.get(v.topic, default) - _RECORD_OVERHEAD_BYTES
+            for v in self.config.outputs.versions
+        }
+        dl = self.config.dead_letter
         self._dead_letters = DeadLetterWriter(
-            keep_bytes(self.config.dead_letter.max_value_bytes, limits.get(t.dead_letter, default))
+            keep_bytes(dl.max_value_bytes, limits.get(t.dead_letter, default), dl.max_header_bytes),
+            dl.max_header_bytes,
         )
 
     async def process(self, records: list[RawRecord], policy: RoutingPolicy) -> BatchResult:
@@ -442,6 +498,7 @@ class Pipeline:
         staged: bool,
     ) -> StagedBatch:
         batch = self.decoder.decode(records)
+        outputs = self._outputs  # one set of versions for both stages of the batch
         result = BatchResult(policy=policy)
         batch, out_of_range, flagged = self._validator.apply(batch, result.out_of_range)
         for rejected in batch.rejected + out_of_range:
@@ -485,12 +542,15 @@ class Pipeline:
                 champion,
                 candidate_job,
                 flagged,
+                outputs=outputs,
             )
             return StagedBatch(result, None)
         # The champion's own decisions leave now: records it is routed and scored.
         early = ~candidate_decides & champion.valid
         dropped = (
-            self._early_decisions(result, batch, key_bytes, policy, buckets, champion, early)
+            self._early_decisions(
+                result, batch, key_bytes, policy, buckets, champion, early, outputs
+            )
             if early.any()
             else []
         )
@@ -511,6 +571,7 @@ class Pipeline:
                 flagged,
                 decided=early,
                 dropped=dropped,
+                outputs=outputs,
             )
             return late
 
@@ -561,10 +622,12 @@ class Pipeline:
         buckets: np.ndarray,
         champion: BatchScores,
         rows_mask: np.ndarray,
+        outputs: tuple[_Output, ...] = (),
     ) -> list[int]:
         """The decisions of ``rows_mask`` (routed to the champion, scored by it), written
         before the candidate has answered. Returns the rows dead-lettered instead (a decision
-        too big for its topic)."""
+        too big for its topic, or one an older output version refused): the late stage
+        writes no comparison for them either."""
         n = len(batch)
         pending = BatchScores.failed(n, _PENDING, 0.0)
         fmt = _BatchFormats(self, policy, champion, pending)
@@ -572,16 +635,19 @@ class Pipeline:
         choice_list = [_CHAMPION] * n
         dec_values: list[bytes | None] = [None] * n
         dec_headers: list[Headers | None] = [None] * n
+        rows = np.flatnonzero(rows_mask).tolist()
+        routed_list = [_CHAMPION] * n
+        bucket_list = buckets.tolist()
         self._write_decisions(
             batch,
-            np.flatnonzero(rows_mask).tolist(),
+            rows,
             choice_list,
-            [_CHAMPION] * n,
+            routed_list,
             policy,
             fmt,
             texts,
             key_texts,
-            buckets.tolist(),
+            bucket_list,
             champion,
             pending,
             dec_values,
@@ -592,7 +658,27 @@ class Pipeline:
         for i in dropped:  # dead-lettered: the late stage writes no comparison either
             self._dead_letter(result, self._oversize(batch, i, dec_values[i], None))
             dec_values[i] = None
-        self._emit_decisions(result, key_bytes, dec_values, dec_headers)
+        versions: list[list[bytes | None]] = []
+        refused: set[int] = set()
+        if outputs:
+            versions, refused = self._write_versions(
+                outputs,
+                batch,
+                rows,
+                choice_list,
+                routed_list,
+                fmt,
+                texts,
+                key_texts,
+                bucket_list,
+                champion,
+                pending,
+                key_bytes,
+                dec_values,
+                result,
+            )
+        self._emit_decisions(result, batch, key_bytes, dec_values, dec_headers, outputs, versions)
+        dropped = sorted(set(dropped) | refused)
         counted = rows_mask.copy()
         counted[dropped] = False
         _count_choices(result, np.asarray(choice_list)[counted])
@@ -701,13 +787,152 @@ class Pipeline:
             )
         return slow
 
+    def _write_versions(
+        self,
+        outputs: tuple[_Output, ...],
+        batch: DecodedBatch,
+        rows: list[int],
+        choice_list: list[int],
+        routed_list: list[int],
+        fmt: _BatchFormats,
+        texts: list[str],
+        key_texts: list[str],
+        bucket_list: list[int],
+        champion: BatchScores,
+        candidate: BatchScores,
+        key_bytes: list[bytes],
+        dec_values: list[bytes | None],
+        result: BatchResult,
+    ) -> tuple[list[list[bytes | None]], set[int]]:
+        """Each older output version of the decisions of ``rows`` (those not refused
+        already), and the records refused: an adapter raised on it or its output does not
+        fit the version's topic. A refused record is dead-lettered and gets no decision on
+        any version (``dec_values`` set to None): every version carries the same records.
+
+        Declarative adapters format the records the current version templated with their
+        own batch template (see :mod:`sidecar.outputs.adapters`); the others are adapted from
+        their encoded Decision.
+        """
+        n = len(batch)
+        metadata, has_key, ts_list = batch.metadata, batch.has_routing_key, batch.ts
+        arm_scores = (champion.scores, candidate.scores)
+        arm_decisions = (champion.decisions.tolist(), candidate.decisions.tolist())
+        base_scores: tuple[list[str], list[str]] | None = None
+        refused: dict[int, Rejected] = {}
+        versions: list[list[bytes | None]] = []
+        for output in outputs:
+            adapter = output.adapter
+            values: list[bytes | None] = [None] * n
+            versions.append(values)
+            templated = adapter.templated
+            if templated:
+                assert isinstance(adapter, DeclarativeAdapter)
+                tmpl = [
+                    [
+                        adapter.batch_template(fmt.prototype(arm, arm, None, keyed), keyed)
+                        for keyed in (False, True)
+                    ]
+                    if model is not None
+                    else None
+                    for arm, model in enumerate((self.champion, self.candidate))
+                ]
+                mapped = [adapter.slot_texts("score", a) for a in arm_scores]
+                if mapped[0] is None:
+                    if base_scores is None:
+                        base_scores = (
+                            json_numbers(champion.scores.tolist()),
+                            json_numbers(candidate.scores.tolist()),
+                        )
+                    score_texts: Sequence[list[str]] = base_scores
+                else:
+                    score_texts = mapped  # type: ignore[assignment]
+                bucket_texts = adapter.slot_texts("bucket", np.asarray(bucket_list)) or bucket_list
+                ts_texts = adapter.slot_texts("ts", np.asarray(ts_list)) or ts_list
+                dec_texts = adapter.decision_texts()
+            for i in rows:
+                encoded = dec_values[i]
+                if encoded is None or i in refused:
+                    continue
+                try:
+                    arm = choice_list[i]
+                    if templated and arm == routed_list[i] and metadata[i] is None:
+                        text, pick = tmpl[arm][has_key[i]]  # type: ignore[index]
+                        score = score_texts[arm][i]
+                        decided = dec_texts[arm_decisions[arm][i]]
+                        args: tuple[Any, ...]
+                        if has_key[i]:
+                            args = (
+                                texts[i],
+                                key_texts[i],
+                                score,
+                                decided,
+                                bucket_texts[i],
+                                ts_texts[i],
+                            )
+                        else:
+                            args = (texts[i], score, decided, bucket_texts[i], ts_texts[i])
+                        values[i] = (text % pick(args)).encode()
+                    else:
+                        values[i] = adapter.adapt_bytes(encoded)
+                except Exception as exc:  # a callable's bug, a hostile value: this record only
+                    refused[i] = Rejected(
+                        batch.records[i],
+                        "processing_error",
+                        f"the adapter of output version {adapter.version} raised "
+                        f"{error_text(exc)}; no version of its decision was sent",
+                        batch.request_ids[i],
+                    )
+            limit = self._version_limits.get(adapter.topic, self._decision_limit)
+            for i in _too_big(values, key_bytes, limit):
+                refused.setdefault(i, self._oversize(batch, i, values[i], None))
+        for i, rejected in sorted(refused.items()):
+            self._dead_letter(result, rejected)
+            dec_values[i] = None
+            for values in versions:
+                values[i] = None
+        return versions, set(refused)
+
     def _emit_decisions(
         self,
         result: BatchResult,
+        batch: DecodedBatch,
         key_bytes: list[bytes],
         dec_values: list[bytes | None],
         dec_headers: list[Headers | None],
+        outputs: tuple[_Output, ...] = (),
+        versions: Sequence[list[bytes | None]] = (),
     ) -> None:
+        """The decisions of one stage, in record order: the current version, then each older
+        one (headers: the current version's, with each version's own). Trace context and
+        ``api_version`` are added here, and only when there is any."""
+        for output, values in zip(outputs, versions, strict=True):
+            out = result.versions.setdefault(output.adapter.topic, TopicOutput())
+            # One shared header list per version (its api_version and lifecycle headers; the
+            # request id is in the body): a distinct list per record costs the producer.
+            shared = output.headers
+            headers = [shared] * len(values)
+            for i, found in batch.trace.items():  # rare: requests with a trace context
+                headers[i] = [*shared, *found]
+            if None in values:
+                for i, value in enumerate(values):
+                    if value is not None:
+                        out.keys.append(key_bytes[i])
+                        out.values.append(value)
+                        out.headers.append(headers[i])
+            else:
+                out.keys.extend(key_bytes)
+                out.values.extend(values)  # type: ignore[arg-type]
+                out.headers.extend(headers)
+        if self._api_header is not None:
+            api = self._api_header
+            for h in dec_headers:
+                if h is not None:
+                    h.append(api)
+        if batch.trace:
+            for i, found in batch.trace.items():
+                h = dec_headers[i]
+                if h is not None:
+                    h.extend(found)
         out = result.decisions
         if None in dec_values:
             for i, value in enumerate(dec_values):
@@ -746,6 +971,7 @@ class Pipeline:
         flagged: dict[int, list[str]],
         decided: np.ndarray | None = None,
         dropped: list[int] | None = None,
+        outputs: tuple[_Output, ...] = (),
     ) -> None:
         """Choose the deciding arm per record (vectorised), then encode the outputs.
 
@@ -767,9 +993,10 @@ class Pipeline:
         todo = np.ones(n, dtype=bool) if decided is None else ~decided
         dec_values: list[bytes | None] = [None] * n
         dec_headers: list[Headers | None] = [None] * n
+        rows = np.flatnonzero(todo).tolist()
         result.slow_path = self._write_decisions(
             batch,
-            np.flatnonzero(todo).tolist(),
+            rows,
             choice_list,
             routed_list,
             policy,
@@ -783,12 +1010,33 @@ class Pipeline:
             dec_headers,
             result,
         )
+        versions: list[list[bytes | None]] = []
+        refused: set[int] = set()
+        if outputs:
+            versions, refused = self._write_versions(
+                outputs,
+                batch,
+                rows,
+                choice_list,
+                routed_list,
+                fmt,
+                texts,
+                key_texts,
+                bucket_list,
+                champion,
+                candidate,
+                key_bytes,
+                dec_values,
+                result,
+            )
+            for i in refused:  # dead-lettered: no comparison either
+                choice_list[i] = _DEAD_LETTER
         cmp_values = self._comparisons(
             batch, choice_list, fmt, texts, key_texts, champion, candidate
         )
         for i, features in flagged.items():  # rare: records with out-of-range features
             cmp_values[i] = _with_out_of_range(cmp_values[i], features)
-        for i in dropped or ():  # dead-lettered by the first stage
+        for i in (*(dropped or ()), *refused):  # dead-lettered (by the first stage)
             cmp_values[i] = None
         comparison_keys = (
             key_bytes if self._comparisons_by_routing_key else [policy.rollout.encode()] * n
@@ -802,21 +1050,26 @@ class Pipeline:
                 continue
             self._dead_letter(result, self._oversize(batch, i, dec_values[i], cmp_values[i]))
             dec_values[i] = cmp_values[i] = None
+            for values in versions:
+                values[i] = None
             choice_list[i] = _DEAD_LETTER
         out = result.comparisons
         # One shared header list: the request id is in the body, and every distinct header
         # costs the producer's record builder time per record.
-        if oversize or dropped:
+        cmp_headers = [_COMPARISON_HEADERS] * n
+        for i, found in batch.trace.items():  # rare: requests with a trace context
+            cmp_headers[i] = [*_COMPARISON_HEADERS, *found]
+        if oversize or dropped or refused:
             for i in range(n):
                 if cmp_values[i] is not None:
                     out.keys.append(comparison_keys[i])
                     out.values.append(cmp_values[i])  # type: ignore[arg-type]
-                    out.headers.append(_COMPARISON_HEADERS)
+                    out.headers.append(cmp_headers[i])
         else:
             out.values.extend(cmp_values)  # type: ignore[arg-type]
             out.keys.extend(comparison_keys)
-            out.headers.extend([_COMPARISON_HEADERS] * n)
-        self._emit_decisions(result, key_bytes, dec_values, dec_headers)
+            out.headers.extend(cmp_headers)
+        self._emit_decisions(result, batch, key_bytes, dec_values, dec_headers, outputs, versions)
         choice = np.asarray(choice_list)
         result.champion_fallbacks = int(
             np.count_nonzero((choice == _CANDIDATE) & ~candidate_decides)

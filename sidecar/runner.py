@@ -113,6 +113,7 @@ class Sidecar:
             )
         )
         self.metrics = metrics or SidecarMetrics()
+        self.metrics.version_of = {v.topic: v.version for v in config.outputs.versions}
         self.metrics.observe_policy(self.policy.current)
         self.policy.on_swap(lambda _old, new: self.metrics.observe_policy(new))
         self._names = {"champion": (self.champion.name, self.champion.version)}
@@ -202,6 +203,7 @@ class Sidecar:
                 self._control = ControlPlane.for_sidecar(self)
                 await self._control.start()
             self.supervisor.spawn(self._commit_loop(), "committer")
+            self._watch_readers()
             self.ready.set()
             log.info(
                 "sidecar %s serving %s (rollout %s, epoch %d, mode %s)",
@@ -218,6 +220,23 @@ class Sidecar:
             await watcher.stop()
             await self._close()
         self.supervisor.raise_failure()
+
+    def _watch_readers(self) -> None:
+        """Older output versions: count who still reads them (a gauge; never fails)."""
+        outputs = self.config.outputs
+        if not outputs.versions or outputs.readers_interval_s <= 0:
+            return
+        from .outputs.lifecycle import configured_outputs
+        from .outputs.watch import ReaderWatch
+
+        configured = configured_outputs(outputs.versions)
+        control = self._control
+        watch = ReaderWatch(
+            self.config,
+            self.metrics,
+            lambda: control.state.outputs if control is not None else configured,
+        )
+        self.supervisor.spawn(watch.run(), "output-readers")
 
     async def _connect(self) -> bool:
         cfg = self.config
@@ -247,7 +266,12 @@ class Sidecar:
 
     async def _start_clients(self) -> None:
         cfg = self.config
-        outputs = (cfg.topics.decisions, cfg.topics.comparisons, cfg.topics.dead_letter)
+        outputs = (
+            cfg.topics.decisions,
+            cfg.topics.comparisons,
+            cfg.topics.dead_letter,
+            *cfg.outputs.topics(),
+        )
         limits = await record_limits(cfg, outputs)
         self.pipeline.set_record_limits(limits)
         self._producer = new_producer(
@@ -397,6 +421,8 @@ class Sidecar:
         deliveries = await sender.send(t.decisions, result.decisions)
         deliveries += await sender.send(t.comparisons, result.comparisons)
         deliveries += await sender.send(t.dead_letter, result.dead_letters)
+        for topic, output in result.versions.items():  # older output versions, if any
+            deliveries += await sender.send(topic, output)
         return deliveries
 
     async def _send_until_accepted(self, result: BatchResult) -> list[Delivery] | None:

@@ -181,7 +181,12 @@ class AggregatorService:
         self._commits = SafeCommitter(self._topic)
         self._record_limit = config.kafka.max_record_bytes
         self._dead_letter_writer = DeadLetterWriter(
-            keep_bytes(config.dead_letter.max_value_bytes, self._record_limit)
+            keep_bytes(
+                config.dead_letter.max_value_bytes,
+                self._record_limit,
+                config.dead_letter.max_header_bytes,
+            ),
+            config.dead_letter.max_header_bytes,
         )
         self._last_commit = 0.0
         self.ready = asyncio.Event()

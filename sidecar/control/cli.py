@@ -24,7 +24,7 @@ from .client import EXIT_OK, build_command, issue, load_view
 from .commands import parse_share
 from .format import format_status, history_line
 from .keys import ROLES, SigningKey, TrustStore, parse_time, trust_entry_text, write_private
-from .plane import control_config, load_trust
+from .plane import control_config, load_trust, now_ms
 
 #: Environment variable naming the operator's private key file (``--key``).
 KEY_ENV = "SIDECAR_CTL_KEY"
@@ -39,6 +39,10 @@ _MUTATING: dict[str, str] = {
     "promote, no change of share until resume",
     "resume": "release a hold (a ramp's step floors restart)",
     "retire": "stop scoring the old champion of a promoted rollout",
+    "deprecate": "announce that an older output version is deprecated, its sunset date and "
+    "migration guide (headers on its records)",
+    "sunset": "switch an older output version off: refused while consumer groups still read "
+    "it or before its sunset date, unless --force (with --reason)",
 }
 
 
@@ -147,6 +151,31 @@ def add_ctl_parser(sub: Any) -> None:
                 metavar="PLAN",
                 help="steps share:hold:min_samples, e.g. 1%%:5m:1000,5%%:10m:5k,100%%:30m:20k",
             )
+        if action in ("deprecate", "sunset"):
+            p.add_argument("version", metavar="VERSION", help="the older output version, e.g. v1")
+        if action == "deprecate":
+            p.add_argument(
+                "--sunset",
+                required=True,
+                metavar="WHEN",
+                help="when it may be switched off: a date (2026-03-31), an ISO-8601 time, or "
+                "+DURATION from now (+90d)",
+            )
+            p.add_argument("--deprecation", metavar="WHEN", help="deprecated from (default: now)")
+            p.add_argument("--link", metavar="URL", help="the migration guide")
+        if action == "sunset":
+            p.add_argument(
+                "--force",
+                action="store_true",
+                help="even with active readers or before the sunset date (needs --reason)",
+            )
+            p.add_argument(
+                "--sample",
+                type=float,
+                default=5.0,
+                metavar="SECONDS",
+                help="watch the readers' committed offsets this long first (default 5)",
+            )
         _common(p, mutating=True)
     _keygen_parser(actions)
 
@@ -232,8 +261,13 @@ async def run_ctl(args: argparse.Namespace) -> int:
         return EXIT_OK
     if action == "rollback" and not args.reason:
         raise ConfigError("rollback needs --reason 'why' (it is audited)")
+    if action == "sunset" and args.force and not args.reason:
+        raise ConfigError("sunset --force needs --reason 'why' (it is audited)")
     trust = load_trust(cfg.control, required=True)
     key = _signing_key(args, trust)
+    output: dict[str, Any] = {}
+    if action in ("deprecate", "sunset"):
+        output = await _output_args(cfg, args)
     try:
         share = parse_share(args.share) if action == "canary" else None
         command = build_command(
@@ -243,6 +277,7 @@ async def run_ctl(args: argparse.Namespace) -> int:
             share_bp=share,
             plan=args.plan if action == "ramp" else None,
             expected_epoch=args.expect_epoch,
+            **output,
         )
     except ValueError as exc:
         raise SidecarError(str(exc)) from None
@@ -252,6 +287,47 @@ async def run_ctl(args: argparse.Namespace) -> int:
     )
     print(printable(result.message), file=sys.stdout if result.code == EXIT_OK else sys.stderr)
     return result.code
+
+
+def _when(text: str, what: str) -> int:
+    """``+90d`` (from now), a date or an ISO-8601 time -> epoch ms."""
+    from ..outputs.lifecycle import parse_date
+    from .commands import parse_duration
+
+    if text.strip().startswith("+"):
+        try:
+            return now_ms() + int(parse_duration(text.strip()[1:]) * 1000)
+        except ValueError as exc:
+            raise ConfigError(f"{what}: {exc}") from None
+    return parse_date(text, what=what)
+
+
+async def _output_args(cfg: SidecarConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments of ``deprecate``/``sunset``; for ``sunset``, the active readers counted
+    from the cluster now (printed, and signed into the command: the instances refuse a
+    sunset with readers unless forced)."""
+    from ..outputs.cli import active_readers
+
+    if cfg.outputs.version(args.version) is None:
+        known = ", ".join(v.version for v in cfg.outputs.versions) or "none"
+        raise ConfigError(f"no older output version {args.version!r} (configured: {known})")
+    if args.ctl_command == "deprecate":
+        return {
+            "output_version": args.version,
+            "sunset_ms": _when(args.sunset, "--sunset"),
+            "deprecation_ms": None
+            if args.deprecation is None
+            else _when(args.deprecation, "--deprecation"),
+            "link": args.link,
+        }
+    readers = await active_readers(cfg, args.version, sample_s=max(0.0, args.sample))
+    for r in readers:
+        print(f"active reader of {args.version}: {printable(r.group)} ({r.why})", file=sys.stderr)
+    return {
+        "output_version": args.version,
+        "active_readers": len(readers),
+        "force": bool(args.force),
+    }
 
 
 __all__ = ["KEY_ENV", "add_ctl_parser", "cmd_ctl", "keygen", "run_ctl"]

@@ -81,10 +81,25 @@ def build_command(
     share_bp: int | None = None,
     plan: str | None = None,
     expected_epoch: int | None = None,
+    output_version: str | None = None,
+    sunset_ms: int | None = None,
+    deprecation_ms: int | None = None,
+    link: str | None = None,
+    active_readers: int | None = None,
+    force: bool | None = None,
 ) -> ControlCommand:
     """An unsigned command with a fresh unique id, issued now (signing sets ``issued_by`` to
     the key's holder)."""
-    args = CommandArgs(share_bp=share_bp, plan=parse_ramp_plan(plan) if plan else None)
+    args = CommandArgs(
+        share_bp=share_bp,
+        plan=parse_ramp_plan(plan) if plan else None,
+        output_version=output_version,
+        sunset_ms=sunset_ms,
+        deprecation_ms=deprecation_ms,
+        link=link,
+        active_readers=active_readers,
+        force=force or None,
+    )
     return ControlCommand(
         command_id=f"ctl:{action}:{uuid.uuid4().hex[:16]}",
         rollout=rollout,

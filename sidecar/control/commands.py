@@ -38,6 +38,8 @@ Action = Literal[
     "retire",
     "advance",
     "verdict",
+    "deprecate",
+    "sunset",
 ]
 ACTIONS: tuple[Action, ...] = (
     "shadow",
@@ -50,7 +52,12 @@ ACTIONS: tuple[Action, ...] = (
     "retire",
     "advance",
     "verdict",
+    "deprecate",
+    "sunset",
 )
+#: Actions on an older output version (``outputs.versions``), not on the routing: they change
+#: no epoch and apply even to a retired rollout (its consumers still migrate).
+OUTPUT_ACTIONS = frozenset({"deprecate", "sunset"})
 
 #: Prefix of the signed bytes: a signature made for anything else never verifies here.
 SIGNATURE_DOMAIN = b"sidecar-control-v2\n"
@@ -94,6 +101,19 @@ class CommandArgs(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     samples: int | None = None
     #: ``verdict`` only.
     verdict: Verdict | None = None
+    #: ``deprecate`` and ``sunset``: the older output version (``outputs.versions``).
+    output_version: Annotated[str, msgspec.Meta(max_length=32)] | None = None
+    #: ``deprecate``: when it may be switched off (epoch ms); required.
+    sunset_ms: NonNegInt | None = None
+    #: ``deprecate``: when it is deprecated (epoch ms; default: the command's record time).
+    deprecation_ms: NonNegInt | None = None
+    #: ``deprecate``: the migration guide (a URL).
+    link: Annotated[str, msgspec.Meta(max_length=2000)] | None = None
+    #: ``sunset``: consumer groups the issuer saw still reading the version (audited); the
+    #: sunset is refused unless it is 0, or ``force``.
+    active_readers: NonNegInt | None = None
+    #: ``sunset``: switch it off despite active readers or before its sunset date.
+    force: bool | None = None
 
 
 class ControlCommand(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -150,6 +170,8 @@ class RejectReason(enum.StrEnum):
     NO_CANDIDATE = "no_candidate"
     TOO_EARLY = "too_early"
     NO_CHANGE = "no_change"
+    #: ``sunset`` while consumer groups still read the version (and not forced).
+    ACTIVE_READERS = "active_readers"
     #: A record carrying the start-up barrier header and a value (barriers have none).
     BARRIER = "barrier"
     #: Processing the record raised an unexpected error (a bug; the detail names it).
@@ -172,6 +194,7 @@ AUTHENTIC_REJECTIONS = frozenset(
         RejectReason.TOO_EARLY,
         RejectReason.NO_CHANGE,
         RejectReason.REPLAYED,
+        RejectReason.ACTIVE_READERS,
     }
 )
 

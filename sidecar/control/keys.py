@@ -73,6 +73,8 @@ ROLE_ACTIONS: dict[Role, frozenset[str]] = {
             "retire",
             "advance",
             "verdict",
+            "deprecate",
+            "sunset",
         }
     ),
     "guard": frozenset({"rollback", "pause", "verdict"}),

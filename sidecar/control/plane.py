@@ -45,8 +45,16 @@ from ..kafka import (
     topic_configs,
     unreadable_of,
 )
+from ..outputs.lifecycle import OutputState, configured_outputs
 from ..routing import Mode, PolicyHolder
-from .commands import Freshness, Rejected, RejectReason, encode_command, sign_command
+from .commands import (
+    OUTPUT_ACTIONS,
+    Freshness,
+    Rejected,
+    RejectReason,
+    encode_command,
+    sign_command,
+)
 from .keys import SigningKey, TrustStore
 from .records import (
     AuditRecord,
@@ -146,6 +154,7 @@ def configured_state(cfg: SidecarConfig) -> RolloutState:
         share_bp=r.canary_share_bp if r.mode is Mode.CANARY else None,
         has_candidate=cfg.models.candidate is not None,
         score_shadow_arm=r.score_shadow_arm,
+        outputs=configured_outputs(cfg.outputs.versions),
     )
 
 
@@ -257,6 +266,50 @@ def models_health(champion: ScoringModel, candidate: ScoringModel | None) -> lis
     return out
 
 
+def registry_write_back(sidecar: Sidecar) -> Callable[[str, Applied], None] | None:
+    """The registry write-back of a sidecar whose models come from MLflow (None otherwise):
+    run in a thread, off the control path; a failure is logged, never raised (the command is
+    applied whatever the registry says)."""
+    from ..registry import ModelRef, write_back
+
+    settings = sidecar.config.registry
+
+    def ref(model: ScoringModel | None) -> ModelRef | None:
+        if model is None or model.config.loader != "mlflow":
+            return None
+        uri = model.config.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        return ModelRef.of(model.manifest, model.manifest_digest, uri)
+
+    champion, candidate = ref(sidecar.champion), ref(sidecar.candidate)
+    if not settings.write_back or (champion is None and candidate is None):
+        return None
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def run(action: str, outcome: Applied) -> None:
+        cmd = outcome.command
+        try:
+            done = await asyncio.to_thread(
+                write_back,
+                action,  # type: ignore[arg-type]
+                champion=champion,
+                candidate=candidate if action == "promote" else None,
+                at_ms=outcome.new_state.since_ms,
+                issued_by=cmd.issued_by,
+                rollout=cmd.rollout,
+                settings=settings,
+            )
+            log.info("registry: %s written back: %s", action, "; ".join(done) or "nothing")
+        except Exception as exc:  # the registry is advisory: never stop serving for it
+            log.warning("registry: writing %s back failed: %s", action, exc)
+
+    def schedule(action: str, outcome: Applied) -> None:
+        task = asyncio.get_running_loop().create_task(run(action, outcome))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    return schedule
+
+
 class ControlPlane:
     """Keeps one instance's routing policy in step with the control topic.
 
@@ -282,6 +335,8 @@ class ControlPlane:
         models: Callable[[], list[ModelHealth] | None] | None = None,
         champion_fallbacks: Callable[[], int] | None = None,
         supervisor: Supervisor | None = None,
+        on_outputs: Callable[[tuple[OutputState, ...]], None] | None = None,
+        on_lifecycle: Callable[[str, Applied], None] | None = None,
     ) -> None:
         self.config = config
         self.settings = config.control
@@ -304,6 +359,13 @@ class ControlPlane:
         self._assigned = assigned_partitions or (lambda: None)
         self._models = models or (lambda: None)
         self._champion_fallbacks = champion_fallbacks or (lambda: 0)
+        #: Told the older output versions' states whenever they change (the pipeline
+        #: serves, re-labels or unloads them).
+        self._on_outputs = on_outputs
+        self._outputs_installed: tuple[OutputState, ...] | None = None
+        #: Told ``("promote" | "retire", outcome)`` when a live command promotes the
+        #: candidate or retires the old champion (the registry write-back); never on replay.
+        self._on_lifecycle = on_lifecycle
         self._started_at_ms = started_at_ms or now_ms()
         self._host = socket.gethostname()
         self._tp = TopicPartition(config.topics.control, CONTROL_PARTITION)
@@ -342,6 +404,8 @@ class ControlPlane:
             models=lambda: models_health(sidecar.champion, sidecar.candidate),
             champion_fallbacks=lambda: sidecar.champion_fallbacks,
             supervisor=sidecar.supervisor,
+            on_outputs=sidecar.pipeline.set_output_states,
+            on_lifecycle=registry_write_back(sidecar),
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -463,7 +527,13 @@ class ControlPlane:
 
     # -- live ------------------------------------------------------------------------------
 
+    def _install_outputs(self) -> None:
+        if self._on_outputs is not None and self.state.outputs != self._outputs_installed:
+            self._on_outputs(self.state.outputs)
+            self._outputs_installed = self.state.outputs
+
     def _install(self) -> None:
+        self._install_outputs()
         policy = to_policy(self.state)
         try:
             self.policy.swap(policy)
@@ -521,6 +591,7 @@ class ControlPlane:
 
     async def handle(self, record: ControlRecord, offset: int | None = None) -> Outcome:
         """One live control record: apply it (swapping the policy first), then audit it."""
+        before = self.state
         outcome = process_record(self.state, record, trust=self.trust, config=self.rules)
         self.state = next_state(self.state, outcome)
         if isinstance(outcome, Applied):
@@ -535,6 +606,18 @@ class ControlPlane:
                 outcome.command.reason,
             )
             self.applied.set()
+            self._lifecycle(before, outcome)
+        elif isinstance(outcome, Noted) and outcome.command.action in OUTPUT_ACTIONS:
+            self._install_outputs()
+            args = outcome.command.args
+            log.info(
+                "control: %s output version %s (%s) by %s: %s",
+                outcome.command.action,
+                args.output_version,
+                outcome.command.command_id,
+                outcome.command.issued_by,
+                outcome.command.reason,
+            )
         elif isinstance(outcome, Noted):
             verdict = outcome.command.args.verdict
             log.info("control: guard verdict %s: %s", outcome.command.command_id, verdict)
@@ -552,9 +635,20 @@ class ControlPlane:
             )
         self.outcomes.append(outcome)
         await self._publish_audit(outcome, offset)
-        if isinstance(outcome, Applied):
+        if isinstance(outcome, Applied) or (
+            isinstance(outcome, Noted) and outcome.command.action in OUTPUT_ACTIONS
+        ):
             await self._publish_status()
         return outcome
+
+    def _lifecycle(self, before: RolloutState, outcome: Applied) -> None:
+        new = outcome.new_state
+        if self._on_lifecycle is None:
+            return
+        if new.mode is Mode.PROMOTED and before.mode is not Mode.PROMOTED:
+            self._on_lifecycle("promote", outcome)
+        elif new.retired and not before.retired:
+            self._on_lifecycle("retire", outcome)
 
     def _signed(self, record: InstanceRecord) -> bytes:
         if self.signing_key is not None:

@@ -27,10 +27,13 @@ from typing import Literal
 import msgspec
 
 from ..hashing import BUCKETS
+from ..outputs.lifecycle import OutputState, link_ok
 from ..routing import Mode, RoutingPolicy
+from ..timefmt import utc
 from ..untrusted import error_text
 from .commands import (
     AUTHENTIC_REJECTIONS,
+    OUTPUT_ACTIONS,
     CommandArgs,
     ControlCommand,
     Duplicate,
@@ -133,6 +136,12 @@ class RolloutState(msgspec.Struct, frozen=True, kw_only=True):
     #: survives epoch changes (a ramp step, a pause), so labels that arrive days later can
     #: still gate a promotion.
     quality: Verdict | None = None
+    #: The older output versions (``outputs.versions``) and where each stands: changed by
+    #: ``deprecate`` and ``sunset``, which leave the epoch alone.
+    outputs: tuple[OutputState, ...] = ()
+
+    def output(self, version: str) -> OutputState | None:
+        return next((o for o in self.outputs if o.version == version), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +156,8 @@ class Applied:
 
 @dataclass(frozen=True, slots=True)
 class Noted:
-    """Outcome: a guard verdict was recorded; routing and epoch are unchanged."""
+    """Outcome: a guard verdict, or a ``deprecate``/``sunset`` of an output version, was
+    recorded; routing and epoch are unchanged."""
 
     new_state: RolloutState
     command: ControlCommand
@@ -164,6 +174,7 @@ def initial_state(
     has_candidate: bool = True,
     score_shadow_arm: bool = True,
     now_ms: int = 0,
+    outputs: tuple[OutputState, ...] = (),
 ) -> RolloutState:
     """The configured start state (epoch 0), before any command."""
     if share_bp is None:
@@ -176,6 +187,7 @@ def initial_state(
         score_shadow_arm=score_shadow_arm,
         promoted_since_ms=now_ms if mode is Mode.PROMOTED else None,
         since_ms=now_ms,
+        outputs=outputs,
     )
     problem = _invariant_violation(state)
     if problem:
@@ -251,6 +263,8 @@ _ARGS_BY_ACTION: dict[str, frozenset[str]] = {
     "retire": frozenset(),
     "advance": frozenset({"samples"}),
     "verdict": frozenset({"verdict"}),
+    "deprecate": frozenset({"output_version", "sunset_ms", "deprecation_ms", "link"}),
+    "sunset": frozenset({"output_version", "active_readers", "force"}),
 }
 #: Actions that change the share while a pause holds the rollout.
 _HELD_BACK = frozenset({"shadow", "canary", "ramp", "promote", "advance"})
@@ -462,6 +476,89 @@ def _note_verdict(state: RolloutState, cmd: ControlCommand) -> RolloutState:
     return new
 
 
+def _output_command(state: RolloutState, cmd: ControlCommand, now_ms: int) -> RolloutState:
+    """``deprecate`` or ``sunset`` of an older output version: the new state or _Refused.
+
+    A sunset nobody is surprised by: the version must have been deprecated, its announced
+    sunset date reached, and the issuer must have seen no consumer group still reading it
+    (``args.active_readers`` = 0, counted by ``sidecar ctl`` from the cluster just before
+    signing: the state machine is pure and cannot look). ``args.force`` skips these three
+    checks; the command's reason says why, in the audit.
+    """
+    args = cmd.args
+    name = args.output_version
+    if name is None:
+        raise _Refused(RejectReason.INVALID_ARGS, f"{cmd.action} needs args.output_version")
+    current = state.output(name)
+    if current is None:
+        known = ", ".join(o.version for o in state.outputs) or "none"
+        raise _Refused(
+            RejectReason.INVALID_ARGS,
+            f"{cmd.action}: no older output version {name!r} (configured: {known})",
+        )
+    if current.is_sunset:
+        raise _Refused(RejectReason.NO_CHANGE, f"{cmd.action}: output version {name} is sunset")
+    if cmd.action == "deprecate":
+        if args.sunset_ms is None:
+            raise _Refused(RejectReason.INVALID_ARGS, "deprecate needs args.sunset_ms")
+        if args.link is not None and not link_ok(args.link):
+            raise _Refused(RejectReason.INVALID_ARGS, "deprecate: link is not a URL")
+        deprecation = args.deprecation_ms
+        if deprecation is None:  # now, unless deprecated already (postponing a sunset)
+            deprecation = current.deprecation_ms if current.deprecated_at(now_ms) else now_ms
+        assert deprecation is not None
+        if args.sunset_ms < max(now_ms, deprecation):
+            raise _Refused(
+                RejectReason.INVALID_ARGS,
+                "deprecate: the sunset date must be after the deprecation and not in the past",
+            )
+        if current.sunset_ms is not None and args.sunset_ms < current.sunset_ms:
+            raise _Refused(
+                RejectReason.ILLEGAL_TRANSITION,
+                "deprecate: a sunset date already announced can be postponed, never brought "
+                "forward (consumers plan by it)",
+            )
+        new = msgspec.structs.replace(
+            current,
+            deprecation_ms=deprecation,
+            sunset_ms=args.sunset_ms,
+            link=args.link if args.link is not None else current.link,
+        )
+        if new == current:
+            raise _Refused(RejectReason.NO_CHANGE, "deprecate would change nothing")
+    else:
+        if not args.force:
+            if not current.deprecated_at(now_ms):
+                raise _Refused(
+                    RejectReason.ILLEGAL_TRANSITION,
+                    f"sunset: output version {name} is not deprecated yet: deprecate it "
+                    "(with a sunset date) first, or force",
+                )
+            if current.sunset_ms is None or current.sunset_ms > now_ms:
+                raise _Refused(
+                    RejectReason.TOO_EARLY,
+                    f"sunset: output version {name} was announced to stay until "
+                    f"{_when(current.sunset_ms)}; wait, or force",
+                )
+            if args.active_readers is None or args.active_readers > 0:
+                raise _Refused(
+                    RejectReason.ACTIVE_READERS,
+                    f"sunset: {_readers(args.active_readers)} consumer group(s) still read "
+                    f"output version {name}; migrate them, or force with a reason",
+                )
+        new = msgspec.structs.replace(current, sunset_at_ms=now_ms)
+    outputs = tuple(new if o.version == name else o for o in state.outputs)
+    return msgspec.structs.replace(state, outputs=outputs)
+
+
+def _when(ms: int | None) -> str:
+    return "a date not yet announced" if ms is None else utc(ms)
+
+
+def _readers(count: int | None) -> str:
+    return "an unknown number of" if count is None else str(count)
+
+
 def apply(
     state: RolloutState,
     command: ControlCommand,
@@ -486,7 +583,7 @@ def apply(
             f"command {cmd.command_id} was refused before; a refused command never applies",
             cmd,
         )
-    if state.retired:
+    if state.retired and cmd.action not in OUTPUT_ACTIONS:
         return Rejected(RejectReason.RETIRED, "the rollout is retired; start a new one", cmd)
     if cmd.expected_epoch is None and cmd.action != "rollback" and not _quality_only(cmd):
         return Rejected(
@@ -504,6 +601,14 @@ def apply(
         _check_args(cmd)
         if cmd.action == "verdict":
             return Noted(_note_verdict(state, cmd), cmd)
+        if cmd.action in OUTPUT_ACTIONS:
+            new_outputs = _output_command(state, cmd, now_ms)
+            return Noted(
+                msgspec.structs.replace(
+                    new_outputs, applied_ids=state.applied_ids | {cmd.command_id}
+                ),
+                cmd,
+            )
         new = _transition(state, cmd, now_ms, config)
     except _Refused as exc:
         return Rejected(exc.reason, exc.detail, cmd)

@@ -154,6 +154,11 @@ def verdict(p: Progress, caught_up: bool, elapsed_s: float, hb_ms: int) -> tuple
         return EXIT_OK, f"{cmd.command_id} was already applied (duplicate id): nothing changed"
     if cmd.action == "verdict":
         return EXIT_OK, f"verdict noted on {len(live)} live instance(s) ({', '.join(live)})"
+    if cmd.action in ("deprecate", "sunset"):
+        return EXIT_OK, (
+            f"{cmd.action} of output version {cmd.args.output_version} applied on {len(live)} "
+            f"live instance(s) ({', '.join(live)}) in {elapsed_s:.3f}s"
+        )
     return EXIT_OK, (
         f"{cmd.action} applied: epoch {p.target} on {len(live)} live instance(s) "
         f"({', '.join(live)}) in {elapsed_s:.3f}s"

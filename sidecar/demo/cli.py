@@ -10,8 +10,25 @@ from typing import Any
 from ..errors import ConfigError
 from .scenarios import SCENARIO_HELP, SCENARIOS
 
+MIGRATE_HELP = (
+    "a MAJOR candidate is promoted while a v1 consumer keeps working through the adapter, "
+    "gets its deprecation notice, migrates to v2, and v1 is sunset (refused while it still "
+    "read v1)"
+)
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.scenario == "migrate":
+        import sys
+
+        from .migrate import run_migrate
+
+        rate = args.rate if args.rate is not None else 300.0
+        if not 50 <= rate <= 5_000:
+            raise ConfigError("--rate must be between 50 and 5000 for the migrate scenario")
+        outcome = asyncio.run(run_migrate(sys.stdout, rate, args.broker_port, Path(args.out_dir)))
+        print(outcome.summary, flush=True)
+        return 0 if outcome.ok else 1
     from .run import DemoOptions, run_demo
 
     duration = 35.0 if args.quick and args.duration is None else (args.duration or 90.0)
@@ -43,6 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def add_demo_parser(sub: Any) -> None:
     """Add ``sidecar demo`` to the top-level subparsers ``sub``."""
     scenarios = "; ".join(f"{name}: {SCENARIO_HELP[name]}" for name in SCENARIOS)
+    scenarios += f"; migrate: {MIGRATE_HELP}"
     p = sub.add_parser(
         "demo",
         help="the rollout story end to end on the embedded broker, with a live view and a report",
@@ -55,7 +73,9 @@ def add_demo_parser(sub: Any) -> None:
         f"report --input`) and demo.log. Scenarios: {scenarios}. Exit code 0 when the story "
         "went as told, 1 otherwise.",
     )
-    p.add_argument("--scenario", choices=SCENARIOS, default="flags", help="the story (flags)")
+    p.add_argument(
+        "--scenario", choices=(*SCENARIOS, "migrate"), default="flags", help="the story (flags)"
+    )
     p.add_argument("--duration", type=float, help="target length in seconds (90; 35 with --quick)")
     p.add_argument(
         "--rate", type=float, help="card transactions per second (1000; 1500 with --quick)"

@@ -115,6 +115,16 @@ def new_consumer(
     return AIOKafkaConsumer(**kwargs)
 
 
+def new_admin(cfg: SidecarConfig, role: str, **settings: Any) -> Any:
+    """An admin client for ``role`` (consumer groups, topic configs)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    kwargs = client_kwargs(cfg.kafka)
+    kwargs.update(client_id=client_id(cfg, role, None))
+    kwargs.update(settings)
+    return AIOKafkaAdminClient(**kwargs)
+
+
 def new_producer(
     cfg: SidecarConfig, role: str, *, instance: str | None = None, **settings: Any
 ) -> AIOKafkaProducer:

@@ -121,4 +121,7 @@ def keep(batch: DecodedBatch, mask: BoolArray) -> DecodedBatch:
         metadata=[batch.metadata[i] for i in idx],
         matrix=batch.matrix[mask],
         rejected=batch.rejected,
+        trace={new: batch.trace[old] for new, old in enumerate(idx) if old in batch.trace}
+        if batch.trace
+        else {},
     )

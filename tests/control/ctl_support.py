@@ -26,7 +26,7 @@ from sidecar.control.keys import Role
 T0 = 1_700_000_000_000  # a fixed "now", ms
 
 CommandFactory = Callable[..., ControlCommand]
-_ARG_NAMES = frozenset({"share_bp", "plan", "score_shadow_arm", "samples", "verdict"})
+_ARG_NAMES = frozenset(CommandArgs.__struct_fields__)
 
 
 def fixed_key(key_id: str, role: Role, seed: int, principal: str | None = None) -> SigningKey:

@@ -18,8 +18,16 @@ import numpy as np
 import numpy.typing as npt
 
 from .config import FeatureSpec, InputConfig, ModelConfig
-from .contracts import MAX_EPOCH_MS, REQUEST_SCHEMA_MAJOR, DeadLetterKind, InferenceRequest
+from .contracts import (
+    MAX_CANDIDATES,
+    MAX_EPOCH_MS,
+    REQUEST_SCHEMA_MAJOR,
+    DeadLetterKind,
+    InferenceRequest,
+    ItemId,
+)
 from .kafka.unreadable import unreadable_of
+from .outputs import CandidateItems
 from .untrusted import clip, error_text, header_text
 
 FloatArray = npt.NDArray[np.float64]
@@ -61,6 +69,8 @@ class DecodedBatch:
     #: All declared features, one column each, in :attr:`RequestDecoder.columns` order.
     matrix: FloatArray = field(default_factory=lambda: np.zeros((0, 0)))
     rejected: list[Rejected] = field(default_factory=list)
+    #: The requests' ``candidates`` when a model re-ranks them (None otherwise).
+    items: CandidateItems | None = None
 
     def __len__(self) -> int:
         return len(self.request_ids)
@@ -117,9 +127,19 @@ class RequestDecoder:
             py_type = _PY_TYPES[spec.type]
             fields.append((name, py_type | None if spec.nullable else py_type))
         features_type = msgspec.defstruct("Features", fields, kw_only=True)
+        #: A model re-ranks the requests' candidates: every request must carry them.
+        self.needs_candidates = any(
+            m.output_kind == "ranking" and m.items_from == "request" for m in models
+        )
+        candidates: list[Any] = (
+            [("candidates", Annotated[list[ItemId], msgspec.Meta(max_length=MAX_CANDIDATES)])]
+            if self.needs_candidates
+            else []
+        )
         typed_request = msgspec.defstruct(
             "TypedRequest",
             [
+                *candidates,
                 ("request_id", Annotated[str, msgspec.Meta(min_length=1, max_length=256)]),
                 ("features", features_type),
                 ("routing_key", Annotated[str, msgspec.Meta(max_length=1024)] | None, None),
@@ -194,6 +214,8 @@ class RequestDecoder:
         out.metadata = [r.metadata for r in requests]
         astuple = msgspec.structs.astuple
         out.matrix = self._to_matrix([astuple(r.features) for r in requests])
+        if self.needs_candidates:
+            out.items = CandidateItems.of([r.candidates for r in requests])
         return out
 
     def _to_matrix(self, rows: list[tuple[Any, ...]]) -> FloatArray:
@@ -278,6 +300,8 @@ class RequestDecoder:
         except msgspec.ValidationError as exc:
             return Rejected(record, "schema", f"not an InferenceRequest v1: {exc}", request_id)
         missing = [name for name in self.specs if name not in request.features]
+        if self.needs_candidates and request.candidates is None:
+            missing.append("candidates (the items a re-ranking model orders)")
         if missing:
             return Rejected(
                 record,

@@ -121,4 +121,5 @@ def keep(batch: DecodedBatch, mask: BoolArray) -> DecodedBatch:
         metadata=[batch.metadata[i] for i in idx],
         matrix=batch.matrix[mask],
         rejected=batch.rejected,
+        items=None if batch.items is None else batch.items.take(np.flatnonzero(mask)),
     )

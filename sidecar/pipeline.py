@@ -75,6 +75,7 @@ _RAW = frozenset(
         "c_decision",
         "k_score",
         "k_decision",
+        "fallback",
     }
 )
 
@@ -161,38 +162,12 @@ class _BatchFormats:
         self.version_headers = tuple(
             ("model_version", (m.version if m else "").encode()) for m in models
         )
+        self._policy, self._models = policy, models
+        self._fallbacks: dict[tuple[int, int], tuple[tuple[str, str], str]] = {}
         # decision[arm][has_routing_key]; slots: request_id, routing_key, score, decision,
         # bucket, ts.
         self.decision = tuple(
-            tuple(
-                _template_optional(
-                    Decision(
-                        request_id="@@request_id@@",
-                        routing_key="@@routing_key@@" if keyed else None,
-                        rollout=policy.rollout,
-                        model=m.name,
-                        model_version=m.version,
-                        arm=_ARM_NAMES[arm],  # type: ignore[arg-type]
-                        routed_arm=_ARM_NAMES[arm],  # type: ignore[arg-type]
-                        score="@@score@@",  # type: ignore[arg-type]
-                        decision="@@decision@@",  # type: ignore[arg-type]
-                        threshold=m.threshold if m.kind == "binary" else None,
-                        policy_epoch=policy.epoch,
-                        policy_mode=policy.mode.value,
-                        bucket="@@bucket@@",  # type: ignore[arg-type]
-                        ts="@@ts@@",  # type: ignore[arg-type]
-                        decided_at=self.decided_at,
-                        latency_ms=self.latency[arm],
-                        manifest_digest=m.manifest_digest,
-                    ),
-                    ("request_id", "routing_key", "score", "decision", "bucket", "ts"),
-                    _RAW,
-                    keyed,
-                )
-                if m is not None
-                else ""
-                for keyed in (False, True)
-            )
+            self._decision_pair(arm, arm, None) if m is not None else ("", "")
             for arm, m in enumerate(models)
         )
         # comparison[served_by][has_routing_key]; served_by None is index 2 (via dict below).
@@ -263,6 +238,58 @@ class _BatchFormats:
         if slots == 2:
             return tmpl % (score, decision)
         return tmpl % score if slots else tmpl
+
+    def _decision_pair(self, arm: int, routed: int, fallback: str | None) -> tuple[str, str]:
+        """Decision templates of ``arm`` deciding records routed to ``routed``, without and
+        with a routing key; a fallback (``arm != routed``) adds the ``fallback`` slot."""
+        m = self._models[arm]
+        assert m is not None
+        slots: tuple[str, ...] = ("request_id", "routing_key", "score", "decision", "bucket", "ts")
+        if fallback is not None:
+            slots += ("fallback",)
+        unkeyed, keyed = (
+            _template_optional(
+                Decision(
+                    request_id="@@request_id@@",
+                    routing_key="@@routing_key@@" if keyed else None,
+                    rollout=self._policy.rollout,
+                    model=m.name,
+                    model_version=m.version,
+                    arm=_ARM_NAMES[arm],  # type: ignore[arg-type]
+                    routed_arm=_ARM_NAMES[routed],  # type: ignore[arg-type]
+                    score="@@score@@",  # type: ignore[arg-type]
+                    decision="@@decision@@",  # type: ignore[arg-type]
+                    threshold=m.threshold if m.kind == "binary" else None,
+                    policy_epoch=self._policy.epoch,
+                    policy_mode=self._policy.mode.value,
+                    bucket="@@bucket@@",  # type: ignore[arg-type]
+                    ts="@@ts@@",  # type: ignore[arg-type]
+                    decided_at=self.decided_at,
+                    latency_ms=self.latency[arm],
+                    fallback=fallback,
+                    manifest_digest=m.manifest_digest,
+                ),
+                slots,
+                _RAW,
+                keyed,
+            )
+            for keyed in (False, True)
+        )
+        return unkeyed, keyed
+
+    def fallback(self, arm: int, routed: int, reason: str) -> tuple[tuple[str, str], str]:
+        """The decision templates of records ``arm`` decided because ``routed`` failed, and
+        the JSON text of ``reason`` for their ``fallback`` slot. The reason (a model's error
+        text) is a slot, never part of the template: it may hold anything. Built once per
+        batch and direction."""
+        key = (arm, routed)
+        found = self._fallbacks.get(key)
+        if found is None:
+            found = self._fallbacks[key] = (
+                self._decision_pair(arm, routed, "@@fallback@@"),
+                raw_json(reason),
+            )
+        return found
 
     @staticmethod
     def _comparison_pair(
@@ -448,9 +475,19 @@ class Pipeline:
             candidate_decides = np.zeros_like(candidate_decides)
         n = len(batch)
         known = self._candidate_job(batch, policy, candidate_decides, shed_candidate)
-        # Asked: it scores on its own while the champion does, and nobody waits for it but
-        # the records it decides and the comparisons.
-        candidate_job = known if isinstance(known, BatchScores) else asyncio.ensure_future(known)
+        candidate_job: BatchScores | asyncio.Future[BatchScores]
+        if not isinstance(known, BatchScores):
+            # Asked: it scores on its own while the champion does, and nobody waits for it
+            # but the records it decides and the comparisons.
+            candidate_job = asyncio.ensure_future(known)
+        elif staged and shed_candidate:
+            # Shed because earlier batches' candidate stages are still running: this one's
+            # second stage (known already) queues behind theirs, so the decisions of the
+            # keys routed to the candidate stay in order.
+            candidate_job = asyncio.get_running_loop().create_future()
+            candidate_job.set_result(known)
+        else:
+            candidate_job = known
         run_champion = policy.scores_champion or not candidate_decides.all()
         champion = await self._score_champion(batch) if run_champion else _SKIPPED_SCORES(n)
         result.champion = champion
@@ -472,8 +509,11 @@ class Pipeline:
             return StagedBatch(result, None)
         # The champion's own decisions leave now: records it is routed and scored.
         early = ~candidate_decides & champion.valid
-        if early.any():
+        dropped = (
             self._early_decisions(result, batch, key_bytes, policy, buckets, champion, early)
+            if early.any()
+            else []
+        )
         job = candidate_job
 
         async def finish() -> BatchResult:
@@ -490,6 +530,7 @@ class Pipeline:
                 candidate,
                 flagged,
                 decided=early,
+                dropped=dropped,
             )
             return late
 
@@ -521,7 +562,7 @@ class Pipeline:
         if scores.error is not None and scores.error.kind == "timeout":
             self.champion_retries += 1
             log.warning("champion timed out on a batch of %d; trying once more", len(batch))
-            scores = await self.champion.score(matrix, batch.items)
+            scores = await self.champion.score(matrix, batch.items, patient=True)
         return scores
 
     def _texts(self, batch: DecodedBatch) -> tuple[list[str], list[str]]:
@@ -540,9 +581,10 @@ class Pipeline:
         buckets: np.ndarray,
         champion: BatchScores,
         rows_mask: np.ndarray,
-    ) -> None:
+    ) -> list[int]:
         """The decisions of ``rows_mask`` (routed to the champion, scored by it), written
-        before the candidate has answered."""
+        before the candidate has answered. Returns the rows dead-lettered instead (a decision
+        too big for its topic)."""
         n = len(batch)
         pending = BatchScores.failed(n, _PENDING, 0.0)
         fmt = _BatchFormats(self, policy, champion, pending)
@@ -566,12 +608,15 @@ class Pipeline:
             dec_headers,
             result,
         )
-        for i in sorted(_too_big(dec_values, key_bytes, self._decision_limit)):
+        dropped = sorted(_too_big(dec_values, key_bytes, self._decision_limit))
+        for i in dropped:  # dead-lettered: the late stage writes no comparison either
             self._dead_letter(result, self._oversize(batch, i, dec_values[i], None))
             dec_values[i] = None
-            rows_mask[i] = False  # not decided: the late stage writes no decision either
         self._emit_decisions(result, key_bytes, dec_values, dec_headers)
-        _count_choices(result, np.asarray(choice_list)[rows_mask])
+        counted = rows_mask.copy()
+        counted[dropped] = False
+        _count_choices(result, np.asarray(choice_list)[counted])
+        return dropped
 
     def _write_decisions(
         self,
@@ -628,6 +673,33 @@ class Pipeline:
                 else:
                     dec = decision_tmpl[arm][0] % (rid, score, decided, bucket_list[i], ts)
                 if extras[arm] is not None:  # a non-binary output: its fields come last
+                    dec = dec[:-1] + extras[arm][i] + "}"  # type: ignore[index]
+                dec_values[i] = dec.encode()
+                dec_headers[i] = [
+                    ("request_id", ids[i].encode()),
+                    version_header[arm],
+                    schema_header,
+                ]
+                continue
+            if arm <= _CANDIDATE and metadata[i] is None:  # a fallback: the other arm failed
+                routed = routed_list[i]
+                failed = candidate if routed == _CANDIDATE else champion
+                (unkeyed, keyed), reason = fmt.fallback(
+                    arm,
+                    routed,
+                    f"{_ARM_NAMES[routed]}_failed: "
+                    f"{_error_text(failed.error or failed.record_error)}",
+                )
+                rid, ts = texts[i], ts_list[i]
+                if arm:
+                    score, decided = cand_scores[i], cand_dec[i]
+                else:
+                    score, decided = champ_scores[i], champ_dec[i]
+                if has_key[i]:
+                    dec = keyed % (rid, key_texts[i], score, decided, bucket_list[i], ts, reason)
+                else:
+                    dec = unkeyed % (rid, score, decided, bucket_list[i], ts, reason)
+                if extras[arm] is not None:
                     dec = dec[:-1] + extras[arm][i] + "}"  # type: ignore[index]
                 dec_values[i] = dec.encode()
                 dec_headers[i] = [
@@ -698,6 +770,7 @@ class Pipeline:
         candidate: BatchScores,
         flagged: dict[int, list[str]],
         decided: np.ndarray | None = None,
+        dropped: list[int] | None = None,
     ) -> None:
         """Choose the deciding arm per record (vectorised), then encode the outputs.
 
@@ -740,6 +813,8 @@ class Pipeline:
         )
         for i, features in flagged.items():  # rare: records with out-of-range features
             cmp_values[i] = _with_out_of_range(cmp_values[i], features)
+        for i in dropped or ():  # dead-lettered by the first stage
+            cmp_values[i] = None
         comparison_keys = (
             key_bytes if self._comparisons_by_routing_key else [policy.rollout.encode()] * n
         )
@@ -756,7 +831,7 @@ class Pipeline:
         out = result.comparisons
         # One shared header list: the request id is in the body, and every distinct header
         # costs the producer's record builder time per record.
-        if oversize:
+        if oversize or dropped:
             for i in range(n):
                 if cmp_values[i] is not None:
                     out.keys.append(comparison_keys[i])

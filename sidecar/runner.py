@@ -123,6 +123,7 @@ class Sidecar:
         #: Candidate stages running, and the policy epoch they were started under.
         self._lanes_running = 0
         self._lane_epoch: int | None = None
+        self._last_lane: asyncio.Task[None] | None = None
         #: Most consumed-but-unacknowledged records seen at once (backpressure evidence).
         self.peak_in_flight_records = 0
         self._changed = asyncio.Event()
@@ -329,8 +330,12 @@ class Sidecar:
             offsets = {tp: part[-1].offset + 1 for tp, part in batches.items()}
             entry = _InFlight(offsets, deliveries, len(records))
             if staged.pending is not None:
-                self._lanes_running += 1
-                entry.lane = asyncio.create_task(self._candidate_lane(entry, staged))
+                if not shed:
+                    self._lanes_running += 1
+                entry.lane = asyncio.create_task(
+                    self._candidate_lane(entry, staged, self._last_lane, counted=not shed)
+                )
+                self._last_lane = entry.lane
             self._in_flight.append(entry)
             self._in_flight_records += len(records)
             self.peak_in_flight_records = max(self.peak_in_flight_records, self._in_flight_records)
@@ -343,18 +348,30 @@ class Sidecar:
         self.metrics.observe_batch(self.config.topics.requests, consumed, result, self._names)
         self.champion_fallbacks += result.champion_fallbacks
 
-    async def _candidate_lane(self, entry: _InFlight, staged: StagedBatch) -> None:
+    async def _candidate_lane(
+        self,
+        entry: _InFlight,
+        staged: StagedBatch,
+        previous: asyncio.Task[None] | None,
+        *,
+        counted: bool,
+    ) -> None:
         """A batch's candidate stage: wait for the candidate (its own timeout bounds this),
-        then send the comparisons and the decisions that needed it."""
+        then -- after the previous batch's stage, so the decisions of each key routed to the
+        candidate leave in order -- send the comparisons and the decisions that needed it.
+        ``counted``: this stage asks the candidate (it counts towards the backlog)."""
         try:
             late = await staged.finish()
+            if previous is not None and not previous.done():
+                await asyncio.wait([previous])
             if late is not None:
                 deliveries = await self._send_until_accepted(late)
                 if deliveries is not None:
                     entry.deliveries = entry.deliveries + deliveries
                     self._observe(late, 0)
         finally:
-            self._lanes_running -= 1
+            if counted:
+                self._lanes_running -= 1
             self._changed.set()
 
     async def _finish_lanes(self) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import model_doubles
 import msgspec
 import numpy as np
 import pytest
@@ -288,3 +290,112 @@ async def test_comparisons_name_the_features_out_of_range(validation: str) -> No
         assert list(msgspec.json.decode(value).items()) == list(
             msgspec.json.decode(ENC.encode(struct)).items()
         )
+
+
+# -- two stages: the champion's decisions never wait for the candidate -------------------------
+
+
+def _row(d: Decision) -> tuple[Any, ...]:
+    return (d.request_id, d.arm, d.routed_arm, d.score, d.decision, d.fallback, d.policy_epoch)
+
+
+async def test_champion_decisions_leave_before_the_candidate_answers() -> None:
+    """Stage one returns while the candidate is still blocked, with a decision for every
+    record routed to the champion; stage two (once the candidate answers) has the rest and
+    every comparison. Together they are exactly what the one-stage path writes."""
+    gate = model_doubles.new_gate()
+    gated = {"target": "model_doubles:gated", "options": {"gate": gate}, "timeout_ms": 20_000}
+    p = pipeline(candidate=gated, mode="canary", canary_share_bp=3000)
+    recs, pol = records(1000), policy(Mode.CANARY, 3000)
+    staged = await asyncio.wait_for(p.start(recs, pol), 10)
+    assert model_doubles.calls(gate) == 1  # asked, not answered
+    early = decisions(staged.early)
+    assert 500 < len(early) < 1000
+    assert all(d.arm == d.routed_arm == "champion" and d.fallback is None for d in early)
+    assert len(staged.early.comparisons) == 0 and staged.pending is not None
+    model_doubles.release(gate)
+    late = await asyncio.wait_for(staged.finish(), 10)
+    assert late is not None
+    assert len(late.comparisons) == 1000
+    assert {d.arm for d in decisions(late)} == {"candidate"}
+    assert late.decided_by == {"candidate": 1000 - len(early)}
+    assert staged.early.decided_by == {"champion": len(early)}
+
+    one_stage = await pipeline(candidate=gated, mode="canary", canary_share_bp=3000).process(
+        recs, pol
+    )
+    staged_rows = sorted(_row(d) for d in early + decisions(late))
+    assert staged_rows == sorted(_row(d) for d in decisions(one_stage))
+    assert sorted(c.request_id for c in comparisons(late)) == sorted(
+        c.request_id for c in comparisons(one_stage)
+    )
+
+
+async def test_a_shed_batch_does_not_ask_the_candidate_and_says_so() -> None:
+    gate = model_doubles.new_gate()
+    gated = {"target": "model_doubles:gated", "options": {"gate": gate}}
+    p = pipeline(candidate=gated, mode="canary", canary_share_bp=3000)
+    staged = await asyncio.wait_for(
+        p.start(records(500), policy(Mode.CANARY, 3000), shed_candidate=True), 10
+    )
+    late = await asyncio.wait_for(staged.finish(), 10)  # known at once: nothing to wait for
+    assert late is not None and model_doubles.calls(gate) == 0
+    cs = comparisons(late)
+    assert len(cs) == 500 and {c.candidate.error.kind for c in cs if c.candidate.error} == {"shed"}
+    assert all(c.champion.error is None for c in cs)
+    ds = decisions(staged.early) + decisions(late)
+    assert len(ds) == 500 and {d.arm for d in ds} == {"champion"}
+    fallbacks = [d for d in ds if d.routed_arm == "candidate"]
+    assert fallbacks and all(
+        d.fallback and d.fallback.startswith("candidate_failed: shed") for d in fallbacks
+    )
+
+
+async def test_a_champion_stall_is_retried_once_before_any_default_decision() -> None:
+    cfg = make_config(
+        "unused:9092",
+        rollout={"champion_failure": "default_decision"},
+        models={
+            "champion": {
+                "target": "model_doubles:champion_stalling_once",
+                "options": {"delay_s": 0.35},
+                "timeout_ms": 200,
+            }
+        },
+    )
+    p = Pipeline(cfg, load_model(cfg.models.champion), load_model(cfg.models.candidate))
+    result = await p.process(records(300), policy(Mode.SHADOW))
+    ds = decisions(result)
+    assert p.champion_retries == 1
+    assert len(ds) == 300 and all(d.arm == "champion" and d.fallback is None for d in ds)
+    assert all(c.champion.error is None for c in comparisons(result))
+
+
+@pytest.mark.parametrize(
+    "message", ["model exploded", 'odd "quotes" %s %d @@score@@ @@fallback@@ \\ \u2028 end']
+)
+async def test_fallbacks_take_the_templated_path_and_encode_like_the_struct(message: str) -> None:
+    """A failing candidate's records fall back to the champion without the per-record Struct
+    path, whatever its error message holds; the bytes decode to what msgspec writes."""
+    faulty = {"target": "model_doubles:raising_with", "options": {"message": message}}
+    p = pipeline(candidate=faulty, mode="canary", canary_share_bp=3000)
+    for keyed in (False, True):
+        recs = records(400)
+        if keyed:
+            recs = [
+                Rec(ENC.encode(msgspec.json.decode(r.value) | {"routing_key": f"k{i}"}), offset=i)
+                for i, r in enumerate(recs)
+            ]
+        result = await p.process(recs, policy(Mode.CANARY, 3000))
+        assert result.slow_path == 0
+        ds = decisions(result)
+        fallbacks = [d for d in ds if d.routed_arm == "candidate"]
+        assert len(ds) == 400 and fallbacks
+        assert all(
+            d.fallback == f"candidate_failed: exception: RuntimeError: {message}" for d in fallbacks
+        )
+        for value in result.decisions.values:
+            struct = msgspec.json.decode(value, type=Decision)
+            assert list(msgspec.json.decode(value).items()) == list(
+                msgspec.json.decode(ENC.encode(struct)).items()
+            )

@@ -152,6 +152,7 @@ async def test_a_broken_ranking_candidate_never_harms_champion_traffic() -> None
     assert cs[0].candidate.error is not None and "shape" in cs[0].candidate.error.message
     routed = [d for d in ds if d.routed_arm == "candidate"]
     assert routed and all((d.fallback or "").startswith("candidate_failed") for d in routed)
+    assert_msgspec_bytes(result)  # the templated fallbacks carry the champion's ranking too
 
 
 def scalar_model(name: str, version: str, target: str, **kw: Any) -> dict[str, Any]:

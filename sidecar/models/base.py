@@ -147,9 +147,13 @@ class ScoringModel:
         if isinstance(self._predictor, AsyncPredictor):
             await self._predictor.aclose()
 
-    async def score(self, batch: FloatArray, items: CandidateItems | None = None) -> BatchScores:
-        """Scores of ``batch``; ``items``: the requests' candidates, given to a re-ranker
-        (ignored by other models)."""
+    async def score(
+        self, batch: FloatArray, items: CandidateItems | None = None, *, patient: bool = False
+    ) -> BatchScores:
+        """Scores of ``batch``; never raises. ``items``: the requests' candidates, given to a
+        re-ranker (ignored by other models). ``patient`` (a retry after a timeout): the call
+        that timed out may still hold the model's slots, so waiting for a free slot gets its
+        own ``timeout_ms`` before the call's ``timeout_ms`` starts."""
         n = batch.shape[0]
         if not self.needs_items:
             items = None
@@ -168,25 +172,32 @@ class ScoringModel:
             parts = await asyncio.gather(
                 *(
                     self._score_call(
-                        batch[i : i + size], None if items is None else items.rows(i, i + size)
+                        batch[i : i + size],
+                        None if items is None else items.rows(i, i + size),
+                        patient,
                     )
                     for i in range(0, n, size)
                 )
             )
             result = _concat(parts, n)
         else:
-            result = await self._score_call(batch, items)
+            result = await self._score_call(batch, items, patient)
         self.breaker.record(result.error is None)
         return result
 
     async def _score_call(
-        self, batch: FloatArray, items: CandidateItems | None = None
+        self, batch: FloatArray, items: CandidateItems | None = None, patient: bool = False
     ) -> BatchScores:
         n = batch.shape[0]
         start = time.perf_counter()
         try:
+            if patient:
+                async with asyncio.timeout(self._timeout_s):
+                    await self._slots.acquire()
+                start = time.perf_counter()
             async with asyncio.timeout(self._timeout_s):
-                await self._slots.acquire()
+                if not patient:
+                    await self._slots.acquire()
                 if isinstance(self._predictor, AsyncPredictor):
                     try:
                         raw = await self._predictor.predict_async(batch)

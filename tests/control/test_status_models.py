@@ -29,7 +29,13 @@ def model(name: str, version: str, target: str, features: tuple[str, ...], **kw:
 
 
 def test_models_health_follows_the_breakers() -> None:
-    champion = model("fraud-lr", "1.4.0", "sidecar.examples.fraud:champion", CHAMPION_FEATURES)
+    champion = model(
+        "fraud-lr",
+        "1.4.0",
+        "sidecar.examples.fraud:champion",
+        CHAMPION_FEATURES,
+        breaker=BreakerConfig(enabled=False),
+    )
     candidate = model(
         "fraud-lr",
         "2.0.0",

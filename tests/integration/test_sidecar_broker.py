@@ -420,3 +420,65 @@ async def test_a_broker_outage_mid_stream_is_retried_and_loses_nothing(
         assert any("sending again" in r.getMessage() for r in caplog.records), (
             "expected the committer to retry the unacknowledged outputs"
         )
+
+
+async def test_champion_decisions_do_not_wait_for_a_hung_candidate(bootstrap: str) -> None:
+    """The candidate answers nothing until the test lets it: every record the champion decides
+    is on the decisions topic meanwhile, nothing is committed (their comparisons are not
+    written yet), and once the candidate answers, every output arrives and the offsets commit.
+    """
+    import model_doubles
+    from aiokafka import TopicPartition
+
+    gate = model_doubles.new_gate()
+    cfg = make_config(
+        bootstrap,
+        partitions=1,
+        rollout={"mode": "canary", "canary_share_bp": 2000},
+        pipeline={"max_batch": 200},
+        models={
+            "candidate": {
+                "target": "model_doubles:gated",
+                "options": {"gate": gate},
+                "timeout_ms": 60_000,
+            }
+        },
+    )
+    await create_topics(cfg)
+    n = 1000
+    await produce(cfg, generated_items(n, seed=21))
+    sidecar = Sidecar(cfg)
+    task = await run_sidecar(sidecar)
+    try:
+        await wait_until(lambda: sidecar.processed >= n, 60)
+        early = decode_values(await read_topic(bootstrap, cfg.topics.decisions, idle_s=2), Decision)
+        assert 600 < len(early) < n
+        assert all(d.arm == d.routed_arm == "champion" for d in early)
+        assert await read_topic(bootstrap, cfg.topics.comparisons, idle_s=0.5) == []
+        consumer = sidecar.consumer
+        assert consumer is not None
+        tp = TopicPartition(cfg.topics.requests, 0)
+        assert await consumer.committed(tp) is None  # comparisons still owed
+        assert model_doubles.calls(gate) >= 1
+        model_doubles.release(gate)
+        await wait_until(lambda: not sidecar._in_flight, 60)
+        assert await consumer.committed(tp) == n
+    finally:
+        model_doubles.release(gate)
+        await stop_sidecar(sidecar, task)
+    decisions = decode_values(await read_topic(bootstrap, cfg.topics.decisions, expect=n), Decision)
+    comparisons = decode_values(
+        await read_topic(bootstrap, cfg.topics.comparisons, expect=n), Comparison
+    )
+    assert sorted(d.request_id for d in decisions) == sorted(f"req-{i}" for i in range(n))
+    assert len(comparisons) == n
+    by_id = {c.request_id: c for c in comparisons}
+    for d in decisions:
+        c = by_id[d.request_id]
+        assert d.arm == d.routed_arm and d.fallback is None  # the candidate was waited for
+        assert c.served_by == d.arm and c.candidate.error is None  # 5 batches: none shed
+    # The decisions of each key leave in the order of its requests.
+    offsets: dict[str | None, list[int]] = collections.defaultdict(list)
+    for d in decisions:
+        offsets[d.routing_key].append(int(d.request_id.split("-")[1]))
+    assert all(seq == sorted(seq) for seq in offsets.values())

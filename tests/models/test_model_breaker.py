@@ -58,7 +58,7 @@ def test_below_the_rate_it_stays_closed_and_disabled_never_opens() -> None:
     for i in range(50):
         b.record(i % 3 != 2)  # a third fail
     assert b.state is BreakerState.CLOSED
-    off = CircuitBreaker(BreakerConfig(), Clock())
+    off = CircuitBreaker(BreakerConfig(enabled=False), Clock())
     for _ in range(50):
         off.record(False)
     assert off.state is BreakerState.CLOSED and off.allow()

@@ -377,7 +377,8 @@ def _ranking(raw: Any, n: int, k: int, items: CandidateItems | None) -> Shaped:
     top_scores = np.take_along_axis(top_scores, order, axis=1)
     top_ids = np.take_along_axis(ids, top, axis=1)
     counts = np.minimum(np.count_nonzero(present, axis=1), take).astype(np.int64)
-    if top_ids.size and not _ids_ok(top_ids, counts):
+    # The request's candidates were checked by the decoder (ItemId); a model's own are not.
+    if items is None and top_ids.size and not _ids_ok(top_ids, counts):
         return _failed(n, f"item ids must be non-empty strings of at most {MAX_ITEM_ID} chars")
     record_error = None if valid.all() else _invalid("an item score is NaN or infinite")
     return Shaped(

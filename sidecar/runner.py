@@ -266,6 +266,7 @@ class Sidecar:
             auto_offset_reset=cfg.kafka.auto_offset_reset,
             max_partition_fetch_bytes=max(1 << 20, cfg.input.max_message_bytes + 65536),
             fetch_max_bytes=max(50 << 20, cfg.input.max_message_bytes * 4),
+            fetch_max_wait_ms=cfg.kafka.fetch_max_wait_ms,
         )
         await self._consumer.start()
         self._consumer.subscribe(
@@ -361,7 +362,11 @@ class Sidecar:
         candidate leave in order -- send the comparisons and the decisions that needed it.
         ``counted``: this stage asks the candidate (it counts towards the backlog)."""
         try:
-            late = await staged.finish()
+            try:
+                late = await staged.finish()
+            finally:
+                if counted:  # the candidate answered (or timed out): no longer its backlog
+                    self._lanes_running -= 1
             if previous is not None and not previous.done():
                 await asyncio.wait([previous])
             if late is not None:
@@ -370,8 +375,6 @@ class Sidecar:
                     entry.deliveries = entry.deliveries + deliveries
                     self._observe(late, 0)
         finally:
-            if counted:
-                self._lanes_running -= 1
             self._changed.set()
 
     async def _finish_lanes(self) -> None:

@@ -201,7 +201,9 @@ class ResultView(msgspec.Struct, kw_only=True, gc=False):
     error: ErrorView | None = None
     #: Non-binary outputs (``ModelResult``'s last fields; probabilities and item scores are
     #: not read).
-    output_kind: Literal["binary", "multiclass", "regression", "ranking"] = "binary"
+    #: A kind this aggregator does not know (a newer sidecar's) is read as a name: its
+    #: fields are what count, and they are absent.
+    output_kind: Name = "binary"
     label: Name | None = None
     value: float | None = None
     items: Annotated[list[Name], msgspec.Meta(max_length=1000)] | None = None

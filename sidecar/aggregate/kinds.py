@@ -34,7 +34,8 @@ with paired intervals, the most extreme of them, and the PSI of the label distri
 **Regression values**: the paired differences' mean with an interval, the share of pairs
 differing by more than ``tolerance_abs + tolerance_rel * |champion|`` (Wilson), both arms'
 value histograms (``asinh``-spaced, about 5% relative resolution from 1e-3 to 1e12) for
-quantiles, their differences, PSI (over the champion's deciles) and binned KS.
+quantiles, their differences, PSI (over the champion's deciles) and binned KS. Values beyond
+``VALUE_LIMIT`` in magnitude are clamped to it.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ RBO_P = 0.9
 #: Regression value histogram: ``asinh(x / VALUE_SCALE)`` in ``VALUE_BINS`` equal bins.
 VALUE_SCALE = 1e-3
 VALUE_BINS = 1024
+#: Regression values beyond this magnitude are clamped to it.
+VALUE_LIMIT = 1e100
 _VALUE_SPAN = math.asinh(1e15)
 #: A label needs this many paired requests on either arm for the extreme-ratio figure.
 MIN_LABEL_COUNT = 20
@@ -783,7 +786,10 @@ class RegressionState:
         both = np.isfinite(a) & np.isfinite(b)
         if not both.any():
             return
-        a, b = a[both], b[both]
+        # Clamped so that squares and sums stay finite (the report and the partials must
+        # encode; a hostile or broken model may send 1e308).
+        a = np.clip(a[both], -VALUE_LIMIT, VALUE_LIMIT)
+        b = np.clip(b[both], -VALUE_LIMIT, VALUE_LIMIT)
         d = b - a
         ad = np.abs(d)
         beyond = ad > self.tolerance_abs + self.tolerance_rel * np.abs(a)

@@ -321,3 +321,45 @@ async def test_a_better_personal_candidate_passes_the_ranking_guards() -> None:
     assert figure_of(reports[-1], "overlap_at_k") == r.overlap
     assert reports[-1].champion.model == "recs" and reports[-1].candidate.version == "2.1.0"
     assert len(r.candidate_top_items) == 5
+
+
+def test_hostile_comparisons_stay_bounded_and_encodable() -> None:
+    """Made-up labels, the longest lists, huge values and an unknown kind: no crash, bounded
+    state, a report that encodes."""
+    rng = np.random.default_rng(11)
+    values = []
+    for i in range(400):
+        arm: dict[str, Any] = {"model": "m", "version": "1", "output_kind": "ranking"}
+        other = dict(arm)
+        arm["items"] = [f"{'x' * 240}{j}-{i}" for j in range(1000)]
+        other["items"] = [f"{'x' * 240}{j}-{i}" for j in rng.permutation(1000)[:1000]]
+        arm["label"], other["label"] = f"made-up-{i}", f"other-{i % 3}"
+        arm["value"], other["value"] = 1e308, -1e308
+        if i % 7 == 0:
+            other["output_kind"] = "embedding"  # a kind this aggregator does not know
+        doc = {
+            "request_id": f"r{i}",
+            "routing_key": None,
+            "rollout": "r",
+            "ts": 1000 + i,
+            "policy_epoch": 1,
+            "policy_mode": "shadow",
+            "served_by": "champion",
+            "champion": arm,
+            "candidate": other,
+        }
+        values.append(msgspec.json.encode(doc))
+    got = ingest([_Record(0, i, v) for i, v in enumerate(values)])
+    assert got.undecodable == 0 and got.batch.kinds is not None
+    assert got.batch.kinds.champion.items.shape[1] == 100  # compared to RANK_DEPTH only
+    agg = WindowAggregate(got.batch.keys[0], 0, 60_000, CFG)
+    agg.add(got.batch)
+    report = agg.result()
+    assert report.labels is not None and len(report.labels.rates) <= 64 + 3 + 1
+    assert report.ranking is not None and report.ranking.pairs == 400
+    assert report.regression is not None
+    encoded = msgspec.json.encode(report)
+    assert len(encoded) < 200_000
+    partial = partial_of(agg, 0, 1, 0)
+    again = msgspec.json.decode(msgspec.json.encode(partial), type=WindowPartial)
+    assert aggregate_of(again, CFG).result().ranking is not None

@@ -20,6 +20,7 @@ and comparisons, whose Structs declare these fields last for that reason.
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,8 @@ class CandidateItems:
     ids: ObjectArray
     counts: IntArray
     _codes: tuple[IntArray, list[str]] | None = field(default=None, repr=False)
+    #: Both arms' models run at once, in threads: the second waits for the first's codes.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def of(cls, lists: Sequence[Sequence[str]]) -> CandidateItems:
@@ -78,6 +81,10 @@ class CandidateItems:
         """Each slot's index into the batch's distinct item ids (-1 for padding), and those
         ids: a model maps the (few) distinct ids to its own indices once, then gathers with
         numpy. Computed once per batch and shared by both arms."""
+        with self._lock:
+            return self._codes_locked()
+
+    def _codes_locked(self) -> tuple[IntArray, list[str]]:
         if self._codes is None:
             flat = self.ids.ravel().tolist()
             vocab = list(dict.fromkeys(flat))

@@ -363,3 +363,77 @@ def test_hostile_comparisons_stay_bounded_and_encodable() -> None:
     partial = partial_of(agg, 0, 1, 0)
     again = msgspec.json.decode(msgspec.json.encode(partial), type=WindowPartial)
     assert aggregate_of(again, CFG).result().ranking is not None
+
+
+def scalar(version: str, target: str, **kw: Any) -> dict[str, Any]:
+    return {"name": "risk", "version": version, "target": target, "features": [{"name": "x"}], **kw}
+
+
+async def kind_reports(champion: dict[str, Any], candidate: dict[str, Any]) -> list[WindowReport]:
+    """Two windows of 1,000 requests through the pipeline, the aggregator and a partial."""
+    cfg = make_config("unused:9092", models={"champion": champion, "candidate": candidate})
+    assert cfg.models.candidate is not None
+    p = Pipeline(cfg, load_model(cfg.models.champion), load_model(cfg.models.candidate))
+    policy = RoutingPolicy(rollout="risk-v2", mode=Mode.SHADOW, canary_share_bp=0, epoch=1)
+    rng = np.random.default_rng(4)
+    reports = []
+    for w in range(2):
+        xs = rng.uniform(0, 3, 1000).tolist()
+        recs = [
+            Rec(ENC.encode({"request_id": f"r{w}-{i}", "features": {"x": x}, "ts": 60_000 * w}))
+            for i, x in enumerate(xs)
+        ]
+        result = await p.process(recs, policy)
+        got = ingest([_Record(0, i, v) for i, v in enumerate(result.comparisons.values)])
+        agg = WindowAggregate(got.batch.keys[0], 60_000 * w, 60_000 * (w + 1), CFG)
+        agg.add(got.batch)
+        wire = msgspec.json.encode(partial_of(agg, 0, 1, 0))
+        reports.append(aggregate_of(msgspec.json.decode(wire, type=WindowPartial), CFG).result())
+    return reports
+
+
+LABELS = ["low", "mid", "high"]
+
+
+async def test_a_multiclass_candidate_that_shifts_a_label_is_rolled_back() -> None:
+    champ = scalar("1.0.0", "kind_models:multiclass", output_kind="multiclass", labels=LABELS)
+    shifted = scalar(
+        "1.1.0",
+        "kind_models:multiclass",
+        output_kind="multiclass",
+        labels=LABELS,
+        options={"centres": [0.5, 2.6, 2.9]},
+    )
+    same = scalar("1.1.1", "kind_models:multiclass", output_kind="multiclass", labels=LABELS)
+    bad = await kind_reports(champ, shifted)
+    labels = bad[-1].labels
+    assert labels is not None and labels.rate_ratio_extreme_label in ("mid", "high")
+    assert ("label_rate_ratio", "rollback") in guard_actions(bad)
+    good = await kind_reports(champ, same)
+    assert good[-1].labels is not None and good[-1].labels.agreement.value == 1.0
+    assert [a for a in guard_actions(good) if a[1] != "alert"] == []
+
+
+async def test_a_regression_candidate_off_by_a_third_is_paused() -> None:
+    champ = scalar("1.0.0", "kind_models:regression", output_kind="regression", bands=[50.0, 150.0])
+    off = scalar(
+        "1.1.0",
+        "kind_models:regression",
+        output_kind="regression",
+        bands=[50.0, 150.0],
+        options={"slope": 133.0},
+    )
+    close = scalar(
+        "1.1.1",
+        "kind_models:regression",
+        output_kind="regression",
+        bands=[50.0, 150.0],
+        options={"slope": 102.0},
+    )
+    bad = await kind_reports(champ, off)
+    value = bad[-1].regression
+    assert value is not None and value.mean_diff.lo is not None and value.mean_diff.lo > 0
+    assert ("value_differences", "pause") in guard_actions(bad)
+    good = await kind_reports(champ, close)
+    assert good[-1].regression is not None and good[-1].regression.diff_share.value == 0.0
+    assert [a for a in guard_actions(good) if a[1] != "alert"] == []

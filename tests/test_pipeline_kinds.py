@@ -244,3 +244,30 @@ async def test_binary_outputs_carry_no_kind_fields() -> None:
     result = await p.process(recs, policy())
     for value in result.decisions.values + result.comparisons.values:
         assert b"output_kind" not in value and b'"decision":null' not in value
+
+
+async def test_a_ranking_from_the_models_own_catalogue() -> None:
+    """``items_from = "model"``: the model returns (item ids, scores); integer ids become
+    strings; requests need no candidates."""
+    ranker = {
+        "output_kind": "ranking",
+        "k": 3,
+        "features": [{"name": "x"}],
+    }
+    tree = models(
+        {"name": "cat", "version": "1.0.0", "target": "kind_models:catalogue", **ranker},
+        {
+            "name": "cat",
+            "version": "1.1.0",
+            "target": "kind_models:catalogue",
+            "options": {"integer_ids": True, "m": 12},
+            **ranker,
+        },
+    )
+    p = pipeline(tree)
+    result = await p.process(scalar_records([0.1, 0.52, 2.0]), policy(Mode.SHADOW))
+    ds, cs = decoded(result)
+    assert [d.items for d in ds] == [["1", "2", "3"], ["5", "6", "4"], ["20", "19", "21"]]
+    assert [c.candidate.items for c in cs] == [["1", "2", "3"], ["5", "6", "4"], ["12", "11", "10"]]
+    assert ds[1].item_scores == pytest.approx([-0.2, -0.8, -1.2])
+    assert_msgspec_bytes(result)

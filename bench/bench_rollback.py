@@ -129,7 +129,10 @@ async def bench(args: argparse.Namespace, bootstrap: str, workdir: Path) -> None
     logs = open(workdir / "processes.log", "ab")  # noqa: SIM115 - closed in finally
     sidecars = [
         subprocess.Popen(
-            [*cli, "run", "--config", str(toml)], env=env, stdout=logs, stderr=subprocess.STDOUT
+            [*cli, "run", "--workers", "1", "--config", str(toml)],
+            env=env,
+            stdout=logs,
+            stderr=subprocess.STDOUT,
         )
         for _ in range(args.instances)
     ]

@@ -183,7 +183,8 @@ def child(args: argparse.Namespace) -> None:
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(25)
     else:
         elapsed = asyncio.run(runner(cfg, args.requests))
-    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    rss_mib = usage.ru_maxrss / 1024
     print(
         json.dumps(
             {
@@ -191,6 +192,9 @@ def child(args: argparse.Namespace) -> None:
                 "seconds": elapsed,
                 "rate": args.requests / elapsed,
                 "peak_rss_mib": rss_mib,
+                # CPU time of the whole process (start-up included) per request: less
+                # sensitive than wall time to other work on the machine.
+                "cpu_us": (usage.ru_utime + usage.ru_stime) / args.requests * 1e6,
             }
         )
     )
@@ -250,7 +254,7 @@ def main() -> None:
                 results[mode].append(result)
                 print(
                     f"round {round_ + 1} {mode:12} {result['rate']:>10,.0f} req/s  "
-                    f"peak RSS {result['peak_rss_mib']:.1f} MiB"
+                    f"{result['cpu_us']:5.1f} CPU-us/req  peak RSS {result['peak_rss_mib']:.1f} MiB"
                 )
         best = {m: max(r["rate"] for r in rs) for m, rs in results.items()}
         median = {m: statistics.median(r["rate"] for r in rs) for m, rs in results.items()}
@@ -265,6 +269,11 @@ def main() -> None:
         print(
             f"ratio sidecar/passthrough: best-vs-best {best['sidecar'] / best['passthrough']:.2f}, "
             f"median-vs-median {median['sidecar'] / median['passthrough']:.2f}"
+        )
+        cpu = {m: statistics.median(r["cpu_us"] for r in rs) for m, rs in results.items()}
+        print(
+            f"CPU per request (median): passthrough {cpu['passthrough']:.1f} us, sidecar "
+            f"{cpu['sidecar']:.1f} us; ratio {cpu['passthrough'] / cpu['sidecar']:.2f}"
         )
 
 

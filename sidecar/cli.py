@@ -18,7 +18,7 @@ import msgspec
 
 from . import __version__
 from .config import SidecarConfig, load_config
-from .errors import SidecarError
+from .errors import ConfigError, SidecarError
 from .reference import settings_text
 from .runtime import prepare_process
 
@@ -102,10 +102,56 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     setup_logging(cfg.logging.level, cfg.logging.format)
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    from .workers import default_workers
+
+    workers = args.workers or default_workers()
     with _maybe_embedded(args, cfg) as cfg:
+        if workers > 1:
+            return _run_workers(cfg, args, workers)
+        from .workers import die_with_parent
+
+        die_with_parent()  # a worker of `--workers N`: stops with its supervisor
         prepare_process()
         asyncio.run(_run(cfg, args))
     return 0
+
+
+def _run_workers(cfg: SidecarConfig, args: argparse.Namespace, count: int) -> int:
+    """``count`` worker processes of one consumer group (see ``sidecar.workers``)."""
+    import os
+
+    from .models.contract import check_startup, model_manifest
+    from .workers import WorkerSupervisor, spawn_worker, worker_command, worker_env
+
+    # What would stop every worker at start stops the command before any starts.
+    cand = cfg.models.candidate
+    check_startup(cfg, model_manifest(cfg.models.champion), model_manifest(cand) if cand else None)
+    if args.create_topics or args.embedded_broker:
+        from .kafka import ensure_config_topics
+
+        created = asyncio.run(ensure_config_topics(cfg))
+        if created:
+            log.info("created topics: %s", ", ".join(created))
+    bootstrap = cfg.kafka.bootstrap_servers if args.embedded_broker else None
+    log.info(
+        "starting %d workers in consumer group %s (metrics on %s)",
+        count,
+        cfg.kafka.group_id,
+        f"ports {cfg.metrics.port}-{cfg.metrics.port + count - 1}"
+        if cfg.metrics.port
+        else "ephemeral ports",
+    )
+    supervisor = WorkerSupervisor(
+        count,
+        lambda i: spawn_worker(
+            worker_command(args.config, args.example_traffic, i),
+            worker_env(dict(os.environ), cfg.metrics.port, i, bootstrap),
+        ),
+        stop_timeout_s=cfg.pipeline.drain_timeout_s + 15,
+    )
+    return supervisor.run()
 
 
 async def _run(cfg: SidecarConfig, args: argparse.Namespace) -> None:
@@ -256,6 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PER_SECOND",
         default=0.0,
         help="also produce generated card transactions at this rate (for trying it out)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        default=None,
+        help="worker processes of the consumer group, under one supervisor that forwards "
+        "SIGTERM and restarts a crashed worker (default: the number of cores); worker i "
+        "serves metrics and health on metrics.port + i. Use 1 where an orchestrator runs "
+        "one instance per container",
     )
     p.set_defaults(func=cmd_run)
 

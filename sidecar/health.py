@@ -34,9 +34,11 @@ from prometheus_client.core import GaugeMetricFamily
 
 from .errors import ConfigError
 from .models.health import BreakerState
+from .progress import lag_detail
 
 if TYPE_CHECKING:
     from .aggregate.service import AggregatorService
+    from .progress import PartitionLag
     from .runner import Sidecar
 
 log = logging.getLogger(__name__)
@@ -226,6 +228,12 @@ def tasks_check(failure: object | None) -> Check:
     return Check("tasks", False, f"{failure}; the process exits to be restarted")
 
 
+def lag_check(lags: list[PartitionLag] | None) -> Check:
+    """Consumer lag per partition, for the operator reading ``/readyz`` (always passes: an
+    instance catching up is doing its job; alert on ``sidecar_partition_lag_seconds``)."""
+    return Check("lag", True, lag_detail(lags))
+
+
 class BrokerProbe:
     """Broker reachability: the time of the last successful metadata request.
 
@@ -356,6 +364,7 @@ def watch_sidecar(sidecar: Sidecar, probe: BrokerProbe | None = None) -> HealthW
                 sidecar.config.control.enabled, None if plane is None else plane.caught_up
             ),
             tasks_check(sidecar.failure),
+            lag_check(sidecar.lag),
         ]
 
     return HealthWatcher(sidecar.health, collect).start()

@@ -6,6 +6,8 @@ Units are Prometheus' base units (seconds); every registry also carries the stan
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -24,6 +26,7 @@ from .routing import Mode, RoutingPolicy
 
 if TYPE_CHECKING:
     from .health import HealthServer, HealthState
+    from .progress import PartitionLag
 
 #: Seconds: 0.5 ms to 5 s.
 _LATENCY_BUCKETS = (
@@ -152,6 +155,20 @@ class SidecarMetrics:
             ["topic"],
             registry=r,
         )
+        self._lag_labels: set[tuple[str, str]] = set()
+        self.partition_lag_records = Gauge(
+            "sidecar_partition_lag_records",
+            "Records of one assigned partition of the requests topic behind this instance",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.partition_lag_seconds = Gauge(
+            "sidecar_partition_lag_seconds",
+            "While behind, the age of the last record consumed from the partition (0 when "
+            "caught up): an upper bound on how late its next decision is",
+            ["topic", "partition"],
+            registry=r,
+        )
         self.feature_out_of_range = Counter(
             "sidecar_feature_out_of_range",
             "Request feature values outside a model manifest's allowed range or categories",
@@ -168,6 +185,25 @@ class SidecarMetrics:
 
         self.readiness.health = health = health or HealthState("sidecar")
         return serve(self.registry, health, port, host)
+
+    def observe_lag(self, topic: str, lags: Sequence[PartitionLag]) -> None:
+        """Set the lag gauges from a sample; partitions no longer assigned are removed (their
+        new owner reports them)."""
+        if all(x.records is not None for x in lags):
+            self.consumer_lag.labels(topic).set(sum(x.records or 0 for x in lags))
+        current = set()
+        for x in lags:
+            labels = (topic, str(x.partition))
+            current.add(labels)
+            if x.records is not None:
+                self.partition_lag_records.labels(*labels).set(x.records)
+            if x.seconds is not None:
+                self.partition_lag_seconds.labels(*labels).set(x.seconds)
+        for labels in self._lag_labels - current:
+            for gauge in (self.partition_lag_records, self.partition_lag_seconds):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels)
+        self._lag_labels = current
 
     def observe_policy(self, policy: RoutingPolicy) -> None:
         self.policy_epoch.labels(policy.rollout).set(policy.epoch)

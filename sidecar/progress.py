@@ -8,10 +8,12 @@ Between "partitions assigned" and Ctrl-C the sidecar would otherwise say nothing
 
 :func:`summary` is pure (two :class:`Sample` s -> the line); :func:`sample` reads a running
 :class:`~sidecar.runner.Sidecar` without changing it, and :func:`watch_progress` is the task
-``sidecar run`` starts beside it. Lag is the high watermark of the consumer's last fetch minus
-its position, summed over the assigned partitions of the requests topic: no extra request to
-the broker. It also sets ``sidecar_consumer_lag_records`` (for alerts), every
-:data:`SAMPLE_EVERY_S` seconds even when the log line is off.
+``sidecar run`` starts beside it. Lag, per assigned partition of the requests topic, is the
+high watermark of the consumer's last fetch minus its position (records) and, while behind,
+the age of the last record consumed there (seconds): no extra request to the broker. Every
+:data:`SAMPLE_EVERY_S` seconds, even when the log line is off, it sets
+``sidecar_consumer_lag_records`` (the sum, for alerts), ``sidecar_partition_lag_records`` and
+``sidecar_partition_lag_seconds``, and the lag detail of ``/readyz``.
 """
 
 from __future__ import annotations
@@ -78,29 +80,101 @@ def counter_total(counter: Counter) -> int:
     )
 
 
-async def consumer_lag(consumer: Any, topic: str) -> tuple[int | None, int]:
-    """(records behind on the assigned partitions of ``topic`` or None, partitions)."""
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    """How far one assigned partition is behind. ``records``: high watermark of the last
+    fetch minus the position (None until both are known). ``seconds``: while records are
+    behind, the age of the last record consumed from it (the next one is at most that old:
+    an upper bound that is exact when the producer writes steadily); 0 when caught up; None
+    when nothing was consumed from it yet."""
+
+    partition: int
+    records: int | None
+    seconds: float | None
+
+
+def partition_lag(
+    partition: int,
+    highwater: int | None,
+    position: int | None,
+    last_consumed_ms: int | None,
+    now_ms: int,
+) -> PartitionLag:
+    """One partition's :class:`PartitionLag` from what the consumer knows (pure)."""
+    if highwater is None or position is None:
+        return PartitionLag(partition, None, None)
+    records = max(0, highwater - position)
+    if records == 0:
+        return PartitionLag(partition, 0, 0.0)
+    if last_consumed_ms is None or last_consumed_ms < 0:
+        return PartitionLag(partition, records, None)
+    return PartitionLag(partition, records, max(0.0, (now_ms - last_consumed_ms) / 1000))
+
+
+def lag_detail(lags: list[PartitionLag] | None, worst: int = 5) -> str:
+    """``/readyz``'s lag detail: the total and the ``worst`` partitions (bounded size)."""
+    if lags is None:
+        return "not sampled yet"
+    if not lags:
+        return "no partitions assigned"
+    known = [x for x in lags if x.records is not None]
+    total = sum(x.records or 0 for x in known)
+    ranked = sorted(known, key=lambda x: (-(x.seconds or 0.0), -(x.records or 0)))[:worst]
+    parts = [
+        f"p{x.partition} {x.records:,} records"
+        + ("" if x.seconds is None else f" {x.seconds:.1f}s")
+        for x in ranked
+        if x.records
+    ]
+    unknown = len(lags) - len(known)
+    return (
+        f"{total:,} records behind on {len(lags)} partitions"
+        + (f" ({unknown} unknown)" if unknown else "")
+        + (": " + ", ".join(parts) if parts else "")
+    )
+
+
+async def partition_lags(
+    consumer: Any, topic: str, last_consumed_ms: dict[Any, int], now_ms: int
+) -> list[PartitionLag]:
+    """Every assigned partition of ``topic``: its :class:`PartitionLag`."""
     if consumer is None:
-        return None, 0
-    assigned = [tp for tp in consumer.assignment() if tp.topic == topic]
-    total = 0
-    for tp in assigned:
-        highwater = consumer.highwater(tp)
+        return []
+    out = []
+    for tp in sorted((tp for tp in consumer.assignment() if tp.topic == topic), key=_partition):
         try:
             position = await asyncio.wait_for(consumer.position(tp), _POSITION_TIMEOUT_S)
         except Exception:  # not fetched yet, or revoked meanwhile: unknown, never fatal
-            return None, len(assigned)
-        if highwater is None:
-            return None, len(assigned)
-        total += max(0, highwater - position)
-    return total, len(assigned)
+            position = None
+        out.append(
+            partition_lag(
+                tp.partition, consumer.highwater(tp), position, last_consumed_ms.get(tp), now_ms
+            )
+        )
+    return out
+
+
+def _partition(tp: Any) -> int:
+    return int(tp.partition)
+
+
+async def consumer_lag(consumer: Any, topic: str) -> tuple[int | None, int]:
+    """(records behind on the assigned partitions of ``topic`` or None, partitions)."""
+    lags = await partition_lags(consumer, topic, {}, 0)
+    if any(x.records is None for x in lags):
+        return None, len(lags)
+    return sum(x.records or 0 for x in lags), len(lags)
 
 
 async def sample(sidecar: Sidecar, clock: Any = time.monotonic) -> Sample:
     topic = sidecar.config.topics.requests
-    lag, partitions = await consumer_lag(sidecar.consumer, topic)
-    if lag is not None:
-        sidecar.metrics.consumer_lag.labels(topic).set(lag)
+    lags = await partition_lags(
+        sidecar.consumer, topic, sidecar.last_consumed_ms, time.time_ns() // 1_000_000
+    )
+    sidecar.lag = lags
+    sidecar.metrics.observe_lag(topic, lags)
+    partitions = len(lags)
+    lag = None if any(x.records is None for x in lags) else sum(x.records or 0 for x in lags)
     policy = sidecar.policy.current
     return Sample(
         at=clock(),
@@ -146,9 +220,13 @@ async def progress_task(sidecar: Sidecar, interval_s: float) -> AsyncIterator[as
 
 
 __all__ = [
+    "PartitionLag",
     "Sample",
     "consumer_lag",
     "counter_total",
+    "lag_detail",
+    "partition_lag",
+    "partition_lags",
     "progress_task",
     "sample",
     "summary",

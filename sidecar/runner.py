@@ -52,6 +52,7 @@ from .untrusted import error_text
 
 if TYPE_CHECKING:
     from .control.plane import ControlPlane
+    from .progress import PartitionLag
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,10 @@ class Sidecar:
         #: Readiness snapshot served on ``/readyz`` (see ``sidecar.health``).
         self.health = HealthState("sidecar")
         self.processed = 0
+        #: Timestamp of the last record consumed per partition (for lag in seconds).
+        self.last_consumed_ms: dict[TopicPartition, int] = {}
+        #: The latest lag sample (``sidecar.progress``); None until sampled.
+        self.lag: list[PartitionLag] | None = None
         #: Champion decisions the candidate made because the champion failed (heartbeats
         #: and ``ctl status`` show it: a degrading champion must not go unnoticed).
         self.champion_fallbacks = 0
@@ -328,7 +333,10 @@ class Sidecar:
             deliveries = await self._send_until_accepted(staged.early)
             if deliveries is None:  # stopping during an outage: not committed, re-consumed
                 break
-            offsets = {tp: part[-1].offset + 1 for tp, part in batches.items()}
+            offsets = {}
+            for tp, part in batches.items():
+                offsets[tp] = part[-1].offset + 1
+                self.last_consumed_ms[tp] = part[-1].timestamp
             entry = _InFlight(offsets, deliveries, len(records))
             if staged.pending is not None:
                 if not shed:

@@ -42,3 +42,28 @@ def test_counter_total_adds_every_label() -> None:
     counter.labels("a").inc(2)
     counter.labels("b").inc(3)
     assert counter_total(counter) == 5
+
+
+def test_partition_lag_in_records_and_seconds() -> None:
+    from sidecar.progress import PartitionLag, partition_lag
+
+    now = 1_700_000_010_000
+    assert partition_lag(0, None, 5, now - 1, now) == PartitionLag(0, None, None)
+    assert partition_lag(0, 10, None, now - 1, now) == PartitionLag(0, None, None)
+    assert partition_lag(1, 10, 10, now - 9_000, now) == PartitionLag(1, 0, 0.0)  # caught up
+    assert partition_lag(2, 12, 10, now - 2_500, now) == PartitionLag(2, 2, 2.5)
+    assert partition_lag(3, 12, 10, None, now) == PartitionLag(3, 2, None)  # none consumed
+    assert partition_lag(4, 12, 10, now + 5_000, now) == PartitionLag(4, 2, 0.0)  # skewed
+
+
+def test_lag_detail_names_the_worst_partitions_and_stays_short() -> None:
+    from sidecar.progress import PartitionLag, lag_detail
+
+    assert lag_detail(None) == "not sampled yet"
+    assert lag_detail([]) == "no partitions assigned"
+    lags = [PartitionLag(p, p * 10, float(p)) for p in range(200)] + [PartitionLag(7, None, None)]
+    text = lag_detail(lags)
+    assert text.startswith(f"{sum(p * 10 for p in range(200)):,} records behind on 201 partitions")
+    assert "(1 unknown)" in text and "p199 1,990 records 199.0s" in text
+    assert text.count(" records ") == 5 + 1 and len(text) < 300
+    assert lag_detail([PartitionLag(0, 0, 0.0)]) == "0 records behind on 1 partitions"

@@ -7,10 +7,12 @@ definition of "which command a breach becomes".
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
-from ..control.commands import ControlCommand
+from ..control.commands import CommandArgs, ControlCommand, Verdict
 from ..timefmt import utc_window
 from .guards import GuardEvent
+from .report import WindowReport
 from .stats import Figure
 
 #: ``issued_by`` of every command the aggregator publishes.
@@ -35,8 +37,8 @@ _EVIDENCE_FIGURES = (
 
 
 def is_guard_command(cmd: ControlCommand) -> bool:
-    """Whether ``cmd`` came from a guard (its id says so; ``issued_by`` names the key's
-    holder, whatever a deployment calls it)."""
+    """Whether ``cmd`` is a guard's rollback or pause (its id says so; ``issued_by`` names the
+    key's holder, whatever a deployment calls it). Guard verdicts are ``guard-verdict:``."""
     return cmd.command_id.startswith("guard:")
 
 
@@ -95,6 +97,73 @@ def guard_command(event: GuardEvent, comparisons_topic: str, issued_at_ms: int) 
     )
 
 
+#: Modes in which a guard verdict can matter (a ramp or a promotion may follow).
+_VERDICT_MODES = ("shadow", "canary")
+
+
+def guard_verdict(
+    report: WindowReport,
+    breached: Sequence[str],
+    min_records: int,
+    issued_at_ms: int,
+) -> ControlCommand | None:
+    """The (unsigned) ``verdict`` a closed window gives its rollout: ``guards_ok`` unless a
+    rollback or pause rule is in breach (``breached``: their names). None when the window says
+    nothing: too few records, no policy epoch (comparisons of an older sidecar), or a mode no
+    ramp or promotion follows. Bound to the window's highest epoch (``expected_epoch``): a
+    verdict about an earlier step never gates a later one."""
+    if (
+        report.counts.records < min_records
+        or report.policy_epoch_max is None
+        or report.policy_mode not in _VERDICT_MODES
+    ):
+        return None
+    ok = not breached
+    detail = (
+        f"no rollback or pause rule in breach over {report.counts.records:,} records"
+        if ok
+        else f"in breach: {', '.join(breached)}"
+    )[:256]
+    return ControlCommand(
+        command_id=f"guard-verdict:{report.rollout}:{report.policy_epoch_max}:"
+        f"{report.window_end_ms}",
+        rollout=report.rollout,
+        action="verdict",
+        issued_by=ISSUER,
+        reason="guard verdict for window "
+        + utc_window(report.window_start_ms, report.window_end_ms),
+        issued_at_ms=issued_at_ms,
+        expected_epoch=report.policy_epoch_max,
+        args=CommandArgs(
+            verdict=Verdict(guards_ok=ok, window_end_ms=report.window_end_ms, detail=detail)
+        ),
+    )
+
+
+@dataclass
+class VerdictPacer:
+    """Which verdicts to publish: a changed one, the first of a new epoch, and otherwise at
+    most one per ``interval_ms`` per rollout (a verdict per window would flood the control
+    topic and its audit: every instance audits every record)."""
+
+    interval_ms: int
+    _last: dict[str, tuple[int, bool | None, int]] = field(default_factory=dict)
+
+    def due(self, cmd: ControlCommand, now_ms: int) -> bool:
+        verdict = cmd.args.verdict
+        assert verdict is not None and cmd.expected_epoch is not None
+        last = self._last.get(cmd.rollout)
+        if (
+            last is not None
+            and last[0] == cmd.expected_epoch
+            and last[1] == verdict.guards_ok
+            and now_ms - last[2] < self.interval_ms
+        ):
+            return False
+        self._last[cmd.rollout] = (cmd.expected_epoch, verdict.guards_ok, now_ms)
+        return True
+
+
 def commanding(events: Sequence[GuardEvent]) -> list[GuardEvent]:
     """The fired events of one report that become commands: the first per action, and no
     pause when a rollback fired (it would be pointless, and its expected epoch gone). Two
@@ -120,10 +189,12 @@ __all__ = [
     "COMMAND_ACTIONS",
     "ISSUER",
     "MAX_REASON",
+    "VerdictPacer",
     "command_id",
     "command_reason",
     "commanding",
     "commit_points",
     "guard_command",
+    "guard_verdict",
     "is_guard_command",
 ]

@@ -57,7 +57,7 @@ from ..kafka import (
     stop_quietly,
 )
 from ..timefmt import utc_window
-from .actions import COMMAND_ACTIONS, commanding, guard_command
+from .actions import COMMAND_ACTIONS, VerdictPacer, commanding, guard_command, guard_verdict
 from .commits import SafeCommitter
 from .decode_pool import DecodePool
 from .guards import GuardEngine, GuardEvent, GuardReset
@@ -195,6 +195,9 @@ class AggregatorService:
         self.reports: deque[WindowReport] = deque(maxlen=KEEP_RECENT)
         self.events: deque[GuardEvent] = deque(maxlen=KEEP_RECENT)
         self.commands: deque[ControlCommand] = deque(maxlen=KEEP_RECENT)
+        #: Guard verdicts published (signed), newest last.
+        self.verdicts: deque[ControlCommand] = deque(maxlen=KEEP_RECENT)
+        self._verdict_pacer = VerdictPacer(int(self.settings.verdict_interval_s * 1000))
         #: Totals since start (the deques above forget their oldest entries).
         self.reports_total = 0
         self.keep_reports = True
@@ -533,6 +536,8 @@ class AggregatorService:
             acting = commanding(events)
             for event in events:
                 sends += self._on_event(event, now, acts=any(event is e for e in acting))
+            if not acting and self.settings.verdicts:
+                sends += self._verdict(report, now)
             self.metrics.observe_report(report, self.guards)
             self.reports_total += 1
             if self.keep_reports:
@@ -599,6 +604,34 @@ class AggregatorService:
             )
             await backoff.wait()
             sends = [send for send, _ in failed]
+
+    def _verdict(self, report: WindowReport, now: int) -> list[_Send]:
+        """The window's guard verdict as a signed command, when one is due (see
+        ``actions.guard_verdict`` and ``VerdictPacer``)."""
+        active = set(self.guards.active(report.rollout))
+        breached = [
+            r.name for r in self.guards.rules if r.action in COMMAND_ACTIONS and r.name in active
+        ]
+        cmd = guard_verdict(report, breached, self.settings.verdict_min_records, now)
+        if cmd is None or not self._verdict_pacer.due(cmd, now):
+            return []
+        if self.dry_run or self._producer is None or self.key is None:
+            log.info("dry run: would publish verdict %s: %s", cmd.command_id, cmd.args.verdict)
+            return []
+        from ..control.plane import CONTROL_PARTITION
+
+        signed = sign_command(cmd, self.key)
+        self.verdicts.append(signed)
+        self.metrics.commands.labels(report.rollout, "verdict", "published").inc()
+        log.info("guard verdict %s: %s", signed.command_id, cmd.args.verdict)
+        return [
+            _Send(
+                self.config.topics.control,
+                encode_command(signed),
+                report.rollout.encode(),
+                partition=CONTROL_PARTITION,
+            )
+        ]
 
     def _on_reset(self, reset: GuardReset) -> None:
         self.metrics.guard_resets.labels(reset.rollout).inc()

@@ -37,6 +37,14 @@ class AggregateSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     #: The aggregator's private key (role ``guard``): signs rollback, pause and verdict
     #: commands (``sidecar ctl keygen --role guard``). Needed unless ``dry_run``.
     signing_key_file: str | None = None
+    #: Publish guard verdicts (signed ``verdict`` commands with ``guards_ok``) on the control
+    #: topic, so ramps advance only while the guards say go (``control.ramp_gate``).
+    verdicts: bool = True
+    #: A window with fewer compared records gives no verdict (neither go nor stop).
+    verdict_min_records: Annotated[int, Meta(ge=1)] = 200
+    #: A verdict is published when it changes, when the policy epoch moves (a ramp step), and
+    #: at least this often while it stays the same.
+    verdict_interval_s: Annotated[float, Meta(gt=0)] = 60.0
     #: Prometheus port of ``sidecar aggregate`` (0 disables); host is ``metrics.host``.
     metrics_port: Annotated[int, Meta(ge=0, le=65535)] = 9101
     #: When set, late comparison records (their window already closed) are copied here as-is.

@@ -72,11 +72,12 @@ class RampStep(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Verdict(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """A guard's judgement of the rollout at its current epoch, from the windows it has seen:
-    may a ramp move on (``guards_ok``), and is the candidate good enough to promote
-    (``quality_ok``; None while nothing is known about quality)."""
+    """A judgement of the rollout from the windows its issuer has seen. ``guards_ok`` (the
+    aggregator's guards, about the current epoch): may a ramp move on. ``quality_ok`` (the
+    outcomes stage, about the two models on labelled traffic): is the candidate good enough
+    to promote. A verdict carries one or both; None leaves that judgement as it was."""
 
-    guards_ok: bool
+    guards_ok: bool | None = None
     quality_ok: bool | None = None
     #: End of the newest window (event time) the verdict is based on.
     window_end_ms: NonNegInt

@@ -131,12 +131,15 @@ def format_status(
             lines.append(f"  last command: {state.last_command_id}")
         if state.verdict is not None:
             v = state.verdict
-            quality = (
-                "" if v.quality_ok is None else f", quality {'ok' if v.quality_ok else 'NOT ok'}"
-            )
             lines.append(
-                f"  guard verdict: {'go' if v.guards_ok else 'STOP'}{quality} (window to "
+                f"  guard verdict: {'go' if v.guards_ok else 'STOP'} (window to "
                 f"{when(v.window_end_ms)}): {humanise(v.detail) or '-'}"
+            )
+        if state.quality is not None:
+            q = state.quality
+            lines.append(
+                f"  quality verdict: {'ok' if q.quality_ok else 'NOT ok'} (window to "
+                f"{when(q.window_end_ms)}): {humanise(q.detail) or '-'}"
             )
         if rules is not None:
             if state.ramp is not None and (held := ramp_gate_holds(state, rules)):

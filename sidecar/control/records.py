@@ -190,7 +190,14 @@ def audit_record(
             share_bp=outcome.new_state.share_bp,
         )
     elif isinstance(outcome, Noted):
-        record = AuditRecord(outcome="noted", instance_id=instance_id, applied_at_ms=applied_at_ms)
+        epoch = outcome.new_state.epoch  # a verdict changes no epoch: the one it was noted at
+        record = AuditRecord(
+            outcome="noted",
+            instance_id=instance_id,
+            applied_at_ms=applied_at_ms,
+            from_epoch=epoch,
+            to_epoch=epoch,
+        )
     elif isinstance(outcome, Duplicate):
         record = AuditRecord(
             outcome="duplicate",

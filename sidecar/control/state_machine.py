@@ -127,8 +127,12 @@ class RolloutState(msgspec.Struct, frozen=True, kw_only=True):
     since_ms: int = 0
     applied_ids: frozenset[str] = frozenset()
     seen_ids: frozenset[str] = frozenset()
-    #: The newest guard verdict at this epoch (cleared when the epoch moves on).
+    #: The newest guard verdict (``guards_ok``) at this epoch (cleared when the epoch moves).
     verdict: Verdict | None = None
+    #: The newest quality verdict (``quality_ok``). About the models, not the routing: it
+    #: survives epoch changes (a ramp step, a pause), so labels that arrive days later can
+    #: still gate a promotion.
+    quality: Verdict | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +216,7 @@ def ramp_gate_holds(state: RolloutState, config: ControlConfig) -> str | None:
     verdict, ramp = state.verdict, state.ramp
     if config.ramp_gate == "none":
         return None
-    if verdict is not None and not verdict.guards_ok:
+    if verdict is not None and verdict.guards_ok is False:
         return f"a guard says stop: {verdict.detail or 'no detail'}"
     if config.ramp_gate == "verdict":
         if verdict is None:
@@ -226,9 +230,9 @@ def promote_gate_holds(state: RolloutState, config: ControlConfig) -> str | None
     """Why the quality gate holds promotion back now (None: it does not)."""
     if config.promote_gate == "none":
         return None
-    verdict = state.verdict
+    verdict = state.quality
     if verdict is None or verdict.quality_ok is None:
-        return "no quality verdict at this epoch yet (control.promote_gate = quality)"
+        return "no quality verdict yet (control.promote_gate = quality)"
     if not verdict.quality_ok:
         return f"the quality gate holds: {verdict.detail or 'candidate not yet good enough'}"
     return None
@@ -427,17 +431,35 @@ def _same_policy(a: RolloutState, b: RolloutState) -> bool:
     )
 
 
+def _quality_only(cmd: ControlCommand) -> bool:
+    """A verdict about quality alone: about the models, not an epoch (needs none)."""
+    v = cmd.args.verdict
+    return cmd.action == "verdict" and v is not None and v.guards_ok is None
+
+
 def _note_verdict(state: RolloutState, cmd: ControlCommand) -> RolloutState:
+    """Record a verdict's guard part (monotone in its window per epoch) and quality part
+    (monotone in its window)."""
     verdict = cmd.args.verdict
-    if verdict is None:
-        raise _Refused(RejectReason.INVALID_ARGS, "verdict needs args.verdict")
-    if state.verdict is not None and verdict.window_end_ms <= state.verdict.window_end_ms:
+    if verdict is None or (verdict.guards_ok is None and verdict.quality_ok is None):
         raise _Refused(
-            RejectReason.NO_CHANGE,
-            f"verdict about a window ending {verdict.window_end_ms}, not after the one in force "
-            f"({state.verdict.window_end_ms})",
+            RejectReason.INVALID_ARGS, "verdict needs args.verdict with guards_ok or quality_ok"
         )
-    return msgspec.structs.replace(state, verdict=verdict)
+    for part, known in (("guards_ok", state.verdict), ("quality_ok", state.quality)):
+        if getattr(verdict, part) is None or known is None:
+            continue
+        if verdict.window_end_ms <= known.window_end_ms:
+            raise _Refused(
+                RejectReason.NO_CHANGE,
+                f"verdict ({part}) about a window ending {verdict.window_end_ms}, not after the "
+                f"one in force ({known.window_end_ms})",
+            )
+    new = state
+    if verdict.guards_ok is not None:
+        new = msgspec.structs.replace(new, verdict=verdict)
+    if verdict.quality_ok is not None:
+        new = msgspec.structs.replace(new, quality=verdict)
+    return new
 
 
 def apply(
@@ -466,7 +488,7 @@ def apply(
         )
     if state.retired:
         return Rejected(RejectReason.RETIRED, "the rollout is retired; start a new one", cmd)
-    if cmd.expected_epoch is None and cmd.action != "rollback":
+    if cmd.expected_epoch is None and cmd.action != "rollback" and not _quality_only(cmd):
         return Rejected(
             RejectReason.INVALID_ARGS,
             f"{cmd.action} needs expected_epoch (the epoch it was issued against)",

@@ -218,6 +218,8 @@ def command_timeline(rec: Recording) -> list[CommandEntry]:
                 text = "duplicate"
             state = next_state(state, outcome)
         states[cmd.rollout] = state
+        if cmd.action == "verdict":  # one per window: in the state, not on the timeline
+            continue
         out.append(
             CommandEntry(
                 ts,

@@ -15,18 +15,28 @@ from aiokafka.errors import MessageSizeTooLargeError, NotLeaderForPartitionError
 
 from sidecar.aggregate import GuardEngine, GuardEvent, GuardRule, WindowManager, default_rules
 from sidecar.aggregate.actions import (
+    VerdictPacer,
     command_id,
     command_reason,
     commanding,
     commit_points,
     guard_command,
+    guard_verdict,
+    is_guard_command,
 )
 from sidecar.aggregate.ingest import ingest
 from sidecar.aggregate.replay import Bound, Replayer, check_range, format_result, parse_bound
+from sidecar.aggregate.report import WindowReport
 from sidecar.aggregate.service import AggregatorService, _Send, signing_key
 from sidecar.aggregate.settings import AggregateSettings
 from sidecar.config import config_from_dict, load_config
-from sidecar.control import SigningKey, TrustStore, sign_command, verify_command
+from sidecar.control import (
+    ControlCommand,
+    SigningKey,
+    TrustStore,
+    sign_command,
+    verify_command,
+)
 from sidecar.control.keys import write_key_set
 from sidecar.errors import ConfigError
 from sidecar.kafka import ProduceRefused
@@ -255,3 +265,54 @@ def test_window_manager_open_first_offsets() -> None:
     mgr.process(ingest(records(list(comps), partition=3, first=100)).batch, 0)
     assert mgr.open_first_offsets() == {3: 1100}  # window [1000, 2000) starts at offset 1100
     assert GuardEngine().active("fraud-v2") == []
+
+
+def _reports(bad_from_window: int = 99) -> list[WindowReport]:
+    rng = np.random.default_rng(3)
+    replayer = Replayer(SETTINGS)
+    for w in range(4):
+        ct = 0.8 if w >= bad_from_window else 0.9
+        comps = comparisons(rng, 1000, t0=w * 1000, threshold=0.9, candidate_threshold=ct)
+        replayer.feed(records(list(comps), first=w * 1000))
+    return list(replayer.finish().reports)
+
+
+def test_a_window_gives_a_guard_verdict_bound_to_its_epoch() -> None:
+    report = _reports()[0]
+    go = guard_verdict(report, [], 200, issued_at_ms=5)
+    assert go is not None and go.action == "verdict" and go.expected_epoch == 1
+    assert go.args.verdict is not None and go.args.verdict.guards_ok is True
+    assert go.args.verdict.quality_ok is None
+    assert go.args.verdict.window_end_ms == report.window_end_ms
+    assert go.command_id == f"guard-verdict:fraud-v2:1:{report.window_end_ms}"
+    assert not is_guard_command(go)  # not a rollback or pause (the report's timeline)
+    stop = guard_verdict(report, ["decision_rate_ratio"], 200, issued_at_ms=5)
+    assert stop is not None and stop.args.verdict is not None
+    assert (
+        stop.args.verdict.guards_ok is False and "decision_rate_ratio" in stop.args.verdict.detail
+    )
+    guard = SigningKey.generate("agg", "guard")
+    verify_command(sign_command(go, guard), TrustStore([guard.trusted()]), 5)  # a guard may
+    # Too little data, no epoch (an older sidecar's comparisons), a mode nothing follows: none.
+    assert guard_verdict(report, [], report.counts.records + 1, issued_at_ms=5) is None
+    for change in ({"policy_epoch_max": None}, {"policy_mode": "rolled_back"}):
+        assert guard_verdict(msgspec.structs.replace(report, **change), [], 1, 5) is None
+
+
+def test_verdicts_are_paced_but_a_change_or_a_new_epoch_goes_out_at_once() -> None:
+    report = _reports()[0]
+    pacer = VerdictPacer(interval_ms=60_000)
+
+    def v(ok: bool, epoch: int = 1) -> ControlCommand:
+        cmd = guard_verdict(
+            msgspec.structs.replace(report, policy_epoch_max=epoch), [] if ok else ["r"], 1, 0
+        )
+        assert cmd is not None
+        return cmd
+
+    assert pacer.due(v(True), 0)
+    assert not pacer.due(v(True), 30_000)  # the same again: quiet
+    assert pacer.due(v(False), 31_000)  # changed
+    assert pacer.due(v(False, epoch=2), 32_000)  # a new step
+    assert not pacer.due(v(False, epoch=2), 91_999)
+    assert pacer.due(v(False, epoch=2), 92_000)  # refreshed once a minute

@@ -255,7 +255,10 @@ async def produce_windows(
 class Outcome:
     cfg: SidecarConfig
     dry_cfg: SidecarConfig
+    #: Rollbacks and pauses as read from the control topic (when read, what).
     commands: list[tuple[float, ControlCommand]]
+    #: Guard verdicts read from the control topic.
+    verdicts: list[ControlCommand]
     service: AggregatorService
     dry: AggregatorService
     reports: list[WindowReport]
@@ -288,9 +291,11 @@ async def outcome(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> O
             total_closed = sum(closed_windows(sc) for sc in SCENARIOS)
             await wait_until(lambda: len(service.reports) >= total_closed, 30)
             await wait_until(lambda: len(dry.reports) >= total_closed, 30)
-            await wait_until(lambda: len(tail.records) >= len(service.commands), 10)
+            expected = len(service.commands) + len(service.verdicts)
+            await wait_until(lambda: len(tail.records) >= expected, 10)
             await asyncio.sleep(0.5)  # anything extra would show up now
-            commands = list(tail.records)
+            commands = [(t, c) for t, c in tail.records if c.action != "verdict"]
+            verdicts = [c for _, c in tail.records if c.action == "verdict"]
     finally:
         await producer.stop()
     reports = decode_values(
@@ -300,6 +305,7 @@ async def outcome(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> O
         cfg,
         dry_cfg,
         commands,
+        verdicts,
         service,
         dry,
         reports,
@@ -311,6 +317,24 @@ async def outcome(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> O
 
 def _commands_for(o: Outcome, rollout: str) -> list[tuple[float, ControlCommand]]:
     return [(t, c) for t, c in o.commands if c.rollout == rollout]
+
+
+def test_guard_verdicts_say_go_on_benign_windows_and_stop_on_a_breach(o: Outcome) -> None:
+    """Every verdict is signed by the guard key and bound to its window's epoch; identical
+    candidates only ever get a go; a rollout whose pause rule is in breach gets a stop (its
+    pause covers the window it fired in; the next window's verdict says stop)."""
+    assert o.verdicts
+    for c in o.verdicts:
+        verify_command(c, o.trust, c.issued_at_ms)
+        assert c.command_id.startswith(f"guard-verdict:{c.rollout}:{c.expected_epoch}:")
+    said: dict[str, list[bool | None]] = {}
+    for c in o.verdicts:
+        assert c.args.verdict is not None
+        said.setdefault(c.rollout, []).append(c.args.verdict.guards_ok)
+    identical = [r for r in said if r.startswith("identical-")]
+    assert identical and all(all(said[r]) for r in identical)
+    assert said["latency-3x"][0] is True and False in said["latency-3x"]
+    assert said["latency-3x"][said["latency-3x"].index(False) :].count(True) == 0
 
 
 def _time_to_rollback(o: Outcome, rollout: str, cmd: ControlCommand, t_read: float) -> str:

@@ -3,6 +3,7 @@ audited; forged or replayed commands change nothing; a late instance rebuilds th
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import msgspec
@@ -180,3 +181,59 @@ async def test_a_ramp_advances_through_signed_advances_once_per_step(
             "inst-0",
             "inst-1",
         }
+
+
+async def test_a_ramp_under_the_verdict_gate_moves_only_on_the_aggregators_go(
+    bootstrap: str, tmp_path: Path
+) -> None:
+    """``control.ramp_gate = "verdict"``: with no aggregator the ramp holds its first step
+    however long; once the aggregator runs, its signed guard verdicts (go: no guard in breach)
+    let each step advance, up to promotion."""
+    from kafka_helpers import unique
+
+    from sidecar.aggregate.service import AggregatorService
+    from sidecar.routing import Mode
+
+    cfg = control_config(
+        bootstrap,
+        tmp_path,
+        control={"tick_interval_s": 0.2, "ramp_gate": "verdict"},
+        aggregate={
+            "group_id": unique("agg"),
+            "reports_topic": f"{unique('t')}.reports",
+            "window_ms": 1000,
+            "allowed_lateness_ms": 100,
+            "idle_timeout_ms": 500,
+            "metrics_port": 0,
+            "commit_interval_ms": 200,
+            "verdict_min_records": 50,
+            "verdict_interval_s": 1.0,
+        },
+    )
+    models = cfg.models  # a benign candidate: the champion's model, retrained (same scores)
+    candidate = msgspec.structs.replace(models.champion, version="1.4.1")
+    cfg = msgspec.structs.replace(cfg, models=msgspec.structs.replace(models, candidate=candidate))
+    await setup(cfg)
+    async with running(cfg, 1) as (side,), traffic(cfg, rate=600):
+        ramp = await ctl(cfg, "ramp", plan="10%:1s:0,100%:1s:0")
+        assert ramp.code == EXIT_OK, ramp.message
+        await asyncio.sleep(4)
+        assert side.policy.current.canary_share_bp == 1000  # held: nobody said go
+        assert side._control is not None and side._control.state.epoch == 1
+        service = AggregatorService(cfg)
+        task = asyncio.create_task(service.run())
+        try:
+            await wait_until(lambda: side.policy.current.mode is Mode.PROMOTED, 60)
+        finally:
+            service.request_stop()
+            await asyncio.wait_for(task, 30)
+    assert service.verdicts and not service.commands  # verdicts only: nothing breached
+    records = await audits(cfg)
+    noted = [r for r in records if r.outcome == "noted"]
+    advances = [r for r in records if r.outcome == "applied" and r.action == "advance"]
+    assert noted and len(advances) == 2
+    # Each advance followed a go verdict noted at the epoch it advanced from.
+    for adv in advances:
+        assert any(
+            n.from_epoch == adv.from_epoch and n.applied_at_ms <= adv.applied_at_ms for n in noted
+        ), (adv, noted)

@@ -68,7 +68,7 @@ async def test_a_sidecar_is_ready_once_serving_and_not_ready_before_or_after(
         body = await wait_for_status(server.port, "/readyz", 200)
         assert body["phase"] == "serving" and body["failing"] == []
         checks = body["checks"]
-        assert set(checks) == {"partitions", "broker", "models", "control", "tasks"}
+        assert set(checks) == {"partitions", "broker", "models", "control", "tasks", "lag"}
         assert "3 partitions of" in checks["partitions"]["detail"]
         assert "champion fraud-lr@1.4.0: closed" in checks["models"]["detail"]
         assert checks["control"]["detail"] == "control topic replayed; tailing it"

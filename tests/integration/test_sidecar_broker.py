@@ -224,7 +224,16 @@ async def test_a_failing_candidate_does_not_touch_champion_traffic(bootstrap: st
 def _spawn(config_path: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "sidecar.cli", "run", "--config", str(config_path)],
+        [
+            sys.executable,
+            "-m",
+            "sidecar.cli",
+            "run",
+            "--workers",
+            "1",
+            "--config",
+            str(config_path),
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -482,3 +491,87 @@ async def test_champion_decisions_do_not_wait_for_a_hung_candidate(bootstrap: st
     for d in decisions:
         offsets[d.routing_key].append(int(d.request_id.split("-")[1]))
     assert all(seq == sorted(seq) for seq in offsets.values())
+
+
+def _consecutive_free_ports(count: int) -> int:
+    import socket
+
+    for _ in range(50):
+        base = free_port()
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no consecutive free ports")
+
+
+def _consumed(port: int, topic: str) -> float:
+    import re
+    import urllib.request
+
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+    except OSError:
+        return 0.0
+    match = re.search(
+        rf'sidecar_records_consumed_total{{topic="{re.escape(topic)}"}} (\S+)', body.decode()
+    )
+    return float(match.group(1)) if match else 0.0
+
+
+async def test_workers_share_the_partitions_and_drain_on_sigterm(
+    bootstrap: str, tmp_path: Path
+) -> None:
+    """``sidecar run --workers 2``: two members of the group, each with its own metrics port,
+    each consuming; SIGTERM to the supervisor drains both, commits, exits 0."""
+    base = _consecutive_free_ports(2)
+    cfg = make_config(bootstrap, partitions=4, metrics={"port": base, "host": "127.0.0.1"})
+    await create_topics(cfg)
+    n = 8000
+    await produce(cfg, generated_items(n, seed=12))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sidecar.cli",
+            "run",
+            "--workers",
+            "2",
+            "--config",
+            str(write_toml(cfg, tmp_path / "sidecar.toml")),
+        ],
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        topic = cfg.topics.requests
+        # Both workers end up consuming: the second to join gets partitions in a rebalance
+        # (more records are produced until it has).
+        deadline = time.monotonic() + 90
+        counts = [0.0, 0.0]
+        while time.monotonic() < deadline:
+            counts = [await asyncio.to_thread(_consumed, base + i, topic) for i in range(2)]
+            if all(counts) and sum(counts) >= n:
+                break
+            if sum(counts) >= n:
+                await produce(cfg, generated_items(500, seed=99, start_id=n))
+                n += 500
+            await asyncio.sleep(0.5)
+        assert all(counts), f"records consumed per worker: {counts}"
+        records = await read_topic(bootstrap, cfg.topics.decisions, expect=n)
+        assert {msgspec.json.decode(r.value)["request_id"] for r in records} == {
+            f"req-{i}" for i in range(n)
+        }
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out.decode()[-3000:]
+    again = Sidecar(cfg)  # everything was committed
+    task = await run_sidecar(again)
+    await asyncio.sleep(6)
+    await stop_sidecar(again, task)
+    assert again.processed == 0

@@ -1,0 +1,172 @@
+"""Guard and quality verdicts in the state machine, and the gates they feed: a ramp advances
+only as ``control.ramp_gate`` allows, a promotion only as ``control.promote_gate`` allows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+from ctl_support import T0, apply_at, command_factory
+
+from sidecar.control import (
+    Applied,
+    CommandArgs,
+    ControlCommand,
+    ControlConfig,
+    Noted,
+    RampStep,
+    Rejected,
+    RejectReason,
+    RolloutState,
+    Verdict,
+    apply,
+    initial_state,
+    next_state,
+    tick,
+)
+from sidecar.routing import Mode
+
+PLAN = [
+    RampStep(share_bp=100, min_hold_s=60, min_samples=10),
+    RampStep(share_bp=10_000, min_hold_s=60, min_samples=10),
+]
+make = command_factory("v")
+
+
+def verdict(
+    state: RolloutState,
+    *,
+    guards_ok: bool | None = None,
+    quality_ok: bool | None = None,
+    window_end_ms: int = T0,
+    epoch: Any = "current",
+) -> ControlCommand:
+    return ControlCommand(
+        command_id=f"verdict-{make('shadow').command_id}",
+        rollout="r1",
+        action="verdict",
+        issued_by="guard",
+        reason="window",
+        issued_at_ms=T0,
+        expected_epoch=state.epoch if epoch == "current" else epoch,
+        args=CommandArgs(
+            verdict=Verdict(guards_ok=guards_ok, quality_ok=quality_ok, window_end_ms=window_end_ms)
+        ),
+    )
+
+
+def step(state: RolloutState, cmd: ControlCommand, now: int = T0, **kw: Any) -> Any:
+    out = apply(state, cmd, now, **kw)
+    return out, next_state(state, out)
+
+
+def ramping(config: ControlConfig) -> RolloutState:
+    out = apply_at(initial_state("r1", now_ms=T0), make("ramp", plan=PLAN), T0, config=config)
+    assert isinstance(out, Applied)
+    return out.new_state
+
+
+def test_a_verdict_is_noted_without_an_epoch_and_never_about_an_older_window() -> None:
+    s = initial_state("r1", now_ms=T0)
+    out, s2 = step(s, verdict(s, guards_ok=True, window_end_ms=T0 + 10))
+    assert isinstance(out, Noted) and s2.epoch == s.epoch and s2.verdict is not None
+    out, _ = step(s2, verdict(s2, guards_ok=False, window_end_ms=T0 + 10))
+    assert isinstance(out, Rejected) and out.reason is RejectReason.NO_CHANGE
+    out, s3 = step(s2, verdict(s2, guards_ok=False, window_end_ms=T0 + 11))
+    assert isinstance(out, Noted) and s3.verdict is not None and s3.verdict.guards_ok is False
+
+
+def test_guard_verdicts_are_bound_to_an_epoch_quality_verdicts_are_not() -> None:
+    s = initial_state("r1", now_ms=T0)
+    out, _ = step(s, verdict(s, guards_ok=True, epoch=None))
+    assert isinstance(out, Rejected) and out.reason is RejectReason.INVALID_ARGS
+    out, _ = step(s, verdict(s, guards_ok=True, epoch=s.epoch + 1))
+    assert isinstance(out, Rejected) and out.reason is RejectReason.EPOCH_CONFLICT
+    out, s2 = step(s, verdict(s, quality_ok=True, epoch=None))
+    assert isinstance(out, Noted) and s2.quality is not None and s2.verdict is None
+    out, _ = step(s, verdict(s))  # says nothing
+    assert isinstance(out, Rejected) and out.reason is RejectReason.INVALID_ARGS
+
+
+def test_guard_and_quality_verdicts_are_kept_apart() -> None:
+    """Quality windows (labels arrive days later) lag far behind guard windows: each kind is
+    monotone on its own, and a new epoch forgets the guards' verdict but not the quality one."""
+    s = initial_state("r1", now_ms=T0)
+    _, s = step(s, verdict(s, guards_ok=False, window_end_ms=T0 + 1_000_000))
+    out, s = step(s, verdict(s, quality_ok=True, window_end_ms=T0, epoch=None))
+    assert isinstance(out, Noted)
+    assert s.verdict is not None and s.verdict.guards_ok is False
+    assert s.quality is not None and s.quality.quality_ok is True
+    out, s = step(s, make("canary", share_bp=500, expected_epoch=s.epoch))
+    assert isinstance(out, Applied)
+    assert s.verdict is None and s.quality is not None
+
+
+@pytest.mark.parametrize(
+    ("gate", "verdicts", "advances"),
+    [
+        ("none", [False], True),
+        ("no_stop", [], True),
+        ("no_stop", [False], False),
+        ("no_stop", [False, True], True),
+        ("verdict", [], False),
+        ("verdict", [True], True),
+        ("verdict", [False], False),
+        ("verdict", ["old"], False),  # a go about a window before the step started
+    ],
+)
+def test_the_ramp_gate(gate: str, verdicts: list[Any], advances: bool) -> None:
+    config = ControlConfig(ramp_gate=gate)  # type: ignore[arg-type]
+    s = ramping(config)
+    end = T0 + 1_000
+    for v in verdicts:
+        ok, window_end = (True, T0 - 1) if v == "old" else (v, end)
+        _, s = step(s, verdict(s, guards_ok=ok, window_end_ms=window_end), config=config)
+        end += 1_000
+    now = T0 + 61_000
+    applied = tick(s, now, 10, config=config)
+    assert (applied is not None) == advances
+    if applied is not None:  # what the instances would do with the advance it signs
+        out = apply(s, applied.command, now, config=config)
+        assert isinstance(out, Applied) and out.new_state.share_bp == 10_000
+
+
+def test_a_stop_verdict_refuses_an_advance_signed_before_it() -> None:
+    config = ControlConfig(ramp_gate="no_stop")
+    s = ramping(config)
+    applied = tick(s, T0 + 61_000, 10, config=config)
+    assert applied is not None
+    _, stopped = step(s, verdict(s, guards_ok=False, window_end_ms=T0 + 60_000), config=config)
+    out = apply(stopped, applied.command, T0 + 61_000, config=config)
+    assert isinstance(out, Rejected) and out.reason is RejectReason.TOO_EARLY
+    assert "a guard says stop" in out.detail
+
+
+@pytest.mark.parametrize(("quality", "promotes"), [(None, False), (False, False), (True, True)])
+def test_the_promote_gate(quality: bool | None, promotes: bool) -> None:
+    config = ControlConfig(promote_gate="quality")
+    s = initial_state("r1", now_ms=T0)
+    if quality is not None:
+        _, s = step(s, verdict(s, quality_ok=quality, epoch=None), config=config)
+    out = apply_at(s, make("promote"), T0, config=config)
+    if promotes:
+        assert isinstance(out, Applied) and out.new_state.mode is Mode.PROMOTED
+    else:
+        assert isinstance(out, Rejected) and out.reason is RejectReason.TOO_EARLY
+    ungated = apply_at(s, make("promote"), T0, config=ControlConfig())
+    assert isinstance(ungated, Applied)
+
+
+def test_the_last_ramp_step_promotes_only_through_the_quality_gate() -> None:
+    config = ControlConfig(promote_gate="quality", ramp_gate="none")
+    s = ramping(config)
+    applied = tick(s, T0 + 61_000, 10, config=config)
+    assert applied is not None
+    s = next_state(s, apply(s, applied.command, T0 + 61_000, config=config))
+    assert s.share_bp == 10_000 and s.ramp is not None  # the last step, at 100%
+    assert tick(s, T0 + 200_000, 10, config=config) is None  # no quality verdict: held
+    _, s = step(s, verdict(s, quality_ok=True, epoch=None), config=config)
+    last = tick(s, T0 + 200_000, 10, config=config)
+    assert last is not None and last.new_state.mode is Mode.PROMOTED
+    assert msgspec.structs.replace(last.new_state, since_ms=0).ramp is None

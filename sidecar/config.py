@@ -21,7 +21,7 @@ import msgspec
 from .aggregate.settings import AggregateSettings
 from .config_hints import LIST_HINT, check_env_path, closest, explain
 from .errors import ConfigError
-from .manifest import Manifest
+from .manifest import ItemsFrom, Manifest, OutputKind, output_shape_problem
 from .outputs.settings import OutputsSettings
 from .registry import RegistrySettings
 from .routing import Mode
@@ -182,7 +182,24 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Keyword arguments passed to the factory.
     options: dict[str, Any] = {}
     features: list[FeatureSpec]
+    #: Binary models: the decision is ``score >= threshold``.
     threshold: float = 0.5
+    #: What the model returns: ``binary`` (a score per request, decided by ``threshold``),
+    #: ``multiclass`` (a probability per ``labels`` entry; the decision is a label),
+    #: ``regression`` (a number; ``bands`` make an optional decision) or ``ranking`` (the
+    #: top ``k`` item ids with scores). ``multiclass`` and ``ranking`` need the ``python``
+    #: loader; see the README's "Output kinds".
+    output_kind: OutputKind = "binary"
+    #: ``multiclass``: the class labels, in the order of the model's probability columns.
+    #: ``regression`` with ``bands``: the band names (one more than cut points).
+    labels: list[str] | None = None
+    #: ``regression``: ascending cut points; the decision is the band the value falls in.
+    bands: list[float] | None = None
+    #: ``ranking``: the number of items returned per request.
+    k: Annotated[int, Meta(ge=1, le=1000)] | None = None
+    #: ``ranking``: ``model`` (the model picks from its own catalogue) or ``request`` (a
+    #: re-ranker: it scores the request's ``candidates``).
+    items_from: ItemsFrom = "model"
     timeout_ms: Annotated[int, Meta(gt=0)] = 200
     #: Batches scored concurrently by this model (threads off the event loop).
     concurrency: Annotated[int, Meta(ge=1)] = 1
@@ -212,6 +229,9 @@ class RequestContractConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=
 
     #: Feature names every request carries (unset: the feature gate is off).
     features: list[str] | None = None
+    #: Whether requests carry ``candidates`` (item ids a re-ranker orders). ``false``: a
+    #: model with ``items_from = "request"`` is refused at start-up; unset: not checked.
+    candidates: bool | None = None
     #: ``count``: values outside a manifest's ranges are counted per feature; ``strict``: also
     #: dead-letter records outside the champion's ranges (kind ``out_of_range``).
     validation: Literal["count", "strict"] = "count"
@@ -477,6 +497,14 @@ def _check(cfg: SidecarConfig) -> None:
         for f in m.features:
             if f.type == "category" and not f.categories:
                 raise ConfigError(f"model {m.name}: category feature {f.name} needs categories")
+        problem = output_shape_problem(m.output_kind, m.labels, m.bands, m.k, m.items_from)
+        if problem:
+            raise ConfigError(f"model {m.name}: output {problem}")
+        if m.output_kind in ("multiclass", "ranking") and m.loader != "python":
+            raise ConfigError(
+                f"model {m.name}: output_kind {m.output_kind} needs loader python (the other "
+                f"loaders return one number per request), not {m.loader}"
+            )
         if m.loader == "http" and not m.url:
             raise ConfigError(f"model {m.name}: loader http needs url (e.g. http://host:8080)")
         if m.loader in ("python", "process") and ":" not in m.target:

@@ -19,6 +19,12 @@ OUTPUT_SCHEMA_VERSION = "1.0"
 
 Arm = Literal["champion", "candidate"]
 FeatureValue = float | int | str | bool | None
+#: What a model returns (``sidecar.manifest.OutputKind``).
+OutputKind = Literal["binary", "multiclass", "regression", "ranking"]
+#: An item id (a product, an article): what a ranking orders.
+ItemId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+#: Most candidate items one request may carry.
+MAX_CANDIDATES = 10_000
 
 #: Latest accepted time: 9999-12-31T23:59:59.999Z. Bounded so that every timestamp fits the
 #: int64 columns downstream (a larger one would overflow them).
@@ -38,6 +44,9 @@ class InferenceRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     ts: EpochMillis | None = None
     metadata: dict[str, Any] | None = None
     schema_version: str = "1"
+    #: The items a re-ranker orders (a ranking model with ``items_from = "request"``);
+    #: ignored by every other model.
+    candidates: Annotated[list[ItemId], msgspec.Meta(max_length=MAX_CANDIDATES)] | None = None
 
 
 class ModelError(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -53,6 +62,12 @@ class Decision(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     ``arm`` is the arm whose score decided. ``routed_arm`` is the arm the routing policy chose;
     they differ only on a fallback, and ``fallback`` then says why.
+
+    A binary model's decision is ``score >= threshold``; the fields after ``schema_version``
+    are absent. Other output kinds (``output_kind``) leave ``decision`` and ``threshold``
+    null and carry their output in those fields: ``label`` and ``probabilities``
+    (multiclass; ``score`` is the label's probability), ``value`` and the band's ``label``
+    (regression), ``items`` and ``item_scores`` in rank order (ranking).
     """
 
     request_id: str
@@ -63,8 +78,8 @@ class Decision(msgspec.Struct, kw_only=True, omit_defaults=True):
     arm: Arm
     routed_arm: Arm
     score: float | None
-    decision: bool
-    threshold: float
+    decision: bool | None
+    threshold: float | None
     policy_epoch: int
     policy_mode: str
     bucket: int
@@ -77,6 +92,18 @@ class Decision(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: Digest of the deciding model's manifest (``sidecar.manifest.digest``).
     manifest_digest: str | None = None
     schema_version: str = OUTPUT_SCHEMA_VERSION
+    #: Absent (``binary``) unless the model returns another kind of output; the fields
+    #: below carry it. Declared last: the pipeline appends them to templated bytes.
+    output_kind: OutputKind = "binary"
+    #: multiclass: the label decided; regression with bands: the band's name.
+    label: str | None = None
+    #: multiclass: a probability per label, in the model's label order.
+    probabilities: list[float] | None = None
+    #: regression: the number the model returned.
+    value: float | None = None
+    #: ranking: item ids, best first (at most k), and their scores.
+    items: list[str] | None = None
+    item_scores: list[float] | None = None
 
 
 class ModelResult(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -90,6 +117,18 @@ class ModelResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: ModelError | None = None
     #: Digest of the model's manifest (``sidecar.manifest.digest``).
     manifest_digest: str | None = None
+    #: Absent (``binary``) unless the model returns another kind of output; the fields
+    #: below carry it. Declared last: the pipeline appends them to templated bytes.
+    output_kind: OutputKind = "binary"
+    #: multiclass: the label decided; regression with bands: the band's name.
+    label: str | None = None
+    #: multiclass: a probability per label, in the model's label order.
+    probabilities: list[float] | None = None
+    #: regression: the number the model returned.
+    value: float | None = None
+    #: ranking: item ids, best first (at most k), and their scores.
+    items: list[str] | None = None
+    item_scores: list[float] | None = None
 
 
 class Comparison(msgspec.Struct, kw_only=True, omit_defaults=True):

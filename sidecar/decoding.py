@@ -18,8 +18,16 @@ import numpy as np
 import numpy.typing as npt
 
 from .config import FeatureSpec, InputConfig, ModelConfig
-from .contracts import MAX_EPOCH_MS, REQUEST_SCHEMA_MAJOR, DeadLetterKind, InferenceRequest
+from .contracts import (
+    MAX_CANDIDATES,
+    MAX_EPOCH_MS,
+    REQUEST_SCHEMA_MAJOR,
+    DeadLetterKind,
+    InferenceRequest,
+    ItemId,
+)
 from .kafka.unreadable import unreadable_of
+from .output_kinds import CandidateItems
 from .tracecontext import trace_headers
 from .untrusted import clip, error_text, header_text
 
@@ -65,6 +73,8 @@ class DecodedBatch:
     #: W3C trace-context headers to pass on, by record index (only records that carry them:
     #: empty in the common case; see :mod:`sidecar.tracecontext`).
     trace: dict[int, list[tuple[str, bytes]]] = field(default_factory=dict)
+    #: The requests' ``candidates`` when a model re-ranks them (None otherwise).
+    items: CandidateItems | None = None
 
     def __len__(self) -> int:
         return len(self.request_ids)
@@ -121,9 +131,19 @@ class RequestDecoder:
             py_type = _PY_TYPES[spec.type]
             fields.append((name, py_type | None if spec.nullable else py_type))
         features_type = msgspec.defstruct("Features", fields, kw_only=True)
+        #: A model re-ranks the requests' candidates: every request must carry them.
+        self.needs_candidates = any(
+            m.output_kind == "ranking" and m.items_from == "request" for m in models
+        )
+        candidates: list[Any] = (
+            [("candidates", Annotated[list[ItemId], msgspec.Meta(max_length=MAX_CANDIDATES)])]
+            if self.needs_candidates
+            else []
+        )
         typed_request = msgspec.defstruct(
             "TypedRequest",
             [
+                *candidates,
                 ("request_id", Annotated[str, msgspec.Meta(min_length=1, max_length=256)]),
                 ("features", features_type),
                 ("routing_key", Annotated[str, msgspec.Meta(max_length=1024)] | None, None),
@@ -206,6 +226,8 @@ class RequestDecoder:
                         out.trace[i] = found
         astuple = msgspec.structs.astuple
         out.matrix = self._to_matrix([astuple(r.features) for r in requests])
+        if self.needs_candidates:
+            out.items = CandidateItems.of([r.candidates for r in requests])
         return out
 
     def _to_matrix(self, rows: list[tuple[Any, ...]]) -> FloatArray:
@@ -290,6 +312,8 @@ class RequestDecoder:
         except msgspec.ValidationError as exc:
             return Rejected(record, "schema", f"not an InferenceRequest v1: {exc}", request_id)
         missing = [name for name in self.specs if name not in request.features]
+        if self.needs_candidates and request.candidates is None:
+            missing.append("candidates (the items a re-ranking model orders)")
         if missing:
             return Rejected(
                 record,

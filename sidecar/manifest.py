@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import itertools
 import json
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -24,6 +26,15 @@ import msgspec
 from .errors import ContractError
 
 FeatureType = Literal["number", "integer", "bool", "category"]
+#: What a model returns (see :class:`OutputSpec`).
+OutputKind = Literal["binary", "multiclass", "regression", "ranking"]
+OUTPUT_KINDS: tuple[OutputKind, ...] = ("binary", "multiclass", "regression", "ranking")
+#: Where a ranking model's items come from: the model's own catalogue, or the request's
+#: ``candidates`` (a re-ranker).
+ItemsFrom = Literal["model", "request"]
+#: Most labels of a multiclass model (or bands of a regression model), and the largest ``k``.
+MAX_LABELS = 256
+MAX_K = 1000
 _SEMVER = r"^\d+\.\d+\.\d+([-+].*)?$"
 
 
@@ -44,13 +55,29 @@ class InputSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_d
 
 
 class OutputSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
-    """What the model emits. ``name``, ``score_min`` and ``score_max`` are the output
-    contract consumers rely on; ``threshold`` turns the score into a decision."""
+    """What the model emits. ``name``, ``score_min``, ``score_max`` and the kind's shape
+    (``kind``, ``labels``, ``k``, ``items_from``) are the output contract consumers rely on;
+    ``threshold`` (binary) and ``bands`` (regression) turn the output into a decision.
+
+    * ``binary``: a score; the decision is ``score >= threshold``.
+    * ``multiclass``: a probability per label (in ``labels`` order); the decision is the
+      label with the highest probability.
+    * ``regression``: a number; with ``bands`` (ascending cut points) the decision is the
+      band it falls in, named by ``labels`` (one more label than cut points) when given.
+    * ``ranking``: the top ``k`` item ids with their scores, best first; the items are the
+      model's own (``items_from = "model"``) or the request's ``candidates``
+      (``items_from = "request"``, a re-ranker).
+    """
 
     name: str = "score"
     score_min: float = 0.0
     score_max: float = 1.0
     threshold: float = 0.5
+    kind: OutputKind = "binary"
+    labels: list[str] | None = None
+    bands: list[float] | None = None
+    k: int | None = None
+    items_from: ItemsFrom = "model"
 
 
 class Manifest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -106,7 +133,56 @@ def manifest_from_dict(tree: object, source: str = "manifest") -> Manifest:
     out = manifest.output
     if out.score_min > out.score_max:
         raise ContractError(f"{source}: output score_min > score_max")
+    problem = output_shape_problem(out.kind, out.labels, out.bands, out.k, out.items_from)
+    if problem:
+        raise ContractError(f"{source}: output {problem}")
     return manifest
+
+
+def output_shape_problem(
+    kind: OutputKind,
+    labels: list[str] | None,
+    bands: list[float] | None,
+    k: int | None,
+    items_from: ItemsFrom,
+) -> str | None:
+    """Why an output declaration is inconsistent (None when it is fine). Shared by manifests
+    and model configs, so both refuse the same things with the same words."""
+    if labels is not None:
+        if len(set(labels)) != len(labels):
+            return f"labels must be distinct, got {labels}"
+        if len(labels) > MAX_LABELS or any(not 0 < len(x) <= 256 for x in labels):
+            return f"labels: at most {MAX_LABELS}, each 1 to 256 characters"
+    if kind == "multiclass":
+        if not labels or len(labels) < 2:
+            return "kind multiclass needs labels (at least two)"
+    elif kind == "regression":
+        if bands is not None:
+            if not bands or len(bands) >= MAX_LABELS:
+                return f"bands: 1 to {MAX_LABELS - 1} cut points"
+            if any(not math.isfinite(b) for b in bands) or any(
+                b >= c for b, c in itertools.pairwise(bands)
+            ):
+                return f"bands must be finite and strictly ascending, got {bands}"
+            if labels is not None and len(labels) != len(bands) + 1:
+                return (
+                    f"kind regression with {len(bands)} band cut point(s) names "
+                    f"{len(bands) + 1} bands: labels has {len(labels)}"
+                )
+        elif labels is not None:
+            return "kind regression: labels name the bands, so they need bands"
+    elif labels is not None:
+        return f"labels only apply to kinds multiclass and regression, not {kind}"
+    if kind == "ranking":
+        if k is None or not 1 <= k <= MAX_K:
+            return f"kind ranking needs k (1 to {MAX_K}), the number of items returned"
+    elif k is not None:
+        return f"k only applies to kind ranking, not {kind}"
+    if kind != "regression" and bands is not None:
+        return f"bands only apply to kind regression, not {kind}"
+    if kind != "ranking" and items_from != "model":
+        return f"items_from only applies to kind ranking, not {kind}"
+    return None
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -230,6 +306,11 @@ def diff_manifests(old: Manifest, new: Manifest) -> ManifestDiff:
       its range widened, a category added; the decision threshold changed (decision rate
       moves); new training data (retrained).
     * PATCH: owner, descriptions.
+
+    Output kinds (see :func:`_output_changes`): the kind changed, a label removed or the
+    labels reordered, ``k`` lowered, the item source changed to the request, or the number
+    of regression bands changed is MAJOR; a label added, ``k`` raised, the item source
+    changed to the model, or band cut points moved is MINOR.
     """
     changes: list[Change] = []
     if old.name != new.name:
@@ -263,10 +344,11 @@ def diff_manifests(old: Manifest, new: Manifest) -> ManifestDiff:
                 f"[{n.score_min}, {n.score_max}]",
             )
         )
-    if o.threshold != n.threshold:
+    if o.threshold != n.threshold and o.kind == n.kind == "binary":
         changes.append(
             Change(Bump.MINOR, f"output threshold changed {o.threshold} -> {n.threshold}")
         )
+    changes.extend(_output_changes(o, n))
     if old.training_data != new.training_data:
         changes.append(
             Change(Bump.MINOR, f"training data changed {old.training_data} -> {new.training_data}")
@@ -285,6 +367,59 @@ def diff_manifests(old: Manifest, new: Manifest) -> ManifestDiff:
         new_version=new.version,
         backwards=backwards,
     )
+
+
+def _output_changes(o: OutputSpec, n: OutputSpec) -> list[Change]:
+    """The output-kind part of :func:`diff_manifests`."""
+    if o.kind != n.kind:
+        return [
+            Change(
+                Bump.MAJOR,
+                f"output kind changed {o.kind} -> {n.kind} (consumers read another shape)",
+            )
+        ]
+    out: list[Change] = []
+    old_labels, new_labels = o.labels or [], n.labels or []
+    removed = [x for x in old_labels if x not in new_labels]
+    added = [x for x in new_labels if x not in old_labels]
+    if removed:
+        out.append(Change(Bump.MAJOR, f"output labels removed {removed}"))
+    if added:
+        out.append(Change(Bump.MINOR, f"output labels added {added}"))
+    kept_old = [x for x in old_labels if x in new_labels]
+    kept_new = [x for x in new_labels if x in old_labels]
+    if kept_old != kept_new:
+        out.append(Change(Bump.MAJOR, "output labels reordered (probabilities are in label order)"))
+    if o.kind == "regression" and o.bands != n.bands:
+        if len(o.bands or []) != len(n.bands or []):
+            out.append(
+                Change(
+                    Bump.MAJOR,
+                    f"output bands changed {o.bands} -> {n.bands} (another number of bands: "
+                    "decisions take other values)",
+                )
+            )
+        else:
+            out.append(Change(Bump.MINOR, f"output band cut points moved {o.bands} -> {n.bands}"))
+    if o.k != n.k and o.k is not None and n.k is not None:
+        if n.k < o.k:
+            out.append(Change(Bump.MAJOR, f"output k lowered {o.k} -> {n.k} (fewer items)"))
+        else:
+            out.append(Change(Bump.MINOR, f"output k raised {o.k} -> {n.k}"))
+    if o.items_from != n.items_from:
+        if n.items_from == "request":
+            out.append(
+                Change(
+                    Bump.MAJOR,
+                    "output items now come from the request's candidates (producers must "
+                    "send them)",
+                )
+            )
+        else:
+            out.append(
+                Change(Bump.MINOR, "output items now come from the model (candidates ignored)")
+            )
+    return out
 
 
 def format_diff(diff: ManifestDiff) -> str:
@@ -314,6 +449,14 @@ def output_contract(manifest: Manifest) -> tuple[str, float, float]:
     return (o.name, o.score_min, o.score_max)
 
 
+def output_shape(manifest: Manifest) -> tuple[OutputKind, list[str] | None, int | None]:
+    """The shape of the output consumers read: kind, labels (multiclass, or regression
+    band names) and k. Bands, like the threshold, are per model on purpose; where the
+    items come from is the producers' business (the request contract), not the consumers'."""
+    o = manifest.output
+    return (o.kind, o.labels, o.k)
+
+
 @dataclass(frozen=True, slots=True)
 class GateProblem:
     arm: Literal["champion", "candidate"]
@@ -321,11 +464,27 @@ class GateProblem:
 
 
 def gate_problems(
-    champion: Manifest, candidate: Manifest | None, request_features: list[str] | None
+    champion: Manifest,
+    candidate: Manifest | None,
+    request_features: list[str] | None,
+    request_candidates: bool | None = None,
 ) -> list[GateProblem]:
     """Why a rollout must not start: a model needs a required input the request contract does
-    not carry, or the candidate's output contract differs from the champion's."""
+    not carry (features; candidate items for a re-ranker when ``request_candidates`` is
+    declared false), or the candidate's output contract differs from the champion's (another
+    output kind, other labels or k, another score name or range)."""
     problems: list[GateProblem] = []
+    if request_candidates is False:
+        for arm, manifest in (("champion", champion), ("candidate", candidate)):
+            if manifest is not None and manifest.output.items_from == "request":
+                problems.append(
+                    GateProblem(
+                        arm,  # type: ignore[arg-type]
+                        f"{arm} {manifest.name} {manifest.version} re-ranks the request's "
+                        "candidates but the request contract (request_contract.candidates) "
+                        "says requests carry none",
+                    )
+                )
     if request_features is not None:
         carried = set(request_features)
         arms: list[tuple[Literal["champion", "candidate"], Manifest | None]] = [
@@ -345,6 +504,26 @@ def gate_problems(
                         "(request_contract.features) does not carry",
                     )
                 )
+    if candidate is not None and candidate.output.kind != champion.output.kind:
+        problems.append(
+            GateProblem(
+                "candidate",
+                f"candidate {candidate.name} {candidate.version} returns a "
+                f"{candidate.output.kind} output but the champion returns {champion.output.kind}: "
+                "consumers of decisions read one shape",
+            )
+        )
+    elif candidate is not None and output_shape(candidate) != output_shape(champion):
+        _, cl, cn = output_shape(champion)
+        kk, kl, kn = output_shape(candidate)
+        what = f"k {kn} (champion {cn})" if kn != cn else f"labels {kl} (champion {cl})"
+        problems.append(
+            GateProblem(
+                "candidate",
+                f"candidate {candidate.name} {candidate.version} declares {kk} output with "
+                f"{what}: consumers of decisions would break",
+            )
+        )
     if candidate is not None and output_contract(candidate) != output_contract(champion):
         problems.append(
             GateProblem(

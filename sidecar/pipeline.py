@@ -59,6 +59,11 @@ _PENDING = ModelError(kind="skipped", message="pending")
 # Per-record choice codes (see Pipeline._choose).
 _CHAMPION, _CANDIDATE, _DEFAULT, _DEAD_LETTER = 0, 1, 2, 3
 _ARM_NAMES = ("champion", "candidate", "default", "dead_letter")
+#: Score and decision slots of a scored arm's ModelResult, per output kind.
+_OK_SLOTS: dict[str, tuple[str, ...]] = {
+    "binary": ("score", "decision"),
+    "multiclass": ("score",),
+}
 #: Template slots filled with JSON text rather than string bodies.
 _RAW = frozenset(
     {
@@ -206,20 +211,27 @@ class _BatchFormats:
             for served in (_CHAMPION, _CANDIDATE)
         )
         ok, err = [], []
+        #: The score and decision slots of each arm's ``ok`` template: a multiclass model's
+        #: result has a score (the label's probability) and no decision; regression and
+        #: ranking results neither (their output is in the kind's fields).
+        self.ok_slots: list[tuple[str, ...]] = []
         for arm, (m, scores) in enumerate(zip(models, (champion, candidate), strict=True)):
             name, version = (m.name, m.version) if m else ("", "")
             manifest_digest = m.manifest_digest if m else None
+            kind = m.kind if m else "binary"
+            slots = _OK_SLOTS.get(kind, ())
+            self.ok_slots.append(slots)
             ok.append(
                 template(
                     ModelResult(
                         model=name,
                         version=version,
-                        score="@@score@@",  # type: ignore[arg-type]
-                        decision="@@decision@@",  # type: ignore[arg-type]
+                        score="@@score@@" if "score" in slots else None,  # type: ignore[arg-type]
+                        decision="@@decision@@" if "decision" in slots else None,  # type: ignore[arg-type]
                         latency_ms=self.latency[arm],
                         manifest_digest=manifest_digest,
                     ),
-                    ("score", "decision"),
+                    slots,
                     _RAW,
                 )
             )
@@ -252,7 +264,7 @@ class _BatchFormats:
             routed_arm=_ARM_NAMES[routed],  # type: ignore[arg-type]
             score="@@score@@",  # type: ignore[arg-type]
             decision="@@decision@@",  # type: ignore[arg-type]
-            threshold=m.threshold,
+            threshold=m.threshold if m.kind == "binary" else None,
             policy_epoch=self._policy.epoch,
             policy_mode=self._policy.mode.value,
             bucket="@@bucket@@",  # type: ignore[arg-type]
@@ -262,6 +274,14 @@ class _BatchFormats:
             fallback=fallback,
             manifest_digest=m.manifest_digest,
         )
+
+    def arm_ok(self, arm: int, score: str, decision: str) -> str:
+        """Arm ``arm``'s scored ModelResult as JSON text, whatever its output kind."""
+        tmpl = self.champion_ok if arm == _CHAMPION else self.candidate_ok
+        slots = len(self.ok_slots[arm])
+        if slots == 2:
+            return tmpl % (score, decision)
+        return tmpl % score if slots else tmpl
 
     def _decision_pair(self, arm: int, routed: int, fallback: str | None) -> tuple[str, str]:
         """Decision templates of ``arm`` deciding records routed to ``routed``, without and
@@ -593,17 +613,17 @@ class Pipeline:
             return _SKIPPED_SCORES(n)
         if shed:
             return BatchScores.failed(n, _SHED, 0.0)
-        return self.candidate.score(batch.matrix[:, self._candidate_cols])
+        return self.candidate.score(batch.matrix[:, self._candidate_cols], batch.items)
 
     async def _score_champion(self, batch: DecodedBatch) -> BatchScores:
         """The champion's scores; a call that timed out (a stall, a GC pause) is tried once
         more before its records get a fallback or a default decision."""
         matrix = batch.matrix[:, self._champion_cols]
-        scores = await self.champion.score(matrix)
+        scores = await self.champion.score(matrix, batch.items)
         if scores.error is not None and scores.error.kind == "timeout":
             self.champion_retries += 1
             log.warning("champion timed out on a batch of %d; trying once more", len(batch))
-            scores = await self.champion.score(matrix, patient=True)
+            scores = await self.champion.score(matrix, batch.items, patient=True)
         return scores
 
     def _texts(self, batch: DecodedBatch) -> tuple[list[str], list[str]]:
@@ -706,6 +726,9 @@ class Pipeline:
         letter. Returns how many took the slow way."""
         champ_scores = json_numbers(champion.scores.tolist())
         cand_scores = json_numbers(candidate.scores.tolist())
+        champ_dec = _decision_texts(self.champion, champion)
+        cand_dec = _decision_texts(self.candidate, candidate)
+        extras = (champion.fragments, candidate.fragments)
         metadata, has_key, ts_list, ids = (
             batch.metadata,
             batch.has_routing_key,
@@ -715,17 +738,15 @@ class Pipeline:
         decision_tmpl = fmt.decision
         version_header = fmt.version_headers
         schema_header = _SCHEMA_HEADER
-        champ_dec = champion.decisions
-        cand_dec = candidate.decisions
         slow = 0
         for i in rows:
             arm = choice_list[i]
             if arm == routed_list[i] and metadata[i] is None:
                 rid, ts = texts[i], ts_list[i]
                 if arm:
-                    score, decided = cand_scores[i], JSON_BOOL[bool(cand_dec[i])]
+                    score, decided = cand_scores[i], cand_dec[i]
                 else:
-                    score, decided = champ_scores[i], JSON_BOOL[bool(champ_dec[i])]
+                    score, decided = champ_scores[i], champ_dec[i]
                 if has_key[i]:
                     dec = decision_tmpl[arm][1] % (
                         rid,
@@ -737,6 +758,8 @@ class Pipeline:
                     )
                 else:
                     dec = decision_tmpl[arm][0] % (rid, score, decided, bucket_list[i], ts)
+                if extras[arm] is not None:  # a non-binary output: its fields come last
+                    dec = dec[:-1] + extras[arm][i] + "}"  # type: ignore[index]
                 dec_values[i] = dec.encode()
                 dec_headers[i] = [
                     ("request_id", ids[i].encode()),
@@ -755,13 +778,15 @@ class Pipeline:
                 )
                 rid, ts = texts[i], ts_list[i]
                 if arm:
-                    score, decided = cand_scores[i], JSON_BOOL[bool(cand_dec[i])]
+                    score, decided = cand_scores[i], cand_dec[i]
                 else:
-                    score, decided = champ_scores[i], JSON_BOOL[bool(champ_dec[i])]
+                    score, decided = champ_scores[i], champ_dec[i]
                 if has_key[i]:
                     dec = keyed % (rid, key_texts[i], score, decided, bucket_list[i], ts, reason)
                 else:
                     dec = unkeyed % (rid, score, decided, bucket_list[i], ts, reason)
+                if extras[arm] is not None:
+                    dec = dec[:-1] + extras[arm][i] + "}"  # type: ignore[index]
                 dec_values[i] = dec.encode()
                 dec_headers[i] = [
                     ("request_id", ids[i].encode()),
@@ -1090,8 +1115,10 @@ class Pipeline:
         n = len(batch)
         champ_scores = json_numbers(champion.scores.tolist())
         cand_scores = json_numbers(candidate.scores.tolist())
-        champ_dec = [JSON_BOOL[d] for d in champion.decisions.tolist()]
-        cand_dec = [JSON_BOOL[d] for d in candidate.decisions.tolist()]
+        champ_dec = _decision_texts(self.champion, champion)
+        cand_dec = _decision_texts(self.candidate, candidate)
+        champ_extra, cand_extra = champion.fragments, candidate.fragments
+        binary = champ_extra is None and cand_extra is None
         champ_valid, cand_valid = champion.valid.tolist(), candidate.valid.tolist()
         has_key, ts_list = batch.has_routing_key, batch.ts
         both_tmpl, frag_tmpl = fmt.comparison_both, fmt.comparison
@@ -1100,7 +1127,7 @@ class Pipeline:
             arm = choice_list[i]
             served = None if arm == _DEAD_LETTER else (_CHAMPION if arm == _DEFAULT else arm)
             rid, ts = texts[i], ts_list[i]
-            if champ_valid[i] and cand_valid[i] and served is not None:
+            if binary and champ_valid[i] and cand_valid[i] and served is not None:
                 cs, cd, ks, kd = champ_scores[i], champ_dec[i], cand_scores[i], cand_dec[i]
                 if has_key[i]:
                     cmp = both_tmpl[served][1] % (rid, key_texts[i], ts, cs, cd, ks, kd)
@@ -1108,15 +1135,19 @@ class Pipeline:
                     cmp = both_tmpl[served][0] % (rid, ts, cs, cd, ks, kd)
             else:
                 champ_frag = (
-                    fmt.champion_ok % (champ_scores[i], champ_dec[i])
+                    fmt.arm_ok(_CHAMPION, champ_scores[i], champ_dec[i])
                     if champ_valid[i]
                     else fmt.champion_error
                 )
                 cand_frag = (
-                    fmt.candidate_ok % (cand_scores[i], cand_dec[i])
+                    fmt.arm_ok(_CANDIDATE, cand_scores[i], cand_dec[i])
                     if cand_valid[i]
                     else fmt.candidate_error
                 )
+                if champ_extra is not None and champ_valid[i]:
+                    champ_frag = champ_frag[:-1] + champ_extra[i] + "}"
+                if cand_extra is not None and cand_valid[i]:
+                    cand_frag = cand_frag[:-1] + cand_extra[i] + "}"
                 tmpl = frag_tmpl[served][has_key[i]]
                 if has_key[i]:
                     cmp = tmpl % (rid, key_texts[i], ts, champ_frag, cand_frag)
@@ -1164,13 +1195,19 @@ class Pipeline:
         assert model is not None
         scores = candidate if arm == _CANDIDATE else champion
         fallback = None
+        kind_fields: dict[str, Any] = {}
+        decision: bool | None
         if choice == _DEFAULT:
             score: float | None = self.config.rollout.default_score
             decision = self.config.rollout.default_decision
             fallback = f"default_decision: {_error_text(champion.error or champion.record_error)}"
+            if model.kind != "binary":  # no default label, value or ranking: the kind only
+                score, decision, kind_fields = None, None, {"output_kind": model.kind}
         else:
             score = float(scores.scores[i])
-            decision = bool(scores.decisions[i])
+            decision = bool(scores.decisions[i]) if model.kind == "binary" else None
+            if scores.output is not None:
+                kind_fields = scores.output.fields(i)
             if arm != routed:
                 failed = candidate if routed == _CANDIDATE else champion
                 name = _ARM_NAMES[routed]
@@ -1186,7 +1223,7 @@ class Pipeline:
                 routed_arm=_ARM_NAMES[routed],  # type: ignore[arg-type]
                 score=score,
                 decision=decision,
-                threshold=model.threshold,
+                threshold=model.threshold if model.kind == "binary" else None,
                 policy_epoch=policy.epoch,
                 policy_mode=policy.mode.value,
                 bucket=bucket,
@@ -1196,6 +1233,7 @@ class Pipeline:
                 fallback=fallback,
                 metadata=batch.metadata[i],
                 manifest_digest=model.manifest_digest,
+                **kind_fields,
             )
         )
         headers: Headers = [
@@ -1236,6 +1274,14 @@ def _with_out_of_range(comparison: bytes | None, features: list[str]) -> bytes:
     appending it before the closing brace gives exactly what msgspec would encode."""
     assert comparison is not None and comparison.endswith(b"}")
     return comparison[:-1] + _OUT_OF_RANGE_KEY + msgspec.json.encode(features) + b"}"
+
+
+def _decision_texts(model: ScoringModel | None, scores: BatchScores) -> list[str]:
+    """Each record's ``decision`` as JSON text: ``true``/``false`` for a binary model, ``null``
+    for the other kinds (their decision is a label, a band or a ranking)."""
+    if model is None or model.kind == "binary":
+        return [JSON_BOOL[d] for d in scores.decisions.tolist()]
+    return ["null"] * len(scores.valid)
 
 
 def _error_text(error: ModelError | None) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..contracts import MAX_EPOCH_MS, Arm
+from .kinds import RANK_DEPTH, KindColumns, kind_arm
 
 #: Error kinds in code order (code 0 means "no error"); mirrors ``ModelError.kind``.
 ERROR_KINDS: tuple[str, ...] = (
@@ -100,6 +101,8 @@ class ComparisonBatch:
     policy_modes: tuple[str, ...]
     #: Distinct ``Comparison.out_of_range`` lists of the batch; entry 0 is the empty one.
     out_of_range_sets: tuple[tuple[str, ...], ...] = ((),)
+    #: Labels, values and rankings of non-binary models (None: every row is binary).
+    kinds: KindColumns | None = None
 
     def __len__(self) -> int:
         return int(self.ts.size)
@@ -121,6 +124,7 @@ class ComparisonBatch:
             self.policy_mode_code[idx],
             self.policy_modes,
             self.out_of_range_sets,
+            None if self.kinds is None else self.kinds.take(idx),
         )
 
 
@@ -142,6 +146,14 @@ class _ResultLike(Protocol):
     def latency_ms(self) -> float | None: ...
     @property
     def error(self) -> _ErrorLike | None: ...
+    @property
+    def output_kind(self) -> str: ...
+    @property
+    def label(self) -> str | None: ...
+    @property
+    def value(self) -> float | None: ...
+    @property
+    def items(self) -> list[str] | None: ...
 
 
 class ComparisonLike(Protocol):
@@ -187,6 +199,14 @@ class ResultView(msgspec.Struct, kw_only=True, gc=False):
     decision: bool | None = None
     latency_ms: float | None = None
     error: ErrorView | None = None
+    #: Non-binary outputs (``ModelResult``'s last fields; probabilities and item scores are
+    #: not read).
+    #: A kind this aggregator does not know (a newer sidecar's) is read as a name: its
+    #: fields are what count, and they are absent.
+    output_kind: Name = "binary"
+    label: Name | None = None
+    value: float | None = None
+    items: Annotated[list[Name], msgspec.Meta(max_length=1000)] | None = None
 
 
 class ComparisonView(msgspec.Struct, kw_only=True, gc=False):
@@ -247,6 +267,32 @@ def hash_strings(values: Sequence[str]) -> UInt64Array:
 _SCORE, _DECISION, _LATENCY, _ERROR = (
     attrgetter(f) for f in ("score", "decision", "latency_ms", "error")
 )
+_KIND, _LABEL, _VALUE, _ITEMS = (attrgetter(f) for f in ("output_kind", "label", "value", "items"))
+
+
+def _kind_columns(
+    champions: Sequence[_ResultLike], candidates: Sequence[_ResultLike]
+) -> KindColumns | None:
+    """The non-binary columns, or None when every result is binary (one count per arm)."""
+    n = len(champions)
+    kinds_c = list(map(_KIND, champions))
+    kinds_k = list(map(_KIND, candidates))
+    if kinds_c.count("binary") == n and kinds_k.count("binary") == n:
+        return None
+    arms = []
+    for results in (champions, candidates):
+        items = list(map(_ITEMS, results))
+        arms.append(
+            kind_arm(
+                list(map(_LABEL, results)),
+                list(map(_VALUE, results)),
+                [None if r is None else r[:RANK_DEPTH] for r in items],
+                hash_strings,
+            )
+        )
+    return KindColumns(arms[0], arms[1])
+
+
 _ROLLOUT, _MODEL, _VERSION, _TS, _SERVED, _REQUEST_ID, _EPOCH, _MODE = (
     attrgetter(f)
     for f in (
@@ -376,4 +422,5 @@ def comparison_batch(
         policy_epoch=_epochs(comparisons, n),
         policy_mode_code=mode_code,
         policy_modes=tuple(mode_index),
+        kinds=_kind_columns(champions, candidates),
     )

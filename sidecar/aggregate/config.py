@@ -12,6 +12,7 @@ from .histograms import (
     LATENCY_MIN_MS,
     uniform_edges,
 )
+from .kinds import RBO_P
 from .paired import (
     BATCH_SAMPLE,
     HOST_SHARE,
@@ -74,6 +75,12 @@ class AggregatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     latency_batch_sample: int = BATCH_SAMPLE
     #: A one-arm timeout is the host's when the other arm took this share of its time.
     timeout_host_share: float = HOST_SHARE
+    #: Rank-biased overlap persistence (ranking outputs).
+    rbo_p: float = RBO_P
+    #: Regression outputs: a pair differs when ``|candidate - champion|`` exceeds
+    #: ``regression_tolerance_abs + regression_tolerance_rel * |champion|``.
+    regression_tolerance_abs: float = 0.0
+    regression_tolerance_rel: float = 0.1
 
     def window_spec(self) -> WindowSpec:
         return WindowSpec(

@@ -291,6 +291,104 @@ def default_rules() -> list[GuardRule]:
             cooldown_s=600,
             action="alert",
         ),
+        # Rankings (recommenders). The candidate's lists share almost nothing with the
+        # champion's: fewer than 1 in 20 items at the upper 95% bound (a personalised model
+        # replacing a popularity one still shares a fair part of the head).
+        GuardRule(
+            name="ranking_overlap_collapse",
+            figure="overlap_at_k",
+            comparison="<",
+            threshold=0.05,
+            clear_threshold=0.1,
+            bound="hi",
+            min_pairs=500,
+            consecutive=2,
+            cooldown_s=600,
+            action="rollback",
+        ),
+        # One item shown to at least 20% more of the requests than the champion shows it
+        # (lower 95% bound): a pinned, boosted or leaked item.
+        GuardRule(
+            name="item_exposure_jump",
+            figure="item_exposure_jump",
+            threshold=0.2,
+            clear_threshold=0.1,
+            bound="lo",
+            min_pairs=500,
+            consecutive=2,
+            cooldown_s=600,
+            action="rollback",
+        ),
+        # Diversity collapse: the candidate shows fewer than half as many distinct items
+        # as the champion on the same requests.
+        GuardRule(
+            name="catalogue_coverage",
+            figure="coverage_ratio",
+            comparison="<",
+            threshold=0.5,
+            clear_threshold=0.7,
+            min_pairs=500,
+            consecutive=2,
+            cooldown_s=600,
+            action="rollback",
+        ),
+        # Exposure moves a lot: expected of a new recommender, so it is only an alert.
+        GuardRule(
+            name="exposure_drift",
+            figure="exposure_psi",
+            threshold=1.0,
+            clear_threshold=0.5,
+            min_pairs=500,
+            consecutive=2,
+            cooldown_s=600,
+            action="alert",
+        ),
+        # Labels (multiclass, regression bands): some label decided 2x as often, or half.
+        GuardRule(
+            name="label_rate_ratio",
+            figure="label_rate_ratio",
+            threshold=2.0,
+            clear_threshold=1.5,
+            lower_threshold=0.5,
+            lower_clear_threshold=1 / 1.5,
+            min_pairs=500,
+            consecutive=2,
+            cooldown_s=600,
+            action="rollback",
+        ),
+        GuardRule(
+            name="label_psi",
+            figure="label_psi",
+            threshold=0.25,
+            clear_threshold=0.1,
+            min_pairs=500,
+            consecutive=2,
+            cooldown_s=600,
+            action="pause",
+        ),
+        # Regression values: over a fifth of the pairs differ beyond the tolerance (lower
+        # 95% bound), or the distribution moved.
+        GuardRule(
+            name="value_differences",
+            figure="value_diff_share",
+            threshold=0.2,
+            clear_threshold=0.1,
+            bound="lo",
+            min_pairs=500,
+            consecutive=2,
+            cooldown_s=600,
+            action="pause",
+        ),
+        GuardRule(
+            name="value_psi",
+            figure="value_psi",
+            threshold=0.25,
+            clear_threshold=0.1,
+            min_pairs=500,
+            consecutive=2,
+            cooldown_s=600,
+            action="pause",
+        ),
         # The candidate decided while the policy said the champion decides (shadow,
         # rolled_back): the champion failed and fell back to an unpromoted candidate.
         GuardRule(

@@ -25,6 +25,7 @@ import numpy as np
 from ..contracts import OUTPUT_SCHEMA_VERSION
 from .batch import GroupKey
 from .config import AggregatorConfig
+from .kinds import KindsPartial
 from .references import References
 from .report import ClosedBy, OffsetRange, WindowReport
 from .window import WindowAggregate, _ArmState, _count_mode
@@ -90,6 +91,9 @@ class WindowPartial(msgspec.Struct, frozen=True, kw_only=True):
     batch_champion_ms: list[float] = []
     batch_candidate_ms: list[float] = []
     schema_version: str = OUTPUT_SCHEMA_VERSION
+    #: Non-binary models' state (rankings, labels, regression values; see
+    #: ``sidecar.aggregate.kinds``); None when the window had none.
+    kinds: KindsPartial | None = None
 
     @property
     def key(self) -> GroupKey:
@@ -171,6 +175,7 @@ def partial_of(
         failed_timeout_calls=agg.failures.timeout_calls.keys.tolist(),
         batch_champion_ms=agg.batches.champion.tolist(),
         batch_candidate_ms=agg.batches.candidate.tolist(),
+        kinds=None if agg.kinds is None else agg.kinds.to_wire(),
     )
 
 
@@ -204,6 +209,8 @@ def aggregate_of(partial: WindowPartial, config: AggregatorConfig) -> WindowAggr
     agg.failures.error_calls.add(np.asarray(partial.failed_error_calls, dtype=np.uint64))
     agg.failures.timeout_calls.add(np.asarray(partial.failed_timeout_calls, dtype=np.uint64))
     agg.batches.load(partial.batch_champion_ms, partial.batch_candidate_ms)
+    if partial.kinds is not None:
+        agg._kind_state().load(partial.kinds)
     return agg
 
 

@@ -11,6 +11,7 @@ from typing import Literal
 import msgspec
 
 from ..contracts import OUTPUT_SCHEMA_VERSION
+from .kinds import LabelReport, RankingReport, RegressionReport
 from .paired import PairedFailures, PairedLatency
 from .stats import Figure, PsiBand, insufficient
 
@@ -150,6 +151,12 @@ class WindowReport(msgspec.Struct, frozen=True, kw_only=True):
     #: Latency over the same batches, compared batch by batch (see ``paired``).
     latency_paired: PairedLatency | None = None
     schema_version: str = REPORT_SCHEMA_VERSION
+    #: Non-binary models (see ``sidecar.aggregate.kinds``): both arms' rankings, labels
+    #: (multiclass, regression bands) and regression values on the same requests; absent
+    #: when no record of the window had them.
+    ranking: RankingReport | None = None
+    labels: LabelReport | None = None
+    regression: RegressionReport | None = None
 
 
 def figure_of(report: WindowReport, name: str) -> Figure:
@@ -224,4 +231,24 @@ FIGURES: dict[str, _Getter] = {
     "latency_slower_p_value": _Getter("latency_paired.slower_share", p_value=True),
     "latency_tail_excess": _Getter("latency_paired.tail_excess"),
     "out_of_range_rate": _Getter("out_of_range_rate"),
+    # Rankings
+    "overlap_at_k": _Getter("ranking.overlap"),
+    "rbo": _Getter("ranking.rbo"),
+    "kendall_tau": _Getter("ranking.kendall_tau"),
+    "top_item_kept": _Getter("ranking.top_item_kept"),
+    "top_item_dropped": _Getter("ranking.top_item_dropped"),
+    "exposure_psi": _Getter("ranking.exposure_psi"),
+    "exposure_js": _Getter("ranking.exposure_js"),
+    "popularity_lift": _Getter("ranking.popularity_lift"),
+    "coverage_ratio": _Getter("ranking.coverage_ratio"),
+    "item_exposure_jump": _Getter("ranking.top_exposure_jump"),
+    # Labels (multiclass, regression bands)
+    "label_agreement": _Getter("labels.agreement"),
+    "label_psi": _Getter("labels.psi"),
+    "label_rate_ratio": _Getter("labels.rate_ratio_extreme"),
+    # Regression values
+    "value_mean_diff": _Getter("regression.mean_diff"),
+    "value_diff_share": _Getter("regression.diff_share"),
+    "value_psi": _Getter("regression.psi"),
+    "value_ks": _Getter("regression.ks"),
 }

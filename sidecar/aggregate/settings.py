@@ -13,6 +13,7 @@ import msgspec
 
 from .config import AggregatorConfig
 from .guards import GuardRule, default_rules
+from .kinds import RBO_P
 from .paired import (
     BATCH_SAMPLE,
     HOST_SHARE,
@@ -75,6 +76,14 @@ class AggregateSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     #: A timeout of one arm is put down to the host (not the model) when the other arm's
     #: call on the same batch took at least this share of the timed-out call's time.
     timeout_host_share: Annotated[float, Meta(gt=0.0, le=1.0)] = HOST_SHARE
+    #: Ranking outputs: the persistence ``p`` of rank-biased overlap (``ranking.rbo``);
+    #: 0.9 puts ~86% of the weight on the top 10 ranks.
+    rbo_p: Annotated[float, Meta(gt=0.0, lt=1.0)] = RBO_P
+    #: Regression outputs: a pair counts as differing (``regression.diff_share``) when
+    #: ``|candidate - champion|`` exceeds this plus ``regression_tolerance_rel`` x
+    #: ``|champion|``.
+    regression_tolerance_abs: Annotated[float, Meta(ge=0.0)] = 0.0
+    regression_tolerance_rel: Annotated[float, Meta(ge=0.0)] = 0.1
     #: Helper processes that decode comparisons while the loop fetches (0: decode in the
     #: loop). One is worth ~+20% on two cores; more help only with more idle cores.
     decode_processes: Annotated[int, Meta(ge=0, le=16)] = 1
@@ -116,6 +125,9 @@ class AggregateSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
             min_latency_batches=self.min_latency_batches,
             latency_batch_sample=self.latency_batch_sample,
             timeout_host_share=self.timeout_host_share,
+            rbo_p=self.rbo_p,
+            regression_tolerance_abs=self.regression_tolerance_abs,
+            regression_tolerance_rel=self.regression_tolerance_rel,
         )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +30,7 @@ from .histograms import (
     LatencySketch,
     ScoreHistogram,
 )
+from .kinds import KindState
 from .paired import (
     BatchLatencies,
     FailureTable,
@@ -248,7 +250,15 @@ class WindowAggregate:
         self.failures = FailureTable(c.timeout_host_share)
         #: Distinct batches' latency pairs (a bottom-k sample).
         self.batches = BatchLatencies(c.latency_batch_sample)
+        #: Labels, values and rankings of non-binary models (created when first seen).
+        self.kinds: KindState | None = None
         return self
+
+    def _kind_state(self) -> KindState:
+        if self.kinds is None:
+            c = self.config
+            self.kinds = KindState(c.rbo_p, c.regression_tolerance_abs, c.regression_tolerance_rel)
+        return self.kinds
 
     def add(self, batch: ComparisonBatch) -> None:
         """Add a batch whose rows all belong to this aggregate (the manager routes them)."""
@@ -276,6 +286,8 @@ class WindowAggregate:
         self.table += np.bincount(code, minlength=4)
         if batch.out_of_range_code.any():  # rare
             self._add_out_of_range(batch)
+        if batch.kinds is not None:  # non-binary models
+            self._kind_state().add(batch.kinds)
         self.policy.add(batch)
         champion, candidate = batch.champion, batch.candidate
         self.failures.add(champion, candidate)
@@ -341,6 +353,8 @@ class WindowAggregate:
         self.policy.merge(other.policy)
         self.failures.merge(other.failures)
         self.batches.merge(other.batches)
+        if other.kinds is not None:
+            self._kind_state().merge(other.kinds)
         return self
 
     @property
@@ -502,7 +516,22 @@ class WindowAggregate:
                 min_batches=c.min_latency_batches,
                 z=c.z,
             ),
+            **self._kind_reports(),
         )
+
+    def _kind_reports(self) -> dict[str, Any]:
+        kinds = self.kinds
+        if kinds is None:
+            return {}
+        c = self.config
+        out: dict[str, Any] = {}
+        if kinds.ranking is not None:
+            out["ranking"] = kinds.ranking.report(z=c.z, min_pairs=c.min_pairs)
+        if kinds.labels is not None:
+            out["labels"] = kinds.labels.report(z=c.z, min_pairs=c.min_pairs)
+        if kinds.regression is not None:
+            out["regression"] = kinds.regression.report(z=c.z, min_pairs=c.min_pairs)
+        return out
 
 
 def merge_all(aggregates: Iterable[WindowAggregate]) -> WindowAggregate | None:

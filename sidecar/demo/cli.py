@@ -1,4 +1,4 @@
-"""``sidecar demo [--scenario flags|errors|latency|benign] [--duration S] [--rate R]``."""
+"""``sidecar demo [--scenario flags|errors|latency|benign|recommend] [--duration S] [--rate R]``."""
 
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ def add_demo_parser(sub: Any) -> None:
         "demo",
         help="the rollout story end to end on the embedded broker, with a live view and a report",
         description="Start the embedded broker, two sidecar instances, the aggregator and a "
-        "generator of card transactions, all in this process, and tell one rollout story: "
+        "generator of card transactions (recommend: recommendation requests), all in this "
+        "process, and tell one rollout story: "
         "which candidate is deployed, what the aggregator sees window by window, and what it "
         "does about it. Operator commands go through the same code as `sidecar ctl`, signed "
         "with a key generated for the run; guard actions are the aggregator's own. At the end "
@@ -78,7 +79,10 @@ def add_demo_parser(sub: Any) -> None:
     )
     p.add_argument("--duration", type=float, help="target length in seconds (90; 35 with --quick)")
     p.add_argument(
-        "--rate", type=float, help="card transactions per second (1000; 1500 with --quick)"
+        "--rate",
+        type=float,
+        help="requests (card transactions or recommendation requests) per second (1000; "
+        "1500 with --quick)",
     )
     p.add_argument(
         "--quick", action="store_true", help="a short run (2 s windows, ~40 s): for tests and CI"

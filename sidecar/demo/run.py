@@ -23,12 +23,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import msgspec
-import numpy as np
 from aiokafka import TopicPartition
 
 from ..aggregate.actions import is_guard_command
@@ -42,7 +41,6 @@ from ..control.keys import KeySet, SigningKey, TrustStore, write_key_set
 from ..control.plane import CONTROL_PARTITION, is_barrier
 from ..control.records import AuditRecord
 from ..errors import SidecarError
-from ..examples import fraud
 from ..kafka import (
     ensure_config_topics,
     new_consumer,
@@ -58,8 +56,13 @@ from ..runner import Sidecar
 from ..traffic import produce_values
 from ..untrusted import decoded_or_none
 from .scenarios import (
+    DOMAINS,
+    STORIES,
     Act,
+    AveragePrecision,
     Calibration,
+    Domain,
+    Quality,
     ScenarioName,
     Settings,
     Timing,
@@ -71,7 +74,6 @@ from .scenarios import (
 from .view import (
     CLEAR,
     Snapshot,
-    average_precision,
     guard_states,
     render_line,
     render_panel,
@@ -126,7 +128,7 @@ class DemoResult:
     acts: list[ActResult]
     recording: Recording
     timeline: list[CommandEntry]
-    calibration: Calibration
+    calibration: Calibration | None
     timing: Timing
     report_path: Path
     record_path: Path
@@ -139,12 +141,21 @@ class DemoResult:
 
 
 class Traffic:
-    """Seeded card transactions at ``rate`` per second; remembers which ones are fraud."""
+    """Seeded requests of a domain at ``rate`` per second; remembers the generator's truth
+    about each (fraud or not, the items its user would click)."""
 
-    def __init__(self, cfg: SidecarConfig, rate: float, seed: int, fraud_rate: float) -> None:
+    def __init__(
+        self,
+        cfg: SidecarConfig,
+        rate: float,
+        seed: int,
+        fraud_rate: float,
+        domain: Domain = DOMAINS["fraud"],
+    ) -> None:
         self.cfg, self.rate, self.seed, self.fraud_rate = cfg, rate, seed, fraud_rate
+        self.domain = domain
         self.sent = 0
-        self.frauds: set[str] = set()
+        self.truth: dict[str, Any] = {}
 
     async def run(self) -> None:
         producer = new_producer(self.cfg, "demo-traffic", linger_ms=5, max_batch_size=1 << 20)
@@ -155,11 +166,10 @@ class Traffic:
             chunk = max(1, int(self.rate / 10))
             start = time.monotonic()
             while True:
-                data = fraud.generate(chunk, seed=self.seed + self.sent, fraud_rate=self.fraud_rate)
-                requests = fraud.request_dicts(data, start_id=self.sent)
-                self.frauds.update(
-                    f"req-{self.sent + int(i)}" for i in np.flatnonzero(data.is_fraud)
+                requests, truth = self.domain.generate(
+                    chunk, self.seed + self.sent, self.sent, self.fraud_rate
                 )
+                self.truth.update(truth)
                 items = [(str(r["routing_key"]).encode(), msgspec.json.encode(r)) for r in requests]
                 await produce_values(producer, topic, items, partitions)
                 self.sent += chunk
@@ -173,20 +183,15 @@ class Traffic:
 # --------------------------------------------------------------------------- observer
 
 
-@dataclass
-class _Scores:
-    champion: list[float] = field(default_factory=list)
-    candidate: list[float] = field(default_factory=list)
-    labels: list[bool] = field(default_factory=list)
-
-
 class Observer:
-    """Tails the comparisons (for average precision), control and audit topics."""
+    """Tails the comparisons (for the quality figure), control and audit topics."""
 
-    def __init__(self, cfg: SidecarConfig, is_fraud: Callable[[str], bool]) -> None:
+    def __init__(
+        self, cfg: SidecarConfig, truth: Callable[[str], Any], quality: Quality | None = None
+    ) -> None:
         self.cfg = cfg
-        self.is_fraud = is_fraud
-        self.scores: dict[str, _Scores] = collections.defaultdict(_Scores)
+        self.truth = truth
+        self.quality = AveragePrecision() if quality is None else quality
         self.commands: list[tuple[int, ControlCommand]] = []
         self.audits: list[AuditRecord] = []
         self.comparisons = 0
@@ -223,24 +228,11 @@ class Observer:
 
     def _comparison(self, c: Comparison) -> None:
         self.comparisons += 1
-        a, b = c.champion.score, c.candidate.score
-        if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
-            return
-        s = self.scores[c.rollout]
-        s.champion.append(a)
-        s.candidate.append(b)
-        s.labels.append(self.is_fraud(c.request_id))
+        self.quality.add(c, self.truth(c.request_id))
 
     def average_precision(self, rollout: str) -> tuple[float, float, int, int]:
-        s = self.scores.get(rollout)
-        if s is None or not s.labels:
-            return math.nan, math.nan, 0, 0
-        return (
-            average_precision(s.champion, s.labels),
-            average_precision(s.candidate, s.labels),
-            len(s.labels),
-            sum(s.labels),
-        )
+        """The domain's quality figure for both arms (named for the fraud stories')."""
+        return self.quality.summary(rollout)
 
     def recording(self) -> Recording:
         return Recording(commands=list(self.commands), audits=list(self.audits))
@@ -342,8 +334,14 @@ class Demo:
             instances=len(self.sidecars),
             report=report,
             guards=guard_states(
-                agg.guards.rules if agg else [], report, agg.guards.active(rollout) if agg else []
+                [r for r in agg.guards.rules if r.figure not in self.domain.hidden_figures]
+                if agg
+                else [],
+                report,
+                agg.guards.active(rollout) if agg else [],
             ),
+            quality_name=self.domain.quality.name,
+            quality_unit=self.domain.quality.unit,
             ap_champion=float(ap[0]),
             ap_candidate=float(ap[1]),
             ap_pairs=int(ap[2]),
@@ -402,8 +400,13 @@ class Demo:
             file=self.out,
             flush=True,
         )
-        cal = await asyncio.to_thread(
-            calibrate, opts.fraud_rate, opts.flag_ratio, opts.flag_shift, opts.seed + 99
+        story = STORIES[opts.scenario]
+        cal = (
+            await asyncio.to_thread(
+                calibrate, opts.fraud_rate, opts.flag_ratio, opts.flag_shift, opts.seed + 99
+            )
+            if story.calibrated
+            else None
         )
         tim = self.timing = timing(opts.duration_s, opts.rate)
         self.acts = acts(opts.scenario, cal)
@@ -423,8 +426,8 @@ class Demo:
             cfgs = [act_config(settings, a) for a in self.acts]
             base = cfgs[0]
             await ensure_config_topics(base)
-            self.traffic = Traffic(base, opts.rate, opts.seed, opts.fraud_rate)
-            self.observer = Observer(base, self.traffic.frauds.__contains__)
+            self.traffic = Traffic(base, opts.rate, opts.seed, opts.fraud_rate, self.domain)
+            self.observer = Observer(base, self.traffic.truth.get, self.domain.quality())
             self.aggregator = AggregatorService(base)
             tasks = [
                 asyncio.create_task(self.aggregator.run(), name="demo-aggregator"),
@@ -666,7 +669,7 @@ class Demo:
         self,
         recording: Recording,
         results: list[ActResult],
-        cal: Calibration,
+        cal: Calibration | None,
         tim: Timing,
         log_path: Path,
     ) -> DemoResult:
@@ -705,32 +708,53 @@ class Demo:
             elapsed,
         )
 
-    def _facts(self, results: list[ActResult], cal: Calibration, tim: Timing) -> dict[str, str]:
+    @property
+    def domain(self) -> Domain:
+        return DOMAINS[STORIES[self.opts.scenario].domain]
+
+    def _facts(
+        self, results: list[ActResult], cal: Calibration | None, tim: Timing
+    ) -> dict[str, str]:
         opts = self.opts
+        q = self.domain.quality
+        traffic = (
+            f"{opts.rate:g} card transactions/s, fraud rate {opts.fraud_rate:.1%}"
+            if cal is not None
+            else f"{opts.rate:g} recommendation requests/s, 100 candidate items each"
+        )
+        champion = self.domain.champion_text + (
+            f", threshold {cal.champion_threshold:g} (flags {cal.champion_rate:.2%} on the "
+            "calibration sample)"
+            if cal is not None
+            else ""
+        )
         facts = {
-            "traffic": f"{opts.rate:g} card transactions/s, fraud rate {opts.fraud_rate:.1%}, "
-            f"seed {opts.seed}; windows of {tim.window_s:g}s (event time = wall time)",
-            "champion": f"fraud-lr 1.4.0 (6 features), threshold {cal.champion_threshold:g} "
-            f"(flags {cal.champion_rate:.2%} on the calibration sample)",
+            "traffic": f"{traffic}, seed {opts.seed}; windows of {tim.window_s:g}s (event "
+            "time = wall time)",
+            "champion": champion,
             "ramp plan": tim.plan,
         }
         for r in results:
+            threshold = f"threshold {r.act.threshold:g}, " if cal is not None else ""
             facts[f"candidate {r.act.version}"] = (
-                f"threshold {r.act.threshold:g}, options {r.act.options or '{}'}: {r.outcome}"
+                f"{threshold}options {r.act.options or '{}'}: {r.outcome}"
                 + (f" after {r.time_to_action_s:.0f}s" if r.time_to_action_s else "")
             )
-            facts[f"average precision, rollout {r.act.rollout}"] = (
+            facts[f"{q.name}, rollout {r.act.rollout}"] = (
                 f"champion {r.ap_champion:.3f}, candidate {r.ap_candidate:.3f} over {r.pairs:,} "
-                f"transactions ({r.frauds} fraud), scores from the comparisons topic, labels "
-                "from the generator"
+                f"{q.unit} ({self._positives(r)}), from the comparisons topic against the "
+                "generator's truth"
             )
         return facts
+
+    def _positives(self, r: ActResult) -> str:
+        return f"{r.frauds} fraud" if self.domain.name == "fraud" else f"{r.frauds} with a click"
 
     def _summary(
         self,
         results: list[ActResult],
         timeline: list[CommandEntry],
-        cal: Calibration,
+        cal: Calibration | None,
         elapsed: float,
         report: Path,
         record: Path,
@@ -740,14 +764,16 @@ class Demo:
         lines = [
             "",
             f"sidecar demo ({self.opts.scenario}) {'finished' if ok else 'FAILED'} in "
-            f"{elapsed:.0f}s: {self.traffic.sent if self.traffic else 0:,} transactions, "
+            f"{elapsed:.0f}s: {self.traffic.sent if self.traffic else 0:,} "
+            f"{self.domain.quality.unit}, "
             f"{self.scored():,} scored by {INSTANCES} sidecar instances",
         ]
         for i, r in enumerate(results, start=1):
             lines.append(f"  act {i}: {r.act.headline}.")
+            q = self.domain.quality
             lines.append(
-                f"         average precision (vs the generator's labels, {r.pairs:,} "
-                f"transactions, {r.frauds} fraud): champion {r.ap_champion:.3f}, candidate "
+                f"         {q.name} (vs the generator's truth, {r.pairs:,} {q.unit}, "
+                f"{self._positives(r)}): champion {r.ap_champion:.3f}, candidate "
                 f"{r.ap_candidate:.3f}"
             )
             lines.append(f"         outcome: {'ok' if r.ok else 'UNEXPECTED'}: {r.outcome}")

@@ -1,5 +1,10 @@
 """The demo's stories: which candidates are deployed, what the operator does, what must happen.
 
+A story is data: a :class:`Scenario` names its :class:`Domain` (what traffic is generated, which
+models serve it, how quality is judged against the generator's truth) and its acts (which
+candidate, what the operator does, what must become of it); :mod:`sidecar.demo.run` plays any
+of them the same way. A new story is a new entry in :data:`STORIES`.
+
 Pure except :func:`calibrate`, which fits the example models (numpy, ~1 s) to pick thresholds:
 the healthy candidate gets the threshold at which it flags as often as the champion does, the
 "bad" one keeps the champion's (shared) threshold plus a score shift that makes it flag about
@@ -16,14 +21,16 @@ from typing import Any, Literal
 import numpy as np
 
 from ..config import SidecarConfig, config_from_dict
+from ..contracts import Comparison
 from ..control.keys import KeySet
-from ..examples import fraud
+from ..examples import fraud, recommend
+from ..outcomes.ranking import PairedRankingQuality
 
 CHAMPION_THRESHOLD = 0.3
 CHAMPION_VERSION = "1.4.0"
 ROLLOUT_PREFIX = "fraud-lr"
-ScenarioName = Literal["flags", "errors", "latency", "benign"]
-SCENARIOS: tuple[ScenarioName, ...] = ("flags", "errors", "latency", "benign")
+ScenarioName = Literal["flags", "errors", "latency", "benign", "recommend"]
+SCENARIOS: tuple[ScenarioName, ...] = ("flags", "errors", "latency", "benign", "recommend")
 SCENARIO_HELP = {
     "flags": "a candidate that ranks fraud better but flags ~2x at the shared threshold is "
     "rolled back in shadow by the aggregator; then a healthy one ramps to 100% and is promoted",
@@ -32,6 +39,10 @@ SCENARIO_HELP = {
     "latency": "a candidate 40 ms slower per batch is ramped; the aggregator pauses the ramp "
     "(slower on most of the same batches) and the operator rolls back",
     "benign": "only the healthy candidate: shadow, ramp 1% -> 100%, promoted",
+    "recommend": "a recommender re-ranking 100 candidates per request (top 10): a matrix-"
+    "factorisation candidate whose popularity boost collapses diversity is rolled back in "
+    "shadow by the aggregator (catalogue coverage, one item's exposure); a personal one "
+    "ramps to 100% and is promoted",
 }
 Expect = Literal["rollback", "promoted", "paused"]
 
@@ -94,6 +105,8 @@ class Act:
     expect: Expect
     shadow_windows: int = 2
     timeout_ms: int = 250
+    #: Which domain's models and traffic (see :data:`DOMAINS`).
+    domain: str = "fraud"
 
 
 @dataclass(frozen=True)
@@ -122,7 +135,13 @@ def timing(duration_s: float, rate: float) -> Timing:
     return Timing(window_s, hold_s, max(50, int(rate * hold_s * 0.15)), rate)
 
 
-def acts(scenario: ScenarioName, cal: Calibration) -> list[Act]:
+def acts(scenario: ScenarioName, cal: Calibration | None) -> list[Act]:
+    """The acts of ``scenario`` (fraud stories need the calibration)."""
+    return STORIES[scenario].acts(cal)
+
+
+def _fraud_acts(scenario: ScenarioName, cal: Calibration | None) -> list[Act]:
+    assert cal is not None, "fraud stories are calibrated first"
     cand = "sidecar.examples.fraud:candidate"
     healthy = Act(
         "healthy",
@@ -209,7 +228,6 @@ def act_config(s: Settings, act: Act) -> SidecarConfig:
     """The sidecars' (and the aggregator's) config for one act."""
     window_ms = int(s.timing.window_s * 1000)
     t = s.topics
-    features = [{"name": f} for f in fraud.CANDIDATE_FEATURES]
     tree: dict[str, Any] = {
         "kafka": {
             "bootstrap_servers": s.bootstrap,
@@ -229,24 +247,7 @@ def act_config(s: Settings, act: Act) -> SidecarConfig:
             "partitions": s.partitions,
         },
         "rollout": {"name": act.rollout, "mode": "shadow"},
-        "models": {
-            "champion": {
-                "name": "fraud-lr",
-                "version": CHAMPION_VERSION,
-                "target": "sidecar.examples.fraud:champion",
-                "threshold": CHAMPION_THRESHOLD,
-                "features": [{"name": f} for f in fraud.CHAMPION_FEATURES],
-            },
-            "candidate": {
-                "name": "fraud-lr",
-                "version": act.version,
-                "target": act.target,
-                "options": act.options,
-                "threshold": act.threshold,
-                "timeout_ms": act.timeout_ms,
-                "features": features,
-            },
-        },
+        "models": DOMAINS[act.domain].models(act),
         "pipeline": {"drain_timeout_s": 10},
         "metrics": {"port": 0},
         "control": {
@@ -271,11 +272,298 @@ def act_config(s: Settings, act: Act) -> SidecarConfig:
     return config_from_dict(tree, source="sidecar demo")
 
 
+# --------------------------------------------------------------------------- domains
+
+RANKING_FIGURES = (
+    "overlap_at_k",
+    "rbo",
+    "kendall_tau",
+    "top_item_kept",
+    "top_item_dropped",
+    "exposure_psi",
+    "exposure_js",
+    "popularity_lift",
+    "coverage_ratio",
+    "item_exposure_jump",
+)
+KIND_FIGURES = (
+    *RANKING_FIGURES,
+    "label_agreement",
+    "label_psi",
+    "label_rate_ratio",
+    "value_mean_diff",
+    "value_diff_share",
+    "value_psi",
+    "value_ks",
+)
+#: Figures of a binary model's score and decision (meaningless for a ranking).
+BINARY_FIGURES = frozenset(
+    {
+        "decision_rate_ratio",
+        "psi_candidate_vs_champion",
+        "psi_champion_vs_reference",
+        "champion_nan_rate",
+    }
+)
+
+
+class Quality:
+    """How a domain judges both arms against the generator's truth, per rollout, from the
+    comparisons the sidecars really wrote (``truth`` maps request ids to what the generator
+    knows about them)."""
+
+    #: E.g. "average precision"; ``unit``: what a request is ("transactions").
+    name = ""
+    unit = "requests"
+
+    def add(self, c: Comparison, truth: Any) -> None:
+        raise NotImplementedError
+
+    def summary(self, rollout: str) -> tuple[float, float, int, int]:
+        """Champion's and candidate's figure, requests judged, positives among them."""
+        raise NotImplementedError
+
+
+class AveragePrecision(Quality):
+    name, unit = "average precision", "transactions"
+
+    def __init__(self) -> None:
+        self.scores: dict[str, tuple[list[float], list[float], list[bool]]] = {}
+
+    def add(self, c: Comparison, truth: Any) -> None:
+        a, b = c.champion.score, c.candidate.score
+        if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
+            return
+        champ, cand, labels = self.scores.setdefault(c.rollout, ([], [], []))
+        champ.append(a)
+        cand.append(b)
+        labels.append(bool(truth))
+
+    def summary(self, rollout: str) -> tuple[float, float, int, int]:
+        from .view import average_precision
+
+        got = self.scores.get(rollout)
+        if got is None or not got[2]:
+            return math.nan, math.nan, 0, 0
+        champ, cand, labels = got
+        return (
+            average_precision(champ, labels),
+            average_precision(cand, labels),
+            len(labels),
+            sum(labels),
+        )
+
+
+class RankingNdcg(Quality):
+    """NDCG@10 of both arms' lists against the items the generator's user would click."""
+
+    name, unit = "NDCG@10", "requests"
+
+    def __init__(self) -> None:
+        self.state: dict[str, PairedRankingQuality] = {}
+        self.pending: dict[str, tuple[list[list[str]], list[list[str]], list[set[str]]]] = {}
+        self.clicked: dict[str, int] = {}
+
+    def add(self, c: Comparison, truth: Any) -> None:
+        a, b = c.champion.items, c.candidate.items
+        if a is None or b is None or truth is None:
+            return
+        champ, cand, clicks = self.pending.setdefault(c.rollout, ([], [], []))
+        champ.append(a)
+        cand.append(b)
+        clicks.append(truth)
+        self.clicked[c.rollout] = self.clicked.get(c.rollout, 0) + bool(truth)
+        if len(clicks) >= 500:
+            self._flush(c.rollout)
+
+    def _flush(self, rollout: str) -> None:
+        champ, cand, clicks = self.pending.pop(rollout, ([], [], []))
+        if clicks:
+            self.state.setdefault(rollout, PairedRankingQuality(recommend.K)).add(
+                champ, cand, clicks
+            )
+
+    def summary(self, rollout: str) -> tuple[float, float, int, int]:
+        self._flush(rollout)
+        q = self.state.get(rollout)
+        if q is None:
+            return math.nan, math.nan, 0, 0
+        r = q.report()
+        nan = math.nan
+        return (
+            nan if r.ndcg_champion.value is None else r.ndcg_champion.value,
+            nan if r.ndcg_candidate.value is None else r.ndcg_candidate.value,
+            r.requests,
+            self.clicked.get(rollout, 0),
+        )
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The traffic, models and quality measure of a family of stories."""
+
+    name: str
+    #: ``(n, seed, start_id)`` -> request objects and, per request id, the truth.
+    generate: Any
+    #: An act -> the ``[models]`` table (champion and candidate).
+    models: Any
+    quality: type[Quality]
+    champion_text: str
+    #: Guard figures the live view leaves out (those of other output kinds).
+    hidden_figures: frozenset[str] = frozenset()
+
+
+def _fraud_batch(
+    n: int, seed: int, start_id: int, fraud_rate: float
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    data = fraud.generate(n, seed=seed, fraud_rate=fraud_rate)
+    requests = fraud.request_dicts(data, start_id=start_id)
+    truth = {f"req-{start_id + int(i)}": True for i in np.flatnonzero(data.is_fraud)}
+    return requests, truth
+
+
+def _fraud_models(act: Act) -> dict[str, Any]:
+    return {
+        "champion": {
+            "name": "fraud-lr",
+            "version": CHAMPION_VERSION,
+            "target": "sidecar.examples.fraud:champion",
+            "threshold": CHAMPION_THRESHOLD,
+            "features": [{"name": f} for f in fraud.CHAMPION_FEATURES],
+        },
+        "candidate": {
+            "name": "fraud-lr",
+            "version": act.version,
+            "target": act.target,
+            "options": act.options,
+            "threshold": act.threshold,
+            "timeout_ms": act.timeout_ms,
+            "features": [{"name": f} for f in fraud.CANDIDATE_FEATURES],
+        },
+    }
+
+
+RECS_VERSION = "1.0.0"
+
+
+def _recommend_batch(
+    n: int, seed: int, start_id: int, _rate: float
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    data = recommend.generate(n, seed=seed)
+    requests = recommend.request_dicts(data, start_id=start_id)
+    clicks = recommend.click_sets(data, seed=seed + 1)
+    return requests, {r["request_id"]: c for r, c in zip(requests, clicks, strict=True)}
+
+
+def _recommender(version: str, target: str, options: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": "recs",
+        "version": version,
+        "target": target,
+        "options": options,
+        "output_kind": "ranking",
+        "k": recommend.K,
+        "items_from": "request",
+        "timeout_ms": 500,
+        "features": [{"name": f} for f in recommend.FEATURES],
+    }
+
+
+def _recommend_models(act: Act) -> dict[str, Any]:
+    return {
+        "champion": _recommender(RECS_VERSION, "sidecar.examples.recommend:popularity", {}),
+        "candidate": _recommender(act.version, act.target, act.options),
+    }
+
+
+DOMAINS: dict[str, Domain] = {
+    "fraud": Domain(
+        "fraud",
+        _fraud_batch,
+        _fraud_models,
+        AveragePrecision,
+        f"fraud-lr {CHAMPION_VERSION} (6 features)",
+        frozenset(KIND_FIGURES),
+    ),
+    "recommend": Domain(
+        "recommend",
+        _recommend_batch,
+        _recommend_models,
+        RankingNdcg,
+        f"recs {RECS_VERSION}: segment popularity, re-ranking {recommend.CANDIDATES} "
+        f"candidates to the top {recommend.K}",
+        (BINARY_FIGURES | frozenset(KIND_FIGURES)) - frozenset(RANKING_FIGURES),
+    ),
+}
+
+
+def _recommend_acts(_scenario: ScenarioName, _cal: Calibration | None) -> list[Act]:
+    mf = "sidecar.examples.recommend:matrix_factorisation"
+    return [
+        Act(
+            "collapse",
+            "recs-mf-v2",
+            "2.0.0",
+            mf,
+            {"popularity_boost": 8.0},
+            0.5,
+            "Candidate recs 2.0.0, matrix factorisation with a popularity boost that swamps "
+            "its user factors: every user gets the same best-sellers. Shadow only; the "
+            "aggregator compares both rankings of every request",
+            "watch",
+            "rollback",
+            domain="recommend",
+        ),
+        Act(
+            "personal",
+            "recs-mf-v2-1",
+            "2.1.0",
+            mf,
+            {},
+            0.5,
+            "Candidate recs 2.1.0, matrix factorisation without the boost: personal lists, "
+            "wider catalogue coverage; shadow, then ramp 1% -> 100%",
+            "ramp",
+            "promoted",
+            domain="recommend",
+        ),
+    ]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: ScenarioName
+    domain: str
+    #: ``(scenario, calibration)`` -> the acts, in order.
+    make_acts: Any
+    #: Fraud stories pick thresholds on a calibration sample first.
+    calibrated: bool = True
+
+    def acts(self, cal: Calibration | None) -> list[Act]:
+        return list(self.make_acts(self.name, cal))
+
+
+STORIES: dict[ScenarioName, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("flags", "fraud", _fraud_acts),
+        Scenario("errors", "fraud", _fraud_acts),
+        Scenario("latency", "fraud", _fraud_acts),
+        Scenario("benign", "fraud", _fraud_acts),
+        Scenario("recommend", "recommend", _recommend_acts, calibrated=False),
+    )
+}
+
+
 __all__ = [
+    "DOMAINS",
     "SCENARIOS",
     "SCENARIO_HELP",
+    "STORIES",
     "Act",
     "Calibration",
+    "Domain",
+    "Quality",
     "ScenarioName",
     "Settings",
     "Timing",

@@ -105,6 +105,10 @@ class Snapshot:
     ap_candidate: float
     ap_pairs: int
     events: list[str] = field(default_factory=list)
+    #: The quality figure's name and what a request is (fraud stories: average precision over
+    #: transactions; the recommend story: NDCG@10 over requests).
+    quality_name: str = "average precision"
+    quality_unit: str = "transactions"
 
 
 def _pct(x: float | None, digits: int = 2) -> str:
@@ -122,6 +126,8 @@ def _hms(ms: int) -> str:
 def window_text(r: WindowReport | None) -> str:
     if r is None:
         return "no window closed yet"
+    if r.ranking is not None:
+        return ranking_text(r)
     p = r.paired
 
     def fig(name: str) -> float | None:
@@ -136,6 +142,25 @@ def window_text(r: WindowReport | None) -> str:
         f"p99 {_num(fig('champion_latency_p99'), '{:.1f}')}/"
         f"{_num(fig('candidate_latency_p99'), '{:.1f}')} ms  "
         f"disagree {p.champion_yes_candidate_no + p.champion_no_candidate_yes}"
+    )
+
+
+def ranking_text(r: WindowReport) -> str:
+    k = r.ranking
+    assert k is not None
+
+    def v(f: object, fmt: str = "{:.2f}") -> str:
+        return _num(getattr(f, "value", None), fmt)
+
+    jump = (
+        f"{v(k.top_exposure_jump)} ({k.top_exposure_jump_item})"
+        if k.top_exposure_jump_item
+        else v(k.top_exposure_jump)
+    )
+    return (
+        f"{_hms(r.window_start_ms)}-{_hms(r.window_end_ms)} UTC  {k.pairs:,} pairs  "
+        f"overlap@{k.k} {v(k.overlap)}  RBO {v(k.rbo)}  tau {v(k.kendall_tau)}  "
+        f"coverage x{v(k.coverage_ratio)}  exposure jump {jump}  PSI {v(k.exposure_psi)}"
     )
 
 
@@ -165,10 +190,10 @@ def _shown(events: Sequence[str], last: int = 5) -> list[str]:
 def render_panel(s: Snapshot, width: int = 110) -> str:
     """The full panel (no ANSI codes; the caller clears the screen)."""
     ap = (
-        f"average precision vs the generator's labels ({s.ap_pairs:,} scored transactions): "
+        f"{s.quality_name} vs the generator's truth ({s.ap_pairs:,} scored {s.quality_unit}): "
         f"champion {_num(s.ap_champion, '{:.3f}')}, candidate {_num(s.ap_candidate, '{:.3f}')}"
         if s.ap_pairs
-        else "average precision: waiting for scored transactions"
+        else f"{s.quality_name}: waiting for scored {s.quality_unit}"
     )
     lines = [
         f"sidecar demo: {s.scenario}    {s.elapsed_s:5.0f} s    act {s.act_index}/{s.acts}",
@@ -214,6 +239,7 @@ __all__ = [
     "average_precision",
     "guard_states",
     "guard_text",
+    "ranking_text",
     "render_line",
     "render_panel",
     "routing_text",

@@ -11,7 +11,7 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +20,7 @@ from ..config import ModelConfig
 from ..contracts import ModelError
 from ..errors import SidecarError
 from ..manifest import Manifest, digest
+from ..output_kinds import CandidateItems, KindOutput, concat, shape_output
 from .contract import model_manifest
 from .health import CircuitBreaker
 
@@ -46,6 +47,12 @@ class BatchScores:
     error: ModelError | None = None
     #: Set when only some records are invalid (NaN or infinite scores).
     record_error: ModelError | None = None
+    #: A non-binary model's output (labels, values, ranked items); None for binary models
+    #: and failed batches ...
+    output: KindOutput | None = None
+    #: ... and per record, its fields as JSON text (``KindOutput.fragments``), rendered once
+    #: and appended to the decisions and comparisons.
+    fragments: list[str] | None = None
 
     @classmethod
     def failed(cls, n: int, error: ModelError, latency_ms: float) -> BatchScores:
@@ -97,6 +104,9 @@ class ScoringModel:
         self.name = config.name
         self.version = config.version
         self.threshold = float(config.threshold)
+        self.kind = config.output_kind
+        #: Whether the model is given the request's candidates (a re-ranker).
+        self.needs_items = config.output_kind == "ranking" and config.items_from == "request"
         self.feature_names = [f.name for f in config.features]
         self.manifest = manifest or model_manifest(config)
         self.manifest_digest = digest(self.manifest)
@@ -137,11 +147,19 @@ class ScoringModel:
         if isinstance(self._predictor, AsyncPredictor):
             await self._predictor.aclose()
 
-    async def score(self, batch: FloatArray, *, patient: bool = False) -> BatchScores:
-        """Scores of ``batch``; never raises. ``patient`` (a retry after a timeout): the call
+    async def score(
+        self, batch: FloatArray, items: CandidateItems | None = None, *, patient: bool = False
+    ) -> BatchScores:
+        """Scores of ``batch``; never raises. ``items``: the requests' candidates, given to a
+        re-ranker (ignored by other models). ``patient`` (a retry after a timeout): the call
         that timed out may still hold the model's slots, so waiting for a free slot gets its
         own ``timeout_ms`` before the call's ``timeout_ms`` starts."""
         n = batch.shape[0]
+        if not self.needs_items:
+            items = None
+        elif items is None:
+            error = ModelError(kind="invalid_output", message="no candidates given to a re-ranker")
+            return BatchScores.failed(n, error, 0.0)
         if not self.breaker.allow():
             error = ModelError(
                 kind="unavailable",
@@ -152,15 +170,24 @@ class ScoringModel:
         size = self._max_batch
         if size and n > size:
             parts = await asyncio.gather(
-                *(self._score_call(batch[i : i + size], patient) for i in range(0, n, size))
+                *(
+                    self._score_call(
+                        batch[i : i + size],
+                        None if items is None else items.rows(i, i + size),
+                        patient,
+                    )
+                    for i in range(0, n, size)
+                )
             )
             result = _concat(parts, n)
         else:
-            result = await self._score_call(batch, patient)
+            result = await self._score_call(batch, items, patient)
         self.breaker.record(result.error is None)
         return result
 
-    async def _score_call(self, batch: FloatArray, patient: bool = False) -> BatchScores:
+    async def _score_call(
+        self, batch: FloatArray, items: CandidateItems | None = None, patient: bool = False
+    ) -> BatchScores:
         n = batch.shape[0]
         start = time.perf_counter()
         try:
@@ -178,7 +205,7 @@ class ScoringModel:
                         self._slots.release()
                 else:
                     loop = asyncio.get_running_loop()
-                    future = loop.run_in_executor(self._pool, self._predict, batch)
+                    future = loop.run_in_executor(self._pool, self._predict, batch, items)
                     future.add_done_callback(lambda _f: self._slots.release())
                     raw = await asyncio.shield(future)
         except TimeoutError:
@@ -197,11 +224,40 @@ class ScoringModel:
             message = f"{type(exc).__name__}: {exc}"[:500]
             return BatchScores.failed(n, ModelError(kind="exception", message=message), elapsed)
         latency_ms = (time.perf_counter() - start) * 1000.0
+        if self.kind != "binary":
+            return self._shaped(raw, n, latency_ms, items)
         return self._check_output(raw, n, latency_ms)
 
-    def _predict(self, batch: FloatArray) -> npt.ArrayLike:
+    def _predict(self, batch: FloatArray, items: CandidateItems | None = None) -> npt.ArrayLike:
         assert isinstance(self._predictor, Predictor)
+        if items is not None:
+            return self._predictor.predict(batch, items)  # type: ignore[call-arg]
         return self._predictor.predict(batch)
+
+    def _shaped(
+        self, raw: Any, n: int, latency_ms: float, items: CandidateItems | None
+    ) -> BatchScores:
+        """A multiclass, regression or ranking output, checked and shaped (vectorised)."""
+        c = self.config
+        try:
+            shaped = shape_output(
+                self.kind, raw, n, labels=c.labels, bands=c.bands, k=c.k, items=items
+            )
+        except Exception as exc:  # a model's output may be anything: this batch fails alone
+            message = f"output not usable: {type(exc).__name__}: {exc}"[:500]
+            error = ModelError(kind="invalid_output", message=message)
+            return BatchScores.failed(n, error, latency_ms)
+        if shaped.error is not None:
+            return BatchScores.failed(n, shaped.error, latency_ms)
+        return BatchScores(
+            scores=shaped.scores,
+            valid=shaped.valid,
+            decisions=np.zeros(n, dtype=bool),
+            latency_ms=latency_ms,
+            record_error=shaped.record_error,
+            output=shaped.output,
+            fragments=None if shaped.output is None else shaped.output.fragments(shaped.valid),
+        )
 
     def _check_output(self, raw: npt.ArrayLike, n: int, latency_ms: float) -> BatchScores:
         try:
@@ -240,4 +296,33 @@ def _concat(parts: list[BatchScores], n: int) -> BatchScores:
         decisions=np.concatenate([p.decisions for p in parts]),
         latency_ms=latency,
         record_error=next((p.record_error for p in parts if p.record_error), None),
+        output=_concat_outputs([p.output for p in parts]),
+        fragments=(
+            None
+            if any(p.fragments is None for p in parts)
+            else [f for p in parts for f in p.fragments or ()]
+        ),
     )
+
+
+def _concat_outputs(outputs: list[KindOutput | None]) -> KindOutput | None:
+    if any(o is None for o in outputs):
+        return None
+    parts = [o for o in outputs if o is not None]
+    if parts and parts[0].items is not None:  # ranking: pad every part to the widest k
+        k = max(p.items.shape[1] for p in parts if p.items is not None)
+        parts = [_pad(p, k) for p in parts]
+    return concat(parts)
+
+
+def _pad(output: KindOutput, k: int) -> KindOutput:
+    assert output.items is not None and output.item_scores is not None
+    have = output.items.shape[1]
+    if have == k:
+        return output
+    n = output.items.shape[0]
+    items = np.full((n, k), "", dtype=object)
+    items[:, :have] = output.items
+    scores = np.full((n, k), -np.inf)
+    scores[:, :have] = output.item_scores
+    return KindOutput(output.kind, items=items, item_scores=scores, counts=output.counts)

@@ -26,8 +26,24 @@ def derived_manifest(config: ModelConfig) -> Manifest:
             InputSpec(name=f.name, type=f.type, nullable=f.nullable, categories=f.categories)
             for f in config.features
         ],
-        output=OutputSpec(threshold=config.threshold),
+        output=output_spec(config),
     )
+
+
+def output_spec(config: ModelConfig) -> OutputSpec:
+    """The output part of the contract the model's config declares."""
+    return OutputSpec(
+        threshold=config.threshold,
+        kind=config.output_kind,
+        labels=config.labels,
+        bands=config.bands,
+        k=config.k,
+        items_from=config.items_from,
+    )
+
+
+def _output_of(spec: OutputSpec) -> tuple[object, ...]:
+    return (spec.kind, spec.labels, spec.bands, spec.k, spec.items_from)
 
 
 def model_manifest(config: ModelConfig) -> Manifest:
@@ -56,6 +72,12 @@ def model_manifest(config: ModelConfig) -> Manifest:
         raise ContractError(
             f"{where} inputs {manifested} differ from the configured features {declared} "
             "(names, types and order must match)"
+        )
+    declared_output = _output_of(output_spec(config))
+    if _output_of(manifest.output) != declared_output:
+        raise ContractError(
+            f"{where} output (kind, labels, bands, k, items_from) "
+            f"{_output_of(manifest.output)} differs from the configured {declared_output}"
         )
     if manifest.output.threshold != config.threshold:
         raise ContractError(
@@ -123,7 +145,12 @@ def check_startup(
     needs a feature the request contract does not carry or the candidate declares another
     output contract than the champion; a candidate with ``shadow_only = true`` is let through
     in shadow mode (returned as warnings) and never decides."""
-    problems = gate_problems(champion, candidate, config.request_contract.features)
+    problems = gate_problems(
+        champion,
+        candidate,
+        config.request_contract.features,
+        config.request_contract.candidates,
+    )
     if config.request_contract.features is None:
         log.info("request_contract.features is not set: the feature gate is off")
     cand_cfg = config.models.candidate

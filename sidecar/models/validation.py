@@ -124,4 +124,5 @@ def keep(batch: DecodedBatch, mask: BoolArray) -> DecodedBatch:
         trace={new: batch.trace[old] for new, old in enumerate(idx) if old in batch.trace}
         if batch.trace
         else {},
+        items=None if batch.items is None else batch.items.take(np.flatnonzero(mask)),
     )

@@ -352,6 +352,118 @@ def build_charts(rec: Recording) -> list[Chart]:
             note="Numbered markers are the commands in the table below.",
         )
     )
+    kind_charts = _kind_charts(reports, spans, rules)
+    if kind_charts:  # a non-binary rollout: its own figures first, the binary ones drop out
+        charts = kind_charts + [c for c in charts if c.key not in _BINARY_ONLY]
+    return charts
+
+
+#: Charts of a binary model's score and yes/no decision (empty for other output kinds).
+_BINARY_ONLY = frozenset({"decision_rates", "ratio", "drift", "disagreement"})
+
+
+def _kind_charts(
+    reports: Sequence[WindowReport], spans: Sequence[Span], rules: Sequence[GuardRule]
+) -> list[Chart]:
+    """Charts of the ranking, label and regression figures, for windows that have them."""
+    charts: list[Chart] = []
+
+    def line(label: str, name: str, color: str, dash: str | None = None) -> Series:
+        return Series(label, _fig(reports, spans, named(name)), color, dash=dash)
+
+    if any(r.ranking is not None for r in reports):
+        overlap_rule = rule_for(rules, "overlap_at_k")
+        charts.append(
+            Chart(
+                "ranking_agreement",
+                "Rankings: how much the candidate's lists agree with the champion's",
+                "agreement",
+                [
+                    line("overlap@k (shared items / k)", "overlap_at_k", "#000"),
+                    line("rank-biased overlap (top ranks weigh most)", "rbo", PALETTE[2]),
+                    line("Kendall tau of the shared items", "kendall_tau", PALETTE[3], DASHED),
+                    line("champion's top item still first", "top_item_kept", PALETTE[4], DOTTED),
+                ],
+                y_format="{:.2f}",
+                hlines=_rule_lines(overlap_rule, "{:g}"),
+                highlights=guard_breaches(reports, overlap_rule) if overlap_rule else [],
+                highlight_label="overlap breach",
+                note="Both models rank every request; each figure is the mean over the same "
+                "requests (1 = the same list).",
+            )
+        )
+        exposure_rules = [rule_for(rules, "coverage_ratio"), rule_for(rules, "item_exposure_jump")]
+        charts.append(
+            Chart(
+                "ranking_exposure",
+                "Rankings: exposure -- catalogue coverage, the largest item jump, drift",
+                "ratio / share",
+                [
+                    line(
+                        "coverage ratio (distinct items, candidate / champion)",
+                        "coverage_ratio",
+                        CANDIDATE,
+                    ),
+                    Series(
+                        "largest item exposure jump (lower 95% bound)",
+                        _fig(reports, spans, _bound("item_exposure_jump", "lo")),
+                        PALETTE[4],
+                    ),
+                    line(
+                        "popularity lift (candidate / champion)",
+                        "popularity_lift",
+                        PALETTE[3],
+                        DASHED,
+                    ),
+                    line("exposure PSI", "exposure_psi", PALETTE[2], DOTTED),
+                ],
+                y_format="{:.2f}",
+                hlines=_rules_lines(exposure_rules, "{:g}"),
+                highlights=_breaches(reports, exposure_rules),
+                highlight_label="exposure breach",
+                y_min=0.0,
+                note="A jump is the share of requests whose candidate list shows an item, less "
+                "the share whose champion list does. Coverage counts distinct items shown.",
+            )
+        )
+    if any(r.labels is not None for r in reports):
+        label_rules = [rule_for(rules, "label_rate_ratio")]
+        charts.append(
+            Chart(
+                "labels",
+                "Labels: agreement, the label whose rate moved most, PSI of the label mix",
+                "share / ratio",
+                [
+                    line("agreement (same label)", "label_agreement", "#000"),
+                    line("most moved label: rate ratio", "label_rate_ratio", CANDIDATE),
+                    line("PSI of the label distribution", "label_psi", PALETTE[2], DASHED),
+                ],
+                y_format="{:.2f}",
+                hlines=_rules_lines(label_rules, "{:g}"),
+                highlights=_breaches(reports, label_rules),
+                highlight_label="label breach",
+                y_min=0.0,
+            )
+        )
+    if any(r.regression is not None for r in reports):
+        value_rules = [rule_for(rules, "value_diff_share")]
+        charts.append(
+            Chart(
+                "values",
+                "Regression: pairs beyond the tolerance, distribution drift",
+                "share / drift",
+                [
+                    line("pairs differing beyond the tolerance", "value_diff_share", CANDIDATE),
+                    line("PSI of the values", "value_psi", PALETTE[2], DASHED),
+                    line("KS of the values", "value_ks", PALETTE[3], DOTTED),
+                ],
+                y_format="{:.2f}",
+                hlines=_rules_lines(value_rules, "{:g}"),
+                highlights=_breaches(reports, value_rules),
+                highlight_label="value breach",
+                y_min=0.0,
+            )
+        )
     return charts
 
 

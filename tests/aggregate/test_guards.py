@@ -168,6 +168,14 @@ def test_default_rules_cover_the_documented_figures() -> None:
         "candidate_timeouts",
         "latency_median",
         "latency_tail",
+        # non-binary outputs: inert (insufficient data) in binary rollouts
+        "ranking_overlap_collapse",
+        "item_exposure_jump",
+        "catalogue_coverage",
+        "label_rate_ratio",
+        "label_psi",
+        "value_differences",
+        "value_psi",
     }
     for r in default_rules():
         assert figure_of(_BASE, r.figure).status == "insufficient_data"

@@ -133,3 +133,31 @@ async def test_quick_flags_demo_tells_the_whole_story(tmp_path: Path) -> None:
     assert len(recorded) == len(result.timeline) and again.reports
     assert any(c.action == "verdict" for _, c in again.commands)
     assert result.log_path.stat().st_size > 0
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(150)
+@pytest.mark.slow
+async def test_quick_recommend_demo_rolls_back_the_collapse_and_promotes_the_personal_one(
+    tmp_path: Path,
+) -> None:
+    out = io.StringIO()
+    result = await run_demo(
+        DemoOptions(scenario="recommend", duration_s=35, rate=1500, out_dir=tmp_path, live=False),
+        out,
+    )
+    print(result.summary)
+    assert result.ok, result.summary
+    collapse, personal = (a.act.rollout for a in result.acts)
+    first = [e for e in result.timeline if e.command.rollout == collapse and e.applied]
+    assert [e.command.action for e in first] == ["rollback"]
+    assert first[0].command.issued_by == "demo-guard"
+    assert any(g in first[0].command.reason for g in ("item_exposure_jump", "catalogue_coverage"))
+    second = [e for e in result.timeline if e.command.rollout == personal and e.applied]
+    assert second[-1].mode == "promoted"
+    assert not any(is_guard_command(e.command) for e in second)
+    bad, good = result.acts
+    assert bad.ap_candidate < bad.ap_champion - 0.1  # NDCG@10 against the generator's clicks
+    assert good.ap_candidate > good.ap_champion + 0.02
+    assert "NDCG@10" in result.summary
+    assert "Rankings: exposure" in result.report_path.read_text()

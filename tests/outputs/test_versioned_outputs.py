@@ -141,7 +141,7 @@ def _failing(score: Any) -> Any:
     from sidecar.contracts import ModelError
     from sidecar.models.base import BatchScores
 
-    async def fail(matrix: np.ndarray) -> BatchScores:
+    async def fail(matrix: np.ndarray, *_: Any, **__: Any) -> BatchScores:
         return BatchScores.failed(len(matrix), ModelError(kind="exception", message="x"), 1.0)
 
     return fail

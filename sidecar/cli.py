@@ -141,7 +141,7 @@ def _run_workers(cfg: SidecarConfig, args: argparse.Namespace, count: int) -> in
         cfg.kafka.group_id,
         f"ports {cfg.metrics.port}-{cfg.metrics.port + count - 1}"
         if cfg.metrics.port
-        else "ephemeral ports",
+        else "no port (metrics.port = 0)",
     )
     supervisor = WorkerSupervisor(
         count,
@@ -167,7 +167,9 @@ async def _run(cfg: SidecarConfig, args: argparse.Namespace) -> None:
 
     sidecar = Sidecar(cfg)
     try:
-        sidecar.metrics.serve(cfg.metrics.port, cfg.metrics.host, health=sidecar.health)
+        sidecar.http_server = sidecar.metrics.serve(
+            cfg.metrics.port, cfg.metrics.host, health=sidecar.health
+        )
     except SidecarError:
         sidecar.close_models()
         raise

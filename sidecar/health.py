@@ -445,8 +445,24 @@ class HealthServer:
         return self
 
     def close(self) -> None:
+        self._closed = True
         self._httpd.shutdown()
         self._httpd.server_close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    async def watch(self, every_s: float = 1.0) -> None:
+        """Until closed: raise once the serving thread is gone (run it as a supervised task,
+        so an instance whose probes and metrics went dark stops to be restarted)."""
+        while not getattr(self, "_closed", False):
+            if not self._thread.is_alive():
+                raise RuntimeError(
+                    f"the HTTP server on {self.host}:{self.port} (/metrics, /healthz, /readyz) "
+                    "stopped"
+                )
+            await asyncio.sleep(every_s)
 
 
 class _Handler(BaseHTTPRequestHandler):

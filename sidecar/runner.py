@@ -26,7 +26,7 @@ from aiokafka.errors import CommitFailedError, KafkaConnectionError, KafkaError
 
 from .config import SidecarConfig
 from .errors import BrokerError, ContractError
-from .health import HealthState, watch_sidecar
+from .health import HealthServer, HealthState, watch_sidecar
 from .kafka import (
     BackgroundTaskFailed,
     Backoff,
@@ -140,6 +140,8 @@ class Sidecar:
         #: Readiness snapshot served on ``/readyz`` (see ``sidecar.health``).
         self.health = HealthState("sidecar")
         self.processed = 0
+        #: The /metrics, /healthz, /readyz server when one serves this instance (supervised).
+        self.http_server: HealthServer | None = None
         #: Timestamp of the last record consumed per partition (for lag in seconds).
         self.last_consumed_ms: dict[TopicPartition, int] = {}
         #: The latest lag sample (``sidecar.progress``); None until sampled.
@@ -203,6 +205,8 @@ class Sidecar:
                 self._control = ControlPlane.for_sidecar(self)
                 await self._control.start()
             self.supervisor.spawn(self._commit_loop(), "committer")
+            if self.http_server is not None:
+                self.supervisor.spawn(self.http_server.watch(), "http-server")
             self._watch_readers()
             self.ready.set()
             log.info(

@@ -6,8 +6,8 @@ more instances on more machines are: members of the same consumer group, each co
 share of the partitions. The supervisor:
 
 * starts the workers (``sidecar run --workers 1`` with the same config and environment);
-  worker *i* serves its metrics, ``/healthz`` and ``/readyz`` on ``metrics.port + i`` (or an
-  ephemeral port when ``metrics.port`` is 0);
+  worker *i* serves its metrics, ``/healthz`` and ``/readyz`` on ``metrics.port + i`` (none
+  when ``metrics.port`` is 0: off);
 * forwards SIGTERM/SIGINT to every worker, so each drains and commits, and exits 0 when all
   did; it kills what is still running ``pipeline.drain_timeout_s`` + 15 s later;
 * restarts a worker that exits on its own, with backoff; a worker failing

@@ -209,3 +209,18 @@ def test_metrics_carry_process_gc_and_readiness_series(component: str) -> None:
     assert f'sidecar_readiness_check{{check="control",component="{component}"}} 0.0' in text
     assert f'sidecar_readiness_check{{check="broker",component="{component}"}} 1.0' in text
     assert "_ms_" not in text and "_ms{" not in text, "latency and time metrics are in seconds"
+
+
+async def test_a_dead_http_thread_is_reported_and_a_closed_one_is_not(server: HealthServer) -> None:
+    """``HealthServer.watch`` runs as a supervised task: it raises once the serving thread is
+    gone (the instance stops to be restarted), and returns quietly after ``close``."""
+    watcher = asyncio.create_task(server.watch(every_s=0.01))
+    await asyncio.sleep(0.05)
+    assert not watcher.done() and server.alive
+    server._httpd.shutdown()  # the thread ends without close(): as if it had died
+    with pytest.raises(RuntimeError, match="stopped"):
+        await asyncio.wait_for(watcher, 5)
+    other = HealthServer(CollectorRegistry(), HealthState("x"), "127.0.0.1", free_port()).start()
+    quiet = asyncio.create_task(other.watch(every_s=0.01))
+    other.close()
+    await asyncio.wait_for(quiet, 5)

@@ -7,19 +7,58 @@ puts the event's figures and offsets in the command's reason as evidence.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 
+from ..outcomes.figures import QUALITY_FIGURE_PATHS
 from ..timefmt import utc_window
-from .report import FIGURES, OffsetRange, WindowReport, figure_of
+from .report import FIGURES, OffsetRange, figure_of
 from .stats import Figure
 
 Action = Literal["rollback", "pause", "alert"]
 Comparison = Literal[">", "<"]
 Bound = Literal["value", "lo", "hi"]
+#: Figure getters by short name: the aggregator's ``FIGURES``, or the outcomes stage's
+#: ``QUALITY_FIGURES`` (whose reports are quality reports).
+FigureTable = Mapping[str, Callable[[Any], Figure]]
+#: Short names a rule may watch: a window report's or a quality report's.
+KNOWN_FIGURES = frozenset(FIGURES) | frozenset(QUALITY_FIGURE_PATHS)
+
+
+class _Models(Protocol):
+    @property
+    def model(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+
+
+class _Counts(Protocol):
+    @property
+    def records(self) -> int: ...
+
+
+class GuardedReport(Protocol):
+    """What guards read of a report (a ``WindowReport`` or a ``QualityReport``)."""
+
+    @property
+    def rollout(self) -> str: ...
+    @property
+    def window_start_ms(self) -> int: ...
+    @property
+    def window_end_ms(self) -> int: ...
+    @property
+    def champion(self) -> _Models: ...
+    @property
+    def candidate(self) -> _Models: ...
+    @property
+    def counts(self) -> _Counts: ...
+    @property
+    def offsets(self) -> list[OffsetRange]: ...
+    @property
+    def emitted_at_ms(self) -> int: ...
 
 
 class GuardRule(msgspec.Struct, frozen=True, kw_only=True):
@@ -51,14 +90,15 @@ class GuardRule(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if self.consecutive < 1:
             raise ValueError("consecutive must be >= 1")
-        if self.only_if is not None and "." not in self.only_if and self.only_if not in FIGURES:
+        only_if = self.only_if
+        if only_if is not None and "." not in only_if and only_if not in KNOWN_FIGURES:
             raise ValueError(f"rule {self.name!r}: unknown only_if figure {self.only_if!r}")
         c = self.clear
         if (self.comparison == ">" and c > self.threshold) or (
             self.comparison == "<" and c < self.threshold
         ):
             raise ValueError(f"rule {self.name!r}: clear_threshold is on the breaching side")
-        if "." not in self.figure and self.figure not in FIGURES:
+        if "." not in self.figure and self.figure not in KNOWN_FIGURES:
             raise ValueError(f"rule {self.name!r}: unknown figure {self.figure!r}")
 
     @property
@@ -93,10 +133,15 @@ class GuardEvent(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
 
 
-def _condition_holds(rule: GuardRule, report: WindowReport) -> bool:
+def _lookup(report: GuardedReport, name: str, figures: FigureTable) -> Figure:
+    getter = figures.get(name)
+    return getter(report) if getter is not None else figure_of(report, name)  # type: ignore[arg-type]  # dotted paths walk any report
+
+
+def _condition_holds(rule: GuardRule, report: GuardedReport, figures: FigureTable) -> bool:
     if rule.only_if is None:
         return True
-    value = figure_of(report, rule.only_if).value
+    value = _lookup(report, rule.only_if, figures).value
     return value is not None and value > rule.only_if_above
 
 
@@ -173,11 +218,17 @@ class GuardEngine:
     A report older than the last one evaluated for a (rollout, rule) is ignored.
     """
 
-    def __init__(self, rules: Iterable[GuardRule] | None = None) -> None:
+    def __init__(
+        self, rules: Iterable[GuardRule] | None = None, figures: FigureTable = FIGURES
+    ) -> None:
         self.rules = list(default_rules() if rules is None else rules)
+        self.figures = figures
         names = [r.name for r in self.rules]
         if len(set(names)) != len(names):
             raise ValueError("guard rule names must be unique")
+        for rule in self.rules:
+            if "." not in rule.figure and rule.figure not in figures:
+                raise ValueError(f"rule {rule.name!r}: {rule.figure!r} is not in these reports")
         self._state: dict[tuple[str, str], _RuleState] = {}
 
     def active(self, rollout: str) -> list[str]:
@@ -187,7 +238,7 @@ class GuardEngine:
     def _get(self, rollout: str, name: str) -> _RuleState:
         return self._state.setdefault((rollout, name), _RuleState())
 
-    def evaluate(self, report: WindowReport) -> list[GuardEvent]:
+    def evaluate(self, report: GuardedReport) -> list[GuardEvent]:
         events: list[GuardEvent] = []
         for rule in self.rules:
             event = self._evaluate_rule(rule, report)
@@ -195,7 +246,7 @@ class GuardEngine:
                 events.append(event)
         return events
 
-    def _evaluate_rule(self, rule: GuardRule, report: WindowReport) -> GuardEvent | None:
+    def _evaluate_rule(self, rule: GuardRule, report: GuardedReport) -> GuardEvent | None:
         st = self._get(report.rollout, rule.name)
         end = report.window_end_ms
         pair = (report.champion.version, report.candidate.version)
@@ -207,7 +258,7 @@ class GuardEngine:
             st.seen_at_last_end = set()
         st.last_window_end_ms = end
         st.seen_at_last_end.add(pair)
-        fig = figure_of(report, rule.figure)
+        fig = _lookup(report, rule.figure, self.figures)
         x = _pick(fig, rule.bound)
         if x is None or report.counts.records < rule.min_pairs:
             return None
@@ -217,7 +268,7 @@ class GuardEngine:
                 st.streak = 0
                 return self._event("cleared", rule, report, fig, x, 0)
             return None
-        if not rule.breaches(x) or not _condition_holds(rule, report):
+        if not rule.breaches(x) or not _condition_holds(rule, report, self.figures):
             st.streak = 0
             return None
         st.streak += 1
@@ -232,11 +283,11 @@ class GuardEngine:
         st.last_fired_end_ms = end
         return self._event("fired", rule, report, fig, x, streak)
 
-    @staticmethod
     def _event(
+        self,
         kind: Literal["fired", "cleared"],
         rule: GuardRule,
-        report: WindowReport,
+        report: GuardedReport,
         fig: Figure,
         x: float,
         streak: int,
@@ -262,7 +313,7 @@ class GuardEngine:
             value=x,
             figure=fig,
             consecutive_windows=streak,
-            figures={name: get(report) for name, get in FIGURES.items()},
+            figures={name: get(report) for name, get in self.figures.items()},
             offsets=list(report.offsets),
             at_ms=report.emitted_at_ms,
             reason=reason,

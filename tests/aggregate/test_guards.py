@@ -206,3 +206,13 @@ def test_a_second_condition_keeps_millisecond_noise_from_firing() -> None:
 def test_only_if_must_name_a_known_figure() -> None:
     with pytest.raises(ValueError, match="only_if"):
         rule(only_if="no_such_figure", only_if_above=1.0)
+
+
+def test_an_engine_only_takes_rules_on_figures_its_reports_have() -> None:
+    quality = GuardRule(name="q", figure="cost_diff", threshold=0.0, bound="lo")
+    with pytest.raises(ValueError, match="not in these reports"):
+        GuardEngine([quality])  # the aggregator's reports have no quality figures
+    table = {"cost_diff": lambda r: r.paired.decision_rate_ratio}
+    engine = GuardEngine([quality], figures=table)
+    (event,) = engine.evaluate(report(2.0))
+    assert event.kind == "fired" and set(event.figures) == {"cost_diff"}

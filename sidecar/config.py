@@ -22,6 +22,7 @@ from .aggregate.settings import AggregateSettings
 from .config_hints import LIST_HINT, check_env_path, closest, explain
 from .errors import ConfigError
 from .manifest import Manifest
+from .outcomes.settings import OutcomesSettings
 from .routing import Mode
 
 Meta = msgspec.Meta
@@ -273,6 +274,7 @@ class SidecarConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     control: ControlSettings = msgspec.field(default_factory=ControlSettings)
     aggregate: AggregateSettings = msgspec.field(default_factory=AggregateSettings)
+    outcomes: OutcomesSettings = msgspec.field(default_factory=OutcomesSettings)
 
     @property
     def status_topic(self) -> str:
@@ -295,6 +297,9 @@ class SidecarConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             self.aggregate.reports_topic,
             *([self.aggregate.partials_topic] if self.shared_rollouts else []),
             *([self.aggregate.late_topic] if self.aggregate.late_topic else []),
+            self.outcomes.topic,
+            self.outcomes.quality_topic,
+            self.outcomes.verdicts_topic,
         ]
 
     @property
@@ -414,6 +419,15 @@ def config_from_dict(
 
 
 def _check(cfg: SidecarConfig) -> None:
+    from .aggregate.report import FIGURES
+
+    for rule in cfg.aggregate.rules:
+        for fig in (rule.figure, rule.only_if):
+            if fig is not None and "." not in fig and fig not in FIGURES:
+                raise ConfigError(
+                    f"aggregate.rules: rule {rule.name!r} watches {fig!r}, a quality figure of "
+                    "the outcomes stage: put the rule under [[outcomes.rules]]"
+                )
     if cfg.kafka.request_timeout_ms <= cfg.kafka.session_timeout_ms:
         raise ConfigError(
             f"kafka.request_timeout_ms ({cfg.kafka.request_timeout_ms}) must exceed "

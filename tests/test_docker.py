@@ -19,6 +19,7 @@ from sidecar.aggregate.metrics import AggregateMetrics
 from sidecar.aggregate.report import FIGURES
 from sidecar.config import load_config
 from sidecar.metrics import SidecarMetrics
+from sidecar.outcomes.metrics import OutcomesMetrics
 
 yaml = pytest.importorskip("yaml", reason="pip install pyyaml (a dev extra)")
 
@@ -86,10 +87,16 @@ def test_the_sidecar_config_matches_the_cluster(services: dict[str, Any]) -> Non
 
 def test_sidecar_and_aggregator_services(services: dict[str, Any]) -> None:
     sidecar, aggregator = services["sidecar"], services["aggregator"]
+    outcomes = services["outcomes"]
     assert sidecar["deploy"]["replicas"] >= 2
     assert sidecar["command"][0] == "run" and aggregator["command"][0] == "aggregate"
+    assert outcomes["command"][:2] == ["outcomes", "run"]
     cfg = load_config(DOCKER / "sidecar.toml", env={})
-    for svc, port in ((sidecar, cfg.metrics.port), (aggregator, cfg.aggregate.metrics_port)):
+    for svc, port in (
+        (sidecar, cfg.metrics.port),
+        (aggregator, cfg.aggregate.metrics_port),
+        (outcomes, cfg.outcomes.metrics_port),
+    ):
         assert "/healthz" in " ".join(svc["healthcheck"]["test"])
         assert f":{port}/" in " ".join(svc["healthcheck"]["test"])
         assert str(port) in svc["expose"]
@@ -98,6 +105,11 @@ def test_sidecar_and_aggregator_services(services: dict[str, Any]) -> None:
         assert keys.startswith("${SIDECAR_CONTROL_KEYS:?"), "keys only from the environment"
         assert "container_name" not in svc
     assert aggregator["environment"]["SIDECAR_HEALTH_PORT"] == str(cfg.aggregate.metrics_port)
+    assert outcomes["environment"]["SIDECAR_HEALTH_PORT"] == str(cfg.outcomes.metrics_port)
+    # The stores live on a volume at the configured state directory.
+    mounts = dict(v.split(":")[:2] for v in outcomes["volumes"])
+    assert any(cfg.outcomes.state_dir.startswith(dst) for dst in mounts.values())
+    assert cfg.outcomes.key_id and cfg.outcomes.key_id in (DOCKER / ".env.example").read_text()
     for name in ("prometheus", "grafana"):
         assert "healthcheck" in services[name]
 
@@ -124,7 +136,11 @@ def test_prometheus_scrapes_every_service_on_its_metrics_port(services: dict[str
     prom = load_yaml("prometheus.yml")
     cfg = load_config(DOCKER / "sidecar.toml", env={})
     jobs = {job["job_name"]: job for job in prom["scrape_configs"]}
-    want = {"sidecar": cfg.metrics.port, "aggregator": cfg.aggregate.metrics_port}
+    want = {
+        "sidecar": cfg.metrics.port,
+        "aggregator": cfg.aggregate.metrics_port,
+        "outcomes": cfg.outcomes.metrics_port,
+    }
     for service, port in want.items():
         sd = jobs[service]["dns_sd_configs"][0]
         assert sd["names"] == [service] and sd["port"] == port and sd["type"] == "A"
@@ -146,7 +162,11 @@ def _series_names() -> set[str]:
     """Every series name our code exports: counters as ``_total``, histograms as ``_bucket``,
     ``_sum``, ``_count`` (read from the real registries, not from a list kept by hand)."""
     names: set[str] = set()
-    for registry in (SidecarMetrics().registry, AggregateMetrics().registry):
+    for registry in (
+        SidecarMetrics().registry,
+        AggregateMetrics().registry,
+        OutcomesMetrics().registry,
+    ):
         assert isinstance(registry, CollectorRegistry)
         for family in registry.collect():
             suffixes = {
@@ -191,6 +211,11 @@ def test_grafana_is_provisioned_with_a_dashboard_of_real_metrics() -> None:
         "sidecar_in_flight_records",
         "sidecar_aggregate_figure",
         "sidecar_aggregate_guard_active",
+        "sidecar_outcomes_quality",
+        "sidecar_outcomes_quality_diff",
+        "sidecar_outcomes_label_coverage",
+        "sidecar_outcomes_reliability",
+        "sidecar_outcomes_gate_met",
     ):
         assert name in used, f"no panel shows {name}"
     shown = set()

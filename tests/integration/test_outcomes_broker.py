@@ -239,7 +239,7 @@ async def test_a_worse_candidate_is_rolled_back_by_a_quality_guard(
         "threshold": 0.0,
         "bound": "lo",
         "min_pairs": 500,
-        "consecutive": 2,
+        "consecutive": 1,
         "action": "rollback",
     }
     cfg = outcomes_config(
@@ -252,7 +252,10 @@ async def test_a_worse_candidate_is_rolled_back_by_a_quality_guard(
         },
     )
     await create_topics(cfg)
-    s = stream(8000, seed=5, candidate_noise=2.5)  # the candidate's scores are mostly noise
+    # The candidate's scores are mostly noise: it misses frauds (each costs 20). Windows aligned
+    # to the stream, so which windows breach does not depend on the wall clock.
+    t0 = (time.time_ns() // 1_000_000 - 40_000) // 2000 * 2000
+    s = stream(8000, seed=5, candidate_noise=4.0, t0=t0)
     await feed(cfg, s)
     service = OutcomesService(cfg)
     await run_until(service, lambda: bool(service.commands))

@@ -86,8 +86,10 @@ class InputChunk(msgspec.Struct, tag="input", frozen=True):
     #: covers on the task's partition: ``[first, next]`` (records skipped as undecodable
     #: included).
     offsets: dict[Literal["c", "o"], tuple[int, int]]
-    #: Largest event time among the chunk's records (stream time moves to at least this).
+    #: Largest event time among the chunk's records.
     stream_ms: int
+    #: Largest event time per input (each input's watermark; ``stream_ms`` when absent).
+    input_ms: dict[Literal["c", "o"], int] = {}
     v: int = CHUNK_VERSION
 
 

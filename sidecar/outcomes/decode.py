@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Annotated, Protocol
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 
 from ..contracts import MAX_EPOCH_MS
 from .chunks import (
@@ -102,6 +104,26 @@ class Skipped:
             self.counts[key] = self.counts.get(key, 0) + n
 
 
+_REQUEST_ID, _ROLLOUT, _TS, _CHAMPION, _CANDIDATE, _MODEL, _VERSION, _SCORE, _DECISION = (
+    attrgetter(f)
+    for f in (
+        "request_id", "rollout", "ts", "champion", "candidate", "model", "version", "score",
+        "decision",
+    )
+)  # fmt: skip
+
+
+def _scores(arms: list[ArmView]) -> npt.NDArray[np.float64]:
+    """Scores as float64 (None -> NaN)."""
+    return np.array(list(map(_SCORE, arms)), dtype=np.float64)
+
+
+def _decisions(arms: list[ArmView]) -> npt.NDArray[np.int8]:
+    """Decisions as int8 (None -> -1)."""
+    as_float = np.array(list(map(_DECISION, arms)), dtype=np.float64)  # None -> NaN
+    return np.where(np.isnan(as_float), -1, as_float).astype(np.int8)
+
+
 class ChunkBuilder:
     """Turns one poll of a task's two inputs into changelog chunks."""
 
@@ -120,6 +142,22 @@ class ChunkBuilder:
         """The chunks of one poll (comparisons first), each with its encoding, each at most
         ``MAX_CHUNK_ROWS`` rows and ``max_bytes`` encoded (a poll is split as needed)."""
         limit = now_ms + self.settings.max_future_ms
+        if comparisons and outcomes and len(comparisons) + len(outcomes) <= MAX_CHUNK_ROWS:
+            trial = Skipped()
+            a = self._comparisons(task, comparisons, limit, trial)
+            b = self._outcomes(task, outcomes, limit, trial)
+            both = msgspec.structs.replace(
+                a,
+                outcomes=b.outcomes,
+                offsets={**a.offsets, **b.offsets},
+                stream_ms=max(a.stream_ms, b.stream_ms),
+                input_ms={"c": a.stream_ms, "o": b.stream_ms},
+            )
+            raw = encode(both)
+            if len(raw) <= max_bytes:  # the usual poll: one chunk, one changelog record
+                for key, n in trial.counts.items():
+                    skipped.add(*key, n)
+                return [(both, raw)]
         out: list[tuple[InputChunk, bytes]] = []
         for records, make in ((comparisons, self._comparisons), (outcomes, self._outcomes)):
             for start in range(0, len(records), MAX_CHUNK_ROWS):
@@ -152,48 +190,50 @@ class ChunkBuilder:
         self, task: int, records: Sequence[RecordLike], limit: int, skipped: Skipped
     ) -> InputChunk:
         views = decode_comparisons([r.value for r in records])
+        if None in views or any(v.ts > limit for v in views if v is not None):
+            kept: list[ComparisonView] = []
+            for v in views:
+                if v is None:
+                    skipped.add("comparisons", "undecodable")
+                elif v.ts > limit:
+                    skipped.add("comparisons", "future")
+                else:
+                    kept.append(v)
+        else:
+            kept = views  # type: ignore[assignment]  # the usual poll: every record is good
+        champions = list(map(_CHAMPION, kept))
+        candidates = list(map(_CANDIDATE, kept))
+        keys = list(
+            zip(
+                map(_ROLLOUT, kept),
+                map(_MODEL, champions),
+                map(_VERSION, champions),
+                map(_MODEL, candidates),
+                map(_VERSION, candidates),
+                strict=True,
+            )
+        )
         pairs: dict[tuple[str, str, str, str, str], int] = {}
-        specs: list[PairSpec] = []
-        ids: list[str] = []
-        pair_idx: list[int] = []
-        ts: list[int] = []
-        s1: list[float] = []
-        s2: list[float] = []
-        dec1: list[int] = []
-        dec2: list[int] = []
-        nan = float("nan")
-        for v in views:
-            if v is None:
-                skipped.add("comparisons", "undecodable")
-                continue
-            if v.ts > limit:
-                skipped.add("comparisons", "future")
-                continue
-            a, b = v.champion, v.candidate
-            key = (v.rollout, a.model, a.version, b.model, b.version)
-            idx = pairs.get(key)
-            if idx is None:
-                idx = pairs[key] = len(specs)
-                specs.append(PairSpec(*key, self.settings.for_rollout(v.rollout)))
-            ids.append(v.request_id)
-            pair_idx.append(idx)
-            ts.append(v.ts)
-            s1.append(nan if a.score is None else a.score)
-            s2.append(nan if b.score is None else b.score)
-            dec1.append(-1 if a.decision is None else int(a.decision))
-            dec2.append(-1 if b.decision is None else int(b.decision))
-        ts_arr = np.array(ts, dtype=np.int64)
+        if keys and keys.count(keys[0]) == len(keys):  # one rollout pair: the usual chunk
+            pairs[keys[0]] = 0
+            pair_idx = np.zeros(len(keys), dtype=np.int32)
+        else:
+            pair_idx = np.fromiter(
+                (pairs.setdefault(k, len(pairs)) for k in keys), dtype=np.int32, count=len(keys)
+            )
+        specs = [PairSpec(*k, self.settings.for_rollout(k[0])) for k in pairs]
+        ts_arr = np.fromiter(map(_TS, kept), dtype=np.int64, count=len(kept))
         return InputChunk(
             task=task,
             pairs=specs,
             comparisons=comparison_columns(
-                ids,
-                np.array(pair_idx, dtype=np.int32),
+                list(map(_REQUEST_ID, kept)),
+                pair_idx,
                 ts_arr,
-                np.array(s1, dtype=np.float64),
-                np.array(s2, dtype=np.float64),
-                np.array(dec1, dtype=np.int8),
-                np.array(dec2, dtype=np.int8),
+                _scores(champions),
+                _scores(candidates),
+                _decisions(champions),
+                _decisions(candidates),
             ),
             outcomes=EMPTY_OUTCOMES,
             offsets={"c": (records[0].offset, records[-1].offset + 1)},

@@ -206,6 +206,19 @@ def _combine(
     return new if order(new) > order(old) else old
 
 
+def _groups(
+    pid: npt.NDArray[np.int64], ws: npt.NDArray[np.int64]
+) -> list[tuple[tuple[int, int], npt.NDArray[np.bool_] | None]]:
+    """The distinct (pair, window start) of rows, each with its rows (None: all of them, the
+    usual case of one pair and one window per chunk)."""
+    if not pid.size:
+        return []
+    if (pid == pid[0]).all() and (ws == ws[0]).all():
+        return [((int(pid[0]), int(ws[0])), None)]
+    key = (pid << 48) | ws  # window starts are epoch ms below 2**48
+    return [((int(k) >> 48, int(k) & ((1 << 48) - 1)), key == k) for k in np.unique(key).tolist()]
+
+
 class JoinTask:
     """One task's join state over its store."""
 
@@ -307,7 +320,8 @@ class JoinTask:
             self._add_window(pid, ws, delta, batch)
         for key, (_, nxt) in chunk.offsets.items():
             self.meta.inputs[key] = max(self.meta.inputs.get(key, 0), nxt)
-            self.meta.input_ms[key] = max(self.meta.input_ms.get(key, 0), chunk.stream_ms)
+            ms = chunk.input_ms.get(key, chunk.stream_ms)
+            self.meta.input_ms[key] = max(self.meta.input_ms.get(key, 0), ms)
 
     def _add_window(self, pid: int, ws: int, delta: FloatArray, batch: Batch) -> None:
         pair = self.pairs[pid]
@@ -363,44 +377,43 @@ class JoinTask:
             self._counter(deltas, int(pid[i]), int(ws[i]), "unscored", 1)
             stats.unscored += 1
         ids = c.ids
-        seen: set[str] = set()
-        keep: list[int] = []
-        for i in np.flatnonzero(~late & scored).tolist():
-            rid = ids[i]
-            if rid in seen:
-                stats.duplicates += 1
-                continue
-            seen.add(rid)
-            keep.append(i)
-        keys = [b"r" + ids[i].encode() for i in keep]
-        maybe = self.store.may_exist(keys)
-        check = [k for k, m in zip(keys, maybe, strict=True) if m]
-        found = set()
-        if check:
-            found = {k for k, v in zip(check, self.store.get_many(check), strict=True) if v}
-        new = [(i, k) for i, k in zip(keep, keys, strict=True) if k not in found]
-        dup = len(keep) - len(new)
-        stats.duplicates += dup
+        candidates = np.flatnonzero(~late & scored).tolist()
+        first: dict[str, int] = {}
+        for i in candidates:  # the first of each request id in the chunk
+            first.setdefault(ids[i], i)
+        keep = list(first.values())
+        stats.duplicates += len(candidates) - len(keep)
+        id_bytes = [ids[i].encode() for i in keep]
+        keys = [b"r" + b for b in id_bytes]
+        # Request ids stored already (redelivered comparisons): the bloom filters answer
+        # "absent" for a new id without reading a block.
+        fresh = [j for j, there in enumerate(self.store.present(keys)) if not there]
+        stats.duplicates += len(keep) - len(fresh)
         self.meta.duplicates += stats.duplicates
-        if not new:
+        if not fresh:
             return
-        rows_i = np.array([i for i, _ in new], dtype=np.int64)
-        state = np.zeros(rows_i.size, dtype=np.int8)
-        label = np.full(rows_i.size, np.nan)
-        value = np.full(rows_i.size, np.nan)
-        ots = np.zeros(rows_i.size, dtype=np.int64)
+        if len(fresh) < len(keep):
+            keep = [keep[j] for j in fresh]
+            id_bytes = [id_bytes[j] for j in fresh]
+            keys = [keys[j] for j in fresh]
+        rows_i = np.asarray(keep, dtype=np.int64)
+        m = rows_i.size
+        state = np.zeros(m, dtype=np.int8)
+        label = np.full(m, np.nan)
+        value = np.full(m, np.nan)
+        ots = np.zeros(m, dtype=np.int64)
+        r_pid, r_ws, r_ts = pid[rows_i], ws[rows_i], ts[rows_i]
         if self.meta.orphans:
-            okeys = [b"o" + ids[i].encode() for i, _ in new]
+            okeys = [b"o" + b for b in id_bytes]
             for j, raw in enumerate(self.store.get_many(okeys)):
                 if raw is None:
                     continue
-                i = int(rows_i[j])
-                pair = self.pairs[int(pid[i])]
-                got = self._orphan_outcome(raw, int(ts[i]), pair.settings)
+                pair = self.pairs[int(r_pid[j])]
+                got = self._orphan_outcome(raw, int(r_ts[j]), pair.settings)
                 batch.delete(okeys[j])
                 self.meta.orphans -= 1
                 if got is None:
-                    self._counter(deltas, int(pid[i]), int(ws[i]), "outside_window", 1)
+                    self._counter(deltas, int(r_pid[j]), int(r_ws[j]), "outside_window", 1)
                     stats.outside_window += 1
                     continue
                 state[j], label[j], value[j], ots[j] = got
@@ -408,33 +421,42 @@ class JoinTask:
         c1, c2 = p1[rows_i], p2[rows_i]
         clipped = (c1 < 0) | (c1 > 1) | (c2 < 0) | (c2 > 1)
         c1, c2 = np.clip(c1, 0.0, 1.0), np.clip(c2, 0.0, 1.0)
-        r_pid, r_ws, r_ts = pid[rows_i], ws[rows_i], ts[rows_i]
         r_d1, r_d2 = d1[rows_i], d2[rows_i]
         pack = REQUEST.pack
-        for j, (i, key) in enumerate(new):
-            batch.put(
-                key,
-                pack(
-                    int(r_pid[j]),
-                    int(r_ts[j]),
-                    float(c1[j]),
-                    float(c2[j]),
-                    int(r_d1[j]),
-                    int(r_d2[j]),
-                    int(state[j]),
-                    float(label[j]),
-                    float(value[j]),
-                    int(ots[j]),
-                ),
-            )
-            batch.put(_index_prefix(int(r_pid[j]), int(r_ws[j])) + ids[i].encode(), b"")
-        self.meta.stored += len(new)
-        stats.comparisons += len(new)
-        groups = np.unique(np.stack([r_pid, r_ws], axis=1), axis=0)
-        for g_pid, g_ws in groups.tolist():
-            sel = (r_pid == g_pid) & (r_ws == g_ws)
-            self._counter(deltas, g_pid, g_ws, "requests", int(sel.sum()))
-            self._counter(deltas, g_pid, g_ws, "clipped", int((clipped & sel).sum()))
+        pids, starts = r_pid.tolist(), r_ws.tolist()
+        batch.put_many(
+            keys,
+            [
+                pack(*row)
+                for row in zip(
+                    pids,
+                    r_ts.tolist(),
+                    c1.tolist(),
+                    c2.tolist(),
+                    r_d1.tolist(),
+                    r_d2.tolist(),
+                    state.tolist(),
+                    label.tolist(),
+                    value.tolist(),
+                    ots.tolist(),
+                    strict=True,
+                )
+            ],
+        )
+        prefixes: dict[tuple[int, int], bytes] = {}
+        index_keys = []
+        for p, w, b in zip(pids, starts, id_bytes, strict=True):
+            prefix = prefixes.get((p, w))
+            if prefix is None:
+                prefix = prefixes[(p, w)] = _index_prefix(p, w)
+            index_keys.append(prefix + b)
+        batch.put_many(index_keys, [b""] * m)
+        self.meta.stored += m
+        stats.comparisons += m
+        for (g_pid, g_ws), sel in _groups(r_pid, r_ws):
+            self._counter(deltas, g_pid, g_ws, "requests", int(sel.sum()) if sel is not None else m)
+            n_clipped = int((clipped if sel is None else clipped & sel).sum())
+            self._counter(deltas, g_pid, g_ws, "clipped", n_clipped)
         rows.pid.append(r_pid)
         rows.ws.append(r_ws)
         rows.cols.append((c1, c2, r_d1, r_d2, state, label, value))
@@ -565,8 +587,8 @@ class JoinTask:
         sign = np.concatenate(
             [np.full(p.size, s) for p, s in zip(rows.pid, rows.sign, strict=True)]
         )
-        for g_pid, g_ws in np.unique(np.stack([pid, ws], axis=1), axis=0).tolist():
-            group = (pid == g_pid) & (ws == g_ws)
+        for (g_pid, g_ws), sel_group in _groups(pid, ws):
+            group = np.ones(pid.size, dtype=np.bool_) if sel_group is None else sel_group
             settings = self.pairs[g_pid].settings
             for s in (1.0, -1.0):
                 sel = group & (sign == s)

@@ -208,6 +208,8 @@ class OutcomesService:
         self.commands: collections.deque[ControlCommand] = collections.deque(maxlen=64)
         self.subscribers: list[Callable[[QualityReport | QualityVerdict], None]] = []
         self.applied = ApplyStats()
+        #: ``time.monotonic()`` when the first input records were applied (the benchmark).
+        self.first_input_at: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -534,6 +536,8 @@ class OutcomesService:
     async def _ingest(self, rt: TaskRuntime, comps: list[Any], outs: list[Any]) -> None:
         join = rt.join
         assert join is not None and self._publisher is not None
+        if self.first_input_at is None:
+            self.first_input_at = time.monotonic()
         skipped = Skipped()
         self.metrics.consumed.labels("comparisons").inc(len(comps))
         self.metrics.consumed.labels("outcomes").inc(len(outs))
@@ -544,11 +548,16 @@ class OutcomesService:
         for (source, reason), n in skipped.counts.items():
             self.metrics.skipped.labels(source, reason).inc(n)
         topic = self.settings.changelog_topic
-        for chunk, raw in chunks:
-            md = await self._publisher.send(
+        # The poll's chunks go to the changelog together (one round trip); each is applied
+        # once acknowledged, in changelog order.
+        sent = await self._publisher.send_all(
+            [
                 Send(topic, raw, changelog_key(chunk, rt.partition), partition=rt.partition)
-            )
-            self.metrics.changelog_records.labels("input").inc()
+                for chunk, raw in chunks
+            ]
+        )
+        self.metrics.changelog_records.labels("input").inc(len(chunks))
+        for (chunk, raw), md in zip(chunks, sent, strict=True):
             stats = await asyncio.to_thread(self._apply_one, join, raw, md.offset, chunk)
             if stats is not None:
                 self._observe(stats)

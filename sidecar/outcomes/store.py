@@ -33,6 +33,9 @@ class Batch:
     def put(self, key: bytes, value: bytes) -> None:
         self.writes[key] = value
 
+    def put_many(self, keys: list[bytes], values: list[bytes]) -> None:
+        self.writes.update(zip(keys, values, strict=True))
+
     def delete(self, key: bytes) -> None:
         self.writes[key] = None
 
@@ -66,6 +69,10 @@ class Store:
         opts.set_block_based_table_factory(table)
         opts.set_write_buffer_size(write_buffer_mb << 20)
         opts.set_max_write_buffer_number(2)
+        # A bloom filter over the memtable too: "is this request id new?" is asked of every
+        # comparison, and recent ids are in the memtable (0.5 us instead of 1.4-1.7 us).
+        opts.set_memtable_whole_key_filtering(True)
+        opts.set_memtable_prefix_bloom_ratio(0.1)
         try:
             #: Raw mode: keys and values are bytes (the stubs type them for pickling mode).
             self._db: Any = Rdict(str(path), opts)
@@ -89,9 +96,19 @@ class Store:
         return values
 
     def may_exist(self, keys: list[bytes]) -> list[bool]:
-        """False: the key is certainly absent (no disk read); True: it may be present."""
+        """False: the key is certainly absent (bloom filters, no disk read); True: it may be
+        present."""
         may = self._db.key_may_exist
-        return [bool(may(k)) for k in keys]
+        return [may(k) for k in keys]
+
+    def present(self, keys: list[bytes]) -> list[bool]:
+        """Whether each key is stored: bloom filters first, a read only for the rare maybe."""
+        maybe = self.may_exist(keys)
+        check = [k for k, m in zip(keys, maybe, strict=True) if m]
+        if not check:
+            return maybe
+        found = {k for k, v in zip(check, self.get_many(check), strict=True) if v is not None}
+        return [m and k in found for k, m in zip(keys, maybe, strict=True)]
 
     def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         """Keys starting with ``prefix``, in order, with their values."""

@@ -343,3 +343,13 @@ def test_stream_time_waits_for_the_slowest_active_input(feed: Feed) -> None:
     assert feed.task.advance(("c",), idle_floor_ms=0) == 50_000
     assert feed.task.advance((), idle_floor_ms=70_000) == 70_000
     assert feed.task.advance(("c", "o"), idle_floor_ms=0) == 70_000  # never back
+
+
+def test_a_poll_of_both_inputs_is_one_chunk_that_keeps_each_inputs_watermark(feed: Feed) -> None:
+    comps = feed._records("c", [comparison("a", 1000), comparison("b", 90_000)])
+    outs = feed._records("o", [outcome("a", True, 2000)])
+    ((chunk, _),) = feed.builder.build(0, comps, outs, NOW, Skipped())
+    assert chunk.offsets == {"c": (0, 2), "o": (0, 1)}
+    feed.write(chunk)
+    assert feed.task.meta.input_ms == {"c": 90_000, "o": 2000}
+    assert feed.counts().labelled == 1  # the outcome met the comparison of the same chunk

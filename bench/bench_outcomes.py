@@ -67,7 +67,7 @@ from sidecar.outcomes.contract import Outcome
 from sidecar.outcomes.join import JoinTask, Windows
 from sidecar.outcomes.service import OutcomesService, changelog_key
 from sidecar.outcomes.store import Store
-from sidecar.runtime import prepare_process
+from sidecar.runtime import limit_malloc_arenas, prepare_process
 from sidecar.traffic import produce_values
 
 PARTITIONS = 6
@@ -553,6 +553,7 @@ def main() -> None:
     p.add_argument("--dir", help="keep the state here (default: a temporary directory)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    limit_malloc_arenas()  # as `sidecar outcomes run` does
     prepare_process()
     runner = {
         "throughput": throughput,

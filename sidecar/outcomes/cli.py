@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from ..config import SidecarConfig, load_config
-from ..runtime import prepare_process
+from ..runtime import limit_malloc_arenas, prepare_process
 
 log = logging.getLogger("sidecar.outcomes")
 
@@ -32,6 +32,7 @@ def cmd_outcomes_run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     setup_logging(cfg.logging.level, cfg.logging.format)
+    limit_malloc_arenas()  # RocksDB's threads: keep the resident size flat
     prepare_process()
     asyncio.run(_run(cfg, args.create_topics))
     return 0

@@ -66,6 +66,11 @@ class Store:
         table = BlockBasedOptions()
         table.set_bloom_filter(10, False)  # membership checks of new request ids: no disk read
         table.set_block_cache(_shared_cache(cache_mb))
+        # Filters and indexes live in the (bounded) block cache, not beside it: they grow with
+        # the data (about 3 bytes a request), and a day of pending requests must not grow
+        # the process. Level-0 ones stay pinned: they are read on every lookup.
+        table.set_cache_index_and_filter_blocks(True)
+        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
         opts.set_block_based_table_factory(table)
         opts.set_write_buffer_size(write_buffer_mb << 20)
         opts.set_max_write_buffer_number(2)

@@ -8,8 +8,12 @@ signed with a key generated for this run. Guard actions are the aggregator's own
 watches for them. Event time is wall time, with windows of a few seconds, so a story takes a
 minute or two.
 
-Average precision is computed from the **comparisons topic** (the scores the sidecars really
-produced) against the fraud labels the generator knows, kept here by request id.
+The truth reaches the product the way it does in production: each fraud the generator makes
+becomes a chargeback (an ``Outcome``) on the outcomes topic a few seconds later, and the
+outcomes stage (:class:`~sidecar.outcomes.service.OutcomesService`) joins it to the comparison
+by request id. The quality figures shown (average precision per model, label coverage) and the
+quality gate the operator waits for before ramping come from that stage's reports and verdicts,
+not from labels kept in the demo.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
 import logging
 import math
 import os
@@ -25,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -36,7 +41,6 @@ from aiokafka import TopicPartition
 from ..aggregate.service import AggregatorService
 from ..broker import EmbeddedBroker
 from ..config import SidecarConfig
-from ..contracts import Comparison
 from ..control.commands import ControlCommand, Keyring
 from ..control.ctl import EXIT_OK, build_command, default_issuer, issue
 from ..control.plane import CONTROL_PARTITION, is_barrier
@@ -50,6 +54,10 @@ from ..kafka import (
     stop_quietly,
     topic_partitions,
 )
+from ..outcomes.contract import Outcome
+from ..outcomes.gates import quality_gate
+from ..outcomes.report import GateDecision, QualityReport, QualityVerdict
+from ..outcomes.service import OutcomesService
 from ..report.model import CommandEntry, Recording, command_timeline, write_jsonl
 from ..report.page import render_page
 from ..report.source import read_recording
@@ -58,6 +66,8 @@ from ..runner import Sidecar
 from ..traffic import produce_values
 from ..untrusted import decoded_or_none
 from .scenarios import (
+    CHAMPION_VERSION,
+    CHARGEBACK_DELAY_S,
     Act,
     Calibration,
     ScenarioName,
@@ -71,7 +81,6 @@ from .scenarios import (
 from .view import (
     CLEAR,
     Snapshot,
-    average_precision,
     guard_states,
     render_line,
     render_panel,
@@ -100,16 +109,33 @@ class DemoOptions:
 
 
 @dataclass
-class ActResult:
-    act: Act
-    ok: bool
-    outcome: str
+class SeenQuality:
+    """What the outcomes stage says of an act's models so far."""
+
     ap_champion: float = math.nan
     ap_candidate: float = math.nan
     pairs: int = 0
     frauds: int = 0
+    text: str = ""
+
+
+@dataclass
+class ActResult:
+    act: Act
+    ok: bool
+    outcome: str
+    #: Average precision of each model, from the outcomes stage (chargebacks joined).
+    ap_champion: float = math.nan
+    ap_candidate: float = math.nan
+    #: Judged transactions behind them, and the chargebacks among them.
+    pairs: int = 0
+    frauds: int = 0
     #: Seconds from the act's first scored request to the guard command being applied.
     time_to_action_s: float | None = None
+    #: The quality gate the operator waited for (acts with ``quality_gate``), and when it was
+    #: met (seconds after the deployment).
+    gate: GateDecision | None = None
+    gate_met_after_s: float | None = None
 
 
 @dataclass
@@ -131,30 +157,56 @@ class DemoResult:
 
 
 class Traffic:
-    """Seeded card transactions at ``rate`` per second; remembers which ones are fraud."""
+    """Seeded card transactions at ``rate`` per second; the chargeback of each fraud follows
+    0.5-3 s later as an ``Outcome`` on the outcomes topic (keyed by request id, with the
+    amount at stake as its value): the delayed truth, through the product."""
 
     def __init__(self, cfg: SidecarConfig, rate: float, seed: int, fraud_rate: float) -> None:
         self.cfg, self.rate, self.seed, self.fraud_rate = cfg, rate, seed, fraud_rate
         self.sent = 0
-        self.frauds: set[str] = set()
+        self.chargebacks = 0
+        #: (due ``time.monotonic()``, request id, outcome record): chargebacks not sent yet.
+        self._due: list[tuple[float, str, bytes]] = []
 
     async def run(self) -> None:
         producer = new_producer(self.cfg, "demo-traffic", linger_ms=5, max_batch_size=1 << 20)
         await producer.start()
+        rng = np.random.default_rng(self.seed + 7)
         try:
             topic = self.cfg.topics.requests
             partitions = len(await producer.partitions_for(topic))
+            outcomes_partitions = len(await producer.partitions_for(self.cfg.outcomes.topic))
             chunk = max(1, int(self.rate / 10))
             start = time.monotonic()
+            amount = fraud.FEATURES.index("amount")
             while True:
                 data = fraud.generate(chunk, seed=self.seed + self.sent, fraud_rate=self.fraud_rate)
                 requests = fraud.request_dicts(data, start_id=self.sent)
-                self.frauds.update(
-                    f"req-{self.sent + int(i)}" for i in np.flatnonzero(data.is_fraud)
-                )
+                now_ms, mono = time.time_ns() // 1_000_000, time.monotonic()
+                for i in np.flatnonzero(data.is_fraud).tolist():
+                    delay = float(rng.uniform(*CHARGEBACK_DELAY_S))
+                    rid = f"req-{self.sent + i}"
+                    chargeback = Outcome(
+                        request_id=rid,
+                        label=True,
+                        ts=now_ms + int(delay * 1000),
+                        value=round(max(float(data.features[i, amount]), 0.0), 2),
+                        routing_key=str(requests[i]["routing_key"]),
+                        source="chargebacks",
+                    )
+                    heapq.heappush(self._due, (mono + delay, rid, msgspec.json.encode(chargeback)))
                 items = [(str(r["routing_key"]).encode(), msgspec.json.encode(r)) for r in requests]
                 await produce_values(producer, topic, items, partitions)
                 self.sent += chunk
+                due = []
+                while self._due and self._due[0][0] <= time.monotonic():
+                    _, rid, value = heapq.heappop(self._due)
+                    due.append((rid.encode(), value))
+                if due:
+                    await produce_values(
+                        producer, self.cfg.outcomes.topic, due, outcomes_partitions
+                    )
+                    self.chargebacks += len(due)
                 ahead = self.sent / self.rate - (time.monotonic() - start)
                 if ahead > 0:
                     await asyncio.sleep(ahead)
@@ -165,23 +217,13 @@ class Traffic:
 # --------------------------------------------------------------------------- observer
 
 
-@dataclass
-class _Scores:
-    champion: list[float] = field(default_factory=list)
-    candidate: list[float] = field(default_factory=list)
-    labels: list[bool] = field(default_factory=list)
-
-
 class Observer:
-    """Tails the comparisons (for average precision), control and audit topics."""
+    """Tails the control and audit topics."""
 
-    def __init__(self, cfg: SidecarConfig, is_fraud: Callable[[str], bool]) -> None:
+    def __init__(self, cfg: SidecarConfig) -> None:
         self.cfg = cfg
-        self.is_fraud = is_fraud
-        self.scores: dict[str, _Scores] = collections.defaultdict(_Scores)
         self.commands: list[tuple[int, ControlCommand]] = []
         self.audits: list[AuditRecord] = []
-        self.comparisons = 0
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -189,21 +231,16 @@ class Observer:
         await consumer.start()
         try:
             tps = [TopicPartition(cfg.topics.control, CONTROL_PARTITION)]
-            for topic in (cfg.topics.comparisons, cfg.audit_topic):
-                tps += await topic_partitions(consumer, topic, wait_s=5.0)
+            tps += await topic_partitions(consumer, cfg.audit_topic, wait_s=5.0)
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
-            comparison = msgspec.json.Decoder(Comparison).decode
             audit = msgspec.json.Decoder(AuditRecord).decode
             command = msgspec.json.Decoder(ControlCommand).decode
             while True:
                 batch = await consumer.getmany(timeout_ms=200)
                 for tp, records in batch.items():
                     for rec in records:  # untrusted: what does not decode is skipped
-                        if tp.topic == cfg.topics.comparisons:
-                            if (c := decoded_or_none(comparison, rec.value)) is not None:
-                                self._comparison(c)
-                        elif tp.topic == cfg.audit_topic:
+                        if tp.topic == cfg.audit_topic:
                             if (a := decoded_or_none(audit, rec.value)) is not None:
                                 self.audits.append(a)
                         elif not is_barrier(rec.headers) and (
@@ -212,27 +249,6 @@ class Observer:
                             self.commands.append((rec.timestamp, cmd))
         finally:
             await stop_quietly(consumer)
-
-    def _comparison(self, c: Comparison) -> None:
-        self.comparisons += 1
-        a, b = c.champion.score, c.candidate.score
-        if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
-            return
-        s = self.scores[c.rollout]
-        s.champion.append(a)
-        s.candidate.append(b)
-        s.labels.append(self.is_fraud(c.request_id))
-
-    def average_precision(self, rollout: str) -> tuple[float, float, int, int]:
-        s = self.scores.get(rollout)
-        if s is None or not s.labels:
-            return math.nan, math.nan, 0, 0
-        return (
-            average_precision(s.champion, s.labels),
-            average_precision(s.candidate, s.labels),
-            len(s.labels),
-            sum(s.labels),
-        )
 
     def recording(self) -> Recording:
         return Recording(commands=list(self.commands), audits=list(self.audits))
@@ -275,10 +291,12 @@ class Demo:
         self.traffic: Traffic | None = None
         self.observer: Observer | None = None
         self.aggregator: AggregatorService | None = None
+        self.outcomes: OutcomesService | None = None
         self.printed_events = 0
         self.history: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=20)
         self.timing: Timing | None = None
         self._sidecar_tasks: list[asyncio.Task[None]] = []
+        self._cfgs: dict[str, SidecarConfig] = {}
 
     # -- view ------------------------------------------------------------------------------
 
@@ -314,7 +332,7 @@ class Demo:
             and policy.canary_share_bp in PLAN_SHARES
         ):
             ramp = f"ramp step {PLAN_SHARES.index(policy.canary_share_bp) + 1}/5"
-        ap = self.observer.average_precision(rollout) if self.observer else (math.nan,) * 2 + (0, 0)
+        quality = self.quality(act)
         return Snapshot(
             scenario=self.opts.scenario,
             elapsed_s=now - self.started,
@@ -336,11 +354,70 @@ class Demo:
             guards=guard_states(
                 agg.guards.rules if agg else [], report, agg.guards.active(rollout) if agg else []
             ),
-            ap_champion=float(ap[0]),
-            ap_candidate=float(ap[1]),
-            ap_pairs=int(ap[2]),
+            ap_champion=quality.ap_champion,
+            ap_candidate=quality.ap_candidate,
+            ap_pairs=quality.pairs,
+            quality=quality.text,
+            gate=self.gate_text(act),
             events=self.events(),
         )
+
+    def quality(self, act: Act | None) -> SeenQuality:
+        """What the outcomes stage says of ``act``'s models so far: the verdict over its
+        final windows when there is one, else the latest provisional report."""
+        result = SeenQuality()
+        stage = self.outcomes
+        if stage is None or act is None:
+            return result
+        verdict = stage.verdicts.get(act.rollout)
+        if verdict is not None and verdict.candidate_version == act.version:
+            ap = verdict.metrics["average_precision"]
+            result.ap_champion = ap.champion if ap.champion is not None else math.nan
+            result.ap_candidate = ap.candidate if ap.candidate is not None else math.nan
+            result.pairs, result.frauds = verdict.judged_pairs, verdict.labelled
+            cov = f"{verdict.label_coverage:.1%}" if verdict.label_coverage is not None else "-"
+            result.text = (
+                f"final windows: {verdict.windows}, {verdict.judged_pairs:,} judged, "
+                f"{verdict.labelled:,} chargebacks (coverage {cov})"
+            )
+            return result
+        latest: QualityReport | None = None
+        for r in stage.recent:
+            if r.rollout == act.rollout and r.candidate.version == act.version:
+                latest = r
+        if latest is not None:
+            champion, candidate = latest.champion, latest.candidate
+            result.ap_champion = champion.average_precision.value or math.nan
+            result.ap_candidate = candidate.average_precision.value or math.nan
+            result.pairs, result.frauds = latest.counts.records, latest.counts.labelled
+            result.text = (
+                f"provisional window, {latest.counts.records:,} judged, "
+                f"{latest.counts.labelled:,} chargebacks so far"
+            )
+        return result
+
+    def verdict(self, act: Act) -> QualityVerdict | None:
+        v = self.outcomes.verdicts.get(act.rollout) if self.outcomes else None
+        return v if v is not None and v.candidate_version == act.version else None
+
+    def gate(self, act: Act, cfg: SidecarConfig) -> GateDecision:
+        """The quality gate of ``act``'s rollout: the function the control plane calls."""
+        requirement = cfg.outcomes.for_rollout(act.rollout).non_inferiority
+        return quality_gate(
+            self.verdict(act),
+            requirement,
+            champion_version=CHAMPION_VERSION,
+            candidate_version=act.version,
+        )
+
+    def gate_text(self, act: Act | None) -> str:
+        if act is None or not act.quality_gate or not self.acts:
+            return ""
+        cfg = self._cfgs.get(act.key)
+        if cfg is None:
+            return ""
+        d = self.gate(act, cfg)
+        return f"{'MET' if d.ok else 'not met'} ({d.code}): {d.reason}"
 
     def say(self, text: str) -> None:
         """A story line: in the panel's "now" line live, printed otherwise."""
@@ -412,31 +489,45 @@ class Demo:
         results: list[ActResult] = []
         recording = Recording()
         try:
-            settings = Settings(broker.bootstrap_servers, str(keys_file), KEY_ID, tim)
+            state = keys_file.parent / "state"
+            settings = Settings(
+                broker.bootstrap_servers,
+                str(keys_file),
+                KEY_ID,
+                tim,
+                state_dir=str(state),
+                rollouts=tuple(a.rollout for a in self.acts),
+            )
             cfgs = [act_config(settings, a) for a in self.acts]
+            self._cfgs = {a.key: c for a, c in zip(self.acts, cfgs, strict=True)}
             base = cfgs[0]
             await ensure_config_topics(base)
             self.traffic = Traffic(base, opts.rate, opts.seed, opts.fraud_rate)
-            self.observer = Observer(base, self.traffic.frauds.__contains__)
+            self.observer = Observer(base)
             self.aggregator = AggregatorService(base, keyring=keyring)
+            self.outcomes = OutcomesService(base, keyring=keyring)
             tasks = [
                 asyncio.create_task(self.aggregator.run(), name="demo-aggregator"),
+                asyncio.create_task(self.outcomes.run(), name="demo-outcomes"),
                 asyncio.create_task(self.observer.run(), name="demo-observer"),
             ]
             await asyncio.wait_for(self.aggregator.ready.wait(), 30)
+            await asyncio.wait_for(self.outcomes.ready.wait(), 30)
             tasks.append(asyncio.create_task(self.traffic.run(), name="demo-traffic"))
             tasks.append(asyncio.create_task(self.show(), name="demo-view"))
             for i, (act, cfg) in enumerate(zip(self.acts, cfgs, strict=True), start=1):
                 self.act_index, self.act = i, act
                 results.append(await self._act(act, cfg, keyring, tim))
                 self._check(tasks)
-            self.say("done: stopping traffic and the aggregator, reading the topics")
+            self.say("done: stopping traffic, the aggregator and the outcomes stage")
         finally:
             await self._stop_sidecars()
             if self.aggregator is not None:
                 self.aggregator.request_stop()
+            if self.outcomes is not None:
+                self.outcomes.request_stop()
             for task in tasks:
-                if task.get_name() != "demo-aggregator":
+                if task.get_name() not in ("demo-aggregator", "demo-outcomes"):
                     task.cancel()
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -555,6 +646,24 @@ class Demo:
                 await asyncio.sleep(act.shadow_windows * window + 0.5)
                 if self._guard_commands(act, "rollback"):
                     return await self._settle(act, ActResult(act, False, "rolled back in shadow"))
+            if act.quality_gate:
+                req = cfg.outcomes.for_rollout(act.rollout).non_inferiority
+                self.say(
+                    f"shadow until the quality gate is met: candidate {req.metric} >= champion - "
+                    f"{req.margin:g} at {req.confidence:.0%} on >= {req.min_pairs:,} transactions "
+                    "whose chargeback windows have closed"
+                )
+                limit = 12 * window + 3 * cfg.outcomes.quality.label_window_ms / 1000 + 10
+                met = await self._until(lambda: self.gate(act, cfg).ok, limit)
+                gate = self.gate(act, cfg)
+                if not met:
+                    failed = ActResult(
+                        act, False, f"quality gate not met: {gate.reason}", gate=gate
+                    )
+                    return await self._settle(act, failed)
+                gate_after = time.monotonic() - started
+                gate_met = gate  # as it stood when the operator started the ramp
+                self.say(f"quality gate met after {gate_after:.0f}s: {gate.reason}")
             self.say(f"operator: sidecar ctl ramp {tim.plan}")
             ok = await self._operator(
                 cfg,
@@ -581,12 +690,17 @@ class Demo:
             promoted = self._modes() == {Mode.PROMOTED}
             outcome = (
                 "promoted after every ramp step"
+                + (", the ramp started once its quality gate was met" if act.quality_gate else "")
                 if promoted
                 else (f"not promoted: modes {sorted(m.value for m in self._modes())}")
             )
             if promoted:
                 self.say(f"promoted: the candidate {act.version} decides every request")
-            return await self._settle(act, ActResult(act, ok and promoted, outcome), windows=2)
+            result = ActResult(act, ok and promoted, outcome)
+            if act.quality_gate:
+                result.gate = gate_met
+                result.gate_met_after_s = gate_after
+            return await self._settle(act, result, windows=2)
         if act.expect == "rollback":
             ok = await self._until(
                 lambda: (
@@ -644,17 +758,13 @@ class Demo:
         )
 
     async def _settle(self, act: Act, result: ActResult, windows: float = 1.5) -> ActResult:
-        """Let a few more windows close (so the report shows the state after), then score AP."""
+        """Let a few more windows close (so the report shows the state after), then read
+        what the outcomes stage says of the act's models."""
         assert self.timing is not None
         await asyncio.sleep(windows * self.timing.window_s + 0.5)
-        if self.observer is not None:
-            apc, apk, n, frauds = self.observer.average_precision(act.rollout)
-            result.ap_champion, result.ap_candidate, result.pairs, result.frauds = (
-                apc,
-                apk,
-                n,
-                frauds,
-            )
+        seen = self.quality(act)
+        result.ap_champion, result.ap_candidate = seen.ap_champion, seen.ap_candidate
+        result.pairs, result.frauds = seen.pairs, seen.frauds
         return result
 
     # -- the end ---------------------------------------------------------------------------
@@ -718,9 +828,15 @@ class Demo:
             )
             facts[f"average precision, rollout {r.act.rollout}"] = (
                 f"champion {r.ap_champion:.3f}, candidate {r.ap_candidate:.3f} over {r.pairs:,} "
-                f"transactions ({r.frauds} fraud), scores from the comparisons topic, labels "
-                "from the generator"
+                f"judged transactions ({r.frauds} chargebacks): the outcomes stage's figures, "
+                "chargebacks joined to the comparisons by request id"
             )
+            if r.gate is not None:
+                facts[f"quality gate, rollout {r.act.rollout}"] = (
+                    f"{'met' if r.gate.ok else 'not met'}"
+                    + (f" {r.gate_met_after_s:.0f}s after deployment" if r.gate_met_after_s else "")
+                    + f" (checked by the operator before the ramp): {r.gate.reason}"
+                )
         return facts
 
     def _summary(
@@ -738,15 +854,22 @@ class Demo:
             "",
             f"sidecar demo ({self.opts.scenario}) {'finished' if ok else 'FAILED'} in "
             f"{elapsed:.0f}s: {self.traffic.sent if self.traffic else 0:,} transactions, "
-            f"{self.scored():,} scored by {INSTANCES} sidecar instances",
+            f"{self.scored():,} scored by {INSTANCES} sidecar instances, "
+            f"{self.traffic.chargebacks if self.traffic else 0:,} chargebacks",
         ]
         for i, r in enumerate(results, start=1):
             lines.append(f"  act {i}: {r.act.headline}.")
             lines.append(
-                f"         average precision (vs the generator's labels, {r.pairs:,} "
-                f"transactions, {r.frauds} fraud): champion {r.ap_champion:.3f}, candidate "
+                f"         average precision (outcomes stage: {r.pairs:,} judged transactions, "
+                f"{r.frauds} chargebacks): champion {r.ap_champion:.3f}, candidate "
                 f"{r.ap_candidate:.3f}"
             )
+            if r.gate is not None:
+                when = f" after {r.gate_met_after_s:.0f}s" if r.gate_met_after_s else ""
+                lines.append(
+                    f"         quality gate {'met' if r.gate.ok else 'NOT met'}{when}: "
+                    f"{r.gate.reason}"
+                )
             lines.append(f"         outcome: {'ok' if r.ok else 'UNEXPECTED'}: {r.outcome}")
         duplicates = sum(e.outcome == "duplicate" for e in timeline)
         lines.append(
@@ -770,4 +893,12 @@ async def run_demo(opts: DemoOptions, out: TextIO | None = None) -> DemoResult:
     return await demo.run()
 
 
-__all__ = ["ActResult", "DemoOptions", "DemoResult", "Observer", "Traffic", "run_demo"]
+__all__ = [
+    "ActResult",
+    "DemoOptions",
+    "DemoResult",
+    "Observer",
+    "SeenQuality",
+    "Traffic",
+    "run_demo",
+]

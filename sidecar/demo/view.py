@@ -13,27 +13,10 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-import numpy.typing as npt
-
 from ..aggregate.guards import GuardRule
 from ..aggregate.report import WindowReport, figure_of
 
 CLEAR = "\x1b[H\x1b[2J"
-
-
-def average_precision(scores: npt.ArrayLike, labels: npt.ArrayLike) -> float:
-    """Average precision (area under the precision-recall curve, step-wise) of ``scores``
-    against boolean ``labels``; NaN when there is no positive label."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=np.bool_)
-    positives = int(y.sum())
-    if positives == 0 or s.size == 0:
-        return math.nan
-    order = np.argsort(-s, kind="stable")
-    hits = y[order]
-    precision = np.cumsum(hits) / np.arange(1, s.size + 1)
-    return float(precision[hits].sum() / positives)
 
 
 @dataclass(frozen=True)
@@ -101,10 +84,15 @@ class Snapshot:
     instances: int
     report: WindowReport | None
     guards: list[GuardState]
+    #: From the outcomes stage (chargebacks joined to the comparisons).
     ap_champion: float
     ap_candidate: float
     ap_pairs: int
     events: list[str] = field(default_factory=list)
+    #: Where the quality figures come from (final windows or a provisional one).
+    quality: str = ""
+    #: The quality gate the operator waits for (empty when the act has none).
+    gate: str = ""
 
 
 def _pct(x: float | None, digits: int = 2) -> str:
@@ -165,10 +153,10 @@ def _shown(events: Sequence[str], last: int = 5) -> list[str]:
 def render_panel(s: Snapshot, width: int = 110) -> str:
     """The full panel (no ANSI codes; the caller clears the screen)."""
     ap = (
-        f"average precision vs the generator's labels ({s.ap_pairs:,} scored transactions): "
-        f"champion {_num(s.ap_champion, '{:.3f}')}, candidate {_num(s.ap_candidate, '{:.3f}')}"
+        f"average precision on the chargebacks (outcomes stage, {s.quality}): champion "
+        f"{_num(s.ap_champion, '{:.3f}')}, candidate {_num(s.ap_candidate, '{:.3f}')}"
         if s.ap_pairs
-        else "average precision: waiting for scored transactions"
+        else "average precision: waiting for the first quality window (chargebacks are late)"
     )
     lines = [
         f"sidecar demo: {s.scenario}    {s.elapsed_s:5.0f} s    act {s.act_index}/{s.acts}",
@@ -179,7 +167,13 @@ def render_panel(s: Snapshot, width: int = 110) -> str:
         f"  traffic   {s.produced_rate:7,.0f} req/s produced, {s.scored_rate:7,.0f} req/s scored, "
         f"backlog {s.backlog:,} (produced - scored), {s.produced:,} in total",
         f"  routing   {routing_text(s)}",
-        f"  quality   {ap}",
+        *textwrap.wrap(ap, width, initial_indent="  quality   ", subsequent_indent=" " * 12),
+        *textwrap.wrap(
+            f"quality gate {s.gate}" if s.gate else "",
+            width,
+            initial_indent=" " * 12,
+            subsequent_indent=" " * 14,
+        ),
         f"  window    {window_text(s.report)}",
         *(("  guards    " if i == 0 else " " * 12) + guard_text(g) for i, g in enumerate(s.guards)),
         "",
@@ -211,7 +205,6 @@ __all__ = [
     "CLEAR",
     "GuardState",
     "Snapshot",
-    "average_precision",
     "guard_states",
     "guard_text",
     "render_line",

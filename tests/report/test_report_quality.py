@@ -1,13 +1,21 @@
 """The report's ground-truth section: charts of final quality windows with their intervals,
-label coverage, the reliability diagram pooled over windows, and each rollout's verdict."""
+label coverage, the reliability diagram pooled over windows, and each rollout's verdict.
+
+``recorded_quality.jsonl`` is what ``sidecar demo --quick`` recorded (flags scenario) with the
+outcomes stage: chargebacks joined to the comparisons, the healthy candidate ramped once its
+quality gate was met.
+"""
 
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
 import msgspec
 import numpy as np
 import pytest
+from report.test_report import CHROMIUM, HEADLESS
 
 from sidecar.outcomes.quality import Costs, Layout, contribution
 from sidecar.outcomes.report import (
@@ -17,9 +25,12 @@ from sidecar.outcomes.report import (
     quality_report,
     quality_verdict,
 )
-from sidecar.report.model import Recording, decode_jsonl, encode_jsonl
+from sidecar.report.model import Recording, decode_jsonl, encode_jsonl, read_jsonl
 from sidecar.report.page import build_charts, render_page
 from sidecar.report.quality import pooled_reliability, quality_charts
+
+RECORDED = Path(__file__).parent / "recorded_quality.jsonl"
+QUALITY_CHARTS = {"quality_auc", "quality_cost", "quality_coverage"}
 
 KEY = PairKey("fraud-v2", "fraud-lr", "1.4.0", "fraud-lr", "2.1.0")
 LAYOUT = Layout()
@@ -120,3 +131,33 @@ def test_quality_and_verdicts_round_trip_through_jsonl(rec: Recording) -> None:
     twice = Recording(quality=rec.quality + rec.quality).normalised()
     assert len(twice.quality) == len(rec.quality)  # a report published twice counts once
     assert msgspec.json.decode(msgspec.json.encode(rec.verdicts[0]), type=type(rec.verdicts[0]))
+
+
+def test_the_demos_recording_shows_the_gate_met_before_the_ramp() -> None:
+    rec = read_jsonl(RECORDED).normalised()
+    assert {c.key for c in build_charts(rec) if c.has_data} >= QUALITY_CHARTS
+    page = render_page(rec)
+    healthy = next(v for v in reversed(rec.verdicts) if v.rollout.endswith("-1"))
+    assert healthy.gate.ok and f'data-rollout="{healthy.rollout}"' in page
+    ramp = next(ts for ts, c in rec.commands if c.action == "ramp")
+    assert (
+        min(v.emitted_at_ms for v in rec.verdicts if v.rollout == healthy.rollout and v.gate.ok)
+        < ramp
+    )
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_the_quality_section_renders_in_headless_chromium(tmp_path: Path) -> None:
+    assert CHROMIUM is not None
+    page = tmp_path / "report.html"
+    page.write_text(render_page(read_jsonl(RECORDED)), encoding="utf-8")
+    dom = subprocess.run(
+        [CHROMIUM, *HEADLESS, f"--user-data-dir={tmp_path / 'p'}", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    check = re.search(r'data-report-check="charts=(\d+);markers=(\d+);empty=([^"]*)"', dom)
+    assert check is not None and check.group(3) == "", dom[:300]
+    drawn = re.findall(r'data-chart="([a-z_]+)"[^>]*data-drawn="(\d+)"', dom)
+    assert {k for k, n in drawn if int(n) > 0} >= QUALITY_CHARTS

@@ -159,6 +159,14 @@ async def run_stage(cfg: SidecarConfig, comparisons: int) -> tuple[float, Outcom
             if task.done():
                 task.result()
         end = time.monotonic()
+        memory: dict[str, float] = {}
+        for rt in service.tasks.values():
+            if rt.join is not None:
+                for name, value in rt.join.store.memory().items():
+                    # the block cache is one for every store of the process: not a sum
+                    total = max if name == "block cache" else (lambda a, b: a + b)
+                    memory[name] = total(memory.get(name, 0.0), value)
+        service.store_memory = memory  # type: ignore[attr-defined]
     finally:
         service.request_stop()
         with contextlib.suppress(Exception):
@@ -226,6 +234,13 @@ async def throughput(args: argparse.Namespace) -> None:
 
 
 def _rss_mib() -> float:
+    """Peak resident size of this process image. ``VmHWM``, not ``ru_maxrss``: Linux keeps
+    ``ru_maxrss`` across ``execve``, so a worker spawned by a parent holding the preloaded
+    records would report the parent's size."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -242,8 +257,10 @@ async def memory_worker(args: argparse.Namespace) -> None:
         state,
         quality={"label_window_ms": 86_400_000},
         report_window_ms=3_600_000,
+        cache_mb=args.cache_mb,
     )
     secs, service = await run_stage(cfg, args.pending)
+    rocks = service.store_memory  # type: ignore[attr-defined]
     print(
         json.dumps(
             {
@@ -252,6 +269,7 @@ async def memory_worker(args: argparse.Namespace) -> None:
                 "peak_rss_mib": _rss_mib(),
                 "store_mib": _dir_mib(state),
                 "stored": service.applied.comparisons,
+                "rocksdb_mib": rocks,
             }
         )
     )
@@ -280,6 +298,7 @@ async def memory(args: argparse.Namespace) -> None:
                     f"--run={run}",
                     f"--state={state}",
                     f"--pending={n}",
+                    f"--cache-mb={args.cache_mb}",
                 ],
                 capture_output=True,
                 text=True,
@@ -289,9 +308,11 @@ async def memory(args: argparse.Namespace) -> None:
                 sys.exit(out.stderr[-3000:])
             got = json.loads(out.stdout.strip().splitlines()[-1])
             results.append(got)
+            rocks = ", ".join(f"{k} {v:.0f}" for k, v in got["rocksdb_mib"].items())
             print(
-                f"{n:>10,} pending: peak RSS {got['peak_rss_mib']:,.0f} MiB, store on disk "
-                f"{got['store_mib']:,.0f} MiB, {n / got['seconds']:,.0f} comparisons/s",
+                f"{n:>10,} pending: peak RSS {got['peak_rss_mib']:,.0f} MiB (RocksDB: {rocks} "
+                f"MiB), store on disk {got['store_mib']:,.0f} MiB, "
+                f"{n / got['seconds']:,.0f} comparisons/s",
                 flush=True,
             )
             shutil.rmtree(state, ignore_errors=True)
@@ -326,7 +347,9 @@ def _chunk(
             (s2 > 0.9).astype(np.int8),
         ),
         outcomes=EMPTY_OUTCOMES,
-        offsets={"c": (first, first + n)},
+        # No input offsets: these requests stand for comparisons read before the live ones
+        # (the stage then reads the comparisons topic from its beginning: the live traffic).
+        offsets={},
         stream_ms=int(t0 + (first + n - 1) * 1000.0 / rate),
     )
 
@@ -404,14 +427,15 @@ async def _time_to_first_record(
     ready = None
     while time.monotonic() - start < timeout_s:
         if proc.poll() is not None:
-            sys.exit(f"the stage exited with {proc.returncode}")
+            raise RuntimeError(f"the stage exited with {proc.returncode}")
         consumed = _scrape(port, 'sidecar_outcomes_records_total{input="comparisons"}')
         if consumed >= 0 and ready is None:
             ready = time.monotonic() - start
         if consumed > 0:
             return ready or 0.0, time.monotonic() - start
         await asyncio.sleep(0.05)
-    sys.exit("no record applied in time")
+    proc.kill()
+    raise RuntimeError("no record applied in time")
 
 
 async def live_traffic(cfg: SidecarConfig, rate: float, stop: asyncio.Event, t0: int) -> None:
@@ -485,9 +509,11 @@ async def recovery(args: argparse.Namespace) -> None:
         log = root / "outcomes.log"
         stop = asyncio.Event()
         traffic = asyncio.create_task(live_traffic(cfg, args.rate, stop, t0))
+        spawned: list[subprocess.Popen[bytes]] = []
         try:
             results = {}
             proc = _spawn(path, log)
+            spawned = [proc]
             ready, first = await _time_to_first_record(proc, port, 600)
             await asyncio.sleep(3)
             proc.send_signal(signal.SIGKILL)
@@ -501,6 +527,7 @@ async def recovery(args: argparse.Namespace) -> None:
                 if wipe:
                     shutil.rmtree(root / "state")
                 proc = _spawn(path, log)
+                spawned.append(proc)
                 ready, first = await _time_to_first_record(proc, port, 3600)
                 results[name] = first
                 print(
@@ -515,6 +542,10 @@ async def recovery(args: argparse.Namespace) -> None:
             stop.set()
             with contextlib.suppress(Exception):
                 await traffic
+            for p in spawned:  # never leave a stage behind (it would hold the port)
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate(timeout=30)
         restored = [ln for ln in log.read_text().splitlines() if "restored in" in ln]
         for line in restored:
             print("  log:", line.split("sidecar.outcomes.service:", 1)[-1].strip())
@@ -541,11 +572,13 @@ def main() -> None:
     p = sub.add_parser("memory")
     p.add_argument("--pending", type=int, default=200_000)
     p.add_argument("--event-rate", type=float, default=1000.0)
+    p.add_argument("--cache-mb", type=int, default=64, help="outcomes.cache_mb")
     p = sub.add_parser("memory-worker")
     p.add_argument("--bootstrap", required=True)
     p.add_argument("--run", required=True)
     p.add_argument("--state", required=True)
     p.add_argument("--pending", type=int, required=True)
+    p.add_argument("--cache-mb", type=int, default=64)
     p = sub.add_parser("recovery")
     p.add_argument("--hours", type=float, default=24.0)
     p.add_argument("--rate", type=float, default=1000.0, help="the demo's rate")

@@ -244,6 +244,8 @@ class JoinTask:
         #: Stream time: what makes windows mature and final. The service moves it (see
         #: :meth:`advance`); it never goes back.
         self.stream_ms = 0
+        #: Windows (pair id, start) changed since the service last reported them.
+        self.dirty: set[tuple[int, int]] = set()
         self.reload()
 
     def reload(self) -> None:
@@ -332,6 +334,7 @@ class JoinTask:
             pair.open = sorted([*pair.open, ws])
             batch.put(_pair_key(pid), _ENC.encode(pair))
         batch.put(key, (acc + delta).tobytes())
+        self.dirty.add((pid, ws))
 
     def _counter(
         self, deltas: dict[tuple[int, int], FloatArray], pid: int, ws: int, name: str, n: int
@@ -655,6 +658,7 @@ class JoinTask:
         end = ws + self.windows.report_window_ms
         pair.finalized_through = max(pair.finalized_through, end)
         pair.open = [w for w in pair.open if w != ws]
+        self.dirty.discard((pid, ws))
         if acc.any():
             pair.windows_final += 1
             pair.first_final_start = (

@@ -611,6 +611,7 @@ class OutcomesService:
                 for holders, ws in self._mature(ready):
                     report = await asyncio.to_thread(self._report, holders, ws, "provisional", now)
                     await self._publish_report(report, now)
+                    self._reported(holders, ws)
         if provisional:
             for rt in ready:
                 assert rt.join is not None
@@ -655,12 +656,27 @@ class OutcomesService:
         return sorted(due, key=lambda d: d[1])
 
     def _mature(self, ready: list[TaskRuntime]) -> list[tuple[list[Holder], int]]:
+        """Mature windows that changed since their last provisional report (every one once):
+        with a label window of months there are thousands open, most of them quiet."""
         out = []
         for holders in self._holders(ready).values():
             stream = self._stream(holders, ready)
             starts = sorted({ws for h in holders for ws in h.pair.open})
-            out += [(holders, ws) for ws in starts if self.windows.mature_at(ws) <= stream]
+            for ws in starts:
+                if self.windows.mature_at(ws) > stream:
+                    continue
+                changed = any(
+                    h.task.join is not None and (h.pair.id, ws) in h.task.join.dirty
+                    for h in holders
+                )
+                if changed:
+                    out.append((holders, ws))
         return out
+
+    def _reported(self, holders: list[Holder], ws: int) -> None:
+        for h in holders:
+            if h.task.join is not None:
+                h.task.join.dirty.discard((h.pair.id, ws))
 
     def _report(
         self, holders: list[Holder], ws: int, status: ReportStatus, now: int

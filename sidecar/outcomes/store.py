@@ -135,6 +135,16 @@ class Store:
                 wb.put(key, value)
         self._db.write(wb)
 
+    def memory(self) -> dict[str, float]:
+        """RocksDB's own memory figures (MiB): memtables, block cache (shared by the stores of
+        the process), and the table readers outside the cache."""
+        prop = self._db.property_int_value
+        return {
+            "memtables": (prop("rocksdb.size-all-mem-tables") or 0) / (1 << 20),
+            "block cache": (prop("rocksdb.block-cache-usage") or 0) / (1 << 20),
+            "table readers": (prop("rocksdb.estimate-table-readers-mem") or 0) / (1 << 20),
+        }
+
     def close(self) -> None:
         self._db.close()
 

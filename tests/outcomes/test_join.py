@@ -353,3 +353,14 @@ def test_a_poll_of_both_inputs_is_one_chunk_that_keeps_each_inputs_watermark(fee
     feed.write(chunk)
     assert feed.task.meta.input_ms == {"c": 90_000, "o": 2000}
     assert feed.counts().labelled == 1  # the outcome met the comparison of the same chunk
+
+
+def test_windows_changed_since_their_last_report_are_marked(feed: Feed) -> None:
+    feed.comparisons(comparison("a", 1000), comparison("b", W + 1))
+    pid = feed.pair.id
+    assert feed.task.dirty == {(pid, 0), (pid, W)}
+    feed.task.dirty.clear()  # reported
+    feed.outcomes(outcome("b", True, W + 100))
+    assert feed.task.dirty == {(pid, W)}  # only the window whose request got its label
+    feed.finalize(W)
+    assert feed.task.dirty == set()

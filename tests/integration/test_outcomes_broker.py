@@ -58,7 +58,7 @@ def judged(service: OutcomesService) -> int:
     return v.judged_pairs if v is not None else 0
 
 
-@pytest.mark.parametrize("key_by", ["rollout", "routing_key"])
+@pytest.mark.parametrize("key_by", ["rollout", pytest.param("routing_key", marks=pytest.mark.slow)])
 async def test_outcomes_meet_their_comparisons_and_the_figures_are_scikit_learns(
     bootstrap: str, tmp_path: Path, key_by: str
 ) -> None:
@@ -101,6 +101,7 @@ async def test_outcomes_meet_their_comparisons_and_the_figures_are_scikit_learns
     assert all(d.source_topic == cfg.outcomes.topic and d.reason for d in letters)
 
 
+@pytest.mark.slow
 async def test_status_prints_the_latest_verdict_and_its_gate(
     bootstrap: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -119,6 +120,7 @@ async def test_status_prints_the_latest_verdict_and_its_gate(
     assert "gate MET (met)" in out and "auc" in out
 
 
+@pytest.mark.slow
 async def test_a_new_owner_rebuilds_the_store_from_the_changelog(
     bootstrap: str, tmp_path: Path
 ) -> None:

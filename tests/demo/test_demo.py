@@ -128,3 +128,35 @@ async def test_quick_flags_demo_tells_the_whole_story(tmp_path: Path) -> None:
     again = read_jsonl(result.record_path)
     assert len(again.commands) == len(result.timeline) and again.reports
     assert result.log_path.stat().st_size > 0
+
+
+def test_the_panel_shows_the_outcomes_stages_quality_and_the_gate() -> None:
+    snap = Snapshot(
+        scenario="flags",
+        elapsed_s=20,
+        act_index=2,
+        acts=2,
+        headline="h",
+        phase="p",
+        produced=10,
+        produced_rate=1.0,
+        scored_rate=1.0,
+        backlog=0,
+        rollout="r",
+        mode="shadow",
+        share_bp=0,
+        epoch=0,
+        ramp="",
+        instances=2,
+        report=None,
+        guards=[],
+        ap_champion=0.142,
+        ap_candidate=0.48,
+        ap_pairs=4800,
+        quality="final windows: 2, 4,800 judged, 96 chargebacks (coverage 2.0%)",
+        gate="MET (met): candidate auc >= champion - 0.02 holds at 95%",
+    )
+    panel = render_panel(snap)
+    assert "average precision on the chargebacks (outcomes stage, final windows: 2" in panel
+    assert "champion 0.142, candidate 0.480" in panel
+    assert "quality gate MET (met)" in panel

@@ -134,8 +134,11 @@ class GuardEvent(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _lookup(report: GuardedReport, name: str, figures: FigureTable) -> Figure:
+    """A figure by short name (the engine's table) or dotted path."""
     getter = figures.get(name)
-    return getter(report) if getter is not None else figure_of(report, name)  # type: ignore[arg-type]  # dotted paths walk any report
+    if getter is not None:
+        return getter(report)
+    return figure_of(report, name)  # type: ignore[arg-type]  # a dotted path walks any report
 
 
 def _condition_holds(rule: GuardRule, report: GuardedReport, figures: FigureTable) -> bool:

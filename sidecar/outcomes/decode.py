@@ -32,6 +32,7 @@ from .chunks import (
     outcome_columns,
 )
 from .contract import Outcome, decode_outcome, numeric_label
+from .heartbeat import heartbeat_of
 from .settings import OutcomesSettings
 
 Name = Annotated[str, msgspec.Meta(max_length=256)]
@@ -249,6 +250,8 @@ class ChunkBuilder:
         values: list[float] = []
         nan = float("nan")
         for rec in records:
+            if heartbeat_of(rec) is not None:
+                continue  # the router's heartbeat: read by the service, nothing to apply
             got = decode_outcome(rec.value)
             if not isinstance(got, Outcome):
                 skipped.add("outcomes", "undecodable")

@@ -7,16 +7,18 @@ Store layout (keys by first byte; numbers big-endian so keys sort by them):
 * ``m``: the task's meta (changelog position, input offsets, stream time, counters);
 * ``p`` + pair id: a rollout pair (its key, the settings it started with, open windows, how far
   its windows are final);
-* ``r`` + request id: a request waiting in its window (pair, event time, both scores and
-  decisions, and its outcome so far);
+* ``r`` + rollout (length-prefixed) + request id: a request waiting in its window (pair, event
+  time, both scores and decisions, and its outcome so far). By rollout too: two rollouts
+  (two sidecar deployments on one request stream) may score the same request;
 * ``i`` + pair + window start + request id: the window's index of its requests (to drop them
   when the window is final);
 * ``w`` + pair + window start: the window's quality accumulator (``quality.Layout``);
 * ``t`` + pair: the accumulator of every final window of the pair (the verdict's basis);
-* ``o`` + request id: outcomes whose comparison has not arrived (yet).
+* ``o`` + request id: outcomes that arrived before a comparison of their request (kept until
+  no comparison could still need them).
 
-Each request is counted once: a request id is stored once per task (a repeated comparison is a
-duplicate, counted and dropped); its contribution to its window is added when it arrives and
+Each request is counted once: a request id is stored once per rollout (a repeated comparison
+is a duplicate, counted and dropped); its contribution to its window is added when it arrives and
 replaced (subtract old, add new) when its outcome changes, so a replay of outcomes already
 applied changes nothing. Applying a changelog record writes the store in one atomic batch,
 together with the record's offset, so a store is always exactly "the changelog up to
@@ -70,8 +72,15 @@ MAX_ORPHAN_OUTCOMES = 8
 NO_OUTCOME, NUMERIC, RANKING = 0, 1, 2
 
 META_KEY = b"m"
+_U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+
+
+def request_prefix(rollout: str) -> bytes:
+    """The key prefix of a rollout's requests (the length makes it unambiguous)."""
+    name = rollout.encode()
+    return b"r" + _U16.pack(len(name)) + name
 
 
 def _pair_key(pid: int) -> bytes:
@@ -102,7 +111,7 @@ class Meta(msgspec.Struct, kw_only=True):
     #: Largest event time applied per input (``c``, ``o``): the inputs' watermarks.
     input_ms: dict[str, int] = {}
     next_pair: int = 0
-    #: Requests stored, and unmatched request ids holding outcomes.
+    #: Requests stored, and request ids holding outcomes that came before a comparison.
     stored: int = 0
     orphans: int = 0
     #: Totals since the store was created.
@@ -219,6 +228,24 @@ def _groups(
     return [((int(k) >> 48, int(k) & ((1 << 48) - 1)), key == k) for k in np.unique(key).tolist()]
 
 
+def stream_bound(
+    comparisons_ms: int, comparisons_caught_up: bool, quiet_ms: int, outcomes_ms: int | None
+) -> int:
+    """How far stream time may go: what makes windows final and held outcomes expire.
+
+    The comparisons always bound it, by their watermark (the largest event time applied), plus
+    the time they have been quiet once they are read to the end (``quiet_ms``: time goes on at
+    the wall clock's pace from the last comparison, so the last windows of a stream that stops
+    become final; a lull while a backlog is read moves nothing). The outcomes bound it by
+    ``outcomes_ms`` (:func:`sidecar.outcomes.heartbeat.outcomes_bound`: the smallest event time
+    routed over the outcome partitions not routed to their end; None when all are), so no
+    window is final before its outcomes are in, and no held outcome is dropped while its
+    comparison may still come.
+    """
+    bound = comparisons_ms + (max(quiet_ms, 0) if comparisons_caught_up else 0)
+    return bound if outcomes_ms is None else min(bound, outcomes_ms)
+
+
 class JoinTask:
     """One task's join state over its store."""
 
@@ -247,6 +274,11 @@ class JoinTask:
         #: Windows (pair id, start) changed since the service last reported them.
         self.dirty: set[tuple[int, int]] = set()
         self.reload()
+
+    @property
+    def rollouts(self) -> set[str]:
+        """The rollouts this task holds requests of."""
+        return {p.key.rollout for p in self.pairs.values()}
 
     def reload(self) -> None:
         """Read the meta and the pairs from the store again (after an apply that failed
@@ -387,7 +419,8 @@ class JoinTask:
         keep = list(first.values())
         stats.duplicates += len(candidates) - len(keep)
         id_bytes = [ids[i].encode() for i in keep]
-        keys = [b"r" + b for b in id_bytes]
+        prefix_of = {p: request_prefix(self.pairs[p].key.rollout) for p in set(pair_ids)}
+        keys = [prefix_of[int(pid[i])] + b for i, b in zip(keep, id_bytes, strict=True)]
         # Request ids stored already (redelivered comparisons): the bloom filters answer
         # "absent" for a new id without reading a block.
         fresh = [j for j, there in enumerate(self.store.present(keys)) if not there]
@@ -407,14 +440,16 @@ class JoinTask:
         ots = np.zeros(m, dtype=np.int64)
         r_pid, r_ws, r_ts = pid[rows_i], ws[rows_i], ts[rows_i]
         if self.meta.orphans:
+            # Outcomes that came first stay until no comparison could need them (another
+            # rollout may score the same request later): matched here, dropped on expiry.
             okeys = [b"o" + b for b in id_bytes]
-            for j, raw in enumerate(self.store.get_many(okeys)):
+            maybe = [j for j, m in enumerate(self.store.may_exist(okeys)) if m]
+            held = self.store.get_many([okeys[j] for j in maybe])
+            for j, raw in zip(maybe, held, strict=True):
                 if raw is None:
                     continue
                 pair = self.pairs[int(r_pid[j])]
                 got = self._orphan_outcome(raw, int(r_ts[j]), pair.settings)
-                batch.delete(okeys[j])
-                self.meta.orphans -= 1
                 if got is None:
                     self._counter(deltas, int(r_pid[j]), int(r_ws[j]), "outside_window", 1)
                     stats.outside_window += 1
@@ -493,49 +528,54 @@ class JoinTask:
         cols = outcome_arrays(o)
         ts, label, value = cols["ts"], cols["label"], cols["value"]
         distinct = list(dict.fromkeys(o.ids))
-        current: dict[str, bytes | None] = {}
-        rkeys = [b"r" + i.encode() for i in distinct]
-        absent = []
-        for rid, r_raw in zip(distinct, self._read(rkeys, batch), strict=True):
-            current["r" + rid] = r_raw
-            if r_raw is None:
-                absent.append(rid)
+        # Every rollout of the task may hold the request: look it up under each.
+        prefixes = [request_prefix(r) for r in sorted(self.rollouts)]
+        rkeys = [p + rid.encode() for rid in distinct for p in prefixes]
+        current: dict[bytes, bytes | None] = dict(zip(rkeys, self._read(rkeys, batch), strict=True))
+        holding = {
+            rid: [k for k in (p + rid.encode() for p in prefixes) if current[k] is not None]
+            for rid in distinct
+        }
+        absent = [rid for rid in distinct if not holding[rid]]
         okeys = [b"o" + i.encode() for i in absent]
-        for rid, o_raw in zip(absent, self._read(okeys, batch), strict=True):
-            current["o" + rid] = o_raw
+        orphans: dict[str, bytes | None] = dict(zip(absent, self._read(okeys, batch), strict=True))
         old_rows: list[tuple[Any, ...]] = []
         new_rows: list[tuple[Any, ...]] = []
         for j in range(n):
             rid = o.ids[j]
             lab = float(label[j])
             outcome = (NUMERIC if math.isfinite(lab) else RANKING, lab, float(value[j]), int(ts[j]))
-            r_raw = current["r" + rid]
-            if r_raw is None:
-                self._keep_orphan(rid, outcome, current, batch, stats)
+            if not holding[rid]:
+                self._keep_orphan(rid, outcome, orphans, batch, stats)
                 continue
-            rec = REQUEST.unpack(r_raw)
-            pid, rts = rec[0], rec[1]
-            pair = self.pairs[pid]
-            ws = rts - rts % self.windows.report_window_ms
-            if outcome[3] > rts + pair.settings.label_window_ms:
-                self._counter(deltas, pid, ws, "outside_window", 1)
-                stats.outside_window += 1
-                continue
-            old = (rec[6], rec[7], rec[8], rec[9])
-            best = (
-                outcome if old[0] == NO_OUTCOME else _combine(old, outcome, pair.settings.combine)
-            )
-            if best == old:
-                continue
-            if old[0] == NO_OUTCOME:
-                stats.joined[pair.key.rollout] = stats.joined.get(pair.key.rollout, 0) + 1
-            else:
-                stats.updated += 1
-            updated = REQUEST.pack(*rec[:6], *best)
-            current["r" + rid] = updated
-            batch.put(b"r" + rid.encode(), updated)
-            old_rows.append((pid, ws, *rec[2:6], *old[:3]))
-            new_rows.append((pid, ws, *rec[2:6], *best[:3]))
+            for key in holding[rid]:
+                raw = current[key]
+                assert raw is not None
+                rec = REQUEST.unpack(raw)
+                pid, rts = rec[0], rec[1]
+                pair = self.pairs[pid]
+                ws = rts - rts % self.windows.report_window_ms
+                if outcome[3] > rts + pair.settings.label_window_ms:
+                    self._counter(deltas, pid, ws, "outside_window", 1)
+                    stats.outside_window += 1
+                    continue
+                old = (rec[6], rec[7], rec[8], rec[9])
+                best = (
+                    outcome
+                    if old[0] == NO_OUTCOME
+                    else _combine(old, outcome, pair.settings.combine)
+                )
+                if best == old:
+                    continue
+                if old[0] == NO_OUTCOME:
+                    stats.joined[pair.key.rollout] = stats.joined.get(pair.key.rollout, 0) + 1
+                else:
+                    stats.updated += 1
+                updated = REQUEST.pack(*rec[:6], *best)
+                current[key] = updated
+                batch.put(key, updated)
+                old_rows.append((pid, ws, *rec[2:6], *old[:3]))
+                new_rows.append((pid, ws, *rec[2:6], *best[:3]))
         for sign, table in ((-1.0, old_rows), (1.0, new_rows)):
             if not table:
                 continue
@@ -564,11 +604,11 @@ class JoinTask:
         self,
         rid: str,
         outcome: tuple[int, float, float, int],
-        current: dict[str, bytes | None],
+        orphans: dict[str, bytes | None],
         batch: Batch,
         stats: ApplyStats,
     ) -> None:
-        raw = current["o" + rid]
+        raw = orphans[rid]
         kept = list(ORPHAN.iter_unpack(raw)) if raw else []
         if outcome in kept:
             return
@@ -577,7 +617,7 @@ class JoinTask:
             stats.orphaned += 1
         kept = sorted([*kept, outcome], key=lambda o: o[3])[-MAX_ORPHAN_OUTCOMES:]
         value = b"".join(ORPHAN.pack(*o) for o in kept)
-        current["o" + rid] = value
+        orphans[rid] = value
         batch.put(b"o" + rid.encode(), value)
 
     def _judge(self, rows: _Rows, deltas: dict[tuple[int, int], FloatArray]) -> None:
@@ -649,9 +689,10 @@ class JoinTask:
         batch.put(_total_key(pid), (total + acc).tobytes())
         batch.delete(_window_key(pid, ws))
         prefix = _index_prefix(pid, ws)
+        requests = request_prefix(pair.key.rollout)
         dropped = 0
         for key, _ in self.store.scan(prefix):
-            batch.delete(b"r" + key[len(prefix) :])
+            batch.delete(requests + key[len(prefix) :])
             dropped += 1
         batch.delete_range(prefix, _index_prefix(pid, ws + 1))
         self.meta.stored -= dropped
@@ -678,14 +719,9 @@ class JoinTask:
                 self.meta.orphans -= 1
                 self.meta.orphans_expired += 1
 
-    def advance(self, active: tuple[str, ...], idle_floor_ms: int) -> int:
-        """Move stream time to the smallest watermark of the ``active`` inputs (those that
-        brought records lately: an input still delivering holds time back, so a window is
-        never final before its outcomes are read), or, with no input active (caught up and
-        quiet), to ``idle_floor_ms`` (the wall clock less the idle timeout)."""
-        marks = [self.meta.input_ms.get(k, 0) for k in active]
-        target = min(marks) if marks else idle_floor_ms
-        self.stream_ms = max(self.stream_ms, target)
+    def advance(self, bound_ms: int) -> int:
+        """Move stream time up to ``bound_ms`` (see :func:`stream_bound`); it never goes back."""
+        self.stream_ms = max(self.stream_ms, bound_ms)
         return self.stream_ms
 
     # -- reading ---------------------------------------------------------------------------
@@ -768,4 +804,5 @@ __all__ = [
     "Meta",
     "PairRecord",
     "Windows",
+    "stream_bound",
 ]

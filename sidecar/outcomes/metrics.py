@@ -103,7 +103,8 @@ class OutcomesMetrics:
         )
         self.orphans = Gauge(
             "sidecar_outcomes_unmatched_outcomes",
-            "Request ids holding outcomes whose comparison has not arrived",
+            "Request ids holding outcomes that arrived before a comparison (kept until no "
+            "comparison could still need them)",
             registry=r,
         )
         self.open_windows = Gauge(

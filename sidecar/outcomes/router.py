@@ -11,8 +11,13 @@ partition of ``<group_id>.by-task`` whose number is the comparison partition of 
   (``rollout.name`` and the names under ``[outcomes.rollouts]``): an outcome does not say its
   rollout, so it goes to each of them and meets the comparison where there is one.
 
-The router is a consumer group of its own (``<group_id>.router``) on the outcomes topic. A
-record that is no ``Outcome`` (or is dated more than ``max_future_ms`` ahead) becomes a dead
+The router is a consumer group of its own (``<group_id>.router``) on the outcomes topic. Every
+``HEARTBEAT_S`` each member also sends a heartbeat to every task partition: for each outcome
+partition it owns, the largest event time routed and whether it is routed to its end
+(:mod:`sidecar.outcomes.heartbeat`). Tasks bound stream time by them, so a router that is
+restarting, rebalancing or behind holds windows open instead of letting them become final
+before their outcomes arrive. A record that is no
+``Outcome`` (or is dated more than ``max_future_ms`` ahead) becomes a dead
 letter with its reason, like a bad request; offsets are committed once its outputs are
 acknowledged (at-least-once: a repeated outcome is harmless, the join combines outcomes
 idempotently).
@@ -21,10 +26,13 @@ idempotently).
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from collections.abc import Callable
 from itertools import chain
 from typing import Any
 
+import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ..config import SidecarConfig
@@ -34,6 +42,7 @@ from ..hashing import kafka_partitions
 from ..kafka import RebalanceListener, new_consumer, stop_quietly, topic_partitions
 from ..kafka.unreadable import unreadable_of
 from .contract import Outcome, decode_outcome, encode_outcome
+from .heartbeat import HEARTBEAT_HEADER, HEARTBEAT_S, PartitionProgress, RouterHeartbeat
 from .metrics import OutcomesMetrics
 from .publish import Publisher, Send
 
@@ -83,6 +92,10 @@ class OutcomeRouter:
         self.targets: Targets | None = None
         self.routed = 0
         self.dead_lettered = 0
+        self.member = uuid.uuid4().hex[:12]
+        self._last_beat = 0.0
+        #: Largest event time routed per outcome partition (since this member owns it).
+        self.routed_ms: dict[int, int] = {}
 
     async def start(self, comparison_partitions: int) -> None:
         self.targets = Targets(self.cfg, comparison_partitions)
@@ -111,6 +124,37 @@ class OutcomeRouter:
             if polled:
                 await self.route(list(chain.from_iterable(polled.values())))
                 await self._commit(consumer, polled)
+            if time.monotonic() - self._last_beat >= HEARTBEAT_S:
+                await self.heartbeat()
+
+    async def heartbeat(self) -> None:
+        """Tell every task partition, for each outcome partition this member owns, the largest
+        event time routed and whether it is routed up to the high watermark of its last fetch
+        answer (from the fetch response: Tansu's ListOffsets answer can be wrong, its fetch
+        responses are not; an empty poll is no evidence, a fetch may be in flight)."""
+        consumer, targets = self.consumer, self.targets
+        assert consumer is not None and targets is not None
+        self._last_beat = time.monotonic()
+        owned = {tp.partition: tp for tp in consumer.assignment()}
+        for gone in set(self.routed_ms) - set(owned):  # revoked: another member speaks now
+            del self.routed_ms[gone]
+        partitions = {}
+        for p, tp in sorted(owned.items()):
+            high = consumer.highwater(tp)
+            done = high is not None and await consumer.position(tp) >= high
+            partitions[p] = PartitionProgress(self.routed_ms.get(p, -1), done)
+        beat = RouterHeartbeat(
+            member=self.member,
+            total=len(consumer.partitions_for_topic(self.settings.topic) or ()),
+            partitions=partitions,
+            at_ms=self.clock(),
+        )
+        value = msgspec.json.encode(beat)
+        headers = [(HEARTBEAT_HEADER, b"1")]
+        topic = self.settings.by_task_topic
+        await self.publisher.send_all(
+            [Send(topic, value, b"heartbeat", p, headers) for p in range(targets.partitions)]
+        )
 
     async def route(self, records: list[Any]) -> None:
         """Forward ``records`` (any partitions) and dead-letter the bad ones; returns once
@@ -136,6 +180,8 @@ class OutcomeRouter:
                 sends.append(self._dead_letter(rec, "event_time", reason, got.request_id))
             else:
                 good.append(got)
+                part = rec.partition
+                self.routed_ms[part] = max(self.routed_ms.get(part, -1), got.ts)
         topic = self.settings.by_task_topic
         for outcome, parts in zip(good, self.targets.of(good), strict=True):
             value = encode_outcome(outcome)

@@ -69,7 +69,8 @@ from ..timefmt import utc_window
 from ..untrusted import error_text
 from .chunks import ChangelogRecord, ExpireMark, FinalMark, decode, encode
 from .decode import ChunkBuilder, Skipped
-from .join import ApplyStats, JoinTask, PairRecord, Windows
+from .heartbeat import RouterHeartbeat, heartbeat_of, outcomes_bound
+from .join import ApplyStats, JoinTask, PairRecord, Windows, stream_bound
 from .metrics import OutcomesMetrics
 from .publish import Publisher, Send
 from .report import (
@@ -146,11 +147,11 @@ class TaskRuntime:
     partition: int
     join: JoinTask | None = None
     restoring: asyncio.Task[None] | None = None
-    #: ``time.monotonic()`` of the last poll that brought records, per input (``c``, ``o``).
-    last_input: dict[str, float] = field(
-        default_factory=lambda: dict.fromkeys(("c", "o"), time.monotonic())
-    )
     last_expire_cutoff: int = 0
+    #: Wall clock (ms) when the task last got comparisons, or was restored.
+    last_record_ms: int = 0
+    #: The latest heartbeat of each router member (read from the task's by-task partition).
+    beats: dict[str, RouterHeartbeat] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
@@ -410,7 +411,7 @@ class OutcomesService:
                     consumer.seek(tp, offset)
                 consumer.resume(tp)
             rt.join = join
-            rt.last_input = dict.fromkeys(("c", "o"), time.monotonic())
+            rt.last_record_ms = self.clock()
             rt.restoring = None
         took = time.monotonic() - started
         self.metrics.restore_seconds.set(took)
@@ -561,10 +562,12 @@ class OutcomesService:
             stats = await asyncio.to_thread(self._apply_one, join, raw, md.offset, chunk)
             if stats is not None:
                 self._observe(stats)
-        mono = time.monotonic()
-        for key, records in (("c", comps), ("o", outs)):
-            if records:
-                rt.last_input[key] = mono
+        for rec in outs:
+            beat = heartbeat_of(rec)
+            if beat is not None:
+                rt.beats[beat.member] = beat
+        if comps:
+            rt.last_record_ms = self.clock()
 
     def _observe(self, stats: ApplyStats) -> None:
         self.applied.add(stats)
@@ -600,10 +603,16 @@ class OutcomesService:
         provisional = mono - self._last_provisional >= s.provisional_interval_ms / 1000
         ready = [rt for rt in self.tasks.values() if rt.ready]
         for rt in ready:
-            assert rt.join is not None
-            idle = s.idle_timeout_ms / 1000
-            active = tuple(k for k, t in rt.last_input.items() if mono - t < idle)
-            rt.join.advance(active, now - s.idle_timeout_ms)
+            join = rt.join
+            assert join is not None
+            join.advance(
+                stream_bound(
+                    join.meta.input_ms.get("c", join.meta.stream_ms),
+                    await self._read_to_end(rt.partition, self._topics[0]),
+                    now - rt.last_record_ms - s.idle_timeout_ms,
+                    outcomes_bound(rt.beats.values(), now, s.idle_timeout_ms),
+                )
+            )
         if self._complete():
             for holders, ws in self._due(ready):
                 await self._finalize(holders, ws, now)
@@ -622,6 +631,19 @@ class OutcomesService:
             self._last_provisional = mono
         self._gauges()
         await self._commit()
+
+    async def _read_to_end(self, partition: int, topic: str) -> bool:
+        """Whether the task's partition of ``topic`` is read up to the high watermark of its
+        last fetch answer (Tansu's fetch responses carry a right one; its ListOffsets answers
+        can be wrong)."""
+        consumer = self._consumer
+        if consumer is None:
+            return False
+        tp = TopicPartition(topic, partition)
+        if tp not in consumer.assignment():
+            return False
+        high = consumer.highwater(tp)
+        return high is not None and await consumer.position(tp) >= high
 
     def _complete(self) -> bool:
         """Whether this process may report: with comparisons keyed by routing key a rollout is

@@ -22,7 +22,7 @@ from sidecar.contracts import MAX_EPOCH_MS
 from sidecar.outcomes.chunks import decode
 from sidecar.outcomes.contract import Outcome, decode_outcome
 from sidecar.outcomes.decode import ChunkBuilder, Skipped, decode_comparisons
-from sidecar.outcomes.join import JoinTask, Windows
+from sidecar.outcomes.join import JoinTask, Windows, request_prefix
 from sidecar.outcomes.settings import OutcomesSettings
 from sidecar.outcomes.store import Store
 
@@ -108,7 +108,8 @@ def test_no_record_escapes_a_task(tmp_path_factory: Any, data: st.DataObject) ->
             assert decode(raw) == chunk
             task.apply(chunk, offset)
         # The three valid comparisons are stored (a hostile one may be valid too, or repeat).
-        ids = {k[1:].decode() for k, _ in task.store.scan(b"r")}
+        prefix = request_prefix("fraud-v2")
+        ids = {k[len(prefix) :].decode() for k, _ in task.store.scan(prefix)}
         assert {"r-0", "r-1", "r-2"} <= ids
         assert task.meta.inputs == {"c": len(comparisons), "o": len(outcomes)}
     finally:

@@ -17,7 +17,7 @@ from sidecar.contracts import Comparison, ModelResult
 from sidecar.outcomes.chunks import ChangelogRecord, ExpireMark, FinalMark, decode, encode
 from sidecar.outcomes.contract import Outcome
 from sidecar.outcomes.decode import ChunkBuilder, Skipped
-from sidecar.outcomes.join import ApplyStats, JoinTask, PairRecord, Windows
+from sidecar.outcomes.join import ApplyStats, JoinTask, PairRecord, Windows, stream_bound
 from sidecar.outcomes.quality import score_bins
 from sidecar.outcomes.report import PairKey
 from sidecar.outcomes.settings import OutcomesSettings
@@ -143,7 +143,8 @@ def test_an_outcome_before_its_comparison_waits_for_it(feed: Feed) -> None:
     stats = feed.outcomes(outcome("a", 1, 2000), outcome("a", 0, 1500))
     assert stats.orphaned == 1 and feed.task.meta.orphans == 1
     stats = feed.comparisons(comparison("a", 1000))
-    assert stats.joined == {"ro": 1} and feed.task.meta.orphans == 0
+    assert stats.joined == {"ro": 1}
+    assert feed.task.meta.orphans == 1  # kept: another rollout may score "a" too
     c = feed.counts()
     assert (c.labelled, c.positives) == (1, 1)  # the later outcome (label 1) counts
 
@@ -336,13 +337,21 @@ def test_several_rollout_pairs_keep_their_own_settings(tmp_path: Path) -> None:
     assert feed.task.report(other, 0, "provisional", 0).counts.assumed_negative == 1
 
 
-def test_stream_time_waits_for_the_slowest_active_input(feed: Feed) -> None:
-    feed.comparisons(comparison("a", 50_000))
-    feed.outcomes(outcome("x", True, 20_000))
-    assert feed.task.advance(("c", "o"), idle_floor_ms=0) == 20_000
-    assert feed.task.advance(("c",), idle_floor_ms=0) == 50_000
-    assert feed.task.advance((), idle_floor_ms=70_000) == 70_000
-    assert feed.task.advance(("c", "o"), idle_floor_ms=0) == 70_000  # never back
+def test_stream_time_is_bounded_by_what_is_not_read_yet() -> None:
+    # Comparisons being read (a backlog): their watermark, however quiet they look.
+    assert stream_bound(50_000, False, 9_000, None) == 50_000
+    # Read to the end and quiet: time goes on from the last comparison, never jumps.
+    assert stream_bound(50_000, True, 3_000, None) == 53_000
+    assert stream_bound(50_000, True, -5, None) == 50_000
+    # Outcome partitions not routed to their end hold it back.
+    assert stream_bound(50_000, True, 3_000, 20_000) == 20_000
+    # Outcomes far ahead never pull it past the comparisons.
+    assert stream_bound(50_000, False, 0, 900_000) == 50_000
+
+
+def test_stream_time_never_goes_back(feed: Feed) -> None:
+    assert feed.task.advance(53_000) == 53_000
+    assert feed.task.advance(20_000) == 53_000
 
 
 def test_a_poll_of_both_inputs_is_one_chunk_that_keeps_each_inputs_watermark(feed: Feed) -> None:
@@ -364,3 +373,22 @@ def test_windows_changed_since_their_last_report_are_marked(feed: Feed) -> None:
     assert feed.task.dirty == {(pid, W)}  # only the window whose request got its label
     feed.finalize(W)
     assert feed.task.dirty == set()
+
+
+def test_two_rollouts_scoring_the_same_requests_each_count_them(tmp_path: Path) -> None:
+    """Two sidecar deployments (rollouts) on one request stream: the same request ids, both
+    judged, and one outcome labels the request in both."""
+    feed = Feed(tmp_path / "t", missing="negative")
+    feed.outcomes(outcome("a", True, 1500))  # before either comparison
+    feed.comparisons(comparison("a", 1000), comparison("b", 1000))
+    feed.comparisons(comparison("a", 1000, rollout="other"), comparison("b", 1000, rollout="other"))
+    assert feed.task.rollouts == {"ro", "other"}
+    feed.outcomes(outcome("b", True, 1600))
+    for pair in feed.task.pairs.values():
+        c = feed.task.report(pair, 0, "provisional", 0).counts
+        assert (pair.key.rollout, c.requests, c.labelled, c.positives) == (
+            pair.key.rollout,
+            2,
+            2,
+            2,
+        )

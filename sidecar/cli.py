@@ -1,5 +1,5 @@
 """The ``sidecar`` command line: broker, run, produce, schemas, config (and the commands the
-subpackages add: ctl, aggregate, replay, demo, report, contract)."""
+subpackages add: ctl, aggregate, replay, outcomes, demo, report, contract)."""
 
 from __future__ import annotations
 
@@ -395,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .aggregate.cli import add_aggregate_parsers
 
     add_aggregate_parsers(sub)
+
+    from .outcomes.cli import add_outcomes_parser
+
+    add_outcomes_parser(sub)
 
     from .demo.cli import add_demo_parser
     from .report.cli import add_report_parser

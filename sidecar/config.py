@@ -22,6 +22,7 @@ from .aggregate.settings import AggregateSettings
 from .config_hints import LIST_HINT, check_env_path, closest, explain
 from .errors import ConfigError
 from .manifest import ItemsFrom, Manifest, OutputKind, output_shape_problem
+from .outcomes.settings import OutcomesSettings
 from .outputs.settings import OutputsSettings
 from .registry import RegistrySettings
 from .routing import Mode
@@ -329,6 +330,7 @@ class SidecarConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     aggregate: AggregateSettings = msgspec.field(default_factory=AggregateSettings)
     outputs: OutputsSettings = msgspec.field(default_factory=OutputsSettings)
     registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
+    outcomes: OutcomesSettings = msgspec.field(default_factory=OutcomesSettings)
 
     @property
     def status_topic(self) -> str:
@@ -352,6 +354,9 @@ class SidecarConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             *([self.aggregate.partials_topic] if self.shared_rollouts else []),
             *([self.aggregate.late_topic] if self.aggregate.late_topic else []),
             *self.outputs.topics(),
+            self.outcomes.topic,
+            self.outcomes.quality_topic,
+            self.outcomes.verdicts_topic,
         ]
 
     @property
@@ -471,6 +476,15 @@ def config_from_dict(
 
 
 def _check(cfg: SidecarConfig) -> None:
+    from .aggregate.report import FIGURES
+
+    for rule in cfg.aggregate.rules:
+        for fig in (rule.figure, rule.only_if):
+            if fig is not None and "." not in fig and fig not in FIGURES:
+                raise ConfigError(
+                    f"aggregate.rules: rule {rule.name!r} watches {fig!r}, a quality figure of "
+                    "the outcomes stage: put the rule under [[outcomes.rules]]"
+                )
     if cfg.kafka.request_timeout_ms <= cfg.kafka.session_timeout_ms:
         raise ConfigError(
             f"kafka.request_timeout_ms ({cfg.kafka.request_timeout_ms}) must exceed "

@@ -26,7 +26,8 @@ CONTRACTS: dict[str, type[msgspec.Struct]] = {
 
 
 def _extra_contracts() -> dict[str, type[msgspec.Struct]]:
-    """Contracts of the control plane and the aggregator, when those packages are present."""
+    """Contracts of the control plane, the aggregator and the outcomes stage, when those
+    packages are present."""
     found: dict[str, type[msgspec.Struct]] = {}
     try:
         from .control import AuditRecord, ControlCommand, InstanceStatus
@@ -44,6 +45,15 @@ def _extra_contracts() -> dict[str, type[msgspec.Struct]]:
 
         found["window_report"] = WindowReport
         found["window_partial"] = WindowPartial
+    except ImportError:
+        pass
+    try:
+        from .outcomes.contract import Outcome
+        from .outcomes.report import QualityReport, QualityVerdict
+
+        found["outcome"] = Outcome
+        found["quality_report"] = QualityReport
+        found["quality_verdict"] = QualityVerdict
     except ImportError:
         pass
     return found

@@ -30,6 +30,7 @@ from sidecar.cli import build_parser
 from sidecar.config import SidecarConfig, load_config
 from sidecar.kafka.clients import client_kwargs
 from sidecar.metrics import SidecarMetrics
+from sidecar.outcomes.metrics import OutcomesMetrics
 
 yaml = pytest.importorskip("yaml", reason="pip install pyyaml (a dev extra)")
 
@@ -453,9 +454,20 @@ def test_sidecar_and_aggregator_services(
 ) -> None:
     cfg = docker_config
     sidecar, aggregator = services["sidecar"], services["aggregator"]
+    outcomes = services["outcomes"]
     assert sidecar["deploy"]["replicas"] >= 2
     assert sidecar["command"][0] == "run" and aggregator["command"][0] == "aggregate"
-    for svc, port in ((sidecar, cfg.metrics.port), (aggregator, cfg.aggregate.metrics_port)):
+    assert outcomes["command"][:2] == ["outcomes", "run"]
+    own_keys = {
+        "sidecar": ("./keys/sidecar.key", cfg.control.signing_key_file),
+        "aggregator": ("./keys/guard.key", cfg.aggregate.signing_key_file),
+        "outcomes": ("./keys/outcomes.key", cfg.outcomes.signing_key_file),
+    }
+    for name, svc, port in (
+        ("sidecar", sidecar, cfg.metrics.port),
+        ("aggregator", aggregator, cfg.aggregate.metrics_port),
+        ("outcomes", outcomes, cfg.outcomes.metrics_port),
+    ):
         assert "/healthz" in " ".join(svc["healthcheck"]["test"])
         assert f":{port}/" in " ".join(svc["healthcheck"]["test"])
         assert str(port) in svc["expose"]
@@ -463,8 +475,8 @@ def test_sidecar_and_aggregator_services(
         # Public keys for both; each service mounts only its own private key (git-ignored).
         own_mounts = mounts(svc)
         assert own_mounts["./keys/trust.toml"] == cfg.control.trust_file
-        own = "./keys/sidecar.key" if svc is sidecar else "./keys/guard.key"
-        assert own_mounts[own] == cfg.control.signing_key_file == cfg.aggregate.signing_key_file
+        own, where = own_keys[name]
+        assert where is not None and own_mounts[own] == where
         assert sum(src.endswith(".key") for src in own_mounts) == 1
         assert "container_name" not in svc
     assert aggregator["environment"]["SIDECAR_HEALTH_PORT"] == str(cfg.aggregate.metrics_port)
@@ -474,6 +486,10 @@ def test_sidecar_and_aggregator_services(
     # The demo producer and ctl hold no service key (operators bring their own to ctl).
     for name in ("traffic", "ctl"):
         assert not any(src.endswith(".key") for src in mounts(services[name])), name
+    assert outcomes["environment"]["SIDECAR_HEALTH_PORT"] == str(cfg.outcomes.metrics_port)
+    # The stores live on a volume at the configured state directory.
+    volumes = dict(v.split(":")[:2] for v in outcomes["volumes"])
+    assert any(cfg.outcomes.state_dir.startswith(dst) for dst in volumes.values())
     for name in ("prometheus", "grafana"):
         assert "healthcheck" in services[name]
 
@@ -583,7 +599,11 @@ def test_prometheus_scrapes_every_service_on_its_metrics_port(services: dict[str
     prom = load_yaml("prometheus.yml")
     cfg = load_config(DOCKER / "sidecar.toml", env={})
     jobs = {job["job_name"]: job for job in prom["scrape_configs"]}
-    want = {"sidecar": cfg.metrics.port, "aggregator": cfg.aggregate.metrics_port}
+    want = {
+        "sidecar": cfg.metrics.port,
+        "aggregator": cfg.aggregate.metrics_port,
+        "outcomes": cfg.outcomes.metrics_port,
+    }
     for service, port in want.items():
         sd = jobs[service]["dns_sd_configs"][0]
         assert sd["names"] == [service] and sd["port"] == port and sd["type"] == "A"
@@ -605,7 +625,11 @@ def _series_names() -> set[str]:
     """Every series name our code exports: counters as ``_total``, histograms as ``_bucket``,
     ``_sum``, ``_count`` (read from the real registries, not from a list kept by hand)."""
     names: set[str] = set()
-    for registry in (SidecarMetrics().registry, AggregateMetrics().registry):
+    for registry in (
+        SidecarMetrics().registry,
+        AggregateMetrics().registry,
+        OutcomesMetrics().registry,
+    ):
         assert isinstance(registry, CollectorRegistry)
         for family in registry.collect():
             suffixes = {
@@ -650,6 +674,11 @@ def test_grafana_is_provisioned_with_a_dashboard_of_real_metrics() -> None:
         "sidecar_in_flight_records",
         "sidecar_aggregate_figure",
         "sidecar_aggregate_guard_active",
+        "sidecar_outcomes_quality",
+        "sidecar_outcomes_quality_diff",
+        "sidecar_outcomes_label_coverage",
+        "sidecar_outcomes_reliability",
+        "sidecar_outcomes_gate_met",
     ):
         assert name in used, f"no panel shows {name}"
     shown = set()

@@ -37,3 +37,21 @@ def test_the_collector_is_tuned_and_the_start_up_heap_frozen() -> None:
 def test_the_tuning_can_be_turned_off(value: str) -> None:
     applied, thresholds, frozen = probe(value)
     assert not applied and thresholds != GC_THRESHOLDS and frozen == 0
+
+
+def test_malloc_arenas_are_capped_unless_the_environment_says() -> None:
+    """In a child (the setting is process-wide): applied on glibc, left alone when
+    ``MALLOC_ARENA_MAX`` is set (glibc read it at start)."""
+    code = (
+        "import ctypes, ctypes.util, json; from sidecar.runtime import limit_malloc_arenas; "
+        "lib = ctypes.util.find_library('c'); "
+        "glibc = bool(lib) and hasattr(ctypes.CDLL(lib), 'gnu_get_libc_version'); "
+        "print(json.dumps([limit_malloc_arenas(), glibc]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    for extra, expect_applied in (({}, None), ({"MALLOC_ARENA_MAX": "4"}, False)):
+        out = subprocess.run(
+            [sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True
+        )
+        applied, glibc = json.loads(out.stdout)
+        assert applied is (glibc if expect_applied is None else expect_applied)

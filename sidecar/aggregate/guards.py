@@ -8,20 +8,66 @@ puts the event's figures and offsets in the command's reason as evidence.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 
+from ..outcomes.figures import QUALITY_FIGURE_PATHS
 from ..timefmt import utc_window
-from .report import FIGURES, OffsetRange, WindowReport, figure_of
+from .report import FIGURES, OffsetRange, figure_of
 from .stats import Figure
 
 Action = Literal["rollback", "pause", "alert"]
 Comparison = Literal[">", "<"]
 Bound = Literal["value", "lo", "hi"]
 Side = Literal["upper", "lower"]
+#: Figure getters by short name: the aggregator's ``FIGURES``, or the outcomes stage's
+#: ``QUALITY_FIGURES`` (whose reports are quality reports).
+FigureTable = Mapping[str, Callable[[Any], Figure]]
+#: Short names a rule may watch: a window report's or a quality report's.
+KNOWN_FIGURES = frozenset(FIGURES) | frozenset(QUALITY_FIGURE_PATHS)
+
+
+class _Models(Protocol):
+    @property
+    def model(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+
+
+class _Counts(Protocol):
+    @property
+    def records(self) -> int: ...
+
+
+class GuardedReport(Protocol):
+    """What guards read of a report (a ``WindowReport`` or a ``QualityReport``). A window
+    report also says the policy its records were decided under (``policy_epoch_max``,
+    ``policy_mode``); a quality report does not, and its rules then never re-arm by epoch."""
+
+    @property
+    def rollout(self) -> str: ...
+    @property
+    def window_start_ms(self) -> int: ...
+    @property
+    def window_end_ms(self) -> int: ...
+    @property
+    def champion(self) -> _Models: ...
+    @property
+    def candidate(self) -> _Models: ...
+    @property
+    def counts(self) -> _Counts: ...
+    @property
+    def offsets(self) -> list[OffsetRange]: ...
+    @property
+    def emitted_at_ms(self) -> int: ...
+
+
+def _policy(report: GuardedReport) -> tuple[int | None, str | None]:
+    """The report's highest policy epoch and its mode (None, None: a quality report)."""
+    return getattr(report, "policy_epoch_max", None), getattr(report, "policy_mode", None)
 
 
 class GuardRule(msgspec.Struct, frozen=True, kw_only=True):
@@ -60,14 +106,15 @@ class GuardRule(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if self.consecutive < 1:
             raise ValueError("consecutive must be >= 1")
-        if self.only_if is not None and "." not in self.only_if and self.only_if not in FIGURES:
+        only_if = self.only_if
+        if only_if is not None and "." not in only_if and only_if not in KNOWN_FIGURES:
             raise ValueError(f"rule {self.name!r}: unknown only_if figure {self.only_if!r}")
         c = self.clear
         if (self.comparison == ">" and c > self.threshold) or (
             self.comparison == "<" and c < self.threshold
         ):
             raise ValueError(f"rule {self.name!r}: clear_threshold is on the breaching side")
-        if "." not in self.figure and self.figure not in FIGURES:
+        if "." not in self.figure and self.figure not in KNOWN_FIGURES:
             raise ValueError(f"rule {self.name!r}: unknown figure {self.figure!r}")
         if self.lower_clear_threshold is not None and self.lower_threshold is None:
             raise ValueError(f"rule {self.name!r}: lower_clear_threshold needs lower_threshold")
@@ -168,10 +215,18 @@ class GuardReset(msgspec.Struct, frozen=True, kw_only=True):
     window_end_ms: int
 
 
-def _condition_holds(rule: GuardRule, report: WindowReport) -> bool:
+def _lookup(report: GuardedReport, name: str, figures: FigureTable) -> Figure:
+    """A figure by short name (the engine's table) or dotted path."""
+    getter = figures.get(name)
+    if getter is not None:
+        return getter(report)
+    return figure_of(report, name)  # type: ignore[arg-type]  # a dotted path walks any report
+
+
+def _condition_holds(rule: GuardRule, report: GuardedReport, figures: FigureTable) -> bool:
     if rule.only_if is None:
         return True
-    value = figure_of(report, rule.only_if).value
+    value = _lookup(report, rule.only_if, figures).value
     return value is not None and value > rule.only_if_above
 
 
@@ -473,11 +528,17 @@ class GuardEngine:
     candidate's all the same.
     """
 
-    def __init__(self, rules: Iterable[GuardRule] | None = None) -> None:
+    def __init__(
+        self, rules: Iterable[GuardRule] | None = None, figures: FigureTable = FIGURES
+    ) -> None:
         self.rules = list(default_rules() if rules is None else rules)
+        self.figures = figures
         names = [r.name for r in self.rules]
         if len(set(names)) != len(names):
             raise ValueError("guard rule names must be unique")
+        for rule in self.rules:
+            if "." not in rule.figure and rule.figure not in figures:
+                raise ValueError(f"rule {rule.name!r}: {rule.figure!r} is not in these reports")
         self._pairs: dict[PairKey, _PairState] = {}
         #: Each rollout's latest evaluated pair (``active`` reports on it).
         self._latest: dict[str, PairKey] = {}
@@ -508,7 +569,7 @@ class GuardEngine:
             while len(state.own_pauses) > 16:
                 state.own_pauses.discard(min(state.own_pauses))
 
-    def _pair(self, report: WindowReport) -> _PairState:
+    def _pair(self, report: GuardedReport) -> _PairState:
         key = (report.rollout, report.champion.version, report.candidate.version)
         state = self._pairs.get(key)
         if state is None:
@@ -518,18 +579,16 @@ class GuardEngine:
         self._latest[report.rollout] = key
         return state
 
-    def evaluate(self, report: WindowReport) -> list[GuardEvent]:
+    def evaluate(self, report: GuardedReport) -> list[GuardEvent]:
         state = self._pair(report)
         end = report.window_end_ms
         if state.last_window_end_ms is not None and end <= state.last_window_end_ms:
             return []  # older than a window already evaluated, or the same one again
         state.last_window_end_ms = end
         self._follow_policy(state, report)
-        epoch = report.policy_epoch_max
+        epoch, mode = _policy(report)
         quiet: set[str] = set()
-        if report.policy_mode == ROLLED_BACK or (
-            epoch is not None and epoch == state.rollback_epoch
-        ):
+        if mode == ROLLED_BACK or (epoch is not None and epoch == state.rollback_epoch):
             quiet = {"rollback", "pause"}
         elif epoch is not None and epoch == state.pause_epoch:
             quiet = {"pause"}
@@ -550,8 +609,8 @@ class GuardEngine:
                         state.pause_epoch = epoch
         return events
 
-    def _follow_policy(self, state: _PairState, report: WindowReport) -> None:
-        epoch, mode = report.policy_epoch_max, report.policy_mode
+    def _follow_policy(self, state: _PairState, report: GuardedReport) -> None:
+        epoch, mode = _policy(report)
         if epoch is None:
             return
         if state.epoch is None:
@@ -582,10 +641,10 @@ class GuardEngine:
         state.epoch, state.mode = epoch, mode
 
     def _evaluate_rule(
-        self, rule: GuardRule, st: _RuleState, report: WindowReport
+        self, rule: GuardRule, st: _RuleState, report: GuardedReport
     ) -> GuardEvent | None:
         end = report.window_end_ms
-        fig = figure_of(report, rule.figure)
+        fig = _lookup(report, rule.figure, self.figures)
         x = _pick(fig, rule.bound)
         if x is None or report.counts.records < rule.min_pairs:
             return None
@@ -596,7 +655,7 @@ class GuardEngine:
                 return self._event("cleared", rule, report, fig, x, 0, None)
             return None
         side = rule.breach_side(x)
-        if side is None or not _condition_holds(rule, report):
+        if side is None or not _condition_holds(rule, report, self.figures):
             st.streak = 0
             return None
         st.streak += 1
@@ -611,11 +670,11 @@ class GuardEngine:
         st.last_fired_end_ms = end
         return self._event("fired", rule, report, fig, x, streak, side)
 
-    @staticmethod
     def _event(
+        self,
         kind: Literal["fired", "cleared"],
         rule: GuardRule,
-        report: WindowReport,
+        report: GuardedReport,
         fig: Figure,
         x: float,
         streak: int,
@@ -650,12 +709,12 @@ class GuardEngine:
             value=x,
             figure=fig,
             consecutive_windows=streak,
-            figures={name: get(report) for name, get in FIGURES.items()},
+            figures={name: get(report) for name, get in self.figures.items()},
             offsets=list(report.offsets),
             at_ms=report.emitted_at_ms,
             reason=reason,
-            policy_epoch=report.policy_epoch_max,
-            policy_mode=report.policy_mode,
+            policy_epoch=_policy(report)[0],
+            policy_mode=_policy(report)[1],
             side=side,
         )
 

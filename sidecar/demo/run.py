@@ -8,8 +8,12 @@ signed with a key generated for this run. Guard actions are the aggregator's own
 watches for them. Event time is wall time, with windows of a few seconds, so a story takes a
 minute or two.
 
-Average precision is computed from the **comparisons topic** (the scores the sidecars really
-produced) against the fraud labels the generator knows, kept here by request id.
+The truth reaches the product the way it does in production: each fraud the generator makes
+becomes a chargeback (an ``Outcome``) on the outcomes topic a few seconds later, and the
+outcomes stage (:class:`~sidecar.outcomes.service.OutcomesService`) joins it to the comparison
+by request id. The quality figures shown (average precision per model, label coverage) and the
+quality gate the operator waits for before ramping come from that stage's reports and verdicts,
+not from labels kept in the demo.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
 import logging
 import math
 import sys
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import msgspec
+import numpy as np
 from aiokafka import TopicPartition
 
 from ..aggregate.actions import is_guard_command
@@ -48,6 +54,10 @@ from ..kafka import (
     stop_quietly,
     topic_partitions,
 )
+from ..outcomes.contract import Outcome
+from ..outcomes.gates import quality_gate
+from ..outcomes.report import GateDecision, QualityReport, QualityVerdict
+from ..outcomes.service import OutcomesService
 from ..report.model import CommandEntry, Recording, command_timeline, write_jsonl
 from ..report.page import render_page
 from ..report.source import read_recording
@@ -56,6 +66,8 @@ from ..runner import Sidecar
 from ..traffic import produce_values
 from ..untrusted import decoded_or_none
 from .scenarios import (
+    CHAMPION_VERSION,
+    CHARGEBACK_DELAY_S,
     DOMAINS,
     STORIES,
     Act,
@@ -110,16 +122,33 @@ class DemoOptions:
 
 
 @dataclass
-class ActResult:
-    act: Act
-    ok: bool
-    outcome: str
+class SeenQuality:
+    """What the outcomes stage says of an act's models so far."""
+
     ap_champion: float = math.nan
     ap_candidate: float = math.nan
     pairs: int = 0
     frauds: int = 0
+    text: str = ""
+
+
+@dataclass
+class ActResult:
+    act: Act
+    ok: bool
+    outcome: str
+    #: Average precision of each model, from the outcomes stage (chargebacks joined).
+    ap_champion: float = math.nan
+    ap_candidate: float = math.nan
+    #: Judged transactions behind them, and the chargebacks among them.
+    pairs: int = 0
+    frauds: int = 0
     #: Seconds from the act's first scored request to the guard command being applied.
     time_to_action_s: float | None = None
+    #: The quality gate the operator waited for (acts with ``quality_gate``), and when it was
+    #: met (seconds after the deployment).
+    gate: GateDecision | None = None
+    gate_met_after_s: float | None = None
 
 
 @dataclass
@@ -142,7 +171,10 @@ class DemoResult:
 
 class Traffic:
     """Seeded requests of a domain at ``rate`` per second; remembers the generator's truth
-    about each (fraud or not, the items its user would click)."""
+    about each (fraud or not, the items its user would click). In the fraud stories the
+    truth also reaches the product as it does in production: the chargeback of each fraud
+    follows 0.5-3 s later as an ``Outcome`` on the outcomes topic (keyed by request id, with
+    the amount at stake as its value)."""
 
     def __init__(
         self,
@@ -156,13 +188,18 @@ class Traffic:
         self.domain = domain
         self.sent = 0
         self.truth: dict[str, Any] = {}
+        self.chargebacks = 0
+        #: (due ``time.monotonic()``, request id, outcome record): chargebacks not sent yet.
+        self._due: list[tuple[float, str, bytes]] = []
 
     async def run(self) -> None:
         producer = new_producer(self.cfg, "demo-traffic", linger_ms=5, max_batch_size=1 << 20)
         await producer.start()
+        rng = np.random.default_rng(self.seed + 7)
         try:
             topic = self.cfg.topics.requests
             partitions = len(await producer.partitions_for(topic))
+            outcomes_partitions = len(await producer.partitions_for(self.cfg.outcomes.topic))
             chunk = max(1, int(self.rate / 10))
             start = time.monotonic()
             while True:
@@ -170,21 +207,53 @@ class Traffic:
                     chunk, self.seed + self.sent, self.sent, self.fraud_rate
                 )
                 self.truth.update(truth)
+                if self.domain.name == "fraud":
+                    self._chargebacks(requests, truth, rng)
                 items = [(str(r["routing_key"]).encode(), msgspec.json.encode(r)) for r in requests]
                 await produce_values(producer, topic, items, partitions)
                 self.sent += chunk
+                due = []
+                while self._due and self._due[0][0] <= time.monotonic():
+                    _, rid, value = heapq.heappop(self._due)
+                    due.append((rid.encode(), value))
+                if due:
+                    await produce_values(
+                        producer, self.cfg.outcomes.topic, due, outcomes_partitions
+                    )
+                    self.chargebacks += len(due)
                 ahead = self.sent / self.rate - (time.monotonic() - start)
                 if ahead > 0:
                     await asyncio.sleep(ahead)
         finally:
             await producer.stop()
 
+    def _chargebacks(
+        self, requests: list[dict[str, Any]], truth: dict[str, Any], rng: np.random.Generator
+    ) -> None:
+        """Schedule the chargeback of each fraud among ``requests`` (the truth names them)."""
+        now_ms, mono = time.time_ns() // 1_000_000, time.monotonic()
+        for r in requests:
+            rid = str(r["request_id"])
+            if not truth.get(rid):
+                continue
+            delay = float(rng.uniform(*CHARGEBACK_DELAY_S))
+            chargeback = Outcome(
+                request_id=rid,
+                label=True,
+                ts=now_ms + int(delay * 1000),
+                value=round(max(float(r["features"]["amount"]), 0.0), 2),
+                routing_key=str(r["routing_key"]),
+                source="chargebacks",
+            )
+            heapq.heappush(self._due, (mono + delay, rid, msgspec.json.encode(chargeback)))
+
 
 # --------------------------------------------------------------------------- observer
 
 
 class Observer:
-    """Tails the comparisons (for the quality figure), control and audit topics."""
+    """Tails the comparisons (for the quality figure of stories whose truth does not go
+    through the outcomes stage), control and audit topics."""
 
     def __init__(
         self, cfg: SidecarConfig, truth: Callable[[str], Any], quality: Quality | None = None
@@ -275,10 +344,12 @@ class Demo:
         self.traffic: Traffic | None = None
         self.observer: Observer | None = None
         self.aggregator: AggregatorService | None = None
+        self.outcomes: OutcomesService | None = None
         self.printed_events = 0
         self.history: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=20)
         self.timing: Timing | None = None
         self._sidecar_tasks: list[asyncio.Task[None]] = []
+        self._cfgs: dict[str, SidecarConfig] = {}
 
     # -- view ------------------------------------------------------------------------------
 
@@ -314,7 +385,7 @@ class Demo:
             and policy.canary_share_bp in PLAN_SHARES
         ):
             ramp = f"ramp step {PLAN_SHARES.index(policy.canary_share_bp) + 1}/5"
-        ap = self.observer.average_precision(rollout) if self.observer else (math.nan,) * 2 + (0, 0)
+        quality = self.quality(act)
         return Snapshot(
             scenario=self.opts.scenario,
             elapsed_s=now - self.started,
@@ -342,11 +413,80 @@ class Demo:
             ),
             quality_name=self.domain.quality.name,
             quality_unit=self.domain.quality.unit,
-            ap_champion=float(ap[0]),
-            ap_candidate=float(ap[1]),
-            ap_pairs=int(ap[2]),
+            ap_champion=quality.ap_champion,
+            ap_candidate=quality.ap_candidate,
+            ap_pairs=quality.pairs,
+            quality=quality.text,
+            gate=self.gate_text(act),
             events=self.events(),
         )
+
+    def quality(self, act: Act | None) -> SeenQuality:
+        """What the outcomes stage says of ``act``'s models so far: the verdict over its
+        final windows when there is one, else the latest provisional report."""
+        result = SeenQuality()
+        stage = self.outcomes
+        if act is None:
+            return result
+        if self.domain.name != "fraud":  # no outcomes stream: the generator's truth
+            if self.observer is not None:
+                seen = self.observer.average_precision(act.rollout)
+                result.ap_champion, result.ap_candidate, pairs, positives = seen
+                result.pairs, result.frauds = pairs, positives
+                result.text = f"vs the generator's truth, {pairs:,} {self.domain.quality.unit}"
+            return result
+        if stage is None:
+            return result
+        verdict = stage.verdicts.get(act.rollout)
+        if verdict is not None and verdict.candidate_version == act.version:
+            ap = verdict.metrics["average_precision"]
+            result.ap_champion = ap.champion if ap.champion is not None else math.nan
+            result.ap_candidate = ap.candidate if ap.candidate is not None else math.nan
+            result.pairs, result.frauds = verdict.judged_pairs, verdict.labelled
+            cov = f"{verdict.label_coverage:.1%}" if verdict.label_coverage is not None else "-"
+            result.text = (
+                f"outcomes stage, final windows: {verdict.windows}, "
+                f"{verdict.judged_pairs:,} judged, "
+                f"{verdict.labelled:,} chargebacks (coverage {cov})"
+            )
+            return result
+        latest: QualityReport | None = None
+        for r in stage.recent:
+            if r.rollout == act.rollout and r.candidate.version == act.version:
+                latest = r
+        if latest is not None:
+            champion, candidate = latest.champion, latest.candidate
+            result.ap_champion = champion.average_precision.value or math.nan
+            result.ap_candidate = candidate.average_precision.value or math.nan
+            result.pairs, result.frauds = latest.counts.records, latest.counts.labelled
+            result.text = (
+                f"outcomes stage, provisional window, {latest.counts.records:,} judged, "
+                f"{latest.counts.labelled:,} chargebacks so far"
+            )
+        return result
+
+    def verdict(self, act: Act) -> QualityVerdict | None:
+        v = self.outcomes.verdicts.get(act.rollout) if self.outcomes else None
+        return v if v is not None and v.candidate_version == act.version else None
+
+    def gate(self, act: Act, cfg: SidecarConfig) -> GateDecision:
+        """The quality gate of ``act``'s rollout: the function the control plane calls."""
+        requirement = cfg.outcomes.for_rollout(act.rollout).non_inferiority
+        return quality_gate(
+            self.verdict(act),
+            requirement,
+            champion_version=CHAMPION_VERSION,
+            candidate_version=act.version,
+        )
+
+    def gate_text(self, act: Act | None) -> str:
+        if act is None or not act.quality_gate or not self.acts:
+            return ""
+        cfg = self._cfgs.get(act.key)
+        if cfg is None:
+            return ""
+        d = self.gate(act, cfg)
+        return f"{'MET' if d.ok else 'not met'} ({d.code}): {d.reason}"
 
     def say(self, text: str) -> None:
         """A story line: in the panel's "now" line live, printed otherwise."""
@@ -422,31 +562,43 @@ class Demo:
         results: list[ActResult] = []
         recording = Recording()
         try:
-            settings = Settings(broker.bootstrap_servers, keys, tim)
+            settings = Settings(
+                broker.bootstrap_servers,
+                keys,
+                tim,
+                state_dir=str(keys.trust_file.parent.parent / "state"),
+                rollouts=tuple(a.rollout for a in self.acts),
+            )
             cfgs = [act_config(settings, a) for a in self.acts]
+            self._cfgs = {a.key: c for a, c in zip(self.acts, cfgs, strict=True)}
             base = cfgs[0]
             await ensure_config_topics(base)
             self.traffic = Traffic(base, opts.rate, opts.seed, opts.fraud_rate, self.domain)
             self.observer = Observer(base, self.traffic.truth.get, self.domain.quality())
             self.aggregator = AggregatorService(base)
+            self.outcomes = OutcomesService(base)
             tasks = [
                 asyncio.create_task(self.aggregator.run(), name="demo-aggregator"),
+                asyncio.create_task(self.outcomes.run(), name="demo-outcomes"),
                 asyncio.create_task(self.observer.run(), name="demo-observer"),
             ]
             await asyncio.wait_for(self.aggregator.ready.wait(), 30)
+            await asyncio.wait_for(self.outcomes.ready.wait(), 30)
             tasks.append(asyncio.create_task(self.traffic.run(), name="demo-traffic"))
             tasks.append(asyncio.create_task(self.show(), name="demo-view"))
             for i, (act, cfg) in enumerate(zip(self.acts, cfgs, strict=True), start=1):
                 self.act_index, self.act = i, act
                 results.append(await self._act(act, cfg, operator, tim))
                 self._check(tasks)
-            self.say("done: stopping traffic and the aggregator, reading the topics")
+            self.say("done: stopping traffic, the aggregator and the outcomes stage")
         finally:
             await self._stop_sidecars()
             if self.aggregator is not None:
                 self.aggregator.request_stop()
+            if self.outcomes is not None:
+                self.outcomes.request_stop()
             for task in tasks:
-                if task.get_name() != "demo-aggregator":
+                if task.get_name() not in ("demo-aggregator", "demo-outcomes"):
                     task.cancel()
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -561,6 +713,24 @@ class Demo:
                 await asyncio.sleep(act.shadow_windows * window + 0.5)
                 if self._guard_commands(act, "rollback"):
                     return await self._settle(act, ActResult(act, False, "rolled back in shadow"))
+            if act.quality_gate:
+                req = cfg.outcomes.for_rollout(act.rollout).non_inferiority
+                self.say(
+                    f"shadow until the quality gate is met: candidate {req.metric} >= champion - "
+                    f"{req.margin:g} at {req.confidence:.0%} on >= {req.min_pairs:,} transactions "
+                    "whose chargeback windows have closed"
+                )
+                limit = 12 * window + 3 * cfg.outcomes.quality.label_window_ms / 1000 + 10
+                met = await self._until(lambda: self.gate(act, cfg).ok, limit)
+                gate = self.gate(act, cfg)
+                if not met:
+                    failed = ActResult(
+                        act, False, f"quality gate not met: {gate.reason}", gate=gate
+                    )
+                    return await self._settle(act, failed)
+                gate_after = time.monotonic() - started
+                gate_met = gate  # as it stood when the operator started the ramp
+                self.say(f"quality gate met after {gate_after:.0f}s: {gate.reason}")
             self.say(f"operator: sidecar ctl ramp {tim.plan}")
             ok = await self._operator(
                 cfg,
@@ -587,12 +757,17 @@ class Demo:
             promoted = self._modes() == {Mode.PROMOTED}
             outcome = (
                 "promoted after every ramp step"
+                + (", the ramp started once its quality gate was met" if act.quality_gate else "")
                 if promoted
                 else (f"not promoted: modes {sorted(m.value for m in self._modes())}")
             )
             if promoted:
                 self.say(f"promoted: the candidate {act.version} decides every request")
-            return await self._settle(act, ActResult(act, ok and promoted, outcome), windows=2)
+            result = ActResult(act, ok and promoted, outcome)
+            if act.quality_gate:
+                result.gate = gate_met
+                result.gate_met_after_s = gate_after
+            return await self._settle(act, result, windows=2)
         if act.expect == "rollback":
             ok = await self._until(
                 lambda: (
@@ -650,17 +825,13 @@ class Demo:
         )
 
     async def _settle(self, act: Act, result: ActResult, windows: float = 1.5) -> ActResult:
-        """Let a few more windows close (so the report shows the state after), then score AP."""
+        """Let a few more windows close (so the report shows the state after), then read
+        what the outcomes stage says of the act's models."""
         assert self.timing is not None
         await asyncio.sleep(windows * self.timing.window_s + 0.5)
-        if self.observer is not None:
-            apc, apk, n, frauds = self.observer.average_precision(act.rollout)
-            result.ap_champion, result.ap_candidate, result.pairs, result.frauds = (
-                apc,
-                apk,
-                n,
-                frauds,
-            )
+        seen = self.quality(act)
+        result.ap_champion, result.ap_candidate = seen.ap_champion, seen.ap_candidate
+        result.pairs, result.frauds = seen.pairs, seen.frauds
         return result
 
     # -- the end ---------------------------------------------------------------------------
@@ -742,10 +913,25 @@ class Demo:
             )
             facts[f"{q.name}, rollout {r.act.rollout}"] = (
                 f"champion {r.ap_champion:.3f}, candidate {r.ap_candidate:.3f} over {r.pairs:,} "
-                f"{q.unit} ({self._positives(r)}), from the comparisons topic against the "
-                "generator's truth"
+                f"{q.unit} ({self._positives(r)}), {self._quality_source()}"
             )
+            if r.gate is not None:
+                facts[f"quality gate, rollout {r.act.rollout}"] = (
+                    f"{'met' if r.gate.ok else 'not met'}"
+                    + (f" {r.gate_met_after_s:.0f}s after deployment" if r.gate_met_after_s else "")
+                    + f" (checked by the operator before the ramp): {r.gate.reason}"
+                )
         return facts
+
+    def _quality_source(self) -> str:
+        if self.domain.name == "fraud":
+            return (
+                "the outcomes stage's figures: chargebacks joined to the comparisons by request id"
+            )
+        return "from the comparisons topic against the generator's truth"
+
+    def _source_short(self) -> str:
+        return "outcomes stage" if self.domain.name == "fraud" else "vs the generator's truth"
 
     def _positives(self, r: ActResult) -> str:
         return f"{r.frauds} fraud" if self.domain.name == "fraud" else f"{r.frauds} with a click"
@@ -766,16 +952,27 @@ class Demo:
             f"sidecar demo ({self.opts.scenario}) {'finished' if ok else 'FAILED'} in "
             f"{elapsed:.0f}s: {self.traffic.sent if self.traffic else 0:,} "
             f"{self.domain.quality.unit}, "
-            f"{self.scored():,} scored by {INSTANCES} sidecar instances",
+            f"{self.scored():,} scored by {INSTANCES} sidecar instances"
+            + (
+                f", {self.traffic.chargebacks:,} chargebacks"
+                if self.traffic and self.domain.name == "fraud"
+                else ""
+            ),
         ]
         for i, r in enumerate(results, start=1):
             lines.append(f"  act {i}: {r.act.headline}.")
             q = self.domain.quality
             lines.append(
-                f"         {q.name} (vs the generator's truth, {r.pairs:,} {q.unit}, "
+                f"         {q.name} ({self._source_short()}: {r.pairs:,} {q.unit}, "
                 f"{self._positives(r)}): champion {r.ap_champion:.3f}, candidate "
                 f"{r.ap_candidate:.3f}"
             )
+            if r.gate is not None:
+                when = f" after {r.gate_met_after_s:.0f}s" if r.gate_met_after_s else ""
+                lines.append(
+                    f"         quality gate {'met' if r.gate.ok else 'NOT met'}{when}: "
+                    f"{r.gate.reason}"
+                )
             lines.append(f"         outcome: {'ok' if r.ok else 'UNEXPECTED'}: {r.outcome}")
         duplicates = sum(e.outcome == "duplicate" for e in timeline)
         lines.append(
@@ -799,4 +996,12 @@ async def run_demo(opts: DemoOptions, out: TextIO | None = None) -> DemoResult:
     return await demo.run()
 
 
-__all__ = ["ActResult", "DemoOptions", "DemoResult", "Observer", "Traffic", "run_demo"]
+__all__ = [
+    "ActResult",
+    "DemoOptions",
+    "DemoResult",
+    "Observer",
+    "SeenQuality",
+    "Traffic",
+    "run_demo",
+]

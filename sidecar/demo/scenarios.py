@@ -107,6 +107,9 @@ class Act:
     timeout_ms: int = 250
     #: Which domain's models and traffic (see :data:`DOMAINS`).
     domain: str = "fraud"
+    #: The operator starts the ramp only once the outcomes stage's quality gate is met (the
+    #: candidate is not worse than the champion on the chargebacks it has seen).
+    quality_gate: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,9 +154,11 @@ def _fraud_acts(scenario: ScenarioName, cal: Calibration | None) -> list[Act]:
         {},
         round(cal.healthy_threshold, 4),
         f"Healthy candidate fraud-lr 2.1.0, threshold {cal.healthy_threshold:.3f} (chosen so "
-        f"it flags as often as the champion): shadow, then ramp 1% -> 100%",
+        f"it flags as often as the champion): shadow until its quality gate is met on the "
+        "chargebacks, then ramp 1% -> 100%",
         "ramp",
         "promoted",
+        quality_gate=True,
     )
     if scenario == "benign":
         return [healthy]
@@ -213,6 +218,9 @@ class Topics:
     dead_letter: str = "demo.dead-letter"
     control: str = "demo.control"
     reports: str = "demo.reports"
+    outcomes: str = "demo.outcomes"
+    quality: str = "demo.quality"
+    verdicts: str = "demo.quality-verdicts"
 
 
 @dataclass(frozen=True)
@@ -222,12 +230,33 @@ class Settings:
     timing: Timing
     topics: Topics = field(default_factory=Topics)
     partitions: int = 6
+    #: Where the outcomes stage keeps its stores (a directory of the run).
+    state_dir: str = "sidecar-demo/state"
+    #: Every act's rollout: comparisons are keyed by rollout, so the outcomes stage routes
+    #: chargebacks to the partitions of the rollouts it knows.
+    rollouts: tuple[str, ...] = ()
+
+
+#: Chargebacks arrive this long after their transaction (uniform), in the demo's compressed
+#: time; the label window covers the longest.
+CHARGEBACK_DELAY_S = (0.5, 3.0)
+LABEL_WINDOW_MS = 3_500
 
 
 def act_config(s: Settings, act: Act) -> SidecarConfig:
     """The sidecars' (and the aggregator's) config for one act."""
     window_ms = int(s.timing.window_s * 1000)
     t = s.topics
+    quality = {
+        "label_window_ms": LABEL_WINDOW_MS,
+        "missing": "negative",
+        "non_inferiority": {
+            "metric": "auc",
+            "margin": 0.02,
+            "confidence": 0.95,
+            "min_pairs": int(s.timing.rate * s.timing.window_s),
+        },
+    }
     tree: dict[str, Any] = {
         "kafka": {
             "bootstrap_servers": s.bootstrap,
@@ -267,6 +296,37 @@ def act_config(s: Settings, act: Act) -> SidecarConfig:
             "allowed_lateness_ms": min(500, window_ms // 2),
             "idle_timeout_ms": max(1000, window_ms),
             "commit_interval_ms": 500,
+        },
+        # Ground truth: chargebacks (the generator's frauds, delayed) joined to the
+        # comparisons; no chargeback within the label window means legitimate.
+        "outcomes": {
+            "topic": t.outcomes,
+            "quality_topic": t.quality,
+            "verdicts_topic": t.verdicts,
+            "group_id": "demo-outcomes",
+            "state_dir": s.state_dir,
+            "signing_key_file": str(s.keys.guard),
+            "metrics_port": 0,
+            "report_window_ms": window_ms,
+            "comparison_lateness_ms": min(500, window_ms // 2),
+            "outcome_grace_ms": 1000,
+            "provisional_interval_ms": 1000,
+            "idle_timeout_ms": max(2000, window_ms),
+            "min_pairs": 500,
+            "quality": quality,
+            "rollouts": {name: quality for name in (*s.rollouts, act.rollout)},
+            # Quality guards alert only in the demo: the decision-rate guard tells act 1.
+            "rules": [
+                {
+                    "name": "quality_cost",
+                    "figure": "cost_diff",
+                    "threshold": 0.0,
+                    "bound": "lo",
+                    "min_pairs": 500,
+                    "consecutive": 2,
+                    "action": "alert",
+                }
+            ],
         },
     }
     return config_from_dict(tree, source="sidecar demo")
@@ -556,7 +616,9 @@ STORIES: dict[ScenarioName, Scenario] = {
 
 
 __all__ = [
+    "CHARGEBACK_DELAY_S",
     "DOMAINS",
+    "LABEL_WINDOW_MS",
     "SCENARIOS",
     "SCENARIO_HELP",
     "STORIES",

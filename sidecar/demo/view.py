@@ -101,6 +101,7 @@ class Snapshot:
     instances: int
     report: WindowReport | None
     guards: list[GuardState]
+    #: From the outcomes stage (chargebacks joined to the comparisons).
     ap_champion: float
     ap_candidate: float
     ap_pairs: int
@@ -109,6 +110,10 @@ class Snapshot:
     #: transactions; the recommend story: NDCG@10 over requests).
     quality_name: str = "average precision"
     quality_unit: str = "transactions"
+    #: Where the quality figures come from (final windows or a provisional one).
+    quality: str = ""
+    #: The quality gate the operator waits for (empty when the act has none).
+    gate: str = ""
 
 
 def _pct(x: float | None, digits: int = 2) -> str:
@@ -190,7 +195,7 @@ def _shown(events: Sequence[str], last: int = 5) -> list[str]:
 def render_panel(s: Snapshot, width: int = 110) -> str:
     """The full panel (no ANSI codes; the caller clears the screen)."""
     ap = (
-        f"{s.quality_name} vs the generator's truth ({s.ap_pairs:,} scored {s.quality_unit}): "
+        f"{s.quality_name} ({s.quality or f'{s.ap_pairs:,} scored {s.quality_unit}'}): "
         f"champion {_num(s.ap_champion, '{:.3f}')}, candidate {_num(s.ap_candidate, '{:.3f}')}"
         if s.ap_pairs
         else f"{s.quality_name}: waiting for scored {s.quality_unit}"
@@ -204,7 +209,13 @@ def render_panel(s: Snapshot, width: int = 110) -> str:
         f"  traffic   {s.produced_rate:7,.0f} req/s produced, {s.scored_rate:7,.0f} req/s scored, "
         f"backlog {s.backlog:,} (produced - scored), {s.produced:,} in total",
         f"  routing   {routing_text(s)}",
-        f"  quality   {ap}",
+        *textwrap.wrap(ap, width, initial_indent="  quality   ", subsequent_indent=" " * 12),
+        *textwrap.wrap(
+            f"quality gate {s.gate}" if s.gate else "",
+            width,
+            initial_indent=" " * 12,
+            subsequent_indent=" " * 14,
+        ),
         f"  window    {window_text(s.report)}",
         *(("  guards    " if i == 0 else " " * 12) + guard_text(g) for i, g in enumerate(s.guards)),
         "",
@@ -236,7 +247,6 @@ __all__ = [
     "CLEAR",
     "GuardState",
     "Snapshot",
-    "average_precision",
     "guard_states",
     "guard_text",
     "ranking_text",

@@ -56,12 +56,20 @@ class Supervisor:
         self._tasks: list[asyncio.Task[Any]] = []
         #: Tasks we cancelled ourselves: their end is no failure.
         self._retired: set[asyncio.Task[Any]] = set()
+        #: Tasks allowed to return (see :meth:`spawn`).
+        self._finite: set[asyncio.Task[Any]] = set()
         #: The first failure (None while every task runs).
         self.failure: TaskFailure | None = None
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+    def spawn(
+        self, coro: Coroutine[Any, Any, Any], name: str, *, finite: bool = False
+    ) -> asyncio.Task[Any]:
+        """Start ``coro`` as task ``name``. A ``finite`` task (a restore, a catch-up) may
+        return: only an exception (or a cancellation not ours) is a failure."""
         task = asyncio.create_task(coro, name=name)
         self._tasks.append(task)
+        if finite:
+            self._finite.add(task)
         task.add_done_callback(self._ended)
         return task
 
@@ -69,6 +77,11 @@ class Supervisor:
         if task in self._retired:
             self._retired.discard(task)
             return
+        if task in self._finite:
+            self._finite.discard(task)
+            self._tasks = [t for t in self._tasks if t is not task]
+            if not task.cancelled() and task.exception() is None:
+                return
         if task.cancelled():
             reason = "cancelled"
             error: BaseException | None = None

@@ -1,9 +1,11 @@
 """What a report is built from, and the pure functions that turn it into plot series.
 
-A :class:`Recording` holds the three topics an analyst needs: window reports (the aggregator's
-figures), control commands (who asked for what, and why) and, when present, the audit topic
-(what the instances did). It round-trips through a JSONL file (one record per line, tagged by
-``type``) so a report can be rebuilt offline from what ``sidecar demo`` recorded.
+A :class:`Recording` holds the topics an analyst needs: window reports (the aggregator's
+figures), control commands (who asked for what, and why), when present the audit topic (what
+the instances did), and the outcomes stage's quality reports and verdicts (whether the
+candidate is better, once the truth is known). It round-trips through a JSONL file (one
+record per line, tagged by ``type``) so a report can be rebuilt offline from what
+``sidecar demo`` recorded.
 
 No I/O besides :func:`read_jsonl`/:func:`write_jsonl`; everything else is a plain function.
 """
@@ -33,9 +35,10 @@ from ..control.state_machine import (
     next_state,
 )
 from ..errors import SidecarError
+from ..outcomes.report import QualityReport, QualityVerdict
 from ..routing import Mode
 
-RecordType = Literal["meta", "report", "command", "audit"]
+RecordType = Literal["meta", "report", "command", "audit", "quality", "verdict"]
 
 
 class Line(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -54,15 +57,29 @@ class Recording:
     commands: list[tuple[int, ControlCommand]] = field(default_factory=list)
     audits: list[AuditRecord] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    quality: list[QualityReport] = field(default_factory=list)
+    verdicts: list[QualityVerdict] = field(default_factory=list)
 
     def normalised(self) -> Recording:
-        """Reports deduplicated by (rollout, window start) and ordered; commands by time."""
+        """Reports deduplicated by (rollout, window start) and ordered; commands by time;
+        quality reports by (rollout pair, window, status), the last one kept."""
         seen: dict[tuple[str, int], WindowReport] = {}
         for r in self.reports:
             seen.setdefault((r.rollout, r.window_start_ms), r)
         reports = sorted(seen.values(), key=lambda r: (r.window_start_ms, r.rollout))
         commands = sorted(self.commands, key=lambda c: c[0])
-        return Recording(reports, commands, list(self.audits), dict(self.meta))
+        quality: dict[tuple[str, str, str, int, str], QualityReport] = {}
+        for q in sorted(self.quality, key=lambda q: q.emitted_at_ms):
+            key = (q.rollout, q.champion.version, q.candidate.version, q.window_start_ms, q.status)
+            quality[key] = q
+        return Recording(
+            reports,
+            commands,
+            list(self.audits),
+            dict(self.meta),
+            sorted(quality.values(), key=lambda q: (q.window_start_ms, q.rollout)),
+            sorted(self.verdicts, key=lambda v: v.emitted_at_ms),
+        )
 
     def between(self, start_ms: int | None, end_ms: int | None) -> Recording:
         """Only what falls in [start_ms, end_ms): windows by their start, commands by time."""
@@ -75,6 +92,8 @@ class Recording:
             [c for c in self.commands if inside(c[0])],
             [a for a in self.audits if inside(a.applied_at_ms)],
             dict(self.meta),
+            [q for q in self.quality if inside(q.window_start_ms)],
+            [v for v in self.verdicts if inside(v.emitted_at_ms)],
         )
 
     def only_rollouts(self, rollouts: Iterable[str]) -> Recording:
@@ -84,6 +103,8 @@ class Recording:
             [c for c in self.commands if c[1].rollout in keep],
             [a for a in self.audits if a.rollout in keep],
             dict(self.meta),
+            [q for q in self.quality if q.rollout in keep],
+            [v for v in self.verdicts if v.rollout in keep],
         )
 
 
@@ -100,6 +121,8 @@ def encode_jsonl(rec: Recording) -> bytes:
     lines += [_line("report", r.emitted_at_ms, r) for r in rec.reports]
     lines += [_line("command", ts, c) for ts, c in rec.commands]
     lines += [_line("audit", a.applied_at_ms, a) for a in rec.audits]
+    lines += [_line("quality", q.emitted_at_ms, q) for q in rec.quality]
+    lines += [_line("verdict", v.emitted_at_ms, v) for v in rec.verdicts]
     return b"".join(line + b"\n" for line in lines)
 
 
@@ -118,6 +141,10 @@ def decode_jsonl(data: bytes, source: str = "input") -> Recording:
                 rec.reports.append(msgspec.json.decode(line.data, type=WindowReport))
             elif line.type == "command":
                 rec.commands.append((line.ts, msgspec.json.decode(line.data, type=ControlCommand)))
+            elif line.type == "quality":
+                rec.quality.append(msgspec.json.decode(line.data, type=QualityReport))
+            elif line.type == "verdict":
+                rec.verdicts.append(msgspec.json.decode(line.data, type=QualityVerdict))
             else:
                 rec.audits.append(msgspec.json.decode(line.data, type=AuditRecord))
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -281,6 +308,7 @@ def time_domain(rec: Recording) -> tuple[int, int]:
     """[first, last] epoch ms over windows and commands; raises when there is nothing."""
     times = [r.window_start_ms for r in rec.reports] + [r.window_end_ms for r in rec.reports]
     times += [ts for ts, _ in rec.commands]
+    times += [q.window_start_ms for q in rec.quality] + [q.window_end_ms for q in rec.quality]
     if not times:
         raise SidecarError("nothing to report: no window reports and no control commands")
     lo, hi = min(times), max(times)

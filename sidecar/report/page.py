@@ -37,6 +37,7 @@ from .model import (
     share_steps,
     time_domain,
 )
+from .quality import quality_charts, quality_section
 from .svg import PALETTE, Band, Chart, HLine, Marker, Series, fmt_time, render
 
 CHAMPION, CANDIDATE = PALETTE[0], PALETTE[1]
@@ -355,7 +356,7 @@ def build_charts(rec: Recording) -> list[Chart]:
     kind_charts = _kind_charts(reports, spans, rules)
     if kind_charts:  # a non-binary rollout: its own figures first, the binary ones drop out
         charts = kind_charts + [c for c in charts if c.key not in _BINARY_ONLY]
-    return charts
+    return charts + quality_charts(rec)
 
 
 #: Charts of a binary model's score and yes/no decision (empty for other output kinds).
@@ -598,6 +599,10 @@ border:1px solid #e2e2e2;border-radius:6px;padding:10px 14px}
 .evidence{background:#fff4ee;border:1px solid #f0c8b0;border-radius:6px;padding:10px 14px;
 margin:12px 0}
 .evidence h3{margin:0 0 6px;font-size:15px;color:#a33b00}
+.verdict{border-radius:6px;padding:10px 14px;margin:12px 0;border:1px solid}
+.verdict.met{background:#eefaf3;border-color:#9fd6b4} .verdict.held{background:#fff8e6;
+border-color:#e8cf8f} .verdict h3{margin:0 0 6px;font-size:15px}
+svg.reliability .frame{fill:#fff;stroke:#bbb} svg.reliability text{font:11px system-ui;fill:#555}
 code{font:12px ui-monospace,Menlo,Consolas,monospace;background:#f3f3f3;padding:1px 3px;
 border-radius:3px;word-break:break-word}
 """
@@ -763,6 +768,7 @@ def render_page(rec: Recording, title: str | None = None) -> str:
             f'<section class="plot" id="plot-{chart.key}"><h2>{escape(chart.title)}</h2>'
             f"{_legend(chart)}{svg}{note}</section>"
         )
+    quality_html = quality_section(rec, timeline)
     evidence = evidence_of(rec, timeline)
     evidence_html = "".join(_evidence_html(ev) for ev in evidence) or (
         "<p>No command was issued by the aggregator in this range.</p>"
@@ -776,10 +782,12 @@ def render_page(rec: Recording, title: str | None = None) -> str:
         f"<title>{escape(title)}</title><style>{_CSS}</style></head><body><main>"
         f"<h1>{escape(title)}</h1>"
         f'<p class="sub">{_when(domain[0])} to {_when(domain[1])}; {len(rec.reports)} window '
-        f"reports, {len(timeline)} control commands. Generated {generated} by "
+        f"reports, {len(rec.quality)} quality reports, {len(timeline)} control commands. "
+        f"Generated {generated} by "
         "<code>sidecar report</code>. Times on the axes are UTC.</p>"
         f"{story}{_facts(rec, spans, timeline)}"
-        f"<h2>Guard actions and their evidence</h2>{evidence_html}{''.join(sections)}"
+        f"<h2>Guard actions and their evidence</h2>{evidence_html}{quality_html}"
+        f"{''.join(sections)}"
         "<h2>Control commands</h2><table><tr><th>#</th><th>time</th><th>rollout</th>"
         "<th>action</th><th>issued by</th><th>reason</th><th>outcome</th><th>state after</th>"
         f"</tr>{_command_rows(timeline)}</table>"

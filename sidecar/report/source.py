@@ -1,4 +1,5 @@
-"""Read a :class:`Recording` from a broker: the reports, control and audit topics.
+"""Read a :class:`Recording` from a broker: the reports, control and audit topics, and the
+outcomes stage's quality and verdicts topics when they exist.
 
 Records are read from ``start_ms`` (by Kafka record timestamp) until the topic is idle, then
 cut at ``end_ms`` -- end offsets are not used (Tansu reports them wrong). Undecodable records
@@ -21,6 +22,7 @@ from ..control.plane import is_barrier
 from ..control.records import AuditRecord
 from ..errors import BrokerError
 from ..kafka import read_until_idle
+from ..outcomes.report import QualityReport, QualityVerdict
 from ..untrusted import decoded_or_none
 from .model import Recording
 
@@ -77,6 +79,12 @@ async def read_recording(
         with contextlib.suppress(BrokerError):  # no audit topic: the report does without
             audits = decoded(await read(cfg.audit_topic), AuditRecord)
             rec.audits.extend(v for _, v in audits)
+    with contextlib.suppress(BrokerError):  # no outcomes stage: no quality section
+        quality = decoded(await read(cfg.outcomes.quality_topic), QualityReport)
+        rec.quality.extend(v for _, v in quality)
+    with contextlib.suppress(BrokerError):
+        verdicts = decoded(await read(cfg.outcomes.verdicts_topic), QualityVerdict)
+        rec.verdicts.extend(v for _, v in verdicts)
     rec.meta["rules"] = msgspec.to_builtins(cfg.aggregate.rules)
     initial = {"mode": cfg.rollout.mode.value, "share_bp": cfg.rollout.canary_share_bp}
     rec.meta["initial"] = {cfg.rollout.name: initial}

@@ -362,3 +362,13 @@ def test_state_is_per_candidate_version() -> None:
     new = eng.evaluate(report(2.0, window=1, candidate_version="3"))
     assert [(e.kind, e.candidate_version) for e in new] == [("fired", "3")]
     assert eng.active(ROLLOUT) == ["ratio"]  # the latest pair's
+
+
+def test_an_engine_only_takes_rules_on_figures_its_reports_have() -> None:
+    quality = GuardRule(name="q", figure="cost_diff", threshold=0.0, bound="lo")
+    with pytest.raises(ValueError, match="not in these reports"):
+        GuardEngine([quality])  # the aggregator's reports have no quality figures
+    table = {"cost_diff": lambda r: r.paired.decision_rate_ratio}
+    engine = GuardEngine([quality], figures=table)
+    (event,) = engine.evaluate(report(2.0))
+    assert event.kind == "fired" and set(event.figures) == {"cost_diff"}

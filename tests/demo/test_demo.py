@@ -7,7 +7,6 @@ import io
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from sidecar.aggregate.actions import is_guard_command
@@ -15,17 +14,8 @@ from sidecar.aggregate.guards import default_rules
 from sidecar.cli import main
 from sidecar.demo.run import DemoOptions, run_demo
 from sidecar.demo.scenarios import calibrate, timing
-from sidecar.demo.view import Snapshot, average_precision, guard_states, render_line, render_panel
+from sidecar.demo.view import Snapshot, guard_states, render_line, render_panel
 from sidecar.report.model import read_jsonl
-
-
-def test_average_precision() -> None:
-    assert average_precision([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx((1 + 2 / 3) / 2)
-    assert average_precision([0.1, 0.9], [0, 1]) == 1.0
-    assert math.isnan(average_precision([0.5], [0]))
-    rng = np.random.default_rng(0)
-    labels = rng.random(5000) < 0.1
-    assert average_precision(rng.random(5000), labels) == pytest.approx(0.1, abs=0.03)
 
 
 def test_calibration_gives_a_2x_candidate_and_a_matched_one() -> None:
@@ -116,16 +106,26 @@ async def test_quick_flags_demo_tells_the_whole_story(tmp_path: Path) -> None:
     assert [e.command.action for e in second] == ["ramp"] + ["advance"] * 5
     assert not any(is_guard_command(e.command) for e in result.timeline[len(first) :])
 
-    # Better ranking, measured on the sidecars' own scores against the generator's labels.
+    # Better ranking, measured by the outcomes stage: the generator's frauds reach it only as
+    # chargebacks on the outcomes topic, seconds later, joined to the comparisons.
     for act in result.acts:
-        assert act.pairs > 5000 and act.frauds > 50
+        assert act.pairs > 3000 and act.frauds > 50
         assert act.ap_candidate > act.ap_champion + 0.15, act
     assert "rolled back by the aggregator" in result.summary
-    assert "average precision" in result.summary
+    assert "average precision (outcomes stage" in result.summary
+    # The healthy candidate was ramped only once its quality gate was met.
+    gated = result.acts[1]
+    assert gated.gate is not None and gated.gate.ok and gated.gate.code == "met"
+    ramp = next(e for e in second if e.command.action == "ramp")
+    verdicts = [v for v in result.recording.verdicts if v.rollout == healthy]
+    first_met = min(v.emitted_at_ms for v in verdicts if v.gate.ok)
+    assert first_met <= ramp.ts_ms, "the ramp started before the quality gate was met"
+    assert "quality gate met after" in result.summary
 
     # The report and the recording it can be rebuilt from.
     html = result.report_path.read_text()
     assert "rollback by the aggregator" in html and 'id="evidence-1"' in html
+    assert 'id="plot-quality_auc"' in html and "quality gate <b>MET</b>" in html
     again = read_jsonl(result.record_path)
     # Every command is recorded; guard verdicts (one per window at most) are not on the
     # timeline.
@@ -161,3 +161,35 @@ async def test_quick_recommend_demo_rolls_back_the_collapse_and_promotes_the_per
     assert good.ap_candidate > good.ap_champion + 0.02
     assert "NDCG@10" in result.summary
     assert "Rankings: exposure" in result.report_path.read_text()
+
+
+def test_the_panel_shows_the_outcomes_stages_quality_and_the_gate() -> None:
+    snap = Snapshot(
+        scenario="flags",
+        elapsed_s=20,
+        act_index=2,
+        acts=2,
+        headline="h",
+        phase="p",
+        produced=10,
+        produced_rate=1.0,
+        scored_rate=1.0,
+        backlog=0,
+        rollout="r",
+        mode="shadow",
+        share_bp=0,
+        epoch=0,
+        ramp="",
+        instances=2,
+        report=None,
+        guards=[],
+        ap_champion=0.142,
+        ap_candidate=0.48,
+        ap_pairs=4800,
+        quality="outcomes stage, final windows: 2, 4,800 judged, 96 chargebacks (coverage 2.0%)",
+        gate="MET (met): candidate auc >= champion - 0.02 holds at 95%",
+    )
+    panel = render_panel(snap)
+    assert "average precision (outcomes stage, final windows: 2" in panel
+    assert "champion 0.142, candidate 0.480" in panel
+    assert "quality gate MET (met)" in panel

@@ -84,6 +84,24 @@ async def test_cancelling_some_tasks_on_purpose_is_no_failure() -> None:
     assert [f.reason for f in seen] == ["cancelled"]
 
 
+async def test_a_finite_task_may_return_but_not_fail() -> None:
+    seen: list[TaskFailure] = []
+    supervisor = Supervisor("test", seen.append)
+
+    async def restore(fail: bool) -> None:
+        await asyncio.sleep(0.01)
+        if fail:
+            raise RuntimeError("store locked")
+
+    supervisor.spawn(restore(False), "restore-0", finite=True)
+    await asyncio.sleep(0.05)
+    assert seen == [] and supervisor.failure is None
+    supervisor.spawn(restore(True), "restore-1", finite=True)
+    await asyncio.sleep(0.05)
+    assert [f.task for f in seen] == ["restore-1"] and "store locked" in seen[0].reason
+    await supervisor.stop()
+
+
 async def test_our_own_error_is_raised_as_itself() -> None:
     supervisor = Supervisor("test", lambda _: None)
 

@@ -1,0 +1,601 @@
+"""The outcomes stage (``sidecar outcomes``) on the embedded broker: its throughput against the
+sidecar's output rate in the same run, its memory with 10x more pending requests, and its
+recovery after a SIGKILL with a day's worth of pending state.
+
+    python bench/bench_outcomes.py throughput [--count 300000] [--repeat 3]
+    python bench/bench_outcomes.py memory [--pending 200000]      # and 10x that
+    python bench/bench_outcomes.py recovery [--hours 24] [--rate 1000]
+
+throughput: preloads N comparisons shaped like the sidecar's (one rollout, keyed by rollout: one
+partition; event time at the sidecar's rate) and outcomes for the frauds among them (2%, the
+demo's fraud rate; ``--label-share`` for more), keyed by request id as a producer would, then
+runs ``OutcomesService`` end to end (router, changelog, RocksDB, reports, verdicts) until every
+comparison is applied; and ``bench_throughput.py``'s sidecar on ``--sidecar-requests`` in the
+same run, for a same-run ratio.
+
+memory: a fresh stage (own process) on N, then 10 N comparisons that all stay pending (a
+one-day label window, no outcomes); prints each run's peak RSS and store size.
+
+recovery: builds a task's store holding ``--hours`` of pending requests at ``--rate`` per second
+(the demo's 1000/s; 24 h = 86.4 M requests), with its changelog on the broker, through the
+join's own code (``JoinTask.apply`` of the same chunks the live path writes); then runs
+``sidecar outcomes run`` on it under live traffic, SIGKILLs it and restarts it: (a) with its
+store (replays the changelog's tail), (b) without it (replays the whole changelog). It prints
+the time from start to the first new record applied, and the replay rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_aggregate import ROLLOUT, make_values, sidecar_rate
+from bench_aggregate import preload as preload_comparisons
+from bench_throughput import preload as preload_requests
+
+from sidecar.broker import EmbeddedBroker
+from sidecar.config import SidecarConfig, config_from_dict
+from sidecar.hashing import kafka_partition
+from sidecar.kafka import ensure_topics, new_producer
+from sidecar.outcomes.chunks import (
+    EMPTY_OUTCOMES,
+    InputChunk,
+    PairSpec,
+    comparison_columns,
+    encode,
+)
+from sidecar.outcomes.contract import Outcome
+from sidecar.outcomes.join import JoinTask, Windows
+from sidecar.outcomes.service import OutcomesService, changelog_key
+from sidecar.outcomes.store import Store
+from sidecar.runtime import limit_malloc_arenas, prepare_process
+from sidecar.traffic import produce_values
+
+PARTITIONS = 6
+
+
+def config(bootstrap: str, run: str, state_dir: Path, **outcomes: Any) -> SidecarConfig:
+    settings: dict[str, Any] = {
+        "topic": f"{run}.outcomes",
+        "quality_topic": f"{run}.quality",
+        "verdicts_topic": f"{run}.verdicts",
+        "group_id": f"{run}-outcomes",
+        "state_dir": str(state_dir),
+        "report_window_ms": 60_000,
+        "comparison_lateness_ms": 5_000,
+        "outcome_grace_ms": 5_000,
+        "metrics_port": 0,
+        "rules": [],
+        "quality": {"label_window_ms": 30_000, "missing": "negative"},
+    }
+    settings.update(outcomes)
+    return config_from_dict(
+        {
+            "kafka": {
+                "bootstrap_servers": bootstrap,
+                "session_timeout_ms": 6000,
+                "heartbeat_interval_ms": 1000,
+            },
+            "topics": {
+                "comparisons": f"{run}.comparisons",
+                "control": f"{run}.control",
+                "dead_letter": f"{run}.dlq",
+                "partitions": PARTITIONS,
+            },
+            "rollout": {"name": ROLLOUT},
+            "models": {
+                "champion": {"name": "m", "version": "1.0.0", "target": "x:y", "features": []}
+            },
+            "outcomes": settings,
+        }
+    )
+
+
+def outcome_values(n: int, start_ms: int, rate: float, share: float, seed: int = 1) -> list[bytes]:
+    """Outcomes for ``share`` of the requests ``req-i`` (as ``make_values`` numbers them),
+    a few seconds after each."""
+    rng = np.random.default_rng(seed)
+    picked = np.flatnonzero(rng.random(n) < share)
+    enc = msgspec.json.Encoder()
+    return [
+        enc.encode(
+            Outcome(
+                request_id=f"req-{i}",
+                label=bool(rng.random() < 0.9),
+                ts=int(start_ms + i * 1000.0 / rate) + int(rng.integers(500, 5000)),
+                source="bench",
+            )
+        )
+        for i in picked.tolist()
+    ]
+
+
+async def produce_keyed(bootstrap: str, topic: str, values: list[bytes], key_field: str) -> None:
+    producer = new_producer_plain(bootstrap)
+    await producer.start()
+    try:
+        for i in range(0, len(values), 50_000):
+            part = values[i : i + 50_000]
+            keys = [msgspec.json.decode(v)[key_field].encode() for v in part]
+            await produce_values(producer, topic, list(zip(keys, part, strict=True)))
+    finally:
+        await producer.stop()
+
+
+def new_producer_plain(bootstrap: str) -> Any:
+    from aiokafka import AIOKafkaProducer
+
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=1 << 20
+    )
+
+
+async def run_stage(cfg: SidecarConfig, comparisons: int) -> tuple[float, OutcomesService]:
+    """Seconds from the first applied input to ``comparisons`` applied."""
+    service = OutcomesService(cfg)
+    task = asyncio.create_task(service.run())
+    try:
+        while service.applied.comparisons < comparisons:
+            await asyncio.sleep(0.005)
+            if task.done():
+                task.result()
+        end = time.monotonic()
+        memory: dict[str, float] = {}
+        for rt in service.tasks.values():
+            if rt.join is not None:
+                for name, value in rt.join.store.memory().items():
+                    # the block cache is one for every store of the process: not a sum
+                    total = max if name == "block cache" else (lambda a, b: a + b)
+                    memory[name] = total(memory.get(name, 0.0), value)
+        service.store_memory = memory  # type: ignore[attr-defined]
+    finally:
+        service.request_stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 60)
+    assert service.first_input_at is not None
+    return end - service.first_input_at, service
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+async def throughput(args: argparse.Namespace) -> None:
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        bs = broker.bootstrap_servers
+        run = f"bench-{uuid.uuid4().hex[:6]}"
+        cfg = config(bs, run, Path(tmp) / "x")
+        await ensure_topics(bs, [cfg.topics.comparisons, cfg.outcomes.topic], PARTITIONS)
+        start_ms = time.time_ns() // 1_000_000 - int(args.count / args.event_rate * 1000) - 60_000
+        t0 = time.perf_counter()
+        values = make_values(args.count, start_ms=start_ms, rate=args.event_rate)
+        await preload_comparisons(bs, cfg.topics.comparisons, values)
+        outs = outcome_values(args.count, start_ms, args.event_rate, args.label_share)
+        await produce_keyed(bs, cfg.outcomes.topic, outs, "request_id")
+        print(
+            f"preloaded {args.count:,} comparisons and {len(outs):,} outcomes in "
+            f"{time.perf_counter() - t0:.0f}s; event time {args.count / args.event_rate:.1f}s at "
+            f"{args.event_rate:,.0f}/s, {args.label_share:.0%} labelled"
+        )
+        del values, outs
+        requests_topic = f"{run}.requests"
+        if args.sidecar_requests:
+            await preload_requests(bs, requests_topic, args.sidecar_requests)
+        stage_rates, side_rates, ratios = [], [], []
+        for i in range(1, args.repeat + 1):
+            cfg_i = config(bs, run, Path(tmp) / f"state-{i}")
+            cfg_i = msgspec.structs.replace(
+                cfg_i,
+                outcomes=msgspec.structs.replace(cfg_i.outcomes, group_id=f"{run}-o{i}"),
+            )
+            secs, service = await run_stage(cfg_i, args.count)
+            rate = args.count / secs
+            stage_rates.append(rate)
+            line = (
+                f"run {i}: outcomes stage {rate:,.0f} comparisons/s "
+                f"({sum(service.applied.joined.values()):,} joined)"
+            )
+            if args.sidecar_requests:
+                side = sidecar_rate(bs, requests_topic, args.sidecar_requests)
+                side_rates.append(side)
+                ratios.append(rate / side)
+                line += f" | sidecar {side:,.0f} req/s | {rate / side:.1f}x"
+            print(line, flush=True)
+            shutil.rmtree(Path(tmp) / f"state-{i}", ignore_errors=True)
+        print(f"\nmedian outcomes stage {statistics.median(stage_rates):,.0f} comparisons/s")
+        if ratios:
+            print(
+                f"median sidecar {statistics.median(side_rates):,.0f} req/s; stage/sidecar per "
+                "run: "
+                + ", ".join(f"{r:.1f}x" for r in ratios)
+                + f" (median {statistics.median(ratios):.1f}x, min {min(ratios):.1f}x)"
+            )
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _rss_mib() -> float:
+    """Peak resident size of this process image. ``VmHWM``, not ``ru_maxrss``: Linux keeps
+    ``ru_maxrss`` across ``execve``, so a worker spawned by a parent holding the preloaded
+    records would report the parent's size."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _dir_mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / (1 << 20)
+
+
+async def memory_worker(args: argparse.Namespace) -> None:
+    """(Own process.) Apply ``--pending`` comparisons that all stay pending; print JSON."""
+    state = Path(args.state)
+    cfg = config(
+        args.bootstrap,
+        args.run,
+        state,
+        quality={"label_window_ms": 86_400_000},
+        report_window_ms=3_600_000,
+        cache_mb=args.cache_mb,
+    )
+    secs, service = await run_stage(cfg, args.pending)
+    rocks = service.store_memory  # type: ignore[attr-defined]
+    print(
+        json.dumps(
+            {
+                "pending": args.pending,
+                "seconds": secs,
+                "peak_rss_mib": _rss_mib(),
+                "store_mib": _dir_mib(state),
+                "stored": service.applied.comparisons,
+                "rocksdb_mib": rocks,
+            }
+        )
+    )
+
+
+async def memory(args: argparse.Namespace) -> None:
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        bs = broker.bootstrap_servers
+        results = []
+        for n in (args.pending, 10 * args.pending):
+            run = f"bench-{uuid.uuid4().hex[:6]}"
+            cfg = config(bs, run, Path(tmp))
+            await ensure_topics(bs, [cfg.topics.comparisons, cfg.outcomes.topic], PARTITIONS)
+            start_ms = time.time_ns() // 1_000_000 - int(n / args.event_rate * 1000) - 10_000
+            for i in range(0, n, 500_000):
+                part = make_values(min(500_000, n - i), start_ms, args.event_rate, seed=i)
+                part = [v.replace(b'"req-', f'"m{i}-'.encode(), 1) for v in part]
+                await preload_comparisons(bs, cfg.topics.comparisons, part)
+            state = Path(tmp) / run
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "memory-worker",
+                    f"--bootstrap={bs}",
+                    f"--run={run}",
+                    f"--state={state}",
+                    f"--pending={n}",
+                    f"--cache-mb={args.cache_mb}",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if out.returncode:
+                sys.exit(out.stderr[-3000:])
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            results.append(got)
+            rocks = ", ".join(f"{k} {v:.0f}" for k, v in got["rocksdb_mib"].items())
+            print(
+                f"{n:>10,} pending: peak RSS {got['peak_rss_mib']:,.0f} MiB (RocksDB: {rocks} "
+                f"MiB), store on disk {got['store_mib']:,.0f} MiB, "
+                f"{n / got['seconds']:,.0f} comparisons/s",
+                flush=True,
+            )
+            shutil.rmtree(state, ignore_errors=True)
+        a, b = results
+        print(
+            f"\n10x the pending requests: peak RSS x{b['peak_rss_mib'] / a['peak_rss_mib']:.2f} "
+            f"({a['peak_rss_mib']:,.0f} -> {b['peak_rss_mib']:,.0f} MiB); store on disk "
+            f"x{b['store_mib'] / max(a['store_mib'], 1e-9):.1f}"
+        )
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+def _chunk(
+    task: int, first: int, n: int, t0: int, rate: float, rng: np.random.Generator, spec: PairSpec
+) -> InputChunk:
+    i = np.arange(first, first + n)
+    ids = [f"d{j}" for j in i.tolist()]
+    s1 = rng.random(n)
+    s2 = np.clip(s1 + 0.1 * rng.standard_normal(n), 0, 1)
+    return InputChunk(
+        task=task,
+        pairs=[spec],
+        comparisons=comparison_columns(
+            ids,
+            np.zeros(n, np.int32),
+            (t0 + i * 1000.0 / rate).astype(np.int64),
+            s1,
+            s2,
+            (s1 > 0.9).astype(np.int8),
+            (s2 > 0.9).astype(np.int8),
+        ),
+        outcomes=EMPTY_OUTCOMES,
+        # No input offsets: these requests stand for comparisons read before the live ones
+        # (the stage then reads the comparisons topic from its beginning: the live traffic).
+        offsets={},
+        stream_ms=int(t0 + (first + n - 1) * 1000.0 / rate),
+    )
+
+
+async def build_state(cfg: SidecarConfig, task: int, total: int, t0: int, rate: float) -> None:
+    """A task's store with ``total`` pending requests and its changelog, built through the
+    join's apply path (the chunks are what the live path writes, minus JSON decoding)."""
+    s = cfg.outcomes
+    store = Store(
+        Path(s.state_dir) / f"task-{task}", cache_mb=s.cache_mb, write_buffer_mb=s.write_buffer_mb
+    )
+    join = JoinTask(
+        store,
+        task,
+        s.layout(),
+        Windows(s.report_window_ms, s.comparison_lateness_ms, s.outcome_grace_ms),
+        s.judging(),
+        max_label_window_ms=s.max_label_window_ms(),
+    )
+    producer = new_producer(cfg, "bench", linger_ms=20, max_batch_size=1 << 20)
+    await producer.start()
+    spec = PairSpec(ROLLOUT, "fraud-lr", "1.4.0", "fraud-lr", "2.1.0", s.for_rollout(ROLLOUT))
+    rng = np.random.default_rng(0)
+    step = 8000
+    started = time.monotonic()
+    try:
+        for first in range(0, total, step):
+            chunk = _chunk(task, first, min(step, total - first), t0, rate, rng, spec)
+            fut = await producer.send(
+                s.changelog_topic, encode(chunk), key=changelog_key(chunk, task), partition=task
+            )
+            md = await fut
+            join.apply(chunk, md.offset)
+            if first // step % 500 == 0:
+                done = first + step
+                print(
+                    f"  built {done:,} of {total:,} pending requests "
+                    f"({done / (time.monotonic() - started):,.0f}/s)",
+                    flush=True,
+                )
+    finally:
+        await producer.stop()
+        store.close()
+
+
+def _spawn(config_path: Path, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sidecar.cli", "outcomes", "run", "--config", str(config_path)],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+
+
+def _scrape(port: int, name: str) -> float:
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+    except OSError:
+        return -1.0
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.decode().splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
+async def _time_to_first_record(
+    proc: subprocess.Popen[bytes], port: int, timeout_s: float
+) -> tuple[float, float]:
+    """(seconds to /metrics answering with the store open, seconds to a new comparison
+    applied) from the process start."""
+    start = time.monotonic()
+    ready = None
+    while time.monotonic() - start < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the stage exited with {proc.returncode}")
+        consumed = _scrape(port, 'sidecar_outcomes_records_total{input="comparisons"}')
+        if consumed >= 0 and ready is None:
+            ready = time.monotonic() - start
+        if consumed > 0:
+            return ready or 0.0, time.monotonic() - start
+        await asyncio.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("no record applied in time")
+
+
+async def live_traffic(cfg: SidecarConfig, rate: float, stop: asyncio.Event, t0: int) -> None:
+    """Comparisons at ``rate`` per second, event time now (new ids)."""
+    producer = new_producer(cfg, "bench-traffic", linger_ms=5, max_batch_size=1 << 20)
+    await producer.start()
+    sent = 0
+    began = time.monotonic()
+    try:
+        while not stop.is_set():
+            n = max(1, int(rate / 10))
+            values = make_values(n, time.time_ns() // 1_000_000, rate, seed=sent)
+            values = [v.replace(b'"req-', f'"live{sent}-'.encode(), 1) for v in values]
+            await produce_values(
+                producer, cfg.topics.comparisons, [(ROLLOUT.encode(), v) for v in values]
+            )
+            sent += n
+            ahead = sent / rate - (time.monotonic() - began)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+    finally:
+        await producer.stop()
+
+
+async def recovery(args: argparse.Namespace) -> None:
+    total = int(args.hours * 3600 * args.rate)
+    with EmbeddedBroker() as broker:
+        bs = broker.bootstrap_servers
+        root = Path(args.dir or tempfile.mkdtemp(prefix="bench-outcomes-"))
+        run = f"bench-{uuid.uuid4().hex[:6]}"
+        port = args.port
+        cfg = config(
+            bs,
+            run,
+            root / "state",
+            metrics_port=port,
+            report_window_ms=3_600_000,
+            quality={"label_window_ms": int(args.hours * 3_600_000) + 3_600_000},
+        )
+        await ensure_topics(bs, [cfg.topics.comparisons, cfg.outcomes.topic], PARTITIONS)
+        # The stage creates its internal topics; so does this, to write the changelog first.
+        await ensure_topics(bs, [cfg.outcomes.by_task_topic], PARTITIONS)
+        await ensure_topics(
+            bs,
+            [cfg.outcomes.changelog_topic],
+            PARTITIONS,
+            configs={"cleanup.policy": "compact,delete"},
+        )
+        task = kafka_partition(ROLLOUT.encode(), PARTITIONS)
+        now = time.time_ns() // 1_000_000
+        t0 = now - int(args.hours * 3_600_000)
+        print(
+            f"building {total:,} pending requests ({args.hours:g} h at {args.rate:g}/s) in "
+            f"{root} ...",
+            flush=True,
+        )
+        began = time.monotonic()
+        await build_state(cfg, task, total, t0, args.rate)
+        build_s = time.monotonic() - began
+        store_mib = _dir_mib(root / "state")
+        print(
+            f"built in {build_s:.0f}s ({total / build_s:,.0f} requests/s); store "
+            f"{store_mib:,.0f} MiB on disk",
+            flush=True,
+        )
+        path = root / "sidecar.toml"
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from kafka_helpers import write_toml
+
+        write_toml(cfg, path)
+        log = root / "outcomes.log"
+        stop = asyncio.Event()
+        traffic = asyncio.create_task(live_traffic(cfg, args.rate, stop, t0))
+        spawned: list[subprocess.Popen[bytes]] = []
+        try:
+            results = {}
+            proc = _spawn(path, log)
+            spawned = [proc]
+            ready, first = await _time_to_first_record(proc, port, 600)
+            await asyncio.sleep(3)
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=60)
+            print(
+                f"first start: serving after {ready:.1f}s, first new comparison applied after "
+                f"{first:.1f}s; SIGKILL",
+                flush=True,
+            )
+            for name, wipe in (("with its store", False), ("without its store", True)):
+                if wipe:
+                    shutil.rmtree(root / "state")
+                proc = _spawn(path, log)
+                spawned.append(proc)
+                ready, first = await _time_to_first_record(proc, port, 3600)
+                results[name] = first
+                print(
+                    f"restart {name}: serving after {ready:.1f}s, first new comparison applied "
+                    f"after {first:.1f}s",
+                    flush=True,
+                )
+                await asyncio.sleep(3)
+                proc.send_signal(signal.SIGKILL)
+                proc.communicate(timeout=60)
+        finally:
+            stop.set()
+            with contextlib.suppress(Exception):
+                await traffic
+            for p in spawned:  # never leave a stage behind (it would hold the port)
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate(timeout=30)
+        restored = [ln for ln in log.read_text().splitlines() if "restored in" in ln]
+        for line in restored:
+            print("  log:", line.split("sidecar.outcomes.service:", 1)[-1].strip())
+        full = results["without its store"]
+        print(
+            f"\n{total:,} pending requests ({args.hours:g} h at {args.rate:g}/s): after a SIGKILL "
+            f"the stage applies new records {results['with its store']:.1f}s after its restart "
+            f"with its store, {full:.1f}s without it (a whole-changelog replay, "
+            f"{total / full:,.0f} requests/s)"
+        )
+        if not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    p = sub.add_parser("throughput")
+    p.add_argument("--count", type=int, default=300_000)
+    p.add_argument("--event-rate", type=float, default=40_000.0)
+    p.add_argument("--label-share", type=float, default=0.02)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--sidecar-requests", type=int, default=200_000)
+    p = sub.add_parser("memory")
+    p.add_argument("--pending", type=int, default=200_000)
+    p.add_argument("--event-rate", type=float, default=1000.0)
+    p.add_argument("--cache-mb", type=int, default=64, help="outcomes.cache_mb")
+    p = sub.add_parser("memory-worker")
+    p.add_argument("--bootstrap", required=True)
+    p.add_argument("--run", required=True)
+    p.add_argument("--state", required=True)
+    p.add_argument("--pending", type=int, required=True)
+    p.add_argument("--cache-mb", type=int, default=64)
+    p = sub.add_parser("recovery")
+    p.add_argument("--hours", type=float, default=24.0)
+    p.add_argument("--rate", type=float, default=1000.0, help="the demo's rate")
+    p.add_argument("--port", type=int, default=9192)
+    p.add_argument("--dir", help="keep the state here (default: a temporary directory)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    limit_malloc_arenas()  # as `sidecar outcomes run` does
+    prepare_process()
+    runner = {
+        "throughput": throughput,
+        "memory": memory,
+        "memory-worker": memory_worker,
+        "recovery": recovery,
+    }[args.mode]
+    asyncio.run(runner(args))
+
+
+if __name__ == "__main__":
+    main()

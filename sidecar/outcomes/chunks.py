@@ -1,0 +1,225 @@
+"""What the join's changelog holds: the inputs a task accepted, and the decisions it took.
+
+The store of a task is a pure function of its changelog: replaying the records in order into an
+empty store (or into a store that has applied a prefix of them) gives the same state. So the
+changelog carries *inputs*, not store writes: one :class:`InputChunk` per applied poll (the
+poll's comparisons and outcomes as compact columns, their input offsets and the settings a new
+rollout pair starts with), a :class:`FinalMark` when a window becomes final (after its final
+report was published), an :class:`ExpireMark` when unmatched outcomes are dropped. One record
+per poll instead of one per request keeps the changelog cheap (a few bytes a request), and
+its per-partition order makes each poll atomic: a chunk is applied whole or not at all.
+
+Records are MessagePack (``msgspec``); arrays travel as raw little-endian bytes. They are read
+back as untrusted input like any record (a decode failure stops the restore with an error
+naming the offset: a changelog we cannot read is a state we cannot trust).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from .report import PairKey
+from .settings import RolloutQuality
+
+CHUNK_VERSION = 1
+#: Rows per input chunk at most: a chunk must fit one record (ids ~20-40 bytes, columns
+#: 34 bytes a comparison, 26 an outcome).
+MAX_CHUNK_ROWS = 8_000
+
+Id = Annotated[str, msgspec.Meta(max_length=256)]
+
+
+class PairSpec(msgspec.Struct, array_like=True, frozen=True):
+    """A rollout pair named by a chunk, with the settings it starts with if it is new."""
+
+    rollout: str
+    champion_model: str
+    champion_version: str
+    candidate_model: str
+    candidate_version: str
+    settings: RolloutQuality
+
+    @property
+    def key(self) -> PairKey:
+        return PairKey(
+            self.rollout,
+            self.champion_model,
+            self.champion_version,
+            self.candidate_model,
+            self.candidate_version,
+        )
+
+
+class ComparisonColumns(msgspec.Struct, frozen=True):
+    """Comparisons of one poll. ``pair``: index into the chunk's pairs (int32); ``ts`` int64;
+    ``champion``/``candidate`` scores float64 (NaN: none); decisions int8 (-1: none)."""
+
+    ids: list[Id]
+    pair: bytes
+    ts: bytes
+    champion: bytes
+    candidate: bytes
+    champion_decision: bytes
+    candidate_decision: bytes
+
+
+class OutcomeColumns(msgspec.Struct, frozen=True):
+    """Outcomes of one poll: ``ts`` int64, ``label`` float64 (NaN for a ranking label),
+    ``value`` float64 (NaN: none)."""
+
+    ids: list[Id]
+    ts: bytes
+    label: bytes
+    value: bytes
+
+
+class InputChunk(msgspec.Struct, tag="input", frozen=True):
+    task: int
+    pairs: list[PairSpec]
+    comparisons: ComparisonColumns
+    outcomes: OutcomeColumns
+    #: Per input (``c``: comparisons, ``o``: repartitioned outcomes), the offsets the chunk
+    #: covers on the task's partition: ``[first, next]`` (records skipped as undecodable
+    #: included).
+    offsets: dict[Literal["c", "o"], tuple[int, int]]
+    #: Largest event time among the chunk's records.
+    stream_ms: int
+    #: Largest event time per input (each input's watermark; ``stream_ms`` when absent).
+    input_ms: dict[Literal["c", "o"], int] = {}
+    v: int = CHUNK_VERSION
+
+
+class FinalMark(msgspec.Struct, tag="final", frozen=True):
+    """The final report of a window was published: its requests leave the store and its
+    figures join the pair's verdict."""
+
+    pair: PairKey
+    window_start_ms: int
+    stream_ms: int
+    v: int = CHUNK_VERSION
+
+
+class ExpireMark(msgspec.Struct, tag="expire", frozen=True):
+    """Outcomes that matched no comparison and happened before ``before_ms`` are dropped."""
+
+    before_ms: int
+    stream_ms: int
+    v: int = CHUNK_VERSION
+
+
+ChangelogRecord = InputChunk | FinalMark | ExpireMark
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(ChangelogRecord)
+
+
+def encode(record: ChangelogRecord) -> bytes:
+    return _ENCODER.encode(record)
+
+
+def decode(raw: bytes) -> ChangelogRecord:
+    """A changelog record; raises ``msgspec.DecodeError``/``ValidationError`` on garbage."""
+    return _DECODER.decode(raw)
+
+
+def _bytes(a: npt.NDArray[Any], dtype: str) -> bytes:
+    return np.ascontiguousarray(a, dtype=dtype).tobytes()
+
+
+def comparison_columns(
+    ids: list[str],
+    pair: npt.NDArray[np.int32],
+    ts: npt.NDArray[np.int64],
+    champion: npt.NDArray[np.float64],
+    candidate: npt.NDArray[np.float64],
+    champion_decision: npt.NDArray[np.int8],
+    candidate_decision: npt.NDArray[np.int8],
+) -> ComparisonColumns:
+    return ComparisonColumns(
+        ids,
+        _bytes(pair, "<i4"),
+        _bytes(ts, "<i8"),
+        _bytes(champion, "<f8"),
+        _bytes(candidate, "<f8"),
+        _bytes(champion_decision, "i1"),
+        _bytes(candidate_decision, "i1"),
+    )
+
+
+def outcome_columns(
+    ids: list[str],
+    ts: npt.NDArray[np.int64],
+    label: npt.NDArray[np.float64],
+    value: npt.NDArray[np.float64],
+) -> OutcomeColumns:
+    return OutcomeColumns(ids, _bytes(ts, "<i8"), _bytes(label, "<f8"), _bytes(value, "<f8"))
+
+
+EMPTY_COMPARISONS = comparison_columns(
+    [],
+    np.zeros(0, np.int32),
+    np.zeros(0, np.int64),
+    np.zeros(0),
+    np.zeros(0),
+    np.zeros(0, np.int8),
+    np.zeros(0, np.int8),
+)
+EMPTY_OUTCOMES = outcome_columns([], np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
+
+
+class ColumnError(ValueError):
+    """A chunk whose columns do not line up with its ids."""
+
+
+def _array(raw: bytes, dtype: str, n: int, name: str) -> npt.NDArray[Any]:
+    a = np.frombuffer(raw, dtype=dtype)
+    if a.size != n:
+        raise ColumnError(f"column {name} has {a.size} values for {n} ids")
+    return a
+
+
+def comparison_arrays(c: ComparisonColumns) -> dict[str, npt.NDArray[Any]]:
+    n = len(c.ids)
+    return {
+        "pair": _array(c.pair, "<i4", n, "pair"),
+        "ts": _array(c.ts, "<i8", n, "ts"),
+        "champion": _array(c.champion, "<f8", n, "champion"),
+        "candidate": _array(c.candidate, "<f8", n, "candidate"),
+        "champion_decision": _array(c.champion_decision, "i1", n, "champion_decision"),
+        "candidate_decision": _array(c.candidate_decision, "i1", n, "candidate_decision"),
+    }
+
+
+def outcome_arrays(o: OutcomeColumns) -> dict[str, npt.NDArray[Any]]:
+    n = len(o.ids)
+    return {
+        "ts": _array(o.ts, "<i8", n, "ts"),
+        "label": _array(o.label, "<f8", n, "label"),
+        "value": _array(o.value, "<f8", n, "value"),
+    }
+
+
+__all__ = [
+    "CHUNK_VERSION",
+    "EMPTY_COMPARISONS",
+    "EMPTY_OUTCOMES",
+    "MAX_CHUNK_ROWS",
+    "ChangelogRecord",
+    "ColumnError",
+    "ComparisonColumns",
+    "ExpireMark",
+    "FinalMark",
+    "InputChunk",
+    "OutcomeColumns",
+    "PairSpec",
+    "comparison_arrays",
+    "comparison_columns",
+    "decode",
+    "encode",
+    "outcome_arrays",
+    "outcome_columns",
+]

@@ -1,0 +1,287 @@
+"""Consumed records -> :class:`~sidecar.outcomes.chunks.InputChunk`s: what a task applies.
+
+Both inputs are untrusted. A comparison that does not decode is skipped and counted (the
+aggregator dead-letters comparison records already; a second dead letter per record would only
+duplicate it); an outcome on the repartitioned topic that does not decode is skipped and
+counted too (the router dead-lettered what it could not read; anything else there was written
+by someone other than the router). Records dated more than ``outcomes.max_future_ms`` ahead
+of the wall clock are skipped: they would move stream time and finalise windows early.
+Nothing here raises because of a record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import Annotated, Protocol
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from ..contracts import MAX_EPOCH_MS
+from .chunks import (
+    EMPTY_COMPARISONS,
+    EMPTY_OUTCOMES,
+    MAX_CHUNK_ROWS,
+    InputChunk,
+    PairSpec,
+    comparison_columns,
+    encode,
+    outcome_columns,
+)
+from .contract import Outcome, decode_outcome, numeric_label
+from .heartbeat import heartbeat_of
+from .settings import OutcomesSettings
+
+Name = Annotated[str, msgspec.Meta(max_length=256)]
+
+
+class RecordLike(Protocol):
+    @property
+    def offset(self) -> int: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+class ArmView(msgspec.Struct, kw_only=True, gc=False):
+    """The part of a ``ModelResult`` the join reads."""
+
+    model: Name
+    version: Name
+    score: float | None = None
+    decision: bool | None = None
+
+
+class ComparisonView(msgspec.Struct, kw_only=True, gc=False):
+    """The part of a ``Comparison`` the join reads (the rest is skipped at decode)."""
+
+    request_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    rollout: Name
+    ts: Annotated[int, msgspec.Meta(ge=0, le=MAX_EPOCH_MS)]
+    champion: ArmView
+    candidate: ArmView
+
+
+_VIEW = msgspec.json.Decoder(ComparisonView)
+
+
+def decode_comparisons(values: Sequence[bytes | None]) -> list[ComparisonView | None]:
+    """One decoded view per value, None where a value is not a comparison (one msgspec
+    call for the usual poll of valid JSON lines; record by record otherwise)."""
+    n = len(values)
+    if not n:
+        return []
+    try:
+        joined = b"\n".join(values)  # type: ignore[arg-type]
+    except TypeError:  # a null value
+        joined = b""
+    if joined.count(b"\n") == n - 1 and joined:
+        try:
+            views = _VIEW.decode_lines(joined)
+            if len(views) == n:
+                return list[ComparisonView | None](views)
+        except Exception:  # any bad record: the slow path finds which
+            pass
+    out: list[ComparisonView | None] = []
+    for v in values:
+        try:
+            out.append(_VIEW.decode(v) if v is not None else None)
+        except Exception:  # untrusted: DecodeError, RecursionError, ...
+            out.append(None)
+    return out
+
+
+@dataclass
+class Skipped:
+    """Records left out of the chunks, by input and reason (counted in metrics)."""
+
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def add(self, source: str, reason: str, n: int = 1) -> None:
+        if n:
+            key = (source, reason)
+            self.counts[key] = self.counts.get(key, 0) + n
+
+
+_REQUEST_ID, _ROLLOUT, _TS, _CHAMPION, _CANDIDATE, _MODEL, _VERSION, _SCORE, _DECISION = (
+    attrgetter(f)
+    for f in (
+        "request_id", "rollout", "ts", "champion", "candidate", "model", "version", "score",
+        "decision",
+    )
+)  # fmt: skip
+
+
+def _scores(arms: list[ArmView]) -> npt.NDArray[np.float64]:
+    """Scores as float64 (None -> NaN)."""
+    return np.array(list(map(_SCORE, arms)), dtype=np.float64)
+
+
+def _decisions(arms: list[ArmView]) -> npt.NDArray[np.int8]:
+    """Decisions as int8 (None -> -1)."""
+    as_float = np.array(list(map(_DECISION, arms)), dtype=np.float64)  # None -> NaN
+    return np.where(np.isnan(as_float), -1, as_float).astype(np.int8)
+
+
+class ChunkBuilder:
+    """Turns one poll of a task's two inputs into changelog chunks."""
+
+    def __init__(self, settings: OutcomesSettings) -> None:
+        self.settings = settings
+
+    def build(
+        self,
+        task: int,
+        comparisons: Sequence[RecordLike],
+        outcomes: Sequence[RecordLike],
+        now_ms: int,
+        skipped: Skipped,
+        max_bytes: int = 900_000,
+    ) -> list[tuple[InputChunk, bytes]]:
+        """The chunks of one poll (comparisons first), each with its encoding, each at most
+        ``MAX_CHUNK_ROWS`` rows and ``max_bytes`` encoded (a poll is split as needed)."""
+        limit = now_ms + self.settings.max_future_ms
+        if comparisons and outcomes and len(comparisons) + len(outcomes) <= MAX_CHUNK_ROWS:
+            trial = Skipped()
+            a = self._comparisons(task, comparisons, limit, trial)
+            b = self._outcomes(task, outcomes, limit, trial)
+            both = msgspec.structs.replace(
+                a,
+                outcomes=b.outcomes,
+                offsets={**a.offsets, **b.offsets},
+                stream_ms=max(a.stream_ms, b.stream_ms),
+                input_ms={"c": a.stream_ms, "o": b.stream_ms},
+            )
+            raw = encode(both)
+            if len(raw) <= max_bytes:  # the usual poll: one chunk, one changelog record
+                for key, n in trial.counts.items():
+                    skipped.add(*key, n)
+                return [(both, raw)]
+        out: list[tuple[InputChunk, bytes]] = []
+        for records, make in ((comparisons, self._comparisons), (outcomes, self._outcomes)):
+            for start in range(0, len(records), MAX_CHUNK_ROWS):
+                part = records[start : start + MAX_CHUNK_ROWS]
+                out += self._fitting(task, part, make, limit, skipped, max_bytes)
+        return out
+
+    def _fitting(
+        self,
+        task: int,
+        records: Sequence[RecordLike],
+        make: Callable[[int, Sequence[RecordLike], int, Skipped], InputChunk],
+        limit: int,
+        skipped: Skipped,
+        max_bytes: int,
+    ) -> list[tuple[InputChunk, bytes]]:
+        trial = Skipped()
+        chunk = make(task, records, limit, trial)
+        raw = encode(chunk)
+        if len(raw) <= max_bytes or len(records) == 1:
+            for key, n in trial.counts.items():
+                skipped.add(*key, n)
+            return [(chunk, raw)]
+        half = len(records) // 2
+        return self._fitting(task, records[:half], make, limit, skipped, max_bytes) + (
+            self._fitting(task, records[half:], make, limit, skipped, max_bytes)
+        )
+
+    def _comparisons(
+        self, task: int, records: Sequence[RecordLike], limit: int, skipped: Skipped
+    ) -> InputChunk:
+        views = decode_comparisons([r.value for r in records])
+        if None in views or any(v.ts > limit for v in views if v is not None):
+            kept: list[ComparisonView] = []
+            for v in views:
+                if v is None:
+                    skipped.add("comparisons", "undecodable")
+                elif v.ts > limit:
+                    skipped.add("comparisons", "future")
+                else:
+                    kept.append(v)
+        else:
+            kept = views  # type: ignore[assignment]  # the usual poll: every record is good
+        champions = list(map(_CHAMPION, kept))
+        candidates = list(map(_CANDIDATE, kept))
+        keys = list(
+            zip(
+                map(_ROLLOUT, kept),
+                map(_MODEL, champions),
+                map(_VERSION, champions),
+                map(_MODEL, candidates),
+                map(_VERSION, candidates),
+                strict=True,
+            )
+        )
+        pairs: dict[tuple[str, str, str, str, str], int] = {}
+        if keys and keys.count(keys[0]) == len(keys):  # one rollout pair: the usual chunk
+            pairs[keys[0]] = 0
+            pair_idx = np.zeros(len(keys), dtype=np.int32)
+        else:
+            pair_idx = np.fromiter(
+                (pairs.setdefault(k, len(pairs)) for k in keys), dtype=np.int32, count=len(keys)
+            )
+        specs = [PairSpec(*k, self.settings.for_rollout(k[0])) for k in pairs]
+        ts_arr = np.fromiter(map(_TS, kept), dtype=np.int64, count=len(kept))
+        return InputChunk(
+            task=task,
+            pairs=specs,
+            comparisons=comparison_columns(
+                list(map(_REQUEST_ID, kept)),
+                pair_idx,
+                ts_arr,
+                _scores(champions),
+                _scores(candidates),
+                _decisions(champions),
+                _decisions(candidates),
+            ),
+            outcomes=EMPTY_OUTCOMES,
+            offsets={"c": (records[0].offset, records[-1].offset + 1)},
+            stream_ms=int(ts_arr.max()) if ts_arr.size else 0,
+        )
+
+    def _outcomes(
+        self, task: int, records: Sequence[RecordLike], limit: int, skipped: Skipped
+    ) -> InputChunk:
+        ids: list[str] = []
+        ts: list[int] = []
+        labels: list[float] = []
+        values: list[float] = []
+        nan = float("nan")
+        for rec in records:
+            if heartbeat_of(rec) is not None:
+                continue  # the router's heartbeat: read by the service, nothing to apply
+            got = decode_outcome(rec.value)
+            if not isinstance(got, Outcome):
+                skipped.add("outcomes", "undecodable")
+                continue
+            if got.ts > limit:
+                skipped.add("outcomes", "future")
+                continue
+            label = numeric_label(got.label)
+            ids.append(got.request_id)
+            ts.append(got.ts)
+            labels.append(nan if label is None else label)
+            values.append(nan if got.value is None else got.value)
+        ts_arr = np.array(ts, dtype=np.int64)
+        return InputChunk(
+            task=task,
+            pairs=[],
+            comparisons=EMPTY_COMPARISONS,
+            outcomes=outcome_columns(
+                ids, ts_arr, np.array(labels, dtype=np.float64), np.array(values)
+            ),
+            offsets={"o": (records[0].offset, records[-1].offset + 1)},
+            stream_ms=int(ts_arr.max()) if ts_arr.size else 0,
+        )
+
+
+__all__ = [
+    "ArmView",
+    "ChunkBuilder",
+    "ComparisonView",
+    "RecordLike",
+    "Skipped",
+    "decode_comparisons",
+]

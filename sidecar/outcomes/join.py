@@ -1,0 +1,808 @@
+"""The join of comparisons with outcomes for one task (one partition of the comparisons topic,
+with the outcomes repartitioned onto it), over the task's store. No Kafka: changelog records
+in, store writes, quality reports and verdicts out.
+
+Store layout (keys by first byte; numbers big-endian so keys sort by them):
+
+* ``m``: the task's meta (changelog position, input offsets, stream time, counters);
+* ``p`` + pair id: a rollout pair (its key, the settings it started with, open windows, how far
+  its windows are final);
+* ``r`` + rollout (length-prefixed) + request id: a request waiting in its window (pair, event
+  time, both scores and decisions, and its outcome so far). By rollout too: two rollouts
+  (two sidecar deployments on one request stream) may score the same request;
+* ``i`` + pair + window start + request id: the window's index of its requests (to drop them
+  when the window is final);
+* ``w`` + pair + window start: the window's quality accumulator (``quality.Layout``);
+* ``t`` + pair: the accumulator of every final window of the pair (the verdict's basis);
+* ``o`` + request id: outcomes that arrived before a comparison of their request (kept until
+  no comparison could still need them).
+
+Each request is counted once: a request id is stored once per rollout (a repeated comparison
+is a duplicate, counted and dropped); its contribution to its window is added when it arrives and
+replaced (subtract old, add new) when its outcome changes, so a replay of outcomes already
+applied changes nothing. Applying a changelog record writes the store in one atomic batch,
+together with the record's offset, so a store is always exactly "the changelog up to
+``changelog_next``" -- which is what makes a restart (replay the tail) and a new owner
+(replay everything) land on the same state.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from .chunks import (
+    ChangelogRecord,
+    ColumnError,
+    ExpireMark,
+    FinalMark,
+    InputChunk,
+    comparison_arrays,
+    outcome_arrays,
+)
+from .quality import COUNTERS, Costs, FloatArray, Layout, contribution
+from .report import (
+    Judging,
+    PairKey,
+    QualityReport,
+    QualityVerdict,
+    ReportStatus,
+    quality_report,
+    quality_verdict,
+)
+from .settings import RolloutQuality
+from .store import Batch, Store
+
+#: A stored request: pair id, event time, both scores, both decisions, outcome state, label,
+#: value (NaN: none) and the outcome's event time.
+REQUEST = struct.Struct("<Iqddbbbddq")
+#: One outcome kept for a request whose comparison has not arrived.
+ORPHAN = struct.Struct("<bddq")
+#: Outcomes kept per unmatched request (the latest by event time).
+MAX_ORPHAN_OUTCOMES = 8
+
+#: Outcome states of a request.
+NO_OUTCOME, NUMERIC, RANKING = 0, 1, 2
+
+META_KEY = b"m"
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+def request_prefix(rollout: str) -> bytes:
+    """The key prefix of a rollout's requests (the length makes it unambiguous)."""
+    name = rollout.encode()
+    return b"r" + _U16.pack(len(name)) + name
+
+
+def _pair_key(pid: int) -> bytes:
+    return b"p" + _U32.pack(pid)
+
+
+def _window_key(pid: int, ws: int) -> bytes:
+    return b"w" + _U32.pack(pid) + _U64.pack(ws)
+
+
+def _index_prefix(pid: int, ws: int) -> bytes:
+    return b"i" + _U32.pack(pid) + _U64.pack(ws)
+
+
+def _total_key(pid: int) -> bytes:
+    return b"t" + _U32.pack(pid)
+
+
+class Meta(msgspec.Struct, kw_only=True):
+    """What a task's store has applied, and running counts (for metrics)."""
+
+    #: Offset of the next changelog record to apply.
+    changelog_next: int = 0
+    #: Next offset to read per input (``c``: comparisons, ``o``: repartitioned outcomes).
+    inputs: dict[str, int] = {}
+    #: Stream time when the last final/expire mark was decided.
+    stream_ms: int = 0
+    #: Largest event time applied per input (``c``, ``o``): the inputs' watermarks.
+    input_ms: dict[str, int] = {}
+    next_pair: int = 0
+    #: Requests stored, and request ids holding outcomes that came before a comparison.
+    stored: int = 0
+    orphans: int = 0
+    #: Totals since the store was created.
+    duplicates: int = 0
+    late: int = 0
+    orphans_expired: int = 0
+
+
+class PairRecord(msgspec.Struct, kw_only=True):
+    """A rollout pair in a task's store."""
+
+    id: int
+    key: PairKey
+    settings: RolloutQuality
+    #: Windows starting before this are final (late comparisons for them are dropped).
+    finalized_through: int = -1
+    #: Starts of the windows not final yet, ascending.
+    open: list[int] = []
+    windows_final: int = 0
+    first_final_start: int | None = None
+    last_final_end: int | None = None
+
+
+_META = msgspec.msgpack.Decoder(Meta)
+_PAIR = msgspec.msgpack.Decoder(PairRecord)
+_ENC = msgspec.msgpack.Encoder()
+
+
+@dataclass
+class ApplyStats:
+    """What applying changelog records did (for metrics and logs)."""
+
+    comparisons: int = 0
+    duplicates: int = 0
+    unscored: int = 0
+    #: Comparisons for windows already final, by rollout.
+    late: dict[str, int] = field(default_factory=dict)
+    #: Requests whose first outcome arrived (after or with their comparison).
+    joined: dict[str, int] = field(default_factory=dict)
+    #: Outcomes that changed an already labelled request.
+    updated: int = 0
+    #: Outcomes with no comparison yet.
+    orphaned: int = 0
+    outside_window: int = 0
+    skipped_records: int = 0
+
+    def add(self, other: ApplyStats) -> None:
+        for name in ("comparisons", "duplicates", "unscored", "updated", "orphaned"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.outside_window += other.outside_window
+        self.skipped_records += other.skipped_records
+        for mine, theirs in ((self.late, other.late), (self.joined, other.joined)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0) + v
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Time settings of the stage (the same for every pair)."""
+
+    report_window_ms: int
+    comparison_lateness_ms: int
+    outcome_grace_ms: int
+
+    def start(self, ts: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        return ts - ts % self.report_window_ms
+
+    def final_at(self, ws: int, settings: RolloutQuality) -> int:
+        """Stream time at which window ``ws`` of a pair with ``settings`` is final."""
+        return ws + self.report_window_ms + settings.label_window_ms + self.outcome_grace_ms
+
+    def mature_at(self, ws: int) -> int:
+        return ws + self.report_window_ms + self.comparison_lateness_ms
+
+
+@dataclass
+class _Rows:
+    """Requests whose judged contribution is added (sign +1) or taken back (-1)."""
+
+    pid: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    ws: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    cols: list[tuple[npt.NDArray[Any], ...]] = field(default_factory=list)
+    sign: list[float] = field(default_factory=list)
+
+
+def _combine(
+    old: tuple[int, float, float, int], new: tuple[int, float, float, int], rule: str
+) -> tuple[int, float, float, int]:
+    """Which of two outcomes of one request counts (commutative and idempotent, so order and
+    repetition do not matter): ``last`` is the latest by event time (then the larger label,
+    then value); ``max`` the larger numeric label (then the later)."""
+
+    def order(o: tuple[int, float, float, int]) -> tuple[float, ...]:
+        state, label, value, ts = o
+        lab = label if state == NUMERIC and math.isfinite(label) else -math.inf
+        val = value if math.isfinite(value) else -math.inf
+        if rule == "max":
+            return (lab, float(ts), float(state), val)
+        return (float(ts), lab, float(state), val)
+
+    return new if order(new) > order(old) else old
+
+
+def _groups(
+    pid: npt.NDArray[np.int64], ws: npt.NDArray[np.int64]
+) -> list[tuple[tuple[int, int], npt.NDArray[np.bool_] | None]]:
+    """The distinct (pair, window start) of rows, each with its rows (None: all of them, the
+    usual case of one pair and one window per chunk)."""
+    if not pid.size:
+        return []
+    if (pid == pid[0]).all() and (ws == ws[0]).all():
+        return [((int(pid[0]), int(ws[0])), None)]
+    key = (pid << 48) | ws  # window starts are epoch ms below 2**48
+    return [((int(k) >> 48, int(k) & ((1 << 48) - 1)), key == k) for k in np.unique(key).tolist()]
+
+
+def stream_bound(
+    comparisons_ms: int, comparisons_caught_up: bool, quiet_ms: int, outcomes_ms: int | None
+) -> int:
+    """How far stream time may go: what makes windows final and held outcomes expire.
+
+    The comparisons always bound it, by their watermark (the largest event time applied), plus
+    the time they have been quiet once they are read to the end (``quiet_ms``: time goes on at
+    the wall clock's pace from the last comparison, so the last windows of a stream that stops
+    become final; a lull while a backlog is read moves nothing). The outcomes bound it by
+    ``outcomes_ms`` (:func:`sidecar.outcomes.heartbeat.outcomes_bound`: the smallest event time
+    routed over the outcome partitions not routed to their end; None when all are), so no
+    window is final before its outcomes are in, and no held outcome is dropped while its
+    comparison may still come.
+    """
+    bound = comparisons_ms + (max(quiet_ms, 0) if comparisons_caught_up else 0)
+    return bound if outcomes_ms is None else min(bound, outcomes_ms)
+
+
+class JoinTask:
+    """One task's join state over its store."""
+
+    def __init__(
+        self,
+        store: Store,
+        task: int,
+        layout: Layout,
+        windows: Windows,
+        judging: Judging,
+        *,
+        max_label_window_ms: int,
+    ) -> None:
+        self.store = store
+        self.task = task
+        self.layout = layout
+        self.windows = windows
+        self.judging = judging
+        self.max_label_window_ms = max_label_window_ms
+        self.meta = Meta()
+        self.pairs: dict[int, PairRecord] = {}
+        self._by_key: dict[PairKey, int] = {}
+        #: Stream time: what makes windows mature and final. The service moves it (see
+        #: :meth:`advance`); it never goes back.
+        self.stream_ms = 0
+        #: Windows (pair id, start) changed since the service last reported them.
+        self.dirty: set[tuple[int, int]] = set()
+        self.reload()
+
+    @property
+    def rollouts(self) -> set[str]:
+        """The rollouts this task holds requests of."""
+        return {p.key.rollout for p in self.pairs.values()}
+
+    def reload(self) -> None:
+        """Read the meta and the pairs from the store again (after an apply that failed
+        half-way: the store never saw its batch, the in-memory copies may have)."""
+        raw = self.store.get(META_KEY)
+        self.meta = _META.decode(raw) if raw is not None else Meta()
+        self.pairs = {}
+        self._by_key = {}
+        for _, value in self.store.scan(b"p"):
+            pair = _PAIR.decode(value)
+            self.pairs[pair.id] = pair
+            self._by_key[PairKey(*pair.key)] = pair.id
+        self.stream_ms = max(self.stream_ms, self.meta.stream_ms)
+
+    # -- applying changelog records ---------------------------------------------------------
+
+    def apply(self, record: ChangelogRecord, offset: int) -> ApplyStats:
+        """Apply the changelog record at ``offset`` (in offset order; records below
+        ``meta.changelog_next`` are ignored)."""
+        stats = ApplyStats()
+        if offset < self.meta.changelog_next:
+            return stats
+        batch = Batch()
+        if isinstance(record, InputChunk):
+            if not self._already_applied(record):
+                self._apply_input(record, batch, stats)
+        elif isinstance(record, FinalMark):
+            self._apply_final(record, batch)
+        elif isinstance(record, ExpireMark):
+            self._apply_expire(record, batch)
+        self.meta.changelog_next = offset + 1
+        batch.put(META_KEY, _ENC.encode(self.meta))
+        self.store.write(batch)
+        self.stream_ms = max(self.stream_ms, self.meta.stream_ms)
+        return stats
+
+    def skip(self, offset: int) -> None:
+        """Mark the changelog record at ``offset`` as applied without applying it (a barrier,
+        or a record this build cannot read)."""
+        if offset >= self.meta.changelog_next:
+            self.meta.changelog_next = offset + 1
+            batch = Batch()
+            batch.put(META_KEY, _ENC.encode(self.meta))
+            self.store.write(batch)
+
+    def _already_applied(self, chunk: InputChunk) -> bool:
+        """A chunk whose every input range ends at or before what the store has applied (the
+        producer wrote it twice)."""
+        if not chunk.offsets:
+            return False
+        return all(self.meta.inputs.get(k, -1) >= nxt for k, (_, nxt) in chunk.offsets.items())
+
+    def _pair_id(self, spec_key: PairKey, settings: RolloutQuality, batch: Batch) -> int:
+        pid = self._by_key.get(spec_key)
+        if pid is not None:
+            return pid
+        pid = self.meta.next_pair
+        self.meta.next_pair += 1
+        pair = PairRecord(id=pid, key=spec_key, settings=settings)
+        self.pairs[pid] = pair
+        self._by_key[spec_key] = pid
+        batch.put(_pair_key(pid), _ENC.encode(pair))
+        return pid
+
+    def _apply_input(self, chunk: InputChunk, batch: Batch, stats: ApplyStats) -> None:
+        pair_ids = [self._pair_id(p.key, p.settings, batch) for p in chunk.pairs]
+        deltas: dict[tuple[int, int], FloatArray] = {}
+        rows = _Rows()
+        self._apply_comparisons(chunk, pair_ids, batch, deltas, rows, stats)
+        self._apply_outcomes(chunk, batch, deltas, rows, stats)
+        self._judge(rows, deltas)
+        for (pid, ws), delta in deltas.items():
+            self._add_window(pid, ws, delta, batch)
+        for key, (_, nxt) in chunk.offsets.items():
+            self.meta.inputs[key] = max(self.meta.inputs.get(key, 0), nxt)
+            ms = chunk.input_ms.get(key, chunk.stream_ms)
+            self.meta.input_ms[key] = max(self.meta.input_ms.get(key, 0), ms)
+
+    def _add_window(self, pid: int, ws: int, delta: FloatArray, batch: Batch) -> None:
+        pair = self.pairs[pid]
+        key = _window_key(pid, ws)
+        raw = batch.writes.get(key) or self.store.get(key)
+        acc = self.layout.from_bytes(raw) if raw is not None else self.layout.zeros()
+        if raw is None and ws not in pair.open:
+            pair.open = sorted([*pair.open, ws])
+            batch.put(_pair_key(pid), _ENC.encode(pair))
+        batch.put(key, (acc + delta).tobytes())
+        self.dirty.add((pid, ws))
+
+    def _counter(
+        self, deltas: dict[tuple[int, int], FloatArray], pid: int, ws: int, name: str, n: int
+    ) -> None:
+        if not n:
+            return
+        delta = deltas.get((pid, ws))
+        if delta is None:
+            delta = deltas[(pid, ws)] = self.layout.zeros()
+        delta[COUNTERS.index(name)] += n
+
+    def _apply_comparisons(
+        self,
+        chunk: InputChunk,
+        pair_ids: list[int],
+        batch: Batch,
+        deltas: dict[tuple[int, int], FloatArray],
+        rows: _Rows,
+        stats: ApplyStats,
+    ) -> None:
+        c = chunk.comparisons
+        n = len(c.ids)
+        if not n:
+            return
+        cols = comparison_arrays(c)
+        index = cols["pair"].astype(np.int64)
+        if index.size and (index.min() < 0 or index.max() >= len(pair_ids)):
+            raise ColumnError("a comparison names a pair the chunk does not list")
+        pid = np.asarray(pair_ids, dtype=np.int64)[index]
+        ts = cols["ts"]
+        ws = self.windows.start(ts)
+        p1, p2 = cols["champion"], cols["candidate"]
+        d1, d2 = cols["champion_decision"], cols["candidate_decision"]
+        through = np.array([self.pairs[p].finalized_through for p in pair_ids], dtype=np.int64)
+        late = ws < through[index]
+        scored = np.isfinite(p1) & np.isfinite(p2) & (d1 >= 0) & (d1 <= 1) & (d2 >= 0) & (d2 <= 1)
+        if late.any():
+            for i in np.flatnonzero(late).tolist():
+                rollout = self.pairs[int(pid[i])].key.rollout
+                stats.late[rollout] = stats.late.get(rollout, 0) + 1
+            self.meta.late += int(late.sum())
+        for i in np.flatnonzero(~late & ~scored).tolist():
+            self._counter(deltas, int(pid[i]), int(ws[i]), "unscored", 1)
+            stats.unscored += 1
+        ids = c.ids
+        candidates = np.flatnonzero(~late & scored).tolist()
+        first: dict[str, int] = {}
+        for i in candidates:  # the first of each request id in the chunk
+            first.setdefault(ids[i], i)
+        keep = list(first.values())
+        stats.duplicates += len(candidates) - len(keep)
+        id_bytes = [ids[i].encode() for i in keep]
+        prefix_of = {p: request_prefix(self.pairs[p].key.rollout) for p in set(pair_ids)}
+        keys = [prefix_of[int(pid[i])] + b for i, b in zip(keep, id_bytes, strict=True)]
+        # Request ids stored already (redelivered comparisons): the bloom filters answer
+        # "absent" for a new id without reading a block.
+        fresh = [j for j, there in enumerate(self.store.present(keys)) if not there]
+        stats.duplicates += len(keep) - len(fresh)
+        self.meta.duplicates += stats.duplicates
+        if not fresh:
+            return
+        if len(fresh) < len(keep):
+            keep = [keep[j] for j in fresh]
+            id_bytes = [id_bytes[j] for j in fresh]
+            keys = [keys[j] for j in fresh]
+        rows_i = np.asarray(keep, dtype=np.int64)
+        m = rows_i.size
+        state = np.zeros(m, dtype=np.int8)
+        label = np.full(m, np.nan)
+        value = np.full(m, np.nan)
+        ots = np.zeros(m, dtype=np.int64)
+        r_pid, r_ws, r_ts = pid[rows_i], ws[rows_i], ts[rows_i]
+        if self.meta.orphans:
+            # Outcomes that came first stay until no comparison could need them (another
+            # rollout may score the same request later): matched here, dropped on expiry.
+            okeys = [b"o" + b for b in id_bytes]
+            maybe = [j for j, m in enumerate(self.store.may_exist(okeys)) if m]
+            held = self.store.get_many([okeys[j] for j in maybe])
+            for j, raw in zip(maybe, held, strict=True):
+                if raw is None:
+                    continue
+                pair = self.pairs[int(r_pid[j])]
+                got = self._orphan_outcome(raw, int(r_ts[j]), pair.settings)
+                if got is None:
+                    self._counter(deltas, int(r_pid[j]), int(r_ws[j]), "outside_window", 1)
+                    stats.outside_window += 1
+                    continue
+                state[j], label[j], value[j], ots[j] = got
+                stats.joined[pair.key.rollout] = stats.joined.get(pair.key.rollout, 0) + 1
+        c1, c2 = p1[rows_i], p2[rows_i]
+        clipped = (c1 < 0) | (c1 > 1) | (c2 < 0) | (c2 > 1)
+        c1, c2 = np.clip(c1, 0.0, 1.0), np.clip(c2, 0.0, 1.0)
+        r_d1, r_d2 = d1[rows_i], d2[rows_i]
+        pack = REQUEST.pack
+        pids, starts = r_pid.tolist(), r_ws.tolist()
+        batch.put_many(
+            keys,
+            [
+                pack(*row)
+                for row in zip(
+                    pids,
+                    r_ts.tolist(),
+                    c1.tolist(),
+                    c2.tolist(),
+                    r_d1.tolist(),
+                    r_d2.tolist(),
+                    state.tolist(),
+                    label.tolist(),
+                    value.tolist(),
+                    ots.tolist(),
+                    strict=True,
+                )
+            ],
+        )
+        prefixes: dict[tuple[int, int], bytes] = {}
+        index_keys = []
+        for p, w, b in zip(pids, starts, id_bytes, strict=True):
+            prefix = prefixes.get((p, w))
+            if prefix is None:
+                prefix = prefixes[(p, w)] = _index_prefix(p, w)
+            index_keys.append(prefix + b)
+        batch.put_many(index_keys, [b""] * m)
+        self.meta.stored += m
+        stats.comparisons += m
+        for (g_pid, g_ws), sel in _groups(r_pid, r_ws):
+            self._counter(deltas, g_pid, g_ws, "requests", int(sel.sum()) if sel is not None else m)
+            n_clipped = int((clipped if sel is None else clipped & sel).sum())
+            self._counter(deltas, g_pid, g_ws, "clipped", n_clipped)
+        rows.pid.append(r_pid)
+        rows.ws.append(r_ws)
+        rows.cols.append((c1, c2, r_d1, r_d2, state, label, value))
+        rows.sign.append(1.0)
+
+    def _orphan_outcome(
+        self, raw: bytes, request_ts: int, settings: RolloutQuality
+    ) -> tuple[int, float, float, int] | None:
+        """The outcome that counts among those kept for a request, or None when none
+        happened within its label window."""
+        best = None
+        limit = request_ts + settings.label_window_ms
+        for outcome in ORPHAN.iter_unpack(raw):
+            if outcome[3] > limit:
+                continue
+            best = outcome if best is None else _combine(best, outcome, settings.combine)
+        return best
+
+    def _apply_outcomes(
+        self,
+        chunk: InputChunk,
+        batch: Batch,
+        deltas: dict[tuple[int, int], FloatArray],
+        rows: _Rows,
+        stats: ApplyStats,
+    ) -> None:
+        o = chunk.outcomes
+        n = len(o.ids)
+        if not n:
+            return
+        cols = outcome_arrays(o)
+        ts, label, value = cols["ts"], cols["label"], cols["value"]
+        distinct = list(dict.fromkeys(o.ids))
+        # Every rollout of the task may hold the request: look it up under each.
+        prefixes = [request_prefix(r) for r in sorted(self.rollouts)]
+        rkeys = [p + rid.encode() for rid in distinct for p in prefixes]
+        current: dict[bytes, bytes | None] = dict(zip(rkeys, self._read(rkeys, batch), strict=True))
+        holding = {
+            rid: [k for k in (p + rid.encode() for p in prefixes) if current[k] is not None]
+            for rid in distinct
+        }
+        absent = [rid for rid in distinct if not holding[rid]]
+        okeys = [b"o" + i.encode() for i in absent]
+        orphans: dict[str, bytes | None] = dict(zip(absent, self._read(okeys, batch), strict=True))
+        old_rows: list[tuple[Any, ...]] = []
+        new_rows: list[tuple[Any, ...]] = []
+        for j in range(n):
+            rid = o.ids[j]
+            lab = float(label[j])
+            outcome = (NUMERIC if math.isfinite(lab) else RANKING, lab, float(value[j]), int(ts[j]))
+            if not holding[rid]:
+                self._keep_orphan(rid, outcome, orphans, batch, stats)
+                continue
+            for key in holding[rid]:
+                raw = current[key]
+                assert raw is not None
+                rec = REQUEST.unpack(raw)
+                pid, rts = rec[0], rec[1]
+                pair = self.pairs[pid]
+                ws = rts - rts % self.windows.report_window_ms
+                if outcome[3] > rts + pair.settings.label_window_ms:
+                    self._counter(deltas, pid, ws, "outside_window", 1)
+                    stats.outside_window += 1
+                    continue
+                old = (rec[6], rec[7], rec[8], rec[9])
+                best = (
+                    outcome
+                    if old[0] == NO_OUTCOME
+                    else _combine(old, outcome, pair.settings.combine)
+                )
+                if best == old:
+                    continue
+                if old[0] == NO_OUTCOME:
+                    stats.joined[pair.key.rollout] = stats.joined.get(pair.key.rollout, 0) + 1
+                else:
+                    stats.updated += 1
+                updated = REQUEST.pack(*rec[:6], *best)
+                current[key] = updated
+                batch.put(key, updated)
+                old_rows.append((pid, ws, *rec[2:6], *old[:3]))
+                new_rows.append((pid, ws, *rec[2:6], *best[:3]))
+        for sign, table in ((-1.0, old_rows), (1.0, new_rows)):
+            if not table:
+                continue
+            cols_t = list(zip(*table, strict=True))
+            rows.pid.append(np.asarray(cols_t[0], dtype=np.int64))
+            rows.ws.append(np.asarray(cols_t[1], dtype=np.int64))
+            rows.cols.append(
+                (
+                    np.asarray(cols_t[2], dtype=np.float64),
+                    np.asarray(cols_t[3], dtype=np.float64),
+                    np.asarray(cols_t[4], dtype=np.int8),
+                    np.asarray(cols_t[5], dtype=np.int8),
+                    np.asarray(cols_t[6], dtype=np.int8),
+                    np.asarray(cols_t[7], dtype=np.float64),
+                    np.asarray(cols_t[8], dtype=np.float64),
+                )
+            )
+            rows.sign.append(sign)
+
+    def _read(self, keys: list[bytes], batch: Batch) -> list[bytes | None]:
+        """Values of ``keys``, this batch's writes first."""
+        stored = self.store.get_many(keys)
+        return [batch.writes.get(k, v) for k, v in zip(keys, stored, strict=True)]
+
+    def _keep_orphan(
+        self,
+        rid: str,
+        outcome: tuple[int, float, float, int],
+        orphans: dict[str, bytes | None],
+        batch: Batch,
+        stats: ApplyStats,
+    ) -> None:
+        raw = orphans[rid]
+        kept = list(ORPHAN.iter_unpack(raw)) if raw else []
+        if outcome in kept:
+            return
+        if not kept:
+            self.meta.orphans += 1
+            stats.orphaned += 1
+        kept = sorted([*kept, outcome], key=lambda o: o[3])[-MAX_ORPHAN_OUTCOMES:]
+        value = b"".join(ORPHAN.pack(*o) for o in kept)
+        orphans[rid] = value
+        batch.put(b"o" + rid.encode(), value)
+
+    def _judge(self, rows: _Rows, deltas: dict[tuple[int, int], FloatArray]) -> None:
+        """Add the judged contributions of ``rows`` (with their signs) to ``deltas``."""
+        if not rows.pid:
+            return
+        pid = np.concatenate(rows.pid)
+        ws = np.concatenate(rows.ws)
+        cols = [np.concatenate([c[k] for c in rows.cols]) for k in range(7)]
+        sign = np.concatenate(
+            [np.full(p.size, s) for p, s in zip(rows.pid, rows.sign, strict=True)]
+        )
+        for (g_pid, g_ws), sel_group in _groups(pid, ws):
+            group = np.ones(pid.size, dtype=np.bool_) if sel_group is None else sel_group
+            settings = self.pairs[g_pid].settings
+            for s in (1.0, -1.0):
+                sel = group & (sign == s)
+                if not sel.any():
+                    continue
+                delta = self._judged(settings, *(c[sel] for c in cols))
+                key = (g_pid, g_ws)
+                if key not in deltas:
+                    deltas[key] = self.layout.zeros()
+                deltas[key] += s * delta
+
+    def _judged(
+        self,
+        settings: RolloutQuality,
+        p1: FloatArray,
+        p2: FloatArray,
+        d1: npt.NDArray[np.int8],
+        d2: npt.NDArray[np.int8],
+        state: npt.NDArray[np.int8],
+        label: FloatArray,
+        value: FloatArray,
+    ) -> FloatArray:
+        numeric = state == NUMERIC
+        none = state == NO_OUTCOME
+        include = numeric | none if settings.missing == "negative" else numeric
+        y = (numeric & (label >= settings.positive_at_least)).astype(np.int8)
+        acc = contribution(
+            self.layout,
+            p1[include],
+            p2[include],
+            d1[include],
+            d2[include],
+            y[include],
+            value[include],
+            Costs(settings.fp_cost, settings.fn_cost, settings.cost_value),
+        )
+        acc[COUNTERS.index("labelled")] += numeric.sum()
+        acc[COUNTERS.index("unsupported")] += (state == RANKING).sum()
+        missing = "assumed_negative" if settings.missing == "negative" else "unlabelled"
+        acc[COUNTERS.index(missing)] += none.sum()
+        return acc
+
+    def _apply_final(self, mark: FinalMark, batch: Batch) -> None:
+        pid = self._by_key.get(PairKey(*mark.pair))
+        self.meta.stream_ms = max(self.meta.stream_ms, mark.stream_ms)
+        if pid is None:
+            return
+        pair = self.pairs[pid]
+        ws = mark.window_start_ms
+        if ws < pair.finalized_through:
+            return  # applied already
+        acc = self.window_accumulator(pid, ws)
+        total_raw = self.store.get(_total_key(pid))
+        total = self.layout.from_bytes(total_raw) if total_raw else self.layout.zeros()
+        batch.put(_total_key(pid), (total + acc).tobytes())
+        batch.delete(_window_key(pid, ws))
+        prefix = _index_prefix(pid, ws)
+        requests = request_prefix(pair.key.rollout)
+        dropped = 0
+        for key, _ in self.store.scan(prefix):
+            batch.delete(requests + key[len(prefix) :])
+            dropped += 1
+        batch.delete_range(prefix, _index_prefix(pid, ws + 1))
+        self.meta.stored -= dropped
+        end = ws + self.windows.report_window_ms
+        pair.finalized_through = max(pair.finalized_through, end)
+        pair.open = [w for w in pair.open if w != ws]
+        self.dirty.discard((pid, ws))
+        if acc.any():
+            pair.windows_final += 1
+            pair.first_final_start = (
+                ws if pair.first_final_start is None else min(pair.first_final_start, ws)
+            )
+            pair.last_final_end = (
+                end if pair.last_final_end is None else max(pair.last_final_end, end)
+            )
+        batch.put(_pair_key(pid), _ENC.encode(pair))
+
+    def _apply_expire(self, mark: ExpireMark, batch: Batch) -> None:
+        self.meta.stream_ms = max(self.meta.stream_ms, mark.stream_ms)
+        for key, raw in self.store.scan(b"o"):
+            kept = list(ORPHAN.iter_unpack(raw))
+            if max(o[3] for o in kept) < mark.before_ms:
+                batch.delete(key)
+                self.meta.orphans -= 1
+                self.meta.orphans_expired += 1
+
+    def advance(self, bound_ms: int) -> int:
+        """Move stream time up to ``bound_ms`` (see :func:`stream_bound`); it never goes back."""
+        self.stream_ms = max(self.stream_ms, bound_ms)
+        return self.stream_ms
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def window_accumulator(self, pid: int, ws: int) -> FloatArray:
+        raw = self.store.get(_window_key(pid, ws))
+        return self.layout.from_bytes(raw) if raw is not None else self.layout.zeros()
+
+    def total_accumulator(self, pid: int) -> FloatArray:
+        raw = self.store.get(_total_key(pid))
+        return self.layout.from_bytes(raw) if raw is not None else self.layout.zeros()
+
+    def due_final(self, stream_ms: int) -> list[tuple[PairRecord, int]]:
+        """Open windows whose label windows (and grace) have all closed, oldest first."""
+        due = [
+            (pair, ws)
+            for pair in self.pairs.values()
+            for ws in pair.open
+            if self.windows.final_at(ws, pair.settings) <= stream_ms
+        ]
+        return sorted(due, key=lambda d: (d[1], d[0].id))
+
+    def mature(self, stream_ms: int) -> Iterator[tuple[PairRecord, int]]:
+        """Open windows whose comparisons have arrived (provisional reports)."""
+        for pair in self.pairs.values():
+            for ws in pair.open:
+                if self.windows.mature_at(ws) <= stream_ms:
+                    yield pair, ws
+
+    def report(self, pair: PairRecord, ws: int, status: ReportStatus, now_ms: int) -> QualityReport:
+        s = pair.settings
+        return quality_report(
+            PairKey(*pair.key),
+            ws,
+            ws + self.windows.report_window_ms,
+            self.layout,
+            self.window_accumulator(pair.id, ws),
+            status=status,
+            label_window_ms=s.label_window_ms,
+            missing=s.missing,
+            stream_time_ms=self.stream_ms,
+            final_at_ms=self.windows.final_at(ws, s),
+            now_ms=now_ms,
+            judging=self.judging,
+        )
+
+    def verdict(self, pair: PairRecord, now_ms: int) -> QualityVerdict | None:
+        """The pair's verdict over its final windows (None before the first one)."""
+        if pair.first_final_start is None or pair.last_final_end is None:
+            return None
+        return quality_verdict(
+            PairKey(*pair.key),
+            self.layout,
+            self.total_accumulator(pair.id),
+            windows=pair.windows_final,
+            first_window_start_ms=pair.first_final_start,
+            last_window_end_ms=pair.last_final_end,
+            requirement=pair.settings.non_inferiority,
+            now_ms=now_ms,
+            judging=self.judging,
+        )
+
+    def orphan_cutoff(self, stream_ms: int) -> int:
+        """Unmatched outcomes that happened before this cannot meet a comparison whose window
+        is still open."""
+        w = self.windows
+        return stream_ms - (
+            w.report_window_ms
+            + self.max_label_window_ms
+            + w.comparison_lateness_ms
+            + w.outcome_grace_ms
+        )
+
+
+__all__ = [
+    "MAX_ORPHAN_OUTCOMES",
+    "META_KEY",
+    "ApplyStats",
+    "JoinTask",
+    "Meta",
+    "PairRecord",
+    "Windows",
+    "stream_bound",
+]

@@ -1,0 +1,144 @@
+"""Hostile input to the outcomes stage, in the style of ``tests/test_hostile_input.py``: whatever
+a record on the outcomes topic, the repartitioned topic, the comparisons topic or the changelog
+holds, it ends as an accounted outcome (an Outcome or a dead-letter kind with its reason, a
+skipped and counted record) and never as an exception, and a task fed such records still
+counts every valid request once."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from records import Rec
+from test_hostile_input import ENC, FUZZ, hostile_json, valid_comparison
+
+from sidecar.contracts import MAX_EPOCH_MS
+from sidecar.outcomes.chunks import decode
+from sidecar.outcomes.contract import Outcome, decode_outcome
+from sidecar.outcomes.decode import ChunkBuilder, Skipped, decode_comparisons
+from sidecar.outcomes.join import JoinTask, Windows, request_prefix
+from sidecar.outcomes.settings import OutcomesSettings
+from sidecar.outcomes.store import Store
+
+SETTINGS = msgspec.convert({"min_pairs": 1, "min_positives": 1}, OutcomesSettings)
+NOW = 1_700_000_100_000
+
+
+def valid_outcome(i: int) -> dict[str, Any]:
+    return {
+        "request_id": f"r-{i}",
+        "label": i % 2 == 0,
+        "ts": 1_700_000_000_500 + i,
+        "value": 12.5,
+        "routing_key": f"card-{i}",
+        "source": "chargebacks",
+    }
+
+
+@FUZZ
+@given(st.data())
+def test_no_outcome_record_escapes_decoding(data: st.DataObject) -> None:
+    raw = data.draw(st.one_of(st.none(), hostile_json(valid_outcome(3))))
+    got = decode_outcome(raw)  # must not raise
+    if isinstance(got, Outcome):
+        assert 0 <= got.ts <= MAX_EPOCH_MS and 1 <= len(got.request_id) <= 256
+        assert got.value is None or got.value >= 0
+    else:
+        kind, reason = got
+        assert kind in ("decode", "schema", "schema_version") and reason
+
+
+@pytest.mark.parametrize(
+    ("doc", "kind"),
+    [
+        ({**valid_outcome(1), "label": "yes"}, "schema"),
+        ({**valid_outcome(1), "request_id": ""}, "schema"),
+        ({**valid_outcome(1), "value": -3}, "schema"),
+        ({**valid_outcome(1), "schema_version": "2.0"}, "schema_version"),
+        ({**valid_outcome(1), "schema_version": "\u0661"}, "schema_version"),
+        ({**valid_outcome(1), "label": ["item"] * 1001}, "schema"),
+    ],
+)
+def test_outcome_contract_violations_say_why(doc: dict[str, Any], kind: str) -> None:
+    got = decode_outcome(ENC.encode(doc))
+    assert isinstance(got, tuple) and got[0] == kind and got[1]
+
+
+def test_labels_may_be_bools_numbers_or_ranked_items() -> None:
+    for label in (True, 0, 0.7, ["sku-1", "sku-9"]):
+        got = decode_outcome(ENC.encode({**valid_outcome(1), "label": label}))
+        assert isinstance(got, Outcome) and got.label == label
+
+
+@FUZZ
+@given(data=st.data())
+def test_no_record_escapes_a_task(tmp_path_factory: Any, data: st.DataObject) -> None:
+    comparisons: list[bytes | None] = [ENC.encode(valid_comparison(i)) for i in range(3)]
+    outcomes: list[bytes | None] = [ENC.encode(valid_outcome(i)) for i in range(3)]
+    for values, base in ((comparisons, valid_comparison(9)), (outcomes, valid_outcome(9))):
+        for _ in range(data.draw(st.integers(1, 3))):
+            hostile = data.draw(st.one_of(st.none(), hostile_json(base)))
+            values.insert(data.draw(st.integers(0, len(values))), hostile)
+    assert len(decode_comparisons(comparisons)) == len(comparisons)
+    skipped = Skipped()
+    chunks = ChunkBuilder(SETTINGS).build(
+        0,
+        [Rec(v, offset=i) for i, v in enumerate(comparisons)],
+        [Rec(v, offset=i) for i, v in enumerate(outcomes)],
+        NOW,
+        skipped,
+    )
+    path: Path = tmp_path_factory.mktemp("task")
+    task = JoinTask(
+        Store(path),
+        0,
+        SETTINGS.layout(),
+        Windows(SETTINGS.report_window_ms, 0, 0),
+        SETTINGS.judging(),
+        max_label_window_ms=SETTINGS.max_label_window_ms(),
+    )
+    try:
+        for offset, (chunk, raw) in enumerate(chunks):
+            assert decode(raw) == chunk
+            task.apply(chunk, offset)
+        # The three valid comparisons are stored (a hostile one may be valid too, or repeat).
+        prefix = request_prefix("fraud-v2")
+        ids = {k[len(prefix) :].decode() for k, _ in task.store.scan(prefix)}
+        assert {"r-0", "r-1", "r-2"} <= ids
+        assert task.meta.inputs == {"c": len(comparisons), "o": len(outcomes)}
+    finally:
+        task.store.close()
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_a_changelog_record_that_is_garbage_raises_only_what_the_restore_skips(raw: bytes) -> None:
+    """The restore skips (and counts) a record ``decode`` refuses; it raises nothing else."""
+    with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+        decode(raw)
+
+
+def test_a_comparison_far_in_the_future_is_skipped_not_applied() -> None:
+    doc = valid_comparison(1)
+    doc["ts"] = NOW + SETTINGS.max_future_ms + 1
+    skipped = Skipped()
+    ((chunk, _),) = ChunkBuilder(SETTINGS).build(0, [Rec(ENC.encode(doc))], [], NOW, skipped)
+    assert skipped.counts == {("comparisons", "future"): 1}
+    assert chunk.comparisons.ids == [] and chunk.offsets == {"c": (0, 1)}
+
+
+def test_a_poll_too_big_for_one_record_is_split() -> None:
+    docs = [dict(valid_comparison(i), request_id=f"{i:0>200}") for i in range(3000)]
+    records = [Rec(ENC.encode(d), offset=i) for i, d in enumerate(docs)]
+    chunks = ChunkBuilder(SETTINGS).build(0, records, [], NOW, Skipped(), max_bytes=200_000)
+    assert len(chunks) > 1 and all(len(raw) <= 200_000 for _, raw in chunks)
+    assert sum(len(c.comparisons.ids) for c, _ in chunks) == 3000
+    spans = [c.offsets["c"] for c, _ in chunks]
+    assert spans[0][0] == 0 and spans[-1][1] == 3000
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))

@@ -565,7 +565,11 @@ def _check_outputs(cfg: SidecarConfig) -> None:
     if dupes:
         raise ConfigError(f"outputs: version name(s) {dupes} used twice")
     topics = out.topics()
-    others = set(cfg.all_topics()[: -len(topics)])  # the versions' topics come last
+    # Every other topic the config names (one occurrence of each version's topic taken out:
+    # where all_topics() lists them is not assumed); the outcomes stage's internal topics too.
+    others = cfg.all_topics() + [cfg.outcomes.by_task_topic, cfg.outcomes.changelog_topic]
+    for topic in topics:
+        others.remove(topic)
     for v in out.versions:
         if v.topic in others or topics.count(v.topic) > 1:
             raise ConfigError(

@@ -331,6 +331,15 @@ def test_versions_need_a_current_name_distinct_names_and_their_own_topics() -> N
             {"api_version": "v2", "versions": [{"version": "v1", "topic": "same.decisions"}]},
             topics={"decisions": "same.decisions"},
         )
+    # Topics listed after the versions' (the outcomes stage's) and its internal ones count too.
+    base = config()
+    for taken in (
+        base.outcomes.verdicts_topic,
+        base.outcomes.topic,
+        base.outcomes.changelog_topic,
+    ):
+        with pytest.raises(ConfigError, match="its own"):
+            config({"api_version": "v2", "versions": [{"version": "v1", "topic": taken}]})
     callable_only = {
         "version": "v0",
         "topic": V0_TOPIC,

@@ -84,19 +84,28 @@ def grants_of(acl_calls: list[list[str]]) -> set[Grant]:
     return grants
 
 
-OPERATOR, SIDECAR, AGGREGATOR, TRAFFIC = (
+OPERATOR, SIDECAR, AGGREGATOR, OUTCOMES, TRAFFIC = (
     "User:operator",
     "User:sidecar",
     "User:aggregator",
+    "User:outcomes",
     "User:traffic",
 )
 
 
-def expected_grants(cfg: SidecarConfig, producer: str | None) -> set[Grant]:
-    """The policy, written out: what each role's code does (README "Control-plane security")."""
+def expected_grants(
+    cfg: SidecarConfig,
+    producer: str | None,
+    *,
+    outcome_producer: str | None = None,
+    reader_groups: tuple[str, ...] = (),
+) -> set[Grant]:
+    """The policy, written out: what each role's code does (README "Control-plane security").
+    The topics of ``cfg.outputs.versions`` are granted as listed in OUTPUT_VERSION_TOPICS."""
     t, control = cfg.topics, cfg.topics.control
     group, agg_group = cfg.kafka.group_id, cfg.aggregate.group_id
     partials, reports = cfg.aggregate.partials_topic, cfg.aggregate.reports_topic
+    o = cfg.outcomes
 
     def topic(principal: str, ops: str, *names: str) -> set[Grant]:
         return {Grant(principal, op, "topic", n) for op in ops.split(",") for n in names}
@@ -105,6 +114,8 @@ def expected_grants(cfg: SidecarConfig, producer: str | None) -> set[Grant]:
         # operator: ctl (control, status, audit), report (reports, control, audit), replay
         topic(OPERATOR, "Read,Write", control)
         | topic(OPERATOR, "Read", cfg.status_topic, cfg.audit_topic, reports, t.comparisons)
+        # ... report and outcomes status (quality reports, verdicts)
+        | topic(OPERATOR, "Read", o.quality_topic, o.verdicts_topic)
         # sidecar
         | topic(SIDECAR, "Read", t.requests)
         | {Grant(SIDECAR, "Read", "group", group)}
@@ -116,7 +127,21 @@ def expected_grants(cfg: SidecarConfig, producer: str | None) -> set[Grant]:
         | {Grant(AGGREGATOR, "Read", "group", g) for g in (agg_group, f"{agg_group}.merge")}
         | topic(AGGREGATOR, "Read,Write", partials)
         | topic(AGGREGATOR, "Write", reports, t.dead_letter, control)
+        # outcomes: the join (comparisons + by-task in its group), the router (outcomes in
+        # <group>.router -> by-task, dead letters), the store's changelog (written, replayed
+        # without a group), reports, verdicts and signed commands; no DescribeConfigs, no Create
+        | topic(OUTCOMES, "Read", t.comparisons, o.topic)
+        | {Grant(OUTCOMES, "Read", "group", g) for g in (o.group_id, o.router_group)}
+        | topic(OUTCOMES, "Read,Write", o.by_task_topic, o.changelog_topic)
+        | topic(OUTCOMES, "Write", o.quality_topic, o.verdicts_topic, t.dead_letter, control)
     )
+    versions = cfg.outputs.topics()
+    if versions:
+        want |= topic(SIDECAR, "Read,Write,DescribeConfigs", *versions)
+        want |= topic(OPERATOR, "Read", t.decisions, *versions)
+    want |= {Grant(p, "Describe", "group", g) for p in (SIDECAR, OPERATOR) for g in reader_groups}
     if producer:
         want |= topic(producer, "Write", t.requests)
+    if outcome_producer:
+        want |= topic(outcome_producer, "Write", o.topic)
     return want

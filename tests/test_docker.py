@@ -43,13 +43,14 @@ ACLS_SCRIPT = ROOT / "deploy" / "kafka-acls.sh"
 SERVICE_USERS = {
     "sidecar": "sidecar",
     "aggregator": "aggregator",
+    "outcomes": "outcomes",
     "traffic": "traffic",
     "ctl": "operator",
 }
 #: Test passwords (never used anywhere real), by the variable compose reads them from.
 TEST_SECRETS = {
     f"SASL_{user.upper()}_PASSWORD": f"test-{user}-Pw_0123456789"
-    for user in ("admin", "operator", "sidecar", "aggregator", "traffic")
+    for user in ("admin", "operator", "sidecar", "aggregator", "traffic", "outcomes")
 } | {"GRAFANA_ADMIN_PASSWORD": "test-grafana-Pw_0123456789"}
 #: `${VAR:?message}`: the value must come from the environment; compose refuses to start without.
 REQUIRED_VAR = re.compile(r"^\$\{([A-Z][A-Z0-9_]*):\?[^}]+\}$")
@@ -348,9 +349,11 @@ def test_the_setup_job_creates_the_users_topics_and_acls(
 
     # Topics: every topic the config names, replicated; the control topic as the control plane
     # needs it (one partition, kept forever, the broker's append time on every record).
+    o = cfg.outcomes
     created = {option_values(a, "--topic")[0]: a for a in calls(log, "kafka-topics.sh")}
-    assert set(cfg.all_topics()) <= set(created)
-    assert set(created) <= set(cfg.all_topics()) | {cfg.aggregate.partials_topic}
+    internal = {o.by_task_topic, o.changelog_topic}  # the outcomes stage's, after its group
+    assert set(cfg.all_topics()) | internal <= set(created)
+    assert set(created) <= set(cfg.all_topics()) | {cfg.aggregate.partials_topic} | internal
     for topic, args in created.items():
         assert "--create" in args and "--if-not-exists" in args
         assert option_values(args, "--replication-factor") == [str(cfg.topics.replication_factor)]
@@ -364,8 +367,32 @@ def test_the_setup_job_creates_the_users_topics_and_acls(
                 "retention.bytes=-1",
             } <= set(topic_configs)
         else:
+            # by-task and the changelog: as many partitions as the comparisons topic (the stage
+            # refuses to start otherwise).
             assert option_values(args, "--partitions") == [str(cfg.topics.partitions)]
             assert not any(c.startswith("message.timestamp.type") for c in topic_configs)
+        # The outcomes stage creates neither (its user may not) nor checks their configs:
+        # compaction and retention are set here or nowhere.
+        if topic == o.changelog_topic:
+            assert {
+                "cleanup.policy=compact,delete",
+                f"retention.ms={o.changelog_retention_ms()}",
+            } <= set(topic_configs)
+        elif topic == o.verdicts_topic:
+            assert "cleanup.policy=compact" in topic_configs
+        elif topic != cfg.topics.control:
+            assert not any(c.startswith(("cleanup.policy", "retention.")) for c in topic_configs)
+    # ... and set again on topics that existed before (a longer label window, a topic created
+    # by hand), as the control topic's below.
+    altered = {
+        option_values(a, "--entity-name")[0]: option_values(a, "--add-config")[0]
+        for a in calls(log, "kafka-configs.sh")
+        if option_values(a, "--entity-type") == ["topics"] and "--alter" in a
+    }
+    assert altered[o.changelog_topic] == (
+        f"cleanup.policy=[compact,delete],retention.ms={o.changelog_retention_ms()}"
+    )
+    assert altered[o.verdicts_topic] == "cleanup.policy=compact"
     # ... and set again on a control topic that existed before, then checked.
     [alter] = [
         a
@@ -379,6 +406,35 @@ def test_the_setup_job_creates_the_users_topics_and_acls(
     assert grants == expected_grants(cfg, TRAFFIC)
     assert {g.principal for g in grants} == {f"User:{u}" for u in SERVICE_USERS.values()}
     assert services["setup"]["environment"]["SIDECAR_GROUP"] == cfg.kafka.group_id
+    # The outcomes principal: what kafka-acls.sh gives it, for docker/sidecar.toml's names.
+    outcomes = {g for g in grants if g.principal == "User:outcomes"}
+    assert {g.name for g in outcomes if g.kind == "group"} == {o.group_id, o.router_group}
+    assert {g.name for g in outcomes if g.operation == "Write"} >= internal | {
+        o.quality_topic,
+        o.verdicts_topic,
+        cfg.topics.control,
+    }
+    assert not {g for g in outcomes if g.name == cfg.topics.requests}
+
+
+@needs_bash
+def test_the_setup_job_needs_the_outcomes_changelog_retention(
+    tmp_path: Path, services: dict[str, Any], docker_config: SidecarConfig
+) -> None:
+    """compose.yaml passes docker/sidecar.toml's changelog retention; without it setup stops."""
+    value = services["setup"]["environment"]["OUTCOMES_CHANGELOG_RETENTION_MS"]
+    assert value == str(docker_config.outcomes.changelog_retention_ms())
+    # Longer than the longest label window: a store rebuilt from the changelog still has every
+    # request waiting for its outcome.
+    assert int(value) > docker_config.outcomes.max_label_window_ms()
+    for i, bad in enumerate(("", "90d", "-1", "0")):
+        (tmp_path / str(i)).mkdir()
+        done, log, _ = run_setup(
+            tmp_path / str(i), services, LOG_APPEND, OUTCOMES_CHANGELOG_RETENTION_MS=bad
+        )
+        assert done.returncode != 0
+        assert "OUTCOMES_CHANGELOG_RETENTION_MS" in done.stderr
+        assert calls(log) == [], "nothing is sent to Kafka"
 
 
 @needs_bash
@@ -392,7 +448,7 @@ def test_the_setup_job_fails_unless_the_control_topic_is_log_append_time(
 
 
 @needs_bash
-@pytest.mark.parametrize("user", ["admin", "operator", "traffic"])
+@pytest.mark.parametrize("user", ["admin", "operator", "traffic", "outcomes"])
 def test_the_setup_job_refuses_placeholder_passwords(
     tmp_path: Path, services: dict[str, Any], user: str
 ) -> None:

@@ -5,11 +5,13 @@
 # then (restart the service that uses it).
 #
 #   SASL_ADMIN_PASSWORD, SASL_OPERATOR_PASSWORD, SASL_SIDECAR_PASSWORD,
-#   SASL_AGGREGATOR_PASSWORD, SASL_TRAFFIC_PASSWORD   from docker/.env (see .env.example)
+#   SASL_AGGREGATOR_PASSWORD, SASL_TRAFFIC_PASSWORD,
+#   SASL_OUTCOMES_PASSWORD                            from docker/.env (see .env.example)
+#   OUTCOMES_CHANGELOG_RETENTION_MS                   from compose.yaml (see below)
 #
 # Users: `operator` (sidecar ctl), `sidecar` (the sidecar replicas), `aggregator` (the guard),
-# `traffic` (the demo producer). `admin` exists from the brokers' storage format
-# (start-node.sh); it is the only super user.
+# `traffic` (the demo producer), `outcomes` (the outcomes stage). `admin` exists from the
+# brokers' storage format (start-node.sh); it is the only super user.
 set -euo pipefail
 
 BOOTSTRAP_SERVERS="${BOOTSTRAP_SERVERS:-kafka-1:9092,kafka-2:9092,kafka-3:9092}"
@@ -33,8 +35,26 @@ export REPORTS_TOPIC="${REPORTS_TOPIC:-inference.reports}"
 export PARTIALS_TOPIC="${PARTIALS_TOPIC:-inference.window-partials}"
 export SIDECAR_GROUP="${SIDECAR_GROUP:-sidecar}"
 export AGGREGATOR_GROUP="${AGGREGATOR_GROUP:-sidecar-aggregator}"
+export OUTCOMES_TOPIC="${OUTCOMES_TOPIC:-inference.outcomes}"
+export QUALITY_TOPIC="${QUALITY_TOPIC:-inference.quality}"
+export VERDICTS_TOPIC="${VERDICTS_TOPIC:-inference.quality-verdicts}"
+export OUTCOMES_GROUP="${OUTCOMES_GROUP:-sidecar-outcomes}"
+# The outcomes stage's internal topics, named after its group (sidecar/outcomes/settings.py).
+BY_TASK_TOPIC="$OUTCOMES_GROUP.by-task"
+CHANGELOG_TOPIC="$OUTCOMES_GROUP.changelog"
+# The changelog's retention.ms: outcomes.changelog_retention_ms() of docker/sidecar.toml (the
+# longest label window + report window + comparison lateness + outcome grace + extra
+# retention). No default: a changelog that drops records younger than a label window loses the
+# requests still waiting for their outcome when a store is rebuilt from it.
+OUTCOMES_CHANGELOG_RETENTION_MS="${OUTCOMES_CHANGELOG_RETENTION_MS:-}"
+if [[ ! "$OUTCOMES_CHANGELOG_RETENTION_MS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "setup: OUTCOMES_CHANGELOG_RETENTION_MS must be the outcomes changelog's retention in" \
+    "ms (python -c 'from sidecar.config import load_config as l;" \
+    "print(l(\"docker/sidecar.toml\").outcomes.changelog_retention_ms())')" >&2
+  exit 2
+fi
 
-USERS=(operator sidecar aggregator traffic)
+USERS=(operator sidecar aggregator traffic outcomes)
 
 password_of() {  # <user>: the value of SASL_<USER>_PASSWORD, checked
   local var="SASL_${1^^}_PASSWORD"
@@ -75,9 +95,24 @@ create() {  # <topic> <partitions> [--config k=v ...]
     --config "min.insync.replicas=$MIN_INSYNC_REPLICAS" "${@:3}"
 }
 for topic in "$REQUESTS_TOPIC" "$DECISIONS_TOPIC" "$COMPARISONS_TOPIC" "$DEAD_LETTER_TOPIC" \
-             "$REPORTS_TOPIC" "$PARTIALS_TOPIC" "$STATUS_TOPIC" "$AUDIT_TOPIC"; do
+             "$REPORTS_TOPIC" "$PARTIALS_TOPIC" "$STATUS_TOPIC" "$AUDIT_TOPIC" \
+             "$OUTCOMES_TOPIC" "$QUALITY_TOPIC"; do
   create "$topic" "$PARTITIONS"
 done
+# The outcomes stage: the latest verdict per rollout counts (compacted, keyed by rollout); its
+# internal topics with as many partitions as the comparisons topic (partition p of each is one
+# task: the stage refuses to start otherwise), the store's changelog compacted and kept past the
+# longest label window. The stage's user may not create topics (deploy/kafka-acls.sh) and does
+# not check the configs of topics that exist: they are set again here in case they changed.
+create "$VERDICTS_TOPIC" "$PARTITIONS" --config cleanup.policy=compact
+create "$BY_TASK_TOPIC" "$PARTITIONS"
+create "$CHANGELOG_TOPIC" "$PARTITIONS" --config cleanup.policy=compact,delete \
+  --config "retention.ms=$OUTCOMES_CHANGELOG_RETENTION_MS"
+"$KAFKA_BIN/kafka-configs.sh" "${as_admin[@]}" --alter --entity-type topics \
+  --entity-name "$VERDICTS_TOPIC" --add-config cleanup.policy=compact
+"$KAFKA_BIN/kafka-configs.sh" "${as_admin[@]}" --alter --entity-type topics \
+  --entity-name "$CHANGELOG_TOPIC" \
+  --add-config "cleanup.policy=[compact,delete],retention.ms=$OUTCOMES_CHANGELOG_RETENTION_MS"
 # The control topic: ONE partition (every instance applies commands in the same order),
 # infinite retention (instances replay it at start), and the broker's append time on every
 # record (command freshness is judged by a time no producer chooses: instances refuse to start
@@ -95,6 +130,6 @@ echo "== ACLs"
 KAFKA_ACLS="$KAFKA_BIN/kafka-acls.sh" BOOTSTRAP_SERVERS="$BOOTSTRAP_SERVERS" \
   COMMAND_CONFIG="$admin_config" OPERATOR_PRINCIPAL=User:operator \
   SIDECAR_PRINCIPAL=User:sidecar AGGREGATOR_PRINCIPAL=User:aggregator \
-  PRODUCER_PRINCIPAL=User:traffic bash "$ACLS_SCRIPT"
+  OUTCOMES_PRINCIPAL=User:outcomes PRODUCER_PRINCIPAL=User:traffic bash "$ACLS_SCRIPT"
 "$KAFKA_BIN/kafka-acls.sh" "${as_admin[@]}" --list
 echo "setup done"

@@ -34,6 +34,12 @@
 #   producer    PRODUCER_PRINCIPAL      requests (only if set)                   -
 #   outcome     OUTCOME_PRODUCER_       outcomes (only if set: your ground       -
 #   producer    PRINCIPAL               truth, e.g. chargebacks)
+#   versioned outputs, only those listed (see below):
+#   sidecar     OUTPUT_VERSION_TOPICS   each version topic (+DescribeConfigs)    each version topic;
+#                                                                                Describe READER_GROUPS
+#   operator    OUTPUT_VERSION_TOPICS   -                                        decisions, each version
+#                                                                                topic; Describe
+#                                                                                READER_GROUPS
 #
 # Only the operator, aggregator, outcomes and sidecar principals may write the control topic, and
 # only the sidecars the status and audit topics. The sidecar also reads the topic configs of the
@@ -57,14 +63,15 @@
 # DescribeConfigs on each (it produces them and reads their max.message.bytes) and Read (its
 # reader watch, outputs.readers_interval_s, fetches the last record each reader group committed
 # past), and the operator Read on each and on the decisions topic (`sidecar deprecations status`
-# looks at every version's topic, the current one included). Who reads a version is seen through
-# consumer groups: ListGroups only returns the groups a principal may Describe, and OffsetFetch
-# and DescribeGroups need Describe on the group. The readers' groups are not known in advance,
-# so list them in READER_GROUPS: the sidecar and the operator get Describe on each. A reader
-# group left out is invisible: it is not counted as a reader (no error), so before a sunset make
-# sure every consumer of the old topic is in READER_GROUPS (or use a principal with Describe on
-# all groups for `sidecar deprecations status`). The readers themselves need Read on their topic
-# and group, like any consumer of the decisions topic.
+# looks at every version's topic, the current one included; `sidecar ctl sunset` counts the
+# readers of the version it switches off and refuses while some remain). Who reads a version is
+# seen through consumer groups: ListGroups only returns the groups a principal may Describe, and
+# OffsetFetch and DescribeGroups need Describe on the group. The readers' groups are not known
+# in advance, so list them in READER_GROUPS: the sidecar and the operator get Describe on each.
+# A reader group left out is invisible: it is not counted as a reader (no error), so before a
+# sunset make sure every consumer of the old topic is in READER_GROUPS (or run `sidecar
+# deprecations status` and `ctl sunset` as a principal with Describe on all groups). The readers
+# themselves need Read on their topic and group, like any consumer of the decisions topic.
 set -euo pipefail
 
 : "${BOOTSTRAP_SERVERS:?set BOOTSTRAP_SERVERS (host:port of the brokers)}"

@@ -567,7 +567,7 @@ def _check_outputs(cfg: SidecarConfig) -> None:
     topics = out.topics()
     # Every other topic the config names (one occurrence of each version's topic taken out:
     # where all_topics() lists them is not assumed); the outcomes stage's internal topics too.
-    others = cfg.all_topics() + [cfg.outcomes.by_task_topic, cfg.outcomes.changelog_topic]
+    others = [*cfg.all_topics(), cfg.outcomes.by_task_topic, cfg.outcomes.changelog_topic]
     for topic in topics:
         others.remove(topic)
     for v in out.versions:

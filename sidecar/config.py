@@ -353,10 +353,10 @@ class SidecarConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             self.aggregate.reports_topic,
             *([self.aggregate.partials_topic] if self.shared_rollouts else []),
             *([self.aggregate.late_topic] if self.aggregate.late_topic else []),
-            *self.outputs.topics(),
             self.outcomes.topic,
             self.outcomes.quality_topic,
             self.outcomes.verdicts_topic,
+            *self.outputs.topics(),  # last: _check_outputs relies on it
         ]
 
     @property

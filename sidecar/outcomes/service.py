@@ -241,6 +241,8 @@ class OutcomesService:
         self.recent: collections.deque[QualityReport] = collections.deque(maxlen=RECENT_REPORTS)
         self.verdicts: dict[str, QualityVerdict] = {}
         self.commands: collections.deque[ControlCommand] = collections.deque(maxlen=64)
+        #: Quality verdicts published to the control plane (``outcomes.control_verdicts``).
+        self.verdict_commands: collections.deque[ControlCommand] = collections.deque(maxlen=64)
         self.subscribers: list[Callable[[QualityReport | QualityVerdict], None]] = []
         self.applied = ApplyStats()
         #: ``time.monotonic()`` when the first input records were applied (the benchmark).
@@ -874,7 +876,7 @@ class OutcomesService:
             return []
         self._control_verdicts[verdict.rollout] = (verdict.gate.ok, now)
         signed = sign_command(quality_command(verdict, now), self.key)
-        self.commands.append(signed)
+        self.verdict_commands.append(signed)
         from ..control.plane import CONTROL_PARTITION
 
         return [

@@ -109,7 +109,7 @@ async def test_quick_flags_demo_tells_the_whole_story(tmp_path: Path) -> None:
     # Better ranking, measured by the outcomes stage: the generator's frauds reach it only as
     # chargebacks on the outcomes topic, seconds later, joined to the comparisons.
     for act in result.acts:
-        assert act.pairs > 3000 and act.frauds > 50
+        assert act.pairs > 1500 and act.frauds > 30  # the bad act is rolled back within seconds
         assert act.ap_candidate > act.ap_champion + 0.15, act
     assert "rolled back by the aggregator" in result.summary
     assert "average precision (outcomes stage" in result.summary

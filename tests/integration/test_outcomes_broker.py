@@ -262,7 +262,7 @@ async def test_a_worse_candidate_is_rolled_back_by_a_quality_guard(
     s = stream(8000, seed=5, candidate_noise=4.0, t0=t0)
     await feed(cfg, s)
     service = OutcomesService(cfg)
-    await run_until(service, lambda: bool(service.commands))
+    await run_until(service, lambda: bool(service.commands) and bool(service.verdict_commands))
     (cmd,) = list(service.commands)
     assert cmd.action == "rollback" and cmd.issued_by == "dev-guard"  # the key's holder
     assert cmd.command_id.startswith(f"guard:{ROLLOUT}:quality_cost:")

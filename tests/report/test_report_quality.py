@@ -158,6 +158,10 @@ def test_the_quality_section_renders_in_headless_chromium(tmp_path: Path) -> Non
         timeout=60,
     ).stdout
     check = re.search(r'data-report-check="charts=(\d+);markers=(\d+);empty=([^"]*)"', dom)
-    assert check is not None and check.group(3) == "", dom[:300]
+    assert check is not None, dom[:300]
+    # The recording predates the paired-latency and champion figures (their charts are empty
+    # here; tests/report/test_report.py checks them); no quality chart may be.
+    empty = set(filter(None, check.group(3).split(",")))
+    assert not empty & QUALITY_CHARTS, empty
     drawn = re.findall(r'data-chart="([a-z_]+)"[^>]*data-drawn="(\d+)"', dom)
     assert {k for k, n in drawn if int(n) > 0} >= QUALITY_CHARTS

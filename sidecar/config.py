@@ -356,7 +356,7 @@ class SidecarConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             self.outcomes.topic,
             self.outcomes.quality_topic,
             self.outcomes.verdicts_topic,
-            *self.outputs.topics(),  # last: _check_outputs relies on it
+            *self.outputs.topics(),
         ]
 
     @property

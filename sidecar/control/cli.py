@@ -320,7 +320,9 @@ async def _output_args(cfg: SidecarConfig, args: argparse.Namespace) -> dict[str
             else _when(args.deprecation, "--deprecation"),
             "link": args.link,
         }
-    readers = await active_readers(cfg, args.version, sample_s=max(0.0, args.sample))
+    readers = await active_readers(
+        cfg, args.version, sample_s=max(0.0, args.sample), strict=not args.force
+    )
     for r in readers:
         print(f"active reader of {args.version}: {printable(r.group)} ({r.why})", file=sys.stderr)
     return {

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import SidecarConfig, load_config
-from ..errors import ConfigError
+from ..errors import BrokerError, ConfigError
 from ..timefmt import utc
 from ..untrusted import printable
 from .lifecycle import OutputState, configured_outputs
@@ -86,9 +86,14 @@ async def version_status(cfg: SidecarConfig, *, sample_s: float = 5.0) -> list[V
 
 
 async def active_readers(
-    cfg: SidecarConfig, version: str, *, sample_s: float
+    cfg: SidecarConfig, version: str, *, sample_s: float, strict: bool = True
 ) -> list[GroupReading]:
-    """The consumer groups actively reading older version ``version`` now."""
+    """The consumer groups actively reading older version ``version`` now.
+
+    Raises BrokerError when ``strict`` and the committed offsets of some group could not be
+    read (its principal may not Describe it, typically): an unknown reader is never counted
+    as no reader. Groups the principal may not even list are invisible to Kafka's
+    ListGroups: grant Describe on every consumer group to whoever signs a sunset."""
     spec = cfg.outputs.version(version)
     if spec is None:
         known = ", ".join(v.version for v in cfg.outputs.versions) or "none"
@@ -98,6 +103,13 @@ async def active_readers(
     async with GroupInspector(cfg) as inspector:
         found = await inspector.look(
             [spec.topic], window_s=cfg.outputs.active_window_s, sample_s=sample_s
+        )
+        unknown = sorted(inspector.unreadable)
+    if unknown and strict:
+        raise BrokerError(
+            f"cannot read the committed offsets of consumer group(s) {unknown}: they may "
+            f"still read {version}. Allow this principal to Describe them (deploy/kafka-acls.sh: "
+            "READER_GROUPS), or sunset with --force"
         )
     return [r for r in found.get(spec.topic, []) if r.active]
 

@@ -140,6 +140,9 @@ class GroupInspector:
         #: DescribeGroups works here (the embedded broker sends some answers aiokafka
         #: cannot parse: then members stay unknown, and the error is not repeated).
         self._describe = True
+        #: Groups whose committed offsets could not be read in the last look (not allowed to
+        #: Describe them, being deleted, ...): whether they read a topic is unknown.
+        self.unreadable: set[str] = set()
 
     async def start(self) -> None:
         self._admin = new_admin(self.cfg, "readers")
@@ -184,11 +187,13 @@ class GroupInspector:
         every = [tp for parts in tps.values() for tp in parts]
         groups = [g for g, _kind in await admin.list_consumer_groups() if g not in self.ignore]
         found: dict[str, dict[str, dict[int, int]]] = {t: {} for t in topics}
+        self.unreadable = set()
         for group in sorted(groups):
             try:
                 offsets = await admin.list_consumer_group_offsets(group, partitions=every)
-            except Exception as exc:  # a group being deleted, a broker quirk: skip it
-                log.debug("offsets of group %s: %s", group, exc)
+            except Exception as exc:  # not authorised, being deleted, a broker quirk
+                log.warning("cannot read the committed offsets of group %s: %s", group, exc)
+                self.unreadable.add(group)
                 continue
             for tp, meta in offsets.items():
                 if meta is not None and meta.offset is not None and meta.offset >= 0:

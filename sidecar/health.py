@@ -465,6 +465,31 @@ class HealthServer:
             await asyncio.sleep(every_s)
 
 
+async def run_while_serving(
+    service: Awaitable[None], server: HealthServer | None, request_stop: Callable[[], None]
+) -> None:
+    """Run ``service`` (a long-running command's main coroutine) while ``server`` serves: if
+    the serving thread dies, the service is asked to stop (it drains and commits) and the
+    server's error is raised, so the process exits non-zero and is restarted instead of
+    running on with its probes and metrics dark."""
+    if server is None:
+        await service
+        return
+    run = asyncio.ensure_future(service)
+    watch = asyncio.ensure_future(server.watch())
+    try:
+        await asyncio.wait((run, watch), return_when=asyncio.FIRST_COMPLETED)
+        if watch.done() and not run.done():
+            request_stop()
+            await run
+            watch.result()  # raises: the server stopped
+        await run
+    finally:
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await watch
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_ref: HealthServer
     protocol_version = "HTTP/1.1"

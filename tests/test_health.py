@@ -24,6 +24,7 @@ from sidecar.health import (
     assignment_check,
     control_check,
     model_check,
+    run_while_serving,
 )
 from sidecar.models.health import BreakerState
 
@@ -224,3 +225,36 @@ async def test_a_dead_http_thread_is_reported_and_a_closed_one_is_not(server: He
     quiet = asyncio.create_task(other.watch(every_s=0.01))
     other.close()
     await asyncio.wait_for(quiet, 5)
+
+
+async def test_a_service_stops_and_fails_when_its_http_server_dies() -> None:
+    """The aggregator and the outcomes stage run under run_while_serving: a dead serving
+    thread asks the service to stop (it drains) and the error surfaces (exit non-zero)."""
+    srv = HealthServer(CollectorRegistry(), HealthState("aggregator"), "127.0.0.1", free_port())
+    srv.start()
+    stop = asyncio.Event()
+
+    async def service() -> None:
+        await stop.wait()
+
+    async def kill_server() -> None:
+        await asyncio.sleep(0.2)
+        srv._httpd.shutdown()  # the thread ends without close(): as if it had died
+
+    killer = asyncio.create_task(kill_server())
+    with pytest.raises(RuntimeError, match=r"HTTP server .* stopped"):
+        await asyncio.wait_for(run_while_serving(service(), srv, stop.set), 10)
+    await killer
+    assert stop.is_set()  # the service was asked to stop first
+
+
+async def test_a_service_that_ends_ends_the_watch() -> None:
+    srv = HealthServer(CollectorRegistry(), HealthState("outcomes"), "127.0.0.1", free_port())
+    srv.start()
+
+    async def service() -> None:
+        await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(run_while_serving(service(), srv, lambda: None), 10)
+    assert srv.alive  # untouched: the caller closes it
+    srv.close()

@@ -36,6 +36,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 
 async def _aggregate(cfg: SidecarConfig, create_topics: bool) -> None:
+    from ..health import run_while_serving
     from ..kafka import ensure_config_topics
     from .service import AggregatorService
 
@@ -44,8 +45,10 @@ async def _aggregate(cfg: SidecarConfig, create_topics: bool) -> None:
         if created:
             log.info("created topics: %s", ", ".join(created))
     service = AggregatorService(cfg)
-    service.metrics.serve(cfg.aggregate.metrics_port, cfg.metrics.host, health=service.health)
-    await service.run(install_signal_handlers=True)
+    server = service.metrics.serve(
+        cfg.aggregate.metrics_port, cfg.metrics.host, health=service.health
+    )
+    await run_while_serving(service.run(install_signal_handlers=True), server, service.request_stop)
     log.info("aggregator stopped after %d comparisons", service.consumed)
 
 

@@ -39,6 +39,7 @@ def cmd_outcomes_run(args: argparse.Namespace) -> int:
 
 
 async def _run(cfg: SidecarConfig, create_topics: bool) -> None:
+    from ..health import run_while_serving
     from ..kafka import ensure_config_topics
     from .service import OutcomesService
 
@@ -47,8 +48,10 @@ async def _run(cfg: SidecarConfig, create_topics: bool) -> None:
         if created:
             log.info("created topics: %s", ", ".join(created))
     service = OutcomesService(cfg)
-    service.metrics.serve(cfg.outcomes.metrics_port, cfg.metrics.host, health=service.health)
-    await service.run(install_signal_handlers=True)
+    server = service.metrics.serve(
+        cfg.outcomes.metrics_port, cfg.metrics.host, health=service.health
+    )
+    await run_while_serving(service.run(install_signal_handlers=True), server, service.request_stop)
     log.info("outcomes stage stopped")
 
 

@@ -354,3 +354,25 @@ def test_on_without_the_package_is_a_config_error(blocked: str, tmp_path: Path) 
 def test_check_tracing() -> None:
     check_tracing(make_config("unused:9092").tracing)  # off: nothing to check
     check_tracing(make_config("unused:9092", tracing={"enabled": True}).tracing)  # installed
+
+
+def test_a_failing_tracer_never_stops_the_data_path(caplog: pytest.LogCaptureFixture) -> None:
+    from sidecar.routing import Mode, RoutingPolicy
+
+    caplog.set_level("DEBUG", logger="sidecar.tracing.spans")
+    cfg = make_config("unused:9092")
+    tracer, exporter = in_memory(cfg)
+    policy = RoutingPolicy(rollout="r", mode=Mode.SHADOW)
+    assert tracer.batch({}, [object()], policy, False) is None  # a record without headers
+
+    class Broken:
+        def start_span(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("exporter gone")
+
+    trace = tracer.batch({}, [], policy, False)
+    assert trace is not None
+    tracer.tracer = Broken()  # type: ignore[assignment]
+    trace.committed()
+    tracer.command(object(), 0)
+    assert not exporter.get_finished_spans()
+    assert "making spans failed" in caplog.text

@@ -152,7 +152,11 @@ class BatchTracer:
         or None when the batch is not sampled."""
         if self.sample_ratio < 1.0 and random.random() >= self.sample_ratio:
             return None
-        return BatchTrace(self, batches, records, policy, shed)
+        try:
+            return BatchTrace(self, batches, records, policy, shed)
+        except Exception as exc:  # never a reason not to serve the batch
+            _failed(exc)
+            return None
 
     def links(self, records: Iterable[Any]) -> tuple[list[Link], bool]:
         """Links to the traces of the first ``max_links`` distinct valid ``traceparent``
@@ -310,6 +314,8 @@ class BatchTrace:
 
     def sent(self, deliveries: Sequence[Delivery]) -> None:
         """Outputs handed to the producer; the hand-over ends when the last is acknowledged."""
+        if not deliveries:  # nothing to produce at this stage: no span
+            return
         started = self._late_ns if self._late_ns else self._early_ns
         entry = [started, 0, sum(len(d.indices) for d in deliveries), 0, len(deliveries)]
         self._produce.append(entry)

@@ -376,3 +376,62 @@ def test_a_failing_tracer_never_stops_the_data_path(caplog: pytest.LogCaptureFix
     tracer.command(object(), 0)
     assert not exporter.get_finished_spans()
     assert "making spans failed" in caplog.text
+
+
+def test_otlp_export_reaches_a_collector() -> None:
+    """Spans made from the config go over OTLP/HTTP to ``<endpoint>/v1/traces`` (a local
+    stand-in collector decodes them)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from sidecar.routing import Mode, RoutingPolicy
+
+    received: list[tuple[str, str, bytes]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, self.headers["Content-Type"], body))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        cfg = make_config(
+            "unused:9092", tracing={"enabled": True, "endpoint": endpoint, "service_name": "t"}
+        )
+        tracer = new_tracer(cfg, "inst-1")
+        assert tracer is not None
+        policy = RoutingPolicy(rollout="fraud-v2", mode=Mode.SHADOW)
+        recs = [Rec(b"{}", offset=7, headers=(("traceparent", parent_of(3)),))]
+        trace = tracer.batch({}, recs, policy, False)
+        assert trace is not None
+        trace.committed()
+        tracer.flush()
+    finally:
+        server.shutdown()
+    assert received and all(path == "/v1/traces" for path, _, _ in received)
+    assert all(kind == "application/x-protobuf" for _, kind, _ in received)
+    spans = []
+    for _, _, body in received:
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        for resource_spans in request.resource_spans:
+            service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            assert service["service.name"] == "t"
+            assert service["service.instance.id"] == "inst-1"
+            for scope in resource_spans.scope_spans:
+                spans.extend(scope.spans)
+    assert [s.name for s in spans] == ["sidecar.batch"]
+    assert [link.trace_id.hex() for link in spans[0].links] == [trace_id(3)]

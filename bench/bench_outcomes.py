@@ -85,6 +85,8 @@ def config(bootstrap: str, run: str, state_dir: Path, **outcomes: Any) -> Sideca
         "outcome_grace_ms": 5_000,
         "metrics_port": 0,
         "rules": [],
+        # Nothing to sign: no guard rules, and verdicts stay on the verdicts topic.
+        "control_verdicts": False,
         "quality": {"label_window_ms": 30_000, "missing": "negative"},
     }
     settings.update(outcomes)

@@ -54,9 +54,21 @@ class PairSpec(msgspec.Struct, array_like=True, frozen=True):
         )
 
 
-class ComparisonColumns(msgspec.Struct, frozen=True):
+class RankedLists(msgspec.Struct, array_like=True, frozen=True):
+    """Item lists of some rows of a chunk: ``rows`` (int32) indexes the chunk's ids; per row,
+    ``first`` and ``second`` hold item ids (comparisons: the champion's and the candidate's
+    ranking, best first, at most the rollout's ``ranking_k``; outcomes: the items acted on,
+    sorted and distinct in ``first``, ``second`` empty)."""
+
+    rows: bytes
+    first: list[list[Id]]
+    second: list[list[Id]]
+
+
+class ComparisonColumns(msgspec.Struct, frozen=True, omit_defaults=True):
     """Comparisons of one poll. ``pair``: index into the chunk's pairs (int32); ``ts`` int64;
-    ``champion``/``candidate`` scores float64 (NaN: none); decisions int8 (-1: none)."""
+    ``champion``/``candidate`` scores float64 (NaN: none); decisions int8 (-1: none);
+    ``ranking``: both arms' item lists of the ranking comparisons (absent when none is)."""
 
     ids: list[Id]
     pair: bytes
@@ -65,16 +77,19 @@ class ComparisonColumns(msgspec.Struct, frozen=True):
     candidate: bytes
     champion_decision: bytes
     candidate_decision: bytes
+    ranking: RankedLists | None = None
 
 
-class OutcomeColumns(msgspec.Struct, frozen=True):
+class OutcomeColumns(msgspec.Struct, frozen=True, omit_defaults=True):
     """Outcomes of one poll: ``ts`` int64, ``label`` float64 (NaN for a ranking label),
-    ``value`` float64 (NaN: none)."""
+    ``value`` float64 (NaN: none); ``items``: the item sets of the ranking labels (absent
+    when none is)."""
 
     ids: list[Id]
     ts: bytes
     label: bytes
     value: bytes
+    items: RankedLists | None = None
 
 
 class InputChunk(msgspec.Struct, tag="input", frozen=True):
@@ -130,6 +145,27 @@ def _bytes(a: npt.NDArray[Any], dtype: str) -> bytes:
     return np.ascontiguousarray(a, dtype=dtype).tobytes()
 
 
+def ranked_lists(
+    rows: list[int], first: list[list[str]], second: list[list[str]]
+) -> RankedLists | None:
+    """The lists of ``rows`` (None when there are none)."""
+    if not rows:
+        return None
+    return RankedLists(_bytes(np.asarray(rows), "<i4"), first, second)
+
+
+def ranked_arrays(r: RankedLists | None, n: int) -> tuple[list[int], RankedLists | None]:
+    """The row indexes of ``r`` (checked against ``n`` ids and the lists)."""
+    if r is None:
+        return [], None
+    rows = np.frombuffer(r.rows, dtype="<i4")
+    if rows.size != len(r.first) or rows.size != len(r.second):
+        raise ColumnError(f"{rows.size} ranked rows for {len(r.first)}/{len(r.second)} lists")
+    if rows.size and (rows.min() < 0 or rows.max() >= n):
+        raise ColumnError("a ranked row is not one of the chunk's rows")
+    return rows.tolist(), r
+
+
 def comparison_columns(
     ids: list[str],
     pair: npt.NDArray[np.int32],
@@ -138,6 +174,7 @@ def comparison_columns(
     candidate: npt.NDArray[np.float64],
     champion_decision: npt.NDArray[np.int8],
     candidate_decision: npt.NDArray[np.int8],
+    ranking: RankedLists | None = None,
 ) -> ComparisonColumns:
     return ComparisonColumns(
         ids,
@@ -147,6 +184,7 @@ def comparison_columns(
         _bytes(candidate, "<f8"),
         _bytes(champion_decision, "i1"),
         _bytes(candidate_decision, "i1"),
+        ranking,
     )
 
 
@@ -155,8 +193,9 @@ def outcome_columns(
     ts: npt.NDArray[np.int64],
     label: npt.NDArray[np.float64],
     value: npt.NDArray[np.float64],
+    items: RankedLists | None = None,
 ) -> OutcomeColumns:
-    return OutcomeColumns(ids, _bytes(ts, "<i8"), _bytes(label, "<f8"), _bytes(value, "<f8"))
+    return OutcomeColumns(ids, _bytes(ts, "<i8"), _bytes(label, "<f8"), _bytes(value, "<f8"), items)
 
 
 EMPTY_COMPARISONS = comparison_columns(
@@ -216,10 +255,13 @@ __all__ = [
     "InputChunk",
     "OutcomeColumns",
     "PairSpec",
+    "RankedLists",
     "comparison_arrays",
     "comparison_columns",
     "decode",
     "encode",
     "outcome_arrays",
     "outcome_columns",
+    "ranked_arrays",
+    "ranked_lists",
 ]

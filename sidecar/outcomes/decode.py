@@ -20,16 +20,18 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from ..contracts import MAX_EPOCH_MS
+from ..contracts import MAX_CANDIDATES, MAX_EPOCH_MS
 from .chunks import (
     EMPTY_COMPARISONS,
     EMPTY_OUTCOMES,
     MAX_CHUNK_ROWS,
     InputChunk,
     PairSpec,
+    RankedLists,
     comparison_columns,
     encode,
     outcome_columns,
+    ranked_lists,
 )
 from .contract import Outcome, decode_outcome, numeric_label
 from .heartbeat import heartbeat_of
@@ -46,12 +48,15 @@ class RecordLike(Protocol):
 
 
 class ArmView(msgspec.Struct, kw_only=True, gc=False):
-    """The part of a ``ModelResult`` the join reads."""
+    """The part of a ``ModelResult`` the join reads: a binary arm's score and decision, a
+    ranking arm's item ids (best first)."""
 
     model: Name
     version: Name
     score: float | None = None
     decision: bool | None = None
+    output_kind: Name = "binary"
+    items: Annotated[list[Name], msgspec.Meta(max_length=MAX_CANDIDATES)] | None = None
 
 
 class ComparisonView(msgspec.Struct, kw_only=True, gc=False):
@@ -105,13 +110,24 @@ class Skipped:
             self.counts[key] = self.counts.get(key, 0) + n
 
 
-_REQUEST_ID, _ROLLOUT, _TS, _CHAMPION, _CANDIDATE, _MODEL, _VERSION, _SCORE, _DECISION = (
+_REQUEST_ID, _ROLLOUT, _TS, _CHAMPION, _CANDIDATE, _MODEL, _VERSION, _SCORE, _DECISION, _KIND = (
     attrgetter(f)
     for f in (
         "request_id", "rollout", "ts", "champion", "candidate", "model", "version", "score",
-        "decision",
+        "decision", "output_kind",
     )
 )  # fmt: skip
+_BINARY = {"binary"}
+
+
+def _top(items: list[str], k: int) -> list[str]:
+    """The first ``k`` distinct items (a repeated item counts at its best rank only)."""
+    out: dict[str, None] = {}
+    for item in items:
+        if len(out) >= k:
+            break
+        out.setdefault(item)
+    return list(out)
 
 
 def _scores(arms: list[ArmView]) -> npt.NDArray[np.float64]:
@@ -223,6 +239,9 @@ class ChunkBuilder:
                 (pairs.setdefault(k, len(pairs)) for k in keys), dtype=np.int32, count=len(keys)
             )
         specs = [PairSpec(*k, self.settings.for_rollout(k[0])) for k in pairs]
+        ranking = None
+        if set(map(_KIND, champions)) != _BINARY or set(map(_KIND, candidates)) != _BINARY:
+            ranking = self._ranked(kept, champions, candidates)
         ts_arr = np.fromiter(map(_TS, kept), dtype=np.int64, count=len(kept))
         return InputChunk(
             task=task,
@@ -235,11 +254,35 @@ class ChunkBuilder:
                 _scores(candidates),
                 _decisions(champions),
                 _decisions(candidates),
+                ranking,
             ),
             outcomes=EMPTY_OUTCOMES,
             offsets={"c": (records[0].offset, records[-1].offset + 1)},
             stream_ms=int(ts_arr.max()) if ts_arr.size else 0,
         )
+
+    def _ranked(
+        self, kept: list[ComparisonView], champions: list[ArmView], candidates: list[ArmView]
+    ) -> RankedLists | None:
+        """Both arms' lists of the ranking comparisons (both arms returned a ranking), each
+        cut to its rollout's ``ranking_k`` distinct items."""
+        rows: list[int] = []
+        first: list[list[str]] = []
+        second: list[list[str]] = []
+        k_of: dict[str, int] = {}
+        for i, (a, b) in enumerate(zip(champions, candidates, strict=True)):
+            if a.items is None or b.items is None:
+                continue
+            if a.output_kind != "ranking" or b.output_kind != "ranking":
+                continue
+            rollout = kept[i].rollout
+            k = k_of.get(rollout)
+            if k is None:
+                k = k_of[rollout] = self.settings.for_rollout(rollout).ranking_k
+            rows.append(i)
+            first.append(_top(a.items, k))
+            second.append(_top(b.items, k))
+        return ranked_lists(rows, first, second)
 
     def _outcomes(
         self, task: int, records: Sequence[RecordLike], limit: int, skipped: Skipped
@@ -248,6 +291,8 @@ class ChunkBuilder:
         ts: list[int] = []
         labels: list[float] = []
         values: list[float] = []
+        ranked: list[int] = []
+        clicked: list[list[str]] = []
         nan = float("nan")
         for rec in records:
             if heartbeat_of(rec) is not None:
@@ -260,6 +305,9 @@ class ChunkBuilder:
                 skipped.add("outcomes", "future")
                 continue
             label = numeric_label(got.label)
+            if label is None:  # a ranking label: the items acted on, as a sorted set
+                ranked.append(len(ids))
+                clicked.append(sorted(set(got.label)))  # type: ignore[arg-type]
             ids.append(got.request_id)
             ts.append(got.ts)
             labels.append(nan if label is None else label)
@@ -270,7 +318,11 @@ class ChunkBuilder:
             pairs=[],
             comparisons=EMPTY_COMPARISONS,
             outcomes=outcome_columns(
-                ids, ts_arr, np.array(labels, dtype=np.float64), np.array(values)
+                ids,
+                ts_arr,
+                np.array(labels, dtype=np.float64),
+                np.array(values),
+                ranked_lists(ranked, clicked, [[] for _ in ranked]),
             ),
             offsets={"o": (records[0].offset, records[-1].offset + 1)},
             stream_ms=int(ts_arr.max()) if ts_arr.size else 0,

@@ -35,6 +35,17 @@ QUALITY_FIGURE_PATHS: dict[str, str] = {
     "champion_precision": "champion.precision",
     "candidate_calibration_error": "candidate.calibration_error",
     "champion_calibration_error": "champion.calibration_error",
+    # ranking rollouts (``QualityReport.ranking``; insufficient data on binary ones):
+    # candidate minus champion, then each arm
+    "ndcg_diff": "ranking.ndcg_diff",
+    "ctr_diff": "ranking.ctr_diff",
+    "mrr_diff": "ranking.mrr_diff",
+    "candidate_ndcg": "ranking.ndcg_candidate",
+    "champion_ndcg": "ranking.ndcg_champion",
+    "candidate_ctr": "ranking.ctr_candidate",
+    "champion_ctr": "ranking.ctr_champion",
+    "candidate_mrr": "ranking.mrr_candidate",
+    "champion_mrr": "ranking.mrr_champion",
     # labels
     "label_coverage": "label_coverage",
 }

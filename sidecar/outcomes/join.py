@@ -15,7 +15,24 @@ Store layout (keys by first byte; numbers big-endian so keys sort by them):
 * ``w`` + pair + window start: the window's quality accumulator (``quality.Layout``);
 * ``t`` + pair: the accumulator of every final window of the pair (the verdict's basis);
 * ``o`` + request id: outcomes that arrived before a comparison of their request (kept until
-  no comparison could still need them).
+  no comparison could still need them);
+* ``q`` + request id: the same for ranking outcomes, with their item sets (MessagePack
+  ``[[ts, value, items], ...]``; a request id may hold both ``o`` and ``q``; it counts once in
+  ``orphans``);
+* ``l`` + rollout (length-prefixed) + request id: a ranking request's item lists, next to its
+  ``r`` record (MessagePack ``[champion items, candidate items, clicked items or null]``: both
+  arms' top ``ranking_k`` and the item set of the outcome that counts); deleted with it when
+  its window is final;
+* ``x`` + pair + window start: the window's ranking accumulator
+  (``ranking.PairedRankingQuality.to_list`` as float64), for windows with ranking requests;
+* ``y`` + pair: the ranking accumulator of every final window of the pair.
+
+A ranking request (both arms returned item lists) is stored with no scores and decisions -1
+(which is how the join tells it from a binary one) and judged by CTR@k, NDCG@k and
+reciprocal rank against its outcome's item set; ``combine`` for item sets: ``last`` keeps the
+latest set (ties: the larger set, then the larger items), ``max`` the union of the sets. An
+item-set outcome beats a numeric one for a ranking request, and a numeric outcome of a ranking
+request (or an item-set outcome of a binary one) is counted as ``unsupported``, not judged.
 
 Each request is counted once: a request id is stored once per rollout (a repeated comparison
 is a duplicate, counted and dropped); its contribution to its window is added when it arrives and
@@ -46,8 +63,10 @@ from .chunks import (
     InputChunk,
     comparison_arrays,
     outcome_arrays,
+    ranked_arrays,
 )
 from .quality import COUNTERS, Costs, FloatArray, Layout, contribution
+from .ranking import PairedRankingQuality
 from .report import (
     Judging,
     PairKey,
@@ -83,6 +102,20 @@ def request_prefix(rollout: str) -> bytes:
     return b"r" + _U16.pack(len(name)) + name
 
 
+def lists_prefix(rollout: str) -> bytes:
+    """The key prefix of a rollout's ranking requests' item lists."""
+    name = rollout.encode()
+    return b"l" + _U16.pack(len(name)) + name
+
+
+def _ranking_window_key(pid: int, ws: int) -> bytes:
+    return b"x" + _U32.pack(pid) + _U64.pack(ws)
+
+
+def _ranking_total_key(pid: int) -> bytes:
+    return b"y" + _U32.pack(pid)
+
+
 def _pair_key(pid: int) -> bytes:
     return b"p" + _U32.pack(pid)
 
@@ -114,6 +147,8 @@ class Meta(msgspec.Struct, kw_only=True):
     #: Requests stored, and request ids holding outcomes that came before a comparison.
     stored: int = 0
     orphans: int = 0
+    #: Request ids among ``orphans`` holding ranking outcomes (``q`` keys).
+    ranking_orphans: int = 0
     #: Totals since the store was created.
     duplicates: int = 0
     late: int = 0
@@ -133,6 +168,8 @@ class PairRecord(msgspec.Struct, kw_only=True):
     windows_final: int = 0
     first_final_start: int | None = None
     last_final_end: int | None = None
+    #: Whether ranking requests were stored (their item lists leave with their window).
+    ranking: bool = False
 
 
 _META = msgspec.msgpack.Decoder(Meta)
@@ -213,6 +250,69 @@ def _combine(
         return (float(ts), lab, float(state), val)
 
     return new if order(new) > order(old) else old
+
+
+#: An outcome with its item set (None: a numeric outcome, or no outcome).
+Full = tuple[int, float, float, int, tuple[str, ...] | None]
+#: A ranking request's contribution to take back (-1) or add (+1): pair, window start, sign,
+#: both arms' lists and the items acted on.
+Ranked = tuple[int, int, float, list[str], list[str], frozenset[str]]
+NAN = float("nan")
+_LISTS = msgspec.msgpack.Decoder(tuple[list[str], list[str], list[str] | None])
+_HELD = msgspec.msgpack.Decoder(list[tuple[int, float | None, list[str]]])
+
+
+def _same(a: Full, b: Full) -> bool:
+    """Whether two outcomes are the same (NaN labels and values equal)."""
+    return ORPHAN.pack(*a[:4]) == ORPHAN.pack(*b[:4]) and a[4] == b[4]
+
+
+def _combine_ranking(old: Full, new: Full, rule: str) -> Full:
+    """Which outcome counts for a ranking request (commutative, associative and idempotent,
+    like :func:`_combine`): an item set beats a numeric label (never judged for a ranking);
+    of two item sets, ``last`` keeps the later (then the larger set, then the larger items),
+    ``max`` their union, dated by the later. Two numeric labels combine as for a binary
+    request."""
+    if old[0] == NO_OUTCOME or new[0] == NO_OUTCOME:
+        return new if old[0] == NO_OUTCOME else old
+    if (old[0] == RANKING) != (new[0] == RANKING):
+        return old if old[0] == RANKING else new
+    if old[0] != RANKING:
+        return (*_combine(old[:4], new[:4], rule), None)
+    a, b = old[4] or (), new[4] or ()
+    values = [v for v in (old[2], new[2]) if math.isfinite(v)]
+    if rule == "max":
+        items = tuple(sorted({*a, *b}))
+        return (RANKING, NAN, max(values) if values else NAN, max(old[3], new[3]), items)
+
+    def order(o: Full, items: tuple[str, ...]) -> tuple[Any, ...]:
+        return (o[3], len(items), items, o[2] if math.isfinite(o[2]) else -math.inf)
+
+    return new if order(new, b) > order(old, a) else old
+
+
+def _held(raw: bytes) -> list[Full]:
+    """The ranking outcomes kept for a request with no comparison yet (a ``q`` value)."""
+    held = _HELD.decode(raw)
+    return [(RANKING, NAN, NAN if v is None else v, ts, tuple(items)) for ts, v, items in held]
+
+
+def _ranking_part(state: int, items: tuple[str, ...] | None, missing: str) -> frozenset[str] | None:
+    """What a ranking request is judged against: its item set, nothing clicked when it has no
+    outcome and ``missing = "negative"``, else None (not judged)."""
+    if state == RANKING:
+        return frozenset(items or ())
+    if state == NO_OUTCOME and missing == "negative":
+        return frozenset()
+    return None
+
+
+def ranking_from_bytes(raw: bytes) -> PairedRankingQuality:
+    return PairedRankingQuality.from_list(np.frombuffer(raw, dtype=np.float64).tolist())
+
+
+def ranking_to_bytes(acc: PairedRankingQuality) -> bytes:
+    return np.asarray(acc.to_list(), dtype=np.float64).tobytes()
 
 
 def _groups(
@@ -347,15 +447,38 @@ class JoinTask:
         pair_ids = [self._pair_id(p.key, p.settings, batch) for p in chunk.pairs]
         deltas: dict[tuple[int, int], FloatArray] = {}
         rows = _Rows()
-        self._apply_comparisons(chunk, pair_ids, batch, deltas, rows, stats)
-        self._apply_outcomes(chunk, batch, deltas, rows, stats)
+        ranked: list[Ranked] = []
+        self._apply_comparisons(chunk, pair_ids, batch, deltas, rows, ranked, stats)
+        self._apply_outcomes(chunk, batch, deltas, rows, ranked, stats)
         self._judge(rows, deltas)
         for (pid, ws), delta in deltas.items():
             self._add_window(pid, ws, delta, batch)
+        if ranked:
+            self._judge_ranking(ranked, batch)
         for key, (_, nxt) in chunk.offsets.items():
             self.meta.inputs[key] = max(self.meta.inputs.get(key, 0), nxt)
             ms = chunk.input_ms.get(key, chunk.stream_ms)
             self.meta.input_ms[key] = max(self.meta.input_ms.get(key, 0), ms)
+
+    def _judge_ranking(self, ranked: list[Ranked], batch: Batch) -> None:
+        """Add (or take back) ranking requests' contributions to their windows' ranking
+        accumulators."""
+        groups: dict[tuple[int, int, float], list[Ranked]] = {}
+        for r in ranked:
+            groups.setdefault((r[0], r[1], r[2]), []).append(r)
+        deltas: dict[tuple[int, int], PairedRankingQuality] = {}
+        for (pid, ws, sign), group in groups.items():
+            k = self.pairs[pid].settings.ranking_k
+            part = PairedRankingQuality(k)
+            part.add([g[3] for g in group], [g[4] for g in group], [g[5] for g in group])
+            delta = deltas.setdefault((pid, ws), PairedRankingQuality(k))
+            delta.state += sign * part.state
+        for (pid, ws), delta in deltas.items():
+            key = _ranking_window_key(pid, ws)
+            raw = batch.writes.get(key) or self.store.get(key)
+            acc = ranking_from_bytes(raw) if raw is not None else PairedRankingQuality(delta.k)
+            batch.put(key, ranking_to_bytes(acc.merge(delta)))
+            self.dirty.add((pid, ws))
 
     def _add_window(self, pid: int, ws: int, delta: FloatArray, batch: Batch) -> None:
         pair = self.pairs[pid]
@@ -385,6 +508,7 @@ class JoinTask:
         batch: Batch,
         deltas: dict[tuple[int, int], FloatArray],
         rows: _Rows,
+        ranked: list[Ranked],
         stats: ApplyStats,
     ) -> None:
         c = chunk.comparisons
@@ -392,6 +516,7 @@ class JoinTask:
         if not n:
             return
         cols = comparison_arrays(c)
+        ranked_rows, lists = ranked_arrays(c.ranking, n)
         index = cols["pair"].astype(np.int64)
         if index.size and (index.min() < 0 or index.max() >= len(pair_ids)):
             raise ColumnError("a comparison names a pair the chunk does not list")
@@ -403,6 +528,17 @@ class JoinTask:
         through = np.array([self.pairs[p].finalized_through for p in pair_ids], dtype=np.int64)
         late = ws < through[index]
         scored = np.isfinite(p1) & np.isfinite(p2) & (d1 >= 0) & (d1 <= 1) & (d2 >= 0) & (d2 <= 1)
+        rank_at: dict[int, int] = {}
+        if ranked_rows:
+            # Ranking requests: judged by their lists; stored with no scores and decisions -1
+            # (which is how the store tells them from binary ones).
+            rank_at = {row: j for j, row in enumerate(ranked_rows)}
+            is_ranked = np.zeros(n, dtype=np.bool_)
+            is_ranked[ranked_rows] = True
+            p1, p2 = np.where(is_ranked, np.nan, p1), np.where(is_ranked, np.nan, p2)
+            d1 = np.where(is_ranked, -1, d1).astype(np.int8)
+            d2 = np.where(is_ranked, -1, d2).astype(np.int8)
+            scored |= is_ranked
         if late.any():
             for i in np.flatnonzero(late).tolist():
                 rollout = self.pairs[int(pid[i])].key.rollout
@@ -439,22 +575,24 @@ class JoinTask:
         value = np.full(m, np.nan)
         ots = np.zeros(m, dtype=np.int64)
         r_pid, r_ws, r_ts = pid[rows_i], ws[rows_i], ts[rows_i]
+        clicked: dict[int, tuple[str, ...] | None] = {}
         if self.meta.orphans:
             # Outcomes that came first stay until no comparison could need them (another
             # rollout may score the same request later): matched here, dropped on expiry.
-            okeys = [b"o" + b for b in id_bytes]
-            maybe = [j for j, m in enumerate(self.store.may_exist(okeys)) if m]
-            held = self.store.get_many([okeys[j] for j in maybe])
-            for j, raw in zip(maybe, held, strict=True):
-                if raw is None:
-                    continue
+            held = self._held_for(id_bytes, b"o")
+            held_r = self._held_for(id_bytes, b"q") if self.meta.ranking_orphans else {}
+            for j in sorted(held.keys() | held_r.keys()):
                 pair = self.pairs[int(r_pid[j])]
-                got = self._orphan_outcome(raw, int(r_ts[j]), pair.settings)
+                is_rank = int(rows_i[j]) in rank_at
+                got = self._orphan_outcome(
+                    held.get(j), held_r.get(j), int(r_ts[j]), pair.settings, is_rank
+                )
                 if got is None:
                     self._counter(deltas, int(r_pid[j]), int(r_ws[j]), "outside_window", 1)
                     stats.outside_window += 1
                     continue
-                state[j], label[j], value[j], ots[j] = got
+                state[j], label[j], value[j], ots[j] = got[:4]
+                clicked[j] = got[4]
                 stats.joined[pair.key.rollout] = stats.joined.get(pair.key.rollout, 0) + 1
         c1, c2 = p1[rows_i], p2[rows_i]
         clipped = (c1 < 0) | (c1 > 1) | (c2 < 0) | (c2 > 1)
@@ -489,6 +627,22 @@ class JoinTask:
                 prefix = prefixes[(p, w)] = _index_prefix(p, w)
             index_keys.append(prefix + b)
         batch.put_many(index_keys, [b""] * m)
+        if rank_at and lists is not None:
+            prefix_l = {p: lists_prefix(self.pairs[p].key.rollout) for p in set(pair_ids)}
+            for j, i in enumerate(rows_i.tolist()):
+                r = rank_at.get(i)
+                if r is None:
+                    continue
+                pair = self.pairs[pids[j]]
+                champ_l, cand_l, acted = lists.first[r], lists.second[r], clicked.get(j)
+                lv = (champ_l, cand_l, None if acted is None else list(acted))
+                batch.put(prefix_l[pids[j]] + id_bytes[j], _ENC.encode(lv))
+                if not pair.ranking:
+                    pair.ranking = True
+                    batch.put(_pair_key(pair.id), _ENC.encode(pair))
+                part = _ranking_part(int(state[j]), acted, pair.settings.missing)
+                if part is not None:
+                    ranked.append((pids[j], starts[j], 1.0, champ_l, cand_l, part))
         self.meta.stored += m
         stats.comparisons += m
         for (g_pid, g_ws), sel in _groups(r_pid, r_ws):
@@ -500,17 +654,38 @@ class JoinTask:
         rows.cols.append((c1, c2, r_d1, r_d2, state, label, value))
         rows.sign.append(1.0)
 
+    def _held_for(self, id_bytes: list[bytes], prefix: bytes) -> dict[int, bytes]:
+        """The values under ``prefix`` + each id that exist, by position (the bloom filters
+        answer "absent" for most ids without reading a block)."""
+        keys = [prefix + b for b in id_bytes]
+        maybe = [j for j, m in enumerate(self.store.may_exist(keys)) if m]
+        got = self.store.get_many([keys[j] for j in maybe])
+        return {j: raw for j, raw in zip(maybe, got, strict=True) if raw is not None}
+
     def _orphan_outcome(
-        self, raw: bytes, request_ts: int, settings: RolloutQuality
-    ) -> tuple[int, float, float, int] | None:
-        """The outcome that counts among those kept for a request, or None when none
-        happened within its label window."""
-        best = None
+        self,
+        raw: bytes | None,
+        raw_ranking: bytes | None,
+        request_ts: int,
+        settings: RolloutQuality,
+        ranking: bool,
+    ) -> Full | None:
+        """The outcome that counts among those kept for a request (numeric ones in ``raw``,
+        item sets in ``raw_ranking``), or None when none happened within its label window."""
+        held: list[Full] = [(*o, None) for o in ORPHAN.iter_unpack(raw)] if raw else []
+        if raw_ranking:
+            held += _held(raw_ranking)
+        best: Full | None = None
         limit = request_ts + settings.label_window_ms
-        for outcome in ORPHAN.iter_unpack(raw):
+        for outcome in held:
             if outcome[3] > limit:
                 continue
-            best = outcome if best is None else _combine(best, outcome, settings.combine)
+            if best is None:
+                best = outcome if ranking else (*outcome[:4], None)
+            elif ranking:
+                best = _combine_ranking(best, outcome, settings.combine)
+            else:
+                best = (*_combine(best[:4], outcome[:4], settings.combine), None)
         return best
 
     def _apply_outcomes(
@@ -519,6 +694,7 @@ class JoinTask:
         batch: Batch,
         deltas: dict[tuple[int, int], FloatArray],
         rows: _Rows,
+        ranked: list[Ranked],
         stats: ApplyStats,
     ) -> None:
         o = chunk.outcomes
@@ -527,6 +703,10 @@ class JoinTask:
             return
         cols = outcome_arrays(o)
         ts, label, value = cols["ts"], cols["label"], cols["value"]
+        ranked_rows, lists = ranked_arrays(o.items, n)
+        items_of: dict[int, tuple[str, ...]] = {}
+        if lists is not None:
+            items_of = {row: tuple(lists.first[j]) for j, row in enumerate(ranked_rows)}
         distinct = list(dict.fromkeys(o.ids))
         # Every rollout of the task may hold the request: look it up under each.
         prefixes = [request_prefix(r) for r in sorted(self.rollouts)]
@@ -539,14 +719,22 @@ class JoinTask:
         absent = [rid for rid in distinct if not holding[rid]]
         okeys = [b"o" + i.encode() for i in absent]
         orphans: dict[str, bytes | None] = dict(zip(absent, self._read(okeys, batch), strict=True))
+        held_r: dict[str, bytes | None] = {}
+        if items_of or self.meta.ranking_orphans:
+            qkeys = [b"q" + i.encode() for i in absent]
+            held_r = dict(zip(absent, self._read(qkeys, batch), strict=True))
         old_rows: list[tuple[Any, ...]] = []
         new_rows: list[tuple[Any, ...]] = []
         for j in range(n):
             rid = o.ids[j]
             lab = float(label[j])
             outcome = (NUMERIC if math.isfinite(lab) else RANKING, lab, float(value[j]), int(ts[j]))
+            items = items_of.get(j)
             if not holding[rid]:
-                self._keep_orphan(rid, outcome, orphans, batch, stats)
+                if items is None:
+                    self._keep_orphan(rid, outcome, orphans, held_r, batch, stats)
+                else:
+                    self._keep_ranking_orphan(rid, outcome, items, orphans, held_r, batch, stats)
                 continue
             for key in holding[rid]:
                 raw = current[key]
@@ -558,6 +746,15 @@ class JoinTask:
                 if outcome[3] > rts + pair.settings.label_window_ms:
                     self._counter(deltas, pid, ws, "outside_window", 1)
                     stats.outside_window += 1
+                    continue
+                if rec[4] < 0:  # a ranking request
+                    got = self._ranking_outcome(
+                        rid, rec, pair, ws, (*outcome, items), batch, stats, ranked
+                    )
+                    if got is not None:
+                        current[key], old_row, new_row = got
+                        old_rows.append(old_row)
+                        new_rows.append(new_row)
                     continue
                 old = (rec[6], rec[7], rec[8], rec[9])
                 best = (
@@ -595,6 +792,43 @@ class JoinTask:
             )
             rows.sign.append(sign)
 
+    def _ranking_outcome(
+        self,
+        rid: str,
+        rec: tuple[Any, ...],
+        pair: PairRecord,
+        ws: int,
+        outcome: Full,
+        batch: Batch,
+        stats: ApplyStats,
+        ranked: list[Ranked],
+    ) -> tuple[bytes, tuple[Any, ...], tuple[Any, ...]] | None:
+        """Apply an outcome to a stored ranking request: its item lists' contribution is
+        replaced (taken back, added anew) when the outcome that counts changes. Returns the
+        request's new record and its old and new rows for the counters (None: no change)."""
+        rollout = pair.key.rollout
+        lkey = lists_prefix(rollout) + rid.encode()
+        (raw,) = self._read([lkey], batch)
+        first, second, had = _LISTS.decode(raw) if raw is not None else ([], [], None)
+        old: Full = (rec[6], rec[7], rec[8], rec[9], None if had is None else tuple(had))
+        best = _combine_ranking(old, outcome, pair.settings.combine)
+        if _same(best, old):
+            return None
+        if old[0] == NO_OUTCOME:
+            stats.joined[rollout] = stats.joined.get(rollout, 0) + 1
+        else:
+            stats.updated += 1
+        key = request_prefix(rollout) + rid.encode()
+        updated = REQUEST.pack(*rec[:6], *best[:4])
+        batch.put(key, updated)
+        got = best[4]
+        batch.put(lkey, _ENC.encode((first, second, None if got is None else list(got))))
+        for sign, o in ((-1.0, old), (1.0, best)):
+            part = _ranking_part(o[0], o[4], pair.settings.missing)
+            if part is not None:
+                ranked.append((pair.id, ws, sign, first, second, part))
+        return updated, (pair.id, ws, *rec[2:6], *old[:3]), (pair.id, ws, *rec[2:6], *best[:3])
+
     def _read(self, keys: list[bytes], batch: Batch) -> list[bytes | None]:
         """Values of ``keys``, this batch's writes first."""
         stored = self.store.get_many(keys)
@@ -605,6 +839,7 @@ class JoinTask:
         rid: str,
         outcome: tuple[int, float, float, int],
         orphans: dict[str, bytes | None],
+        held_r: dict[str, bytes | None],
         batch: Batch,
         stats: ApplyStats,
     ) -> None:
@@ -612,13 +847,38 @@ class JoinTask:
         kept = list(ORPHAN.iter_unpack(raw)) if raw else []
         if outcome in kept:
             return
-        if not kept:
+        if not kept and not held_r.get(rid):
             self.meta.orphans += 1
             stats.orphaned += 1
         kept = sorted([*kept, outcome], key=lambda o: o[3])[-MAX_ORPHAN_OUTCOMES:]
         value = b"".join(ORPHAN.pack(*o) for o in kept)
         orphans[rid] = value
         batch.put(b"o" + rid.encode(), value)
+
+    def _keep_ranking_orphan(
+        self,
+        rid: str,
+        outcome: tuple[int, float, float, int],
+        items: tuple[str, ...],
+        orphans: dict[str, bytes | None],
+        held_r: dict[str, bytes | None],
+        batch: Batch,
+        stats: ApplyStats,
+    ) -> None:
+        raw = held_r.get(rid)
+        kept = _HELD.decode(raw) if raw else []
+        entry = (outcome[3], outcome[2] if math.isfinite(outcome[2]) else None, list(items))
+        if entry in kept:
+            return
+        if not kept:
+            self.meta.ranking_orphans += 1
+            if not orphans.get(rid):
+                self.meta.orphans += 1
+                stats.orphaned += 1
+        kept = sorted([*kept, entry], key=lambda e: (e[0], e[2]))[-MAX_ORPHAN_OUTCOMES:]
+        value = _ENC.encode(kept)
+        held_r[rid] = value
+        batch.put(b"q" + rid.encode(), value)
 
     def _judge(self, rows: _Rows, deltas: dict[tuple[int, int], FloatArray]) -> None:
         """Add the judged contributions of ``rows`` (with their signs) to ``deltas``."""
@@ -656,7 +916,10 @@ class JoinTask:
     ) -> FloatArray:
         numeric = state == NUMERIC
         none = state == NO_OUTCOME
-        include = numeric | none if settings.missing == "negative" else numeric
+        ranks = state == RANKING
+        ranking = d1 < 0  # ranking requests: judged apart (``_judge_ranking``)
+        binary = ~ranking
+        include = (numeric | none if settings.missing == "negative" else numeric) & binary
         y = (numeric & (label >= settings.positive_at_least)).astype(np.int8)
         acc = contribution(
             self.layout,
@@ -668,8 +931,8 @@ class JoinTask:
             value[include],
             Costs(settings.fp_cost, settings.fn_cost, settings.cost_value),
         )
-        acc[COUNTERS.index("labelled")] += numeric.sum()
-        acc[COUNTERS.index("unsupported")] += (state == RANKING).sum()
+        acc[COUNTERS.index("labelled")] += (numeric & binary).sum() + (ranks & ranking).sum()
+        acc[COUNTERS.index("unsupported")] += (ranks & binary).sum() + (numeric & ranking).sum()
         missing = "assumed_negative" if settings.missing == "negative" else "unlabelled"
         acc[COUNTERS.index(missing)] += none.sum()
         return acc
@@ -688,11 +951,21 @@ class JoinTask:
         total = self.layout.from_bytes(total_raw) if total_raw else self.layout.zeros()
         batch.put(_total_key(pid), (total + acc).tobytes())
         batch.delete(_window_key(pid, ws))
+        rkey = _ranking_window_key(pid, ws)
+        ranking_raw = self.store.get(rkey)
+        if ranking_raw is not None:
+            racc = ranking_from_bytes(ranking_raw)
+            rtotal = self.ranking_total(pid) or PairedRankingQuality(racc.k)
+            batch.put(_ranking_total_key(pid), ranking_to_bytes(rtotal.merge(racc)))
+            batch.delete(rkey)
         prefix = _index_prefix(pid, ws)
         requests = request_prefix(pair.key.rollout)
+        lists = lists_prefix(pair.key.rollout) if pair.ranking else None
         dropped = 0
         for key, _ in self.store.scan(prefix):
             batch.delete(requests + key[len(prefix) :])
+            if lists is not None:
+                batch.delete(lists + key[len(prefix) :])
             dropped += 1
         batch.delete_range(prefix, _index_prefix(pid, ws + 1))
         self.meta.stored -= dropped
@@ -712,12 +985,32 @@ class JoinTask:
 
     def _apply_expire(self, mark: ExpireMark, batch: Batch) -> None:
         self.meta.stream_ms = max(self.meta.stream_ms, mark.stream_ms)
+        if not self.meta.ranking_orphans:
+            for key, raw in self.store.scan(b"o"):
+                kept = list(ORPHAN.iter_unpack(raw))
+                if max(o[3] for o in kept) < mark.before_ms:
+                    batch.delete(key)
+                    self.meta.orphans -= 1
+                    self.meta.orphans_expired += 1
+            return
+        # Numeric (``o``) and ranking (``q``) outcomes of a request id leave together.
+        latest: dict[bytes, int] = {}
         for key, raw in self.store.scan(b"o"):
-            kept = list(ORPHAN.iter_unpack(raw))
-            if max(o[3] for o in kept) < mark.before_ms:
-                batch.delete(key)
-                self.meta.orphans -= 1
-                self.meta.orphans_expired += 1
+            latest[key[1:]] = max(o[3] for o in ORPHAN.iter_unpack(raw))
+        ranking: set[bytes] = set()
+        for key, raw in self.store.scan(b"q"):
+            ranking.add(key[1:])
+            t = max(e[0] for e in _HELD.decode(raw))
+            latest[key[1:]] = max(latest.get(key[1:], t), t)
+        for rid, t in latest.items():
+            if t >= mark.before_ms:
+                continue
+            batch.delete(b"o" + rid)
+            if rid in ranking:
+                batch.delete(b"q" + rid)
+                self.meta.ranking_orphans -= 1
+            self.meta.orphans -= 1
+            self.meta.orphans_expired += 1
 
     def advance(self, bound_ms: int) -> int:
         """Move stream time up to ``bound_ms`` (see :func:`stream_bound`); it never goes back."""
@@ -729,6 +1022,15 @@ class JoinTask:
     def window_accumulator(self, pid: int, ws: int) -> FloatArray:
         raw = self.store.get(_window_key(pid, ws))
         return self.layout.from_bytes(raw) if raw is not None else self.layout.zeros()
+
+    def ranking_window(self, pid: int, ws: int) -> PairedRankingQuality | None:
+        """The window's ranking accumulator (None: no ranking request judged in it)."""
+        raw = self.store.get(_ranking_window_key(pid, ws))
+        return ranking_from_bytes(raw) if raw is not None else None
+
+    def ranking_total(self, pid: int) -> PairedRankingQuality | None:
+        raw = self.store.get(_ranking_total_key(pid))
+        return ranking_from_bytes(raw) if raw is not None else None
 
     def total_accumulator(self, pid: int) -> FloatArray:
         raw = self.store.get(_total_key(pid))
@@ -766,6 +1068,7 @@ class JoinTask:
             final_at_ms=self.windows.final_at(ws, s),
             now_ms=now_ms,
             judging=self.judging,
+            ranking=self.ranking_window(pair.id, ws),
         )
 
     def verdict(self, pair: PairRecord, now_ms: int) -> QualityVerdict | None:
@@ -782,6 +1085,7 @@ class JoinTask:
             requirement=pair.settings.non_inferiority,
             now_ms=now_ms,
             judging=self.judging,
+            ranking=self.ranking_total(pair.id),
         )
 
     def orphan_cutoff(self, stream_ms: int) -> int:

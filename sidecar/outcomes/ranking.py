@@ -18,14 +18,15 @@ Per request and arm, with ``hits[j]`` true when the item at rank ``j`` (0-based)
 normal-approximation interval; the difference's interval is the *paired* one (the same
 requests judged for both arms). Counts are exact; memory is fixed.
 
-The seam to the outcomes stream (issue 14): its join pairs each comparison with the
-request's outcome. For ranking comparisons (``ModelResult.output_kind == "ranking"``) whose
-outcome label is a list of item ids, the join would call :meth:`PairedRankingQuality.add`
-with both arms' ``items`` and the label as the clicked set, once per chunk of joined
-requests, keep one accumulator per window next to its quality state (``to_list`` /
-``from_list`` are its wire form), and publish :meth:`PairedRankingQuality.report` in the
-window's quality report. Until then, ``sidecar demo --scenario recommend`` feeds it from the
-generator's click sets.
+The outcomes stage uses it (:mod:`sidecar.outcomes.join`): for ranking comparisons
+(``ModelResult.output_kind == "ranking"`` on both arms) it calls
+:meth:`PairedRankingQuality.add` with both arms' ``items`` and the outcome's item ids as the
+clicked set, once per chunk of joined requests (and takes a request's contribution back, by
+subtracting the same call's state, when a later outcome replaces its set), keeps one
+accumulator per window next to its quality state (``to_list`` / ``from_list`` are its stored
+form), and publishes :meth:`PairedRankingQuality.report` as the ``ranking`` section of the
+window's ``QualityReport`` and :meth:`PairedRankingQuality.estimate` in the verdict.
+``sidecar demo --scenario recommend`` feeds it directly from the generator's click sets.
 """
 
 from __future__ import annotations
@@ -181,6 +182,18 @@ class PairedRankingQuality:
             raise ValueError("ranking quality state of another layout")
         out.state[:] = values[1:]
         return out
+
+    def estimate(self, metric: str) -> tuple[float, float, float, float, int] | None:
+        """``metric`` (``ctr``, ``ndcg`` or ``mrr``): both arms' means, the mean paired
+        difference (candidate - champion), its standard error, and the pairs behind them
+        (None without any)."""
+        m = METRICS.index("rr" if metric == "mrr" else metric)
+        base = _HEAD + _PER * m
+        ca, _, ka, _, da, dq, n = self.state[base : base + _PER].tolist()
+        if n < 1:
+            return None
+        var = max(dq / n - (da / n) ** 2, 0.0) * n / max(n - 1.0, 1.0)
+        return ca / n, ka / n, da / n, math.sqrt(var / n), round(n)
 
     def report(self, *, z: float = Z95, min_count: int = 1) -> RankingQualityReport:
         s = self.state

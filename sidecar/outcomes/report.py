@@ -27,11 +27,22 @@ from ..aggregate.stats import Figure, insufficient, wilson
 from ..contracts import OUTPUT_SCHEMA_VERSION
 from .figures import QUALITY_FIGURE_PATHS
 from .quality import ArmFigures, FloatArray, Layout, figures
+from .ranking import PairedRankingQuality, RankingQualityReport
 
 MissingRule = Literal["unlabelled", "negative"]
 ReportStatus = Literal["provisional", "final"]
 QualityMetric = Literal[
-    "auc", "average_precision", "log_loss", "brier", "cost", "accuracy", "recall", "f1"
+    "auc",
+    "average_precision",
+    "log_loss",
+    "brier",
+    "cost",
+    "accuracy",
+    "recall",
+    "f1",
+    "ndcg",
+    "ctr",
+    "mrr",
 ]
 #: Whether a larger value of the metric is better (the non-inferiority test's direction).
 HIGHER_IS_BETTER: dict[str, bool] = {
@@ -44,6 +55,8 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "brier": False,
     "cost": False,
 }
+#: Metrics of ranking rollouts (CTR@k, NDCG@k, mean reciprocal rank; higher is better).
+RANKING_METRICS = ("ndcg", "ctr", "mrr")
 
 
 class PairKey(NamedTuple):
@@ -117,7 +130,8 @@ class QualityCounts(msgspec.Struct, frozen=True, kw_only=True):
     requests: int
     #: Requests where an arm had no score or decision (never judged).
     unscored: int
-    #: Judgeable requests with an outcome.
+    #: Judgeable requests with an outcome (of their kind: a number for a binary request, item
+    #: ids for a ranking one).
     labelled: int
     positives: int
     negatives: int
@@ -125,7 +139,8 @@ class QualityCounts(msgspec.Struct, frozen=True, kw_only=True):
     assumed_negative: int
     #: Without an outcome, left out (``missing = "unlabelled"``).
     unlabelled: int
-    #: With a ranking outcome (not judged).
+    #: With an outcome of the other kind (not judged): an item-set label for a binary
+    #: request, a numeric one for a ranking request.
     unsupported_labels: int
     #: Outcomes that happened after their request's label window (ignored).
     outside_window: int
@@ -159,6 +174,12 @@ class QualityReport(msgspec.Struct, frozen=True, kw_only=True):
     #: cites its rollout pair and window (kept so guard evidence has one shape).
     offsets: list[OffsetRange] = []
     schema_version: str = OUTPUT_SCHEMA_VERSION
+    #: Ranking rollouts (both arms return item lists; outcomes name the items acted on):
+    #: CTR@k, NDCG@k and MRR of both arms on the same requests with 95% intervals, the
+    #: differences' intervals paired (null for binary rollouts). Its ``requests`` are the
+    #: judged ranking requests (with an item-set outcome, or none under ``missing =
+    #: "negative"``); the binary figures above are then insufficient data.
+    ranking: RankingQualityReport | None = None
 
 
 class MetricEstimate(msgspec.Struct, frozen=True, kw_only=True):
@@ -175,7 +196,8 @@ class MetricEstimate(msgspec.Struct, frozen=True, kw_only=True):
 class QualityRequirement(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Non-inferiority: the candidate is at least the champion minus ``margin`` (at most plus
     ``margin`` where lower is better: log loss, Brier, cost) with one-sided ``confidence``,
-    on at least ``min_pairs`` judged pairs."""
+    on at least ``min_pairs`` judged pairs. Ranking rollouts use ``ndcg``, ``ctr`` or
+    ``mrr`` (at the rollout's ``ranking_k``; the paired difference of the same requests)."""
 
     metric: QualityMetric = "auc"
     margin: Annotated[float, msgspec.Meta(ge=0)] = 0.01
@@ -297,6 +319,7 @@ def quality_report(
     final_at_ms: int,
     now_ms: int,
     judging: Judging | None = None,
+    ranking: PairedRankingQuality | None = None,
 ) -> QualityReport:
     judging = judging or Judging()
     figs = figures(
@@ -335,6 +358,7 @@ def quality_report(
         stream_time_ms=stream_time_ms,
         final_at_ms=final_at_ms,
         emitted_at_ms=now_ms,
+        ranking=None if ranking is None else ranking.report(min_count=judging.min_pairs),
     )
 
 
@@ -354,9 +378,11 @@ def quality_verdict(
     requirement: QualityRequirement,
     now_ms: int,
     judging: Judging | None = None,
+    ranking: PairedRankingQuality | None = None,
 ) -> QualityVerdict:
-    """The verdict over ``acc`` (every final window of the pair, merged), with the rollout's
-    own requirement applied."""
+    """The verdict over ``acc`` (every final window of the pair, merged) and ``ranking`` (the
+    same windows' ranking accumulator, None for binary rollouts), with the rollout's own
+    requirement applied."""
     from .gates import quality_gate  # the gate reads verdicts; verdicts carry its answer
 
     judging = judging or Judging()
@@ -383,6 +409,19 @@ def quality_verdict(
             se=diff.se.get(name) if d is not None else None,
             higher_is_better=higher,
         )
+    judged = counts.records
+    if ranking is not None:
+        judged += round(float(ranking.state[0]))
+        for name in RANKING_METRICS:
+            est = ranking.estimate(name)
+            ok = est is not None and est[4] >= judging.min_pairs
+            metrics[name] = MetricEstimate(
+                champion=est[0] if ok and est else None,
+                candidate=est[1] if ok and est else None,
+                diff=est[2] if ok and est else None,
+                se=est[3] if ok and est else None,
+                higher_is_better=True,
+            )
     coverage = counts.labelled / counts.requests if counts.requests else None
     verdict = QualityVerdict(
         rollout=key.rollout,
@@ -390,7 +429,7 @@ def quality_verdict(
         champion_version=key.champion_version,
         candidate_model=key.candidate_model,
         candidate_version=key.candidate_version,
-        judged_pairs=counts.records,
+        judged_pairs=judged,
         labelled=counts.labelled,
         label_coverage=coverage,
         windows=windows,
@@ -416,6 +455,8 @@ class _QualityGetter:
         obj: object = report
         for part in self.path:
             obj = getattr(obj, part)
+            if obj is None:  # a ranking figure of a binary rollout
+                return insufficient(0, f"no_{part}")
         assert isinstance(obj, Figure)
         if self.p_value:
             if obj.p_value is None:
@@ -438,6 +479,7 @@ QUALITY_FIGURES: dict[str, Callable[[QualityReport], Figure]] = {
 __all__ = [
     "HIGHER_IS_BETTER",
     "QUALITY_FIGURES",
+    "RANKING_METRICS",
     "ArmQuality",
     "GateCode",
     "GateDecision",

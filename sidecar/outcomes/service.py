@@ -74,6 +74,7 @@ from .heartbeat import RouterHeartbeat, heartbeat_of, outcomes_bound
 from .join import ApplyStats, JoinTask, PairRecord, Windows, stream_bound
 from .metrics import OutcomesMetrics
 from .publish import Publisher, Send
+from .ranking import PairedRankingQuality
 from .report import (
     QUALITY_FIGURES,
     PairKey,
@@ -155,6 +156,16 @@ def quality_command(verdict: QualityVerdict, issued_at_ms: int) -> ControlComman
             )
         ),
     )
+
+
+def _merge_ranking(
+    acc: PairedRankingQuality | None, more: PairedRankingQuality | None
+) -> PairedRankingQuality | None:
+    """Two tasks' ranking accumulators of one pair merged (a task whose pair started with
+    another ``ranking_k`` after a config change is left out: its figures are of another k)."""
+    if more is None or acc is None:
+        return acc if more is None else more
+    return acc.merge(more) if more.k == acc.k else acc
 
 
 def changelog_key(record: ChangelogRecord, task: int) -> bytes:
@@ -741,9 +752,11 @@ class OutcomesService:
     ) -> QualityReport:
         """A window's report, merged over the tasks that hold its pair."""
         acc = self.layout.zeros()
+        ranking: PairedRankingQuality | None = None
         for h in holders:
             assert h.task.join is not None
             acc += h.task.join.window_accumulator(h.pair.id, ws)
+            ranking = _merge_ranking(ranking, h.task.join.ranking_window(h.pair.id, ws))
         settings = holders[0].pair.settings
         ready = [rt for rt in self.tasks.values() if rt.ready]
         return quality_report(
@@ -759,6 +772,7 @@ class OutcomesService:
             final_at_ms=self.windows.final_at(ws, settings),
             now_ms=now,
             judging=self.judging,
+            ranking=ranking,
         )
 
     def _verdict(self, key: PairKey, now: int) -> QualityVerdict | None:
@@ -768,9 +782,11 @@ class OutcomesService:
         if not finals:
             return None
         acc = self.layout.zeros()
+        ranking: PairedRankingQuality | None = None
         for h in holders:
             assert h.task.join is not None
             acc += h.task.join.total_accumulator(h.pair.id)
+            ranking = _merge_ranking(ranking, h.task.join.ranking_total(h.pair.id))
         return quality_verdict(
             key,
             self.layout,
@@ -781,6 +797,7 @@ class OutcomesService:
             requirement=holders[0].pair.settings.non_inferiority,
             now_ms=now,
             judging=self.judging,
+            ranking=ranking,
         )
 
     def _gauges(self) -> None:

@@ -37,7 +37,8 @@ class RolloutQuality(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     #: Provisional reports apply the rule as if the window closed now.
     missing: MissingRule = "unlabelled"
     #: Several outcomes for one request: ``last`` (the latest by ``ts``) or ``max`` (the
-    #: largest label: any positive outcome wins).
+    #: largest label: any positive outcome wins). Ranking labels (item sets): ``last`` is the
+    #: latest set, ``max`` the union of the sets (every item acted on counts).
     combine: CombineRule = "last"
     #: A numeric label is positive when at least this (``true`` is 1, ``false`` 0).
     positive_at_least: float = 0.5
@@ -47,6 +48,9 @@ class RolloutQuality(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     fn_cost: Annotated[float, Meta(ge=0)] = 1.0
     #: Which errors are weighted by the outcome's ``value`` (the amount at stake) when present.
     cost_value: CostValue = "both"
+    #: Ranking rollouts (both arms return item lists, an outcome's label is the item ids acted
+    #: on): CTR@k, NDCG@k and reciprocal rank are judged over each arm's top ``ranking_k``.
+    ranking_k: Annotated[int, Meta(ge=1, le=1000)] = 10
     #: The quality verdict's non-inferiority test for this rollout (see ``gates``).
     non_inferiority: QualityRequirement = msgspec.field(default_factory=QualityRequirement)
 

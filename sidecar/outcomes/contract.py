@@ -4,7 +4,8 @@ A producer (the chargeback system, the click logger, the loan book) writes one r
 event it learns about, keyed as it likes (the stage repartitions them, see
 :mod:`sidecar.outcomes.router`). Several outcomes per request are allowed; which one counts is
 the rollout's ``combine`` rule (``last``: the latest by ``ts``, ties broken by the larger
-label, then value; ``max``: the largest label, e.g. any chargeback marks a payment as fraud).
+label, then value; ``max``: the largest label, e.g. any chargeback marks a payment as fraud;
+for item sets, ``last`` is the latest set and ``max`` the union of the sets).
 Records are untrusted: :func:`decode_outcome` turns anything into an ``Outcome`` or a
 dead-letter kind and reason, never an exception.
 """
@@ -32,8 +33,10 @@ class Outcome(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     ``label``: ``true``/``false``, a number (positive when at least the rollout's
     ``positive_at_least``, 0.5 by default, so 0/1 work), or for ranking requests the item ids
-    acted on (accepted by the contract; the comparison topic carries one score per model, so
-    ranking labels are counted as ``unsupported_labels`` and not judged yet).
+    acted on (clicked, bought: a set, order and repeats do not matter), which judge both
+    arms' item lists by CTR@k, NDCG@k and reciprocal rank. A label of the other kind (item
+    ids for a binary request, a number for a ranking one) is counted as
+    ``unsupported_labels``, not judged.
     """
 
     request_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]

@@ -19,7 +19,14 @@ from typing import Any
 import msgspec
 import pytest
 from kafka_helpers import create_topics, produce, read_topic, write_toml
-from outcomes.outcome_support import ROLLOUT, Stream, final_reports, outcomes_config, stream
+from outcomes.outcome_support import (
+    ROLLOUT,
+    Stream,
+    final_reports,
+    outcomes_config,
+    ranking_stream,
+    stream,
+)
 from sklearn import metrics
 
 from sidecar.cli import main
@@ -29,6 +36,7 @@ from sidecar.control.commands import ControlCommand, verify_command
 from sidecar.control.keys import TrustStore, write_key_set
 from sidecar.outcomes.contract import Outcome
 from sidecar.outcomes.quality import score_bins
+from sidecar.outcomes.ranking import PairedRankingQuality
 from sidecar.outcomes.report import QualityReport, QualityVerdict
 from sidecar.outcomes.service import OutcomesService
 
@@ -100,6 +108,53 @@ async def test_outcomes_meet_their_comparisons_and_the_figures_are_scikit_learns
     ]
     assert sorted(d.kind for d in letters) == ["decode", "event_time", "schema"]
     assert all(d.source_topic == cfg.outcomes.topic and d.reason for d in letters)
+
+
+async def test_ranking_outcomes_judge_both_arms_lists(bootstrap: str, tmp_path: Path) -> None:
+    """Click sets meet ranking comparisons on the broker (repeated outcomes counted once,
+    requests without a click judged as clicking nothing); the final reports and the verdict
+    are ``PairedRankingQuality`` on the same data, and the ndcg gate passes the better
+    candidate. A hostile item-set label is dead-lettered."""
+    rollout = "recs-v2"
+    rules = {
+        "label_window_ms": 1500,
+        "missing": "negative",
+        "ranking_k": 5,
+        "non_inferiority": {"metric": "ndcg", "margin": 0.0, "min_pairs": 500},
+    }
+    cfg = outcomes_config(bootstrap, tmp_path / "state", outcomes={"rollouts": {rollout: rules}})
+    await create_topics(cfg)
+    s = ranking_stream(1500, seed=4, rollout=rollout, span_ms=3000, delay_ms=(100, 1200))
+    hostile = (b"h", b'{"request_id": "q1", "label": ["sku-1", 7], "ts": 1}')
+    await produce(cfg, s.comparisons, cfg.topics.comparisons)
+    await produce(cfg, [*s.outcomes, hostile], cfg.outcomes.topic)
+    service = OutcomesService(cfg)
+
+    def done() -> bool:
+        v = service.verdicts.get(rollout)
+        return v is not None and v.judged_pairs >= len(s.ids)
+
+    await run_until(service, done)
+    want = PairedRankingQuality(5)
+    want.add(s.champion, s.candidate, s.clicked)
+    expected = want.report()
+    finals = [r for r in final_reports(list(service.recent)).values() if r.rollout == rollout]
+    assert all(r.ranking is not None for r in finals)
+    assert sum(r.ranking.requests for r in finals if r.ranking) == len(s.ids)
+    assert sum(r.ranking.no_clicks for r in finals if r.ranking) == expected.no_clicks > 0
+    assert sum(r.counts.labelled for r in finals) == len({k for k, _ in s.outcomes})
+    verdict = service.verdicts[rollout]
+    for name, fig in (("ndcg", "ndcg"), ("ctr", "ctr"), ("mrr", "mrr")):
+        est = verdict.metrics[name]
+        assert est.champion == pytest.approx(getattr(expected, f"{fig}_champion").value, abs=1e-9)
+        assert est.candidate == pytest.approx(getattr(expected, f"{fig}_candidate").value, abs=1e-9)
+        assert est.diff == pytest.approx(getattr(expected, f"{fig}_diff").value, abs=1e-9)
+    assert verdict.metrics["ndcg"].diff > 0 and verdict.gate.ok, verdict.gate.reason
+    letters = [
+        msgspec.json.decode(r.value, type=DeadLetter)
+        for r in await read_topic(bootstrap, cfg.topics.dead_letter, idle_s=1)
+    ]
+    assert [d.kind for d in letters] == ["schema"]
 
 
 @pytest.mark.slow

@@ -88,6 +88,79 @@ def stream(
     return s
 
 
+@dataclass
+class RankingStream:
+    """``n`` ranking requests of one rollout (both arms return item lists), the items each
+    user clicked (outcomes for those with a click; none for the rest), and their records."""
+
+    ids: list[str]
+    champion: list[list[str]]
+    candidate: list[list[str]]
+    clicked: list[set[str]]
+    comparisons: list[tuple[bytes, bytes]] = field(default_factory=list)
+    outcomes: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+def ranking_stream(
+    n: int,
+    *,
+    seed: int = 0,
+    rollout: str = "recs-v2",
+    span_ms: int = 6_000,
+    items: int = 40,
+    delay_ms: tuple[int, int] = (100, 2500),
+) -> RankingStream:
+    """A popularity champion (the same top list for everyone) against a candidate that knows
+    each user's taste (a third of its list are items the user likes); users click a liked
+    item they were shown by either arm, sometimes twice (a repeated outcome)."""
+    rng = np.random.default_rng(seed)
+    t0 = time.time_ns() // 1_000_000 - 40_000
+    pool = [f"sku-{i}" for i in range(items)]
+    popular = pool[:10]
+    ts = t0 + np.sort(rng.integers(0, span_ms, size=n)).astype(np.int64)
+    s = RankingStream([f"q{i}" for i in range(n)], [], [], [])
+    enc = msgspec.json.encode
+    for i, rid in enumerate(s.ids):
+        liked = {str(x) for x in rng.choice(pool, size=6, replace=False)}
+        mine = sorted(liked)[:3] + [x for x in popular if x not in liked]
+        champion, candidate = popular, mine[:10]
+        shown = [x for x in {*champion[:5], *candidate[:5]} if x in liked]
+        clicked = {str(x) for x in shown if rng.random() < 0.7}
+        s.champion.append(champion)
+        s.candidate.append(candidate)
+        s.clicked.append(clicked)
+
+        def arm(version: str, ranked: list[str]) -> ModelResult:
+            scores = [1.0 - j / 20 for j in range(len(ranked))]
+            return ModelResult(
+                model="recs",
+                version=version,
+                output_kind="ranking",
+                items=ranked,
+                item_scores=scores,
+            )
+
+        comp = Comparison(
+            request_id=rid,
+            routing_key=f"user-{i % 50}",
+            rollout=rollout,
+            ts=int(ts[i]),
+            policy_epoch=0,
+            policy_mode="shadow",
+            served_by="champion",
+            champion=arm("1.0.0", champion),
+            candidate=arm("2.0.0", candidate),
+        )
+        s.comparisons.append((rollout.encode(), enc(comp)))
+        if clicked:
+            at = int(ts[i]) + int(rng.integers(*delay_ms))
+            out = Outcome(request_id=rid, label=sorted(clicked), ts=at)
+            s.outcomes.append((rid.encode(), enc(out)))
+            if rng.random() < 0.1:
+                s.outcomes.append((rid.encode(), enc(out)))
+    return s
+
+
 def outcomes_config(bootstrap: str, state_dir: Path, **overrides: Any) -> SidecarConfig:
     """A config on fresh topics with a fast outcomes stage: 2 s windows, 3 s labels."""
     run = unique("o")

@@ -16,6 +16,13 @@ same run, for a same-run ratio.
 memory: a fresh stage (own process) on N, then 10 N comparisons that all stay pending (a
 one-day label window, no outcomes); prints each run's peak RSS and store size.
 
+join: the binary path of the join alone, without Kafka (``ChunkBuilder.build`` of polls of
+10,000 comparisons with their outcomes, then ``JoinTask.apply`` of the chunks on a fresh
+store), per comparison, for this checkout and the ``sidecar`` package of git ref
+``--baseline`` (default ``main``) in alternating processes of the same run:
+
+    python bench/bench_outcomes.py join [--count 200000] [--rounds 6] [--baseline main]
+
 recovery: builds a task's store holding ``--hours`` of pending requests at ``--rate`` per second
 (the demo's 1000/s; 24 h = 86.4 M requests), with its changelog on the broker, through the
 join's own code (``JoinTask.apply`` of the same chunks the live path writes); then runs
@@ -42,7 +49,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
@@ -562,6 +569,119 @@ async def recovery(args: argparse.Namespace) -> None:
             shutil.rmtree(root, ignore_errors=True)
 
 
+class Rec(NamedTuple):
+    """The fields of a consumer record the chunk builder reads."""
+
+    value: bytes
+    offset: int
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def _join_costs(count: int, repeats: int) -> dict[str, float]:
+    """Best per-comparison costs (us) of building and applying the chunks of ``count``
+    comparisons (2% with an outcome), over ``repeats`` fresh stores."""
+    from sidecar.outcomes.decode import ChunkBuilder, Skipped
+    from sidecar.outcomes.settings import OutcomesSettings
+
+    tree = {"quality": {"label_window_ms": 30_000, "missing": "negative"}}
+    s = msgspec.convert(tree, OutcomesSettings)
+    start = 1_700_000_000_000
+    comps = make_values(count, start, 40_000.0)
+    outs = outcome_values(count, start, 40_000.0, 0.02)
+    poll = 10_000
+    best = {"build_us": float("inf"), "apply_us": float("inf")}
+    for _ in range(repeats):
+        builder = ChunkBuilder(s)
+        t0 = time.perf_counter()
+        chunks = []
+        for i in range(0, count, poll):
+            c = [Rec(v, offset=i + j) for j, v in enumerate(comps[i : i + poll])]
+            lo, hi = len(outs) * i // count, len(outs) * (i + poll) // count
+            o = [Rec(v, offset=lo + j) for j, v in enumerate(outs[lo:hi])]
+            chunks += [chunk for chunk, _ in builder.build(0, c, o, 10**13, Skipped())]
+        t1 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            task = JoinTask(
+                Store(Path(tmp) / "task"),
+                0,
+                s.layout(),
+                Windows(s.report_window_ms, s.comparison_lateness_ms, s.outcome_grace_ms),
+                s.judging(),
+                max_label_window_ms=s.max_label_window_ms(),
+            )
+            t2 = time.perf_counter()
+            for offset, chunk in enumerate(chunks):
+                task.apply(chunk, offset)
+            t3 = time.perf_counter()
+            task.store.close()
+        best["build_us"] = min(best["build_us"], (t1 - t0) / count * 1e6)
+        best["apply_us"] = min(best["apply_us"], (t3 - t2) / count * 1e6)
+    return best
+
+
+async def join_worker(args: argparse.Namespace) -> None:
+    print(json.dumps(_join_costs(args.count, args.repeats)))
+
+
+def _baseline_tree(ref: str, into: Path) -> Path | None:
+    """The ``sidecar`` package of git ref ``ref``, unpacked under ``into`` (None: no git)."""
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", ref, "sidecar"], capture_output=True, check=False
+    )
+    if archive.returncode != 0:
+        print(f"baseline {ref!r} skipped: {archive.stderr.decode().strip()}")
+        return None
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+async def join(args: argparse.Namespace) -> None:
+    """This checkout's join against ``--baseline``'s, alternating processes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        base = _baseline_tree(args.baseline, Path(tmp))
+        if base is None:
+            return
+        here = "this checkout"
+        costs: dict[str, list[dict[str, float]]] = {here: [], args.baseline: []}
+        for round_ in range(args.rounds):
+            order = [here, args.baseline] if round_ % 2 == 0 else [args.baseline, here]
+            for who in order:
+                env = dict(os.environ, PYTHONUNBUFFERED="1")
+                if who == args.baseline:
+                    env["PYTHONPATH"] = os.pathsep.join(
+                        [str(base), *filter(None, [env.get("PYTHONPATH")])]
+                    )
+                cmd = [sys.executable, __file__, "join-worker", "--count", str(args.count)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+                if out.returncode != 0:
+                    sys.exit(f"join worker ({who}) failed:\n{out.stderr[-3000:]}")
+                costs[who].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(
+            f"join without Kafka, {args.count:,} comparisons (2% with an outcome), "
+            f"{args.rounds} processes each (best of 3 per process; median over processes):"
+        )
+        median = {
+            who: {k: statistics.median(c[k] for c in runs) for k in ("build_us", "apply_us")}
+            for who, runs in costs.items()
+        }
+        for who, runs in costs.items():
+            m = median[who]
+            print(
+                f"  {who:14} build {m['build_us']:.3f} us + apply {m['apply_us']:.3f} us "
+                "per comparison (all builds: "
+                + ", ".join(f"{c['build_us']:.3f}" for c in runs)
+                + "; applies: "
+                + ", ".join(f"{c['apply_us']:.3f}" for c in runs)
+                + ")"
+            )
+        for k in ("build_us", "apply_us"):
+            ratio = median[here][k] / median[args.baseline][k]
+            print(f"  {k[:-3]}: this checkout / {args.baseline} = {ratio:.3f}")
+        total = sum(median[here].values()) / sum(median[args.baseline].values())
+        print(f"  build + apply: this checkout / {args.baseline} = {total:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -581,6 +701,13 @@ def main() -> None:
     p.add_argument("--state", required=True)
     p.add_argument("--pending", type=int, required=True)
     p.add_argument("--cache-mb", type=int, default=64)
+    p = sub.add_parser("join")
+    p.add_argument("--count", type=int, default=200_000)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--baseline", default="main", help="git ref to compare with")
+    p = sub.add_parser("join-worker")
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--repeats", type=int, default=3)
     p = sub.add_parser("recovery")
     p.add_argument("--hours", type=float, default=24.0)
     p.add_argument("--rate", type=float, default=1000.0, help="the demo's rate")
@@ -595,6 +722,8 @@ def main() -> None:
         "memory": memory,
         "memory-worker": memory_worker,
         "recovery": recovery,
+        "join": join,
+        "join-worker": join_worker,
     }[args.mode]
     asyncio.run(runner(args))
 

@@ -48,13 +48,17 @@ class RecordLike(Protocol):
 
 
 class ArmView(msgspec.Struct, kw_only=True, gc=False):
-    """The part of a ``ModelResult`` the join reads: a binary arm's score and decision, a
-    ranking arm's item ids (best first)."""
+    """The part of a ``ModelResult`` the join reads: a binary arm's score and decision."""
 
     model: Name
     version: Name
     score: float | None = None
     decision: bool | None = None
+
+
+class RankedArmView(ArmView, kw_only=True, gc=False):
+    """...and a ranking arm's output kind and item ids (best first)."""
+
     output_kind: Name = "binary"
     items: Annotated[list[Name], msgspec.Meta(max_length=MAX_CANDIDATES)] | None = None
 
@@ -69,7 +73,17 @@ class ComparisonView(msgspec.Struct, kw_only=True, gc=False):
     candidate: ArmView
 
 
+class RankedView(msgspec.Struct, kw_only=True, gc=False):
+    """A comparison's arms with their ranking fields: read again, only for comparisons whose
+    arms have no score (a ranking model's arm has none), so binary comparisons cost what
+    they did."""
+
+    champion: RankedArmView
+    candidate: RankedArmView
+
+
 _VIEW = msgspec.json.Decoder(ComparisonView)
+_RANKED = msgspec.json.Decoder(RankedView)
 
 
 def decode_comparisons(values: Sequence[bytes | None]) -> list[ComparisonView | None]:
@@ -110,14 +124,13 @@ class Skipped:
             self.counts[key] = self.counts.get(key, 0) + n
 
 
-_REQUEST_ID, _ROLLOUT, _TS, _CHAMPION, _CANDIDATE, _MODEL, _VERSION, _SCORE, _DECISION, _KIND = (
+_REQUEST_ID, _ROLLOUT, _TS, _CHAMPION, _CANDIDATE, _MODEL, _VERSION, _SCORE, _DECISION = (
     attrgetter(f)
     for f in (
         "request_id", "rollout", "ts", "champion", "candidate", "model", "version", "score",
-        "decision", "output_kind",
+        "decision",
     )
 )  # fmt: skip
-_BINARY = {"binary"}
 
 
 def _top(items: list[str], k: int) -> list[str]:
@@ -206,18 +219,22 @@ class ChunkBuilder:
     def _comparisons(
         self, task: int, records: Sequence[RecordLike], limit: int, skipped: Skipped
     ) -> InputChunk:
-        views = decode_comparisons([r.value for r in records])
+        values = [r.value for r in records]
+        views = decode_comparisons(values)
         if None in views or any(v.ts > limit for v in views if v is not None):
             kept: list[ComparisonView] = []
-            for v in views:
+            kept_values: list[bytes | None] = []
+            for v, raw in zip(views, values, strict=True):
                 if v is None:
                     skipped.add("comparisons", "undecodable")
                 elif v.ts > limit:
                     skipped.add("comparisons", "future")
                 else:
                     kept.append(v)
+                    kept_values.append(raw)
         else:
             kept = views  # type: ignore[assignment]  # the usual poll: every record is good
+            kept_values = values
         champions = list(map(_CHAMPION, kept))
         candidates = list(map(_CANDIDATE, kept))
         keys = list(
@@ -239,9 +256,9 @@ class ChunkBuilder:
                 (pairs.setdefault(k, len(pairs)) for k in keys), dtype=np.int32, count=len(keys)
             )
         specs = [PairSpec(*k, self.settings.for_rollout(k[0])) for k in pairs]
-        ranking = None
-        if set(map(_KIND, champions)) != _BINARY or set(map(_KIND, candidates)) != _BINARY:
-            ranking = self._ranked(kept, champions, candidates)
+        p1, p2 = _scores(champions), _scores(candidates)
+        unscored = np.flatnonzero(np.isnan(p1) | np.isnan(p2))
+        ranking = self._ranked(kept, kept_values, unscored.tolist()) if unscored.size else None
         ts_arr = np.fromiter(map(_TS, kept), dtype=np.int64, count=len(kept))
         return InputChunk(
             task=task,
@@ -250,8 +267,8 @@ class ChunkBuilder:
                 list(map(_REQUEST_ID, kept)),
                 pair_idx,
                 ts_arr,
-                _scores(champions),
-                _scores(candidates),
+                p1,
+                p2,
                 _decisions(champions),
                 _decisions(candidates),
                 ranking,
@@ -262,15 +279,20 @@ class ChunkBuilder:
         )
 
     def _ranked(
-        self, kept: list[ComparisonView], champions: list[ArmView], candidates: list[ArmView]
+        self, kept: list[ComparisonView], values: list[bytes | None], unscored: list[int]
     ) -> RankedLists | None:
-        """Both arms' lists of the ranking comparisons (both arms returned a ranking), each
-        cut to its rollout's ``ranking_k`` distinct items."""
+        """Both arms' lists of the ranking comparisons among the ``unscored`` rows (both arms
+        returned a ranking), each cut to its rollout's ``ranking_k`` distinct items."""
         rows: list[int] = []
         first: list[list[str]] = []
         second: list[list[str]] = []
         k_of: dict[str, int] = {}
-        for i, (a, b) in enumerate(zip(champions, candidates, strict=True)):
+        for i in unscored:
+            try:
+                arms = _RANKED.decode(values[i])  # type: ignore[arg-type]
+            except Exception:  # decoded once already; a list too long or of non-strings
+                continue
+            a, b = arms.champion, arms.candidate
             if a.items is None or b.items is None:
                 continue
             if a.output_kind != "ranking" or b.output_kind != "ranking":

@@ -309,21 +309,20 @@ def test_hostile_ranking_records_are_bounded_or_refused(tmp_path: Path) -> None:
     assert chunk.comparisons.ranking is not None
     assert chunk.comparisons.ranking.first == [["dup", "i0", "i1", "i2", "i3"]]
     assert chunk.comparisons.ranking.second == [["i3", "i1"]]
-    # More items than any request may carry: not a comparison the join reads.
-    skipped = Skipped()
+    # More items than any request may carry: no lists read, so never judged (unscored).
     huge = ranked("b", 1000, ["i"] * (MAX_CANDIDATES + 1), ["i"])
-    ((chunk, _),) = builder.build(0, [Rec(huge)], [], NOW, skipped)
-    assert skipped.counts == {("comparisons", "undecodable"): 1}
+    ((chunk, _),) = builder.build(0, [Rec(huge)], [], NOW, Skipped())
+    assert chunk.comparisons.ids == ["b"] and chunk.comparisons.ranking is None
     # One arm without a list (it failed): unscored, never judged.
     half = msgspec.json.decode(ranked("c", 1000, ["x"], ["y"]))
     del half["candidate"]["items"]
-    feed.comparisons(msgspec.json.encode(half), doc)
+    feed.comparisons(msgspec.json.encode(half), doc, huge)
     labels = [Rec(outcome("a", ["i3", "i3", "dup"], 1200))]  # duplicates: a set
     ((chunk, _),) = builder.build(0, [], labels, NOW, Skipped())
     assert chunk.outcomes.items is not None and chunk.outcomes.items.first == [["dup", "i3"]]
     feed.outcomes(outcome("a", ["i3", "i3", "dup"], 1200))
     got = report(feed)
-    assert (got.counts.unscored, got.counts.requests) == (1, 1)
+    assert (got.counts.unscored, got.counts.requests) == (2, 1)
     assert_figures(
         got.ranking,
         direct([["dup", "i0", "i1", "i2", "i3"]], [["i3", "i1"]], [{"i3", "dup"}]),

@@ -84,10 +84,14 @@ def settings_text(word: str = "") -> str:
         for path, env, default, type_name in _settings(SidecarConfig, [])
         if word in path.lower() or word in env.lower()
     ]
-    return "\n".join(
-        f"{path:40} {env:46} {default}" + (f"  ({type_name})" if "'" in type_name else "")
-        for path, env, default, type_name in rows
-    )
+    lines = []
+    for path, env, default, type_name in rows:
+        line = f"{path:40} {env:46} {default}"
+        if "'" in type_name:  # the choices: on the line, or under it when they are many
+            wide = len(line) + len(type_name) + 4 > 160
+            line += f"\n{'':4}({type_name})" if wide else f"  ({type_name})"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def settings_markdown() -> str:

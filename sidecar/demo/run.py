@@ -13,7 +13,9 @@ becomes a chargeback (an ``Outcome``) on the outcomes topic a few seconds later,
 outcomes stage (:class:`~sidecar.outcomes.service.OutcomesService`) joins it to the comparison
 by request id. The quality figures shown (average precision per model, label coverage) and the
 quality gate the operator waits for before ramping come from that stage's reports and verdicts,
-not from labels kept in the demo.
+not from labels kept in the demo. In the recommend story the clicks are the outcomes (each
+request's clicked items, a few seconds later) and the stage's NDCG@10 is the figure shown;
+until the stage has a window of an act, the comparisons against the generator's clicks.
 """
 
 from __future__ import annotations
@@ -209,6 +211,8 @@ class Traffic:
                 self.truth.update(truth)
                 if self.domain.name == "fraud":
                     self._chargebacks(requests, truth, rng)
+                elif self.domain.name == "recommend":
+                    self._clicks(requests, truth, rng)
                 items = [(str(r["routing_key"]).encode(), msgspec.json.encode(r)) for r in requests]
                 await produce_values(producer, topic, items, partitions)
                 self.sent += chunk
@@ -246,6 +250,26 @@ class Traffic:
                 source="chargebacks",
             )
             heapq.heappush(self._due, (mono + delay, rid, msgspec.json.encode(chargeback)))
+
+    def _clicks(
+        self, requests: list[dict[str, Any]], truth: dict[str, Any], rng: np.random.Generator
+    ) -> None:
+        """Schedule the click outcome (the items clicked) of each request with a click."""
+        now_ms, mono = time.time_ns() // 1_000_000, time.monotonic()
+        for r in requests:
+            rid = str(r["request_id"])
+            clicked = truth.get(rid)
+            if not clicked:
+                continue
+            delay = float(rng.uniform(*CHARGEBACK_DELAY_S))
+            click = Outcome(
+                request_id=rid,
+                label=sorted(clicked),
+                ts=now_ms + int(delay * 1000),
+                routing_key=str(r["routing_key"]),
+                source="clicks",
+            )
+            heapq.heappush(self._due, (mono + delay, rid, msgspec.json.encode(click)))
 
 
 # --------------------------------------------------------------------------- observer
@@ -428,7 +452,11 @@ class Demo:
         stage = self.outcomes
         if act is None:
             return result
-        if self.domain.name != "fraud":  # no outcomes stream: the generator's truth
+        if self.domain.name == "recommend" and stage is not None:
+            ranking = self._ranking_quality(act, stage)
+            if ranking is not None:
+                return ranking
+        if self.domain.name != "fraud":  # not from the outcomes stage: the generator's truth
             if self.observer is not None:
                 seen = self.observer.average_precision(act.rollout)
                 result.ap_champion, result.ap_candidate, pairs, positives = seen
@@ -464,6 +492,39 @@ class Demo:
                 f"{latest.counts.labelled:,} chargebacks so far"
             )
         return result
+
+    def _ranking_quality(self, act: Act, stage: OutcomesService) -> SeenQuality | None:
+        """NDCG@K of ``act``'s models from the outcomes stage (clicks joined): its verdict
+        over final windows, else its latest provisional report (None: neither yet)."""
+        verdict = stage.verdicts.get(act.rollout)
+        if verdict is not None and verdict.candidate_version == act.version:
+            ndcg = verdict.metrics.get("ndcg")
+            if ndcg is not None and ndcg.champion is not None and ndcg.candidate is not None:
+                return SeenQuality(
+                    ap_champion=ndcg.champion,
+                    ap_candidate=ndcg.candidate,
+                    pairs=verdict.judged_pairs,
+                    frauds=verdict.labelled,
+                    text=f"outcomes stage, final windows: {verdict.windows}, "
+                    f"{verdict.judged_pairs:,} judged, {verdict.labelled:,} with clicks",
+                )
+        latest: QualityReport | None = None
+        for r in stage.recent:
+            if r.rollout == act.rollout and r.candidate.version == act.version and r.ranking:
+                latest = r
+        if latest is None or latest.ranking is None:
+            return None
+        rk = latest.ranking
+        if rk.ndcg_champion.value is None or rk.ndcg_candidate.value is None:
+            return None
+        return SeenQuality(
+            ap_champion=rk.ndcg_champion.value,
+            ap_candidate=rk.ndcg_candidate.value,
+            pairs=rk.requests,
+            frauds=latest.counts.labelled,
+            text=f"outcomes stage, {latest.status} window, {rk.requests:,} judged, "
+            f"{latest.counts.labelled:,} with clicks",
+        )
 
     def verdict(self, act: Act) -> QualityVerdict | None:
         v = self.outcomes.verdicts.get(act.rollout) if self.outcomes else None
@@ -928,9 +989,16 @@ class Demo:
             return (
                 "the outcomes stage's figures: chargebacks joined to the comparisons by request id"
             )
+        if self.domain.name == "recommend":
+            return (
+                "the outcomes stage's figures: clicks joined to the comparisons by request id "
+                "(the generator's clicks for an act the stage has no window of)"
+            )
         return "from the comparisons topic against the generator's truth"
 
     def _source_short(self) -> str:
+        if self.domain.name == "recommend":
+            return "outcomes stage (clicks)"
         return "outcomes stage" if self.domain.name == "fraud" else "vs the generator's truth"
 
     def _positives(self, r: ActResult) -> str:
@@ -954,8 +1022,9 @@ class Demo:
             f"{self.domain.quality.unit}, "
             f"{self.scored():,} scored by {INSTANCES} sidecar instances"
             + (
-                f", {self.traffic.chargebacks:,} chargebacks"
-                if self.traffic and self.domain.name == "fraud"
+                f", {self.traffic.chargebacks:,} "
+                + ("chargebacks" if self.domain.name == "fraud" else "click outcomes")
+                if self.traffic and self.domain.name in ("fraud", "recommend")
                 else ""
             ),
         ]

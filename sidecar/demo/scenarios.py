@@ -257,6 +257,10 @@ def act_config(s: Settings, act: Act) -> SidecarConfig:
             "min_pairs": int(s.timing.rate * s.timing.window_s),
         },
     }
+    if act.domain == "recommend":
+        # Clicks are the outcomes: both arms' top K judged by NDCG@K, the gate on it.
+        quality["ranking_k"] = recommend.K
+        quality["non_inferiority"] = {**quality["non_inferiority"], "metric": "ndcg"}  # type: ignore[dict-item]
     tree: dict[str, Any] = {
         "kafka": {
             "bootstrap_servers": s.bootstrap,

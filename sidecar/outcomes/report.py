@@ -228,7 +228,8 @@ class QualityVerdict(msgspec.Struct, frozen=True, kw_only=True):
     champion_version: str
     candidate_model: str
     candidate_version: str
-    #: Judged pairs, requests with an outcome, and their share of judgeable requests.
+    #: Judged pairs (for a ranking rollout: judged ranking requests), requests with an outcome,
+    #: and their share of judgeable requests.
     judged_pairs: int
     labelled: int
     label_coverage: float | None
@@ -236,6 +237,7 @@ class QualityVerdict(msgspec.Struct, frozen=True, kw_only=True):
     windows: int
     first_window_start_ms: int
     last_window_end_ms: int
+    #: Per metric (``auc``, ...; for ranking rollouts also ``ndcg``, ``ctr``, ``mrr``).
     metrics: dict[str, MetricEstimate]
     #: The rollout's configured requirement, and what it says of this verdict.
     requirement: QualityRequirement

@@ -7,14 +7,16 @@ import io
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sidecar.aggregate.actions import is_guard_command
 from sidecar.aggregate.guards import default_rules
 from sidecar.cli import main
-from sidecar.demo.run import DemoOptions, run_demo
-from sidecar.demo.scenarios import calibrate, timing
+from sidecar.demo.run import DemoOptions, Traffic, run_demo
+from sidecar.demo.scenarios import DOMAINS, calibrate, timing
 from sidecar.demo.view import Snapshot, guard_states, render_line, render_panel
+from sidecar.outcomes.contract import Outcome, decode_outcome
 from sidecar.report.model import read_jsonl
 
 
@@ -163,7 +165,21 @@ async def test_quick_recommend_demo_rolls_back_the_collapse_and_promotes_the_per
     assert bad.ap_candidate < bad.ap_champion - 0.1  # NDCG@10 against the generator's clicks
     assert good.ap_candidate > good.ap_champion + 0.02
     assert "NDCG@10" in result.summary
+    assert "click outcomes" in result.summary  # the clicks went through the outcomes stage
     assert "Rankings: exposure" in result.report_path.read_text()
+
+
+def test_recommend_clicks_become_delayed_item_set_outcomes() -> None:
+    domain = DOMAINS["recommend"]
+    traffic = Traffic(None, 100.0, 1, 0.0, domain)  # type: ignore[arg-type]  # cfg: not read
+    requests, truth = domain.generate(200, 3, 0, 0.0)
+    traffic._clicks(requests, truth, np.random.default_rng(0))
+    clicked = {rid for rid, c in truth.items() if c}
+    assert clicked and {rid for _, rid, _ in traffic._due} == clicked
+    for _, rid, raw in traffic._due:
+        got = decode_outcome(raw)
+        assert isinstance(got, Outcome) and got.source == "clicks"
+        assert got.label == sorted(truth[rid])
 
 
 def test_the_panel_shows_the_outcomes_stages_quality_and_the_gate() -> None:

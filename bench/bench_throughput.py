@@ -95,7 +95,11 @@ async def run_passthrough(cfg: Any, n: int) -> float:
         auto_offset_reset="earliest",
     )
     await consumer.start()
-    sender = BatchSender(producer, {t.decisions: TOPIC_PARTITIONS, t.comparisons: TOPIC_PARTITIONS})
+    sender = BatchSender(
+        producer,
+        {t.decisions: TOPIC_PARTITIONS, t.comparisons: TOPIC_PARTITIONS},
+        raw_append=False,  # aiokafka's public BatchBuilder.append, as any client would
+    )
     decoder = msgspec.json.Decoder(InferenceRequest)
     encoder = msgspec.json.Encoder()
     done = 0

@@ -169,3 +169,63 @@ def test_aiokafka_shapes_are_the_known_ones() -> None:
     # Fails loudly here (not only as a warning at run time) when aiokafka changes.
     assert fast._shapes_ok() is None
     assert fast._installed
+
+
+class CapturingProducer:
+    """aiokafka's real ``BatchBuilder`` behind ``create_batch``; ``send_batch`` keeps the
+    built batches instead of sending them (what BatchSender puts into them is under test)."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.sent: list[tuple[str, int, Any]] = []
+
+    def create_batch(self) -> Any:
+        from aiokafka.producer.message_accumulator import BatchBuilder
+
+        return BatchBuilder(self.batch_size, 0)
+
+    async def send_batch(self, builder: Any, topic: str, *, partition: int) -> Any:
+        self.sent.append((topic, partition, builder))
+        import asyncio
+
+        return asyncio.get_running_loop().create_future()
+
+
+@pytest.mark.parametrize("raw", [True, False])
+@pytest.mark.parametrize("batch_size", [1 << 20, 300])
+async def test_batch_sender_writes_every_record_in_order_with_its_headers(
+    batch_size: int, raw: bool
+) -> None:
+    from sidecar.kafka import BatchSender
+    from sidecar.pipeline import TopicOutput
+
+    out = TopicOutput()
+    for i in range(40):
+        out.keys.append(b"key-%d" % (i % 7))
+        out.values.append(b"value-%d" % i * (1 + i % 5))
+        out.headers.append(
+            [("schema_version", b"1")] + ([("traceparent", b"00-x")] if i % 3 else [])
+        )
+    producer = CapturingProducer(batch_size)
+    deliveries = await BatchSender(producer, {"decisions": 4}, raw_append=raw).send(
+        "decisions", out
+    )  # type: ignore[arg-type]
+    assert len(deliveries) == len(producer.sent)
+    if batch_size < 1000:
+        assert len(producer.sent) > 4  # full batches were split
+    seen: dict[int, list[int]] = {}
+    for delivery, (topic, partition, builder) in zip(deliveries, producer.sent, strict=True):
+        assert (topic, partition) == ("decisions", delivery.partition)
+        assert builder.record_count() == len(delivery.indices) > 0
+        data = bytes(builder._build())
+        parsed = list(MemoryRecords(data).next_batch())
+        assert [r.offset for r in parsed] == list(range(len(parsed)))
+        for i, r in zip(delivery.indices, parsed, strict=True):
+            assert (r.key, r.value, r.headers) == (out.keys[i], out.values[i], out.headers[i])
+            assert r.timestamp > 1_700_000_000_000
+        seen.setdefault(partition, []).extend(delivery.indices)
+    # Every record once, each partition's in output order, each key on one partition.
+    assert sorted(i for p in seen.values() for i in p) == list(range(40))
+    for indices in seen.values():
+        assert indices == sorted(indices)
+    assert len({(out.keys[i], p) for p, ix in seen.items() for i in ix}) == 7

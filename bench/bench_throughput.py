@@ -12,6 +12,10 @@ contender in its own process (so peak memory is its own) on its own consumer gro
 
 Rounds alternate the order to spread the machine's noise. Prints requests/s, the ratio and
 peak RSS of each.
+
+``--tracing memory`` runs the sidecar with ``[tracing]`` on (extra ``otel``): every batch
+traced, its spans exported in the background (``BatchSpanProcessor``, as with OTLP) to an
+in-memory exporter, so the figure is the cost of making the spans, not of a collector.
 """
 
 from __future__ import annotations
@@ -144,17 +148,36 @@ async def run_passthrough(cfg: Any, n: int) -> float:
         await producer.stop()
 
 
-async def run_sidecar(cfg: Any, n: int) -> float:
+async def run_sidecar(cfg: Any, n: int, tracing: str = "off") -> float:
     from sidecar.kafka import ensure_topics
     from sidecar.runner import Sidecar
 
     await ensure_topics(cfg.kafka.bootstrap_servers, cfg.all_topics(), TOPIC_PARTITIONS)
-    sidecar = Sidecar(cfg)
+    tracer = None
+    exporter = None
+    if tracing == "memory":
+        import msgspec
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        from sidecar.tracing import new_tracer
+
+        settings = msgspec.structs.replace(cfg.tracing, enabled=True, exporter="none")
+        cfg = msgspec.structs.replace(cfg, tracing=settings)
+        tracer = new_tracer(cfg, "bench")
+        assert tracer is not None
+        exporter = InMemorySpanExporter()
+        tracer.provider.add_span_processor(BatchSpanProcessor(exporter))
+    sidecar = Sidecar(cfg, tracer=tracer)
     task = asyncio.create_task(sidecar.run())
     elapsed = await time_until_done(sidecar, task, n)
     sidecar.request_stop()
     await task
     sidecar.close_models()
+    if exporter is not None:
+        spans = exporter.get_finished_spans()
+        batches = sum(1 for s in spans if s.name == "sidecar.batch")
+        print(f"tracing: {len(spans)} spans, {batches} batch spans", file=sys.stderr)
     return elapsed
 
 
@@ -178,18 +201,21 @@ def child(args: argparse.Namespace) -> None:
 
     prepare_process()  # as `sidecar run` does: uvloop, tuned garbage collector
     cfg = config_for(args.bootstrap, args.topic, f"bench-{args.mode}-{uuid.uuid4().hex[:6]}")
-    runner = run_passthrough if args.mode == "passthrough" else run_sidecar
+    if args.mode == "passthrough":
+        job = run_passthrough(cfg, args.requests)
+    else:
+        job = run_sidecar(cfg, args.requests, args.tracing)
     if args.profile:
         import cProfile
         import pstats
 
         profiler = cProfile.Profile()
         profiler.enable()
-        elapsed = asyncio.run(runner(cfg, args.requests))
+        elapsed = asyncio.run(job)
         profiler.disable()
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(25)
     else:
-        elapsed = asyncio.run(runner(cfg, args.requests))
+        elapsed = asyncio.run(job)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     rss_mib = usage.ru_maxrss / 1024
     print(
@@ -215,6 +241,12 @@ def main() -> None:
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--topic", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="cProfile each contender")
+    parser.add_argument(
+        "--tracing",
+        choices=["off", "memory"],
+        default="off",
+        help="the sidecar with [tracing] on, spans to an in-memory exporter (extra otel)",
+    )
     args = parser.parse_args()
     if args.mode:
         child(args)
@@ -245,6 +277,8 @@ def main() -> None:
                     topic,
                     "--requests",
                     str(args.requests),
+                    "--tracing",
+                    args.tracing,
                 ] + (["--profile"] if args.profile else [])
                 out = subprocess.run(
                     cmd,
@@ -257,6 +291,9 @@ def main() -> None:
                     sys.exit(f"{mode} failed:\n{out.stderr[-3000:]}")
                 if args.profile:
                     print(out.stderr[-6000:])
+                for line in out.stderr.splitlines():
+                    if line.startswith("tracing:"):
+                        print(line)
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 results[mode].append(result)
                 print(

@@ -123,9 +123,11 @@ def _run_workers(cfg: SidecarConfig, args: argparse.Namespace, count: int) -> in
     import os
 
     from .models.contract import check_startup, model_manifest
+    from .tracing import check_tracing
     from .workers import WorkerSupervisor, spawn_worker, worker_command, worker_env
 
     # What would stop every worker at start stops the command before any starts.
+    check_tracing(cfg.tracing)
     cand = cfg.models.candidate
     check_startup(cfg, model_manifest(cfg.models.champion), model_manifest(cand) if cand else None)
     if args.create_topics or args.embedded_broker:

@@ -271,6 +271,29 @@ class LoggingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     progress_interval_s: Annotated[float, Meta(ge=0)] = 10.0
 
 
+class TracingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """OpenTelemetry spans: one per batch (consume, score, produce, commit) and one per control
+    command (``sidecar.tracing``). Needs the ``otel`` extra: ``pip install 'sidecar[otel]'``."""
+
+    #: Off by default; off, OpenTelemetry is never imported and a batch costs nothing more.
+    enabled: bool = False
+    #: ``otlp`` (OTLP over HTTP/protobuf to ``endpoint``), ``console`` (JSON on stdout, for
+    #: debugging) or ``none`` (spans are made but sent nowhere: measures their cost).
+    exporter: Literal["otlp", "console", "none"] = "otlp"
+    #: Base URL of the OTLP/HTTP collector (spans go to ``<endpoint>/v1/traces``). Unset:
+    #: the standard ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_ENDPOINT``
+    #: variables, else ``http://localhost:4318``.
+    endpoint: str | None = None
+    #: ``service.name`` of the spans. Unset: ``$OTEL_SERVICE_NAME``, else ``sidecar``.
+    service_name: str | None = None
+    #: Share of batches traced (decided per batch; a batch not traced costs one random
+    #: number). Control commands are always traced.
+    sample_ratio: Annotated[float, Meta(ge=0, le=1)] = 1.0
+    #: Most span links from a batch span to the traces of its requests (W3C ``traceparent``
+    #: headers), the first ones of the batch; the count of all is an attribute.
+    max_links: Annotated[int, Meta(ge=0, le=128)] = 32
+
+
 class ControlSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The control plane (``sidecar.control.plane``): signed commands on ``topics.control``.
 
@@ -331,6 +354,7 @@ class SidecarConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     outputs: OutputsSettings = msgspec.field(default_factory=OutputsSettings)
     registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
     outcomes: OutcomesSettings = msgspec.field(default_factory=OutcomesSettings)
+    tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
 
     @property
     def status_topic(self) -> str:

@@ -48,11 +48,13 @@ from .models.contract import check_startup
 from .models.health import watch_health
 from .pipeline import BatchResult, Pipeline, StagedBatch
 from .routing import PolicyHolder, RoutingPolicy
+from .tracing import new_tracer
 from .untrusted import error_text
 
 if TYPE_CHECKING:
     from .control.plane import ControlPlane
     from .progress import PartitionLag
+    from .tracing.spans import BatchTrace, BatchTracer
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ class _InFlight:
     deliveries: list[Delivery]
     records: int
     lane: asyncio.Task[None] | None = None
+    #: Its trace when tracing is on and the batch sampled (``sidecar.tracing``).
+    trace: BatchTrace | None = None
 
 
 class Sidecar:
@@ -88,9 +92,12 @@ class Sidecar:
         candidate: ScoringModel | None = None,
         metrics: SidecarMetrics | None = None,
         instance_id: str | None = None,
+        tracer: BatchTracer | None = None,
     ) -> None:
         self.config = config
         self.instance_id = instance_id or new_instance_id()
+        #: Spans per batch when ``tracing.enabled`` (None otherwise: nothing imported).
+        self.tracer = tracer if tracer is not None else new_tracer(config, self.instance_id)
         self.champion = champion or load_model(config.models.champion)
         cand_cfg = config.models.candidate
         self.candidate = candidate or (load_model(cand_cfg) if cand_cfg else None)
@@ -223,6 +230,8 @@ class Sidecar:
         finally:
             await watcher.stop()
             await self._close()
+            if self.tracer is not None:
+                await asyncio.to_thread(self.tracer.flush)
         self.supervisor.raise_failure()
 
     def _watch_readers(self) -> None:
@@ -357,15 +366,21 @@ class Sidecar:
             shed = self._lanes_running >= cfg.candidate_backlog
             if shed:
                 self.metrics.candidate_shed.inc(len(records))
+            tracer = self.tracer
+            trace = None if tracer is None else tracer.batch(batches, records, policy, shed)
             staged = await self.pipeline.start(records, policy, shed_candidate=shed)
+            if trace is not None:
+                trace.staged(staged)
             deliveries = await self._send_until_accepted(staged.early)
             if deliveries is None:  # stopping during an outage: not committed, re-consumed
                 break
+            if trace is not None:
+                trace.sent(deliveries)
             offsets = {}
             for tp, part in batches.items():
                 offsets[tp] = part[-1].offset + 1
                 self.last_consumed_ms[tp] = part[-1].timestamp
-            entry = _InFlight(offsets, deliveries, len(records))
+            entry = _InFlight(offsets, deliveries, len(records), trace=trace)
             if staged.pending is not None:
                 if not shed:
                     self._lanes_running += 1
@@ -403,10 +418,14 @@ class Sidecar:
             finally:
                 if counted:  # the candidate answered (or timed out): no longer its backlog
                     self._lanes_running -= 1
+            if entry.trace is not None:
+                entry.trace.finished(late)
             if previous is not None and not previous.done():
                 await asyncio.wait([previous])
             if late is not None:
                 deliveries = await self._send_until_accepted(late)
+                if entry.trace is not None and deliveries is not None:
+                    entry.trace.sent(deliveries)
                 if deliveries is not None:
                     entry.deliveries = entry.deliveries + deliveries
                     self._observe(late, 0)
@@ -509,6 +528,8 @@ class Sidecar:
                 continue
             backoff.reset()
             await self._commit(head.offsets)
+            if head.trace is not None:
+                head.trace.committed()
             self._in_flight.popleft()
             self._in_flight_records -= head.records
             self.metrics.in_flight.set(self._in_flight_records)

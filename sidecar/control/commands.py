@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import msgspec
 
@@ -41,20 +41,7 @@ Action = Literal[
     "deprecate",
     "sunset",
 ]
-ACTIONS: tuple[Action, ...] = (
-    "shadow",
-    "canary",
-    "ramp",
-    "promote",
-    "rollback",
-    "pause",
-    "resume",
-    "retire",
-    "advance",
-    "verdict",
-    "deprecate",
-    "sunset",
-)
+ACTIONS: tuple[Action, ...] = get_args(Action)
 #: Actions on an older output version (``outputs.versions``), not on the routing: they change
 #: no epoch and apply even to a retired rollout (its consumers still migrate).
 OUTPUT_ACTIONS = frozenset({"deprecate", "sunset"})

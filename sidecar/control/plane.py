@@ -86,6 +86,7 @@ if TYPE_CHECKING:
     from ..models import ScoringModel
     from ..pipeline import BatchResult
     from ..runner import Sidecar
+    from ..tracing.spans import BatchTracer
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +338,7 @@ class ControlPlane:
         supervisor: Supervisor | None = None,
         on_outputs: Callable[[tuple[OutputState, ...]], None] | None = None,
         on_lifecycle: Callable[[str, Applied], None] | None = None,
+        tracer: BatchTracer | None = None,
     ) -> None:
         self.config = config
         self.settings = config.control
@@ -366,6 +368,8 @@ class ControlPlane:
         #: Told ``("promote" | "retire", outcome)`` when a live command promotes the
         #: candidate or retires the old champion (the registry write-back); never on replay.
         self._on_lifecycle = on_lifecycle
+        #: A span per live control record handled, when tracing is on (``sidecar.tracing``).
+        self._tracer = tracer
         self._started_at_ms = started_at_ms or now_ms()
         self._host = socket.gethostname()
         self._tp = TopicPartition(config.topics.control, CONTROL_PARTITION)
@@ -406,6 +410,7 @@ class ControlPlane:
             supervisor=sidecar.supervisor,
             on_outputs=sidecar.pipeline.set_output_states,
             on_lifecycle=registry_write_back(sidecar),
+            tracer=sidecar.tracer,
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -584,13 +589,17 @@ class ControlPlane:
 
     async def _refuse(self, outcome: Rejected, offset: int | None) -> Outcome:
         """Audit a control record that never reached the state machine."""
+        started = time.time_ns()
         log.warning("control: rejected a record: %s: %s", outcome.reason.value, outcome.detail)
         self.outcomes.append(outcome)
         await self._publish_audit(outcome, offset)
+        if self._tracer is not None:
+            self._tracer.command(outcome, started)
         return outcome
 
     async def handle(self, record: ControlRecord, offset: int | None = None) -> Outcome:
         """One live control record: apply it (swapping the policy first), then audit it."""
+        started = time.time_ns()
         before = self.state
         outcome = process_record(self.state, record, trust=self.trust, config=self.rules)
         self.state = next_state(self.state, outcome)
@@ -639,6 +648,8 @@ class ControlPlane:
             isinstance(outcome, Noted) and outcome.command.action in OUTPUT_ACTIONS
         ):
             await self._publish_status()
+        if self._tracer is not None:
+            self._tracer.command(outcome, started)
         return outcome
 
     def _lifecycle(self, before: RolloutState, outcome: Applied) -> None:

@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 
 #: Kafka's TOPIC_ALREADY_EXISTS error code (someone else created it meanwhile: fine).
 _TOPIC_ALREADY_EXISTS = 36
+#: TOPIC_AUTHORIZATION_FAILED, CLUSTER_AUTHORIZATION_FAILED.
+_NOT_AUTHORISED = (29, 31)
 #: Bytes a one-record batch adds around the record (batch header 61, record framing ~21,
 #: rounded up). A topic's ``max.message.bytes`` bounds the whole batch.
 BATCH_OVERHEAD_BYTES = 128
@@ -55,6 +57,12 @@ async def ensure_topics(
         for topic, code, message in response.topic_errors:
             if code == 0:
                 created.append(topic)
+            elif code in _NOT_AUTHORISED:
+                raise BrokerError(
+                    f"could not create topic {topic}: this principal may not create topics "
+                    f"(error {code}). Create it beforehand (docker/kafka/setup.sh shows the "
+                    "partitions and configs each topic needs) or allow Create on it"
+                )
             elif code != _TOPIC_ALREADY_EXISTS:
                 raise BrokerError(f"could not create topic {topic}: error {code}: {message}")
         return created

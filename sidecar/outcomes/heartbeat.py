@@ -13,9 +13,14 @@ time may go on the outcomes' account.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+
+#: More partitions than any topic has: a heartbeat claiming more is no heartbeat (it would
+#: make :func:`outcomes_bound` loop over them).
+MAX_PARTITIONS = 65_536
+_Partitions = Annotated[int, msgspec.Meta(ge=0, le=MAX_PARTITIONS)]
 
 #: Seconds between a router member's heartbeats to the task partitions.
 HEARTBEAT_S = 0.5
@@ -34,10 +39,10 @@ class PartitionProgress(msgspec.Struct, frozen=True, array_like=True):
 class RouterHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     """A router member's word to a task, by outcome partition it owns."""
 
-    member: str
+    member: Annotated[str, msgspec.Meta(max_length=256)]
     #: Partitions of the outcomes topic (all members, all partitions).
-    total: int
-    partitions: dict[int, PartitionProgress]
+    total: _Partitions
+    partitions: Annotated[dict[int, PartitionProgress], msgspec.Meta(max_length=MAX_PARTITIONS)]
     at_ms: int
 
 
@@ -63,7 +68,7 @@ def outcomes_bound(beats: Iterable[RouterHeartbeat], now_ms: int, fresh_ms: int)
     latest: dict[int, PartitionProgress] = {}
     total = 0
     for beat in sorted(beats, key=lambda b: b.at_ms):
-        if now_ms - beat.at_ms > fresh_ms:
+        if abs(now_ms - beat.at_ms) > fresh_ms:  # stale, or dated ahead (a wrong clock)
             continue
         total = max(total, beat.total)
         latest.update(beat.partitions)

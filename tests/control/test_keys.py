@@ -126,3 +126,12 @@ def test_keygen_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "ISO-8601" in capsys.readouterr().err
     assert main([*argv[:-1], str(tmp_path / "y.key")]) == 0
     assert "[[keys]]" in capsys.readouterr().out
+
+
+def test_operators_may_sign_every_action_and_no_role_an_unknown_one() -> None:
+    from sidecar.control.commands import ACTIONS
+    from sidecar.control.keys import ROLE_ACTIONS
+
+    assert ROLE_ACTIONS["operator"] == frozenset(ACTIONS)  # a new action is an operator's too
+    assert all(actions <= frozenset(ACTIONS) for actions in ROLE_ACTIONS.values())
+    assert ROLE_ACTIONS["guard"] == {"rollback", "pause", "verdict"}  # guards only stop or judge

@@ -135,3 +135,37 @@ def test_refusals_say_what_to_change() -> None:
     acl = refusal(TopicAuthorizationFailedError(), "out", 1, 10)
     assert "grant this principal WRITE on topic out" in str(acl)
     assert not acl.retriable
+
+
+async def test_a_topic_this_principal_may_not_create_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a cluster with ACLs a service without Create gets TOPIC_AUTHORIZATION_FAILED (29):
+    the error says to create the topic beforehand, not just "error 29"."""
+    import aiokafka.admin
+
+    from sidecar.errors import BrokerError
+    from sidecar.kafka.topics import ensure_topics
+
+    class Response:
+        topic_errors = [("sidecar-outcomes.by-task", 29, None)]
+
+    class Admin:
+        def __init__(self, **_: object) -> None:
+            pass
+
+        async def start(self) -> None:
+            pass
+
+        async def close(self) -> None:
+            pass
+
+        async def list_topics(self) -> list[str]:
+            return []
+
+        async def create_topics(self, _topics: object) -> Response:
+            return Response()
+
+    monkeypatch.setattr(aiokafka.admin, "AIOKafkaAdminClient", Admin)
+    with pytest.raises(BrokerError, match=r"may not create topics .* Create it beforehand"):
+        await ensure_topics("unused:9092", ["sidecar-outcomes.by-task"], 3)

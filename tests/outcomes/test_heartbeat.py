@@ -53,3 +53,13 @@ def test_only_a_marked_well_formed_record_is_a_heartbeat() -> None:
     assert heartbeat_of(Rec(value)) is None  # no header: an outcome (or garbage)
     forged = Rec(b"\xff not json", headers=((HEARTBEAT_HEADER, b"1"),))
     assert heartbeat_of(forged) is None
+    # A heartbeat claiming a billion partitions would make every stream-time step loop over
+    # them: refused at decode.
+    huge = msgspec.json.encode({"member": "a", "total": 10**9, "partitions": {}, "at_ms": 1})
+    assert heartbeat_of(Rec(huge, headers=((HEARTBEAT_HEADER, b"1"),))) is None
+
+
+def test_a_heartbeat_dated_ahead_does_not_count() -> None:
+    """A router with a clock far ahead would otherwise stay "fresh" for ever."""
+    ahead = beat("a", at=1_000_000, p0=(9000, True), p1=(9000, True), p2=(9000, True))
+    assert outcomes_bound([ahead], now_ms=1500, fresh_ms=1000) == -1

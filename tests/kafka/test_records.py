@@ -37,12 +37,13 @@ def batch(
     headers: dict[int, list[tuple[Any, bytes]]] | None = None,
     control: bool = False,
     corrupt: bool = False,
+    codec: int = 0,
 ) -> bytes:
     """One v2 record batch of ``n`` records at offsets ``base``..``base + n - 1``."""
     headers = headers or {}
     raw = any(isinstance(k, RawKey) for hs in headers.values() for k, _ in hs)
     builder_type: Any = _DefaultRecordBatchBuilderPy if raw else DefaultRecordBatchBuilder
-    builder = builder_type(2, 0, 0, -1, -1, 0, 1 << 22)
+    builder = builder_type(2, codec, 0, -1, -1, 0, 1 << 22)
     for i in range(n):
         builder.append(
             i,
@@ -118,6 +119,7 @@ DATA = {
     + batch(2, 3, headers={3: [(RawKey("k"), b"v")]})
     + batch(5, 2),
     "bad crc": batch(0, 2) + batch(2, 3, corrupt=True) + batch(5, 2),
+    "gzip": batch(0, 6, codec=1) + batch(6, 7, codec=1, headers={8: [("h", b"x")]}),
 }
 
 

@@ -75,8 +75,11 @@ async def run_passthrough(cfg: Any, n: int) -> float:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     from sidecar.contracts import InferenceRequest
-    from sidecar.kafka import BatchSender, ensure_topics
+    from sidecar.kafka import BatchSender, ensure_topics, records
     from sidecar.pipeline import TopicOutput
+
+    # The ceiling reads records as aiokafka does (the sidecar reads whole batches).
+    records.uninstall()
 
     t = cfg.topics
     await ensure_topics(cfg.kafka.bootstrap_servers, cfg.all_topics(), TOPIC_PARTITIONS)
@@ -96,7 +99,11 @@ async def run_passthrough(cfg: Any, n: int) -> float:
         auto_offset_reset="earliest",
     )
     await consumer.start()
-    sender = BatchSender(producer, {t.decisions: TOPIC_PARTITIONS, t.comparisons: TOPIC_PARTITIONS})
+    sender = BatchSender(
+        producer,
+        {t.decisions: TOPIC_PARTITIONS, t.comparisons: TOPIC_PARTITIONS},
+        raw_append=False,  # aiokafka's public BatchBuilder.append, as any client would
+    )
     decoder = msgspec.json.Decoder(InferenceRequest)
     encoder = msgspec.json.Encoder()
     done = 0

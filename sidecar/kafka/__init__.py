@@ -11,6 +11,7 @@ sidecar goes through here, so that each fix to how we talk to Kafka is made once
 
 from __future__ import annotations
 
+from . import records as _records
 from . import unreadable as _unreadable
 from .clients import (
     SASL_MECHANISMS,
@@ -36,6 +37,7 @@ from .topics import (
 from .unreadable import UNREADABLE_HEADER, Unreadable, unreadable_of
 
 _unreadable.install()  # records the client cannot parse become markers, not a stalled loop
+_records.install()  # fetched records read a batch at a time (after the line above)
 
 __all__ = [
     "SASL_MECHANISMS",

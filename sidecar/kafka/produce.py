@@ -16,6 +16,7 @@ can never succeed by sending the same bytes again and stop the process with a
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -121,9 +122,14 @@ class Delivery:
 class BatchSender:
     """Sends a topic's outputs as one batch per partition (more when a batch fills)."""
 
-    def __init__(self, producer: AIOKafkaProducer, partitions: dict[str, int]) -> None:
+    def __init__(
+        self, producer: AIOKafkaProducer, partitions: dict[str, int], *, raw_append: bool = True
+    ) -> None:
         self._producer = producer
         self._partitions = partitions
+        #: Append through aiokafka's C record builder directly (see :func:`_append`); False:
+        #: its public ``BatchBuilder.append`` (the passthrough benchmark measures plain aiokafka).
+        self._raw = raw_append and _RAW_APPEND_OK
 
     async def send(self, topic: str, output: TopicOutputLike) -> list[Delivery]:
         n = len(output)
@@ -154,25 +160,24 @@ class BatchSender:
     ) -> list[Delivery]:
         """Records ``indices`` of ``output``, in that order, to one partition."""
         producer = self._producer
-        keys, values, headers = output.keys, output.values, output.headers
-        deliveries = []
-        builder = producer.create_batch()
-        start = 0
-        for pos, i in enumerate(indices):
-            appended = builder.append(
-                key=keys[i], value=values[i], timestamp=None, headers=headers[i]
-            )
-            if appended is not None:
-                continue
-            # Full: send what it holds and start the next batch with this record.
-            deliveries.append(
-                await self._submit(builder, topic, partition, output, indices[start:pos])
-            )
+        deliveries: list[Delivery] = []
+        # One CreateTime for the records of a call (they are built within a millisecond or
+        # two), instead of a clock read per record.
+        now_ms = time.time_ns() // 1_000_000
+        start, n = 0, len(indices)
+        if not n:
+            return deliveries
+        while True:
             builder = producer.create_batch()
-            builder.append(key=keys[i], value=values[i], timestamp=None, headers=headers[i])
-            start = pos
-        deliveries.append(await self._submit(builder, topic, partition, output, indices[start:]))
-        return deliveries
+            end = _append(builder, output, indices, start, now_ms, self._raw)
+            if end == start:  # cannot happen: an empty batch takes any one record
+                raise RuntimeError(f"aiokafka refused a record into an empty batch for {topic}")
+            deliveries.append(
+                await self._submit(builder, topic, partition, output, indices[start:end])
+            )
+            if end >= n:
+                return deliveries
+            start = end
 
     async def resend(self, delivery: Delivery) -> list[Delivery]:
         """The records of a failed ``delivery``, sent again."""
@@ -191,3 +196,60 @@ class BatchSender:
         size = builder.size()
         future = await self._producer.send_batch(builder, topic, partition=partition)
         return Delivery(topic, partition, indices, future, size, output)
+
+
+def _append(
+    builder: Any, output: TopicOutputLike, indices: Sequence[int], start: int, ts: int, raw: bool
+) -> int:
+    """Append records ``indices[start:]`` of ``output`` to ``builder`` (an aiokafka
+    ``BatchBuilder``) until it is full; the position of the first record not appended.
+
+    Calls the C record builder behind ``BatchBuilder.append`` directly (its private
+    ``_builder``; the wrapper's keyword call and checks cost ~0.2 us a record, a third of
+    appending) and keeps the wrapper's record count (``_relative_offset``) as it would. When
+    aiokafka's ``BatchBuilder`` no longer looks like that, its public ``append`` is used.
+    """
+    keys, values, headers = output.keys, output.values, output.headers
+    inner = getattr(builder, "_builder", None)
+    offset = getattr(builder, "_relative_offset", None)
+    if not raw or inner is None or offset != 0 or builder.closed():
+        for pos in range(start, len(indices)):
+            i = indices[pos]
+            if (
+                builder.append(key=keys[i], value=values[i], timestamp=ts, headers=headers[i])
+                is None
+            ):
+                return pos
+        return len(indices)
+    append = inner.append
+    pos = start
+    n = len(indices)
+    while pos < n:
+        i = indices[pos]
+        if append(offset, ts, keys[i], values[i], headers[i]) is None:
+            builder.close()  # as BatchBuilder.append does when full
+            break
+        offset += 1
+        pos += 1
+    builder._relative_offset = offset
+    return pos
+
+
+def _raw_append_ok() -> bool:
+    """aiokafka's ``BatchBuilder`` still wraps a record builder as ``_builder`` and counts
+    records in ``_relative_offset`` (checked once, on a throwaway builder)."""
+    try:
+        from aiokafka.producer.message_accumulator import BatchBuilder
+
+        probe = BatchBuilder(1 << 10, 0)
+        if probe._relative_offset != 0:
+            return False
+        if probe._builder.append(0, 0, b"k", b"v", []) is None:
+            return False
+        probe._relative_offset = 1
+        return bool(probe.record_count() == 1)
+    except Exception:  # any change of shape: use the public append
+        return False
+
+
+_RAW_APPEND_OK = _raw_append_ok()

@@ -87,6 +87,8 @@ class _Batches:
 
 
 _original_init = fetcher.PartitionRecords.__init__
+#: aiokafka's own ``PartitionRecords.__init__`` (``.records`` checks its signature).
+aiokafka_partition_records_init = _original_init
 
 
 def _init(self: Any, tp: Any, records: Any, *args: Any, **kwargs: Any) -> None:

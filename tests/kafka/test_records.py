@@ -1,0 +1,233 @@
+"""Reading fetched records a batch at a time (sidecar.kafka.records) against aiokafka's own
+record-at-a-time path, on record sets built in memory (no broker)."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import pytest
+from aiokafka.consumer import fetcher
+from aiokafka.record.default_records import (
+    DefaultRecordBatchBuilder,
+    _DefaultRecordBatchBuilderPy,
+)
+from aiokafka.record.memory_records import MemoryRecords
+from aiokafka.structs import TopicPartition
+
+import sidecar.kafka  # noqa: F401  (installs the patches)
+from sidecar.kafka import records as fast
+from sidecar.kafka.records import Record
+from sidecar.kafka.unreadable import unreadable_of
+
+TP = TopicPartition("requests", 3)
+
+
+class RawKey(str):
+    """A header key whose bytes are not UTF-8 (aiokafka raises parsing it)."""
+
+    def encode(self, *args: object, **kwargs: object) -> bytes:  # type: ignore[override]
+        return b"\xff\xfe"
+
+
+def batch(
+    base: int,
+    n: int,
+    *,
+    headers: dict[int, list[tuple[Any, bytes]]] | None = None,
+    control: bool = False,
+    corrupt: bool = False,
+    codec: int = 0,
+) -> bytes:
+    """One v2 record batch of ``n`` records at offsets ``base``..``base + n - 1``."""
+    headers = headers or {}
+    raw = any(isinstance(k, RawKey) for hs in headers.values() for k, _ in hs)
+    builder_type: Any = _DefaultRecordBatchBuilderPy if raw else DefaultRecordBatchBuilder
+    builder = builder_type(2, codec, 0, -1, -1, 0, 1 << 22)
+    for i in range(n):
+        builder.append(
+            i,
+            1_700_000_000_000 + i,
+            b"k%d" % (base + i),
+            b"v%d" % (base + i),
+            headers.get(base + i, []),
+        )
+    buf = bytearray(builder.build())
+    struct.pack_into(">q", buf, 0, base)
+    if control:  # attributes (int16 at byte 21): bit 5 = control batch; the CRC covers it
+        attrs = struct.unpack_from(">h", buf, 21)[0] | 0x20
+        struct.pack_into(">h", buf, 21, attrs)
+        from aiokafka.record.util import calc_crc32c
+
+        struct.pack_into(">I", buf, 17, calc_crc32c(bytes(buf[21:])))
+    if corrupt:
+        buf[-1] ^= 0xFF
+    return bytes(buf)
+
+
+def partition_records(data: bytes, fetch_offset: int, **kwargs: Any) -> Any:
+    settings: dict[str, Any] = {
+        "key_deserializer": None,
+        "value_deserializer": None,
+        "check_crcs": True,
+        "isolation_level": fetcher.READ_UNCOMMITTED,
+    }
+    settings.update(kwargs)
+    return fetcher.PartitionRecords(
+        TP,
+        MemoryRecords(data),
+        None,
+        fetch_offset,
+        settings["key_deserializer"],
+        settings["value_deserializer"],
+        settings["check_crcs"],
+        settings["isolation_level"],
+    )
+
+
+def slow_read(data: bytes, fetch_offset: int) -> tuple[list[tuple[Any, ...]], int]:
+    """aiokafka's path (forced by a no-op deserializer): records and the final position."""
+    records = partition_records(data, fetch_offset, value_deserializer=lambda v: v)
+    assert not records._sc_fast
+    got = [shape(r) for r in records]
+    return got, records.next_fetch_offset
+
+
+def shape(r: Any) -> tuple[Any, ...]:
+    marker = unreadable_of(r)
+    if marker is not None:
+        return ("unreadable", r.offset, marker.first, marker.last)
+    return (r.topic, r.partition, r.offset, r.timestamp, r.key, r.value, tuple(r.headers))
+
+
+def take_all(records: Any, max_records: int | None) -> list[Any]:
+    out: list[Any] = []
+    while True:
+        got = fast._take(records, max_records)
+        if max_records is not None:
+            assert len(got) <= max_records
+        if not got:
+            return out
+        out += got
+
+
+DATA = {
+    "plain": batch(0, 5) + batch(5, 3) + batch(8, 1),
+    "headers": batch(10, 4, headers={11: [("traceparent", b"00-ab"), ("x", b"")]}),
+    "control in between": batch(0, 3) + batch(3, 1, control=True) + batch(4, 2),
+    "unreadable header key": batch(0, 2)
+    + batch(2, 3, headers={3: [(RawKey("k"), b"v")]})
+    + batch(5, 2),
+    "bad crc": batch(0, 2) + batch(2, 3, corrupt=True) + batch(5, 2),
+    "gzip": batch(0, 6, codec=1) + batch(6, 7, codec=1, headers={8: [("h", b"x")]}),
+}
+
+
+@pytest.mark.parametrize("name", list(DATA))
+@pytest.mark.parametrize("fetch_offset", [0, 3, 11])
+@pytest.mark.parametrize("max_records", [None, 1, 2, 1000])
+def test_batch_reading_returns_what_aiokafka_returns(
+    name: str, fetch_offset: int, max_records: int | None
+) -> None:
+    data = DATA[name]
+    expected, end = slow_read(data, fetch_offset)
+    records = partition_records(data, fetch_offset)
+    assert records._sc_fast
+    got = take_all(records, max_records)
+    assert [shape(r) for r in got] == expected
+    assert records.next_fetch_offset == end
+    assert all(isinstance(r, Record) for r in got)
+
+
+def test_a_bad_batch_keeps_the_records_before_the_bad_one_and_marks_the_rest() -> None:
+    records = partition_records(DATA["unreadable header key"], 0)
+    got = take_all(records, None)
+    assert [r.offset for r in got] == [0, 1, 2, 4, 5, 6]
+    marker = unreadable_of(got[3])
+    assert marker is not None and (marker.first, marker.last) == (3, 4)
+    assert "UnicodeDecodeError" in marker.error
+
+
+def test_one_at_a_time_and_batches_mix() -> None:
+    records = partition_records(DATA["plain"], 2)
+    first = next(records)
+    assert first.offset == 2 and records.next_fetch_offset == 3
+    rest = take_all(records, 4)
+    assert [r.offset for r in rest] == [3, 4, 5, 6, 7, 8]
+    assert records.next_fetch_offset == 9
+    with pytest.raises(StopIteration):
+        next(records)
+
+
+def test_records_look_like_consumer_records() -> None:
+    (r,) = take_all(partition_records(batch(7, 1, headers={7: [("h", b"1")]}), 0), None)
+    assert (r.topic, r.partition, r.offset, r.key, r.value) == ("requests", 3, 7, b"k7", b"v7")
+    assert r.headers == (("h", b"1"),)
+    assert (r.serialized_key_size, r.serialized_value_size, r.checksum) == (2, 2, None)
+    assert r.timestamp == 1_700_000_000_000 and r.timestamp_type == 0
+
+
+def test_aiokafka_shapes_are_the_known_ones() -> None:
+    # Fails loudly here (not only as a warning at run time) when aiokafka changes.
+    assert fast._shapes_ok() is None
+    assert fast._installed
+
+
+class CapturingProducer:
+    """aiokafka's real ``BatchBuilder`` behind ``create_batch``; ``send_batch`` keeps the
+    built batches instead of sending them (what BatchSender puts into them is under test)."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.sent: list[tuple[str, int, Any]] = []
+
+    def create_batch(self) -> Any:
+        from aiokafka.producer.message_accumulator import BatchBuilder
+
+        return BatchBuilder(self.batch_size, 0)
+
+    async def send_batch(self, builder: Any, topic: str, *, partition: int) -> Any:
+        self.sent.append((topic, partition, builder))
+        import asyncio
+
+        return asyncio.get_running_loop().create_future()
+
+
+@pytest.mark.parametrize("raw", [True, False])
+@pytest.mark.parametrize("batch_size", [1 << 20, 300])
+async def test_batch_sender_writes_every_record_in_order_with_its_headers(
+    batch_size: int, raw: bool
+) -> None:
+    from sidecar.kafka import BatchSender
+    from sidecar.pipeline import TopicOutput
+
+    out = TopicOutput()
+    for i in range(40):
+        out.keys.append(b"key-%d" % (i % 7))
+        out.values.append(b"value-%d" % i * (1 + i % 5))
+        out.headers.append(
+            [("schema_version", b"1")] + ([("traceparent", b"00-x")] if i % 3 else [])
+        )
+    producer = CapturingProducer(batch_size)
+    deliveries = await BatchSender(producer, {"decisions": 4}, raw_append=raw).send(
+        "decisions", out
+    )  # type: ignore[arg-type]
+    assert len(deliveries) == len(producer.sent)
+    if batch_size < 1000:
+        assert len(producer.sent) > 4  # full batches were split
+    seen: dict[int, list[int]] = {}
+    for delivery, (topic, partition, builder) in zip(deliveries, producer.sent, strict=True):
+        assert (topic, partition) == ("decisions", delivery.partition)
+        assert builder.record_count() == len(delivery.indices) > 0
+        data = bytes(builder._build())
+        parsed = list(MemoryRecords(data).next_batch())
+        assert [r.offset for r in parsed] == list(range(len(parsed)))
+        for i, r in zip(delivery.indices, parsed, strict=True):
+            assert (r.key, r.value, r.headers) == (out.keys[i], out.values[i], out.headers[i])
+            assert r.timestamp > 1_700_000_000_000
+        seen.setdefault(partition, []).extend(delivery.indices)
+    # Every record once, each partition's in output order, each key on one partition.
+    assert sorted(i for p in seen.values() for i in p) == list(range(40))
+    for indices in seen.values():
+        assert indices == sorted(indices)
+    assert len({(out.keys[i], p) for p, ix in seen.items() for i in ix}) == 7

@@ -75,6 +75,9 @@ class DecodedBatch:
     trace: dict[int, list[tuple[str, bytes]]] = field(default_factory=dict)
     #: The requests' ``candidates`` when a model re-ranks them (None otherwise).
     items: CandidateItems | None = None
+    #: The pipeline's JSON texts of this batch's ids and scores, made once and shared by its
+    #: two output stages (see ``sidecar.pipeline``).
+    texts: Any = None
 
     def __len__(self) -> int:
         return len(self.request_ids)

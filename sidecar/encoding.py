@@ -34,14 +34,21 @@ def escape(text: str) -> str:
     return _ENCODER.encode(text).decode()[1:-1]
 
 
-def template(prototype: Any, slots: tuple[str, ...], raw: frozenset[str]) -> str:
+def template(
+    prototype: Any,
+    slots: tuple[str, ...],
+    raw: frozenset[str],
+    ints: frozenset[str] = frozenset(),
+) -> str:
     """A ``%``-format template from a prototype Struct (or a dict, encoded in its order).
 
     ``prototype`` holds ``"@@name@@"`` in each slot field; ``slots`` names them in the order
     they appear in the encoded JSON (checked), which is the order of the ``%`` arguments. A
     slot in ``raw`` replaces the quoted sentinel (format it with JSON text: a number,
     ``true``, an object...); any other slot stays inside its quotes (format it with an escaped
-    string body).
+    string body). A raw slot in ``ints`` is ``%d`` (format it with an int), so the template
+    also works as bytes (``template(...).encode()``, formatted with bytes and ints: about
+    twice as fast per record as ``str`` formatting and its ``encode()``).
     """
     encoded = _ENCODER.encode(prototype).decode().replace("%", "%%")
     position = -1
@@ -53,7 +60,7 @@ def template(prototype: Any, slots: tuple[str, ...], raw: frozenset[str]) -> str
         if found < position:
             raise ValueError(f"slot {name!r} is out of order: list slots as they appear")
         position = found
-        encoded = encoded.replace(sentinel, "%s")
+        encoded = encoded.replace(sentinel, "%d" if name in ints and name in raw else "%s")
     return encoded
 
 
@@ -65,11 +72,19 @@ def json_numbers(values: list[float] | list[int]) -> list[str]:
     return _ENCODER.encode(values).decode()[1:-1].split(",")
 
 
+def json_number_bytes(values: list[float] | list[int]) -> list[bytes]:
+    """:func:`json_numbers` as bytes (for bytes templates)."""
+    if not values:
+        return []
+    return _ENCODER.encode(values)[1:-1].split(b",")
+
+
 def json_bool(value: bool) -> str:
     return "true" if value else "false"
 
 
 JSON_BOOL = ("false", "true")
+JSON_BOOL_BYTES = (b"false", b"true")
 
 
 def raw_json(value: Any) -> str:

@@ -11,6 +11,7 @@ Everything per batch is vectorised with numpy; the one per-record loop only form
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -198,21 +199,32 @@ class _BatchFormats:
             self._decision_pair(arm, arm, None) if m is not None else (b"", b"")
             for arm, m in enumerate(models)
         )
-        # comparison[served_by][has_routing_key]; served_by None is index 2 (via dict below).
-        # comparison[served_by][has_routing_key]: arms given as ready-made JSON fragments
-        # (slots: request_id, routing_key, ts, champion, candidate).
-        self.comparison: dict[int | None, tuple[bytes, bytes]] = {
+        self._scores = (champion, candidate)
+
+    # The comparison templates are made when a stage first needs them: the first stage of
+    # a batch writes no comparison, and the fragment ones serve only batches where an arm
+    # failed.
+
+    @functools.cached_property
+    def comparison(self) -> dict[int | None, tuple[bytes, bytes]]:
+        """``[served_by][has_routing_key]``: arms given as ready-made JSON fragments (slots:
+        request_id, routing_key, ts, champion, candidate)."""
+        return {
             served: self._comparison_pair(
-                policy, served, "@@champion@@", "@@candidate@@", ("champion", "candidate")
+                self._policy, served, "@@champion@@", "@@candidate@@", ("champion", "candidate")
             )
             for served in (_CHAMPION, _CANDIDATE, None)
         }
-        # comparison_both[served_by][has_routing_key]: both arms scored (the common case);
-        # slots: request_id, routing_key, ts, champion score and decision, candidate score and
-        # decision.
-        self.comparison_both = tuple(
+
+    @functools.cached_property
+    def comparison_both(self) -> tuple[tuple[bytes, bytes], ...]:
+        """``[served_by][has_routing_key]``: both arms scored (the common case); slots:
+        request_id, routing_key, ts, champion score and decision, candidate score and
+        decision."""
+        models = self._models
+        return tuple(
             self._comparison_pair(
-                policy,
+                self._policy,
                 served,
                 _scored(models[0], "c", self.latency[0]),
                 _scored(models[1], "k", self.latency[1]),
@@ -220,17 +232,21 @@ class _BatchFormats:
             )
             for served in (_CHAMPION, _CANDIDATE)
         )
+
+    @functools.cached_property
+    def _arm_results(self) -> tuple[list[tuple[str, ...]], list[bytes], list[bytes]]:
+        """Each arm's ModelResult templates: scored (with its score and decision slots) and
+        failed."""
         ok, err = [], []
-        #: The score and decision slots of each arm's ``ok`` template: a multiclass model's
-        #: result has a score (the label's probability) and no decision; regression and
-        #: ranking results neither (their output is in the kind's fields).
-        self.ok_slots: list[tuple[str, ...]] = []
-        for arm, (m, scores) in enumerate(zip(models, (champion, candidate), strict=True)):
+        # A multiclass model's result has a score (the label's probability) and no decision;
+        # regression and ranking results neither (their output is in the kind's fields).
+        ok_slots: list[tuple[str, ...]] = []
+        for arm, (m, scores) in enumerate(zip(self._models, self._scores, strict=True)):
             name, version = (m.name, m.version) if m else ("", "")
             manifest_digest = m.manifest_digest if m else None
             kind = m.kind if m else "binary"
             slots = _OK_SLOTS.get(kind, ())
-            self.ok_slots.append(slots)
+            ok_slots.append(slots)
             ok.append(
                 template(
                     ModelResult(
@@ -256,8 +272,15 @@ class _BatchFormats:
                     )
                 ).encode()
             )
-        self.champion_ok, self.candidate_ok = ok
-        self.champion_error, self.candidate_error = err
+        return ok_slots, ok, err
+
+    @property
+    def champion_error(self) -> bytes:
+        return self._arm_results[2][_CHAMPION]
+
+    @property
+    def candidate_error(self) -> bytes:
+        return self._arm_results[2][_CANDIDATE]
 
     def prototype(self, arm: int, routed: int, fallback: str | None, keyed: bool) -> Decision:
         """The Decision a template is made from: every per-record field a sentinel slot (an
@@ -287,8 +310,9 @@ class _BatchFormats:
 
     def arm_ok(self, arm: int, score: bytes, decision: bytes) -> bytes:
         """Arm ``arm``'s scored ModelResult as JSON, whatever its output kind."""
-        tmpl = self.champion_ok if arm == _CHAMPION else self.candidate_ok
-        slots = len(self.ok_slots[arm])
+        ok_slots, ok, _ = self._arm_results
+        tmpl = ok[arm]
+        slots = len(ok_slots[arm])
         if slots == 2:
             return tmpl % (score, decision)
         return tmpl % score if slots else tmpl
@@ -1320,10 +1344,7 @@ _OUT_OF_RANGE_KEY = b',"out_of_range":'
 def _too_big(values: list[bytes | None], keys: list[bytes], limit: int) -> set[int]:
     """Indices of records whose key and value exceed ``limit`` bytes (``None``: no record).
     One pass of C-level ``len`` calls in the usual case that none does."""
-    try:
-        biggest = max(map(len, values), default=0)  # type: ignore[arg-type]
-    except TypeError:  # a None among them
-        biggest = max((len(v) for v in values if v is not None), default=0)
+    biggest = max(map(len, filter(None, values)), default=0)  # None (and b""): no record
     if biggest + max(map(len, keys), default=0) <= limit:
         return set()
     return {i for i, v in enumerate(values) if v is not None and len(v) + len(keys[i]) > limit}

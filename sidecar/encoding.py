@@ -39,6 +39,7 @@ def template(
     slots: tuple[str, ...],
     raw: frozenset[str],
     ints: frozenset[str] = frozenset(),
+    ignored: frozenset[str] = frozenset(),
 ) -> str:
     """A ``%``-format template from a prototype Struct (or a dict, encoded in its order).
 
@@ -48,11 +49,17 @@ def template(
     ``true``, an object...); any other slot stays inside its quotes (format it with an escaped
     string body). A raw slot in ``ints`` is ``%d`` (format it with an int), so the template
     also works as bytes (``template(...).encode()``, formatted with bytes and ints: about
-    twice as fast per record as ``str`` formatting and its ``encode()``).
+    twice as fast per record as ``str`` formatting and its ``encode()``). A slot in
+    ``ignored`` is not in the prototype: it takes its argument and prints nothing (``%.0s``),
+    so templates with and without an optional field take the same arguments.
     """
     encoded = _ENCODER.encode(prototype).decode().replace("%", "%%")
     position = -1
-    for name in slots:
+    for k, name in enumerate(slots):
+        if name in ignored:
+            if k == 0 or slots[k - 1] in ignored:
+                raise ValueError(f"ignored slot {name!r} must follow a slot that is printed")
+            continue
         sentinel = f'"@@{name}@@"' if name in raw else f"@@{name}@@"
         if encoded.count(sentinel) != 1:
             raise ValueError(f"slot {name!r} not found exactly once in the prototype")
@@ -60,7 +67,10 @@ def template(
         if found < position:
             raise ValueError(f"slot {name!r} is out of order: list slots as they appear")
         position = found
-        encoded = encoded.replace(sentinel, "%d" if name in ints and name in raw else "%s")
+        spec = "%d" if name in ints and name in raw else "%s"
+        if k + 1 < len(slots) and slots[k + 1] in ignored:
+            spec += "%.0s"
+        encoded = encoded.replace(sentinel, spec)
     return encoded
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import operator
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -439,11 +440,11 @@ def _template_optional(
     proto: msgspec.Struct, slots: tuple[str, ...], raw: frozenset[str], keyed: bool
 ) -> bytes:
     """The bytes ``template`` (``bucket`` and ``ts`` take ints) for a prototype whose
-    routing_key is a slot when ``keyed`` and encoded as null otherwise; unkeyed templates
-    take the same arguments less the routing key."""
-    if not keyed:
-        slots = tuple(s for s in slots if s != "routing_key")
-    return template(proto, slots, raw, _INTS).encode()
+    routing_key is a slot when ``keyed`` and encoded as null otherwise. Both take the same
+    arguments (unkeyed ones ignore the routing key's), so a batch formats every record with
+    one argument shape whichever template it takes."""
+    ignored = frozenset() if keyed else frozenset({"routing_key"})
+    return template(proto, slots, raw, _INTS, ignored).encode()
 
 
 class Pipeline:
@@ -813,27 +814,37 @@ class Pipeline:
         decision_tmpl = fmt.decision
         version_header = fmt.version_headers
         schema_header = _SCHEMA_HEADER
+        plain = (
+            extras == (None, None)
+            and metadata.count(None) == len(metadata)
+            and (choice_list == routed_list or all(choice_list[i] == routed_list[i] for i in rows))
+        )
+        if plain:  # every row's routed arm decided, nothing per record to add: templates only
+            self._plain_decisions(
+                batch,
+                rows,
+                choice_list,
+                fmt,
+                texts,
+                bucket_list,
+                arm_scores,
+                arm_dec,
+                dec_values,
+                dec_headers,
+            )
+            return 0
         slow = 0
         for i in rows:
             arm = choice_list[i]
             if arm == routed_list[i] and metadata[i] is None:
-                if has_key[i]:
-                    dec = decision_tmpl[arm][1] % (
-                        rids[i],
-                        key_texts[i],
-                        arm_scores[arm][i],
-                        arm_dec[arm][i],
-                        bucket_list[i],
-                        ts_list[i],
-                    )
-                else:
-                    dec = decision_tmpl[arm][0] % (
-                        rids[i],
-                        arm_scores[arm][i],
-                        arm_dec[arm][i],
-                        bucket_list[i],
-                        ts_list[i],
-                    )
+                dec = decision_tmpl[arm][has_key[i]] % (
+                    rids[i],
+                    key_texts[i],
+                    arm_scores[arm][i],
+                    arm_dec[arm][i],
+                    bucket_list[i],
+                    ts_list[i],
+                )
                 extra = extras[arm]
                 if extra is not None:  # a non-binary output: its fields come last
                     dec = dec[:-1] + extra[i] + b"}"
@@ -849,19 +860,15 @@ class Pipeline:
                     f"{_ARM_NAMES[routed]}_failed: "
                     f"{_error_text(failed.error or failed.record_error)}",
                 )
-                score, decided = arm_scores[arm][i], arm_dec[arm][i]
-                if has_key[i]:
-                    dec = keyed % (
-                        rids[i],
-                        key_texts[i],
-                        score,
-                        decided,
-                        bucket_list[i],
-                        ts_list[i],
-                        reason,
-                    )
-                else:
-                    dec = unkeyed % (rids[i], score, decided, bucket_list[i], ts_list[i], reason)
+                dec = (keyed if has_key[i] else unkeyed) % (
+                    rids[i],
+                    key_texts[i],
+                    arm_scores[arm][i],
+                    arm_dec[arm][i],
+                    bucket_list[i],
+                    ts_list[i],
+                    reason,
+                )
                 extra = extras[arm]
                 if extra is not None:
                     dec = dec[:-1] + extra[i] + b"}"
@@ -885,6 +892,67 @@ class Pipeline:
                 batch, i, policy, fmt, arm, routed_list[i], champion, candidate, bucket_list[i]
             )
         return slow
+
+    def _plain_decisions(
+        self,
+        batch: DecodedBatch,
+        rows: list[int],
+        choice_list: list[int],
+        fmt: _BatchFormats,
+        texts: _Texts,
+        bucket_list: list[int],
+        arm_scores: tuple[list[bytes], list[bytes]],
+        arm_dec: tuple[list[bytes], list[bytes]],
+        dec_values: list[bytes | None],
+        dec_headers: list[Headers | None],
+    ) -> None:
+        """:meth:`_write_decisions` when every row's routed arm decided and no record has
+        metadata or kind fields (the common case): each row one template format, columns
+        zipped at C speed rather than indexed per record."""
+        if not rows:
+            return
+        whole = len(rows) == len(batch)
+        pick = _gather(rows, whole)
+        arms = pick(choice_list)
+        keyed = pick(batch.has_routing_key)
+        if len(set(arms)) == 1:
+            arm = arms[0]
+            scores, decided = pick(arm_scores[arm]), pick(arm_dec[arm])
+            table = fmt.decision[arm]
+            tmpls = [table[k] for k in keyed] if False in keyed else [table[True]] * len(rows)
+            version = [fmt.version_headers[arm]] * len(rows)
+        else:  # both arms decide some rows (one stage, a canary): per row
+            scores = [arm_scores[a][i] for a, i in zip(arms, rows, strict=True)]
+            decided = [arm_dec[a][i] for a, i in zip(arms, rows, strict=True)]
+            tmpls = [fmt.decision[a][k] for a, k in zip(arms, keyed, strict=True)]
+            version = [fmt.version_headers[a] for a in arms]
+        values = list(
+            map(
+                bytes.__mod__,
+                tmpls,
+                zip(
+                    pick(texts.ids),
+                    pick(texts.keys),
+                    scores,
+                    decided,
+                    pick(bucket_list),
+                    pick(batch.ts),
+                    strict=True,
+                ),
+            )
+        )
+        schema = _SCHEMA_HEADER
+        headers: list[Headers] = [
+            [("request_id", h), v, schema]
+            for h, v in zip(pick(texts.header_ids), version, strict=True)
+        ]
+        if whole:
+            dec_values[:] = values
+            dec_headers[:] = headers
+            return
+        for i, value, header in zip(rows, values, headers, strict=True):
+            dec_values[i] = value
+            dec_headers[i] = header
 
     def _write_versions(
         self,
@@ -1189,31 +1257,31 @@ class Pipeline:
         binary = champ_extra is None and cand_extra is None
         champ_valid, cand_valid = champion.valid, candidate.valid
         if binary and champ_valid.all() and cand_valid.all() and _DEAD_LETTER not in choice_list:
-            # The common case: both arms scored every record.
-            both_tmpl = fmt.comparison_both
-            for i in range(n):
-                arm = choice_list[i]
-                tmpl = both_tmpl[_CHAMPION if arm == _DEFAULT else arm]
-                if has_key[i]:
-                    cmp_values[i] = tmpl[1] % (
-                        rids[i],
-                        key_texts[i],
-                        ts_list[i],
-                        champ_scores[i],
-                        champ_dec[i],
-                        cand_scores[i],
-                        cand_dec[i],
-                    )
-                else:
-                    cmp_values[i] = tmpl[0] % (
-                        rids[i],
-                        ts_list[i],
-                        champ_scores[i],
-                        champ_dec[i],
-                        cand_scores[i],
-                        cand_dec[i],
-                    )
-            return cmp_values
+            # The common case: both arms scored every record (so no default decision
+            # either), one template format per record, columns zipped at C speed.
+            both = fmt.comparison_both
+            keyed = batch.has_routing_key
+            if False not in keyed:
+                table = (both[_CHAMPION][True], both[_CANDIDATE][True])
+                tmpls = [table[c] for c in choice_list]
+            else:
+                tmpls = [both[c][k] for c, k in zip(choice_list, keyed, strict=True)]
+            return list(
+                map(
+                    bytes.__mod__,
+                    tmpls,
+                    zip(
+                        rids,
+                        key_texts,
+                        ts_list,
+                        champ_scores,
+                        champ_dec,
+                        cand_scores,
+                        cand_dec,
+                        strict=True,
+                    ),
+                )
+            )
         # An arm failed, some records are invalid, or a kind other than binary: each arm
         # as a ready-made fragment.
         frag_tmpl = fmt.comparison
@@ -1234,10 +1302,7 @@ class Pipeline:
             else:
                 cand_frag = fmt.candidate_error
             frag = frag_tmpl[served][has_key[i]]
-            if has_key[i]:
-                cmp_values[i] = frag % (rids[i], key_texts[i], ts_list[i], champ_frag, cand_frag)
-            else:
-                cmp_values[i] = frag % (rids[i], ts_list[i], champ_frag, cand_frag)
+            cmp_values[i] = frag % (rids[i], key_texts[i], ts_list[i], champ_frag, cand_frag)
         return cmp_values
 
     def _choose(
@@ -1339,6 +1404,19 @@ class Pipeline:
 
 
 _OUT_OF_RANGE_KEY = b',"out_of_range":'
+
+
+def _gather(rows: list[int], whole: bool) -> Callable[[Sequence[Any]], Sequence[Any]]:
+    """A function taking items ``rows`` of a column (at C speed; the column itself when
+    ``whole``)."""
+    if whole:
+        return lambda column: column
+    if not rows:
+        return lambda column: ()
+    if len(rows) == 1:
+        (row,) = rows
+        return lambda column: (column[row],)
+    return operator.itemgetter(*rows)
 
 
 def _too_big(values: list[bytes | None], keys: list[bytes], limit: int) -> set[int]:

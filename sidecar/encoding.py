@@ -38,7 +38,6 @@ def template(
     prototype: Any,
     slots: tuple[str, ...],
     raw: frozenset[str],
-    ints: frozenset[str] = frozenset(),
     ignored: frozenset[str] = frozenset(),
 ) -> str:
     """A ``%``-format template from a prototype Struct (or a dict, encoded in its order).
@@ -47,9 +46,9 @@ def template(
     they appear in the encoded JSON (checked), which is the order of the ``%`` arguments. A
     slot in ``raw`` replaces the quoted sentinel (format it with JSON text: a number,
     ``true``, an object...); any other slot stays inside its quotes (format it with an escaped
-    string body). A raw slot in ``ints`` is ``%d`` (format it with an int), so the template
-    also works as bytes (``template(...).encode()``, formatted with bytes and ints: about
-    twice as fast per record as ``str`` formatting and its ``encode()``). A slot in
+    string body). The template also works as bytes (``template(...).encode()``, formatted
+    with bytes: about twice as fast per record as ``str`` formatting and its ``encode()``).
+    A slot in
     ``ignored`` is not in the prototype: it takes its argument and prints nothing (``%.0s``),
     so templates with and without an optional field take the same arguments.
     """
@@ -67,7 +66,7 @@ def template(
         if found < position:
             raise ValueError(f"slot {name!r} is out of order: list slots as they appear")
         position = found
-        spec = "%d" if name in ints and name in raw else "%s"
+        spec = "%s"
         if k + 1 < len(slots) and slots[k + 1] in ignored:
             spec += "%.0s"
         encoded = encoded.replace(sentinel, spec)

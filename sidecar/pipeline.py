@@ -74,8 +74,6 @@ _OK_SLOTS: dict[str, tuple[str, ...]] = {
     "binary": ("score", "decision"),
     "multiclass": ("score",),
 }
-#: Raw slots formatted with ints (``%d``) in the bytes templates.
-_INTS = frozenset({"bucket", "ts"})
 #: Template slots filled with JSON text rather than string bodies.
 _RAW = frozenset(
     {
@@ -378,9 +376,9 @@ class _BatchFormats:
 class _Texts:
     """A batch's per-record values as JSON text (bytes), made once for its two stages:
     request ids and routing keys as string bodies (escaped only when needed), the ids as
-    header values, and each arm's scores and decisions."""
+    header values, event times, and each arm's scores and decisions."""
 
-    __slots__ = ("_arms", "header_ids", "ids", "keys")
+    __slots__ = ("_arms", "header_ids", "ids", "keys", "ts")
 
     def __init__(self, batch: DecodedBatch, key_bytes: list[bytes]) -> None:
         ids, keys = batch.request_ids, batch.routing_keys
@@ -389,6 +387,7 @@ class _Texts:
             [escape(t).encode() for t in ids] if needs_escape("".join(ids)) else self.header_ids
         )
         self.keys = [escape(t).encode() for t in keys] if needs_escape("".join(keys)) else key_bytes
+        self.ts = json_number_bytes(batch.ts)
         self._arms: dict[int, tuple[BatchScores, list[bytes], list[bytes]]] = {}
 
     @staticmethod
@@ -439,12 +438,12 @@ def _scored(model: ScoringModel | None, prefix: str, latency_ms: float) -> Model
 def _template_optional(
     proto: msgspec.Struct, slots: tuple[str, ...], raw: frozenset[str], keyed: bool
 ) -> bytes:
-    """The bytes ``template`` (``bucket`` and ``ts`` take ints) for a prototype whose
+    """The bytes ``template`` for a prototype whose
     routing_key is a slot when ``keyed`` and encoded as null otherwise. Both take the same
     arguments (unkeyed ones ignore the routing key's), so a batch formats every record with
     one argument shape whichever template it takes."""
     ignored = frozenset() if keyed else frozenset({"routing_key"})
-    return template(proto, slots, raw, _INTS, ignored).encode()
+    return template(proto, slots, raw, ignored=ignored).encode()
 
 
 class Pipeline:
@@ -809,8 +808,9 @@ class Pipeline:
         cand_scores, cand_dec = texts.arm(self.candidate, candidate)
         arm_scores, arm_dec = (champ_scores, cand_scores), (champ_dec, cand_dec)
         extras = (_fragments(champion), _fragments(candidate))
-        metadata, has_key, ts_list = batch.metadata, batch.has_routing_key, batch.ts
+        metadata, has_key, ts_list = batch.metadata, batch.has_routing_key, texts.ts
         rids, key_texts, header_ids = texts.ids, texts.keys, texts.header_ids
+        bucket_texts = json_number_bytes(bucket_list)
         decision_tmpl = fmt.decision
         version_header = fmt.version_headers
         schema_header = _SCHEMA_HEADER
@@ -826,7 +826,7 @@ class Pipeline:
                 choice_list,
                 fmt,
                 texts,
-                bucket_list,
+                bucket_texts,
                 arm_scores,
                 arm_dec,
                 dec_values,
@@ -842,7 +842,7 @@ class Pipeline:
                     key_texts[i],
                     arm_scores[arm][i],
                     arm_dec[arm][i],
-                    bucket_list[i],
+                    bucket_texts[i],
                     ts_list[i],
                 )
                 extra = extras[arm]
@@ -865,7 +865,7 @@ class Pipeline:
                     key_texts[i],
                     arm_scores[arm][i],
                     arm_dec[arm][i],
-                    bucket_list[i],
+                    bucket_texts[i],
                     ts_list[i],
                     reason,
                 )
@@ -900,7 +900,7 @@ class Pipeline:
         choice_list: list[int],
         fmt: _BatchFormats,
         texts: _Texts,
-        bucket_list: list[int],
+        bucket_texts: list[bytes],
         arm_scores: tuple[list[bytes], list[bytes]],
         arm_dec: tuple[list[bytes], list[bytes]],
         dec_values: list[bytes | None],
@@ -935,8 +935,8 @@ class Pipeline:
                     pick(texts.keys),
                     scores,
                     decided,
-                    pick(bucket_list),
-                    pick(batch.ts),
+                    pick(bucket_texts),
+                    pick(texts.ts),
                     strict=True,
                 ),
             )
@@ -1251,7 +1251,7 @@ class Pipeline:
         champ_scores, champ_dec = texts.arm(self.champion, champion)
         cand_scores, cand_dec = texts.arm(self.candidate, candidate)
         champ_extra, cand_extra = _fragments(champion), _fragments(candidate)
-        has_key, ts_list = batch.has_routing_key, batch.ts
+        has_key, ts_list = batch.has_routing_key, texts.ts
         rids, key_texts = texts.ids, texts.keys
         cmp_values: list[bytes | None] = [None] * n
         binary = champ_extra is None and cand_extra is None

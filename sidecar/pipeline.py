@@ -376,11 +376,11 @@ class _BatchFormats:
 class _Texts:
     """A batch's per-record values as JSON text (bytes), made once for its two stages:
     request ids and routing keys as string bodies (escaped only when needed), the ids as
-    header values, event times, and each arm's scores and decisions."""
+    header values, event times, routing buckets, and each arm's scores and decisions."""
 
-    __slots__ = ("_arms", "header_ids", "ids", "keys", "ts")
+    __slots__ = ("_arms", "buckets", "header_ids", "ids", "keys", "ts")
 
-    def __init__(self, batch: DecodedBatch, key_bytes: list[bytes]) -> None:
+    def __init__(self, batch: DecodedBatch, key_bytes: list[bytes], buckets: np.ndarray) -> None:
         ids, keys = batch.request_ids, batch.routing_keys
         self.header_ids = [t.encode() for t in ids]
         self.ids = (
@@ -388,13 +388,14 @@ class _Texts:
         )
         self.keys = [escape(t).encode() for t in keys] if needs_escape("".join(keys)) else key_bytes
         self.ts = json_number_bytes(batch.ts)
+        self.buckets = json_number_bytes(buckets.tolist())
         self._arms: dict[int, tuple[BatchScores, list[bytes], list[bytes]]] = {}
 
     @staticmethod
-    def of(batch: DecodedBatch, key_bytes: list[bytes]) -> _Texts:
+    def of(batch: DecodedBatch, key_bytes: list[bytes], buckets: np.ndarray) -> _Texts:
         texts = batch.texts
         if texts is None:
-            texts = batch.texts = _Texts(batch, key_bytes)
+            texts = batch.texts = _Texts(batch, key_bytes, buckets)
         return texts  # type: ignore[no-any-return]
 
     def arm(
@@ -404,16 +405,29 @@ class _Texts:
         than binary: their decision is a label, a band or a ranking)."""
         found = self._arms.get(id(scores))
         if found is None or found[0] is not scores:
-            if model is None or model.kind == "binary":
+            n = len(scores.valid)
+            if (
+                scores.error is not None
+                and not scores.decisions.any()
+                and np.isnan(scores.scores).all()
+            ):  # failed, skipped or pending as a whole: every score null, no decision
+                found = (scores, [b"null"] * n, [b"false" if _binary(model) else b"null"] * n)
+                self._arms[id(scores)] = found
+                return found[1], found[2]
+            if _binary(model):
                 decisions = _BOOL_TEXTS[scores.decisions.astype(np.uint8)].tolist()
             else:
-                decisions = [b"null"] * len(scores.valid)
+                decisions = [b"null"] * n
             found = (scores, json_number_bytes(scores.scores.tolist()), decisions)
             self._arms[id(scores)] = found
         return found[1], found[2]
 
 
 _BOOL_TEXTS = np.array(JSON_BOOL_BYTES, dtype=object)
+
+
+def _binary(model: ScoringModel | None) -> bool:
+    return model is None or model.kind == "binary"
 
 
 def _fragments(scores: BatchScores) -> list[bytes] | None:
@@ -735,7 +749,7 @@ class Pipeline:
         n = len(batch)
         pending = BatchScores.failed(n, _PENDING, 0.0)
         fmt = _BatchFormats(self, policy, champion, pending)
-        texts = _Texts.of(batch, key_bytes)
+        texts = _Texts.of(batch, key_bytes, buckets)
         choice_list = [_CHAMPION] * n
         dec_values: list[bytes | None] = [None] * n
         dec_headers: list[Headers | None] = [None] * n
@@ -810,7 +824,7 @@ class Pipeline:
         extras = (_fragments(champion), _fragments(candidate))
         metadata, has_key, ts_list = batch.metadata, batch.has_routing_key, texts.ts
         rids, key_texts, header_ids = texts.ids, texts.keys, texts.header_ids
-        bucket_texts = json_number_bytes(bucket_list)
+        bucket_texts = texts.buckets
         decision_tmpl = fmt.decision
         version_header = fmt.version_headers
         schema_header = _SCHEMA_HEADER
@@ -1152,7 +1166,7 @@ class Pipeline:
         n = len(batch)
         choice = self._choose(candidate_decides, champion, candidate)
         fmt = _BatchFormats(self, policy, champion, candidate)
-        texts = _Texts.of(batch, key_bytes)
+        texts = _Texts.of(batch, key_bytes, buckets)
         choice_list = choice.tolist()
         routed_list = candidate_decides.astype(np.int8).tolist()
         bucket_list = buckets.tolist()

@@ -26,6 +26,8 @@ _NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f]')
 
 def needs_escape(text: str) -> bool:
     """True when ``text`` cannot be placed between JSON quotes as it is."""
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return False  # the common case, at C speed: no quote, backslash or control character
     return _NEEDS_ESCAPE.search(text) is not None
 
 

@@ -1115,11 +1115,11 @@ class Pipeline:
                     h.extend(found)
         out = result.decisions
         if None in dec_values:
-            for i, value in enumerate(dec_values):
-                if value is not None:
-                    out.keys.append(key_bytes[i])
-                    out.values.append(value)
-                    out.headers.append(dec_headers[i])  # type: ignore[arg-type]
+            kept = [i for i, v in enumerate(dec_values) if v is not None]
+            pick = _gather(kept, False)
+            out.keys.extend(pick(key_bytes))
+            out.values.extend(pick(dec_values))
+            out.headers.extend(pick(dec_headers))
         else:
             out.keys.extend(key_bytes)
             out.values.extend(dec_values)  # type: ignore[arg-type]

@@ -196,11 +196,13 @@ class RequestDecoder:
         out.routing_keys = [
             k if k is not None else r.request_id for k, r in zip(routing, requests, strict=True)
         ]
-        out.ts = ts = [r.ts for r in requests]
+        ts = [r.ts for r in requests]
         if None in ts:  # no event time in the request: the record's timestamp
-            for i, rec in enumerate(good_records):
-                if ts[i] is None:
-                    ts[i] = max(rec.timestamp, 0)
+            stamps = [rec.timestamp for rec in good_records]
+            ts = [
+                t if t is not None else (s if s > 0 else 0) for t, s in zip(ts, stamps, strict=True)
+            ]
+        out.ts = ts
         out.metadata = [r.metadata for r in requests]
         if headered:  # some record had headers: pass its trace context on
             for i, record in enumerate(good_records):

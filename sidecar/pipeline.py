@@ -378,7 +378,7 @@ class _Texts:
     request ids and routing keys as string bodies (escaped only when needed), the ids as
     header values, event times, routing buckets, and each arm's scores and decisions."""
 
-    __slots__ = ("_arms", "buckets", "header_ids", "ids", "keys", "ts")
+    __slots__ = ("_arms", "buckets", "header_ids", "ids", "keys", "longest_key", "ts")
 
     def __init__(self, batch: DecodedBatch, key_bytes: list[bytes], buckets: np.ndarray) -> None:
         ids, keys = batch.request_ids, batch.routing_keys
@@ -389,6 +389,8 @@ class _Texts:
         self.keys = [escape(t).encode() for t in keys] if needs_escape("".join(keys)) else key_bytes
         self.ts = json_number_bytes(batch.ts)
         self.buckets = json_number_bytes(buckets.tolist())
+        #: Bytes of the longest Kafka key (routing key) of the batch.
+        self.longest_key = max(map(len, key_bytes), default=0)
         self._arms: dict[int, tuple[BatchScores, list[bytes], list[bytes]]] = {}
 
     @staticmethod
@@ -771,7 +773,7 @@ class Pipeline:
             dec_headers,
             result,
         )
-        dropped = sorted(_too_big(dec_values, key_bytes, self._decision_limit))
+        dropped = sorted(_too_big(dec_values, key_bytes, self._decision_limit, texts.longest_key))
         for i in dropped:  # dead-lettered: the late stage writes no comparison either
             self._dead_letter(result, self._oversize(batch, i, dec_values[i], None))
             dec_values[i] = None
@@ -1213,12 +1215,14 @@ class Pipeline:
             cmp_values[i] = _with_out_of_range(cmp_values[i], features)
         for i in (*(dropped or ()), *refused):  # dead-lettered (by the first stage)
             cmp_values[i] = None
-        comparison_keys = (
-            key_bytes if self._comparisons_by_routing_key else [policy.rollout.encode()] * n
-        )
-        oversize = _too_big(dec_values, key_bytes, self._decision_limit) | _too_big(
-            cmp_values, comparison_keys, self._comparison_limit
-        )
+        if self._comparisons_by_routing_key:
+            comparison_keys, longest = key_bytes, texts.longest_key
+        else:
+            rollout_key = policy.rollout.encode()
+            comparison_keys, longest = [rollout_key] * n, len(rollout_key)
+        oversize = _too_big(
+            dec_values, key_bytes, self._decision_limit, texts.longest_key
+        ) | _too_big(cmp_values, comparison_keys, self._comparison_limit, longest)
         for i in sorted(oversize):  # rare: a huge metadata or key; never sent, dead-lettered
             if choice_list[i] == _DEAD_LETTER or not todo[i]:
                 cmp_values[i] = None  # dead-lettered or decided already: drop the comparison
@@ -1433,11 +1437,19 @@ def _gather(rows: list[int], whole: bool) -> Callable[[Sequence[Any]], Sequence[
     return operator.itemgetter(*rows)
 
 
-def _too_big(values: list[bytes | None], keys: list[bytes], limit: int) -> set[int]:
+def _too_big(
+    values: list[bytes | None], keys: list[bytes], limit: int, longest_key: int | None = None
+) -> set[int]:
     """Indices of records whose key and value exceed ``limit`` bytes (``None``: no record).
-    One pass of C-level ``len`` calls in the usual case that none does."""
-    biggest = max(map(len, filter(None, values)), default=0)  # None (and b""): no record
-    if biggest + max(map(len, keys), default=0) <= limit:
+    C-level ``len`` passes in the usual case that none does (``longest_key``: the longest
+    of ``keys``, when the caller knows it)."""
+    try:
+        biggest = max(map(len, values), default=0)  # type: ignore[arg-type]
+    except TypeError:  # some None: no record there
+        biggest = max(map(len, filter(None, values)), default=0)
+    if longest_key is None:
+        longest_key = max(map(len, keys), default=0)
+    if biggest + longest_key <= limit:
         return set()
     return {i for i, v in enumerate(values) if v is not None and len(v) + len(keys[i]) > limit}
 

@@ -87,7 +87,7 @@ async def test_server_stopped_mid_stream(bootstrap: str, mlserver: MLServer) -> 
         pipeline={"max_batch": 200},
     )
     await create_topics(cfg)
-    items = generated_items(3000, seed=21)
+    items = generated_items(4000, seed=21)
     sidecar = Sidecar(cfg)
     task = asyncio.create_task(sidecar.run())
     await asyncio.wait_for(sidecar.ready.wait(), 30)
@@ -104,21 +104,32 @@ async def test_server_stopped_mid_stream(bootstrap: str, mlserver: MLServer) -> 
             await asyncio.sleep(0.02)
 
     watcher = asyncio.create_task(watch())
+    sent = 0
     try:
         await produce(cfg, items[:1000])
         await wait_until(lambda: sidecar.processed >= 1000, 60)
-        mlserver.stop()
+        # Off the event loop: the sidecar's group membership must not stall meanwhile.
+        await asyncio.to_thread(mlserver.stop)
         for i in range(1000, 2000, 100):  # small batches: several calls fail, breaker opens
             await produce(cfg, items[i : i + 100])
             await asyncio.sleep(0.1)
         await wait_until(lambda: sidecar.processed >= 2000, 60)
-        assert sidecar.champion.breaker.state is BreakerState.OPEN
-        mlserver.start()
-        for i in range(2000, 3000, 100):
-            await produce(cfg, items[i : i + 100])
+        assert sidecar.champion.breaker.opened >= 1
+        await asyncio.to_thread(mlserver.start)
+        # Traffic until the breaker has closed again (its calls are what close it; a cold
+        # server may fail the first ones and open it once more).
+        sent = 2000
+        deadline = asyncio.get_running_loop().time() + 60
+        while sidecar.champion.breaker.state is not BreakerState.CLOSED:
+            assert asyncio.get_running_loop().time() < deadline, "breaker never closed"
+            await produce(cfg, items[sent : sent + 50])
+            sent += 50
+            await wait_until(lambda n=sent: sidecar.processed >= n, 60)
             await asyncio.sleep(0.3)
-        await wait_until(lambda: sidecar.processed >= 3000, 60)
-        await wait_until(lambda: sidecar.champion.breaker.state is BreakerState.CLOSED, 30)
+        final = range(sent, sent + 100)  # decided by the champion again
+        await produce(cfg, items[sent : sent + 100])
+        sent += 100
+        await wait_until(lambda: sidecar.processed >= sent, 60)
     finally:
         watcher.cancel()
         sidecar.request_stop()
@@ -126,13 +137,13 @@ async def test_server_stopped_mid_stream(bootstrap: str, mlserver: MLServer) -> 
         sidecar.close_models()
 
     decisions = decode_values(
-        await read_topic(bootstrap, cfg.topics.decisions, expect=3000), Decision
+        await read_topic(bootstrap, cfg.topics.decisions, expect=sent), Decision
     )
     comparisons = decode_values(
-        await read_topic(bootstrap, cfg.topics.comparisons, expect=3000), Comparison
+        await read_topic(bootstrap, cfg.topics.comparisons, expect=sent), Comparison
     )
-    assert len(decisions) == len(comparisons) == 3000  # nothing lost
-    assert {d.request_id for d in decisions} == {f"req-{i}" for i in range(3000)}
+    assert len(decisions) == len(comparisons) == sent  # nothing lost
+    assert {d.request_id for d in decisions} == {f"req-{i}" for i in range(sent)}
     by_id = {d.request_id: d for d in decisions}
     first = [by_id[f"req-{i}"] for i in range(1000)]
     assert all(d.arm == "champion" and d.fallback is None for d in first)
@@ -143,7 +154,7 @@ async def test_server_stopped_mid_stream(bootstrap: str, mlserver: MLServer) -> 
         c for c in comparisons if c.champion.error and "circuit open" in c.champion.error.message
     ]
     assert skipped  # the breaker skipped calls while open
-    last = [by_id[f"req-{i}"] for i in range(2900, 3000)]
+    last = [by_id[f"req-{i}"] for i in final]
     assert all(d.arm == "champion" and d.fallback is None for d in last)
     assert sidecar.champion.breaker.opened >= 1
     assert {float(BreakerState.OPEN), float(BreakerState.CLOSED)} <= states

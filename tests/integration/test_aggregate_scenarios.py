@@ -38,7 +38,7 @@ from sidecar.control import ControlCommand, TrustStore, verify_command
 from sidecar.kafka import ensure_control_topics
 from sidecar.traffic import produce_values
 
-pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(240)]
 
 
 def keys_of(cfg: SidecarConfig) -> str:
@@ -285,14 +285,14 @@ async def outcome(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> O
     try:
         async with tail_control(cfg) as tail, running(service), running(dry):
             await produce_windows(producer, cfg, items, range(GOOD_WINDOWS))
-            await wait_until(lambda: len(service.reports) >= len(SCENARIOS), 20)
+            await wait_until(lambda: len(service.reports) >= len(SCENARIOS), 60)
             bad_at = time.monotonic()
             await produce_windows(producer, cfg, items, range(GOOD_WINDOWS, IDENTICAL_WINDOWS))
             total_closed = sum(closed_windows(sc) for sc in SCENARIOS)
-            await wait_until(lambda: len(service.reports) >= total_closed, 30)
-            await wait_until(lambda: len(dry.reports) >= total_closed, 30)
+            await wait_until(lambda: len(service.reports) >= total_closed, 60)
+            await wait_until(lambda: len(dry.reports) >= total_closed, 60)
             expected = len(service.commands) + len(service.verdicts)
-            await wait_until(lambda: len(tail.records) >= expected, 10)
+            await wait_until(lambda: len(tail.records) >= expected, 30)
             await asyncio.sleep(0.5)  # anything extra would show up now
             commands = [(t, c) for t, c in tail.records if c.action != "verdict"]
             verdicts = [c for _, c in tail.records if c.action == "verdict"]

@@ -92,6 +92,7 @@ def config(bootstrap: str, run: str, state_dir: Path, **outcomes: Any) -> Sideca
         "outcome_grace_ms": 5_000,
         "metrics_port": 0,
         "rules": [],
+        **({"max_batch": int(os.environ["BENCH_MAX_BATCH"])} if "BENCH_MAX_BATCH" in os.environ else {}),
         # Nothing to sign: no guard rules, and verdicts stay on the verdicts topic.
         "control_verdicts": False,
         "quality": {"label_window_ms": 30_000, "missing": "negative"},
@@ -158,16 +159,37 @@ def new_producer_plain(bootstrap: str) -> Any:
     )
 
 
-async def run_stage(cfg: SidecarConfig, comparisons: int) -> tuple[float, OutcomesService]:
-    """Seconds from the first applied input to ``comparisons`` applied."""
+def _cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) of this process (every thread), or of process ``pid``."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run_stage(
+    cfg: SidecarConfig, comparisons: int, broker_pid: int | None = None
+) -> tuple[float, OutcomesService]:
+    """Seconds from the first applied input to ``comparisons`` applied. Sets
+    ``service.cpu_s``: CPU seconds of this process and of the broker over that time (from
+    the first poll after the first input, 5 ms at most later)."""
     service = OutcomesService(cfg)
     task = asyncio.create_task(service.run())
+    cpu0: tuple[float, float] | None = None
     try:
         while service.applied.comparisons < comparisons:
             await asyncio.sleep(0.005)
+            if cpu0 is None and service.first_input_at is not None:
+                cpu0 = (_cpu_s(), _cpu_s(broker_pid) if broker_pid else 0.0)
             if task.done():
                 task.result()
         end = time.monotonic()
+        if cpu0 is not None:
+            service.cpu_s = (  # type: ignore[attr-defined]
+                _cpu_s() - cpu0[0],
+                (_cpu_s(broker_pid) - cpu0[1]) if broker_pid else 0.0,
+            )
         memory: dict[str, float] = {}
         for rt in service.tasks.values():
             if rt.join is not None:
@@ -215,12 +237,16 @@ async def throughput(args: argparse.Namespace) -> None:
                 cfg_i,
                 outcomes=msgspec.structs.replace(cfg_i.outcomes, group_id=f"{run}-o{i}"),
             )
-            secs, service = await run_stage(cfg_i, args.count)
+            pid = broker.process.pid if broker.process else None
+            secs, service = await run_stage(cfg_i, args.count, pid)
             rate = args.count / secs
             stage_rates.append(rate)
+            cpu = getattr(service, "cpu_s", (float("nan"), float("nan")))
             line = (
                 f"run {i}: outcomes stage {rate:,.0f} comparisons/s "
-                f"({sum(service.applied.joined.values()):,} joined)"
+                f"({sum(service.applied.joined.values()):,} joined; CPU per comparison: "
+                f"stage {cpu[0] / args.count * 1e6:.1f} us, broker "
+                f"{cpu[1] / args.count * 1e6:.1f} us)"
             )
             if args.sidecar_requests:
                 side = sidecar_rate(bs, requests_topic, args.sidecar_requests)

@@ -225,7 +225,7 @@ def test_a_final_window_leaves_the_store_and_joins_the_verdict(feed: Feed) -> No
     assert sum(1 for _ in feed.task.store.scan(b"r")) == 21
     feed.finalize(0)
     assert sum(1 for _ in feed.task.store.scan(b"r")) == 1  # only the next window's
-    assert sum(1 for _ in feed.task.store.scan(b"i")) == 1
+    assert sum(1 for _ in feed.task.store.scan(b"j")) == 1  # the next window's index
     assert feed.task.pairs[pair.id].open == [W]
     verdict = feed.task.verdict(feed.task.pairs[pair.id], 0)
     assert verdict is not None and verdict.judged_pairs == 20 and verdict.windows == 1

@@ -104,6 +104,10 @@ assert REQUEST_DTYPE.itemsize == REQUEST.size
 ORPHAN = struct.Struct("<bddq")
 #: Outcomes kept per unmatched request (the latest by event time).
 MAX_ORPHAN_OUTCOMES = 8
+#: Up to this many request ids holding unmatched outcomes are also kept in memory (a few MiB),
+#: so that a new comparison is checked against them without a store lookup; beyond it the
+#: store's bloom filters answer (memory stays bounded whatever the unmatched outcomes).
+MAX_ORPHAN_IDS = 100_000
 
 #: Outcome states of a request.
 NO_OUTCOME, NUMERIC, RANKING = 0, 1, 2
@@ -420,6 +424,10 @@ class JoinTask:
         self.stream_ms = 0
         #: Windows (pair id, start) changed since the service last reported them.
         self.dirty: set[tuple[int, int]] = set()
+        #: Ids holding unmatched outcomes (``o``/``q`` keys), None when there are more than
+        #: ``MAX_ORPHAN_IDS`` (the store is asked). Derived from the store: a superset of
+        #: its ids at all times (rebuilt by :meth:`reload`).
+        self.orphan_ids: set[bytes] | None = set()
         self.reload()
 
     @property
@@ -439,6 +447,25 @@ class JoinTask:
             self.pairs[pair.id] = pair
             self._by_key[PairKey(*pair.key)] = pair.id
         self.stream_ms = max(self.stream_ms, self.meta.stream_ms)
+        self._load_orphan_ids()
+
+    def _load_orphan_ids(self) -> None:
+        self.orphan_ids = None
+        if self.meta.orphans > MAX_ORPHAN_IDS:
+            return
+        ids: set[bytes] = set()
+        for prefix in (b"o", b"q"):
+            for key, _ in self.store.scan(prefix):
+                ids.add(key[1:])
+                if len(ids) > MAX_ORPHAN_IDS:
+                    return
+        self.orphan_ids = ids
+
+    def _note_orphan(self, rid: bytes) -> None:
+        if self.orphan_ids is not None:
+            self.orphan_ids.add(rid)
+            if len(self.orphan_ids) > MAX_ORPHAN_IDS:
+                self.orphan_ids = None
 
     # -- applying changelog records ---------------------------------------------------------
 
@@ -598,26 +625,35 @@ class JoinTask:
             self._counter(deltas, int(pid[i]), int(ws[i]), "unscored", 1)
             stats.unscored += 1
         ids = c.ids
-        candidates = np.flatnonzero(~late & scored).tolist()
-        first: dict[str, int] = {}
-        for i in candidates:  # the first of each request id in the chunk
-            first.setdefault(ids[i], i)
-        keep = list(first.values())
-        stats.duplicates += len(candidates) - len(keep)
-        id_bytes = [ids[i].encode() for i in keep]
+        accepted = ~late & scored
+        if accepted.all() and len(set(ids)) == n:  # the usual chunk: every row, distinct ids
+            keep = list(range(n))
+            id_bytes = list(map(str.encode, ids))
+        else:
+            candidates = np.flatnonzero(accepted).tolist()
+            first: dict[str, int] = {}
+            for i in candidates:  # the first of each request id in the chunk
+                first.setdefault(ids[i], i)
+            keep = list(first.values())
+            stats.duplicates += len(candidates) - len(keep)
+            id_bytes = [ids[i].encode() for i in keep]
         prefix_of = {p: request_prefix(self.pairs[p].key.rollout) for p in set(pair_ids)}
-        keys = [prefix_of[int(pid[i])] + b for i, b in zip(keep, id_bytes, strict=True)]
+        if len(prefix_of) == 1:
+            keys = list(map(next(iter(prefix_of.values())).__add__, id_bytes))
+        else:
+            keys = [prefix_of[int(pid[i])] + b for i, b in zip(keep, id_bytes, strict=True)]
         # Request ids stored already (redelivered comparisons): the bloom filters answer
         # "absent" for a new id without reading a block.
-        fresh = [j for j, there in enumerate(self.store.present(keys)) if not there]
-        stats.duplicates += len(keep) - len(fresh)
-        self.meta.duplicates += stats.duplicates
-        if not fresh:
-            return
-        if len(fresh) < len(keep):
+        stored = self.store.present(keys)
+        if True in stored:
+            fresh = [j for j, there in enumerate(stored) if not there]
+            stats.duplicates += len(keep) - len(fresh)
             keep = [keep[j] for j in fresh]
             id_bytes = [id_bytes[j] for j in fresh]
             keys = [keys[j] for j in fresh]
+        self.meta.duplicates += stats.duplicates
+        if not keep:
+            return
         rows_i = np.asarray(keep, dtype=np.int64)
         m = rows_i.size
         state = np.zeros(m, dtype=np.int8)
@@ -688,6 +724,13 @@ class JoinTask:
     def _held_for(self, id_bytes: list[bytes], prefix: bytes) -> dict[int, bytes]:
         """The values under ``prefix`` + each id that exist, by position (the bloom filters
         answer "absent" for most ids without reading a block)."""
+        known = self.orphan_ids
+        if known is not None:  # the usual case: no store lookup for ids never orphaned
+            if known.isdisjoint(id_bytes):
+                return {}
+            maybe = [j for j, b in enumerate(id_bytes) if b in known]
+            got = self.store.get_many([prefix + id_bytes[j] for j in maybe])
+            return {j: raw for j, raw in zip(maybe, got, strict=True) if raw is not None}
         keys = [prefix + b for b in id_bytes]
         maybe = [j for j, m in enumerate(self.store.may_exist(keys)) if m]
         got = self.store.get_many([keys[j] for j in maybe])
@@ -884,6 +927,7 @@ class JoinTask:
         kept = sorted([*kept, outcome], key=lambda o: o[3])[-MAX_ORPHAN_OUTCOMES:]
         value = b"".join(ORPHAN.pack(*o) for o in kept)
         orphans[rid] = value
+        self._note_orphan(rid.encode())
         batch.put(b"o" + rid.encode(), value)
 
     def _keep_ranking_orphan(
@@ -909,6 +953,7 @@ class JoinTask:
         kept = sorted([*kept, entry], key=lambda e: (e[0], e[2]))[-MAX_ORPHAN_OUTCOMES:]
         value = _ENC.encode(kept)
         held_r[rid] = value
+        self._note_orphan(rid.encode())
         batch.put(b"q" + rid.encode(), value)
 
     def _judge(self, rows: _Rows, deltas: dict[tuple[int, int], FloatArray]) -> None:
@@ -1027,6 +1072,7 @@ class JoinTask:
 
     def _apply_expire(self, mark: ExpireMark, batch: Batch) -> None:
         self.meta.stream_ms = max(self.meta.stream_ms, mark.stream_ms)
+        surviving: set[bytes] = set()
         if not self.meta.ranking_orphans:
             for key, raw in self.store.scan(b"o"):
                 kept = list(ORPHAN.iter_unpack(raw))
@@ -1034,6 +1080,9 @@ class JoinTask:
                     batch.delete(key)
                     self.meta.orphans -= 1
                     self.meta.orphans_expired += 1
+                elif len(surviving) <= MAX_ORPHAN_IDS:
+                    surviving.add(key[1:])
+            self.orphan_ids = surviving if len(surviving) <= MAX_ORPHAN_IDS else None
             return
         # Numeric (``o``) and ranking (``q``) outcomes of a request id leave together.
         latest: dict[bytes, int] = {}
@@ -1046,6 +1095,8 @@ class JoinTask:
             latest[key[1:]] = max(latest.get(key[1:], t), t)
         for rid, t in latest.items():
             if t >= mark.before_ms:
+                if len(surviving) <= MAX_ORPHAN_IDS:
+                    surviving.add(rid)
                 continue
             batch.delete(b"o" + rid)
             if rid in ranking:
@@ -1053,6 +1104,7 @@ class JoinTask:
                 self.meta.ranking_orphans -= 1
             self.meta.orphans -= 1
             self.meta.orphans_expired += 1
+        self.orphan_ids = surviving if len(surviving) <= MAX_ORPHAN_IDS else None
 
     def advance(self, bound_ms: int) -> int:
         """Move stream time up to ``bound_ms`` (see :func:`stream_bound`); it never goes back."""

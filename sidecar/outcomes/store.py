@@ -134,15 +134,14 @@ class Store:
     def may_exist(self, keys: list[bytes]) -> list[bool]:
         """False: the key is certainly absent (bloom filters, no disk read); True: it may be
         present."""
-        may = self._db.key_may_exist
-        return [may(k) for k in keys]
+        return list(map(self._db.key_may_exist, keys))
 
     def present(self, keys: list[bytes]) -> list[bool]:
         """Whether each key is stored: bloom filters first, a read only for the rare maybe."""
         maybe = self.may_exist(keys)
-        check = [k for k, m in zip(keys, maybe, strict=True) if m]
-        if not check:
+        if True not in maybe:
             return maybe
+        check = [k for k, m in zip(keys, maybe, strict=True) if m]
         found = {k for k, v in zip(check, self.get_many(check), strict=True) if v is not None}
         return [m and k in found for k, m in zip(keys, maybe, strict=True)]
 

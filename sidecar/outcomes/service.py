@@ -570,13 +570,15 @@ class OutcomesService:
         while not self._stopping.is_set():
             polled = await consumer.getmany(timeout_ms=s.fetch_timeout_ms, max_records=s.max_batch)
             async with self._lock:
-                work: dict[int, tuple[list[Any], list[Any]]] = {}
+                # Per task, its poll of each input (getmany gives one list per partition:
+                # used as it is, not copied).
+                work: dict[int, list[list[Any]]] = {}
                 for tp, records in polled.items():
                     rt = self.tasks.get(tp.partition)
                     if rt is None or not rt.ready:
                         continue  # fetched before the pause: re-read after the restore's seek
-                    comps, outs = work.setdefault(tp.partition, ([], []))
-                    (comps if tp.topic == comparisons else outs).extend(records)
+                    inputs = work.setdefault(tp.partition, [[], []])
+                    inputs[0 if tp.topic == comparisons else 1] = records
                 for p, (comps, outs) in work.items():
                     await self._ingest(self.tasks[p], comps, outs)
                 await self._tick()

@@ -72,7 +72,7 @@ from sidecar.outcomes.chunks import (
 )
 from sidecar.outcomes.contract import Outcome
 from sidecar.outcomes.join import JoinTask, Windows
-from sidecar.outcomes.service import OutcomesService, changelog_key
+from sidecar.outcomes.service import OutcomesService
 from sidecar.outcomes.store import Store
 from sidecar.runtime import limit_malloc_arenas, prepare_process
 from sidecar.traffic import produce_values
@@ -92,7 +92,6 @@ def config(bootstrap: str, run: str, state_dir: Path, **outcomes: Any) -> Sideca
         "outcome_grace_ms": 5_000,
         "metrics_port": 0,
         "rules": [],
-        **({"max_batch": int(os.environ["BENCH_MAX_BATCH"])} if "BENCH_MAX_BATCH" in os.environ else {}),
         # Nothing to sign: no guard rules, and verdicts stay on the verdicts topic.
         "control_verdicts": False,
         "quality": {"label_window_ms": 30_000, "missing": "negative"},
@@ -366,7 +365,7 @@ def _chunk(
     task: int, first: int, n: int, t0: int, rate: float, rng: np.random.Generator, spec: PairSpec
 ) -> InputChunk:
     i = np.arange(first, first + n)
-    ids = [f"d{j}" for j in i.tolist()]
+    ids = [f"req-{j}" for j in i.tolist()]  # the demo's ids
     s1 = rng.random(n)
     s2 = np.clip(s1 + 0.1 * rng.standard_normal(n), 0, 1)
     return InputChunk(
@@ -389,9 +388,10 @@ def _chunk(
     )
 
 
-async def build_state(cfg: SidecarConfig, task: int, total: int, t0: int, rate: float) -> None:
+async def build_state(cfg: SidecarConfig, task: int, total: int, t0: int, rate: float) -> int:
     """A task's store with ``total`` pending requests and its changelog, built through the
-    join's apply path (the chunks are what the live path writes, minus JSON decoding)."""
+    join's apply path (the chunks are what the live path writes, minus JSON decoding).
+    Returns the changelog's size in bytes (keys and values)."""
     s = cfg.outcomes
     store = Store(
         Path(s.state_dir) / f"task-{task}", cache_mb=s.cache_mb, write_buffer_mb=s.write_buffer_mb
@@ -410,12 +410,14 @@ async def build_state(cfg: SidecarConfig, task: int, total: int, t0: int, rate: 
     rng = np.random.default_rng(0)
     step = 8000
     started = time.monotonic()
+    size = 0
     try:
         for first in range(0, total, step):
             chunk = _chunk(task, first, min(step, total - first), t0, rate, rng, spec)
-            fut = await producer.send(
-                s.changelog_topic, encode(chunk), key=changelog_key(chunk, task), partition=task
-            )
+            # Unique keys (the changelog is compacted): these chunks have no input offsets.
+            key, raw = f"input/{task}/built{first}".encode(), encode(chunk)
+            size += len(key) + len(raw)
+            fut = await producer.send(s.changelog_topic, raw, key=key, partition=task)
             md = await fut
             join.apply(chunk, md.offset)
             if first // step % 500 == 0:
@@ -428,6 +430,16 @@ async def build_state(cfg: SidecarConfig, task: int, total: int, t0: int, rate: 
     finally:
         await producer.stop()
         store.close()
+    return size
+
+
+def _rss_of(pid: int, field: str = "VmRSS") -> float:
+    """MiB of ``field`` (VmRSS, VmHWM) of process ``pid`` (NaN once it is gone)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _spawn(config_path: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -527,13 +539,19 @@ async def recovery(args: argparse.Namespace) -> None:
             f"{root} ...",
             flush=True,
         )
+        broker_pid = broker.process.pid if broker.process else 0
+        broker_before = _rss_of(broker_pid)
         began = time.monotonic()
-        await build_state(cfg, task, total, t0, args.rate)
+        changelog_bytes = await build_state(cfg, task, total, t0, args.rate)
         build_s = time.monotonic() - began
         store_mib = _dir_mib(root / "state")
+        broker_growth = _rss_of(broker_pid) - broker_before
         print(
             f"built in {build_s:.0f}s ({total / build_s:,.0f} requests/s); store "
-            f"{store_mib:,.0f} MiB on disk",
+            f"{store_mib:,.0f} MiB on disk ({store_mib * (1 << 20) / total:.1f} B a request); "
+            f"changelog {changelog_bytes / (1 << 20):,.0f} MiB ({changelog_bytes / total:.1f} B a "
+            f"request); broker RSS +{broker_growth:,.0f} MiB "
+            f"({broker_growth * (1 << 20) / total:.1f} B a request)",
             flush=True,
         )
         path = root / "sidecar.toml"
@@ -558,19 +576,31 @@ async def recovery(args: argparse.Namespace) -> None:
                 f"{first:.1f}s; SIGKILL",
                 flush=True,
             )
+            restores: dict[str, tuple[float, int, int]] = {}
             for name, wipe in (("with its store", False), ("without its store", True)):
                 if wipe:
                     shutil.rmtree(root / "state")
+                log_at = log.stat().st_size
                 proc = _spawn(path, log)
                 spawned.append(proc)
                 ready, first = await _time_to_first_record(proc, port, 3600)
                 results[name] = first
+                await asyncio.sleep(3)
+                with log.open("rb") as f:
+                    f.seek(log_at)
+                    restore = _restore_line(f.read().decode(errors="replace"), task)
+                if restore is not None:
+                    restores[name] = restore
+                took, replayed, stored = restore or (float("nan"), 0, 0)
                 print(
-                    f"restart {name}: serving after {ready:.1f}s, first new comparison applied "
-                    f"after {first:.1f}s",
+                    f"restart {name}: serving after {ready:.1f}s, task {task} restored in "
+                    f"{took:.1f}s ({replayed:,} changelog records replayed, {stored:,} requests "
+                    f"stored), first new comparison applied after {first:.1f}s (the rest: the "
+                    f"group waiting for the killed member); peak RSS "
+                    f"{_rss_of(proc.pid, 'VmHWM'):,.0f} MiB, store "
+                    f"{_dir_mib(root / 'state'):,.0f} MiB on disk",
                     flush=True,
                 )
-                await asyncio.sleep(3)
                 proc.send_signal(signal.SIGKILL)
                 proc.communicate(timeout=60)
         finally:
@@ -581,18 +611,29 @@ async def recovery(args: argparse.Namespace) -> None:
                 if p.poll() is None:
                     p.kill()
                     p.communicate(timeout=30)
-        restored = [ln for ln in log.read_text().splitlines() if "restored in" in ln]
-        for line in restored:
-            print("  log:", line.split("sidecar.outcomes.service:", 1)[-1].strip())
         full = results["without its store"]
+        replay = restores.get("without its store")
+        rate = f"{replay[2] / replay[0]:,.0f} requests/s" if replay and replay[0] else "?"
         print(
             f"\n{total:,} pending requests ({args.hours:g} h at {args.rate:g}/s): after a SIGKILL "
             f"the stage applies new records {results['with its store']:.1f}s after its restart "
-            f"with its store, {full:.1f}s without it (a whole-changelog replay, "
-            f"{total / full:,.0f} requests/s)"
+            f"with its store, {full:.1f}s without it (a whole-changelog replay at {rate})"
         )
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _restore_line(text: str, task: int) -> tuple[float, int, int] | None:
+    """(seconds, changelog records replayed, requests stored) of task ``task``'s restore, from
+    the stage's log."""
+    import re
+
+    pattern = rf"task {task} restored in ([0-9.]+)s: ([0-9]+) changelog records replayed, ([0-9]+)"
+    found = re.findall(pattern, text)
+    if not found:
+        return None
+    took, replayed, stored = found[-1]
+    return float(took), int(replayed), int(stored)
 
 
 class Rec(NamedTuple):

@@ -517,9 +517,7 @@ class JoinTask:
         batch.put(_pair_key(pid), _ENC.encode(pair))
         return pid
 
-    def _apply_input(
-        self, chunk: InputChunk, offset: int, batch: Batch, stats: ApplyStats
-    ) -> None:
+    def _apply_input(self, chunk: InputChunk, offset: int, batch: Batch, stats: ApplyStats) -> None:
         pair_ids = [self._pair_id(p.key, p.settings, batch) for p in chunk.pairs]
         deltas: dict[tuple[int, int], FloatArray] = {}
         rows = _Rows()

@@ -14,10 +14,10 @@ from records import Rec
 from sklearn import metrics
 
 from sidecar.contracts import Comparison, ModelResult
+from sidecar.outcomes import join
 from sidecar.outcomes.chunks import ChangelogRecord, ExpireMark, FinalMark, decode, encode
 from sidecar.outcomes.contract import Outcome
 from sidecar.outcomes.decode import ChunkBuilder, Skipped
-from sidecar.outcomes import join
 from sidecar.outcomes.join import ApplyStats, JoinTask, PairRecord, Windows, stream_bound
 from sidecar.outcomes.quality import score_bins
 from sidecar.outcomes.report import PairKey

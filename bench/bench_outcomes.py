@@ -55,7 +55,7 @@ import msgspec
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_aggregate import ROLLOUT, make_values, sidecar_rate
+from bench_aggregate import ROLLOUT, make_values
 from bench_aggregate import preload as preload_comparisons
 from bench_throughput import preload as preload_requests
 
@@ -167,6 +167,40 @@ def _cpu_s(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def sidecar_run(bootstrap: str, topic: str, n: int) -> tuple[float, float]:
+    """The sidecar's throughput and CPU-us per request (``bench_throughput.py``'s contender,
+    own process; its CPU includes its start-up)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("bench_throughput.py")),
+            "--mode=sidecar",
+            f"--bootstrap={bootstrap}",
+            f"--topic={topic}",
+            f"--requests={n}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        sys.exit(f"sidecar run failed:\n{out.stderr[-3000:]}")
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return float(got["rate"]), float(got["cpu_us"])
+
+
+def _helpers_cpu_s() -> float:
+    """CPU seconds of this process's Python children (the stage's decode helper)."""
+    total = 0.0
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(OSError, ValueError):
+                    if "python" in Path(f"/proc/{child}/cmdline").read_bytes().decode():
+                        total += _cpu_s(int(child))
+    return total
+
+
 async def run_stage(
     cfg: SidecarConfig, comparisons: int, broker_pid: int | None = None
 ) -> tuple[float, OutcomesService]:
@@ -175,12 +209,12 @@ async def run_stage(
     the first poll after the first input, 5 ms at most later)."""
     service = OutcomesService(cfg)
     task = asyncio.create_task(service.run())
-    cpu0: tuple[float, float] | None = None
+    cpu0: tuple[float, float, float] | None = None
     try:
         while service.applied.comparisons < comparisons:
             await asyncio.sleep(0.005)
             if cpu0 is None and service.first_input_at is not None:
-                cpu0 = (_cpu_s(), _cpu_s(broker_pid) if broker_pid else 0.0)
+                cpu0 = (_cpu_s(), _cpu_s(broker_pid) if broker_pid else 0.0, _helpers_cpu_s())
             if task.done():
                 task.result()
         end = time.monotonic()
@@ -188,6 +222,7 @@ async def run_stage(
             service.cpu_s = (  # type: ignore[attr-defined]
                 _cpu_s() - cpu0[0],
                 (_cpu_s(broker_pid) - cpu0[1]) if broker_pid else 0.0,
+                _helpers_cpu_s() - cpu0[2],
             )
         memory: dict[str, float] = {}
         for rt in service.tasks.values():
@@ -229,39 +264,58 @@ async def throughput(args: argparse.Namespace) -> None:
         requests_topic = f"{run}.requests"
         if args.sidecar_requests:
             await preload_requests(bs, requests_topic, args.sidecar_requests)
-        stage_rates, side_rates, ratios = [], [], []
+        modes = [int(m) for m in args.decode_processes.split(",")]
+        rates: dict[int, list[float]] = {m: [] for m in modes}
+        ratios: dict[int, list[float]] = {m: [] for m in modes}
+        side_rates: list[float] = []
+        pid = broker.process.pid if broker.process else None
         for i in range(1, args.repeat + 1):
-            cfg_i = config(bs, run, Path(tmp) / f"state-{i}")
-            cfg_i = msgspec.structs.replace(
-                cfg_i,
-                outcomes=msgspec.structs.replace(cfg_i.outcomes, group_id=f"{run}-o{i}"),
-            )
-            pid = broker.process.pid if broker.process else None
-            secs, service = await run_stage(cfg_i, args.count, pid)
-            rate = args.count / secs
-            stage_rates.append(rate)
-            cpu = getattr(service, "cpu_s", (float("nan"), float("nan")))
-            line = (
-                f"run {i}: outcomes stage {rate:,.0f} comparisons/s "
-                f"({sum(service.applied.joined.values()):,} joined; CPU per comparison: "
-                f"stage {cpu[0] / args.count * 1e6:.1f} us, broker "
-                f"{cpu[1] / args.count * 1e6:.1f} us)"
-            )
+            # Alternate the order of the modes round by round (the machine is shared).
+            for m in modes if i % 2 else modes[::-1]:
+                cfg_i = config(bs, run, Path(tmp) / f"state-{i}-{m}", decode_processes=m)
+                cfg_i = msgspec.structs.replace(
+                    cfg_i,
+                    outcomes=msgspec.structs.replace(cfg_i.outcomes, group_id=f"{run}-o{i}-{m}"),
+                )
+                secs, service = await run_stage(cfg_i, args.count, pid)
+                rate = args.count / secs
+                rates[m].append(rate)
+                cpu = getattr(service, "cpu_s", (float("nan"),) * 3)
+                print(
+                    f"run {i}: outcomes stage (decode_processes={m}) {rate:,.0f} comparisons/s "
+                    f"({sum(service.applied.joined.values()):,} joined); CPU per comparison: "
+                    f"stage {cpu[0] / args.count * 1e6:.1f} us + helper "
+                    f"{cpu[2] / args.count * 1e6:.1f} us, broker "
+                    f"{cpu[1] / args.count * 1e6:.1f} us",
+                    flush=True,
+                )
+                shutil.rmtree(Path(tmp) / f"state-{i}-{m}", ignore_errors=True)
             if args.sidecar_requests:
-                side = sidecar_rate(bs, requests_topic, args.sidecar_requests)
+                side, side_cpu = sidecar_run(bs, requests_topic, args.sidecar_requests)
                 side_rates.append(side)
-                ratios.append(rate / side)
-                line += f" | sidecar {side:,.0f} req/s | {rate / side:.1f}x"
-            print(line, flush=True)
-            shutil.rmtree(Path(tmp) / f"state-{i}", ignore_errors=True)
-        print(f"\nmedian outcomes stage {statistics.median(stage_rates):,.0f} comparisons/s")
-        if ratios:
-            print(
-                f"median sidecar {statistics.median(side_rates):,.0f} req/s; stage/sidecar per "
-                "run: "
-                + ", ".join(f"{r:.1f}x" for r in ratios)
-                + f" (median {statistics.median(ratios):.1f}x, min {min(ratios):.1f}x)"
+                for m in modes:
+                    ratios[m].append(rates[m][-1] / side)
+                each = [f"{rates[m][-1] / side:.2f}x (decode_processes={m})" for m in modes]
+                print(
+                    f"run {i}: sidecar {side:,.0f} req/s ({side_cpu:.1f} CPU-us a request); "
+                    "stage/sidecar " + ", ".join(each),
+                    flush=True,
+                )
+        print()
+        for m in modes:
+            line = (
+                f"decode_processes={m}: median outcomes stage {statistics.median(rates[m]):,.0f} "
+                "comparisons/s"
             )
+            if ratios[m]:
+                line += (
+                    "; stage/sidecar per run "
+                    + ", ".join(f"{r:.2f}x" for r in ratios[m])
+                    + f" (median {statistics.median(ratios[m]):.2f}x, min {min(ratios[m]):.2f}x)"
+                )
+            print(line)
+        if side_rates:
+            print(f"median sidecar {statistics.median(side_rates):,.0f} req/s")
 
 
 # --------------------------------------------------------------------------- memory
@@ -758,6 +812,11 @@ def main() -> None:
     p.add_argument("--label-share", type=float, default=0.02)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--sidecar-requests", type=int, default=200_000)
+    p.add_argument(
+        "--decode-processes",
+        default="1,0",
+        help="outcomes.decode_processes values to run, each every round (comma-separated)",
+    )
     p = sub.add_parser("memory")
     p.add_argument("--pending", type=int, default=200_000)
     p.add_argument("--event-rate", type=float, default=1000.0)

@@ -270,7 +270,11 @@ async def test_sigkill_mid_stream_loses_and_double_counts_nothing(
     restart without it (the store wiped) replays the whole changelog. Every request of the
     stream ends in exactly one final window, and the verdict counts each one once."""
     state = tmp_path / "state"
-    cfg = outcomes_config(bootstrap, state, outcomes={"metrics_port": free_port, "max_batch": 2000})
+    cfg = outcomes_config(
+        bootstrap,
+        state,
+        outcomes={"metrics_port": free_port, "max_batch": 2000, "decode_processes": 1},
+    )
     await create_topics(cfg)
     n = 150_000
     s = stream(n, seed=9, span_ms=30_000, t0=time.time_ns() // 1_000_000 - 90_000)

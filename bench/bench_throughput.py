@@ -13,6 +13,12 @@ contender in its own process (so peak memory is its own) on its own consumer gro
 Rounds alternate the order to spread the machine's noise. Prints requests/s, the ratio and
 peak RSS of each.
 
+``--wire-equal`` adds a third contender, the passthrough writing what the sidecar writes on
+the wire: each output padded to the mean size of the sidecar's decision and comparison for
+this workload (measured here, without Kafka) and carrying as many headers. The plain
+passthrough stays the ceiling; this one shows how much of the gap is the bytes and headers
+the output contracts carry rather than the sidecar's own work.
+
 ``--tracing memory`` runs the sidecar with ``[tracing]`` on (extra ``otel``): every batch
 traced, its spans exported in the background (``BatchSpanProcessor``, as with OTLP) to an
 in-memory exporter, so the figure is the cost of making the spans, not of a collector.
@@ -36,6 +42,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 TOPIC_PARTITIONS = 6
+
+
+#: Process CPU seconds when the first record was processed and when the last was
+#: acknowledged: the steady-state cost per request, start-up and shutdown left out.
+STEADY: dict[str, float] = {}
 
 
 def config_for(bootstrap: str, requests_topic: str, group: str) -> Any:
@@ -70,7 +81,7 @@ async def preload(bootstrap: str, topic: str, n: int) -> None:
         await producer.stop()
 
 
-async def run_passthrough(cfg: Any, n: int) -> float:
+async def run_passthrough(cfg: Any, n: int, wire: tuple[int, int] | None = None) -> float:
     import msgspec
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -106,6 +117,9 @@ async def run_passthrough(cfg: Any, n: int) -> float:
     )
     decoder = msgspec.json.Decoder(InferenceRequest)
     encoder = msgspec.json.Encoder()
+    # --wire-equal: outputs as big as the sidecar's, with as many headers.
+    decision_bytes, comparison_bytes = wire or (0, 0)
+    comparison_headers = [("schema_version", b"1.0")]
     done = 0
     start = None
     pending: list[tuple[dict[Any, int], list[Any]]] = []
@@ -116,17 +130,31 @@ async def run_passthrough(cfg: Any, n: int) -> float:
                 continue
             if start is None:
                 start = time.perf_counter()
+                STEADY["cpu_start"] = time.process_time()
             out_a, out_b = TopicOutput(), TopicOutput()
             for part in batches.values():
                 for record in part:
                     req = decoder.decode(record.value)
                     key = (req.routing_key or req.request_id).encode()
+                    a, b = encoder.encode(req), encoder.encode(req.features)
                     out_a.keys.append(key)
-                    out_a.values.append(encoder.encode(req))
-                    out_a.headers.append([])
                     out_b.keys.append(key)
-                    out_b.values.append(encoder.encode(req.features))
-                    out_b.headers.append([])
+                    if wire is None:
+                        out_a.values.append(a)
+                        out_a.headers.append([])
+                        out_b.values.append(b)
+                        out_b.headers.append([])
+                    else:  # JSON allows trailing blanks
+                        out_a.values.append(a.ljust(decision_bytes))
+                        out_a.headers.append(
+                            [
+                                ("request_id", req.request_id.encode()),
+                                ("model_version", b"1.4.0"),
+                                ("schema_version", b"1.0"),
+                            ]
+                        )
+                        out_b.values.append(b.ljust(comparison_bytes))
+                        out_b.headers.append(comparison_headers)
             deliveries = await sender.send(t.decisions, out_a)
             deliveries += await sender.send(t.comparisons, out_b)
             futures = [d.future for d in deliveries]
@@ -142,6 +170,7 @@ async def run_passthrough(cfg: Any, n: int) -> float:
             await asyncio.gather(*futs)
             await consumer.commit(offsets)
         assert start is not None
+        STEADY["cpu_end"] = time.process_time()
         return time.perf_counter() - start
     finally:
         await consumer.stop()
@@ -187,7 +216,9 @@ async def time_until_done(sidecar: Any, task: asyncio.Task[None], n: int) -> flo
     while True:
         if start is None and sidecar.processed:
             start = time.perf_counter()
+            STEADY["cpu_start"] = time.process_time()
         if sidecar.processed >= n and not sidecar.in_flight_records:
+            STEADY["cpu_end"] = time.process_time()
             break
         if task.done():
             task.result()
@@ -203,6 +234,8 @@ def child(args: argparse.Namespace) -> None:
     cfg = config_for(args.bootstrap, args.topic, f"bench-{args.mode}-{uuid.uuid4().hex[:6]}")
     if args.mode == "passthrough":
         job = run_passthrough(cfg, args.requests)
+    elif args.mode == "wire-equal":
+        job = run_passthrough(cfg, args.requests, (args.decision_bytes, args.comparison_bytes))
     else:
         job = run_sidecar(cfg, args.requests, args.tracing)
     if args.profile:
@@ -228,8 +261,33 @@ def child(args: argparse.Namespace) -> None:
                 # CPU time of the whole process (start-up included) per request: less
                 # sensitive than wall time to other work on the machine.
                 "cpu_us": (usage.ru_utime + usage.ru_stime) / args.requests * 1e6,
+                "steady_cpu_us": (STEADY["cpu_end"] - STEADY["cpu_start"]) / args.requests * 1e6,
             }
         )
+    )
+
+
+def sidecar_output_sizes() -> tuple[int, int]:
+    """Mean bytes of the sidecar's decision and comparison on this workload (its pipeline on
+    generated requests, no Kafka)."""
+    from sidecar.kafka.records import Record
+    from sidecar.models import load_model
+    from sidecar.pipeline import Pipeline
+    from sidecar.routing import Mode, RoutingPolicy
+    from sidecar.traffic import generated_items
+
+    cfg = config_for("unused:9092", "requests", "sizes")
+    pipeline = Pipeline(cfg, load_model(cfg.models.champion), load_model(cfg.models.candidate))
+    items = generated_items(2000, seed=7, start_id=0)
+    records = [Record("t", 0, i, 0, 0, k, v, ()) for i, (k, v) in enumerate(items)]
+    policy = RoutingPolicy(rollout=cfg.rollout.name, mode=Mode.CANARY, canary_share_bp=1000)
+    result = asyncio.run(pipeline.process(records, policy))  # type: ignore[arg-type]
+    pipeline.champion.close()
+    if pipeline.candidate is not None:
+        pipeline.candidate.close()
+    return (
+        round(statistics.mean(map(len, result.decisions.values))),
+        round(statistics.mean(map(len, result.comparisons.values))),
     )
 
 
@@ -237,7 +295,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--mode", choices=["passthrough", "sidecar"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--mode", choices=["passthrough", "sidecar", "wire-equal"], help=argparse.SUPPRESS
+    )
+    parser.add_argument("--decision-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--comparison-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--wire-equal",
+        action="store_true",
+        help="also run a passthrough whose outputs are as big as the sidecar's",
+    )
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--topic", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="cProfile each contender")
@@ -263,8 +330,17 @@ def main() -> None:
             f"({TOPIC_PARTITIONS} partitions, 8 numeric features)"
         )
         results: dict[str, list[dict[str, float]]] = {"passthrough": [], "sidecar": []}
+        sizes: list[str] = []
+        if args.wire_equal:
+            decision_bytes, comparison_bytes = sidecar_output_sizes()
+            print(f"sidecar outputs: decision {decision_bytes} B, comparison {comparison_bytes} B")
+            sizes = ["--decision-bytes", str(decision_bytes)]
+            sizes += ["--comparison-bytes", str(comparison_bytes)]
+            results["wire-equal"] = []
         for round_ in range(args.rounds):
             order = ["passthrough", "sidecar"] if round_ % 2 == 0 else ["sidecar", "passthrough"]
+            if args.wire_equal:
+                order.insert(1, "wire-equal")
             for mode in order:
                 cmd = [
                     sys.executable,
@@ -279,6 +355,7 @@ def main() -> None:
                     str(args.requests),
                     "--tracing",
                     args.tracing,
+                    *sizes,
                 ] + (["--profile"] if args.profile else [])
                 out = subprocess.run(
                     cmd,
@@ -298,7 +375,8 @@ def main() -> None:
                 results[mode].append(result)
                 print(
                     f"round {round_ + 1} {mode:12} {result['rate']:>10,.0f} req/s  "
-                    f"{result['cpu_us']:5.1f} CPU-us/req  peak RSS {result['peak_rss_mib']:.1f} MiB"
+                    f"{result['cpu_us']:5.1f} CPU-us/req ({result['steady_cpu_us']:4.1f} "
+                    f"while serving)  peak RSS {result['peak_rss_mib']:.1f} MiB"
                 )
         best = {m: max(r["rate"] for r in rs) for m, rs in results.items()}
         median = {m: statistics.median(r["rate"] for r in rs) for m, rs in results.items()}
@@ -319,6 +397,19 @@ def main() -> None:
             f"CPU per request (median): passthrough {cpu['passthrough']:.1f} us, sidecar "
             f"{cpu['sidecar']:.1f} us; ratio {cpu['passthrough'] / cpu['sidecar']:.2f}"
         )
+        steady = {m: statistics.median(r["steady_cpu_us"] for r in rs) for m, rs in results.items()}
+        print(
+            f"CPU per request while serving (median; start-up and shutdown left out): "
+            f"passthrough {steady['passthrough']:.1f} us, sidecar {steady['sidecar']:.1f} us; "
+            f"ratio {steady['passthrough'] / steady['sidecar']:.2f}"
+        )
+        if args.wire_equal:
+            print(
+                f"wire-equal passthrough: median {median['wire-equal']:,.0f} req/s, "
+                f"{steady['wire-equal']:.1f} CPU-us/req while serving; sidecar against it: "
+                f"req/s {median['sidecar'] / median['wire-equal']:.2f}, "
+                f"CPU {steady['wire-equal'] / steady['sidecar']:.2f}"
+            )
 
 
 if __name__ == "__main__":

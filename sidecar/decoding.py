@@ -9,6 +9,7 @@ which has the wrong type) for the dead-letter topic. Bad records never stop good
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
@@ -75,6 +76,9 @@ class DecodedBatch:
     trace: dict[int, list[tuple[str, bytes]]] = field(default_factory=dict)
     #: The requests' ``candidates`` when a model re-ranks them (None otherwise).
     items: CandidateItems | None = None
+    #: The pipeline's JSON texts of this batch's ids and scores, made once and shared by its
+    #: two output stages (see ``sidecar.pipeline``).
+    texts: Any = None
 
     def __len__(self) -> int:
         return len(self.request_ids)
@@ -130,7 +134,9 @@ class RequestDecoder:
         for name, spec in specs.items():
             py_type = _PY_TYPES[spec.type]
             fields.append((name, py_type | None if spec.nullable else py_type))
-        features_type = msgspec.defstruct("Features", fields, kw_only=True)
+        # gc=False: decoded JSON holds no reference cycles, and untracked objects make a
+        # batch's allocations cheaper (no garbage-collector bookkeeping per request).
+        features_type = msgspec.defstruct("Features", fields, kw_only=True, gc=False)
         #: A model re-ranks the requests' candidates: every request must carry them.
         self.needs_candidates = any(
             m.output_kind == "ranking" and m.items_from == "request" for m in models
@@ -153,6 +159,7 @@ class RequestDecoder:
             ],
             kw_only=True,
             module=__name__,
+            gc=False,
         )
         self._typed_request = typed_request
         if config.format == "msgpack":
@@ -176,6 +183,60 @@ class RequestDecoder:
         """The batch's good records as columns; every other record is :class:`Rejected` with
         its reason. Never raises on a record's content (see :mod:`sidecar.untrusted`)."""
         out = DecodedBatch()
+        requests = self._decode_plain(records)
+        if requests is not None:  # the common case: every record a plain, valid request
+            good_records: list[RawRecord] = list(records)
+            headered = False
+        else:
+            good_records, requests, headered = self._decode_each(records, out)
+        out.records = good_records
+        out.request_ids = [r.request_id for r in requests]
+        routing = [r.routing_key for r in requests]
+        out.has_routing_key = [k is not None for k in routing]
+        out.routing_keys = [
+            k if k is not None else r.request_id for k, r in zip(routing, requests, strict=True)
+        ]
+        out.ts = ts = [r.ts for r in requests]
+        if None in ts:  # no event time in the request: the record's timestamp
+            for i, rec in enumerate(good_records):
+                if ts[i] is None:
+                    ts[i] = max(rec.timestamp, 0)
+        out.metadata = [r.metadata for r in requests]
+        if headered:  # some record had headers: pass its trace context on
+            for i, record in enumerate(good_records):
+                if record.headers:
+                    found = trace_headers(record.headers)
+                    if found:
+                        out.trace[i] = found
+        out.matrix = self._to_matrix([r.features for r in requests])
+        if self.needs_candidates:
+            out.items = CandidateItems.of([r.candidates for r in requests])
+        return out
+
+    def _decode_plain(self, records: Sequence[RawRecord]) -> list[Any] | None:
+        """Every record decoded in one pass when none needs a closer look (each has a value
+        within bounds, no headers, and is a valid request of a known version); else None,
+        and :meth:`_decode_each` takes the batch record by record."""
+        values = [r.value for r in records]
+        if None in values or any([r.headers for r in records]):
+            return None
+        if max(map(len, values), default=0) > self._max_bytes:  # type: ignore[arg-type]
+            return None
+        fast = self._fast.decode
+        try:
+            requests = [fast(v) for v in values]
+        except Exception:  # a bad record: each is diagnosed on its own
+            return None
+        for version in {r.schema_version for r in requests}:
+            if version != "1" and _major(version) != REQUEST_SCHEMA_MAJOR:
+                return None
+        return requests
+
+    def _decode_each(
+        self, records: Sequence[RawRecord], out: DecodedBatch
+    ) -> tuple[list[RawRecord], list[Any], bool]:
+        """The good records and their requests, record by record; the others go to
+        ``out.rejected`` with their reasons. Also says whether any record had headers."""
         good_records: list[RawRecord] = []
         requests: list[Any] = []
         fast = self._fast.decode
@@ -206,37 +267,22 @@ class RequestDecoder:
                 continue
             good_records.append(record)
             requests.append(req)
-        out.records = good_records
-        out.request_ids = [r.request_id for r in requests]
-        routing = [r.routing_key for r in requests]
-        out.has_routing_key = [k is not None for k in routing]
-        out.routing_keys = [
-            k if k is not None else r.request_id for k, r in zip(routing, requests, strict=True)
-        ]
-        out.ts = [
-            r.ts if r.ts is not None else max(rec.timestamp, 0)
-            for r, rec in zip(requests, good_records, strict=True)
-        ]
-        out.metadata = [r.metadata for r in requests]
-        if headered:  # some record had headers: pass its trace context on
-            for i, record in enumerate(good_records):
-                if record.headers:
-                    found = trace_headers(record.headers)
-                    if found:
-                        out.trace[i] = found
-        astuple = msgspec.structs.astuple
-        out.matrix = self._to_matrix([astuple(r.features) for r in requests])
-        if self.needs_candidates:
-            out.items = CandidateItems.of([r.candidates for r in requests])
-        return out
+        return good_records, requests, headered
 
-    def _to_matrix(self, rows: list[tuple[Any, ...]]) -> FloatArray:
-        if not rows:
-            return np.zeros((0, len(self.columns)))
+    def _to_matrix(self, features: list[Any]) -> FloatArray:
+        width = len(self.columns)
+        if not features:
+            return np.zeros((0, width))
+        rows = map(msgspec.structs.astuple, features)
         if not self._categorical:
             # None (nullable features) becomes NaN; booleans become 0.0 / 1.0.
-            return np.array(rows, dtype=np.float64)
-        cells = np.array(rows, dtype=object)
+            flat = np.fromiter(
+                itertools.chain.from_iterable(rows),
+                dtype=np.float64,
+                count=len(features) * width,
+            )
+            return flat.reshape(len(features), width)
+        cells = np.array(list(rows), dtype=object)
         for col, codes in self._categorical:
             cells[:, col] = [codes.get(v, -1.0) if v is not None else None for v in cells[:, col]]
         cells[cells == None] = np.nan  # noqa: E711 - elementwise comparison with None

@@ -26,6 +26,8 @@ _NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f]')
 
 def needs_escape(text: str) -> bool:
     """True when ``text`` cannot be placed between JSON quotes as it is."""
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return False  # the common case, at C speed: no quote, backslash or control character
     return _NEEDS_ESCAPE.search(text) is not None
 
 
@@ -34,18 +36,31 @@ def escape(text: str) -> str:
     return _ENCODER.encode(text).decode()[1:-1]
 
 
-def template(prototype: Any, slots: tuple[str, ...], raw: frozenset[str]) -> str:
+def template(
+    prototype: Any,
+    slots: tuple[str, ...],
+    raw: frozenset[str],
+    ignored: frozenset[str] = frozenset(),
+) -> str:
     """A ``%``-format template from a prototype Struct (or a dict, encoded in its order).
 
     ``prototype`` holds ``"@@name@@"`` in each slot field; ``slots`` names them in the order
     they appear in the encoded JSON (checked), which is the order of the ``%`` arguments. A
     slot in ``raw`` replaces the quoted sentinel (format it with JSON text: a number,
     ``true``, an object...); any other slot stays inside its quotes (format it with an escaped
-    string body).
+    string body). The template also works as bytes (``template(...).encode()``, formatted
+    with bytes: about twice as fast per record as ``str`` formatting and its ``encode()``).
+    A slot in
+    ``ignored`` is not in the prototype: it takes its argument and prints nothing (``%.0s``),
+    so templates with and without an optional field take the same arguments.
     """
     encoded = _ENCODER.encode(prototype).decode().replace("%", "%%")
     position = -1
-    for name in slots:
+    for k, name in enumerate(slots):
+        if name in ignored:
+            if k == 0 or slots[k - 1] in ignored:
+                raise ValueError(f"ignored slot {name!r} must follow a slot that is printed")
+            continue
         sentinel = f'"@@{name}@@"' if name in raw else f"@@{name}@@"
         if encoded.count(sentinel) != 1:
             raise ValueError(f"slot {name!r} not found exactly once in the prototype")
@@ -53,7 +68,10 @@ def template(prototype: Any, slots: tuple[str, ...], raw: frozenset[str]) -> str
         if found < position:
             raise ValueError(f"slot {name!r} is out of order: list slots as they appear")
         position = found
-        encoded = encoded.replace(sentinel, "%s")
+        spec = "%s"
+        if k + 1 < len(slots) and slots[k + 1] in ignored:
+            spec += "%.0s"
+        encoded = encoded.replace(sentinel, spec)
     return encoded
 
 
@@ -65,11 +83,19 @@ def json_numbers(values: list[float] | list[int]) -> list[str]:
     return _ENCODER.encode(values).decode()[1:-1].split(",")
 
 
+def json_number_bytes(values: list[float] | list[int]) -> list[bytes]:
+    """:func:`json_numbers` as bytes (for bytes templates)."""
+    if not values:
+        return []
+    return _ENCODER.encode(values)[1:-1].split(b",")
+
+
 def json_bool(value: bool) -> str:
     return "true" if value else "false"
 
 
 JSON_BOOL = ("false", "true")
+JSON_BOOL_BYTES = (b"false", b"true")
 
 
 def raw_json(value: Any) -> str:

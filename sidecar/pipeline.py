@@ -11,7 +11,9 @@ Everything per batch is vectorised with numpy; the one per-record loop only form
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import operator
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +32,15 @@ from .contracts import (
 )
 from .dead_letters import DeadLetterWriter, keep_bytes, where
 from .decoding import DecodedBatch, RawRecord, Rejected, RequestDecoder
-from .encoding import JSON_BOOL, escape, json_numbers, needs_escape, raw_json, template
+from .encoding import (
+    JSON_BOOL_BYTES,
+    escape,
+    json_number_bytes,
+    json_numbers,
+    needs_escape,
+    raw_json,
+    template,
+)
 from .models.base import BatchScores, ScoringModel
 from .models.validation import RangeValidator
 from .outputs.adapters import Adapter, DeclarativeAdapter, compile_adapter
@@ -181,28 +191,39 @@ class _BatchFormats:
             ("model_version", (m.version if m else "").encode()) for m in models
         )
         self._policy, self._models = policy, models
-        self._fallbacks: dict[tuple[int, int], tuple[tuple[str, str], str]] = {}
+        self._fallbacks: dict[tuple[int, int], tuple[tuple[bytes, bytes], bytes]] = {}
         # decision[arm][has_routing_key]; slots: request_id, routing_key, score, decision,
         # bucket, ts.
         self.decision = tuple(
-            self._decision_pair(arm, arm, None) if m is not None else ("", "")
+            self._decision_pair(arm, arm, None) if m is not None else (b"", b"")
             for arm, m in enumerate(models)
         )
-        # comparison[served_by][has_routing_key]; served_by None is index 2 (via dict below).
-        # comparison[served_by][has_routing_key]: arms given as ready-made JSON fragments
-        # (slots: request_id, routing_key, ts, champion, candidate).
-        self.comparison: dict[int | None, tuple[str, str]] = {
+        self._scores = (champion, candidate)
+
+    # The comparison templates are made when a stage first needs them: the first stage of
+    # a batch writes no comparison, and the fragment ones serve only batches where an arm
+    # failed.
+
+    @functools.cached_property
+    def comparison(self) -> dict[int | None, tuple[bytes, bytes]]:
+        """``[served_by][has_routing_key]``: arms given as ready-made JSON fragments (slots:
+        request_id, routing_key, ts, champion, candidate)."""
+        return {
             served: self._comparison_pair(
-                policy, served, "@@champion@@", "@@candidate@@", ("champion", "candidate")
+                self._policy, served, "@@champion@@", "@@candidate@@", ("champion", "candidate")
             )
             for served in (_CHAMPION, _CANDIDATE, None)
         }
-        # comparison_both[served_by][has_routing_key]: both arms scored (the common case);
-        # slots: request_id, routing_key, ts, champion score and decision, candidate score and
-        # decision.
-        self.comparison_both = tuple(
+
+    @functools.cached_property
+    def comparison_both(self) -> tuple[tuple[bytes, bytes], ...]:
+        """``[served_by][has_routing_key]``: both arms scored (the common case); slots:
+        request_id, routing_key, ts, champion score and decision, candidate score and
+        decision."""
+        models = self._models
+        return tuple(
             self._comparison_pair(
-                policy,
+                self._policy,
                 served,
                 _scored(models[0], "c", self.latency[0]),
                 _scored(models[1], "k", self.latency[1]),
@@ -210,17 +231,21 @@ class _BatchFormats:
             )
             for served in (_CHAMPION, _CANDIDATE)
         )
+
+    @functools.cached_property
+    def _arm_results(self) -> tuple[list[tuple[str, ...]], list[bytes], list[bytes]]:
+        """Each arm's ModelResult templates: scored (with its score and decision slots) and
+        failed."""
         ok, err = [], []
-        #: The score and decision slots of each arm's ``ok`` template: a multiclass model's
-        #: result has a score (the label's probability) and no decision; regression and
-        #: ranking results neither (their output is in the kind's fields).
-        self.ok_slots: list[tuple[str, ...]] = []
-        for arm, (m, scores) in enumerate(zip(models, (champion, candidate), strict=True)):
+        # A multiclass model's result has a score (the label's probability) and no decision;
+        # regression and ranking results neither (their output is in the kind's fields).
+        ok_slots: list[tuple[str, ...]] = []
+        for arm, (m, scores) in enumerate(zip(self._models, self._scores, strict=True)):
             name, version = (m.name, m.version) if m else ("", "")
             manifest_digest = m.manifest_digest if m else None
             kind = m.kind if m else "binary"
             slots = _OK_SLOTS.get(kind, ())
-            self.ok_slots.append(slots)
+            ok_slots.append(slots)
             ok.append(
                 template(
                     ModelResult(
@@ -233,7 +258,7 @@ class _BatchFormats:
                     ),
                     slots,
                     _RAW,
-                )
+                ).encode()
             )
             err.append(
                 raw_json(
@@ -244,10 +269,17 @@ class _BatchFormats:
                         error=scores.error or scores.record_error,
                         manifest_digest=manifest_digest,
                     )
-                )
+                ).encode()
             )
-        self.champion_ok, self.candidate_ok = ok
-        self.champion_error, self.candidate_error = err
+        return ok_slots, ok, err
+
+    @property
+    def champion_error(self) -> bytes:
+        return self._arm_results[2][_CHAMPION]
+
+    @property
+    def candidate_error(self) -> bytes:
+        return self._arm_results[2][_CANDIDATE]
 
     def prototype(self, arm: int, routed: int, fallback: str | None, keyed: bool) -> Decision:
         """The Decision a template is made from: every per-record field a sentinel slot (an
@@ -275,15 +307,16 @@ class _BatchFormats:
             manifest_digest=m.manifest_digest,
         )
 
-    def arm_ok(self, arm: int, score: str, decision: str) -> str:
-        """Arm ``arm``'s scored ModelResult as JSON text, whatever its output kind."""
-        tmpl = self.champion_ok if arm == _CHAMPION else self.candidate_ok
-        slots = len(self.ok_slots[arm])
+    def arm_ok(self, arm: int, score: bytes, decision: bytes) -> bytes:
+        """Arm ``arm``'s scored ModelResult as JSON, whatever its output kind."""
+        ok_slots, ok, _ = self._arm_results
+        tmpl = ok[arm]
+        slots = len(ok_slots[arm])
         if slots == 2:
             return tmpl % (score, decision)
         return tmpl % score if slots else tmpl
 
-    def _decision_pair(self, arm: int, routed: int, fallback: str | None) -> tuple[str, str]:
+    def _decision_pair(self, arm: int, routed: int, fallback: str | None) -> tuple[bytes, bytes]:
         """Decision templates of ``arm`` deciding records routed to ``routed``, without and
         with a routing key; a fallback (``arm != routed``) adds the ``fallback`` slot."""
         slots: tuple[str, ...] = ("request_id", "routing_key", "score", "decision", "bucket", "ts")
@@ -295,7 +328,7 @@ class _BatchFormats:
         )
         return unkeyed, keyed
 
-    def fallback(self, arm: int, routed: int, reason: str) -> tuple[tuple[str, str], str]:
+    def fallback(self, arm: int, routed: int, reason: str) -> tuple[tuple[bytes, bytes], bytes]:
         """The decision templates of records ``arm`` decided because ``routed`` failed, and
         the JSON text of ``reason`` for their ``fallback`` slot. The reason (a model's error
         text) is a slot, never part of the template: it may hold anything. Built once per
@@ -305,7 +338,7 @@ class _BatchFormats:
         if found is None:
             found = self._fallbacks[key] = (
                 self._decision_pair(arm, routed, "@@fallback@@"),
-                raw_json(reason),
+                raw_json(reason).encode(),
             )
         return found
 
@@ -316,7 +349,7 @@ class _BatchFormats:
         champion: ModelResult | str,
         candidate: ModelResult | str,
         arm_slots: tuple[str, ...],
-    ) -> tuple[str, str]:
+    ) -> tuple[bytes, bytes]:
         """Comparison templates without and with a routing key, for one ``served_by``."""
         unkeyed, keyed = (
             _template_optional(
@@ -340,6 +373,70 @@ class _BatchFormats:
         return unkeyed, keyed
 
 
+class _Texts:
+    """A batch's per-record values as JSON text (bytes), made once for its two stages:
+    request ids and routing keys as string bodies (escaped only when needed), the ids as
+    header values, event times, routing buckets, and each arm's scores and decisions."""
+
+    __slots__ = ("_arms", "buckets", "header_ids", "ids", "keys", "ts")
+
+    def __init__(self, batch: DecodedBatch, key_bytes: list[bytes], buckets: np.ndarray) -> None:
+        ids, keys = batch.request_ids, batch.routing_keys
+        self.header_ids = [t.encode() for t in ids]
+        self.ids = (
+            [escape(t).encode() for t in ids] if needs_escape("".join(ids)) else self.header_ids
+        )
+        self.keys = [escape(t).encode() for t in keys] if needs_escape("".join(keys)) else key_bytes
+        self.ts = json_number_bytes(batch.ts)
+        self.buckets = json_number_bytes(buckets.tolist())
+        self._arms: dict[int, tuple[BatchScores, list[bytes], list[bytes]]] = {}
+
+    @staticmethod
+    def of(batch: DecodedBatch, key_bytes: list[bytes], buckets: np.ndarray) -> _Texts:
+        texts = batch.texts
+        if texts is None:
+            texts = batch.texts = _Texts(batch, key_bytes, buckets)
+        return texts  # type: ignore[no-any-return]
+
+    def arm(
+        self, model: ScoringModel | None, scores: BatchScores
+    ) -> tuple[list[bytes], list[bytes]]:
+        """``scores``' scores and decisions as JSON (``null`` decisions for the kinds other
+        than binary: their decision is a label, a band or a ranking)."""
+        found = self._arms.get(id(scores))
+        if found is None or found[0] is not scores:
+            n = len(scores.valid)
+            if (
+                scores.error is not None
+                and not scores.decisions.any()
+                and np.isnan(scores.scores).all()
+            ):  # failed, skipped or pending as a whole: every score null, no decision
+                found = (scores, [b"null"] * n, [b"false" if _binary(model) else b"null"] * n)
+                self._arms[id(scores)] = found
+                return found[1], found[2]
+            if _binary(model):
+                decisions = _BOOL_TEXTS[scores.decisions.astype(np.uint8)].tolist()
+            else:
+                decisions = [b"null"] * n
+            found = (scores, json_number_bytes(scores.scores.tolist()), decisions)
+            self._arms[id(scores)] = found
+        return found[1], found[2]
+
+
+_BOOL_TEXTS = np.array(JSON_BOOL_BYTES, dtype=object)
+
+
+def _binary(model: ScoringModel | None) -> bool:
+    return model is None or model.kind == "binary"
+
+
+def _fragments(scores: BatchScores) -> list[bytes] | None:
+    """A non-binary arm's per-record output fields as JSON bytes (None for binary)."""
+    if scores.fragments is None:
+        return None
+    return [f.encode() for f in scores.fragments]
+
+
 def _scored(model: ScoringModel | None, prefix: str, latency_ms: float) -> ModelResult:
     """A prototype ModelResult whose score and decision are template slots."""
     return ModelResult(
@@ -354,12 +451,13 @@ def _scored(model: ScoringModel | None, prefix: str, latency_ms: float) -> Model
 
 def _template_optional(
     proto: msgspec.Struct, slots: tuple[str, ...], raw: frozenset[str], keyed: bool
-) -> str:
-    """``template`` for a prototype whose routing_key is a slot when ``keyed`` and encoded as
-    null otherwise; unkeyed templates take the same arguments less the routing key."""
-    if keyed:
-        return template(proto, slots, raw)
-    return template(proto, tuple(s for s in slots if s != "routing_key"), raw)
+) -> bytes:
+    """The bytes ``template`` for a prototype whose
+    routing_key is a slot when ``keyed`` and encoded as null otherwise. Both take the same
+    arguments (unkeyed ones ignore the routing key's), so a batch formats every record with
+    one argument shape whichever template it takes."""
+    ignored = frozenset() if keyed else frozenset({"routing_key"})
+    return template(proto, slots, raw, ignored=ignored).encode()
 
 
 class Pipeline:
@@ -651,7 +749,7 @@ class Pipeline:
         n = len(batch)
         pending = BatchScores.failed(n, _PENDING, 0.0)
         fmt = _BatchFormats(self, policy, champion, pending)
-        texts, key_texts = self._texts(batch)
+        texts = _Texts.of(batch, key_bytes, buckets)
         choice_list = [_CHAMPION] * n
         dec_values: list[bytes | None] = [None] * n
         dec_headers: list[Headers | None] = [None] * n
@@ -666,7 +764,6 @@ class Pipeline:
             policy,
             fmt,
             texts,
-            key_texts,
             bucket_list,
             champion,
             pending,
@@ -688,8 +785,6 @@ class Pipeline:
                 choice_list,
                 routed_list,
                 fmt,
-                texts,
-                key_texts,
                 bucket_list,
                 champion,
                 pending,
@@ -712,8 +807,7 @@ class Pipeline:
         routed_list: list[int],
         policy: RoutingPolicy,
         fmt: _BatchFormats,
-        texts: list[str],
-        key_texts: list[str],
+        texts: _Texts,
         bucket_list: list[int],
         champion: BatchScores,
         candidate: BatchScores,
@@ -724,48 +818,52 @@ class Pipeline:
         """Decisions of ``rows``: a template format each when the routed arm decided and
         there is no metadata, else a full Struct (fallbacks, defaults, metadata) or a dead
         letter. Returns how many took the slow way."""
-        champ_scores = json_numbers(champion.scores.tolist())
-        cand_scores = json_numbers(candidate.scores.tolist())
-        champ_dec = _decision_texts(self.champion, champion)
-        cand_dec = _decision_texts(self.candidate, candidate)
-        extras = (champion.fragments, candidate.fragments)
-        metadata, has_key, ts_list, ids = (
-            batch.metadata,
-            batch.has_routing_key,
-            batch.ts,
-            batch.request_ids,
-        )
+        champ_scores, champ_dec = texts.arm(self.champion, champion)
+        cand_scores, cand_dec = texts.arm(self.candidate, candidate)
+        arm_scores, arm_dec = (champ_scores, cand_scores), (champ_dec, cand_dec)
+        extras = (_fragments(champion), _fragments(candidate))
+        metadata, has_key, ts_list = batch.metadata, batch.has_routing_key, texts.ts
+        rids, key_texts, header_ids = texts.ids, texts.keys, texts.header_ids
+        bucket_texts = texts.buckets
         decision_tmpl = fmt.decision
         version_header = fmt.version_headers
         schema_header = _SCHEMA_HEADER
+        plain = (
+            extras == (None, None)
+            and metadata.count(None) == len(metadata)
+            and (choice_list == routed_list or all(choice_list[i] == routed_list[i] for i in rows))
+        )
+        if plain:  # every row's routed arm decided, nothing per record to add: templates only
+            self._plain_decisions(
+                batch,
+                rows,
+                choice_list,
+                fmt,
+                texts,
+                bucket_texts,
+                arm_scores,
+                arm_dec,
+                dec_values,
+                dec_headers,
+            )
+            return 0
         slow = 0
         for i in rows:
             arm = choice_list[i]
             if arm == routed_list[i] and metadata[i] is None:
-                rid, ts = texts[i], ts_list[i]
-                if arm:
-                    score, decided = cand_scores[i], cand_dec[i]
-                else:
-                    score, decided = champ_scores[i], champ_dec[i]
-                if has_key[i]:
-                    dec = decision_tmpl[arm][1] % (
-                        rid,
-                        key_texts[i],
-                        score,
-                        decided,
-                        bucket_list[i],
-                        ts,
-                    )
-                else:
-                    dec = decision_tmpl[arm][0] % (rid, score, decided, bucket_list[i], ts)
-                if extras[arm] is not None:  # a non-binary output: its fields come last
-                    dec = dec[:-1] + extras[arm][i] + "}"  # type: ignore[index]
-                dec_values[i] = dec.encode()
-                dec_headers[i] = [
-                    ("request_id", ids[i].encode()),
-                    version_header[arm],
-                    schema_header,
-                ]
+                dec = decision_tmpl[arm][has_key[i]] % (
+                    rids[i],
+                    key_texts[i],
+                    arm_scores[arm][i],
+                    arm_dec[arm][i],
+                    bucket_texts[i],
+                    ts_list[i],
+                )
+                extra = extras[arm]
+                if extra is not None:  # a non-binary output: its fields come last
+                    dec = dec[:-1] + extra[i] + b"}"
+                dec_values[i] = dec
+                dec_headers[i] = [("request_id", header_ids[i]), version_header[arm], schema_header]
                 continue
             if arm <= _CANDIDATE and metadata[i] is None:  # a fallback: the other arm failed
                 routed = routed_list[i]
@@ -776,23 +874,20 @@ class Pipeline:
                     f"{_ARM_NAMES[routed]}_failed: "
                     f"{_error_text(failed.error or failed.record_error)}",
                 )
-                rid, ts = texts[i], ts_list[i]
-                if arm:
-                    score, decided = cand_scores[i], cand_dec[i]
-                else:
-                    score, decided = champ_scores[i], champ_dec[i]
-                if has_key[i]:
-                    dec = keyed % (rid, key_texts[i], score, decided, bucket_list[i], ts, reason)
-                else:
-                    dec = unkeyed % (rid, score, decided, bucket_list[i], ts, reason)
-                if extras[arm] is not None:
-                    dec = dec[:-1] + extras[arm][i] + "}"  # type: ignore[index]
-                dec_values[i] = dec.encode()
-                dec_headers[i] = [
-                    ("request_id", ids[i].encode()),
-                    version_header[arm],
-                    schema_header,
-                ]
+                dec = (keyed if has_key[i] else unkeyed) % (
+                    rids[i],
+                    key_texts[i],
+                    arm_scores[arm][i],
+                    arm_dec[arm][i],
+                    bucket_texts[i],
+                    ts_list[i],
+                    reason,
+                )
+                extra = extras[arm]
+                if extra is not None:
+                    dec = dec[:-1] + extra[i] + b"}"
+                dec_values[i] = dec
+                dec_headers[i] = [("request_id", header_ids[i]), version_header[arm], schema_header]
                 continue
             slow += 1
             if arm == _DEAD_LETTER:
@@ -812,6 +907,67 @@ class Pipeline:
             )
         return slow
 
+    def _plain_decisions(
+        self,
+        batch: DecodedBatch,
+        rows: list[int],
+        choice_list: list[int],
+        fmt: _BatchFormats,
+        texts: _Texts,
+        bucket_texts: list[bytes],
+        arm_scores: tuple[list[bytes], list[bytes]],
+        arm_dec: tuple[list[bytes], list[bytes]],
+        dec_values: list[bytes | None],
+        dec_headers: list[Headers | None],
+    ) -> None:
+        """:meth:`_write_decisions` when every row's routed arm decided and no record has
+        metadata or kind fields (the common case): each row one template format, columns
+        zipped at C speed rather than indexed per record."""
+        if not rows:
+            return
+        whole = len(rows) == len(batch)
+        pick = _gather(rows, whole)
+        arms = pick(choice_list)
+        keyed = pick(batch.has_routing_key)
+        if len(set(arms)) == 1:
+            arm = arms[0]
+            scores, decided = pick(arm_scores[arm]), pick(arm_dec[arm])
+            table = fmt.decision[arm]
+            tmpls = [table[k] for k in keyed] if False in keyed else [table[True]] * len(rows)
+            version = [fmt.version_headers[arm]] * len(rows)
+        else:  # both arms decide some rows (one stage, a canary): per row
+            scores = [arm_scores[a][i] for a, i in zip(arms, rows, strict=True)]
+            decided = [arm_dec[a][i] for a, i in zip(arms, rows, strict=True)]
+            tmpls = [fmt.decision[a][k] for a, k in zip(arms, keyed, strict=True)]
+            version = [fmt.version_headers[a] for a in arms]
+        values = list(
+            map(
+                bytes.__mod__,
+                tmpls,
+                zip(
+                    pick(texts.ids),
+                    pick(texts.keys),
+                    scores,
+                    decided,
+                    pick(bucket_texts),
+                    pick(texts.ts),
+                    strict=True,
+                ),
+            )
+        )
+        schema = _SCHEMA_HEADER
+        headers: list[Headers] = [
+            [("request_id", h), v, schema]
+            for h, v in zip(pick(texts.header_ids), version, strict=True)
+        ]
+        if whole:
+            dec_values[:] = values
+            dec_headers[:] = headers
+            return
+        for i, value, header in zip(rows, values, headers, strict=True):
+            dec_values[i] = value
+            dec_headers[i] = header
+
     def _write_versions(
         self,
         outputs: tuple[_Output, ...],
@@ -820,8 +976,6 @@ class Pipeline:
         choice_list: list[int],
         routed_list: list[int],
         fmt: _BatchFormats,
-        texts: list[str],
-        key_texts: list[str],
         bucket_list: list[int],
         champion: BatchScores,
         candidate: BatchScores,
@@ -840,6 +994,7 @@ class Pipeline:
         """
         n = len(batch)
         metadata, has_key, ts_list = batch.metadata, batch.has_routing_key, batch.ts
+        texts, key_texts = self._texts(batch)
         arm_scores = (champion.scores, candidate.scores)
         arm_decisions = (champion.decisions.tolist(), candidate.decisions.tolist())
         base_scores: tuple[list[str], list[str]] | None = None
@@ -960,11 +1115,11 @@ class Pipeline:
                     h.extend(found)
         out = result.decisions
         if None in dec_values:
-            for i, value in enumerate(dec_values):
-                if value is not None:
-                    out.keys.append(key_bytes[i])
-                    out.values.append(value)
-                    out.headers.append(dec_headers[i])  # type: ignore[arg-type]
+            kept = [i for i, v in enumerate(dec_values) if v is not None]
+            pick = _gather(kept, False)
+            out.keys.extend(pick(key_bytes))
+            out.values.extend(pick(dec_values))
+            out.headers.extend(pick(dec_headers))
         else:
             out.keys.extend(key_bytes)
             out.values.extend(dec_values)  # type: ignore[arg-type]
@@ -1011,7 +1166,7 @@ class Pipeline:
         n = len(batch)
         choice = self._choose(candidate_decides, champion, candidate)
         fmt = _BatchFormats(self, policy, champion, candidate)
-        texts, key_texts = self._texts(batch)
+        texts = _Texts.of(batch, key_bytes, buckets)
         choice_list = choice.tolist()
         routed_list = candidate_decides.astype(np.int8).tolist()
         bucket_list = buckets.tolist()
@@ -1027,7 +1182,6 @@ class Pipeline:
             policy,
             fmt,
             texts,
-            key_texts,
             bucket_list,
             champion,
             candidate,
@@ -1045,8 +1199,6 @@ class Pipeline:
                 choice_list,
                 routed_list,
                 fmt,
-                texts,
-                key_texts,
                 bucket_list,
                 champion,
                 candidate,
@@ -1056,9 +1208,7 @@ class Pipeline:
             )
             for i in refused:  # dead-lettered: no comparison either
                 choice_list[i] = _DEAD_LETTER
-        cmp_values = self._comparisons(
-            batch, choice_list, fmt, texts, key_texts, champion, candidate
-        )
+        cmp_values = self._comparisons(batch, choice_list, fmt, texts, champion, candidate)
         for i, features in flagged.items():  # rare: records with out-of-range features
             cmp_values[i] = _with_out_of_range(cmp_values[i], features)
         for i in (*(dropped or ()), *refused):  # dead-lettered (by the first stage)
@@ -1106,54 +1256,67 @@ class Pipeline:
         batch: DecodedBatch,
         choice_list: list[int],
         fmt: _BatchFormats,
-        texts: list[str],
-        key_texts: list[str],
+        texts: _Texts,
         champion: BatchScores,
         candidate: BatchScores,
     ) -> list[bytes | None]:
         """Every record's comparison: both arms' results, ``served_by`` the deciding arm."""
         n = len(batch)
-        champ_scores = json_numbers(champion.scores.tolist())
-        cand_scores = json_numbers(candidate.scores.tolist())
-        champ_dec = _decision_texts(self.champion, champion)
-        cand_dec = _decision_texts(self.candidate, candidate)
-        champ_extra, cand_extra = champion.fragments, candidate.fragments
-        binary = champ_extra is None and cand_extra is None
-        champ_valid, cand_valid = champion.valid.tolist(), candidate.valid.tolist()
-        has_key, ts_list = batch.has_routing_key, batch.ts
-        both_tmpl, frag_tmpl = fmt.comparison_both, fmt.comparison
+        champ_scores, champ_dec = texts.arm(self.champion, champion)
+        cand_scores, cand_dec = texts.arm(self.candidate, candidate)
+        champ_extra, cand_extra = _fragments(champion), _fragments(candidate)
+        has_key, ts_list = batch.has_routing_key, texts.ts
+        rids, key_texts = texts.ids, texts.keys
         cmp_values: list[bytes | None] = [None] * n
+        binary = champ_extra is None and cand_extra is None
+        champ_valid, cand_valid = champion.valid, candidate.valid
+        if binary and champ_valid.all() and cand_valid.all() and _DEAD_LETTER not in choice_list:
+            # The common case: both arms scored every record (so no default decision
+            # either), one template format per record, columns zipped at C speed.
+            both = fmt.comparison_both
+            keyed = batch.has_routing_key
+            if False not in keyed:
+                table = (both[_CHAMPION][True], both[_CANDIDATE][True])
+                tmpls = [table[c] for c in choice_list]
+            else:
+                tmpls = [both[c][k] for c, k in zip(choice_list, keyed, strict=True)]
+            return list(
+                map(
+                    bytes.__mod__,
+                    tmpls,
+                    zip(
+                        rids,
+                        key_texts,
+                        ts_list,
+                        champ_scores,
+                        champ_dec,
+                        cand_scores,
+                        cand_dec,
+                        strict=True,
+                    ),
+                )
+            )
+        # An arm failed, some records are invalid, or a kind other than binary: each arm
+        # as a ready-made fragment.
+        frag_tmpl = fmt.comparison
+        champ_ok, cand_ok = champ_valid.tolist(), cand_valid.tolist()
         for i in range(n):
             arm = choice_list[i]
             served = None if arm == _DEAD_LETTER else (_CHAMPION if arm == _DEFAULT else arm)
-            rid, ts = texts[i], ts_list[i]
-            if binary and champ_valid[i] and cand_valid[i] and served is not None:
-                cs, cd, ks, kd = champ_scores[i], champ_dec[i], cand_scores[i], cand_dec[i]
-                if has_key[i]:
-                    cmp = both_tmpl[served][1] % (rid, key_texts[i], ts, cs, cd, ks, kd)
-                else:
-                    cmp = both_tmpl[served][0] % (rid, ts, cs, cd, ks, kd)
+            if champ_ok[i]:
+                champ_frag = fmt.arm_ok(_CHAMPION, champ_scores[i], champ_dec[i])
+                if champ_extra is not None:
+                    champ_frag = champ_frag[:-1] + champ_extra[i] + b"}"
             else:
-                champ_frag = (
-                    fmt.arm_ok(_CHAMPION, champ_scores[i], champ_dec[i])
-                    if champ_valid[i]
-                    else fmt.champion_error
-                )
-                cand_frag = (
-                    fmt.arm_ok(_CANDIDATE, cand_scores[i], cand_dec[i])
-                    if cand_valid[i]
-                    else fmt.candidate_error
-                )
-                if champ_extra is not None and champ_valid[i]:
-                    champ_frag = champ_frag[:-1] + champ_extra[i] + "}"
-                if cand_extra is not None and cand_valid[i]:
-                    cand_frag = cand_frag[:-1] + cand_extra[i] + "}"
-                tmpl = frag_tmpl[served][has_key[i]]
-                if has_key[i]:
-                    cmp = tmpl % (rid, key_texts[i], ts, champ_frag, cand_frag)
-                else:
-                    cmp = tmpl % (rid, ts, champ_frag, cand_frag)
-            cmp_values[i] = cmp.encode()
+                champ_frag = fmt.champion_error
+            if cand_ok[i]:
+                cand_frag = fmt.arm_ok(_CANDIDATE, cand_scores[i], cand_dec[i])
+                if cand_extra is not None:
+                    cand_frag = cand_frag[:-1] + cand_extra[i] + b"}"
+            else:
+                cand_frag = fmt.candidate_error
+            frag = frag_tmpl[served][has_key[i]]
+            cmp_values[i] = frag % (rids[i], key_texts[i], ts_list[i], champ_frag, cand_frag)
         return cmp_values
 
     def _choose(
@@ -1257,13 +1420,23 @@ class Pipeline:
 _OUT_OF_RANGE_KEY = b',"out_of_range":'
 
 
+def _gather(rows: list[int], whole: bool) -> Callable[[Sequence[Any]], Sequence[Any]]:
+    """A function taking items ``rows`` of a column (at C speed; the column itself when
+    ``whole``)."""
+    if whole:
+        return lambda column: column
+    if not rows:
+        return lambda column: ()
+    if len(rows) == 1:
+        (row,) = rows
+        return lambda column: (column[row],)
+    return operator.itemgetter(*rows)
+
+
 def _too_big(values: list[bytes | None], keys: list[bytes], limit: int) -> set[int]:
     """Indices of records whose key and value exceed ``limit`` bytes (``None``: no record).
     One pass of C-level ``len`` calls in the usual case that none does."""
-    try:
-        biggest = max(map(len, values), default=0)  # type: ignore[arg-type]
-    except TypeError:  # a None among them
-        biggest = max((len(v) for v in values if v is not None), default=0)
+    biggest = max(map(len, filter(None, values)), default=0)  # None (and b""): no record
     if biggest + max(map(len, keys), default=0) <= limit:
         return set()
     return {i for i, v in enumerate(values) if v is not None and len(v) + len(keys[i]) > limit}
@@ -1274,14 +1447,6 @@ def _with_out_of_range(comparison: bytes | None, features: list[str]) -> bytes:
     appending it before the closing brace gives exactly what msgspec would encode."""
     assert comparison is not None and comparison.endswith(b"}")
     return comparison[:-1] + _OUT_OF_RANGE_KEY + msgspec.json.encode(features) + b"}"
-
-
-def _decision_texts(model: ScoringModel | None, scores: BatchScores) -> list[str]:
-    """Each record's ``decision`` as JSON text: ``true``/``false`` for a binary model, ``null``
-    for the other kinds (their decision is a label, a band or a ranking)."""
-    if model is None or model.kind == "binary":
-        return [JSON_BOOL[d] for d in scores.decisions.tolist()]
-    return ["null"] * len(scores.valid)
 
 
 def _error_text(error: ModelError | None) -> str:

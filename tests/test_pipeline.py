@@ -122,8 +122,15 @@ async def test_arbitrary_ids_and_keys_survive_encoding(
     got = decisions(result)
     assert [d.request_id for d in got] == ids[: len(recs)]
     assert [d.routing_key for d in got] == keys[: len(recs)]
-    for value in result.decisions.values + result.comparisons.values:
-        msgspec.json.decode(value)  # valid JSON whatever the characters
+    compared = [msgspec.json.decode(v, type=Comparison) for v in result.comparisons.values]
+    assert [c.request_id for c in compared] == ids[: len(recs)]
+    assert [c.routing_key for c in compared] == keys[: len(recs)]
+    # Keyed and unkeyed records, both arms deciding some: each as msgspec encodes its Struct.
+    for value, type_ in [(v, Decision) for v in result.decisions.values] + [
+        (v, Comparison) for v in result.comparisons.values
+    ]:
+        struct = msgspec.json.decode(value, type=type_)
+        assert msgspec.json.decode(value) == msgspec.json.decode(ENC.encode(struct))
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,7 @@ import msgspec
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_aggregate import ROLLOUT, make_values, sidecar_rate
+from bench_aggregate import ROLLOUT, make_values
 from bench_aggregate import preload as preload_comparisons
 from bench_throughput import preload as preload_requests
 
@@ -72,7 +72,7 @@ from sidecar.outcomes.chunks import (
 )
 from sidecar.outcomes.contract import Outcome
 from sidecar.outcomes.join import JoinTask, Windows
-from sidecar.outcomes.service import OutcomesService, changelog_key
+from sidecar.outcomes.service import OutcomesService
 from sidecar.outcomes.store import Store
 from sidecar.runtime import limit_malloc_arenas, prepare_process
 from sidecar.traffic import produce_values
@@ -158,16 +158,72 @@ def new_producer_plain(bootstrap: str) -> Any:
     )
 
 
-async def run_stage(cfg: SidecarConfig, comparisons: int) -> tuple[float, OutcomesService]:
-    """Seconds from the first applied input to ``comparisons`` applied."""
+def _cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) of this process (every thread), or of process ``pid``."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sidecar_run(bootstrap: str, topic: str, n: int) -> tuple[float, float]:
+    """The sidecar's throughput and CPU-us per request (``bench_throughput.py``'s contender,
+    own process; its CPU includes its start-up)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("bench_throughput.py")),
+            "--mode=sidecar",
+            f"--bootstrap={bootstrap}",
+            f"--topic={topic}",
+            f"--requests={n}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        sys.exit(f"sidecar run failed:\n{out.stderr[-3000:]}")
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return float(got["rate"]), float(got["cpu_us"])
+
+
+def _helpers_cpu_s() -> float:
+    """CPU seconds of this process's Python children (the stage's decode helper)."""
+    total = 0.0
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(OSError, ValueError):
+                    if "python" in Path(f"/proc/{child}/cmdline").read_bytes().decode():
+                        total += _cpu_s(int(child))
+    return total
+
+
+async def run_stage(
+    cfg: SidecarConfig, comparisons: int, broker_pid: int | None = None
+) -> tuple[float, OutcomesService]:
+    """Seconds from the first applied input to ``comparisons`` applied. Sets
+    ``service.cpu_s``: CPU seconds of this process and of the broker over that time (from
+    the first poll after the first input, 5 ms at most later)."""
     service = OutcomesService(cfg)
     task = asyncio.create_task(service.run())
+    cpu0: tuple[float, float, float] | None = None
     try:
         while service.applied.comparisons < comparisons:
             await asyncio.sleep(0.005)
+            if cpu0 is None and service.first_input_at is not None:
+                cpu0 = (_cpu_s(), _cpu_s(broker_pid) if broker_pid else 0.0, _helpers_cpu_s())
             if task.done():
                 task.result()
         end = time.monotonic()
+        if cpu0 is not None:
+            service.cpu_s = (  # type: ignore[attr-defined]
+                _cpu_s() - cpu0[0],
+                (_cpu_s(broker_pid) - cpu0[1]) if broker_pid else 0.0,
+                _helpers_cpu_s() - cpu0[2],
+            )
         memory: dict[str, float] = {}
         for rt in service.tasks.values():
             if rt.join is not None:
@@ -208,35 +264,58 @@ async def throughput(args: argparse.Namespace) -> None:
         requests_topic = f"{run}.requests"
         if args.sidecar_requests:
             await preload_requests(bs, requests_topic, args.sidecar_requests)
-        stage_rates, side_rates, ratios = [], [], []
+        modes = [int(m) for m in args.decode_processes.split(",")]
+        rates: dict[int, list[float]] = {m: [] for m in modes}
+        ratios: dict[int, list[float]] = {m: [] for m in modes}
+        side_rates: list[float] = []
+        pid = broker.process.pid if broker.process else None
         for i in range(1, args.repeat + 1):
-            cfg_i = config(bs, run, Path(tmp) / f"state-{i}")
-            cfg_i = msgspec.structs.replace(
-                cfg_i,
-                outcomes=msgspec.structs.replace(cfg_i.outcomes, group_id=f"{run}-o{i}"),
-            )
-            secs, service = await run_stage(cfg_i, args.count)
-            rate = args.count / secs
-            stage_rates.append(rate)
-            line = (
-                f"run {i}: outcomes stage {rate:,.0f} comparisons/s "
-                f"({sum(service.applied.joined.values()):,} joined)"
-            )
+            # Alternate the order of the modes round by round (the machine is shared).
+            for m in modes if i % 2 else modes[::-1]:
+                cfg_i = config(bs, run, Path(tmp) / f"state-{i}-{m}", decode_processes=m)
+                cfg_i = msgspec.structs.replace(
+                    cfg_i,
+                    outcomes=msgspec.structs.replace(cfg_i.outcomes, group_id=f"{run}-o{i}-{m}"),
+                )
+                secs, service = await run_stage(cfg_i, args.count, pid)
+                rate = args.count / secs
+                rates[m].append(rate)
+                cpu = getattr(service, "cpu_s", (float("nan"),) * 3)
+                print(
+                    f"run {i}: outcomes stage (decode_processes={m}) {rate:,.0f} comparisons/s "
+                    f"({sum(service.applied.joined.values()):,} joined); CPU per comparison: "
+                    f"stage {cpu[0] / args.count * 1e6:.1f} us + helper "
+                    f"{cpu[2] / args.count * 1e6:.1f} us, broker "
+                    f"{cpu[1] / args.count * 1e6:.1f} us",
+                    flush=True,
+                )
+                shutil.rmtree(Path(tmp) / f"state-{i}-{m}", ignore_errors=True)
             if args.sidecar_requests:
-                side = sidecar_rate(bs, requests_topic, args.sidecar_requests)
+                side, side_cpu = sidecar_run(bs, requests_topic, args.sidecar_requests)
                 side_rates.append(side)
-                ratios.append(rate / side)
-                line += f" | sidecar {side:,.0f} req/s | {rate / side:.1f}x"
-            print(line, flush=True)
-            shutil.rmtree(Path(tmp) / f"state-{i}", ignore_errors=True)
-        print(f"\nmedian outcomes stage {statistics.median(stage_rates):,.0f} comparisons/s")
-        if ratios:
-            print(
-                f"median sidecar {statistics.median(side_rates):,.0f} req/s; stage/sidecar per "
-                "run: "
-                + ", ".join(f"{r:.1f}x" for r in ratios)
-                + f" (median {statistics.median(ratios):.1f}x, min {min(ratios):.1f}x)"
+                for m in modes:
+                    ratios[m].append(rates[m][-1] / side)
+                each = [f"{rates[m][-1] / side:.2f}x (decode_processes={m})" for m in modes]
+                print(
+                    f"run {i}: sidecar {side:,.0f} req/s ({side_cpu:.1f} CPU-us a request); "
+                    "stage/sidecar " + ", ".join(each),
+                    flush=True,
+                )
+        print()
+        for m in modes:
+            line = (
+                f"decode_processes={m}: median outcomes stage {statistics.median(rates[m]):,.0f} "
+                "comparisons/s"
             )
+            if ratios[m]:
+                line += (
+                    "; stage/sidecar per run "
+                    + ", ".join(f"{r:.2f}x" for r in ratios[m])
+                    + f" (median {statistics.median(ratios[m]):.2f}x, min {min(ratios[m]):.2f}x)"
+                )
+            print(line)
+        if side_rates:
+            print(f"median sidecar {statistics.median(side_rates):,.0f} req/s")
 
 
 # --------------------------------------------------------------------------- memory
@@ -340,7 +419,7 @@ def _chunk(
     task: int, first: int, n: int, t0: int, rate: float, rng: np.random.Generator, spec: PairSpec
 ) -> InputChunk:
     i = np.arange(first, first + n)
-    ids = [f"d{j}" for j in i.tolist()]
+    ids = [f"req-{j}" for j in i.tolist()]  # the demo's ids
     s1 = rng.random(n)
     s2 = np.clip(s1 + 0.1 * rng.standard_normal(n), 0, 1)
     return InputChunk(
@@ -363,9 +442,10 @@ def _chunk(
     )
 
 
-async def build_state(cfg: SidecarConfig, task: int, total: int, t0: int, rate: float) -> None:
+async def build_state(cfg: SidecarConfig, task: int, total: int, t0: int, rate: float) -> int:
     """A task's store with ``total`` pending requests and its changelog, built through the
-    join's apply path (the chunks are what the live path writes, minus JSON decoding)."""
+    join's apply path (the chunks are what the live path writes, minus JSON decoding).
+    Returns the changelog's size in bytes (keys and values)."""
     s = cfg.outcomes
     store = Store(
         Path(s.state_dir) / f"task-{task}", cache_mb=s.cache_mb, write_buffer_mb=s.write_buffer_mb
@@ -384,12 +464,14 @@ async def build_state(cfg: SidecarConfig, task: int, total: int, t0: int, rate: 
     rng = np.random.default_rng(0)
     step = 8000
     started = time.monotonic()
+    size = 0
     try:
         for first in range(0, total, step):
             chunk = _chunk(task, first, min(step, total - first), t0, rate, rng, spec)
-            fut = await producer.send(
-                s.changelog_topic, encode(chunk), key=changelog_key(chunk, task), partition=task
-            )
+            # Unique keys (the changelog is compacted): these chunks have no input offsets.
+            key, raw = f"input/{task}/built{first}".encode(), encode(chunk)
+            size += len(key) + len(raw)
+            fut = await producer.send(s.changelog_topic, raw, key=key, partition=task)
             md = await fut
             join.apply(chunk, md.offset)
             if first // step % 500 == 0:
@@ -402,6 +484,16 @@ async def build_state(cfg: SidecarConfig, task: int, total: int, t0: int, rate: 
     finally:
         await producer.stop()
         store.close()
+    return size
+
+
+def _rss_of(pid: int, field: str = "VmRSS") -> float:
+    """MiB of ``field`` (VmRSS, VmHWM) of process ``pid`` (NaN once it is gone)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _spawn(config_path: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -501,13 +593,19 @@ async def recovery(args: argparse.Namespace) -> None:
             f"{root} ...",
             flush=True,
         )
+        broker_pid = broker.process.pid if broker.process else 0
+        broker_before = _rss_of(broker_pid)
         began = time.monotonic()
-        await build_state(cfg, task, total, t0, args.rate)
+        changelog_bytes = await build_state(cfg, task, total, t0, args.rate)
         build_s = time.monotonic() - began
         store_mib = _dir_mib(root / "state")
+        broker_growth = _rss_of(broker_pid) - broker_before
         print(
             f"built in {build_s:.0f}s ({total / build_s:,.0f} requests/s); store "
-            f"{store_mib:,.0f} MiB on disk",
+            f"{store_mib:,.0f} MiB on disk ({store_mib * (1 << 20) / total:.1f} B a request); "
+            f"changelog {changelog_bytes / (1 << 20):,.0f} MiB ({changelog_bytes / total:.1f} B a "
+            f"request); broker RSS +{broker_growth:,.0f} MiB "
+            f"({broker_growth * (1 << 20) / total:.1f} B a request)",
             flush=True,
         )
         path = root / "sidecar.toml"
@@ -532,19 +630,31 @@ async def recovery(args: argparse.Namespace) -> None:
                 f"{first:.1f}s; SIGKILL",
                 flush=True,
             )
+            restores: dict[str, tuple[float, int, int]] = {}
             for name, wipe in (("with its store", False), ("without its store", True)):
                 if wipe:
                     shutil.rmtree(root / "state")
+                log_at = log.stat().st_size
                 proc = _spawn(path, log)
                 spawned.append(proc)
                 ready, first = await _time_to_first_record(proc, port, 3600)
                 results[name] = first
+                await asyncio.sleep(3)
+                with log.open("rb") as f:
+                    f.seek(log_at)
+                    restore = _restore_line(f.read().decode(errors="replace"), task)
+                if restore is not None:
+                    restores[name] = restore
+                took, replayed, stored = restore or (float("nan"), 0, 0)
                 print(
-                    f"restart {name}: serving after {ready:.1f}s, first new comparison applied "
-                    f"after {first:.1f}s",
+                    f"restart {name}: serving after {ready:.1f}s, task {task} restored in "
+                    f"{took:.1f}s ({replayed:,} changelog records replayed, {stored:,} requests "
+                    f"stored), first new comparison applied after {first:.1f}s (the rest: the "
+                    f"group waiting for the killed member); peak RSS "
+                    f"{_rss_of(proc.pid, 'VmHWM'):,.0f} MiB, store "
+                    f"{_dir_mib(root / 'state'):,.0f} MiB on disk",
                     flush=True,
                 )
-                await asyncio.sleep(3)
                 proc.send_signal(signal.SIGKILL)
                 proc.communicate(timeout=60)
         finally:
@@ -555,18 +665,29 @@ async def recovery(args: argparse.Namespace) -> None:
                 if p.poll() is None:
                     p.kill()
                     p.communicate(timeout=30)
-        restored = [ln for ln in log.read_text().splitlines() if "restored in" in ln]
-        for line in restored:
-            print("  log:", line.split("sidecar.outcomes.service:", 1)[-1].strip())
         full = results["without its store"]
+        replay = restores.get("without its store")
+        rate = f"{replay[2] / replay[0]:,.0f} requests/s" if replay and replay[0] else "?"
         print(
             f"\n{total:,} pending requests ({args.hours:g} h at {args.rate:g}/s): after a SIGKILL "
             f"the stage applies new records {results['with its store']:.1f}s after its restart "
-            f"with its store, {full:.1f}s without it (a whole-changelog replay, "
-            f"{total / full:,.0f} requests/s)"
+            f"with its store, {full:.1f}s without it (a whole-changelog replay at {rate})"
         )
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _restore_line(text: str, task: int) -> tuple[float, int, int] | None:
+    """(seconds, changelog records replayed, requests stored) of task ``task``'s restore, from
+    the stage's log."""
+    import re
+
+    pattern = rf"task {task} restored in ([0-9.]+)s: ([0-9]+) changelog records replayed, ([0-9]+)"
+    found = re.findall(pattern, text)
+    if not found:
+        return None
+    took, replayed, stored = found[-1]
+    return float(took), int(replayed), int(stored)
 
 
 class Rec(NamedTuple):
@@ -691,6 +812,11 @@ def main() -> None:
     p.add_argument("--label-share", type=float, default=0.02)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--sidecar-requests", type=int, default=200_000)
+    p.add_argument(
+        "--decode-processes",
+        default="1,0",
+        help="outcomes.decode_processes values to run, each every round (comma-separated)",
+    )
     p = sub.add_parser("memory")
     p.add_argument("--pending", type=int, default=200_000)
     p.add_argument("--event-rate", type=float, default=1000.0)

@@ -10,8 +10,10 @@ Store layout (keys by first byte; numbers big-endian so keys sort by them):
 * ``r`` + rollout (length-prefixed) + request id: a request waiting in its window (pair, event
   time, both scores and decisions, and its outcome so far). By rollout too: two rollouts
   (two sidecar deployments on one request stream) may score the same request;
-* ``i`` + pair + window start + request id: the window's index of its requests (to drop them
-  when the window is final);
+* ``j`` + pair + window start + changelog offset: the window's index of the requests a
+  changelog record stored (MessagePack list of their ids; to drop them when the window is
+  final). Stores written before this layout hold ``i`` + pair + window start + request id
+  (empty value) per request instead; both are read when a window is final;
 * ``w`` + pair + window start: the window's quality accumulator (``quality.Layout``);
 * ``t`` + pair: the accumulator of every final window of the pair (the verdict's basis);
 * ``o`` + request id: outcomes that arrived before a comparison of their request (kept until
@@ -82,10 +84,30 @@ from .store import Batch, Store
 #: A stored request: pair id, event time, both scores, both decisions, outcome state, label,
 #: value (NaN: none) and the outcome's event time.
 REQUEST = struct.Struct("<Iqddbbbddq")
+#: The same layout as a numpy record (packed: no padding), to pack a chunk's requests at once.
+REQUEST_DTYPE = np.dtype(
+    [
+        ("pid", "<u4"),
+        ("ts", "<i8"),
+        ("p1", "<f8"),
+        ("p2", "<f8"),
+        ("d1", "i1"),
+        ("d2", "i1"),
+        ("state", "i1"),
+        ("label", "<f8"),
+        ("value", "<f8"),
+        ("ots", "<i8"),
+    ]
+)
+assert REQUEST_DTYPE.itemsize == REQUEST.size
 #: One outcome kept for a request whose comparison has not arrived.
 ORPHAN = struct.Struct("<bddq")
 #: Outcomes kept per unmatched request (the latest by event time).
 MAX_ORPHAN_OUTCOMES = 8
+#: Up to this many request ids holding unmatched outcomes are also kept in memory (a few MiB),
+#: so that a new comparison is checked against them without a store lookup; beyond it the
+#: store's bloom filters answer (memory stays bounded whatever the unmatched outcomes).
+MAX_ORPHAN_IDS = 100_000
 
 #: Outcome states of a request.
 NO_OUTCOME, NUMERIC, RANKING = 0, 1, 2
@@ -125,7 +147,35 @@ def _window_key(pid: int, ws: int) -> bytes:
 
 
 def _index_prefix(pid: int, ws: int) -> bytes:
+    """Legacy per-request index keys (stores written before the ``j`` index)."""
     return b"i" + _U32.pack(pid) + _U64.pack(ws)
+
+
+def _ids_prefix(pid: int, ws: int) -> bytes:
+    return b"j" + _U32.pack(pid) + _U64.pack(ws)
+
+
+def pack_requests(
+    pid: npt.NDArray[np.int64],
+    ts: npt.NDArray[np.int64],
+    p1: FloatArray,
+    p2: FloatArray,
+    d1: npt.NDArray[np.int8],
+    d2: npt.NDArray[np.int8],
+    state: npt.NDArray[np.int8],
+    label: FloatArray,
+    value: FloatArray,
+    ots: npt.NDArray[np.int64],
+) -> list[bytes]:
+    """One ``REQUEST`` value per row (what ``REQUEST.pack`` gives, without a call per row)."""
+    rows = np.empty(pid.size, dtype=REQUEST_DTYPE)
+    for name, column in zip(
+        REQUEST_DTYPE.names or (), (pid, ts, p1, p2, d1, d2, state, label, value, ots), strict=True
+    ):
+        rows[name] = column
+    raw = rows.tobytes()
+    size = REQUEST.size
+    return [raw[i : i + size] for i in range(0, len(raw), size)]
 
 
 def _total_key(pid: int) -> bytes:
@@ -175,6 +225,7 @@ class PairRecord(msgspec.Struct, kw_only=True):
 _META = msgspec.msgpack.Decoder(Meta)
 _PAIR = msgspec.msgpack.Decoder(PairRecord)
 _ENC = msgspec.msgpack.Encoder()
+_IDS = msgspec.msgpack.Decoder(list[bytes])
 
 
 @dataclass
@@ -373,6 +424,10 @@ class JoinTask:
         self.stream_ms = 0
         #: Windows (pair id, start) changed since the service last reported them.
         self.dirty: set[tuple[int, int]] = set()
+        #: Ids holding unmatched outcomes (``o``/``q`` keys), None when there are more than
+        #: ``MAX_ORPHAN_IDS`` (the store is asked). Derived from the store: a superset of
+        #: its ids at all times (rebuilt by :meth:`reload`).
+        self.orphan_ids: set[bytes] | None = set()
         self.reload()
 
     @property
@@ -392,6 +447,25 @@ class JoinTask:
             self.pairs[pair.id] = pair
             self._by_key[PairKey(*pair.key)] = pair.id
         self.stream_ms = max(self.stream_ms, self.meta.stream_ms)
+        self._load_orphan_ids()
+
+    def _load_orphan_ids(self) -> None:
+        self.orphan_ids = None
+        if self.meta.orphans > MAX_ORPHAN_IDS:
+            return
+        ids: set[bytes] = set()
+        for prefix in (b"o", b"q"):
+            for key, _ in self.store.scan(prefix):
+                ids.add(key[1:])
+                if len(ids) > MAX_ORPHAN_IDS:
+                    return
+        self.orphan_ids = ids
+
+    def _note_orphan(self, rid: bytes) -> None:
+        if self.orphan_ids is not None:
+            self.orphan_ids.add(rid)
+            if len(self.orphan_ids) > MAX_ORPHAN_IDS:
+                self.orphan_ids = None
 
     # -- applying changelog records ---------------------------------------------------------
 
@@ -404,7 +478,7 @@ class JoinTask:
         batch = Batch()
         if isinstance(record, InputChunk):
             if not self._already_applied(record):
-                self._apply_input(record, batch, stats)
+                self._apply_input(record, offset, batch, stats)
         elif isinstance(record, FinalMark):
             self._apply_final(record, batch)
         elif isinstance(record, ExpireMark):
@@ -443,12 +517,12 @@ class JoinTask:
         batch.put(_pair_key(pid), _ENC.encode(pair))
         return pid
 
-    def _apply_input(self, chunk: InputChunk, batch: Batch, stats: ApplyStats) -> None:
+    def _apply_input(self, chunk: InputChunk, offset: int, batch: Batch, stats: ApplyStats) -> None:
         pair_ids = [self._pair_id(p.key, p.settings, batch) for p in chunk.pairs]
         deltas: dict[tuple[int, int], FloatArray] = {}
         rows = _Rows()
         ranked: list[Ranked] = []
-        self._apply_comparisons(chunk, pair_ids, batch, deltas, rows, ranked, stats)
+        self._apply_comparisons(chunk, offset, pair_ids, batch, deltas, rows, ranked, stats)
         self._apply_outcomes(chunk, batch, deltas, rows, ranked, stats)
         self._judge(rows, deltas)
         for (pid, ws), delta in deltas.items():
@@ -475,7 +549,7 @@ class JoinTask:
             delta.state += sign * part.state
         for (pid, ws), delta in deltas.items():
             key = _ranking_window_key(pid, ws)
-            raw = batch.writes.get(key) or self.store.get(key)
+            raw = batch.get(key) or self.store.get(key)
             acc = ranking_from_bytes(raw) if raw is not None else PairedRankingQuality(delta.k)
             batch.put(key, ranking_to_bytes(acc.merge(delta)))
             self.dirty.add((pid, ws))
@@ -483,7 +557,7 @@ class JoinTask:
     def _add_window(self, pid: int, ws: int, delta: FloatArray, batch: Batch) -> None:
         pair = self.pairs[pid]
         key = _window_key(pid, ws)
-        raw = batch.writes.get(key) or self.store.get(key)
+        raw = batch.get(key) or self.store.get(key)
         acc = self.layout.from_bytes(raw) if raw is not None else self.layout.zeros()
         if raw is None and ws not in pair.open:
             pair.open = sorted([*pair.open, ws])
@@ -504,6 +578,7 @@ class JoinTask:
     def _apply_comparisons(
         self,
         chunk: InputChunk,
+        offset: int,
         pair_ids: list[int],
         batch: Batch,
         deltas: dict[tuple[int, int], FloatArray],
@@ -548,26 +623,35 @@ class JoinTask:
             self._counter(deltas, int(pid[i]), int(ws[i]), "unscored", 1)
             stats.unscored += 1
         ids = c.ids
-        candidates = np.flatnonzero(~late & scored).tolist()
-        first: dict[str, int] = {}
-        for i in candidates:  # the first of each request id in the chunk
-            first.setdefault(ids[i], i)
-        keep = list(first.values())
-        stats.duplicates += len(candidates) - len(keep)
-        id_bytes = [ids[i].encode() for i in keep]
+        accepted = ~late & scored
+        if accepted.all() and len(set(ids)) == n:  # the usual chunk: every row, distinct ids
+            keep = list(range(n))
+            id_bytes = list(map(str.encode, ids))
+        else:
+            candidates = np.flatnonzero(accepted).tolist()
+            first: dict[str, int] = {}
+            for i in candidates:  # the first of each request id in the chunk
+                first.setdefault(ids[i], i)
+            keep = list(first.values())
+            stats.duplicates += len(candidates) - len(keep)
+            id_bytes = [ids[i].encode() for i in keep]
         prefix_of = {p: request_prefix(self.pairs[p].key.rollout) for p in set(pair_ids)}
-        keys = [prefix_of[int(pid[i])] + b for i, b in zip(keep, id_bytes, strict=True)]
+        if len(prefix_of) == 1:
+            keys = list(map(next(iter(prefix_of.values())).__add__, id_bytes))
+        else:
+            keys = [prefix_of[int(pid[i])] + b for i, b in zip(keep, id_bytes, strict=True)]
         # Request ids stored already (redelivered comparisons): the bloom filters answer
         # "absent" for a new id without reading a block.
-        fresh = [j for j, there in enumerate(self.store.present(keys)) if not there]
-        stats.duplicates += len(keep) - len(fresh)
-        self.meta.duplicates += stats.duplicates
-        if not fresh:
-            return
-        if len(fresh) < len(keep):
+        stored = self.store.present(keys)
+        if True in stored:
+            fresh = [j for j, there in enumerate(stored) if not there]
+            stats.duplicates += len(keep) - len(fresh)
             keep = [keep[j] for j in fresh]
             id_bytes = [id_bytes[j] for j in fresh]
             keys = [keys[j] for j in fresh]
+        self.meta.duplicates += stats.duplicates
+        if not keep:
+            return
         rows_i = np.asarray(keep, dtype=np.int64)
         m = rows_i.size
         state = np.zeros(m, dtype=np.int8)
@@ -598,35 +682,16 @@ class JoinTask:
         clipped = (c1 < 0) | (c1 > 1) | (c2 < 0) | (c2 > 1)
         c1, c2 = np.clip(c1, 0.0, 1.0), np.clip(c2, 0.0, 1.0)
         r_d1, r_d2 = d1[rows_i], d2[rows_i]
-        pack = REQUEST.pack
-        pids, starts = r_pid.tolist(), r_ws.tolist()
         batch.put_many(
-            keys,
-            [
-                pack(*row)
-                for row in zip(
-                    pids,
-                    r_ts.tolist(),
-                    c1.tolist(),
-                    c2.tolist(),
-                    r_d1.tolist(),
-                    r_d2.tolist(),
-                    state.tolist(),
-                    label.tolist(),
-                    value.tolist(),
-                    ots.tolist(),
-                    strict=True,
-                )
-            ],
+            keys, pack_requests(r_pid, r_ts, c1, c2, r_d1, r_d2, state, label, value, ots)
         )
-        prefixes: dict[tuple[int, int], bytes] = {}
-        index_keys = []
-        for p, w, b in zip(pids, starts, id_bytes, strict=True):
-            prefix = prefixes.get((p, w))
-            if prefix is None:
-                prefix = prefixes[(p, w)] = _index_prefix(p, w)
-            index_keys.append(prefix + b)
-        batch.put_many(index_keys, [b""] * m)
+        groups = _groups(r_pid, r_ws)
+        # The windows' index: one record per window this changelog record stored requests in.
+        at = _U64.pack(offset)
+        for (g_pid, g_ws), sel in groups:
+            ids_in = id_bytes if sel is None else [id_bytes[j] for j in np.flatnonzero(sel)]
+            batch.put(_ids_prefix(g_pid, g_ws) + at, _ENC.encode(ids_in))
+        pids, starts = r_pid.tolist(), r_ws.tolist()
         if rank_at and lists is not None:
             prefix_l = {p: lists_prefix(self.pairs[p].key.rollout) for p in set(pair_ids)}
             for j, i in enumerate(rows_i.tolist()):
@@ -645,7 +710,7 @@ class JoinTask:
                     ranked.append((pids[j], starts[j], 1.0, champ_l, cand_l, part))
         self.meta.stored += m
         stats.comparisons += m
-        for (g_pid, g_ws), sel in _groups(r_pid, r_ws):
+        for (g_pid, g_ws), sel in groups:
             self._counter(deltas, g_pid, g_ws, "requests", int(sel.sum()) if sel is not None else m)
             n_clipped = int((clipped if sel is None else clipped & sel).sum())
             self._counter(deltas, g_pid, g_ws, "clipped", n_clipped)
@@ -657,6 +722,13 @@ class JoinTask:
     def _held_for(self, id_bytes: list[bytes], prefix: bytes) -> dict[int, bytes]:
         """The values under ``prefix`` + each id that exist, by position (the bloom filters
         answer "absent" for most ids without reading a block)."""
+        known = self.orphan_ids
+        if known is not None:  # the usual case: no store lookup for ids never orphaned
+            if known.isdisjoint(id_bytes):
+                return {}
+            maybe = [j for j, b in enumerate(id_bytes) if b in known]
+            got = self.store.get_many([prefix + id_bytes[j] for j in maybe])
+            return {j: raw for j, raw in zip(maybe, got, strict=True) if raw is not None}
         keys = [prefix + b for b in id_bytes]
         maybe = [j for j, m in enumerate(self.store.may_exist(keys)) if m]
         got = self.store.get_many([keys[j] for j in maybe])
@@ -832,7 +904,7 @@ class JoinTask:
     def _read(self, keys: list[bytes], batch: Batch) -> list[bytes | None]:
         """Values of ``keys``, this batch's writes first."""
         stored = self.store.get_many(keys)
-        return [batch.writes.get(k, v) for k, v in zip(keys, stored, strict=True)]
+        return [batch.get(k, v) for k, v in zip(keys, stored, strict=True)]
 
     def _keep_orphan(
         self,
@@ -853,6 +925,7 @@ class JoinTask:
         kept = sorted([*kept, outcome], key=lambda o: o[3])[-MAX_ORPHAN_OUTCOMES:]
         value = b"".join(ORPHAN.pack(*o) for o in kept)
         orphans[rid] = value
+        self._note_orphan(rid.encode())
         batch.put(b"o" + rid.encode(), value)
 
     def _keep_ranking_orphan(
@@ -878,6 +951,7 @@ class JoinTask:
         kept = sorted([*kept, entry], key=lambda e: (e[0], e[2]))[-MAX_ORPHAN_OUTCOMES:]
         value = _ENC.encode(kept)
         held_r[rid] = value
+        self._note_orphan(rid.encode())
         batch.put(b"q" + rid.encode(), value)
 
     def _judge(self, rows: _Rows, deltas: dict[tuple[int, int], FloatArray]) -> None:
@@ -958,16 +1032,16 @@ class JoinTask:
             rtotal = self.ranking_total(pid) or PairedRankingQuality(racc.k)
             batch.put(_ranking_total_key(pid), ranking_to_bytes(rtotal.merge(racc)))
             batch.delete(rkey)
-        prefix = _index_prefix(pid, ws)
         requests = request_prefix(pair.key.rollout)
         lists = lists_prefix(pair.key.rollout) if pair.ranking else None
         dropped = 0
-        for key, _ in self.store.scan(prefix):
-            batch.delete(requests + key[len(prefix) :])
+        for ids in self._window_ids(pid, ws):
+            batch.delete_many([requests + i for i in ids])
             if lists is not None:
-                batch.delete(lists + key[len(prefix) :])
-            dropped += 1
-        batch.delete_range(prefix, _index_prefix(pid, ws + 1))
+                batch.delete_many([lists + i for i in ids])
+            dropped += len(ids)
+        batch.delete_range(_ids_prefix(pid, ws), _ids_prefix(pid, ws + 1))
+        batch.delete_range(_index_prefix(pid, ws), _index_prefix(pid, ws + 1))
         self.meta.stored -= dropped
         end = ws + self.windows.report_window_ms
         pair.finalized_through = max(pair.finalized_through, end)
@@ -983,8 +1057,20 @@ class JoinTask:
             )
         batch.put(_pair_key(pid), _ENC.encode(pair))
 
+    def _window_ids(self, pid: int, ws: int) -> Iterator[list[bytes]]:
+        """The ids of the requests stored in window ``ws`` of pair ``pid``, a list per index
+        record (legacy per-request ``i`` keys: one list of them all)."""
+        prefix = _ids_prefix(pid, ws)
+        for _, value in self.store.scan(prefix):
+            yield _IDS.decode(value)
+        prefix = _index_prefix(pid, ws)
+        legacy = [key[len(prefix) :] for key, _ in self.store.scan(prefix)]
+        if legacy:
+            yield legacy
+
     def _apply_expire(self, mark: ExpireMark, batch: Batch) -> None:
         self.meta.stream_ms = max(self.meta.stream_ms, mark.stream_ms)
+        surviving: set[bytes] = set()
         if not self.meta.ranking_orphans:
             for key, raw in self.store.scan(b"o"):
                 kept = list(ORPHAN.iter_unpack(raw))
@@ -992,6 +1078,9 @@ class JoinTask:
                     batch.delete(key)
                     self.meta.orphans -= 1
                     self.meta.orphans_expired += 1
+                elif len(surviving) <= MAX_ORPHAN_IDS:
+                    surviving.add(key[1:])
+            self.orphan_ids = surviving if len(surviving) <= MAX_ORPHAN_IDS else None
             return
         # Numeric (``o``) and ranking (``q``) outcomes of a request id leave together.
         latest: dict[bytes, int] = {}
@@ -1004,6 +1093,8 @@ class JoinTask:
             latest[key[1:]] = max(latest.get(key[1:], t), t)
         for rid, t in latest.items():
             if t >= mark.before_ms:
+                if len(surviving) <= MAX_ORPHAN_IDS:
+                    surviving.add(rid)
                 continue
             batch.delete(b"o" + rid)
             if rid in ranking:
@@ -1011,6 +1102,7 @@ class JoinTask:
                 self.meta.ranking_orphans -= 1
             self.meta.orphans -= 1
             self.meta.orphans_expired += 1
+        self.orphan_ids = surviving if len(surviving) <= MAX_ORPHAN_IDS else None
 
     def advance(self, bound_ms: int) -> int:
         """Move stream time up to ``bound_ms`` (see :func:`stream_bound`); it never goes back."""

@@ -68,7 +68,8 @@ from ..kafka import (
 )
 from ..timefmt import utc_window
 from ..untrusted import error_text
-from .chunks import ChangelogRecord, ExpireMark, FinalMark, decode, encode
+from .build_pool import BuildPool
+from .chunks import ChangelogRecord, ExpireMark, FinalMark, InputChunk, decode, encode
 from .decode import ChunkBuilder, Skipped
 from .heartbeat import RouterHeartbeat, heartbeat_of, outcomes_bound
 from .join import ApplyStats, JoinTask, PairRecord, Windows, stream_bound
@@ -201,6 +202,17 @@ class TaskRuntime:
         return self.join is not None and self.restoring is None
 
 
+@dataclass(slots=True)
+class PollOf:
+    """One task's records of a poll, and the build of their chunks (in the helper process)."""
+
+    task: TaskRuntime
+    comparisons: list[Any]
+    outcomes: list[Any]
+    skipped: Skipped
+    built: asyncio.Future[list[tuple[InputChunk, bytes]]]
+
+
 @dataclass(frozen=True, slots=True)
 class Holder:
     """A task holding a rollout pair (the pair's id and record are the task's own)."""
@@ -234,6 +246,7 @@ class OutcomesService:
         self.health = HealthState("outcomes")
         self.clock = clock
         self.builder = ChunkBuilder(s)
+        self._pool: BuildPool | None = None
         self.state_dir = Path(s.state_dir)
         self.tasks: dict[int, TaskRuntime] = {}
         self.ready = asyncio.Event()
@@ -345,6 +358,9 @@ class OutcomesService:
     async def _start(self) -> None:
         cfg, s = self.config, self.settings
         self._partitions = await self._ensure_topics()
+        if s.decode_processes:
+            self._pool = BuildPool(s.decode_processes, self.builder)
+            await self._pool.start()
         self._producer = new_producer(
             cfg, "outcomes", linger_ms=2, max_batch_size=min(1 << 20, cfg.kafka.max_record_bytes)
         )
@@ -380,6 +396,9 @@ class OutcomesService:
         for client in (self._consumer, self._producer):
             await stop_quietly(client)
         self._consumer = self._producer = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     # -- rebalance -------------------------------------------------------------------------
 
@@ -563,37 +582,81 @@ class OutcomesService:
     # -- the loop --------------------------------------------------------------------------
 
     async def _loop(self) -> None:
+        """Poll, turn each task's records into changelog chunks, write them, apply them.
+
+        With a build helper (``outcomes.decode_processes``) a poll's chunks are built there
+        while this loop writes and applies the previous poll's: a task's polls are still
+        written and applied in order, one at a time. A poll built for a task that was
+        revoked (or restored again) meanwhile is dropped unwritten: its records are read
+        again from the offsets the store holds."""
         consumer = self._consumer
         assert consumer is not None
         s = self.settings
         comparisons = self._topics[0]
-        while not self._stopping.is_set():
-            polled = await consumer.getmany(timeout_ms=s.fetch_timeout_ms, max_records=s.max_batch)
-            async with self._lock:
-                work: dict[int, tuple[list[Any], list[Any]]] = {}
-                for tp, records in polled.items():
-                    rt = self.tasks.get(tp.partition)
-                    if rt is None or not rt.ready:
-                        continue  # fetched before the pause: re-read after the restore's seek
-                    comps, outs = work.setdefault(tp.partition, ([], []))
-                    (comps if tp.topic == comparisons else outs).extend(records)
-                for p, (comps, outs) in work.items():
-                    await self._ingest(self.tasks[p], comps, outs)
-                await self._tick()
+        previous: list[PollOf] = []
+        try:
+            while not self._stopping.is_set():
+                polled = await consumer.getmany(
+                    timeout_ms=s.fetch_timeout_ms, max_records=s.max_batch
+                )
+                async with self._lock:
+                    # Per task, its poll of each input (getmany gives one list per
+                    # partition: used as it is, not copied).
+                    work: dict[int, list[list[Any]]] = {}
+                    for tp, records in polled.items():
+                        rt = self.tasks.get(tp.partition)
+                        if rt is None or not rt.ready:
+                            continue  # fetched before the pause: re-read after the restore
+                        inputs = work.setdefault(tp.partition, [[], []])
+                        inputs[0 if tp.topic == comparisons else 1] = records
+                    current = [self._build(self.tasks[p], c, o) for p, (c, o) in work.items()]
+                    if self._pool is None or not self._pool.alive:
+                        for poll in [*previous, *current]:
+                            await self._write(poll)
+                        previous = []
+                    else:
+                        for poll in previous:
+                            await self._write(poll)
+                        previous = current
+                    await self._tick()
+        finally:
+            for poll in previous:  # never written: read again from the stores' offsets
+                poll.built.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(*(poll.built for poll in previous), return_exceptions=True)
 
-    async def _ingest(self, rt: TaskRuntime, comps: list[Any], outs: list[Any]) -> None:
-        join = rt.join
-        assert join is not None and self._publisher is not None
+    def _build(self, rt: TaskRuntime, comps: list[Any], outs: list[Any]) -> PollOf:
+        """Start building a task's poll into changelog chunks (in the helper, else now)."""
         if self.first_input_at is None:
             self.first_input_at = time.monotonic()
         skipped = Skipped()
+        limit = self.config.kafka.max_record_bytes - 4096
+        now = self.clock()
+        built: asyncio.Future[list[tuple[InputChunk, bytes]]]
+        if self._pool is not None and self._pool.alive:
+            built = asyncio.ensure_future(
+                self._pool.build(rt.partition, comps, outs, now, skipped, limit)
+            )
+        else:
+            built = asyncio.get_running_loop().create_future()
+            built.set_result(
+                self.builder.build(rt.partition, comps, outs, now, skipped, max_bytes=limit)
+            )
+        return PollOf(rt, comps, outs, skipped, built)
+
+    async def _write(self, poll: PollOf) -> None:
+        """Write a task's built poll to the changelog, then apply it (dropped, unwritten,
+        when the task is no longer this one: revoked or restored again since)."""
+        rt = poll.task
+        chunks = await poll.built
+        if self.tasks.get(rt.partition) is not rt or not rt.ready:
+            return
+        join = rt.join
+        assert join is not None and self._publisher is not None
+        comps, outs = poll.comparisons, poll.outcomes
         self.metrics.consumed.labels("comparisons").inc(len(comps))
         self.metrics.consumed.labels("outcomes").inc(len(outs))
-        limit = self.config.kafka.max_record_bytes - 4096
-        chunks = self.builder.build(
-            rt.partition, comps, outs, self.clock(), skipped, max_bytes=limit
-        )
-        for (source, reason), n in skipped.counts.items():
+        for (source, reason), n in poll.skipped.counts.items():
             self.metrics.skipped.labels(source, reason).inc(n)
         topic = self.settings.changelog_topic
         # The poll's chunks go to the changelog together (one round trip); each is applied

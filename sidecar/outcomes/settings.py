@@ -139,6 +139,10 @@ class OutcomesSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     changelog_extra_retention_ms: Annotated[int, Meta(ge=0)] = 86_400_000
     #: Most records taken per poll.
     max_batch: Annotated[int, Meta(ge=1)] = 10_000
+    #: Helper processes that decode a poll's records into its changelog chunk while the stage
+    #: applies the previous poll (0: decode in the loop). 1 moves ~1.5 us a comparison off
+    #: the stage's core, for ~3 us on another: worth it only with an idle core.
+    decode_processes: Annotated[int, Meta(ge=0, le=1)] = 0
     fetch_timeout_ms: Annotated[int, Meta(ge=1)] = 200
     #: RocksDB block cache shared by the stores, and each store's memtable size (MiB): with
     #: the write buffers these bound the stage's memory, whatever the label window.

@@ -10,6 +10,7 @@ point and the task replays the changelog from there).
 
 from __future__ import annotations
 
+import collections
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,27 +25,57 @@ class StoreError(SidecarError):
 
 class Batch:
     """Puts, deletes and range deletes applied atomically by :meth:`Store.write`; reads made
-    through it (:meth:`get`) see its own writes first."""
+    through it (:meth:`get`) see its own writes first.
+
+    Bulk puts (:meth:`put_many`: a chunk's new requests, thousands at a time) are kept as the
+    lists they come in and written before the single puts and deletes (a single write of a key
+    wins over a bulk one, whatever the order of the calls)."""
 
     def __init__(self) -> None:
         self.writes: dict[bytes, bytes | None] = {}
         self.ranges: list[tuple[bytes, bytes]] = []
+        self.bulk: list[tuple[list[bytes], list[bytes]]] = []
+        self._bulk_index: dict[bytes, bytes] | None = None
+        self._bulk_len = 0
 
     def put(self, key: bytes, value: bytes) -> None:
         self.writes[key] = value
 
     def put_many(self, keys: list[bytes], values: list[bytes]) -> None:
-        self.writes.update(zip(keys, values, strict=True))
+        if len(keys) != len(values):
+            raise ValueError(f"{len(keys)} keys for {len(values)} values")
+        if self.writes and not self.writes.keys().isdisjoint(keys):
+            for key in keys:  # a bulk put after a single one: the later write wins
+                self.writes.pop(key, None)
+        self.bulk.append((keys, values))
+        self._bulk_len += len(keys)
+        self._bulk_index = None
+
+    def get(self, key: bytes, default: bytes | None = None) -> bytes | None:
+        """The value this batch writes for ``key`` (None: deleted), else ``default``."""
+        if key in self.writes:
+            return self.writes[key]
+        if not self.bulk:
+            return default
+        if self._bulk_index is None:
+            index: dict[bytes, bytes] = {}
+            for keys, values in self.bulk:
+                index.update(zip(keys, values, strict=True))
+            self._bulk_index = index
+        return self._bulk_index.get(key, default)
 
     def delete(self, key: bytes) -> None:
         self.writes[key] = None
+
+    def delete_many(self, keys: list[bytes]) -> None:
+        self.writes.update(dict.fromkeys(keys))
 
     def delete_range(self, start: bytes, end: bytes) -> None:
         """Delete every stored key in [start, end) (not keys put in this batch)."""
         self.ranges.append((start, end))
 
     def __len__(self) -> int:
-        return len(self.writes) + len(self.ranges)
+        return len(self.writes) + len(self.ranges) + self._bulk_len
 
 
 class Store:
@@ -103,15 +134,14 @@ class Store:
     def may_exist(self, keys: list[bytes]) -> list[bool]:
         """False: the key is certainly absent (bloom filters, no disk read); True: it may be
         present."""
-        may = self._db.key_may_exist
-        return [may(k) for k in keys]
+        return list(map(self._db.key_may_exist, keys))
 
     def present(self, keys: list[bytes]) -> list[bool]:
         """Whether each key is stored: bloom filters first, a read only for the rare maybe."""
         maybe = self.may_exist(keys)
-        check = [k for k, m in zip(keys, maybe, strict=True) if m]
-        if not check:
+        if True not in maybe:
             return maybe
+        check = [k for k, m in zip(keys, maybe, strict=True) if m]
         found = {k for k, v in zip(check, self.get_many(check), strict=True) if v is not None}
         return [m and k in found for k, m in zip(keys, maybe, strict=True)]
 
@@ -128,11 +158,14 @@ class Store:
         wb = self._batch_type(raw_mode=True)
         for start, end in batch.ranges:
             wb.delete_range(start, end)
+        put = wb.put
+        for keys, values in batch.bulk:
+            collections.deque(map(put, keys, values), maxlen=0)  # the loop in C
         for key, value in batch.writes.items():
             if value is None:
                 wb.delete(key)
             else:
-                wb.put(key, value)
+                put(key, value)
         self._db.write(wb)
 
     def memory(self) -> dict[str, float]:

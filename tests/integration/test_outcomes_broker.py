@@ -67,11 +67,24 @@ def judged(service: OutcomesService) -> int:
     return v.judged_pairs if v is not None else 0
 
 
-@pytest.mark.parametrize("key_by", ["rollout", pytest.param("routing_key", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    ("key_by", "decode_processes"),
+    [
+        ("rollout", 1),
+        ("rollout", 0),
+        pytest.param("routing_key", 1, marks=pytest.mark.slow),
+    ],
+    ids=["by-rollout-helper", "by-rollout-in-loop", "by-routing-key"],
+)
 async def test_outcomes_meet_their_comparisons_and_the_figures_are_scikit_learns(
-    bootstrap: str, tmp_path: Path, key_by: str
+    bootstrap: str, tmp_path: Path, key_by: str, decode_processes: int
 ) -> None:
-    cfg = outcomes_config(bootstrap, tmp_path / "state", topics={"comparisons_key": key_by})
+    cfg = outcomes_config(
+        bootstrap,
+        tmp_path / "state",
+        topics={"comparisons_key": key_by},
+        outcomes={"decode_processes": decode_processes, "max_batch": 1000},
+    )
     await create_topics(cfg)
     s = stream(6000, seed=1, key_by=key_by)
     future = Outcome(request_id="r2", label=True, ts=time.time_ns() // 1_000_000 + 3_600_000)
@@ -229,10 +242,24 @@ async def _kill_mid_stream(proc: subprocess.Popen[bytes], port: int, low: int, h
         if consumed >= low:
             break
         await asyncio.sleep(0.05)
+    children = _children(proc.pid)  # its decode helper (and multiprocessing's tracker)
+    assert children, "the stage runs its decode helper process"
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     assert low <= consumed < high, f"killed after {consumed} comparisons: not mid-stream"
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{c}").exists() for c in children) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    left = [c for c in children if Path(f"/proc/{c}").exists()]
+    assert not left, f"helper processes {left} outlived their SIGKILLed stage"
     return consumed
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 @pytest.mark.slow
@@ -243,7 +270,11 @@ async def test_sigkill_mid_stream_loses_and_double_counts_nothing(
     restart without it (the store wiped) replays the whole changelog. Every request of the
     stream ends in exactly one final window, and the verdict counts each one once."""
     state = tmp_path / "state"
-    cfg = outcomes_config(bootstrap, state, outcomes={"metrics_port": free_port, "max_batch": 2000})
+    cfg = outcomes_config(
+        bootstrap,
+        state,
+        outcomes={"metrics_port": free_port, "max_batch": 2000, "decode_processes": 1},
+    )
     await create_topics(cfg)
     n = 150_000
     s = stream(n, seed=9, span_ms=30_000, t0=time.time_ns() // 1_000_000 - 90_000)

@@ -14,6 +14,7 @@ from records import Rec
 from sklearn import metrics
 
 from sidecar.contracts import Comparison, ModelResult
+from sidecar.outcomes import join
 from sidecar.outcomes.chunks import ChangelogRecord, ExpireMark, FinalMark, decode, encode
 from sidecar.outcomes.contract import Outcome
 from sidecar.outcomes.decode import ChunkBuilder, Skipped
@@ -21,7 +22,7 @@ from sidecar.outcomes.join import ApplyStats, JoinTask, PairRecord, Windows, str
 from sidecar.outcomes.quality import score_bins
 from sidecar.outcomes.report import PairKey
 from sidecar.outcomes.settings import OutcomesSettings
-from sidecar.outcomes.store import Store
+from sidecar.outcomes.store import Batch, Store
 
 W = 10_000  # report window
 NOW = 10**13  # far ahead: nothing is "in the future" for the builder
@@ -225,7 +226,7 @@ def test_a_final_window_leaves_the_store_and_joins_the_verdict(feed: Feed) -> No
     assert sum(1 for _ in feed.task.store.scan(b"r")) == 21
     feed.finalize(0)
     assert sum(1 for _ in feed.task.store.scan(b"r")) == 1  # only the next window's
-    assert sum(1 for _ in feed.task.store.scan(b"i")) == 1
+    assert sum(1 for _ in feed.task.store.scan(b"j")) == 1  # the next window's index
     assert feed.task.pairs[pair.id].open == [W]
     verdict = feed.task.verdict(feed.task.pairs[pair.id], 0)
     assert verdict is not None and verdict.judged_pairs == 20 and verdict.windows == 1
@@ -392,3 +393,44 @@ def test_two_rollouts_scoring_the_same_requests_each_count_them(tmp_path: Path) 
             2,
             2,
         )
+
+
+@pytest.mark.parametrize("cap", [100_000, 1], ids=["ids in memory", "beyond the cap"])
+def test_outcomes_waiting_for_their_comparison_are_found_after_a_reopen_and_an_expiry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap: int
+) -> None:
+    monkeypatch.setattr(join, "MAX_ORPHAN_IDS", cap)
+    feed = Feed(tmp_path / "task")
+    feed.outcomes(outcome("a", True, 2000), outcome("b", True, 9000), outcome("c", False, 9500))
+    assert feed.task.meta.orphans == 3
+    assert (feed.task.orphan_ids is None) == (cap == 1)
+    feed.reopen()  # the ids in memory are rebuilt from the store
+    assert (feed.task.orphan_ids is None) == (cap == 1)
+    stats = feed.comparisons(comparison("a", 1000), comparison("x", 1000))
+    assert stats.joined == {"ro": 1}
+    feed.write(ExpireMark(before_ms=5000, stream_ms=50_000))  # "a" leaves
+    assert feed.task.meta.orphans == 2
+    assert feed.task.orphan_ids == ({b"b", b"c"} if cap > 1 else None)
+    stats = feed.comparisons(comparison("b", 8000), comparison("a", 1500, rollout="other"))
+    assert stats.joined == {"ro": 1}  # "a"'s outcome expired before the other rollout's came
+
+
+def test_a_store_with_the_per_request_window_index_still_drops_its_requests(
+    feed: Feed,
+) -> None:
+    """Stores written before the packed index hold one ``i`` key per request."""
+    feed.comparisons(comparison("a", 1000), comparison("b", 1100))
+    feed.comparisons(comparison("next", W + 5))
+    pid = feed.pair.id
+    # Rewrite window 0's index the old way: one empty ``i`` record per request id.
+    batch = Batch()
+    for key, _ in feed.task.store.scan(b"j" + join._U32.pack(pid) + join._U64.pack(0)):
+        batch.delete(key)
+    for rid in (b"a", b"b"):
+        batch.put(b"i" + join._U32.pack(pid) + join._U64.pack(0) + rid, b"")
+    feed.task.store.write(batch)
+    assert sum(1 for _ in feed.task.store.scan(b"r")) == 3
+    feed.finalize(0)
+    assert sum(1 for _ in feed.task.store.scan(b"r")) == 1
+    assert sum(1 for _ in feed.task.store.scan(b"i")) == 0
+    assert feed.task.meta.stored == 1

@@ -11,6 +11,8 @@ import ctypes.util
 import gc
 import logging
 import os
+import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +83,25 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
         return False
 
 
+def exit_with_parent(parent: int) -> None:
+    """In a helper process (a ``ProcessPoolExecutor`` worker): exit as soon as ``parent`` is
+    no longer this process's parent. A parent killed with SIGKILL cannot shut its pool down,
+    and a pool worker waits on its call queue forever (it holds the queue's write end
+    itself, so it never sees the pipe close): without this it outlives the parent."""
+    threading.Thread(target=_follow_parent, args=(parent,), daemon=True).start()
+
+
+def _follow_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
 __all__ = [
     "GC_THRESHOLDS",
     "GC_TUNING_ENV",
     "MALLOC_ARENAS",
+    "exit_with_parent",
     "install_uvloop",
     "limit_malloc_arenas",
     "prepare_process",

@@ -20,9 +20,11 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
+import os
 import signal
 from collections.abc import Sequence
 
+from ..runtime import exit_with_parent
 from .batch import Int32Array, Int64Array
 from .ingest import ComparisonDecoder, Decoded, Ingested, Poll, RecordLike
 from .ingest import decode_columns as _decode_here
@@ -43,9 +45,11 @@ def _ready() -> bool:
     return True
 
 
-def _ignore_interrupts() -> None:
-    """Ctrl-C reaches the whole process group: the parent drains and shuts helpers down."""
+def _start_worker(parent: int) -> None:
+    """Ctrl-C reaches the whole process group: the parent drains and shuts helpers down. A
+    parent that dies without doing so (SIGKILL) takes its helpers with it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with_parent(parent)
 
 
 class DecodePool:
@@ -64,7 +68,8 @@ class DecodePool:
         self._executor = concurrent.futures.ProcessPoolExecutor(
             self.processes,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_ignore_interrupts,
+            initializer=_start_worker,
+            initargs=(os.getpid(),),
         )
         loop = asyncio.get_running_loop()
         await asyncio.gather(

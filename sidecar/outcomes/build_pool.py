@@ -24,11 +24,10 @@ import logging
 import multiprocessing
 import os
 import signal
-import threading
-import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from ..runtime import exit_with_parent
 from .chunks import InputChunk, decode
 from .decode import ChunkBuilder, RecordLike, Skipped
 from .settings import OutcomesSettings
@@ -75,13 +74,7 @@ def _start_worker(settings: OutcomesSettings, parent: int) -> None:
     global _BUILDER
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _BUILDER = ChunkBuilder(settings)
-    threading.Thread(target=_follow_parent, args=(parent,), daemon=True).start()
-
-
-def _follow_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(0)
+    exit_with_parent(parent)
 
 
 def _ready() -> bool:

@@ -1,10 +1,15 @@
-"""Decoding in helper processes: same columns as in process, and survival of a dead helper."""
+"""Decoding in helper processes: same columns as in process, survival of a dead helper, and
+no helper outliving its parent."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import NamedTuple
 
 import msgspec
@@ -74,3 +79,44 @@ async def test_a_killed_helper_falls_back_to_decoding_in_process() -> None:
 def test_a_pool_needs_a_process() -> None:
     with pytest.raises(ValueError, match="at least one"):
         DecodePool(0, ComparisonDecoder())
+
+
+_PARENT = """
+import asyncio, sys, time
+from sidecar.aggregate.decode_pool import DecodePool
+from sidecar.aggregate.ingest import ComparisonDecoder
+
+async def main() -> None:
+    pool = DecodePool(1, ComparisonDecoder())
+    await pool.start()
+    print("ready", flush=True)
+    await asyncio.sleep(120)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_helpers_die_with_a_sigkilled_parent(tmp_path: Path) -> None:
+    """A parent killed with SIGKILL cannot shut its pool down: its helper must not live on
+    (blocked on its call queue forever, as a plain ProcessPoolExecutor worker would)."""
+    script = tmp_path / "parent.py"
+    script.write_text(_PARENT)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        children = [
+            int(c)
+            for task in Path(f"/proc/{proc.pid}/task").iterdir()
+            for c in (task / "children").read_text().split()
+        ]
+        assert children, "the pool runs a helper process"
+    finally:
+        proc.kill()
+        proc.wait(30)
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{c}").exists() for c in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [c for c in children if Path(f"/proc/{c}").exists()]
+    assert not left, f"helper processes {left} outlived their SIGKILLed parent"

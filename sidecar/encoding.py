@@ -5,9 +5,10 @@ of the sidecar's per-record budget. Within one batch almost every field of a Dec
 Comparison is the same (rollout, model, version, threshold, epoch, mode, decided-at, batch
 latency); only a handful differ per record. So for each batch we encode a *prototype* Struct
 in which the varying fields hold sentinels, and turn the bytes msgspec produced into a
-``str.format`` template. Field names, order and the encoding of every constant come from
-msgspec; per record we only format the few values that vary. A test checks that templated
-output decodes to exactly the Struct it stands for, for arbitrary values.
+``%``-format template (the pipeline formats it as bytes, with bytes). Field names, order and the
+encoding of every constant come from msgspec; per record we only format the few values that
+vary, already JSON text. A test checks that templated output decodes to exactly the Struct it
+stands for, for arbitrary values.
 
 Strings that would need JSON escaping (quotes, backslashes, control characters) are escaped by
 msgspec itself; the common case (ids made of plain characters) skips that step.

@@ -86,7 +86,7 @@ from .report import (
     quality_verdict,
 )
 from .router import OutcomeRouter
-from .store import Store
+from .store import Store, cache_advice
 
 log = logging.getLogger(__name__)
 
@@ -481,6 +481,9 @@ class OutcomesService:
             rt.restoring = None
         took = time.monotonic() - started
         self.metrics.restore_seconds.set(took)
+        advice = cache_advice(join.store.filter_mb(), s.cache_mb)
+        if advice is not None:
+            log.warning("task %d: %s", p, advice)
         log.info(
             "task %d restored in %.2fs: %d changelog records replayed, %d requests stored, "
             "changelog at %d",

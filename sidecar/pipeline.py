@@ -852,8 +852,8 @@ class Pipeline:
         slow = 0
         for i in rows:
             arm = choice_list[i]
-            if arm == routed_list[i] and metadata[i] is None:
-                dec = decision_tmpl[arm][has_key[i]] % (
+            if arm <= _CANDIDATE and metadata[i] is None:
+                args = (
                     rids[i],
                     key_texts[i],
                     arm_scores[arm][i],
@@ -861,32 +861,20 @@ class Pipeline:
                     bucket_texts[i],
                     ts_list[i],
                 )
+                routed = routed_list[i]
+                if arm == routed:
+                    dec = decision_tmpl[arm][has_key[i]] % args
+                else:  # a fallback: the routed arm failed
+                    failed = candidate if routed == _CANDIDATE else champion
+                    (unkeyed, keyed), reason = fmt.fallback(
+                        arm,
+                        routed,
+                        f"{_ARM_NAMES[routed]}_failed: "
+                        f"{_error_text(failed.error or failed.record_error)}",
+                    )
+                    dec = (keyed if has_key[i] else unkeyed) % (*args, reason)
                 extra = extras[arm]
                 if extra is not None:  # a non-binary output: its fields come last
-                    dec = dec[:-1] + extra[i] + b"}"
-                dec_values[i] = dec
-                dec_headers[i] = [("request_id", header_ids[i]), version_header[arm], schema_header]
-                continue
-            if arm <= _CANDIDATE and metadata[i] is None:  # a fallback: the other arm failed
-                routed = routed_list[i]
-                failed = candidate if routed == _CANDIDATE else champion
-                (unkeyed, keyed), reason = fmt.fallback(
-                    arm,
-                    routed,
-                    f"{_ARM_NAMES[routed]}_failed: "
-                    f"{_error_text(failed.error or failed.record_error)}",
-                )
-                dec = (keyed if has_key[i] else unkeyed) % (
-                    rids[i],
-                    key_texts[i],
-                    arm_scores[arm][i],
-                    arm_dec[arm][i],
-                    bucket_texts[i],
-                    ts_list[i],
-                    reason,
-                )
-                extra = extras[arm]
-                if extra is not None:
                     dec = dec[:-1] + extra[i] + b"}"
                 dec_values[i] = dec
                 dec_headers[i] = [("request_id", header_ids[i]), version_header[arm], schema_header]

@@ -19,12 +19,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import multiprocessing
-import os
-import signal
 from collections.abc import Sequence
 
-from ..runtime import exit_with_parent
+from ..runtime import start_helpers
 from .batch import Int32Array, Int64Array
 from .ingest import ComparisonDecoder, Decoded, Ingested, Poll, RecordLike
 from .ingest import decode_columns as _decode_here
@@ -41,17 +38,6 @@ def _decode_in_worker(
     return _decode_here(values, partitions, offsets, _WORKER_DECODER)
 
 
-def _ready() -> bool:
-    return True
-
-
-def _start_worker(parent: int) -> None:
-    """Ctrl-C reaches the whole process group: the parent drains and shuts helpers down. A
-    parent that dies without doing so (SIGKILL) takes its helpers with it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    exit_with_parent(parent)
-
-
 class DecodePool:
     """``processes`` helper processes decoding polls; ``submit`` keeps poll order to callers
     that await the returned futures in submission order."""
@@ -65,16 +51,7 @@ class DecodePool:
 
     async def start(self) -> None:
         """Spawn the helpers and wait until each has imported the decoder (~0.5 s)."""
-        self._executor = concurrent.futures.ProcessPoolExecutor(
-            self.processes,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_worker,
-            initargs=(os.getpid(),),
-        )
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(
-            *(loop.run_in_executor(self._executor, _ready) for _ in range(self.processes))
-        )
+        self._executor = await start_helpers(self.processes)
 
     @property
     def alive(self) -> bool:

@@ -21,13 +21,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import multiprocessing
-import os
-import signal
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from ..runtime import exit_with_parent
+from ..runtime import start_helpers
 from .chunks import InputChunk, decode
 from .decode import ChunkBuilder, RecordLike, Skipped
 from .settings import OutcomesSettings
@@ -68,17 +65,9 @@ Built = tuple[list[bytes], dict[tuple[str, str], int]]
 _BUILDER: ChunkBuilder | None = None
 
 
-def _start_worker(settings: OutcomesSettings, parent: int) -> None:
-    """Ctrl-C reaches the whole process group: the parent drains and shuts helpers down. A
-    parent that dies without doing so (SIGKILL) takes its helper with it."""
+def _start_worker(settings: OutcomesSettings) -> None:
     global _BUILDER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _BUILDER = ChunkBuilder(settings)
-    exit_with_parent(parent)
-
-
-def _ready() -> bool:
-    return True
 
 
 def _build_in_worker(
@@ -104,15 +93,8 @@ class BuildPool:
 
     async def start(self) -> None:
         """Spawn the helpers and wait until each has imported the builder (~0.5 s)."""
-        self._executor = concurrent.futures.ProcessPoolExecutor(
-            self.processes,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_worker,
-            initargs=(self._fallback.settings, os.getpid()),
-        )
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(
-            *(loop.run_in_executor(self._executor, _ready) for _ in range(self.processes))
+        self._executor = await start_helpers(
+            self.processes, _start_worker, (self._fallback.settings,)
         )
 
     @property

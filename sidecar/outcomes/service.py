@@ -64,6 +64,7 @@ from ..kafka import (
     new_consumer,
     new_producer,
     stop_quietly,
+    topic_configs,
     topic_partitions,
 )
 from ..timefmt import utc_window
@@ -342,6 +343,15 @@ class OutcomesService:
                 },
                 **kafka,
             )
+            configs = (await topic_configs(cfg, [s.changelog_topic]))[s.changelog_topic]
+            if not configs:
+                log.info(
+                    "could not read %s's configs (DescribeConfigs): its retention is not "
+                    "checked against the label windows",
+                    s.changelog_topic,
+                )
+            for problem in s.changelog_problems(configs):
+                log.warning("changelog %s: %s", s.changelog_topic, problem)
             for topic in (s.by_task_topic, s.changelog_topic):
                 m = len(await topic_partitions(probe, topic, wait_s=10.0))
                 if m != n:

@@ -196,13 +196,44 @@ class OutcomesSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
         return f"{self.group_id}.router"
 
     def changelog_retention_ms(self) -> int:
+        return self.changelog_needed_ms() + self.changelog_extra_retention_ms
+
+    def changelog_needed_ms(self) -> int:
+        """How long a changelog record must stay: a request stored now may wait this long
+        for its window to become final (a rebuild replays it until then)."""
         return (
             self.max_label_window_ms()
             + self.report_window_ms
             + self.comparison_lateness_ms
             + self.outcome_grace_ms
-            + self.changelog_extra_retention_ms
         )
+
+    def changelog_problems(self, configs: dict[str, str]) -> list[str]:
+        """What is wrong with an existing changelog topic's configs (as the broker reports
+        them) for this stage: a topic made by hand or by an older setup that deletes records
+        before their window is final would lose pending requests on the next rebuild."""
+        problems = []
+        policy = [p.strip() for p in configs.get("cleanup.policy", "").split(",") if p.strip()]
+        if policy and "compact" not in policy:
+            problems.append(
+                f"cleanup.policy is {','.join(policy)!r}: without compaction the changelog "
+                "keeps every chunk until retention deletes it; set it to compact,delete"
+            )
+        raw = configs.get("retention.ms")
+        if raw is not None and (not policy or "delete" in policy):
+            try:
+                retention = int(raw)
+            except ValueError:
+                retention = -1
+            need = self.changelog_needed_ms()
+            if 0 <= retention < need:
+                problems.append(
+                    f"retention.ms is {retention} but requests may wait {need} ms for their "
+                    "window (the longest label window, a report window, the lateness and the "
+                    "grace): a rebuild from the changelog would lose them; set retention.ms to "
+                    f"at least {self.changelog_retention_ms()} (or -1)"
+                )
+        return problems
 
 
 __all__ = [

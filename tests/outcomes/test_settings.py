@@ -52,3 +52,30 @@ def test_outcomes_go_where_their_comparisons_are() -> None:
         [kafka_partition(b"card-7", 6)],
         [kafka_partition(b"r2", 6)],
     ]
+
+
+def _settings() -> OutcomesSettings:
+    cfg = make_config(
+        "unused:9092",
+        outcomes={"report_window_ms": 60_000, "quality": {"label_window_ms": 86_400_000}},
+    )
+    return cfg.outcomes
+
+
+def test_a_changelog_made_as_the_stage_makes_it_has_no_problems() -> None:
+    s = _settings()
+    made = {"cleanup.policy": "compact,delete", "retention.ms": str(s.changelog_retention_ms())}
+    assert s.changelog_problems(made) == []
+    assert s.changelog_problems({"cleanup.policy": "compact", "retention.ms": "1000"}) == []
+    assert s.changelog_problems({"retention.ms": "-1"}) == []
+    assert s.changelog_problems({}) == []  # nothing reported (no DescribeConfigs): no claim
+
+
+def test_a_changelog_deleting_pending_requests_early_is_named() -> None:
+    s = _settings()
+    week = {"cleanup.policy": "compact,delete", "retention.ms": "3600000"}  # an hour
+    (problem,) = s.changelog_problems(week)
+    assert "retention.ms is 3600000" in problem
+    assert f"at least {s.changelog_retention_ms()}" in problem
+    problems = s.changelog_problems({"cleanup.policy": "delete", "retention.ms": "3600000"})
+    assert len(problems) == 2 and "compact,delete" in problems[0]

@@ -55,6 +55,7 @@ import msgspec
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baseline import baseline_tree, last_line_of
 from bench_aggregate import ROLLOUT, make_values
 from bench_aggregate import preload as preload_comparisons
 from bench_throughput import preload as preload_requests
@@ -744,23 +745,10 @@ async def join_worker(args: argparse.Namespace) -> None:
     print(json.dumps(_join_costs(args.count, args.repeats)))
 
 
-def _baseline_tree(ref: str, into: Path) -> Path | None:
-    """The ``sidecar`` package of git ref ``ref``, unpacked under ``into`` (None: no git)."""
-    root = Path(__file__).resolve().parent.parent
-    archive = subprocess.run(
-        ["git", "-C", str(root), "archive", ref, "sidecar"], capture_output=True, check=False
-    )
-    if archive.returncode != 0:
-        print(f"baseline {ref!r} skipped: {archive.stderr.decode().strip()}")
-        return None
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    return into
-
-
 async def join(args: argparse.Namespace) -> None:
     """This checkout's join against ``--baseline``'s, alternating processes."""
     with tempfile.TemporaryDirectory() as tmp:
-        base = _baseline_tree(args.baseline, Path(tmp))
+        base = baseline_tree(args.baseline, Path(tmp))
         if base is None:
             return
         here = "this checkout"
@@ -768,16 +756,9 @@ async def join(args: argparse.Namespace) -> None:
         for round_ in range(args.rounds):
             order = [here, args.baseline] if round_ % 2 == 0 else [args.baseline, here]
             for who in order:
-                env = dict(os.environ, PYTHONUNBUFFERED="1")
-                if who == args.baseline:
-                    env["PYTHONPATH"] = os.pathsep.join(
-                        [str(base), *filter(None, [env.get("PYTHONPATH")])]
-                    )
                 cmd = [sys.executable, __file__, "join-worker", "--count", str(args.count)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-                if out.returncode != 0:
-                    sys.exit(f"join worker ({who}) failed:\n{out.stderr[-3000:]}")
-                costs[who].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                tree = base if who == args.baseline else None
+                costs[who].append(json.loads(last_line_of(cmd, tree, f"join, {who}")))
         print(
             f"join without Kafka, {args.count:,} comparisons (2% with an outcome), "
             f"{args.rounds} processes each (best of 3 per process; median over processes):"

@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +39,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+from baseline import baseline_tree, last_line_of  # noqa: E402
 
 TOPIC_PARTITIONS = 6
 RECOMMENDER = {
@@ -158,18 +158,6 @@ def child(args: argparse.Namespace) -> None:
             }
         )
     )
-
-
-def baseline_tree(ref: str, into: Path) -> Path | None:
-    """The ``sidecar`` package of git ref ``ref``, unpacked under ``into`` (None: no git)."""
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", ref, "sidecar"], capture_output=True, check=False
-    )
-    if archive.returncode != 0:
-        print(f"baseline {ref!r} skipped: {archive.stderr.decode().strip()}")
-        return None
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    return into
 
 
 # --------------------------------------------------------------------------- no Kafka
@@ -349,16 +337,10 @@ def binary_against_baseline(args: argparse.Namespace) -> None:
         for round_ in range(args.pipeline_rounds):
             order = list(costs) if round_ % 2 == 0 else list(costs)[::-1]
             for who in order:
-                env = dict(os.environ, PYTHONUNBUFFERED="1")
-                if who == args.baseline:
-                    env["PYTHONPATH"] = os.pathsep.join(
-                        [str(base), *filter(None, [env.get("PYTHONPATH")])]
-                    )
                 cmd = [sys.executable, __file__, "--binary-pipeline", "--batch", str(args.batch)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-                if out.returncode != 0:
-                    sys.exit(f"binary pipeline ({who}) failed:\n{out.stderr[-3000:]}")
-                costs[who].append(json.loads(out.stdout.strip().splitlines()[-1])["us"])
+                tree = base if who == args.baseline else None
+                line = last_line_of(cmd, tree, f"binary pipeline, {who}")
+                costs[who].append(json.loads(line)["us"])
         median = {who: statistics.median(v) for who, v in costs.items()}
         print(
             f"\nbinary Pipeline.process, batches of {args.batch:,} ({args.pipeline_rounds} "
@@ -392,11 +374,6 @@ def kafka_rounds(args: argparse.Namespace) -> None:
             order = modes if round_ % 2 == 0 else modes[::-1]
             for mode in order:
                 kind = "ranking" if mode == "ranking" else "binary"
-                env = dict(os.environ, PYTHONUNBUFFERED="1")
-                if mode.startswith("binary@") and base is not None:
-                    env["PYTHONPATH"] = os.pathsep.join(
-                        [str(base), *filter(None, [env.get("PYTHONPATH")])]
-                    )
                 cmd = [
                     sys.executable,
                     __file__,
@@ -409,10 +386,8 @@ def kafka_rounds(args: argparse.Namespace) -> None:
                     "--requests",
                     str(args.requests),
                 ]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-                if out.returncode != 0:
-                    sys.exit(f"{mode} failed:\n{out.stderr[-3000:]}")
-                result = json.loads(out.stdout.strip().splitlines()[-1])
+                tree = base if mode.startswith("binary@") else None
+                result = json.loads(last_line_of(cmd, tree, mode))
                 results[mode].append(result["rate"])
                 print(
                     f"round {round_ + 1} {mode:14} {result['rate']:>9,.0f} req/s  "

@@ -737,6 +737,7 @@ class ControlPlane:
             config=self.rules,
             issued_by=issuer,
             attempt=self._advance_attempts,
+            candidate_version=self.candidate_version(),
         )
         if proposal is None:
             return False
@@ -761,6 +762,14 @@ class ControlPlane:
         )
         log.info("control: published %s (%s)", cmd.command_id, cmd.reason)
         return True
+
+    def candidate_version(self) -> str | None:
+        """The candidate version this instance runs (the one its advances promote)."""
+        for health in self._models() or ():
+            if health.arm == "candidate":
+                return health.version
+        candidate = self.config.models.candidate
+        return None if candidate is None else candidate.version
 
     def ramp_held_by(self) -> str | None:
         """Why the guards hold the running ramp back (for status), or None."""

@@ -134,8 +134,8 @@ def signing_key(cfg: SidecarConfig, key: SigningKey | None) -> SigningKey | None
 def quality_command(verdict: QualityVerdict, issued_at_ms: int) -> ControlCommand:
     """The (unsigned) ``verdict`` command that carries ``verdict``'s own gate to the control
     plane as ``quality_ok``: about the two models, not a policy epoch (no expected epoch), so
-    it still counts after a ramp step. The models are named in the detail: the control plane
-    keeps the newest quality verdict whatever pair it was about."""
+    it still counts after a ramp step. It names the two versions judged: a promotion gated on
+    quality counts it only for the candidate version it promotes."""
     gate = verdict.gate
     detail = (
         f"{verdict.candidate_model} {verdict.candidate_version} vs {verdict.champion_model} "
@@ -154,7 +154,11 @@ def quality_command(verdict: QualityVerdict, issued_at_ms: int) -> ControlComman
         issued_at_ms=issued_at_ms,
         args=CommandArgs(
             verdict=Verdict(
-                quality_ok=gate.ok, window_end_ms=verdict.last_window_end_ms, detail=detail
+                quality_ok=gate.ok,
+                window_end_ms=verdict.last_window_end_ms,
+                detail=detail,
+                candidate_version=verdict.candidate_version or None,
+                champion_version=verdict.champion_version or None,
             )
         ),
     )

@@ -654,6 +654,21 @@ class ControlPlane:
 
     def _lifecycle(self, before: RolloutState, outcome: Applied) -> None:
         new = outcome.new_state
+        promoted = outcome.command.args.candidate_version
+        mine = self.candidate_version()
+        if (
+            new.mode is Mode.PROMOTED
+            and before.mode is not Mode.PROMOTED
+            and promoted not in (None, mine)
+        ):  # a deploy under way: this instance promotes another model than the one named
+            log.error(
+                "control: %s promoted candidate %s, but this instance runs candidate %s: it "
+                "now decides every request with %s; finish the deploy (or roll back)",
+                outcome.command.command_id,
+                promoted,
+                mine,
+                mine,
+            )
         if self._on_lifecycle is None:
             return
         if new.mode is Mode.PROMOTED and before.mode is not Mode.PROMOTED:

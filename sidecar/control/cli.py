@@ -277,9 +277,10 @@ async def run_ctl(args: argparse.Namespace) -> int:
     if action in ("deprecate", "sunset"):
         output = await _output_args(cfg, args)
     if action == "promote":
-        output["candidate_version"] = args.candidate_version or await _running_candidate(
-            cfg, trust, rollout
-        )
+        named = args.candidate_version
+        if named is not None and not 0 < len(named.strip()) <= 256:
+            raise ConfigError("--candidate-version needs a version, e.g. 2.1.0")
+        output["candidate_version"] = named or await _running_candidate(cfg, trust, rollout)
     try:
         share = parse_share(args.share) if action == "canary" else None
         command = build_command(

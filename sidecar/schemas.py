@@ -49,9 +49,12 @@ def _extra_contracts() -> dict[str, type[msgspec.Struct]]:
         pass
     try:
         from .outcomes.contract import Outcome
+        from .outcomes.partials import MergedQualityWindow, QualityPartial
         from .outcomes.report import QualityReport, QualityVerdict
 
         found["outcome"] = Outcome
+        found["quality_partial"] = QualityPartial
+        found["merged_quality_window"] = MergedQualityWindow
         found["quality_report"] = QualityReport
         found["quality_verdict"] = QualityVerdict
     except ImportError:

@@ -126,6 +126,11 @@ class OutcomesMetrics:
             "Duration of the last restore of a task from its changelog",
             registry=r,
         )
+        self.partials = Counter(
+            "sidecar_outcomes_partials",
+            "Quality partials sent to the merge stage (shared rollouts)",
+            registry=r,
+        )
         self.restored_records = Counter(
             "sidecar_outcomes_restored_records",
             "Changelog records replayed into stores at restore",

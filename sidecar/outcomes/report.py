@@ -180,6 +180,9 @@ class QualityReport(msgspec.Struct, frozen=True, kw_only=True):
     #: judged ranking requests (with an item-set outcome, or none under ``missing =
     #: "negative"``); the binary figures above are then insufficient data.
     ranking: RankingQualityReport | None = None
+    #: A shared rollout's final window merged without some tasks' final partials (the merge
+    #: timeout passed): those comparison partitions (empty: every task's share is in).
+    tasks_missing: list[int] = []
 
 
 class MetricEstimate(msgspec.Struct, frozen=True, kw_only=True):

@@ -47,6 +47,7 @@ from ..config import SidecarConfig
 from ..control.commands import CommandArgs, ControlCommand, Verdict, encode_command, sign_command
 from ..control.keys import SigningKey
 from ..errors import ConfigError
+from ..hashing import kafka_partition
 from ..health import (
     BrokerProbe,
     Check,
@@ -74,7 +75,9 @@ from .chunks import ChangelogRecord, ExpireMark, FinalMark, InputChunk, decode, 
 from .decode import ChunkBuilder, Skipped
 from .heartbeat import RouterHeartbeat, heartbeat_of, outcomes_bound
 from .join import ApplyStats, JoinTask, PairRecord, Windows, stream_bound
+from .merge_stage import QualityMergeStage
 from .metrics import OutcomesMetrics
+from .partials import MergeOutput, merged_key, partial_key, partial_of
 from .publish import Publisher, Send
 from .ranking import PairedRankingQuality
 from .report import (
@@ -264,6 +267,11 @@ class OutcomesService:
         self._supervisor = Supervisor("outcomes", lambda failure: self._stopping.set())
         self._topics = (config.topics.comparisons, s.by_task_topic)
         self._partitions = 0
+        #: Shared rollouts: the merge stage, the partials topic's partition count, and the
+        #: empty final partials sent for tasks without the pair (pair, window, task).
+        self.merge: QualityMergeStage | None = None
+        self._partials_partitions = 0
+        self._empty_finals: set[tuple[PairKey, int, int]] = set()
         self._last_provisional = 0.0
         self._last_commit = 0.0
         #: What this process published (bounded); ``subscribers`` see every one as it goes.
@@ -356,6 +364,17 @@ class OutcomesService:
                 )
             for problem in s.changelog_problems(configs):
                 log.warning("changelog %s: %s", s.changelog_topic, problem)
+            if cfg.shared_rollouts:
+                await ensure_topics(
+                    topics=[s.partials_topic_name],
+                    partitions=n,
+                    replication_factor=cfg.topics.replication_factor,
+                    configs={"cleanup.policy": "compact"},
+                    **kafka,
+                )
+                self._partials_partitions = len(
+                    await topic_partitions(probe, s.partials_topic_name, wait_s=10.0)
+                )
             for topic in (s.by_task_topic, s.changelog_topic):
                 m = len(await topic_partitions(probe, topic, wait_s=10.0))
                 if m != n:
@@ -383,6 +402,10 @@ class OutcomesService:
         self.router = OutcomeRouter(cfg, self._publisher, self.metrics, self.clock)
         await self.router.start(self._partitions)
         self._supervisor.spawn(self.router.run(), "outcomes-router")
+        if cfg.shared_rollouts:
+            self.merge = QualityMergeStage(cfg, self._publisher, self._publish_merged, self.clock)
+            await self.merge.start()
+            self._supervisor.spawn(self.merge.run(), "outcomes-merge")
         self._consumer = new_consumer(
             cfg,
             "outcomes",
@@ -407,6 +430,8 @@ class OutcomesService:
             await self._drop_task(rt)
         if self.router is not None:
             await self.router.close()
+        if self.merge is not None:
+            await self.merge.close()
         for client in (self._consumer, self._producer):
             await stop_quietly(client)
         self._consumer = self._producer = None
@@ -740,7 +765,9 @@ class OutcomesService:
                     outcomes_bound(rt.beats.values(), now, s.idle_timeout_ms),
                 )
             )
-        if self._complete():
+        if self.config.shared_rollouts:
+            await self._share(ready, now, provisional)
+        else:
             for holders, ws in self._due(ready):
                 await self._finalize(holders, ws, now)
             if provisional:
@@ -772,14 +799,6 @@ class OutcomesService:
         high = consumer.highwater(tp)
         return high is not None and await consumer.position(tp) >= high
 
-    def _complete(self) -> bool:
-        """Whether this process may report: with comparisons keyed by routing key a rollout is
-        spread over every partition, and its windows are merged from every task, so this
-        process must own them all (run one ``sidecar outcomes`` instance in that mode)."""
-        if not self.config.shared_rollouts:
-            return True
-        return len(self.tasks) == self._partitions and all(rt.ready for rt in self.tasks.values())
-
     def _holders(self, ready: list[TaskRuntime]) -> dict[PairKey, list[Holder]]:
         """Per rollout pair, the tasks that hold it (one, unless keyed by routing key)."""
         out: dict[PairKey, list[Holder]] = {}
@@ -790,10 +809,121 @@ class OutcomesService:
         return out
 
     def _stream(self, holders: list[Holder], ready: list[TaskRuntime]) -> int:
-        """A pair's stream time: its slowest task's (every task when a rollout is spread over
-        all of them: any may still receive its requests)."""
-        tasks = ready if self.config.shared_rollouts else [h.task for h in holders]
-        return min(rt.join.stream_ms for rt in tasks if rt.join is not None)
+        """A pair's stream time: its task's (rollout-keyed: one task holds a rollout)."""
+        return min(h.task.join.stream_ms for h in holders if h.task.join is not None)
+
+    async def _share(self, ready: list[TaskRuntime], now: int, provisional: bool) -> None:
+        """Shared rollouts: each task's partials of the windows its instance has open.
+
+        Per rollout pair and window open in any task here, a task sends a final partial (its
+        accumulator, or an empty one when it has nothing of the window) once its own stream
+        time passes the window's final time, then marks the window final in its store (a task
+        without the pair at all remembers it in memory: after a restart it sends the same
+        empty partial again, which changes nothing). With ``provisional``, a task's mature
+        windows that changed get a provisional partial."""
+        assert self._publisher is not None
+        topic = self.settings.partials_topic_name
+        partition = self._partials_partitions
+        sends: list[Send] = []
+        marks: list[tuple[TaskRuntime, FinalMark]] = []
+        empties: list[tuple[PairKey, int, int]] = []
+        live: set[tuple[PairKey, int]] = set()
+        for key, holders in self._holders(ready).items():
+            settings = holders[0].pair.settings
+            by_task = {h.task.partition: h.pair.id for h in holders}
+            for ws in sorted({ws for h in holders for ws in h.pair.open}):
+                live.add((key, ws))
+                final_at = self.windows.final_at(ws, settings)
+                for rt in ready:
+                    join = rt.join
+                    assert join is not None
+                    pid = by_task.get(rt.partition)
+                    pair = join.pairs.get(pid) if pid is not None else None
+                    held = pair is not None and ws in pair.open
+                    if final_at <= join.stream_ms:
+                        if pair is not None and not held and ws < pair.finalized_through:
+                            continue  # final here already
+                        if pair is None and (key, ws, rt.partition) in self._empty_finals:
+                            continue
+                        status: ReportStatus = "final"
+                    elif (
+                        provisional
+                        and pair is not None
+                        and held
+                        and self.windows.mature_at(ws) <= join.stream_ms
+                        and (pair.id, ws) in join.dirty
+                    ):
+                        status = "provisional"
+                        join.dirty.discard((pair.id, ws))
+                    else:
+                        continue
+                    if held:
+                        assert pair is not None
+                        acc = join.window_accumulator(pair.id, ws)
+                        ranking = join.ranking_window(pair.id, ws)
+                    else:
+                        acc, ranking = self.layout.zeros(), None
+                    part = partial_of(
+                        key,
+                        ws,
+                        ws + self.windows.report_window_ms,
+                        task=rt.partition,
+                        tasks_total=self._partitions,
+                        status=status,
+                        stream_time_ms=join.stream_ms,
+                        final_at_ms=final_at,
+                        label_window_ms=settings.label_window_ms,
+                        missing=settings.missing,
+                        requirement=settings.non_inferiority,
+                        acc=acc,
+                        ranking=ranking,
+                        emitted_at_ms=now,
+                    )
+                    sends.append(
+                        Send(
+                            topic,
+                            _JSON.encode(part),
+                            partial_key(key, ws, rt.partition),
+                            partition=kafka_partition(key.rollout.encode(), partition),
+                        )
+                    )
+                    if status == "final":
+                        if pair is not None:
+                            mark = FinalMark(pair=key, window_start_ms=ws, stream_ms=join.stream_ms)
+                            marks.append((rt, mark))
+                        else:
+                            empties.append((key, ws, rt.partition))
+        if sends:
+            # Acknowledged before any window leaves a store: a crash between the two sends
+            # the same partials again (they replace themselves in the merger).
+            await self._publisher.send_all(sends)
+            self.metrics.partials.inc(len(sends))
+        for rt, mark in marks:
+            if self.tasks.get(rt.partition) is rt and rt.join is not None:
+                await self._mark(rt, mark)
+        self._empty_finals.update(empties)
+        self._empty_finals = {e for e in self._empty_finals if (e[0], e[1]) in live}
+
+    async def _publish_merged(self, out: MergeOutput, now: int) -> None:
+        """What the merge stage says: provisional reports, then per final window its report,
+        the pair's verdict, and last the record that the window is merged (a crash before it
+        merges and publishes the window again: at-least-once, like the reports)."""
+        assert self._publisher is not None
+        for report in out.provisional:
+            await self._publish_report(report, now)
+        for merged in out.final:
+            await self._publish_report(merged.report, now)
+            if merged.verdict is not None:
+                await self._publish_verdict(merged.verdict)
+            rollout = merged.record.rollout
+            await self._publisher.send(
+                Send(
+                    self.settings.partials_topic_name,
+                    _JSON.encode(merged.record),
+                    merged_key(PairKey(*merged.record.key), merged.record.window_start_ms),
+                    partition=kafka_partition(rollout.encode(), self._partials_partitions),
+                )
+            )
 
     def _due(self, ready: list[TaskRuntime]) -> list[tuple[list[Holder], int]]:
         due = []
@@ -1073,8 +1203,8 @@ class OutcomesService:
                 known = consumer.partitions_for_topic(topic)
                 parts, joined = (len(known) if known else None), group_joined(consumer)
             restoring = sorted(p for p, rt in self.tasks.items() if not rt.ready)
-            owned = sorted(self.tasks)
-            split = self.config.shared_rollouts and not restoring and len(owned) != self._partitions
+            merge = self.merge
+            merging = sorted(merge.catching_up) if merge is not None else []
             checks = [
                 assignment_check(assigned, topic, parts, joined),
                 probe.check(),
@@ -1086,13 +1216,14 @@ class OutcomesService:
                     else "every task's store is up to date with its changelog",
                 ),
                 Check(
-                    "tasks_complete",
-                    not split,
-                    f"comparisons are keyed by routing key and this instance owns partitions "
-                    f"{owned} of {self._partitions}: a rollout's windows need every partition "
-                    "in one instance, so nothing is reported; run one sidecar outcomes instance"
-                    if split
-                    else "every rollout's partitions are owned here",
+                    "merge",
+                    not merging,
+                    f"merge stage reading partitions {merging} of "
+                    f"{self.settings.partials_topic_name} back"
+                    if merging
+                    else "the merge stage is up to date"
+                    if merge is not None
+                    else "no merge stage (rollouts are keyed by rollout)",
                 ),
                 tasks_check(self._supervisor.failure),
             ]

@@ -86,6 +86,15 @@ class OutcomesSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     #: internal topics ``<group_id>.by-task`` (outcomes repartitioned like the comparisons)
     #: and ``<group_id>.changelog`` (the store's compacted changelog).
     group_id: str = "sidecar-outcomes"
+    #: Shared rollouts (``topics.comparisons_key = "routing_key"``) only: each task's
+    #: ``QualityPartial`` per rollout pair and window, and the merge stage's
+    #: ``MergedQualityWindow`` records, keyed by rollout (compacted; empty:
+    #: ``<group_id>.partials``). The merge stage is its own consumer group,
+    #: ``<group_id>.merge``, so each rollout is merged by one instance.
+    partials_topic: str = ""
+    #: Merge stage: a window whose tasks have not all sent their final partial this long
+    #: after its first partial is reported final without them (``tasks_missing``).
+    merge_timeout_ms: Annotated[int, Meta(gt=0)] = 60_000
     #: Directory of the RocksDB stores (one per comparison partition). Keep it on a persistent
     #: volume: a restart that finds it replays only the changelog's tail.
     state_dir: str = "sidecar-state/outcomes"
@@ -190,6 +199,14 @@ class OutcomesSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     @property
     def changelog_topic(self) -> str:
         return f"{self.group_id}.changelog"
+
+    @property
+    def partials_topic_name(self) -> str:
+        return self.partials_topic or f"{self.group_id}.partials"
+
+    @property
+    def merge_group(self) -> str:
+        return f"{self.group_id}.merge"
 
     @property
     def router_group(self) -> str:

@@ -1,0 +1,450 @@
+"""Quality windows of a shared rollout on the wire, and their merge (pure: no Kafka).
+
+With ``topics.comparisons_key = "routing_key"`` a rollout's comparisons are spread over every
+partition, so every task holds a share of each of its windows, and any number of ``sidecar
+outcomes`` instances may own the tasks. Each task sends, per rollout pair and window, a
+``QualityPartial`` to ``outcomes.partials_topic`` (compacted, on the partition of the rollout,
+key ``partial/<pair>/<window>/<task>``: a task's final partial replaces its provisional ones):
+provisional ones while the window is mature and changing, and one final one (empty when the
+task has nothing of the window) once the task's stream time passes the window's final time;
+only then does the task mark the window final in its store.
+
+The merge stage (one owner per partition of the partials topic, hence per rollout) keeps the
+latest partial of each task per window (:class:`QualityMerger`): a provisional report when
+the partials changed, the final report when every task's final partial is in (or
+``outcomes.merge_timeout_ms`` after its first partial: ``tasks_missing`` says which were
+not), then the pair's verdict over its final windows. A merged window goes back to the
+partials topic as a ``MergedQualityWindow`` (key ``merged/<pair>/<window>``): rebuilt from
+the topic, the merger counts that window once, from that record, whatever partials of it are
+read again or arrive late.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import msgspec
+import numpy as np
+
+from ..contracts import OUTPUT_SCHEMA_VERSION
+from .quality import FloatArray, Layout
+from .ranking import PairedRankingQuality
+from .report import (
+    Judging,
+    MissingRule,
+    PairKey,
+    QualityReport,
+    QualityRequirement,
+    QualityVerdict,
+    ReportStatus,
+    quality_report,
+    quality_verdict,
+)
+
+
+class QualityPartial(msgspec.Struct, frozen=True, kw_only=True, tag="partial", tag_field="kind"):
+    """One task's share of a rollout pair's quality window (``outcomes.partials_topic``)."""
+
+    rollout: str
+    champion_model: str
+    champion_version: str
+    candidate_model: str
+    candidate_version: str
+    window_start_ms: int
+    window_end_ms: int
+    #: The task (comparison-topic partition) this covers, and how many tasks there are.
+    task: int
+    tasks_total: int
+    #: ``final``: the task's last word on the window (its stream time passed ``final_at_ms``).
+    status: ReportStatus
+    #: The task's stream time when it sent this, and when the window is final.
+    stream_time_ms: int
+    final_at_ms: int
+    #: The judging settings the pair started with (the report's and verdict's).
+    label_window_ms: int
+    missing: MissingRule
+    requirement: QualityRequirement
+    #: The window's quality accumulator, sparse: its size (checked against the merger's
+    #: layout) and the positions and values of its non-zero entries.
+    size: int
+    index: list[int] = []
+    values: list[float] = []
+    #: The window's ranking accumulator (``PairedRankingQuality.to_list()``); null: none.
+    ranking: list[float] | None = None
+    emitted_at_ms: int = 0
+    schema_version: str = OUTPUT_SCHEMA_VERSION
+
+    @property
+    def key(self) -> PairKey:
+        return PairKey(
+            self.rollout,
+            self.champion_model,
+            self.champion_version,
+            self.candidate_model,
+            self.candidate_version,
+        )
+
+
+class MergedQualityWindow(
+    msgspec.Struct, frozen=True, kw_only=True, tag="merged", tag_field="kind"
+):
+    """A window the merge stage reported final (same topic): what it counted, so that a
+    merger rebuilt from the topic counts it once and reports it no more."""
+
+    rollout: str
+    champion_model: str
+    champion_version: str
+    candidate_model: str
+    candidate_version: str
+    window_start_ms: int
+    window_end_ms: int
+    requirement: QualityRequirement
+    size: int
+    index: list[int] = []
+    values: list[float] = []
+    ranking: list[float] | None = None
+    #: Tasks whose final partial was not in when the window was merged (merge timeout).
+    tasks_missing: list[int] = []
+    emitted_at_ms: int = 0
+    schema_version: str = OUTPUT_SCHEMA_VERSION
+
+    @property
+    def key(self) -> PairKey:
+        return PairKey(
+            self.rollout,
+            self.champion_model,
+            self.champion_version,
+            self.candidate_model,
+            self.candidate_version,
+        )
+
+
+PartialsRecord = QualityPartial | MergedQualityWindow
+DECODER = msgspec.json.Decoder(PartialsRecord)
+
+
+def pair_hash(key: PairKey) -> str:
+    return f"{zlib.crc32(repr(tuple(key)).encode()):08x}"
+
+
+def partial_key(key: PairKey, window_start_ms: int, task: int) -> bytes:
+    """Per (pair, window, task): a task's final partial replaces its provisional ones."""
+    return f"partial/{key.rollout}/{pair_hash(key)}/{window_start_ms}/{task}".encode()
+
+
+def merged_key(key: PairKey, window_start_ms: int) -> bytes:
+    return f"merged/{key.rollout}/{pair_hash(key)}/{window_start_ms}".encode()
+
+
+def sparse(acc: FloatArray) -> tuple[list[int], list[float]]:
+    index = np.flatnonzero(acc)
+    return index.tolist(), acc[index].tolist()
+
+
+def dense(layout: Layout, size: int, index: list[int], values: list[float]) -> FloatArray:
+    """The accumulator of a sparse one; ValueError when it is of another layout or malformed
+    (the topic is read like any other: untrusted)."""
+    if size != layout.size:
+        raise ValueError(
+            f"accumulator of {size} values, expected {layout.size}: run every outcomes "
+            "instance with the same [outcomes] bins"
+        )
+    if len(index) != len(values):
+        raise ValueError("accumulator index and values differ in length")
+    acc = layout.zeros()
+    if index:
+        at = np.asarray(index, dtype=np.int64)
+        if at.min() < 0 or at.max() >= size:
+            raise ValueError("accumulator index out of range")
+        acc[at] = values
+    return acc
+
+
+def ranking_of(values: list[float] | None) -> PairedRankingQuality | None:
+    return None if values is None else PairedRankingQuality.from_list(values)
+
+
+def merge_ranking(
+    acc: PairedRankingQuality | None, more: PairedRankingQuality | None
+) -> PairedRankingQuality | None:
+    """Two ranking accumulators merged into a new one (one of another ``k``, after a config
+    change, is left out: its figures are of another k)."""
+    if more is None:
+        return acc
+    if acc is None:
+        return PairedRankingQuality.from_list(more.to_list())
+    return acc.merge(more) if more.k == acc.k else acc
+
+
+def partial_of(
+    key: PairKey,
+    window_start_ms: int,
+    window_end_ms: int,
+    *,
+    task: int,
+    tasks_total: int,
+    status: ReportStatus,
+    stream_time_ms: int,
+    final_at_ms: int,
+    label_window_ms: int,
+    missing: MissingRule,
+    requirement: QualityRequirement,
+    acc: FloatArray,
+    ranking: PairedRankingQuality | None,
+    emitted_at_ms: int,
+) -> QualityPartial:
+    index, values = sparse(acc)
+    return QualityPartial(
+        rollout=key.rollout,
+        champion_model=key.champion_model,
+        champion_version=key.champion_version,
+        candidate_model=key.candidate_model,
+        candidate_version=key.candidate_version,
+        window_start_ms=window_start_ms,
+        window_end_ms=window_end_ms,
+        task=task,
+        tasks_total=tasks_total,
+        status=status,
+        stream_time_ms=stream_time_ms,
+        final_at_ms=final_at_ms,
+        label_window_ms=label_window_ms,
+        missing=missing,
+        requirement=requirement,
+        size=acc.size,
+        index=index,
+        values=values,
+        ranking=None if ranking is None else ranking.to_list(),
+        emitted_at_ms=emitted_at_ms,
+    )
+
+
+@dataclass(slots=True)
+class _Window:
+    """A window of a pair not reported final yet: the latest partial of each task."""
+
+    partials: dict[int, QualityPartial]
+    first_arrival_ms: int
+    total: int
+    #: Partials changed since the last provisional report.
+    changed: bool = True
+
+    def finals(self) -> set[int]:
+        return {t for t, p in self.partials.items() if p.status == "final"}
+
+
+@dataclass(slots=True)
+class _Totals:
+    """A pair's final windows, merged (the verdict's)."""
+
+    acc: FloatArray
+    requirement: QualityRequirement
+    ranking: PairedRankingQuality | None = None
+    windows: int = 0
+    first_start: int | None = None
+    last_end: int | None = None
+
+    def add(
+        self,
+        acc: FloatArray,
+        ranking: PairedRankingQuality | None,
+        start: int,
+        end: int,
+        requirement: QualityRequirement,
+    ) -> None:
+        self.acc += acc
+        self.ranking = merge_ranking(self.ranking, ranking)
+        self.requirement = requirement
+        if acc.any():  # as a task counts its final windows
+            self.windows += 1
+            self.first_start = start if self.first_start is None else min(self.first_start, start)
+            self.last_end = end if self.last_end is None else max(self.last_end, end)
+
+
+@dataclass(slots=True)
+class Merged:
+    """A window merged final: its report, the record that says so (for the partials topic),
+    and the pair's verdict after it (None while no final window had data)."""
+
+    report: QualityReport
+    record: MergedQualityWindow
+    verdict: QualityVerdict | None
+
+
+@dataclass(slots=True)
+class MergeOutput:
+    provisional: list[QualityReport] = field(default_factory=list)
+    final: list[Merged] = field(default_factory=list)
+
+
+class QualityMerger:
+    """Stage 2 of a shared rollout: per pair and window, the latest partial of each task."""
+
+    def __init__(self, layout: Layout, judging: Judging, timeout_ms: int) -> None:
+        self.layout = layout
+        self.judging = judging
+        self.timeout_ms = timeout_ms
+        self._open: dict[tuple[PairKey, int], _Window] = {}
+        #: Windows merged final (from this merger or the topic): later partials are late.
+        self._done: set[tuple[PairKey, int]] = set()
+        self._totals: dict[PairKey, _Totals] = {}
+        #: Partials for windows already merged final: counted, dropped.
+        self.late_partials = 0
+
+    @property
+    def open_windows(self) -> int:
+        return len(self._open)
+
+    def add(self, partial: QualityPartial, now_ms: int) -> None:
+        """Take one partial (any order; read again: it replaces itself). Raises ValueError
+        for one of another layout (before it changes anything)."""
+        dense(self.layout, partial.size, partial.index, partial.values)
+        ranking_of(partial.ranking)
+        if not 0 <= partial.task < partial.tasks_total:
+            raise ValueError(f"partial of task {partial.task} of {partial.tasks_total}")
+        wkey = (partial.key, partial.window_start_ms)
+        if wkey in self._done:
+            self.late_partials += 1
+            return
+        window = self._open.get(wkey)
+        if window is None:
+            window = self._open[wkey] = _Window({}, now_ms, partial.tasks_total)
+        held = window.partials.get(partial.task)
+        if held is not None and held.status == "final" and partial.status != "final":
+            return  # a task's final word stands
+        if held != partial:
+            window.partials[partial.task] = partial
+            window.changed = True
+        window.total = max(window.total, partial.tasks_total)
+
+    def add_merged(self, record: MergedQualityWindow) -> None:
+        """A window merged final before (read back from the topic): count it once."""
+        acc = dense(self.layout, record.size, record.index, record.values)
+        ranking = ranking_of(record.ranking)
+        wkey = (record.key, record.window_start_ms)
+        self._open.pop(wkey, None)
+        if wkey in self._done:
+            return
+        self._done.add(wkey)
+        self._total(record.key, record.requirement).add(
+            acc, ranking, record.window_start_ms, record.window_end_ms, record.requirement
+        )
+
+    def _total(self, key: PairKey, requirement: QualityRequirement) -> _Totals:
+        totals = self._totals.get(key)
+        if totals is None:
+            totals = self._totals[key] = _Totals(self.layout.zeros(), requirement)
+        return totals
+
+    def _merge(self, window: _Window) -> tuple[FloatArray, PairedRankingQuality | None]:
+        acc = self.layout.zeros()
+        ranking: PairedRankingQuality | None = None
+        for task in sorted(window.partials):
+            p = window.partials[task]
+            acc += dense(self.layout, p.size, p.index, p.values)
+            ranking = merge_ranking(ranking, ranking_of(p.ranking))
+        return acc, ranking
+
+    def _report(
+        self, key: PairKey, ws: int, window: _Window, status: ReportStatus, now_ms: int
+    ) -> tuple[QualityReport, FloatArray, PairedRankingQuality | None]:
+        acc, ranking = self._merge(window)
+        latest = max(window.partials.values(), key=lambda p: (p.emitted_at_ms, p.task))
+        report = quality_report(
+            key,
+            ws,
+            latest.window_end_ms,
+            self.layout,
+            acc,
+            status=status,
+            label_window_ms=latest.label_window_ms,
+            missing=latest.missing,
+            stream_time_ms=min(p.stream_time_ms for p in window.partials.values()),
+            final_at_ms=latest.final_at_ms,
+            now_ms=now_ms,
+            judging=self.judging,
+            ranking=ranking,
+        )
+        return report, acc, ranking
+
+    def due(self, now_ms: int, *, provisional: bool) -> MergeOutput:
+        """Windows to report now, oldest first: final ones (every task's final partial in,
+        or the merge timeout passed) and, with ``provisional``, the others whose partials
+        changed since their last report."""
+        out = MergeOutput()
+        for wkey in sorted(self._open, key=lambda k: (k[1], k[0])):
+            key, ws = wkey
+            window = self._open[wkey]
+            finals = window.finals()
+            complete = len(finals) >= window.total
+            if complete or now_ms - window.first_arrival_ms >= self.timeout_ms:
+                out.final.append(self._final(key, ws, window, finals, now_ms))
+            elif provisional and window.changed:
+                report, _, _ = self._report(key, ws, window, "provisional", now_ms)
+                out.provisional.append(report)
+                window.changed = False
+        return out
+
+    def _final(
+        self, key: PairKey, ws: int, window: _Window, finals: set[int], now_ms: int
+    ) -> Merged:
+        del self._open[(key, ws)]
+        self._done.add((key, ws))
+        missing = sorted(set(range(window.total)) - finals)
+        report, acc, ranking = self._report(key, ws, window, "final", now_ms)
+        if missing:
+            report = msgspec.structs.replace(report, tasks_missing=missing)
+        latest = max(window.partials.values(), key=lambda p: (p.emitted_at_ms, p.task))
+        index, values = sparse(acc)
+        record = MergedQualityWindow(
+            rollout=key.rollout,
+            champion_model=key.champion_model,
+            champion_version=key.champion_version,
+            candidate_model=key.candidate_model,
+            candidate_version=key.candidate_version,
+            window_start_ms=ws,
+            window_end_ms=report.window_end_ms,
+            requirement=latest.requirement,
+            size=acc.size,
+            index=index,
+            values=values,
+            ranking=None if ranking is None else ranking.to_list(),
+            tasks_missing=missing,
+            emitted_at_ms=now_ms,
+        )
+        totals = self._total(key, latest.requirement)
+        totals.add(acc, ranking, ws, report.window_end_ms, latest.requirement)
+        return Merged(report, record, self.verdict(key, now_ms))
+
+    def verdict(self, key: PairKey, now_ms: int) -> QualityVerdict | None:
+        """The pair's verdict over its merged final windows (None before one had data)."""
+        totals = self._totals.get(key)
+        if totals is None or totals.first_start is None or totals.last_end is None:
+            return None
+        return quality_verdict(
+            key,
+            self.layout,
+            totals.acc,
+            windows=totals.windows,
+            first_window_start_ms=totals.first_start,
+            last_window_end_ms=totals.last_end,
+            requirement=totals.requirement,
+            now_ms=now_ms,
+            judging=self.judging,
+            ranking=totals.ranking,
+        )
+
+
+__all__ = [
+    "DECODER",
+    "MergeOutput",
+    "Merged",
+    "MergedQualityWindow",
+    "PartialsRecord",
+    "QualityMerger",
+    "QualityPartial",
+    "merge_ranking",
+    "merged_key",
+    "partial_key",
+    "partial_of",
+]

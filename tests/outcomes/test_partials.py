@@ -1,0 +1,240 @@
+"""The merge of a shared rollout's quality partials (pure): whatever the order, duplicates or
+restarts, a window's final report and the pair's verdict are those of the summed
+accumulators, each task's share counted once; a missing task is waited for until the merge
+timeout, then named."""
+
+from __future__ import annotations
+
+import random
+
+import msgspec
+import numpy as np
+import pytest
+
+from sidecar.outcomes.partials import (
+    DECODER,
+    MergedQualityWindow,
+    QualityMerger,
+    QualityPartial,
+    merged_key,
+    partial_key,
+    partial_of,
+)
+from sidecar.outcomes.quality import Costs, FloatArray, Layout, contribution
+from sidecar.outcomes.report import (
+    Judging,
+    PairKey,
+    QualityRequirement,
+    ReportStatus,
+    quality_report,
+    quality_verdict,
+)
+
+LAYOUT = Layout(16, 10, 64)
+JUDGING = Judging(min_pairs=20, min_positives=3, resamples=20)
+KEY = PairKey("fraud-v2", "lr", "1.4.0", "lr", "2.1.0")
+REQ = QualityRequirement(metric="auc", margin=0.05, min_pairs=50)
+WINDOW = 1000
+TASKS = 3
+TIMEOUT = 5_000
+
+
+def accumulator(n: int, seed: int) -> FloatArray:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.2).astype(np.int8)
+    z = rng.normal(size=n) + 1.5 * y
+    p1, p2 = 1 / (1 + np.exp(-(z - 1.5))), 1 / (1 + np.exp(-(1.3 * z - 1.8)))
+    value = np.full(n, np.nan)
+    d1, d2 = (p1 >= 0.3).astype(np.int8), (p2 >= 0.3).astype(np.int8)
+    return contribution(LAYOUT, p1, p2, d1, d2, y, value, Costs())
+
+
+def part(
+    task: int, ws: int, acc: FloatArray | None, status: ReportStatus = "final", at: int = 0
+) -> QualityPartial:
+    return partial_of(
+        KEY,
+        ws,
+        ws + WINDOW,
+        task=task,
+        tasks_total=TASKS,
+        status=status,
+        stream_time_ms=ws + 5 * WINDOW,
+        final_at_ms=ws + 4 * WINDOW,
+        label_window_ms=2 * WINDOW,
+        missing="negative",
+        requirement=REQ,
+        acc=acc if acc is not None else LAYOUT.zeros(),
+        ranking=None,
+        emitted_at_ms=at,
+    )
+
+
+def merger() -> QualityMerger:
+    return QualityMerger(LAYOUT, JUDGING, TIMEOUT)
+
+
+def expected_report(ws: int, acc: FloatArray) -> dict:
+    report = quality_report(
+        KEY,
+        ws,
+        ws + WINDOW,
+        LAYOUT,
+        acc,
+        status="final",
+        label_window_ms=2 * WINDOW,
+        missing="negative",
+        stream_time_ms=0,
+        final_at_ms=ws + 4 * WINDOW,
+        now_ms=0,
+        judging=JUDGING,
+    )
+    return figures_of(report)
+
+
+def figures_of(report: object) -> dict:
+    """A report's or verdict's figures (times of making it left out)."""
+    out = msgspec.to_builtins(report)
+    for name in ("stream_time_ms", "emitted_at_ms", "tasks_missing"):
+        out.pop(name, None)
+    return out
+
+
+# Per window, per task, an accumulator (task 1 has nothing of window 1000: an empty partial).
+ACCS: dict[int, dict[int, FloatArray | None]] = {
+    0: {0: accumulator(300, 1), 1: accumulator(250, 2), 2: accumulator(280, 3)},
+    1000: {0: accumulator(310, 4), 1: None, 2: accumulator(260, 5)},
+}
+
+
+def total(ws: int) -> FloatArray:
+    acc = LAYOUT.zeros()
+    for t in range(TASKS):
+        a = ACCS[ws][t]
+        if a is not None:
+            acc += a
+    return acc
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_partials_in_any_order_with_duplicates_give_the_summed_windows_and_verdict(
+    seed: int,
+) -> None:
+    records: list[QualityPartial] = []
+    for ws, tasks in ACCS.items():
+        for t, acc in tasks.items():
+            if acc is not None:  # provisional shares first (half of it), then the final one
+                records.append(part(t, ws, acc * 0.5, "provisional", at=1))
+            records.append(part(t, ws, acc, "final", at=2))
+    rng = random.Random(seed)
+    records += rng.sample(records, 4)  # redelivered: finals and provisionals again
+    rng.shuffle(records)
+    m = merger()
+    finals = []
+    for r in records:
+        m.add(r, now_ms=10)
+        finals += m.due(10, provisional=True).final
+    by_window = {f.report.window_start_ms: f for f in finals}
+    assert sorted(by_window) == [0, 1000] and len(finals) == 2
+    for ws, f in by_window.items():
+        assert f.report.tasks_missing == []
+        assert figures_of(f.report) == expected_report(ws, total(ws))
+    last = finals[-1].verdict  # after both windows, whichever completed first
+    assert last is not None
+    want = quality_verdict(
+        KEY,
+        LAYOUT,
+        total(0) + total(1000),
+        windows=2,
+        first_window_start_ms=0,
+        last_window_end_ms=2 * WINDOW,
+        requirement=REQ,
+        now_ms=0,
+        judging=JUDGING,
+    )
+    assert figures_of(last) == figures_of(want)
+    assert last.judged_pairs == 300 + 250 + 280 + 310 + 260
+    assert m.open_windows == 0
+
+
+def test_a_missing_task_is_waited_for_until_the_timeout_then_named() -> None:
+    m = merger()
+    m.add(part(0, 0, ACCS[0][0]), now_ms=100)
+    m.add(part(1, 0, ACCS[0][1]), now_ms=200)
+    m.add(part(2, 0, ACCS[0][2], "provisional"), now_ms=300)
+    out = m.due(100 + TIMEOUT - 1, provisional=True)
+    assert out.final == [] and len(out.provisional) == 1
+    assert m.due(100 + TIMEOUT - 1, provisional=True).provisional == []  # nothing changed
+    (merged,) = m.due(100 + TIMEOUT, provisional=True).final
+    assert merged.report.tasks_missing == [2] and merged.record.tasks_missing == [2]
+    assert figures_of(merged.report) == expected_report(0, total(0))  # its provisional share
+    m.add(part(2, 0, ACCS[0][2]), now_ms=TIMEOUT + 500)  # the straggler: late, not counted
+    assert m.late_partials == 1 and m.due(10**9, provisional=True).final == []
+    verdict = m.verdict(KEY, 0)
+    assert verdict is not None and verdict.judged_pairs == 300 + 250 + 280
+
+
+def compact(topic: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """What a compacted topic keeps: the latest record per key, in the order of those."""
+    latest = {key: i for i, (key, _) in enumerate(topic)}
+    return [rec for i, rec in enumerate(topic) if latest[rec[0]] == i]
+
+
+def replay(topic: list[tuple[bytes, bytes]], m: QualityMerger, now: int) -> None:
+    for _, raw in topic:
+        item = DECODER.decode(raw)
+        if isinstance(item, MergedQualityWindow):
+            m.add_merged(item)
+        else:
+            m.add(item, now)
+
+
+@pytest.mark.parametrize("compacted", [False, True])
+def test_a_merger_rebuilt_from_the_topic_counts_each_window_once(compacted: bool) -> None:
+    enc = msgspec.json.encode
+    topic: list[tuple[bytes, bytes]] = []
+
+    def send(p: QualityPartial) -> None:
+        topic.append((partial_key(KEY, p.window_start_ms, p.task), enc(p)))
+
+    first = merger()
+    for t in range(TASKS):  # window 0 complete, window 1000 missing task 2 so far
+        send(part(t, 0, ACCS[0][t], "provisional"))
+        send(part(t, 0, ACCS[0][t]))
+    send(part(0, 1000, ACCS[1000][0]))
+    send(part(1, 1000, None))
+    replay(topic, first, 0)
+    (done,) = first.due(0, provisional=False).final
+    topic.append((merged_key(KEY, 0), enc(done.record)))
+    # A task restarted before its mark: its final partial of window 0 comes again.
+    send(part(1, 0, ACCS[0][1]))
+
+    again = merger()
+    replay(compact(topic) if compacted else topic, again, 50)
+    out = again.due(50, provisional=True)
+    assert out.final == []  # window 0 is not reported again
+    assert [r.window_start_ms for r in out.provisional] == [1000]
+    before = again.verdict(KEY, 0)
+    assert before is not None and figures_of(before) == figures_of(first.verdict(KEY, 0))
+    assert again.late_partials == 1  # the re-sent final partial of window 0
+    again.add(part(2, 1000, ACCS[1000][2]), now_ms=60)
+    (merged,) = again.due(60, provisional=True).final
+    assert merged.report.tasks_missing == []
+    assert figures_of(merged.report) == expected_report(1000, total(1000))
+    assert merged.verdict is not None
+    assert merged.verdict.judged_pairs == 300 + 250 + 280 + 310 + 260
+    assert merged.verdict.windows == 2
+
+
+def test_hostile_partials_are_refused_before_they_change_anything() -> None:
+    m = merger()
+    good = part(0, 0, ACCS[0][0])
+    for bad in (
+        msgspec.structs.replace(good, size=LAYOUT.size + 1),
+        msgspec.structs.replace(good, index=[LAYOUT.size + 5], values=[1.0]),
+        msgspec.structs.replace(good, index=[1, 2], values=[1.0]),
+        msgspec.structs.replace(good, task=7),
+    ):
+        with pytest.raises(ValueError):
+            m.add(bad, 0)
+    assert m.open_windows == 0

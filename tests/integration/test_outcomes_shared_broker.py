@@ -1,0 +1,170 @@
+"""Two ``sidecar outcomes`` instances share a rollout keyed by routing key: each sends its tasks'
+quality partials, one merge stage merges them, and the final reports and the verdict are those
+one instance computes for the same requests keyed by rollout (no merge at all)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from kafka_helpers import create_topics, produce, read_topic
+from outcomes.outcome_support import ROLLOUT, final_reports, outcomes_config, stream
+
+from sidecar.config import SidecarConfig
+from sidecar.outcomes.partials import DECODER, MergedQualityWindow, QualityPartial
+from sidecar.outcomes.report import QualityReport, QualityVerdict
+from sidecar.outcomes.service import OutcomesService
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
+
+N = 3000
+
+
+def figures(obj: Any) -> Any:
+    """A report's or verdict's content, without when and from which stream time it was made."""
+    out = msgspec.to_builtins(obj)
+    for name in ("stream_time_ms", "emitted_at_ms", "final_at_ms", "tasks_missing"):
+        out.pop(name, None)
+    return out
+
+
+def assert_close(got: Any, want: Any, path: str = "") -> None:
+    """Equal, floats to 1e-9 (sums added in another order differ in their last bits)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), path
+        for k in want:
+            assert_close(got[k], want[k], f"{path}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_close(g, w, f"{path}[{i}]")
+    elif isinstance(want, float) and not isinstance(got, bool):
+        assert isinstance(got, float | int), path
+        assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(
+            want, rel=1e-9, abs=1e-12
+        ), f"{path}: {got} != {want}"
+    else:
+        assert got == want, f"{path}: {got!r} != {want!r}"
+
+
+def latest_verdict(*services: OutcomesService) -> QualityVerdict | None:
+    found = [v for s in services if (v := s.verdicts.get(ROLLOUT)) is not None]
+    return max(found, key=lambda v: v.judged_pairs, default=None)
+
+
+async def run_all(services: list[OutcomesService], done: Any, timeout_s: float) -> None:
+    tasks = [asyncio.create_task(s.run()) for s in services]
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not done() and time.monotonic() < deadline:
+            for t in tasks:
+                if t.done():
+                    t.result()
+            await asyncio.sleep(0.1)
+        assert done(), "the outcomes stages did not get there in time"
+    finally:
+        for s in services:
+            s.request_stop()
+        await asyncio.gather(*tasks)
+
+
+async def reference(bootstrap: str, tmp_path: Path, t0: int) -> tuple[dict, QualityVerdict]:
+    """One instance, comparisons keyed by rollout: one task holds the rollout, no merge."""
+    cfg = outcomes_config(bootstrap, tmp_path / "one", outcomes={"max_batch": 1000})
+    await create_topics(cfg)
+    s = stream(N, seed=11, t0=t0)
+    await produce(cfg, s.comparisons, cfg.topics.comparisons)
+    await produce(cfg, s.outcomes, cfg.outcomes.topic)
+    one = OutcomesService(cfg)
+    await run_all([one], lambda: (v := latest_verdict(one)) is not None and v.judged_pairs >= N, 60)
+    verdict = latest_verdict(one)
+    assert verdict is not None
+    return final_reports(list(one.recent)), verdict
+
+
+def with_state(cfg: SidecarConfig, state: Path) -> SidecarConfig:
+    return msgspec.structs.replace(
+        cfg, outcomes=msgspec.structs.replace(cfg.outcomes, state_dir=str(state))
+    )
+
+
+async def test_two_instances_merge_a_shared_rollout_as_one_instance_judges_it(
+    bootstrap: str, tmp_path: Path
+) -> None:
+    t0 = (time.time_ns() // 1_000_000 - 30_000) // 2000 * 2000  # windows aligned to the stream
+    want_finals, want_verdict = await reference(bootstrap, tmp_path, t0)
+
+    cfg = outcomes_config(
+        bootstrap,
+        tmp_path / "a",
+        topics={"comparisons_key": "routing_key"},
+        outcomes={"max_batch": 500, "merge_timeout_ms": 60_000},
+    )
+    await create_topics(cfg)
+    a, b = OutcomesService(cfg), OutcomesService(with_state(cfg, tmp_path / "b"))
+    s = stream(N, seed=11, t0=t0, key_by="routing_key")
+    fed = False
+
+    def both_own_tasks() -> bool:
+        return all(
+            svc.tasks and all(rt.ready for rt in svc.tasks.values())
+            for svc in (a, b)
+        ) and len(a.tasks) + len(b.tasks) == 3
+
+    def done() -> bool:
+        v = latest_verdict(a, b)
+        return fed and v is not None and v.judged_pairs >= N
+
+    runs = [asyncio.create_task(svc.run()) for svc in (a, b)]
+    try:
+        deadline = time.monotonic() + 40
+        while not both_own_tasks() and time.monotonic() < deadline:
+            for t in runs:
+                if t.done():
+                    t.result()
+            await asyncio.sleep(0.1)
+        assert both_own_tasks(), "the two instances did not split the tasks"
+        await produce(cfg, s.comparisons, cfg.topics.comparisons)
+        await produce(cfg, s.outcomes, cfg.outcomes.topic)
+        fed = True
+        deadline = time.monotonic() + 60
+        while not done() and time.monotonic() < deadline:
+            for t in runs:
+                if t.done():
+                    t.result()
+            await asyncio.sleep(0.1)
+        assert done(), "the merged verdict did not count every request in time"
+    finally:
+        for svc in (a, b):
+            svc.request_stop()
+        await asyncio.gather(*runs)
+
+    assert a.applied.comparisons > 0 and b.applied.comparisons > 0  # both did share the work
+    got = final_reports([*a.recent, *b.recent])
+    assert got.keys() == want_finals.keys()
+    for key, report in got.items():
+        assert report.tasks_missing == [], key
+        assert_close(figures(report), figures(want_finals[key]), str(key))
+    verdict = latest_verdict(a, b)
+    assert verdict is not None
+    assert_close(figures(verdict), figures(want_verdict), "verdict")
+    # What the topics hold: the same, and each window merged once from every task's partial.
+    reports = [
+        msgspec.json.decode(r.value, type=QualityReport)
+        for r in await read_topic(bootstrap, cfg.outcomes.quality_topic, idle_s=1)
+    ]
+    assert final_reports(reports).keys() == want_finals.keys()
+    records = [
+        DECODER.decode(r.value)
+        for r in await read_topic(bootstrap, cfg.outcomes.partials_topic_name, idle_s=1)
+        if r.value and r.key and not r.key.endswith(b"barrier")
+    ]
+    merged = [r for r in records if isinstance(r, MergedQualityWindow)]
+    assert sorted(r.window_start_ms for r in merged) == sorted(k[3] for k in want_finals)
+    finals = {(r.window_start_ms, r.task) for r in records if isinstance(r, QualityPartial)}
+    assert {t for _, t in finals} == {0, 1, 2}

@@ -12,8 +12,8 @@ only then does the task mark the window final in its store.
 The merge stage (one owner per partition of the partials topic, hence per rollout) keeps the
 latest partial of each task per window (:class:`QualityMerger`): a provisional report when
 the partials changed, the final report when every task's final partial is in (or
-``outcomes.merge_timeout_ms`` after its first partial: ``tasks_missing`` says which were
-not), then the pair's verdict over its final windows. A merged window goes back to the
+``outcomes.merge_timeout_ms`` after its first final partial: ``tasks_missing`` says which
+were not), then the pair's verdict over its final windows. A merged window goes back to the
 partials topic as a ``MergedQualityWindow`` (key ``merged/<pair>/<window>``): rebuilt from
 the topic, the merger counts that window once, from that record, whatever partials of it are
 read again or arrive late.
@@ -224,8 +224,10 @@ class _Window:
     """A window of a pair not reported final yet: the latest partial of each task."""
 
     partials: dict[int, QualityPartial]
-    first_arrival_ms: int
     total: int
+    #: When the first final partial arrived (the merge timeout runs from it: provisional
+    #: partials may come for days before a window is final).
+    first_final_ms: int | None = None
     #: Partials changed since the last provisional report.
     changed: bool = True
 
@@ -308,13 +310,15 @@ class QualityMerger:
             return
         window = self._open.get(wkey)
         if window is None:
-            window = self._open[wkey] = _Window({}, now_ms, partial.tasks_total)
+            window = self._open[wkey] = _Window({}, partial.tasks_total)
         held = window.partials.get(partial.task)
         if held is not None and held.status == "final" and partial.status != "final":
             return  # a task's final word stands
         if held != partial:
             window.partials[partial.task] = partial
             window.changed = True
+        if partial.status == "final" and window.first_final_ms is None:
+            window.first_final_ms = now_ms
         window.total = max(window.total, partial.tasks_total)
 
     def add_merged(self, record: MergedQualityWindow) -> None:
@@ -377,7 +381,10 @@ class QualityMerger:
             window = self._open[wkey]
             finals = window.finals()
             complete = len(finals) >= window.total
-            if complete or now_ms - window.first_arrival_ms >= self.timeout_ms:
+            waited = window.first_final_ms is not None and (
+                now_ms - window.first_final_ms >= self.timeout_ms
+            )
+            if complete or waited:
                 out.final.append(self._final(key, ws, window, finals, now_ms))
             elif provisional and window.changed:
                 report, _, _ = self._report(key, ws, window, "provisional", now_ms)

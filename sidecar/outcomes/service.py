@@ -9,6 +9,10 @@
                                  +-> QualityReport (provisional / final) -> quality topic
                                  +-> guards on final reports -> signed commands -> control topic
                                  +-> QualityVerdict per final window -> verdicts topic
+                                 (comparisons keyed by routing key: each task's
+                                  QualityPartial -> <g>.partials -> merge stage (group
+                                  <g>.merge, one per rollout) -> reports, guards, verdicts;
+                                  see ``partials`` and ``merge_stage``)
 
 A *task* is one partition number: partition p of the comparisons topic and of ``<g>.by-task``
 (the consumer group uses the range assignor, which gives a member the same partition numbers

@@ -111,10 +111,10 @@ async def test_two_instances_merge_a_shared_rollout_as_one_instance_judges_it(
     fed = False
 
     def both_own_tasks() -> bool:
-        return all(
-            svc.tasks and all(rt.ready for rt in svc.tasks.values())
-            for svc in (a, b)
-        ) and len(a.tasks) + len(b.tasks) == 3
+        return (
+            all(svc.tasks and all(rt.ready for rt in svc.tasks.values()) for svc in (a, b))
+            and len(a.tasks) + len(b.tasks) == 3
+        )
 
     def done() -> bool:
         v = latest_verdict(a, b)

@@ -159,11 +159,13 @@ def test_partials_in_any_order_with_duplicates_give_the_summed_windows_and_verdi
 
 def test_a_missing_task_is_waited_for_until_the_timeout_then_named() -> None:
     m = merger()
+    m.add(part(0, 0, ACCS[0][0], "provisional"), now_ms=0)  # days before: no timeout yet
+    assert m.due(10 * TIMEOUT, provisional=False).final == []
     m.add(part(0, 0, ACCS[0][0]), now_ms=100)
     m.add(part(1, 0, ACCS[0][1]), now_ms=200)
     m.add(part(2, 0, ACCS[0][2], "provisional"), now_ms=300)
     out = m.due(100 + TIMEOUT - 1, provisional=True)
-    assert out.final == [] and len(out.provisional) == 1
+    assert out.final == [] and len(out.provisional) == 1  # from the first final partial on
     assert m.due(100 + TIMEOUT - 1, provisional=True).provisional == []  # nothing changed
     (merged,) = m.due(100 + TIMEOUT, provisional=True).final
     assert merged.report.tasks_missing == [2] and merged.record.tasks_missing == [2]

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 
 from ..contracts import OUTPUT_SCHEMA_VERSION
 from .quality import FloatArray, Layout
@@ -157,6 +158,8 @@ def dense(layout: Layout, size: int, index: list[int], values: list[float]) -> F
         at = np.asarray(index, dtype=np.int64)
         if at.min() < 0 or at.max() >= size:
             raise ValueError("accumulator index out of range")
+        if np.unique(at).size != at.size:
+            raise ValueError("accumulator index repeats a position")
         acc[at] = values
     return acc
 
@@ -220,10 +223,36 @@ def partial_of(
 
 
 @dataclass(slots=True)
+class _Share:
+    """A task's partial as the merger holds it: its fields, its accumulator's non-zero entries
+    as numpy arrays (12 bytes an entry, not a Python float and int each: a merge stage may hold
+    thousands of windows of a long label window)."""
+
+    meta: QualityPartial  # without its index and values
+    index: npt.NDArray[np.int32]
+    values: npt.NDArray[np.float64]
+
+    @classmethod
+    def of(cls, partial: QualityPartial) -> _Share:
+        return cls(
+            msgspec.structs.replace(partial, index=[], values=[]),
+            np.asarray(partial.index, dtype=np.int32),
+            np.asarray(partial.values, dtype=np.float64),
+        )
+
+    def same(self, other: _Share) -> bool:
+        return (
+            self.meta == other.meta
+            and np.array_equal(self.index, other.index)
+            and np.array_equal(self.values, other.values)
+        )
+
+
+@dataclass(slots=True)
 class _Window:
     """A window of a pair not reported final yet: the latest partial of each task."""
 
-    partials: dict[int, QualityPartial]
+    partials: dict[int, _Share]
     total: int
     #: When the first final partial arrived (the merge timeout runs from it: provisional
     #: partials may come for days before a window is final).
@@ -232,7 +261,7 @@ class _Window:
     changed: bool = True
 
     def finals(self) -> set[int]:
-        return {t for t, p in self.partials.items() if p.status == "final"}
+        return {t for t, p in self.partials.items() if p.meta.status == "final"}
 
 
 @dataclass(slots=True)
@@ -312,10 +341,11 @@ class QualityMerger:
         if window is None:
             window = self._open[wkey] = _Window({}, partial.tasks_total)
         held = window.partials.get(partial.task)
-        if held is not None and held.status == "final" and partial.status != "final":
+        if held is not None and held.meta.status == "final" and partial.status != "final":
             return  # a task's final word stands
-        if held != partial:
-            window.partials[partial.task] = partial
+        share = _Share.of(partial)
+        if held is None or not held.same(share):
+            window.partials[partial.task] = share
             window.changed = True
         if partial.status == "final" and window.first_final_ms is None:
             window.first_final_ms = now_ms
@@ -345,15 +375,15 @@ class QualityMerger:
         ranking: PairedRankingQuality | None = None
         for task in sorted(window.partials):
             p = window.partials[task]
-            acc += dense(self.layout, p.size, p.index, p.values)
-            ranking = merge_ranking(ranking, ranking_of(p.ranking))
+            acc[p.index] += p.values
+            ranking = merge_ranking(ranking, ranking_of(p.meta.ranking))
         return acc, ranking
 
     def _report(
         self, key: PairKey, ws: int, window: _Window, status: ReportStatus, now_ms: int
     ) -> tuple[QualityReport, FloatArray, PairedRankingQuality | None]:
         acc, ranking = self._merge(window)
-        latest = max(window.partials.values(), key=lambda p: (p.emitted_at_ms, p.task))
+        latest = max((p.meta for p in window.partials.values()), key=_recency)
         report = quality_report(
             key,
             ws,
@@ -363,7 +393,7 @@ class QualityMerger:
             status=status,
             label_window_ms=latest.label_window_ms,
             missing=latest.missing,
-            stream_time_ms=min(p.stream_time_ms for p in window.partials.values()),
+            stream_time_ms=min(p.meta.stream_time_ms for p in window.partials.values()),
             final_at_ms=latest.final_at_ms,
             now_ms=now_ms,
             judging=self.judging,
@@ -401,7 +431,7 @@ class QualityMerger:
         report, acc, ranking = self._report(key, ws, window, "final", now_ms)
         if missing:
             report = msgspec.structs.replace(report, tasks_missing=missing)
-        latest = max(window.partials.values(), key=lambda p: (p.emitted_at_ms, p.task))
+        latest = max((p.meta for p in window.partials.values()), key=_recency)
         index, values = sparse(acc)
         record = MergedQualityWindow(
             rollout=key.rollout,
@@ -440,6 +470,10 @@ class QualityMerger:
             judging=self.judging,
             ranking=totals.ranking,
         )
+
+
+def _recency(p: QualityPartial) -> tuple[int, int]:
+    return p.emitted_at_ms, p.task
 
 
 __all__ = [

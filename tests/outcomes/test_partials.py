@@ -235,6 +235,7 @@ def test_hostile_partials_are_refused_before_they_change_anything() -> None:
         msgspec.structs.replace(good, size=LAYOUT.size + 1),
         msgspec.structs.replace(good, index=[LAYOUT.size + 5], values=[1.0]),
         msgspec.structs.replace(good, index=[1, 2], values=[1.0]),
+        msgspec.structs.replace(good, index=[3, 3], values=[1.0, 2.0]),
         msgspec.structs.replace(good, task=7),
     ):
         with pytest.raises(ValueError):

@@ -17,7 +17,7 @@ from outcomes.outcome_support import ROLLOUT, final_reports, outcomes_config, st
 
 from sidecar.config import SidecarConfig
 from sidecar.outcomes.partials import DECODER, MergedQualityWindow, QualityPartial
-from sidecar.outcomes.report import QualityReport, QualityVerdict
+from sidecar.outcomes.report import PairKey, QualityReport, QualityVerdict
 from sidecar.outcomes.service import OutcomesService
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
@@ -129,8 +129,19 @@ async def test_two_instances_merge_a_shared_rollout_as_one_instance_judges_it(
                     t.result()
             await asyncio.sleep(0.1)
         assert both_own_tasks(), "the two instances did not split the tasks"
-        await produce(cfg, s.comparisons, cfg.topics.comparisons)
+        # Outcomes first, held by their tasks before the comparisons come: this history is
+        # 30 s old, so comparisons of its later windows move stream time past the earlier
+        # windows at once, and a router heartbeat from just before the outcomes were written
+        # ("routed to the end") would let them be final without their outcomes.
         await produce(cfg, s.outcomes, cfg.outcomes.topic)
+        deadline = time.monotonic() + 30
+        while sum(svc.applied.orphaned for svc in (a, b)) < len(s.outcomes):
+            assert time.monotonic() < deadline, "the outcomes did not reach their tasks"
+            for t in runs:
+                if t.done():
+                    t.result()
+            await asyncio.sleep(0.1)
+        await produce(cfg, s.comparisons, cfg.topics.comparisons)
         fed = True
         deadline = time.monotonic() + 60
         while not done() and time.monotonic() < deadline:
@@ -168,3 +179,24 @@ async def test_two_instances_merge_a_shared_rollout_as_one_instance_judges_it(
     assert sorted(r.window_start_ms for r in merged) == sorted(k[3] for k in want_finals)
     finals = {(r.window_start_ms, r.task) for r in records if isinstance(r, QualityPartial)}
     assert {t for _, t in finals} == {0, 1, 2}
+    # A new instance alone (the others gone, no store) rebuilds the merge from the topic: it
+    # reports no window again and holds the same verdict.
+    c = OutcomesService(with_state(cfg, tmp_path / "c"))
+
+    def rebuilt() -> bool:
+        m = c.merge
+        return m is not None and bool(m.assignment) and m.ready and m.merged_read >= len(merged)
+
+    await run_all([c], rebuilt, 40)
+    assert c.merge is not None and c.merge.merger.open_windows == 0
+    assert [r for r in c.recent if r.status == "final"] == []
+    key = PairKey(
+        verdict.rollout,
+        verdict.champion_model,
+        verdict.champion_version,
+        verdict.candidate_model,
+        verdict.candidate_version,
+    )
+    again = c.merge.merger.verdict(key, 0)
+    assert again is not None
+    assert_close(figures(again), figures(verdict), "rebuilt verdict")

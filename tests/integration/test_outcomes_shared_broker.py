@@ -183,12 +183,17 @@ async def test_two_instances_merge_a_shared_rollout_as_one_instance_judges_it(
     # reports no window again and holds the same verdict.
     c = OutcomesService(with_state(cfg, tmp_path / "c"))
 
-    def rebuilt() -> bool:
+    since: list[float] = []
+
+    def rebuilt() -> bool:  # and then a second and a half more (anything due would be out)
         m = c.merge
-        return m is not None and bool(m.assignment) and m.ready and m.merged_read >= len(merged)
+        if not since and m is not None and m.assignment and m.ready:
+            since.append(time.monotonic())
+        return bool(since) and time.monotonic() - since[0] > 1.5
 
     await run_all([c], rebuilt, 40)
     assert c.merge is not None and c.merge.merger.open_windows == 0
+    assert c.merge.merged_read >= len(merged)
     assert [r for r in c.recent if r.status == "final"] == []
     key = PairKey(
         verdict.rollout,

@@ -29,6 +29,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import signal
 import time
 import zlib
@@ -68,12 +69,12 @@ from ..kafka import (
     topic_partitions,
 )
 from ..timefmt import utc_window
-from ..untrusted import error_text
+from ..untrusted import clip, error_text, printable
 from .build_pool import BuildPool
 from .chunks import ChangelogRecord, ExpireMark, FinalMark, InputChunk, decode, encode
 from .decode import ChunkBuilder, Skipped
 from .heartbeat import RouterHeartbeat, heartbeat_of, outcomes_bound
-from .join import ApplyStats, JoinTask, PairRecord, Windows, stream_bound
+from .join import MAX_PAIRS, MAX_ROLLOUTS, ApplyStats, JoinTask, PairRecord, Windows, stream_bound
 from .metrics import OutcomesMetrics
 from .publish import Publisher, Send
 from .ranking import PairedRankingQuality
@@ -96,6 +97,8 @@ _JSON = msgspec.json.Encoder()
 ISSUER = "outcomes"
 #: Reports kept in memory for callers (the demo's panel); older ones are only on the topic.
 RECENT_REPORTS = 256
+#: Comparisons left out for naming too many rollout pairs are logged at most this often.
+REFUSED_LOG_S = 60.0
 COMMAND_ACTIONS = ("rollback", "pause")
 
 
@@ -274,6 +277,7 @@ class OutcomesService:
         self.verdict_commands: collections.deque[ControlCommand] = collections.deque(maxlen=64)
         self.subscribers: list[Callable[[QualityReport | QualityVerdict], None]] = []
         self.applied = ApplyStats()
+        self._refused_logged = -math.inf
         #: ``time.monotonic()`` when the first input records were applied (the benchmark).
         self.first_input_at: float | None = None
 
@@ -705,6 +709,22 @@ class OutcomesService:
             m.late.labels(rollout).inc(n)
         for rollout, n in stats.joined.items():
             m.joined.labels(rollout).inc(n)
+        if stats.refused:
+            m.skipped.labels("comparisons", "too_many_pairs").inc(stats.refused)
+            if time.monotonic() - self._refused_logged >= REFUSED_LOG_S:
+                self._refused_logged = time.monotonic()
+                pair = stats.refused_pair
+                log.warning(
+                    "%d comparisons left out: a task holds at most %d rollout pairs and %d "
+                    "rollouts, and they name more (e.g. %s). Is something writing made-up "
+                    "rollout names or versions to %s? Counted in "
+                    'sidecar_outcomes_skipped{reason="too_many_pairs"}',
+                    stats.refused,
+                    MAX_PAIRS,
+                    MAX_ROLLOUTS,
+                    printable(clip(repr(tuple(pair)) if pair is not None else "?", 300)),
+                    self.config.topics.comparisons,
+                )
 
     async def _mark(self, rt: TaskRuntime, record: FinalMark | ExpireMark) -> None:
         assert rt.join is not None and self._publisher is not None

@@ -19,6 +19,7 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ..config import SidecarConfig
+from ..contracts import DeadLetterKind
 from ..kafka import RebalanceListener, new_consumer, stop_quietly
 from ..untrusted import error_text
 from .commits import SafeCommitter
@@ -32,6 +33,8 @@ _DECODER = msgspec.json.Decoder(WindowPartial)
 
 #: Publishes merged reports (and runs the guards on them): the service's ``_publish``.
 Publish = Callable[[list[WindowReport], int], Awaitable[None]]
+#: Dead-letters records with their kind and reason.
+DeadLetter = Callable[[list[tuple[Any, DeadLetterKind, str]]], Awaitable[None]]
 
 
 class MergeStage:
@@ -43,8 +46,10 @@ class MergeStage:
         publish: Publish,
         clock: Callable[[], int],
         metrics: AggregateMetrics,
+        dead_letter: DeadLetter | None = None,
     ) -> None:
         self.config = config
+        self._dead_letter = dead_letter
         self.settings = config.aggregate
         self._publish = publish
         self._clock = clock
@@ -101,6 +106,7 @@ class MergeStage:
         """One poll of partial records (possibly none): merge, report, commit."""
         now = self._clock()
         reports: list[WindowReport] = []
+        refused: list[tuple[Any, DeadLetterKind, str]] = []
         for record in records:
             try:
                 partial = _DECODER.decode(record.value)
@@ -115,11 +121,19 @@ class MergeStage:
                     record.offset,
                     error_text(exc),
                 )
+                kind: DeadLetterKind = (
+                    "decode" if isinstance(exc, msgspec.DecodeError) else "schema"
+                )
+                if isinstance(exc, msgspec.ValidationError):
+                    kind = "schema"
+                refused.append((record, kind, f"not a usable WindowPartial: {error_text(exc)}"))
                 continue
             self.partials += 1
             self.late_partials += result.late_partials
             reports += result.reports
         reports += self.merger.tick(now)
+        if refused and self._dead_letter is not None:
+            await self._dead_letter(refused)
         if reports:
             await self._publish(reports, now)
         self._commits.applied({r.partition: r.offset + 1 for r in records})

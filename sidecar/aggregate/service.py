@@ -287,6 +287,7 @@ class AggregatorService:
                 lambda reports, now: self._publish(reports, [], now),
                 self._clock,
                 self.metrics,
+                lambda refused: self._send_all(self._dead_letters(refused)),
             )
             await self.merge.start()
 

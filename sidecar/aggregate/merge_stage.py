@@ -22,6 +22,7 @@ from ..config import SidecarConfig
 from ..contracts import DeadLetterKind
 from ..kafka import RebalanceListener, new_consumer, stop_quietly
 from ..untrusted import error_text
+from .admission import Admission
 from .commits import SafeCommitter
 from .metrics import AggregateMetrics
 from .partials import PartialMerger, WindowPartial
@@ -47,9 +48,11 @@ class MergeStage:
         clock: Callable[[], int],
         metrics: AggregateMetrics,
         dead_letter: DeadLetter | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.config = config
         self._dead_letter = dead_letter
+        self._admission = admission
         self.settings = config.aggregate
         self._publish = publish
         self._clock = clock
@@ -110,6 +113,11 @@ class MergeStage:
         for record in records:
             try:
                 partial = _DECODER.decode(record.value)
+                admission = self._admission
+                if admission is not None and not admission.admit(partial.key):
+                    admission.refused += 1
+                    refused.append((record, "out_of_range", admission.reason(partial.key)))
+                    continue
                 result = self.merger.add(partial, (record.partition, record.offset), now)
             except Exception as exc:  # untrusted, like every topic: skip it, never stop
                 self.undecodable += 1

@@ -88,7 +88,7 @@ from .report import (
     quality_verdict,
 )
 from .router import OutcomeRouter
-from .store import Store, cache_advice
+from .store import Store, StoreError, cache_advice
 
 log = logging.getLogger(__name__)
 
@@ -571,7 +571,9 @@ class OutcomesService:
     ) -> ApplyStats | None:
         """Apply one changelog record (``record``: already decoded from ``raw``); a record that
         cannot be read or applied is skipped, logged and counted: a stage that stopped on it
-        would stop on it again at every restart."""
+        would stop on it again at every restart. A store that cannot be written (a full
+        disk) stops the stage instead: the record is not at fault, and a restart once the
+        disk is fixed applies it."""
         if record is None:
             try:
                 record = decode(raw or b"")
@@ -588,6 +590,8 @@ class OutcomesService:
                 return None
         try:
             return join.apply(record, offset)
+        except StoreError:
+            raise  # the disk, not the record: skipping would lose the record for good
         except Exception:
             log.exception(
                 "%s[%d] offset %d could not be applied; skipped",

@@ -226,3 +226,35 @@ def test_the_sidecars_last_advance_names_its_candidate() -> None:
     )
     last = tick(s, T0 + 200_000, 10, config=config, candidate_version="1.2.0")
     assert last is not None and last.new_state.mode is Mode.PROMOTED
+
+
+def test_an_instance_names_its_candidate_and_says_when_another_was_promoted(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The plane's advances name the candidate it runs (its heartbeat's, else its config's);
+    applying a promotion of another version (a deploy under way) is logged as an error."""
+    from control_helpers import control_config
+
+    from sidecar.control import ModelHealth
+    from sidecar.control.plane import ControlPlane
+    from sidecar.routing import PolicyHolder, RoutingPolicy
+
+    cfg = control_config("unused:9092", tmp_path)
+    assert cfg.models.candidate is not None
+    holder = PolicyHolder(RoutingPolicy(rollout=cfg.rollout.name))
+    plane = ControlPlane(cfg, holder, "i1")
+    assert plane.candidate_version() == cfg.models.candidate.version
+    running = [ModelHealth(arm="candidate", model="m", version="7.0.0")]
+    plane = ControlPlane(cfg, holder, "i1", models=lambda: running)
+    assert plane.candidate_version() == "7.0.0"
+
+    s = initial_state(cfg.rollout.name, now_ms=T0)
+    for named, logged in (("7.0.0", False), ("8.0.0", True), (None, False)):
+        cmd = make("promote", rollout=cfg.rollout.name, candidate_version=named)
+        out = apply_at(s, cmd, T0)
+        assert isinstance(out, Applied)
+        caplog.clear()
+        plane._lifecycle(s, out)
+        assert (
+            "promoted candidate 8.0.0, but this instance runs candidate 7.0.0" in caplog.text
+        ) is (logged)

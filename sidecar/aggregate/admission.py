@@ -5,9 +5,9 @@ model and version) grows with the number of distinct pairs it has seen: window k
 first-seen times, reference histograms per model version, guard state, and Prometheus series
 per rollout (dozens each). The comparisons and partials topics are written by others too, so
 made-up names in every record would grow them all without bound. An aggregator therefore takes
-at most ``MAX_ROLLOUTS`` distinct rollouts and ``MAX_GROUPS`` distinct pairs over its life
-(the configured ``rollout.name`` always gets a rollout slot); records of any pair beyond them
-are dead-lettered with the reason, and a restart starts the count afresh.
+at most ``aggregate.max_rollouts`` distinct rollouts and ``max_rollout_pairs`` distinct pairs
+over its life (the configured ``rollout.name`` always gets a rollout slot); records of any pair
+beyond them are dead-lettered with the reason, and a restart starts the count afresh.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import numpy.typing as npt
 
 from .batch import ComparisonBatch, GroupKey
 
-#: Distinct rollouts an aggregator keeps state for (over its life).
-MAX_ROLLOUTS = 16
+#: Distinct rollouts an aggregator keeps state for (over its life), by default
+#: (``aggregate.max_rollouts``).
+MAX_ROLLOUTS = 64
 #: Distinct rollout pairs (rollout, both models and versions) it keeps state for: a rollout
-#: makes a new pair at every promotion or new candidate version.
-MAX_GROUPS = 256
+#: makes a new pair at every promotion or new candidate version (``aggregate.max_rollout_pairs``).
+MAX_GROUPS = 1_024
 
 
 class Admission:
@@ -77,7 +78,8 @@ class Admission:
     def reason(self, key: GroupKey) -> str:
         return (
             f"rollout pair beyond what an aggregator keeps state for ({self.max_rollouts} "
-            f"rollouts, {self.max_groups} rollout/model/version pairs since it started; "
+            f"rollouts, {self.max_groups} rollout/model/version pairs since it started: "
+            "aggregate.max_rollouts, max_rollout_pairs; "
             f"{len(self._rollouts)} rollouts and {len(self._groups)} pairs taken): is something "
             "writing made-up rollout names or versions? Restart the aggregator to start afresh"
         )

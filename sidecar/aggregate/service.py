@@ -164,7 +164,9 @@ class AggregatorService:
         self.shared = config.shared_rollouts
         self.manager = self._new_manager()
         #: Rollout pairs taken (a bound on per-pair state and per-rollout metric series).
-        self.admission = Admission(config.rollout.name)
+        self.admission = Admission(
+            config.rollout.name, self.settings.max_rollouts, self.settings.max_rollout_pairs
+        )
         self.merge: MergeStage | None = None
         self._decoder = ComparisonDecoder()
         self._pool: DecodePool | None = None

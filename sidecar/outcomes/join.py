@@ -109,13 +109,14 @@ MAX_ORPHAN_OUTCOMES = 8
 #: store's bloom filters answer (memory stays bounded whatever the unmatched outcomes).
 MAX_ORPHAN_IDS = 100_000
 #: Most rollout pairs (rollout, champion and candidate model and version) a task holds, and
-#: most distinct rollouts among them. The comparisons topic is written by others too: made-up
+#: most distinct rollouts among them, by default (``outcomes.max_pairs_per_task``,
+#: ``max_rollouts_per_task``). The comparisons topic is written by others too: made-up
 #: rollout names or versions would otherwise grow the task's pairs (memory, store, reports,
 #: metric labels) without bound, and every outcome is looked up under every rollout of its
 #: task. A comparison of a new pair beyond either limit is left out and counted
 #: (``ApplyStats.refused``; the service logs it and counts it as skipped, ``too_many_pairs``).
-MAX_PAIRS = 256
-MAX_ROLLOUTS = 16
+MAX_PAIRS = 1_024
+MAX_ROLLOUTS = 64
 #: An outcome dated more than this before its request is outside the request's label window
 #: (``outside_window``), like one after it: the clocks of two systems disagree by less, and
 #: an outcome dated in seconds instead of milliseconds is decades early.
@@ -426,8 +427,12 @@ class JoinTask:
         judging: Judging,
         *,
         max_label_window_ms: int,
+        max_pairs: int = MAX_PAIRS,
+        max_rollouts: int = MAX_ROLLOUTS,
     ) -> None:
         self.store = store
+        self.max_pairs = max_pairs
+        self.max_rollouts = max_rollouts
         self.task = task
         self.layout = layout
         self.windows = windows
@@ -524,13 +529,13 @@ class JoinTask:
 
     def _pair_id(self, spec_key: PairKey, settings: RolloutQuality, batch: Batch) -> int:
         """The id of the pair ``spec_key`` (a new one when it is new), or -1 when a new pair
-        would exceed ``MAX_PAIRS`` or ``MAX_ROLLOUTS``."""
+        would exceed ``max_pairs`` or ``max_rollouts``."""
         pid = self._by_key.get(spec_key)
         if pid is not None:
             return pid
         rollouts = self.rollouts
-        if len(self.pairs) >= MAX_PAIRS or (
-            spec_key.rollout not in rollouts and len(rollouts) >= MAX_ROLLOUTS
+        if len(self.pairs) >= self.max_pairs or (
+            spec_key.rollout not in rollouts and len(rollouts) >= self.max_rollouts
         ):
             return -1
         pid = self.meta.next_pair

@@ -74,7 +74,7 @@ from .build_pool import BuildPool
 from .chunks import ChangelogRecord, ExpireMark, FinalMark, InputChunk, decode, encode
 from .decode import ChunkBuilder, Skipped
 from .heartbeat import RouterHeartbeat, heartbeat_of, outcomes_bound
-from .join import MAX_PAIRS, MAX_ROLLOUTS, ApplyStats, JoinTask, PairRecord, Windows, stream_bound
+from .join import ApplyStats, JoinTask, PairRecord, Windows, stream_bound
 from .metrics import OutcomesMetrics
 from .publish import Publisher, Send
 from .ranking import PairedRankingQuality
@@ -522,6 +522,8 @@ class OutcomesService:
             self.windows,
             self.judging,
             max_label_window_ms=s.max_label_window_ms(),
+            max_pairs=s.max_pairs_per_task,
+            max_rollouts=s.max_rollouts_per_task,
         )
 
     async def _replay(self, join: JoinTask, p: int, end: int) -> int:
@@ -720,12 +722,13 @@ class OutcomesService:
                 pair = stats.refused_pair
                 log.warning(
                     "%d comparisons left out: a task holds at most %d rollout pairs and %d "
-                    "rollouts, and they name more (e.g. %s). Is something writing made-up "
-                    "rollout names or versions to %s? Counted in "
+                    "rollouts (outcomes.max_pairs_per_task, max_rollouts_per_task), and they "
+                    "name more (e.g. %s). Is something writing made-up rollout names or "
+                    "versions to %s? Counted in "
                     'sidecar_outcomes_skipped{reason="too_many_pairs"}',
                     stats.refused,
-                    MAX_PAIRS,
-                    MAX_ROLLOUTS,
+                    self.settings.max_pairs_per_task,
+                    self.settings.max_rollouts_per_task,
                     printable(clip(repr(tuple(pair)) if pair is not None else "?", 300)),
                     self.config.topics.comparisons,
                 )

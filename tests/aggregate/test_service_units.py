@@ -24,7 +24,7 @@ from sidecar.aggregate.actions import (
     guard_verdict,
     is_guard_command,
 )
-from sidecar.aggregate.admission import MAX_GROUPS, MAX_ROLLOUTS, Admission
+from sidecar.aggregate.admission import Admission
 from sidecar.aggregate.batch import GroupKey
 from sidecar.aggregate.ingest import ingest
 from sidecar.aggregate.replay import Bound, Replayer, check_range, format_result, parse_bound
@@ -323,13 +323,21 @@ def test_verdicts_are_paced_but_a_change_or_a_new_epoch_goes_out_at_once() -> No
 async def test_made_up_rollout_names_are_dead_lettered_not_kept_for_ever() -> None:
     """Every made-up rollout (or version) on the comparisons topic used to become window
     keys, references, guard state and a few dozen Prometheus series, for the life of the
-    process. Beyond ``MAX_ROLLOUTS``/``MAX_GROUPS`` such records are refused with a reason
-    (dead letters), and the real rollout's windows count exactly its own records."""
+    process. Beyond ``aggregate.max_rollouts``/``max_rollout_pairs`` such records are refused
+    with a reason (dead letters), and the real rollout's windows count exactly its own
+    records."""
+    max_rollouts, max_groups = 16, 256
     cfg = config_from_dict(
         {
             "models": MODELS,
             "rollout": {"name": "fraud-v2"},
-            "aggregate": {"dry_run": True, "window_ms": 1_000, "allowed_lateness_ms": 0},
+            "aggregate": {
+                "dry_run": True,
+                "window_ms": 1_000,
+                "allowed_lateness_ms": 0,
+                "max_rollouts": max_rollouts,
+                "max_rollout_pairs": max_groups,
+            },
         }
     )
     service = AggregatorService(cfg)
@@ -351,15 +359,15 @@ async def test_made_up_rollout_names_are_dead_lettered_not_kept_for_ever() -> No
             service = AggregatorService(cfg)  # the check above took some pairs: start afresh
         await service.process(recs)
     rollouts = {k.rollout for k in service.manager._key_list}
-    assert len(rollouts) <= MAX_ROLLOUTS and len(service.manager._key_list) <= MAX_GROUPS
+    assert len(rollouts) <= max_rollouts and len(service.manager._key_list) <= max_groups
     series = {
         s.labels["rollout"]
         for metric in service.metrics.registry.collect()
         for s in metric.samples
         if "rollout" in s.labels
     }
-    assert "fraud-v2" in series and len(series) <= MAX_ROLLOUTS
-    assert service.admission.refused >= 6 * 120 - MAX_GROUPS
+    assert "fraud-v2" in series and len(series) <= max_rollouts
+    assert service.admission.refused >= 6 * 120 - max_groups
     real = [r for r in service.reports if r.rollout == "fraud-v2" and r.candidate.version == "2"]
     assert [r.counts.records for r in real] == [50] * len(real) and len(real) >= 4
 

@@ -155,9 +155,9 @@ def add_ctl_parser(sub: Any) -> None:
             p.add_argument(
                 "--candidate-version",
                 metavar="VERSION",
-                help="the candidate version promoted; with control.promote_gate = quality the "
-                "quality verdict must be about it (default: the version the live instances "
-                "report, else models.candidate.version of --config)",
+                help="the candidate version promoted (audited); with control.promote_gate = "
+                "quality the quality verdict must be about it (default: models.candidate.version "
+                "of --config; with the quality gate, the version the live instances report)",
             )
         if action in ("deprecate", "sunset"):
             p.add_argument("version", metavar="VERSION", help="the older output version, e.g. v1")
@@ -303,8 +303,12 @@ async def run_ctl(args: argparse.Namespace) -> int:
 
 
 async def _running_candidate(cfg: SidecarConfig, trust: TrustStore, rollout: str) -> str | None:
-    """The candidate version a ``promote`` names when ``--candidate-version`` is not given."""
+    """The candidate version a ``promote`` names when ``--candidate-version`` is not given:
+    the config's, or, when a quality gate will check it, the one the live instances report
+    (reading their heartbeats takes a replay of the control topic)."""
     configured = cfg.models.candidate.version if cfg.models.candidate is not None else None
+    if cfg.control.promote_gate != "quality":
+        return configured
     return candidate_to_promote(await load_view(cfg, trust), rollout, configured)
 
 

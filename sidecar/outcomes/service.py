@@ -30,6 +30,7 @@ import collections
 import contextlib
 import logging
 import signal
+import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -272,6 +273,9 @@ class OutcomesService:
         self.applied = ApplyStats()
         #: ``time.monotonic()`` when the first input records were applied (the benchmark).
         self.first_input_at: float | None = None
+        #: Per task, polls fetched but not yet applied (its inputs are not read to their end
+        #: while any is: see :meth:`_read_to_end`).
+        self._unapplied: collections.Counter[int] = collections.Counter()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -597,46 +601,71 @@ class OutcomesService:
     async def _loop(self) -> None:
         """Poll, turn each task's records into changelog chunks, write them, apply them.
 
-        With a build helper (``outcomes.decode_processes``) a poll's chunks are built there
-        while this loop writes and applies the previous poll's: a task's polls are still
-        written and applied in order, one at a time. A poll built for a task that was
-        revoked (or restored again) meanwhile is dropped unwritten: its records are read
-        again from the offsets the store holds."""
+        Polls are pipelined: while one poll's chunks are written to the changelog (a broker
+        round trip) and applied, the next poll is fetched and built (in this loop, or in the
+        build helper with ``outcomes.decode_processes``). Polls are still written and applied
+        one at a time, in order, each followed by the periodic work (:meth:`_tick`), all under
+        the lock (never beside a rebalance). A poll built for a task that was revoked (or
+        restored again) meanwhile is dropped unwritten: its records are read again from the
+        offsets the store holds. On stop, the poll being written is finished first."""
         consumer = self._consumer
         assert consumer is not None
         s = self.settings
         comparisons = self._topics[0]
-        previous: list[PollOf] = []
+        writing: asyncio.Task[None] | None = None
+        built: list[PollOf] = []
         try:
             while not self._stopping.is_set():
                 polled = await consumer.getmany(
                     timeout_ms=s.fetch_timeout_ms, max_records=s.max_batch
                 )
-                async with self._lock:
-                    # Per task, its poll of each input (getmany gives one list per
-                    # partition: used as it is, not copied).
-                    work: dict[int, list[list[Any]]] = {}
-                    for tp, records in polled.items():
-                        rt = self.tasks.get(tp.partition)
-                        if rt is None or not rt.ready:
-                            continue  # fetched before the pause: re-read after the restore
-                        inputs = work.setdefault(tp.partition, [[], []])
-                        inputs[0 if tp.topic == comparisons else 1] = records
-                    current = [self._build(self.tasks[p], c, o) for p, (c, o) in work.items()]
-                    if self._pool is None or not self._pool.alive:
-                        for poll in [*previous, *current]:
-                            await self._write(poll)
-                        previous = []
-                    else:
-                        for poll in previous:
-                            await self._write(poll)
-                        previous = current
-                    await self._tick()
+                # Per task, its poll of each input (getmany gives one list per partition:
+                # used as it is, not copied).
+                work: dict[int, list[list[Any]]] = {}
+                for tp, records in polled.items():
+                    rt = self.tasks.get(tp.partition)
+                    if rt is None or not rt.ready:
+                        continue  # fetched before the pause: re-read after the restore
+                    inputs = work.setdefault(tp.partition, [[], []])
+                    inputs[0 if tp.topic == comparisons else 1] = records
+                built = [self._build(self.tasks[p], c, o) for p, (c, o) in work.items()]
+                for poll in built:
+                    self._unapplied[poll.task.partition] += 1
+                if writing is not None:
+                    await asyncio.wait([writing])  # not cancelled with this loop
+                    writing.result()  # its error stops the stage
+                writing, built = asyncio.create_task(self._write_polls(built)), []
         finally:
-            for poll in previous:  # never written: read again from the stores' offsets
+            self._dropped(built)  # never handed to a writer: read again from the offsets
+            if writing is not None:
+                # The poll in flight is applied (or fails) before the stores close.
+                await asyncio.wait([writing])
+                if not writing.cancelled() and writing.exception() is not None:
+                    log.debug("outcomes: last write failed: %s", writing.exception())
+                    if sys.exc_info()[0] is None:
+                        writing.result()
+
+    async def _write_polls(self, polls: list[PollOf]) -> None:
+        """Write and apply ``polls`` in order, then the periodic work (under the lock)."""
+        try:
+            async with self._lock:
+                while polls:
+                    await self._write(polls[0])
+                    self._dropped(polls[:1], cancel=False)
+                    del polls[0]
+                await self._tick()
+        finally:
+            self._dropped(polls)
+
+    def _dropped(self, polls: list[PollOf], *, cancel: bool = True) -> None:
+        """``polls`` are no longer waiting to be applied (written, or dropped unwritten)."""
+        for poll in polls:
+            if cancel:
                 poll.built.cancel()
-            with contextlib.suppress(BaseException):
-                await asyncio.gather(*(poll.built for poll in previous), return_exceptions=True)
+            p = poll.task.partition
+            self._unapplied[p] -= 1
+            if self._unapplied[p] <= 0:
+                del self._unapplied[p]
 
     def _build(self, rt: TaskRuntime, comps: list[Any], outs: list[Any]) -> PollOf:
         """Start building a task's poll into changelog chunks (in the helper, else now)."""
@@ -763,8 +792,8 @@ class OutcomesService:
         if consumer is None:
             return False
         tp = TopicPartition(topic, partition)
-        if tp not in consumer.assignment():
-            return False
+        if tp not in consumer.assignment() or self._unapplied.get(partition):
+            return False  # not ours, or records fetched to the end are not applied yet
         high = consumer.highwater(tp)
         return high is not None and await consumer.position(tp) >= high
 

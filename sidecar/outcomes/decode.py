@@ -190,10 +190,13 @@ class ChunkBuilder:
                 input_ms={"c": a.stream_ms, "o": b.stream_ms},
             )
             raw = encode(both)
-            if len(raw) <= max_bytes:  # the usual poll: one chunk, one changelog record
+            built = [(both, raw)]  # the usual poll: one chunk, one changelog record
+            if len(raw) > max_bytes:  # too big together: each input apart, if it fits
+                built = [(a, encode(a)), (b, encode(b))]
+            if all(len(r) <= max_bytes for _, r in built):
                 for key, n in trial.counts.items():
                     skipped.add(*key, n)
-                return [(both, raw)]
+                return built
         out: list[tuple[InputChunk, bytes]] = []
         for records, make in ((comparisons, self._comparisons), (outcomes, self._outcomes)):
             for start in range(0, len(records), MAX_CHUNK_ROWS):

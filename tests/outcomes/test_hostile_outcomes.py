@@ -213,3 +213,23 @@ def test_comparisons_of_several_rollout_pairs_name_their_pair() -> None:
     keys = [(p.rollout, p.candidate_version) for p in chunk.pairs]
     assert keys == [("fraud-v2", "2.0.0"), ("fraud-v2", "3.0.0"), ("other", "2.0.0")]
     assert comparison_arrays(chunk.comparisons)["pair"].tolist() == [0, 1, 0, 2]
+
+
+def test_a_poll_too_big_for_one_record_together_is_one_chunk_per_input() -> None:
+    """A poll's comparisons and outcomes go in one chunk; when that is too big but each
+    input fits alone, they are its two chunks (built once: skipped records counted once)."""
+    comparisons = [ENC.encode(valid_comparison(i)) for i in range(40)] + [b"{"]
+    outcomes = [ENC.encode(valid_outcome(i)) for i in range(40)]
+    c_recs = [Rec(v, offset=i) for i, v in enumerate(comparisons)]
+    o_recs = [Rec(v, offset=i) for i, v in enumerate(outcomes)]
+    skipped = Skipped()
+    ((one, raw),) = ChunkBuilder(SETTINGS).build(0, c_recs, o_recs, NOW, skipped)
+    assert skipped.counts == {("comparisons", "undecodable"): 1}
+    limit = len(raw) - 1
+    skipped = Skipped()
+    chunks = ChunkBuilder(SETTINGS).build(0, c_recs, o_recs, NOW, skipped, max_bytes=limit)
+    assert skipped.counts == {("comparisons", "undecodable"): 1}
+    assert [c.offsets for c, _ in chunks] == [{"c": (0, 41)}, {"o": (0, 40)}]
+    assert all(len(r) <= limit and decode(r) == c for c, r in chunks)
+    assert chunks[0][0].comparisons == one.comparisons
+    assert chunks[1][0].outcomes == one.outcomes

@@ -601,13 +601,13 @@ class OutcomesService:
     async def _loop(self) -> None:
         """Poll, turn each task's records into changelog chunks, write them, apply them.
 
-        Polls are pipelined: while one poll's chunks are written to the changelog (a broker
-        round trip) and applied, the next poll is fetched and built (in this loop, or in the
-        build helper with ``outcomes.decode_processes``). Polls are still written and applied
-        one at a time, in order, each followed by the periodic work (:meth:`_tick`), all under
-        the lock (never beside a rebalance). A poll built for a task that was revoked (or
-        restored again) meanwhile is dropped unwritten: its records are read again from the
-        offsets the store holds. On stop, the poll being written is finished first."""
+        With a build helper (``outcomes.decode_processes``) polls are pipelined: while one
+        poll's chunks are written to the changelog (a broker round trip) and applied, the next
+        poll is fetched and built in the helper. Polls are written and applied one at a time,
+        in order, each followed by the periodic work (:meth:`_tick`), all under the lock (never
+        beside a rebalance). A poll built for a task that was revoked (or restored again)
+        meanwhile is dropped unwritten: its records are read again from the offsets the store
+        holds. On stop, the poll being written is finished first."""
         consumer = self._consumer
         assert consumer is not None
         s = self.settings
@@ -635,6 +635,10 @@ class OutcomesService:
                     await asyncio.wait([writing])  # not cancelled with this loop
                     writing.result()  # its error stops the stage
                 writing, built = asyncio.create_task(self._write_polls(built)), []
+                if self._pool is None or not self._pool.alive:
+                    # Built here: fetching and building the next poll beside this one's apply
+                    # (a thread holding the GIL) measured slower than one after the other.
+                    await asyncio.wait([writing])
         finally:
             self._dropped(built)  # never handed to a writer: read again from the offsets
             if writing is not None:

@@ -30,7 +30,6 @@ import collections
 import contextlib
 import logging
 import signal
-import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -273,8 +272,9 @@ class OutcomesService:
         self.applied = ApplyStats()
         #: ``time.monotonic()`` when the first input records were applied (the benchmark).
         self.first_input_at: float | None = None
-        #: Per task, polls fetched but not yet applied (its inputs are not read to their end
-        #: while any is: see :meth:`_read_to_end`).
+        #: Per task, polls fetched but not applied yet (with a build helper, the poll built
+        #: while the previous one is applied): its inputs are not read to their end while
+        #: any is (see :meth:`_read_to_end`).
         self._unapplied: collections.Counter[int] = collections.Counter()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -601,71 +601,56 @@ class OutcomesService:
     async def _loop(self) -> None:
         """Poll, turn each task's records into changelog chunks, write them, apply them.
 
-        With a build helper (``outcomes.decode_processes``) polls are pipelined: while one
-        poll's chunks are written to the changelog (a broker round trip) and applied, the next
-        poll is fetched and built in the helper. Polls are written and applied one at a time,
-        in order, each followed by the periodic work (:meth:`_tick`), all under the lock (never
-        beside a rebalance). A poll built for a task that was revoked (or restored again)
-        meanwhile is dropped unwritten: its records are read again from the offsets the store
-        holds. On stop, the poll being written is finished first."""
+        With a build helper (``outcomes.decode_processes``) a poll's chunks are built there
+        while this loop writes and applies the previous poll's: a task's polls are still
+        written and applied in order, one at a time. A poll built for a task that was
+        revoked (or restored again) meanwhile is dropped unwritten: its records are read
+        again from the offsets the store holds. (Fetching the next poll while one is applied
+        was measured too: in one process the two only contend for the GIL, and it was
+        slower.)"""
         consumer = self._consumer
         assert consumer is not None
         s = self.settings
         comparisons = self._topics[0]
-        writing: asyncio.Task[None] | None = None
-        built: list[PollOf] = []
+        previous: list[PollOf] = []
+        todo: list[PollOf] = []
         try:
             while not self._stopping.is_set():
                 polled = await consumer.getmany(
                     timeout_ms=s.fetch_timeout_ms, max_records=s.max_batch
                 )
-                # Per task, its poll of each input (getmany gives one list per partition:
-                # used as it is, not copied).
-                work: dict[int, list[list[Any]]] = {}
-                for tp, records in polled.items():
-                    rt = self.tasks.get(tp.partition)
-                    if rt is None or not rt.ready:
-                        continue  # fetched before the pause: re-read after the restore
-                    inputs = work.setdefault(tp.partition, [[], []])
-                    inputs[0 if tp.topic == comparisons else 1] = records
-                built = [self._build(self.tasks[p], c, o) for p, (c, o) in work.items()]
-                for poll in built:
-                    self._unapplied[poll.task.partition] += 1
-                if writing is not None:
-                    await asyncio.wait([writing])  # not cancelled with this loop
-                    writing.result()  # its error stops the stage
-                writing, built = asyncio.create_task(self._write_polls(built)), []
-                if self._pool is None or not self._pool.alive:
-                    # Built here: fetching and building the next poll beside this one's apply
-                    # (a thread holding the GIL) measured slower than one after the other.
-                    await asyncio.wait([writing])
+                async with self._lock:
+                    # Per task, its poll of each input (getmany gives one list per
+                    # partition: used as it is, not copied).
+                    work: dict[int, list[list[Any]]] = {}
+                    for tp, records in polled.items():
+                        rt = self.tasks.get(tp.partition)
+                        if rt is None or not rt.ready:
+                            continue  # fetched before the pause: re-read after the restore
+                        inputs = work.setdefault(tp.partition, [[], []])
+                        inputs[0 if tp.topic == comparisons else 1] = records
+                    current = [self._build(self.tasks[p], c, o) for p, (c, o) in work.items()]
+                    for poll in current:
+                        self._unapplied[poll.task.partition] += 1
+                    if self._pool is None or not self._pool.alive:
+                        todo, previous = [*previous, *current], []
+                    else:
+                        todo, previous = previous, current
+                    while todo:
+                        await self._write(todo[0])
+                        self._dropped([todo.pop(0)])
+                    await self._tick()
         finally:
-            self._dropped(built)  # never handed to a writer: read again from the offsets
-            if writing is not None:
-                # The poll in flight is applied (or fails) before the stores close.
-                await asyncio.wait([writing])
-                if not writing.cancelled() and writing.exception() is not None:
-                    log.debug("outcomes: last write failed: %s", writing.exception())
-                    if sys.exc_info()[0] is None:
-                        writing.result()
+            left = [*todo, *previous]  # never written: read again from the stores' offsets
+            self._dropped(left)
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(*(poll.built for poll in left), return_exceptions=True)
 
-    async def _write_polls(self, polls: list[PollOf]) -> None:
-        """Write and apply ``polls`` in order, then the periodic work (under the lock)."""
-        try:
-            async with self._lock:
-                while polls:
-                    await self._write(polls[0])
-                    self._dropped(polls[:1], cancel=False)
-                    del polls[0]
-                await self._tick()
-        finally:
-            self._dropped(polls)
-
-    def _dropped(self, polls: list[PollOf], *, cancel: bool = True) -> None:
-        """``polls`` are no longer waiting to be applied (written, or dropped unwritten)."""
+    def _dropped(self, polls: list[PollOf]) -> None:
+        """``polls`` are no longer in hand (applied, or dropped unwritten: their builds are
+        cancelled, which does nothing to a finished one)."""
         for poll in polls:
-            if cancel:
-                poll.built.cancel()
+            poll.built.cancel()
             p = poll.task.partition
             self._unapplied[p] -= 1
             if self._unapplied[p] <= 0:

@@ -7,7 +7,7 @@ done here, column by column with comprehensions, and nowhere else.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from operator import attrgetter
 from typing import Annotated, Literal, NamedTuple, Protocol
 
@@ -126,6 +126,13 @@ class ComparisonBatch:
             self.out_of_range_sets,
             None if self.kinds is None else self.kinds.take(idx),
         )
+
+    def with_used_keys(self) -> ComparisonBatch:
+        """The same rows with a key table of only the keys they use (after a ``take`` that
+        left some keys without rows: the window manager registers every key of the table)."""
+        used, code = np.unique(self.key_code, return_inverse=True)
+        keys = tuple(self.keys[i] for i in used.tolist())
+        return replace(self, keys=keys, key_code=code.astype(self.key_code.dtype))
 
 
 class _ErrorLike(Protocol):

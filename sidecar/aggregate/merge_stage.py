@@ -19,8 +19,10 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ..config import SidecarConfig
+from ..contracts import DeadLetterKind
 from ..kafka import RebalanceListener, new_consumer, stop_quietly
 from ..untrusted import error_text
+from .admission import Admission
 from .commits import SafeCommitter
 from .metrics import AggregateMetrics
 from .partials import PartialMerger, WindowPartial
@@ -32,6 +34,8 @@ _DECODER = msgspec.json.Decoder(WindowPartial)
 
 #: Publishes merged reports (and runs the guards on them): the service's ``_publish``.
 Publish = Callable[[list[WindowReport], int], Awaitable[None]]
+#: Dead-letters records with their kind and reason.
+DeadLetter = Callable[[list[tuple[Any, DeadLetterKind, str]]], Awaitable[None]]
 
 
 class MergeStage:
@@ -43,8 +47,12 @@ class MergeStage:
         publish: Publish,
         clock: Callable[[], int],
         metrics: AggregateMetrics,
+        dead_letter: DeadLetter | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.config = config
+        self._dead_letter = dead_letter
+        self._admission = admission
         self.settings = config.aggregate
         self._publish = publish
         self._clock = clock
@@ -101,9 +109,15 @@ class MergeStage:
         """One poll of partial records (possibly none): merge, report, commit."""
         now = self._clock()
         reports: list[WindowReport] = []
+        refused: list[tuple[Any, DeadLetterKind, str]] = []
         for record in records:
             try:
                 partial = _DECODER.decode(record.value)
+                admission = self._admission
+                if admission is not None and not admission.admit(partial.key):
+                    admission.refused += 1
+                    refused.append((record, "out_of_range", admission.reason(partial.key)))
+                    continue
                 result = self.merger.add(partial, (record.partition, record.offset), now)
             except Exception as exc:  # untrusted, like every topic: skip it, never stop
                 self.undecodable += 1
@@ -115,11 +129,19 @@ class MergeStage:
                     record.offset,
                     error_text(exc),
                 )
+                kind: DeadLetterKind = (
+                    "decode" if isinstance(exc, msgspec.DecodeError) else "schema"
+                )
+                if isinstance(exc, msgspec.ValidationError):
+                    kind = "schema"
+                refused.append((record, kind, f"not a usable WindowPartial: {error_text(exc)}"))
                 continue
             self.partials += 1
             self.late_partials += result.late_partials
             reports += result.reports
         reports += self.merger.tick(now)
+        if refused and self._dead_letter is not None:
+            await self._dead_letter(refused)
         if reports:
             await self._publish(reports, now)
         self._commits.applied({r.partition: r.offset + 1 for r in records})

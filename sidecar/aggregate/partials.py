@@ -28,7 +28,7 @@ from .config import AggregatorConfig
 from .kinds import KindsPartial
 from .references import References
 from .report import ClosedBy, OffsetRange, WindowReport
-from .window import WindowAggregate, _ArmState, _count_mode
+from .window import WindowAggregate, _ArmState, _count_feature, _count_mode
 
 
 class ArmPartial(msgspec.Struct, frozen=True, kw_only=True):
@@ -179,8 +179,26 @@ def partial_of(
     )
 
 
+#: More partitions than any comparisons topic has: a partial claiming more is refused (the
+#: merge stage would wait for, and list as missing, every one of them).
+MAX_PARTITIONS = 65_536
+
+
 def aggregate_of(partial: WindowPartial, config: AggregatorConfig) -> WindowAggregate:
-    """The ``WindowAggregate`` a partial was made from (without its dedupe set)."""
+    """The ``WindowAggregate`` a partial was made from (without its dedupe set). Raises
+    ``ValueError`` for a partial no aggregator of these settings makes (the partials topic
+    is untrusted like any other)."""
+    if not 0 <= partial.partition < partial.partitions_total <= MAX_PARTITIONS:
+        raise ValueError(
+            f"partial claims partition {partial.partition} of {partial.partitions_total} "
+            f"(at most {MAX_PARTITIONS} partitions)"
+        )
+    size = config.window_spec().size_ms
+    if partial.window_end_ms - partial.window_start_ms != size:
+        raise ValueError(
+            f"partial window [{partial.window_start_ms}, {partial.window_end_ms}) is not "
+            f"{size} ms long: run every instance with the same [aggregate] settings and version"
+        )
     agg = WindowAggregate(partial.key, partial.window_start_ms, partial.window_end_ms, config)
     if len(partial.served) != 3 or len(partial.paired) != 4:
         raise ValueError("partial has a malformed served or paired table")
@@ -192,7 +210,8 @@ def aggregate_of(partial: WindowPartial, config: AggregatorConfig) -> WindowAggr
     agg.offsets = {o.partition: (o.first, o.last) for o in partial.offsets}
     agg.min_ts, agg.max_ts = partial.min_ts_ms, partial.max_ts_ms
     agg.out_of_range = partial.out_of_range
-    agg.out_of_range_features = dict(partial.out_of_range_features)
+    for name, count in partial.out_of_range_features.items():
+        _count_feature(agg.out_of_range_features, name, count)  # bounded, like a window's own
     policy = agg.policy
     if (partial.policy_epoch_min is None) != (partial.policy_epoch_max is None):
         raise ValueError("partial has only one of policy_epoch_min and policy_epoch_max")
@@ -211,14 +230,33 @@ def aggregate_of(partial: WindowPartial, config: AggregatorConfig) -> WindowAggr
     agg.batches.load(partial.batch_champion_ms, partial.batch_candidate_ms)
     if partial.kinds is not None:
         agg._kind_state().load(partial.kinds)
+    counters = (
+        agg.records, agg.duplicates, agg.late, agg.out_of_range, agg.champion.hist.nan,
+        agg.champion.hist.missing, agg.candidate.hist.nan, agg.candidate.hist.missing,
+        agg.champion.latency.missing, agg.candidate.latency.missing, agg.champion.decided,
+        agg.candidate.decided, policy.champion_decides, policy.candidate_fallbacks,
+    )  # fmt: skip
+    tables = (
+        agg.served, agg.table, agg.failures.counts, agg.champion.hist.counts,
+        agg.candidate.hist.counts, agg.champion.latency.counts, agg.candidate.latency.counts,
+        agg.champion.errors, agg.candidate.errors,
+    )  # fmt: skip
+    named = (*agg.out_of_range_features.values(), *policy.modes.values())
+    if (
+        min(counters) < 0
+        or min(named, default=0) < 0
+        or any(t.size and t.min() < 0 for t in tables)
+    ):
+        raise ValueError("partial has negative counts")
     return agg
 
 
 @dataclass(slots=True)
 class _Pending:
-    """A window waiting for the partials of every comparison partition."""
+    """A window waiting for the partials of every comparison partition (each kept as the
+    aggregate it was checked into on arrival)."""
 
-    partials: dict[int, WindowPartial]
+    partials: dict[int, WindowAggregate]
     total: int
     first_arrival_ms: int
     #: Partials-topic (partition, offset) of each partial held, for safe commits.
@@ -233,7 +271,14 @@ class MergeResult:
 
 
 class PartialMerger:
-    """Stage 2: collects ``WindowPartial``s per window, merges and reports complete windows."""
+    """Stage 2: collects ``WindowPartial``s per window, merges and reports complete windows.
+
+    Each partial is checked on arrival (:func:`aggregate_of`): one that raises changes
+    nothing (it neither replaces a good partial nor takes its window down with it at the
+    merge). At most ``max_open_windows`` windows wait at once (made-up rollout names could
+    otherwise hold any number): past it the oldest is reported early (``closed_by =
+    "capacity"``), as stage 1 does.
+    """
 
     def __init__(self, config: AggregatorConfig, timeout_ms: int) -> None:
         self.config = config
@@ -253,19 +298,33 @@ class PartialMerger:
         wkey = (partial.key, partial.window_start_ms)
         if wkey in self._done:
             return MergeResult([], late_partials=1)
+        agg = aggregate_of(partial, self.config)  # raises before anything changes
         if partial.min_ts_ms is not None:
-            seen = self._first_seen.get(partial.key)
-            if seen is None or partial.min_ts_ms < seen:
-                self._first_seen[partial.key] = partial.min_ts_ms
+            seen = self._first_seen.pop(partial.key, None)
+            self._first_seen[partial.key] = (
+                partial.min_ts_ms if seen is None else min(seen, partial.min_ts_ms)
+            )
+            while len(self._first_seen) > self._limit:
+                del self._first_seen[next(iter(self._first_seen))]
         pending = self._pending.get(wkey)
         if pending is None:
             pending = self._pending[wkey] = _Pending({}, partial.partitions_total, now_ms)
-        pending.partials[partial.partition] = partial  # a re-delivered partial replaces itself
+        pending.partials[partial.partition] = agg  # a re-delivered partial replaces itself
         pending.positions[partial.partition] = position
         pending.total = max(pending.total, partial.partitions_total)
+        reports = []
         if len(pending.partials) >= pending.total:
-            return MergeResult([self._report(wkey, now_ms, "watermark")])
-        return MergeResult([])
+            reports.append(self._report(wkey, now_ms, "watermark"))
+        while len(self._pending) > self._limit:
+            oldest = min(
+                self._pending, key=lambda k: (self._pending[k].first_arrival_ms, *_order(k))
+            )
+            reports.append(self._report(oldest, now_ms, "capacity"))
+        return MergeResult(reports)
+
+    @property
+    def _limit(self) -> int:
+        return max(self.config.max_open_windows, 1)
 
     def tick(self, now_ms: int) -> list[WindowReport]:
         """Report windows whose partials stopped coming (``merge_timeout``), oldest first."""
@@ -284,10 +343,10 @@ class PartialMerger:
 
     def _report(self, wkey: tuple[GroupKey, int], now_ms: int, closed_by: ClosedBy) -> WindowReport:
         pending = self._pending.pop(wkey)
-        partials = iter(sorted(pending.partials.values(), key=lambda p: p.partition))
-        merged = aggregate_of(next(partials), self.config)
-        for partial in partials:
-            merged.merge(aggregate_of(partial, self.config))
+        parts = iter(agg for _, agg in sorted(pending.partials.items()))
+        merged = next(parts)
+        for agg in parts:
+            merged.merge(agg)
         self._done[wkey] = None
         while len(self._done) > max(self.config.max_open_windows, 1):
             del self._done[next(iter(self._done))]
@@ -306,6 +365,7 @@ def _order(wkey: tuple[GroupKey, int]) -> tuple[int, GroupKey]:
 
 
 __all__ = [
+    "MAX_PARTITIONS",
     "ArmPartial",
     "MergeResult",
     "PartialMerger",

@@ -58,6 +58,7 @@ from ..kafka import (
 )
 from ..timefmt import utc_window
 from .actions import COMMAND_ACTIONS, VerdictPacer, commanding, guard_command, guard_verdict
+from .admission import Admission
 from .commits import SafeCommitter
 from .decode_pool import DecodePool
 from .guards import GuardEngine, GuardEvent, GuardReset
@@ -162,6 +163,10 @@ class AggregatorService:
         #: partials for the merge stage instead of reports (see ``partials``).
         self.shared = config.shared_rollouts
         self.manager = self._new_manager()
+        #: Rollout pairs taken (a bound on per-pair state and per-rollout metric series).
+        self.admission = Admission(
+            config.rollout.name, self.settings.max_rollouts, self.settings.max_rollout_pairs
+        )
         self.merge: MergeStage | None = None
         self._decoder = ComparisonDecoder()
         self._pool: DecodePool | None = None
@@ -287,6 +292,8 @@ class AggregatorService:
                 lambda reports, now: self._publish(reports, [], now),
                 self._clock,
                 self.metrics,
+                lambda refused: self._send_all(self._dead_letters(refused)),
+                self.admission,
             )
             await self.merge.start()
 
@@ -440,7 +447,7 @@ class AggregatorService:
             n = len(got.records) + got.undecodable
             self.consumed += n
             self.metrics.consumed.inc(n)
-            got = self._without_future(got, now)
+            got = self._admitted(self._without_future(got, now))
             if got.rejected:
                 self.metrics.undecodable.inc(len(got.rejected))
                 log.warning(
@@ -465,6 +472,27 @@ class AggregatorService:
         if got is not None:  # only now: a poll that failed above is never committed
             self._commits.applied(got.next_offsets)
         await self._commit(force=bool(reports))
+
+    def _admitted(self, got: Ingested) -> Ingested:
+        """``got`` less the records of rollout pairs beyond what the aggregator keeps state
+        for (:mod:`.admission`; they join ``got.rejected``)."""
+        refused = self.admission.refused_rows(got.batch)
+        if refused is None:
+            return got
+        keys, codes = got.batch.keys, got.batch.key_code
+        rejected = got.rejected + [
+            (got.records[i], "out_of_range", self.admission.reason(keys[int(codes[i])]))
+            for i in np.flatnonzero(refused).tolist()
+        ]
+        keep = np.flatnonzero(~refused)
+        records = [got.records[i] for i in keep.tolist()]
+        return Ingested(
+            got.batch.take(keep).with_used_keys(),
+            records,
+            got.undecodable,
+            got.next_offsets,
+            rejected,
+        )
 
     def _without_future(self, got: Ingested, now: int) -> Ingested:
         """``got`` less the records dated beyond ``aggregate.max_future_ms`` from now (they

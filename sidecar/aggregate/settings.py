@@ -95,6 +95,13 @@ class AggregateSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     merge_timeout_ms: Annotated[int, Meta(gt=0)] = 10_000
     #: Most windows open at once; past it the oldest close early (``closed_by="capacity"``).
     max_open_windows: Annotated[int, Meta(ge=1)] = 1_000
+    #: Most rollouts, and most rollout pairs (rollout, both models and versions: a new one at
+    #: every candidate version), an aggregator takes over its life: a bound on state and
+    #: metric series when something writes made-up names to the comparisons or partials
+    #: topics. Records of others are dead-lettered with the reason (``rollout.name`` always
+    #: keeps a slot); a restart starts the count afresh.
+    max_rollouts: Annotated[int, Meta(ge=1)] = 64
+    max_rollout_pairs: Annotated[int, Meta(ge=1)] = 1_024
     #: Most comparison records taken per poll.
     max_batch: Annotated[int, Meta(ge=1)] = 10_000
     fetch_timeout_ms: Annotated[int, Meta(ge=1)] = 200

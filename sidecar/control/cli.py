@@ -20,7 +20,7 @@ from ..config import SidecarConfig, load_config
 from ..errors import ConfigError, SidecarError
 from ..kafka import ensure_control_topics
 from ..untrusted import printable
-from .client import EXIT_OK, build_command, issue, load_view
+from .client import EXIT_OK, build_command, candidate_to_promote, issue, load_view
 from .commands import parse_share
 from .format import format_status, history_line
 from .keys import ROLES, SigningKey, TrustStore, parse_time, trust_entry_text, write_private
@@ -151,6 +151,14 @@ def add_ctl_parser(sub: Any) -> None:
                 metavar="PLAN",
                 help="steps share:hold:min_samples, e.g. 1%%:5m:1000,5%%:10m:5k,100%%:30m:20k",
             )
+        if action == "promote":
+            p.add_argument(
+                "--candidate-version",
+                metavar="VERSION",
+                help="the candidate version promoted (audited); with control.promote_gate = "
+                "quality the quality verdict must be about it (default: models.candidate.version "
+                "of --config; with the quality gate, the version the live instances report)",
+            )
         if action in ("deprecate", "sunset"):
             p.add_argument("version", metavar="VERSION", help="the older output version, e.g. v1")
         if action == "deprecate":
@@ -268,6 +276,11 @@ async def run_ctl(args: argparse.Namespace) -> int:
     output: dict[str, Any] = {}
     if action in ("deprecate", "sunset"):
         output = await _output_args(cfg, args)
+    if action == "promote":
+        named = args.candidate_version
+        if named is not None and not 0 < len(named.strip()) <= 256:
+            raise ConfigError("--candidate-version needs a version, e.g. 2.1.0")
+        output["candidate_version"] = named or await _running_candidate(cfg, trust, rollout)
     try:
         share = parse_share(args.share) if action == "canary" else None
         command = build_command(
@@ -287,6 +300,16 @@ async def run_ctl(args: argparse.Namespace) -> int:
     )
     print(printable(result.message), file=sys.stdout if result.code == EXIT_OK else sys.stderr)
     return result.code
+
+
+async def _running_candidate(cfg: SidecarConfig, trust: TrustStore, rollout: str) -> str | None:
+    """The candidate version a ``promote`` names when ``--candidate-version`` is not given:
+    the config's, or, when a quality gate will check it, the one the live instances report
+    (reading their heartbeats takes a replay of the control topic)."""
+    configured = cfg.models.candidate.version if cfg.models.candidate is not None else None
+    if cfg.control.promote_gate != "quality":
+        return configured
+    return candidate_to_promote(await load_view(cfg, trust), rollout, configured)
 
 
 def _when(text: str, what: str) -> int:

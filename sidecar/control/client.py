@@ -21,6 +21,7 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from ..config import SidecarConfig
+from ..errors import SidecarError
 from ..kafka import (
     new_consumer,
     new_producer,
@@ -87,6 +88,7 @@ def build_command(
     link: str | None = None,
     active_readers: int | None = None,
     force: bool | None = None,
+    candidate_version: str | None = None,
 ) -> ControlCommand:
     """An unsigned command with a fresh unique id, issued now (signing sets ``issued_by`` to
     the key's holder)."""
@@ -99,6 +101,7 @@ def build_command(
         link=link,
         active_readers=active_readers,
         force=force or None,
+        candidate_version=candidate_version,
     )
     return ControlCommand(
         command_id=f"ctl:{action}:{uuid.uuid4().hex[:16]}",
@@ -146,6 +149,30 @@ class ControlView:
     instances: list[Heartbeat]
     now_ms: int
     stale_ms: int
+
+
+def candidate_to_promote(view: ControlView, rollout: str, configured: str | None) -> str | None:
+    """The candidate version a ``promote`` names: the one every live, verified instance of
+    ``rollout`` reports in its heartbeat, else ``configured`` (the config's candidate). Raises
+    when live instances run different candidates: a deploy is under way, and the quality
+    verdict can be about one of them only."""
+    versions = sorted(
+        {
+            m.version
+            for beat in view.instances
+            if beat.verified
+            and beat.status.rollout == rollout
+            and view.now_ms - beat.status.ts_ms <= view.stale_ms
+            for m in beat.status.models or ()
+            if m.arm == "candidate"
+        }
+    )
+    if len(versions) > 1:
+        raise SidecarError(
+            f"live instances of {rollout} run candidate versions {', '.join(versions)}: finish "
+            "the deploy first, or name the one to promote with --candidate-version"
+        )
+    return versions[0] if versions else configured
 
 
 def _rollout_of(rec: Any, default: str) -> str:

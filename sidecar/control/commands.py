@@ -54,6 +54,8 @@ MAX_RAMP_STEPS = 64
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+#: A model version as comparisons carry it (``ModelResult.version``).
+ModelVersion = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
 class RampStep(msgspec.Struct, frozen=True, kw_only=True):
@@ -76,6 +78,10 @@ class Verdict(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     #: End of the newest window (event time) the verdict is based on.
     window_end_ms: NonNegInt
     detail: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    #: ``quality_ok`` verdicts: the two model versions judged. A promotion gated on quality
+    #: counts a verdict only about the candidate version being promoted.
+    candidate_version: ModelVersion | None = None
+    champion_version: ModelVersion | None = None
 
 
 class CommandArgs(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -88,6 +94,10 @@ class CommandArgs(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     samples: int | None = None
     #: ``verdict`` only.
     verdict: Verdict | None = None
+    #: ``promote`` and ``advance``: the candidate version the issuer promotes (``sidecar ctl``
+    #: takes it from the instances' heartbeats; a sidecar from its own candidate). With
+    #: ``control.promote_gate = "quality"`` the quality verdict must be about this version.
+    candidate_version: ModelVersion | None = None
     #: ``deprecate`` and ``sunset``: the older output version (``outputs.versions``).
     output_version: Annotated[str, msgspec.Meta(max_length=32)] | None = None
     #: ``deprecate``: when it may be switched off (epoch ms); required.

@@ -8,9 +8,10 @@ import datetime as dt
 
 import msgspec
 
+from ..errors import SidecarError
 from ..timefmt import humanise
 from ..untrusted import printable
-from .client import ControlView, Heartbeat, HistoryEntry
+from .client import ControlView, Heartbeat, HistoryEntry, candidate_to_promote
 from .commands import Duplicate, Rejected, format_ramp_plan
 from .records import ModelHealth
 from .state_machine import (
@@ -114,6 +115,20 @@ def _instance_lines(view: ControlView, beat: Heartbeat) -> list[str]:
     return lines
 
 
+def _promotion_held(
+    view: ControlView, rollout: str, state: RolloutState, rules: ControlConfig
+) -> str | None:
+    """Why promoting the candidate the live instances run would be refused now (the judged
+    candidate when no instance is live)."""
+    try:
+        running = candidate_to_promote(view, rollout, None)
+    except SidecarError as exc:
+        return str(exc)
+    if running is None and state.quality is not None:
+        running = state.quality.candidate_version
+    return promote_gate_holds(state, rules, running)
+
+
 def format_status(
     view: ControlView, rollout: str | None, last: int, rules: ControlConfig | None = None
 ) -> str:
@@ -137,15 +152,20 @@ def format_status(
             )
         if state.quality is not None:
             q = state.quality
+            about = (
+                f" about candidate {q.candidate_version} vs champion {q.champion_version}"
+                if q.candidate_version is not None
+                else ""
+            )
             lines.append(
-                f"  quality verdict: {'ok' if q.quality_ok else 'NOT ok'} (window to "
+                f"  quality verdict: {'ok' if q.quality_ok else 'NOT ok'}{about} (window to "
                 f"{when(q.window_end_ms)}): {humanise(q.detail) or '-'}"
             )
         if rules is not None:
             if state.ramp is not None and (held := ramp_gate_holds(state, rules)):
                 lines.append(f"  ramp held back: {held}")
             if state.mode.value in ("shadow", "canary") and (
-                held := promote_gate_holds(state, rules)
+                held := _promotion_held(view, name, state, rules)
             ):
                 lines.append(f"  promotion held back: {held}")
     lines.append(

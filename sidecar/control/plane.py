@@ -24,6 +24,7 @@ import os
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +95,8 @@ log = logging.getLogger(__name__)
 CONTROL_PARTITION = 0
 #: Header that marks a start-up barrier record; barriers are not commands and never audited.
 BARRIER_HEADER = "sidecar-control-barrier"
+#: Live outcomes an instance keeps in memory (:attr:`ControlPlane.outcomes`).
+KEEP_OUTCOMES = 1_000
 #: An instance proposes an ``advance`` for the same epoch at most this often (one may be
 #: refused as ``too_early`` when clocks differ slightly; the next attempt has a new id).
 ADVANCE_RETRY_S = 5.0
@@ -383,8 +386,9 @@ class ControlPlane:
         self._last_advance: tuple[int, float] | None = None
         self._warned_no_key = False
         self._barrier_token: bytes | None = None
-        #: Outcomes seen live (tests and benchmarks look at them).
-        self.outcomes: list[Outcome] = []
+        #: The latest outcomes seen live (tests and benchmarks look at them); bounded: the
+        #: guards' verdicts alone add one a minute for the life of the process.
+        self.outcomes: deque[Outcome] = deque(maxlen=KEEP_OUTCOMES)
         self.applied = asyncio.Event()
         #: True once the start-up replay reached its barrier (``/readyz`` reads it).
         self.caught_up = False
@@ -654,6 +658,21 @@ class ControlPlane:
 
     def _lifecycle(self, before: RolloutState, outcome: Applied) -> None:
         new = outcome.new_state
+        promoted = outcome.command.args.candidate_version
+        mine = self.candidate_version()
+        if (
+            new.mode is Mode.PROMOTED
+            and before.mode is not Mode.PROMOTED
+            and promoted not in (None, mine)
+        ):  # a deploy under way: this instance promotes another model than the one named
+            log.error(
+                "control: %s promoted candidate %s, but this instance runs candidate %s: it "
+                "now decides every request with %s; finish the deploy (or roll back)",
+                outcome.command.command_id,
+                promoted,
+                mine,
+                mine,
+            )
         if self._on_lifecycle is None:
             return
         if new.mode is Mode.PROMOTED and before.mode is not Mode.PROMOTED:
@@ -737,6 +756,7 @@ class ControlPlane:
             config=self.rules,
             issued_by=issuer,
             attempt=self._advance_attempts,
+            candidate_version=self.candidate_version(),
         )
         if proposal is None:
             return False
@@ -761,6 +781,14 @@ class ControlPlane:
         )
         log.info("control: published %s (%s)", cmd.command_id, cmd.reason)
         return True
+
+    def candidate_version(self) -> str | None:
+        """The candidate version this instance runs (the one its advances promote)."""
+        for health in self._models() or ():
+            if health.arm == "candidate":
+                return health.version
+        candidate = self.config.models.candidate
+        return None if candidate is None else candidate.version
 
     def ramp_held_by(self) -> str | None:
         """Why the guards hold the running ramp back (for status), or None."""

@@ -238,13 +238,29 @@ def ramp_gate_holds(state: RolloutState, config: ControlConfig) -> str | None:
     return None
 
 
-def promote_gate_holds(state: RolloutState, config: ControlConfig) -> str | None:
-    """Why the quality gate holds promotion back now (None: it does not)."""
+def promote_gate_holds(
+    state: RolloutState, config: ControlConfig, candidate_version: str | None = None
+) -> str | None:
+    """Why the quality gate holds back promoting ``candidate_version`` now (None: it does
+    not). A verdict about another candidate version never counts (the candidate was
+    replaced since, or instances still run the old one); nor does one that names a version
+    when the promotion names none."""
     if config.promote_gate == "none":
         return None
     verdict = state.quality
     if verdict is None or verdict.quality_ok is None:
         return "no quality verdict yet (control.promote_gate = quality)"
+    judged = verdict.candidate_version
+    if judged is not None and candidate_version is None:
+        return (
+            f"the promotion does not name the candidate version it promotes (args."
+            f"candidate_version) and the quality verdict is about candidate {judged}"
+        )
+    if judged is not None and judged != candidate_version:
+        return (
+            f"the latest quality verdict is about candidate {judged}, not {candidate_version}: "
+            "wait for a verdict about the candidate the instances run"
+        )
     if not verdict.quality_ok:
         return f"the quality gate holds: {verdict.detail or 'candidate not yet good enough'}"
     return None
@@ -256,12 +272,12 @@ _ARGS_BY_ACTION: dict[str, frozenset[str]] = {
     "shadow": frozenset({"score_shadow_arm"}),
     "canary": frozenset({"share_bp", "score_shadow_arm"}),
     "ramp": frozenset({"plan", "score_shadow_arm"}),
-    "promote": frozenset({"score_shadow_arm"}),
+    "promote": frozenset({"score_shadow_arm", "candidate_version"}),
     "rollback": frozenset({"score_shadow_arm"}),
     "pause": frozenset(),
     "resume": frozenset(),
     "retire": frozenset(),
-    "advance": frozenset({"samples"}),
+    "advance": frozenset({"samples", "candidate_version"}),
     "verdict": frozenset({"verdict"}),
     "deprecate": frozenset({"output_version", "sunset_ms", "deprecation_ms", "link"}),
     "sunset": frozenset({"output_version", "active_readers", "force"}),
@@ -363,7 +379,7 @@ def _transition(
                 RejectReason.ILLEGAL_TRANSITION,
                 f"promote from {s.mode.value}: only shadow or canary can be promoted",
             )
-        held = promote_gate_holds(s, cfg)
+        held = promote_gate_holds(s, cfg, args.candidate_version)
         if held:
             raise _Refused(RejectReason.TOO_EARLY, f"promote: {held}")
         return msgspec.structs.replace(
@@ -425,7 +441,7 @@ def _transition(
         )
         return msgspec.structs.replace(s, share_bp=s.ramp.plan[nxt].share_bp, ramp=ramp)
     if step.share_bp == BUCKETS:
-        held = promote_gate_holds(s, cfg)
+        held = promote_gate_holds(s, cfg, args.candidate_version)
         if held:
             raise _Refused(RejectReason.TOO_EARLY, f"advance to promoted: {held}")
         return msgspec.structs.replace(
@@ -462,6 +478,11 @@ def _note_verdict(state: RolloutState, cmd: ControlCommand) -> RolloutState:
     for part, known in (("guards_ok", state.verdict), ("quality_ok", state.quality)):
         if getattr(verdict, part) is None or known is None:
             continue
+        if part == "quality_ok" and (
+            known.candidate_version,
+            known.champion_version,
+        ) != (verdict.candidate_version, verdict.champion_version):
+            continue  # about other models: their windows are another sequence
         if verdict.window_end_ms <= known.window_end_ms:
             raise _Refused(
                 RejectReason.NO_CHANGE,
@@ -669,6 +690,7 @@ def tick(
     config: ControlConfig = DEFAULT_CONFIG,
     issued_by: str = "sidecar",
     attempt: int = 0,
+    candidate_version: str | None = None,
 ) -> Applied | None:
     """Should the ramp move on? ``samples_compared`` counts comparisons in the current step
     (``policy_epoch >= state.ramp.step_epoch``); ``now_ms`` is the wall clock. The guards are
@@ -692,7 +714,7 @@ def tick(
         command_id=advance_command_id(state, issued_by, attempt),
         rollout=state.rollout,
         action="advance",
-        args=CommandArgs(samples=samples_compared),
+        args=CommandArgs(samples=samples_compared, candidate_version=candidate_version),
         issued_by=issued_by,
         reason=(
             f"ramp step {ramp.step + 1}/{len(ramp.plan)} ({step.share_bp} bp) held "

@@ -290,6 +290,9 @@ def act_config(s: Settings, act: Act) -> SidecarConfig:
             "allow_create_time": True,
             "heartbeat_interval_s": 0.5,
             "tick_interval_s": 0.5,
+            # The control plane itself holds the ramp's last step (to 100%) until the
+            # outcomes stage's verdict about this candidate version passes.
+            "promote_gate": "quality" if act.quality_gate else "none",
         },
         "aggregate": {
             "reports_topic": t.reports,

@@ -24,6 +24,15 @@ from ..untrusted import error_text, try_decode
 OUTCOME_SCHEMA_MAJOR = 1
 #: Most item ids in a ranking label.
 MAX_ITEMS = 1000
+#: Largest ``value`` (the amount at stake). Costs and their squares are summed into window
+#: accumulators that outcomes are added to and taken back from: one value near the float
+#: maximum (1e308 is valid JSON) would make a window's and the rollout's verdict cost
+#: figures infinite or NaN for good. 1e15 is more than any single amount in any currency's
+#: minor unit.
+MAX_VALUE = 1e15
+#: Outcome times below this (March 1973 in milliseconds) are taken for seconds: every
+#: outcome producer writes epoch *milliseconds* (the router dead-letters them with a hint).
+MIN_PLAUSIBLE_MS = 100_000_000_000
 
 ItemId = Annotated[str, msgspec.Meta(max_length=256)]
 
@@ -45,8 +54,8 @@ class Outcome(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: within the rollout's label window after the request (``outcomes.quality``).
     ts: EpochMillis
     #: The amount at stake (e.g. the payment's amount); weights the cost of an error when
-    #: ``cost_value`` says so. Must be finite and not negative.
-    value: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    #: ``cost_value`` says so. Must be finite, not negative and at most 1e15.
+    value: Annotated[float, msgspec.Meta(ge=0, le=MAX_VALUE)] | None = None
     #: The request's routing key: needed to find its comparison when comparisons are keyed
     #: by routing key (``topics.comparisons_key = "routing_key"``).
     routing_key: Annotated[str, msgspec.Meta(max_length=1024)] | None = None
@@ -95,6 +104,8 @@ def numeric_label(label: bool | float | list[str]) -> float | None:
 
 __all__ = [
     "MAX_ITEMS",
+    "MAX_VALUE",
+    "MIN_PLAUSIBLE_MS",
     "OUTCOME_SCHEMA_MAJOR",
     "Outcome",
     "decode_outcome",

@@ -108,6 +108,19 @@ MAX_ORPHAN_OUTCOMES = 8
 #: so that a new comparison is checked against them without a store lookup; beyond it the
 #: store's bloom filters answer (memory stays bounded whatever the unmatched outcomes).
 MAX_ORPHAN_IDS = 100_000
+#: Most rollout pairs (rollout, champion and candidate model and version) a task holds, and
+#: most distinct rollouts among them, by default (``outcomes.max_pairs_per_task``,
+#: ``max_rollouts_per_task``). The comparisons topic is written by others too: made-up
+#: rollout names or versions would otherwise grow the task's pairs (memory, store, reports,
+#: metric labels) without bound, and every outcome is looked up under every rollout of its
+#: task. A comparison of a new pair beyond either limit is left out and counted
+#: (``ApplyStats.refused``; the service logs it and counts it as skipped, ``too_many_pairs``).
+MAX_PAIRS = 1_024
+MAX_ROLLOUTS = 64
+#: An outcome dated more than this before its request is outside the request's label window
+#: (``outside_window``), like one after it: the clocks of two systems disagree by less, and
+#: an outcome dated in seconds instead of milliseconds is decades early.
+MAX_OUTCOME_LEAD_MS = 300_000
 
 #: Outcome states of a request.
 NO_OUTCOME, NUMERIC, RANKING = 0, 1, 2
@@ -245,9 +258,14 @@ class ApplyStats:
     orphaned: int = 0
     outside_window: int = 0
     skipped_records: int = 0
+    #: Comparisons left out because their pair would exceed ``MAX_PAIRS``/``MAX_ROLLOUTS``,
+    #: and the key of one of those pairs (for the log).
+    refused: int = 0
+    refused_pair: PairKey | None = None
 
     def add(self, other: ApplyStats) -> None:
-        for name in ("comparisons", "duplicates", "unscored", "updated", "orphaned"):
+        self.refused_pair = self.refused_pair or other.refused_pair
+        for name in ("comparisons", "duplicates", "unscored", "updated", "orphaned", "refused"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.outside_window += other.outside_window
         self.skipped_records += other.skipped_records
@@ -409,8 +427,12 @@ class JoinTask:
         judging: Judging,
         *,
         max_label_window_ms: int,
+        max_pairs: int = MAX_PAIRS,
+        max_rollouts: int = MAX_ROLLOUTS,
     ) -> None:
         self.store = store
+        self.max_pairs = max_pairs
+        self.max_rollouts = max_rollouts
         self.task = task
         self.layout = layout
         self.windows = windows
@@ -506,9 +528,16 @@ class JoinTask:
         return all(self.meta.inputs.get(k, -1) >= nxt for k, (_, nxt) in chunk.offsets.items())
 
     def _pair_id(self, spec_key: PairKey, settings: RolloutQuality, batch: Batch) -> int:
+        """The id of the pair ``spec_key`` (a new one when it is new), or -1 when a new pair
+        would exceed ``max_pairs`` or ``max_rollouts``."""
         pid = self._by_key.get(spec_key)
         if pid is not None:
             return pid
+        rollouts = self.rollouts
+        if len(self.pairs) >= self.max_pairs or (
+            spec_key.rollout not in rollouts and len(rollouts) >= self.max_rollouts
+        ):
+            return -1
         pid = self.meta.next_pair
         self.meta.next_pair += 1
         pair = PairRecord(id=pid, key=spec_key, settings=settings)
@@ -596,12 +625,20 @@ class JoinTask:
         if index.size and (index.min() < 0 or index.max() >= len(pair_ids)):
             raise ColumnError("a comparison names a pair the chunk does not list")
         pid = np.asarray(pair_ids, dtype=np.int64)[index]
+        refused = pid < 0
+        if refused.any():
+            stats.refused += int(refused.sum())
+            stats.refused_pair = stats.refused_pair or PairKey(
+                *chunk.pairs[int(index[np.flatnonzero(refused)[0]])].key
+            )
         ts = cols["ts"]
         ws = self.windows.start(ts)
         p1, p2 = cols["champion"], cols["candidate"]
         d1, d2 = cols["champion_decision"], cols["candidate_decision"]
-        through = np.array([self.pairs[p].finalized_through for p in pair_ids], dtype=np.int64)
-        late = ws < through[index]
+        through = np.array(
+            [self.pairs[p].finalized_through if p >= 0 else -1 for p in pair_ids], dtype=np.int64
+        )
+        late = (ws < through[index]) & ~refused
         scored = np.isfinite(p1) & np.isfinite(p2) & (d1 >= 0) & (d1 <= 1) & (d2 >= 0) & (d2 <= 1)
         rank_at: dict[int, int] = {}
         if ranked_rows:
@@ -619,11 +656,11 @@ class JoinTask:
                 rollout = self.pairs[int(pid[i])].key.rollout
                 stats.late[rollout] = stats.late.get(rollout, 0) + 1
             self.meta.late += int(late.sum())
-        for i in np.flatnonzero(~late & ~scored).tolist():
+        for i in np.flatnonzero(~late & ~scored & ~refused).tolist():
             self._counter(deltas, int(pid[i]), int(ws[i]), "unscored", 1)
             stats.unscored += 1
         ids = c.ids
-        accepted = ~late & scored
+        accepted = ~late & scored & ~refused
         if accepted.all() and len(set(ids)) == n:  # the usual chunk: every row, distinct ids
             keep = list(range(n))
             id_bytes = list(map(str.encode, ids))
@@ -635,7 +672,7 @@ class JoinTask:
             keep = list(first.values())
             stats.duplicates += len(candidates) - len(keep)
             id_bytes = [ids[i].encode() for i in keep]
-        prefix_of = {p: request_prefix(self.pairs[p].key.rollout) for p in set(pair_ids)}
+        prefix_of = {p: request_prefix(self.pairs[p].key.rollout) for p in set(pair_ids) if p >= 0}
         if len(prefix_of) == 1:
             keys = list(map(next(iter(prefix_of.values())).__add__, id_bytes))
         else:
@@ -693,7 +730,7 @@ class JoinTask:
             batch.put(_ids_prefix(g_pid, g_ws) + at, _ENC.encode(ids_in))
         pids, starts = r_pid.tolist(), r_ws.tolist()
         if rank_at and lists is not None:
-            prefix_l = {p: lists_prefix(self.pairs[p].key.rollout) for p in set(pair_ids)}
+            prefix_l = {p: lists_prefix(self.pairs[p].key.rollout) for p in set(pids)}
             for j, i in enumerate(rows_i.tolist()):
                 r = rank_at.get(i)
                 if r is None:
@@ -749,8 +786,9 @@ class JoinTask:
             held += _held(raw_ranking)
         best: Full | None = None
         limit = request_ts + settings.label_window_ms
+        earliest = request_ts - MAX_OUTCOME_LEAD_MS
         for outcome in held:
-            if outcome[3] > limit:
+            if not earliest <= outcome[3] <= limit:
                 continue
             if best is None:
                 best = outcome if ranking else (*outcome[:4], None)
@@ -815,7 +853,11 @@ class JoinTask:
                 pid, rts = rec[0], rec[1]
                 pair = self.pairs[pid]
                 ws = rts - rts % self.windows.report_window_ms
-                if outcome[3] > rts + pair.settings.label_window_ms:
+                if (
+                    not rts - MAX_OUTCOME_LEAD_MS
+                    <= outcome[3]
+                    <= rts + pair.settings.label_window_ms
+                ):
                     self._counter(deltas, pid, ws, "outside_window", 1)
                     stats.outside_window += 1
                     continue
@@ -1194,6 +1236,9 @@ class JoinTask:
 
 __all__ = [
     "MAX_ORPHAN_OUTCOMES",
+    "MAX_OUTCOME_LEAD_MS",
+    "MAX_PAIRS",
+    "MAX_ROLLOUTS",
     "META_KEY",
     "ApplyStats",
     "JoinTask",

@@ -59,7 +59,7 @@ class OutcomesMetrics:
         )
         self.skipped = Counter(
             "sidecar_outcomes_skipped",
-            "Records the join left out, by input and reason (undecodable, future)",
+            "Records the join left out, by input and reason (undecodable, future, too_many_pairs)",
             ["input", "reason"],
             registry=r,
         )

@@ -17,7 +17,8 @@ partition it owns, the largest event time routed and whether it is routed to its
 (:mod:`sidecar.outcomes.heartbeat`). Tasks bound stream time by them, so a router that is
 restarting, rebalancing or behind holds windows open instead of letting them become final
 before their outcomes arrive. A record that is no
-``Outcome`` (or is dated more than ``max_future_ms`` ahead) becomes a dead
+``Outcome`` (or is dated more than ``max_future_ms`` ahead, or before 1973: a time in seconds)
+becomes a dead
 letter with its reason, like a bad request; offsets are committed once its outputs are
 acknowledged (at-least-once: a repeated outcome is harmless, the join combines outcomes
 idempotently).
@@ -41,7 +42,7 @@ from ..dead_letters import DeadLetterWriter, keep_bytes
 from ..hashing import kafka_partitions
 from ..kafka import RebalanceListener, new_consumer, stop_quietly, topic_partitions
 from ..kafka.unreadable import unreadable_of
-from .contract import Outcome, decode_outcome, encode_outcome
+from .contract import MIN_PLAUSIBLE_MS, Outcome, decode_outcome, encode_outcome
 from .heartbeat import HEARTBEAT_HEADER, HEARTBEAT_S, PartitionProgress, RouterHeartbeat
 from .metrics import OutcomesMetrics
 from .publish import Publisher, Send
@@ -176,6 +177,12 @@ class OutcomeRouter:
                 reason = (
                     f"outcome time {got.ts} is {(got.ts - now) / 1000:.0f}s ahead of the "
                     "clock (outcomes.max_future_ms): it would make quality windows final early"
+                )
+                sends.append(self._dead_letter(rec, "event_time", reason, got.request_id))
+            elif got.ts < MIN_PLAUSIBLE_MS:
+                reason = (
+                    f"outcome time {got.ts} is before 1973 in epoch milliseconds: is it in "
+                    "seconds? Outcome.ts is epoch milliseconds"
                 )
                 sends.append(self._dead_letter(rec, "event_time", reason, got.request_id))
             else:

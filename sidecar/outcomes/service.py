@@ -29,6 +29,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import signal
 import time
 import zlib
@@ -68,7 +69,7 @@ from ..kafka import (
     topic_partitions,
 )
 from ..timefmt import utc_window
-from ..untrusted import error_text
+from ..untrusted import clip, error_text, printable
 from .build_pool import BuildPool
 from .chunks import ChangelogRecord, ExpireMark, FinalMark, InputChunk, decode, encode
 from .decode import ChunkBuilder, Skipped
@@ -87,7 +88,7 @@ from .report import (
     quality_verdict,
 )
 from .router import OutcomeRouter
-from .store import Store, cache_advice
+from .store import Store, StoreError, cache_advice
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ _JSON = msgspec.json.Encoder()
 ISSUER = "outcomes"
 #: Reports kept in memory for callers (the demo's panel); older ones are only on the topic.
 RECENT_REPORTS = 256
+#: Comparisons left out for naming too many rollout pairs are logged at most this often.
+REFUSED_LOG_S = 60.0
 COMMAND_ACTIONS = ("rollback", "pause")
 
 
@@ -134,8 +137,8 @@ def signing_key(cfg: SidecarConfig, key: SigningKey | None) -> SigningKey | None
 def quality_command(verdict: QualityVerdict, issued_at_ms: int) -> ControlCommand:
     """The (unsigned) ``verdict`` command that carries ``verdict``'s own gate to the control
     plane as ``quality_ok``: about the two models, not a policy epoch (no expected epoch), so
-    it still counts after a ramp step. The models are named in the detail: the control plane
-    keeps the newest quality verdict whatever pair it was about."""
+    it still counts after a ramp step. It names the two versions judged: a promotion gated on
+    quality counts it only for the candidate version it promotes."""
     gate = verdict.gate
     detail = (
         f"{verdict.candidate_model} {verdict.candidate_version} vs {verdict.champion_model} "
@@ -154,7 +157,11 @@ def quality_command(verdict: QualityVerdict, issued_at_ms: int) -> ControlComman
         issued_at_ms=issued_at_ms,
         args=CommandArgs(
             verdict=Verdict(
-                quality_ok=gate.ok, window_end_ms=verdict.last_window_end_ms, detail=detail
+                quality_ok=gate.ok,
+                window_end_ms=verdict.last_window_end_ms,
+                detail=detail,
+                candidate_version=verdict.candidate_version or None,
+                champion_version=verdict.champion_version or None,
             )
         ),
     )
@@ -270,6 +277,7 @@ class OutcomesService:
         self.verdict_commands: collections.deque[ControlCommand] = collections.deque(maxlen=64)
         self.subscribers: list[Callable[[QualityReport | QualityVerdict], None]] = []
         self.applied = ApplyStats()
+        self._refused_logged = -math.inf
         #: ``time.monotonic()`` when the first input records were applied (the benchmark).
         self.first_input_at: float | None = None
         #: Per task, polls fetched but not applied yet (with a build helper, the poll built
@@ -518,6 +526,8 @@ class OutcomesService:
             self.windows,
             self.judging,
             max_label_window_ms=s.max_label_window_ms(),
+            max_pairs=s.max_pairs_per_task,
+            max_rollouts=s.max_rollouts_per_task,
         )
 
     async def _replay(self, join: JoinTask, p: int, end: int) -> int:
@@ -567,7 +577,9 @@ class OutcomesService:
     ) -> ApplyStats | None:
         """Apply one changelog record (``record``: already decoded from ``raw``); a record that
         cannot be read or applied is skipped, logged and counted: a stage that stopped on it
-        would stop on it again at every restart."""
+        would stop on it again at every restart. A store that cannot be written (a full
+        disk) stops the stage instead: the record is not at fault, and a restart once the
+        disk is fixed applies it."""
         if record is None:
             try:
                 record = decode(raw or b"")
@@ -584,6 +596,8 @@ class OutcomesService:
                 return None
         try:
             return join.apply(record, offset)
+        except StoreError:
+            raise  # the disk, not the record: skipping would lose the record for good
         except Exception:
             log.exception(
                 "%s[%d] offset %d could not be applied; skipped",
@@ -719,6 +733,23 @@ class OutcomesService:
             m.late.labels(rollout).inc(n)
         for rollout, n in stats.joined.items():
             m.joined.labels(rollout).inc(n)
+        if stats.refused:
+            m.skipped.labels("comparisons", "too_many_pairs").inc(stats.refused)
+            if time.monotonic() - self._refused_logged >= REFUSED_LOG_S:
+                self._refused_logged = time.monotonic()
+                pair = stats.refused_pair
+                log.warning(
+                    "%d comparisons left out: a task holds at most %d rollout pairs and %d "
+                    "rollouts (outcomes.max_pairs_per_task, max_rollouts_per_task), and they "
+                    "name more (e.g. %s). Is something writing made-up rollout names or "
+                    "versions to %s? Counted in "
+                    'sidecar_outcomes_skipped{reason="too_many_pairs"}',
+                    stats.refused,
+                    self.settings.max_pairs_per_task,
+                    self.settings.max_rollouts_per_task,
+                    printable(clip(repr(tuple(pair)) if pair is not None else "?", 300)),
+                    self.config.topics.comparisons,
+                )
 
     async def _mark(self, rt: TaskRuntime, record: FinalMark | ExpireMark) -> None:
         assert rt.join is not None and self._publisher is not None

@@ -143,6 +143,14 @@ class OutcomesSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     #: applies the previous poll (0: decode in the loop). 1 moves ~1.5 us a comparison off
     #: the stage's core, for ~3 us on another: worth it only with an idle core.
     decode_processes: Annotated[int, Meta(ge=0, le=1)] = 0
+    #: Most rollouts, and most rollout pairs (rollout, champion and candidate model and
+    #: version: a new one at every candidate version), a task ever holds: a bound on state,
+    #: reports and metric series when something writes made-up names to the comparisons
+    #: topic. Comparisons of a pair beyond them are left out and counted
+    #: (``sidecar_outcomes_skipped{reason="too_many_pairs"}``). Pairs are kept for the life of
+    #: the store: raise these for a long-lived stage that sees many rollouts or versions.
+    max_rollouts_per_task: Annotated[int, Meta(ge=1)] = 64
+    max_pairs_per_task: Annotated[int, Meta(ge=1)] = 1_024
     fetch_timeout_ms: Annotated[int, Meta(ge=1)] = 200
     #: RocksDB block cache shared by the stores, and each store's memtable size (MiB): with
     #: the write buffers these bound the stage's memory, whatever the label window.

@@ -11,12 +11,15 @@ point and the task replays the changelog from there).
 from __future__ import annotations
 
 import collections
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..errors import SidecarError
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(SidecarError):
@@ -114,10 +117,7 @@ class Store:
             #: Raw mode: keys and values are bytes (the stubs type them for pickling mode).
             self._db: Any = Rdict(str(path), opts)
         except Exception as exc:  # rocksdict raises plain exceptions (lock held, corruption)
-            raise StoreError(
-                f"cannot open the store at {path}: {exc} (another sidecar outcomes process "
-                "using the same outcomes.state_dir? each process needs its own)"
-            ) from exc
+            raise StoreError(f"cannot open the store at {path}: {exc} ({_advice(exc)})") from exc
         from rocksdict import WriteBatch
 
         self._batch_type = WriteBatch
@@ -167,7 +167,12 @@ class Store:
                 wb.delete(key)
             else:
                 put(key, value)
-        self._db.write(wb)
+        try:
+            self._db.write(wb)
+        except Exception as exc:  # rocksdict raises plain exceptions (IO error, read-only)
+            raise StoreError(
+                f"cannot write the store at {self.path}: {exc} ({_advice(exc)})"
+            ) from exc
 
     def filter_mb(self) -> float:
         """Estimated size (MiB) of this store's bloom filters (10 bits a key). They live in
@@ -188,7 +193,13 @@ class Store:
         }
 
     def close(self) -> None:
-        self._db.close()
+        """Close the database; never raises (a flush that fails on a full disk leaves the
+        data in the write-ahead log, which the next open replays): the stage's own error,
+        not this one, is what the operator must see."""
+        try:
+            self._db.close()
+        except Exception as exc:
+            log.warning("closing the store at %s: %s (%s)", self.path, exc, _advice(exc))
 
     @staticmethod
     def destroy(path: Path) -> None:
@@ -197,6 +208,27 @@ class Store:
 
 
 _BLOOM_BITS_PER_KEY = 10
+
+
+def _advice(exc: BaseException) -> str:
+    """What the operator can do about a RocksDB error (its text is all rocksdict gives)."""
+    text = str(exc)
+    if "No space left" in text or "Disk quota" in text:
+        return (
+            "the volume of outcomes.state_dir is full: free space on it or give it a bigger "
+            "one, then restart; the store carries on from its changelog"
+        )
+    if "lock" in text.lower():
+        return (
+            "another sidecar outcomes process using the same outcomes.state_dir? each "
+            "process needs its own"
+        )
+    if "Permission denied" in text or "Read-only file system" in text:
+        return "outcomes.state_dir must be a writable directory"
+    return (
+        "is the volume of outcomes.state_dir healthy? a store deleted while the stage is "
+        "stopped is rebuilt from its changelog"
+    )
 
 
 def cache_advice(filter_mb: float, cache_mb: int) -> str | None:

@@ -172,3 +172,64 @@ def test_a_partial_from_an_incompatible_aggregator_is_refused() -> None:
         aggregate_of(bad, CONFIG)
     assert aggregate_of(p, CONFIG).records == 10
     assert p.key.rollout == ROLLOUT
+
+
+# -- hostile partials: the partials topic is untrusted like every topic --------------------
+
+replace = msgspec.structs.replace
+
+
+def _bad_partials() -> list[tuple[str, WindowPartial]]:
+    p = partial(2)
+    return [
+        ("2**62 partitions", replace(p, partitions_total=2**62)),
+        ("partition past the total", replace(p, partition=7)),
+        ("negative partition", replace(p, partition=-1)),
+        ("a window of another length", replace(p, window_end_ms=p.window_end_ms + 1)),
+        ("a window ending before it starts", replace(p, window_end_ms=p.window_start_ms - 5)),
+        ("negative records", replace(p, records=-(10**9))),
+        ("negative served", replace(p, served=[-5, 0, 0])),
+        ("malformed served", replace(p, served=[1])),
+        ("negative score bins", replace(p, champion=replace(p.champion, score_nan=-1))),
+    ]
+
+
+@pytest.mark.parametrize(("name", "bad"), _bad_partials(), ids=[n for n, _ in _bad_partials()])
+def test_a_malformed_partial_is_refused_on_arrival_and_harms_no_window(
+    name: str, bad: WindowPartial
+) -> None:
+    """It used to be taken, then fail (or, with 2**62 partitions, hang) when its window was
+    merged: a complete window raised in ``add`` and lost its good partials, an incomplete
+    one raised from ``tick`` and stopped the merge stage (again after every restart: its
+    offsets were never committed)."""
+    merger = PartialMerger(CONFIG, timeout_ms=5_000)
+    merger.add(partial(0), (0, 1), 0)
+    merger.add(partial(1), (0, 2), 0)
+    with pytest.raises(ValueError):
+        merger.add(bad, (0, 3), 0)
+    (timed_out,) = merger.tick(10**9)  # the good partials' window, nothing else
+    assert timed_out.counts.records == 20 and timed_out.partitions_missing == [2]
+    merger = PartialMerger(CONFIG, timeout_ms=5_000)
+    merger.add(partial(0), (0, 1), 0)
+    merger.add(partial(1), (0, 2), 0)
+    with pytest.raises(ValueError):
+        merger.add(bad, (0, 3), 0)
+    (report,) = merger.add(partial(2), (0, 4), 0).reports
+    assert report.counts.records == 30 and report.partitions_missing == []
+
+
+def test_made_up_rollouts_on_the_partials_topic_cannot_grow_the_merger() -> None:
+    config = AggregatorConfig(
+        window_ms=1_000, allowed_lateness_ms=0, min_pairs=20, max_open_windows=4
+    )
+    merger = PartialMerger(config, timeout_ms=60_000)
+    p = partial(0)
+    reports = []
+    for i in range(50):
+        fake = replace(
+            p, rollout=f"fake-{i}", out_of_range_features={f"f{j}": 1 for j in range(500)}
+        )
+        reports += merger.add(fake, (0, i), i).reports
+    assert merger.pending_windows <= 4 and len(merger._first_seen) <= 4
+    assert len(reports) == 46 and {r.closed_by for r in reports} == {"capacity"}
+    assert all(len(r.counts.out_of_range_features) <= 101 for r in reports)

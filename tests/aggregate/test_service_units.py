@@ -24,6 +24,8 @@ from sidecar.aggregate.actions import (
     guard_verdict,
     is_guard_command,
 )
+from sidecar.aggregate.admission import Admission
+from sidecar.aggregate.batch import GroupKey
 from sidecar.aggregate.ingest import ingest
 from sidecar.aggregate.replay import Bound, Replayer, check_range, format_result, parse_bound
 from sidecar.aggregate.report import WindowReport
@@ -316,3 +318,68 @@ def test_verdicts_are_paced_but_a_change_or_a_new_epoch_goes_out_at_once() -> No
     assert pacer.due(v(False, epoch=2), 32_000)  # a new step
     assert not pacer.due(v(False, epoch=2), 91_999)
     assert pacer.due(v(False, epoch=2), 92_000)  # refreshed once a minute
+
+
+async def test_made_up_rollout_names_are_dead_lettered_not_kept_for_ever() -> None:
+    """Every made-up rollout (or version) on the comparisons topic used to become window
+    keys, references, guard state and a few dozen Prometheus series, for the life of the
+    process. Beyond ``aggregate.max_rollouts``/``max_rollout_pairs`` such records are refused
+    with a reason (dead letters), and the real rollout's windows count exactly its own
+    records."""
+    max_rollouts, max_groups = 16, 256
+    cfg = config_from_dict(
+        {
+            "models": MODELS,
+            "rollout": {"name": "fraud-v2"},
+            "aggregate": {
+                "dry_run": True,
+                "window_ms": 1_000,
+                "allowed_lateness_ms": 0,
+                "max_rollouts": max_rollouts,
+                "max_rollout_pairs": max_groups,
+            },
+        }
+    )
+    service = AggregatorService(cfg)
+    rng = np.random.default_rng(4)
+    offset = 0
+    for w in range(6):
+        comps: list[object] = list(comparisons(rng, 50, t0=w * 1_000, id_prefix=f"w{w}-"))
+        for i in range(60):  # 60 new rollouts and 60 new versions of the real one, per window
+            fake = comparisons(rng, 1, t0=w * 1_000, rollout=f"fake-{w}-{i}", id_prefix=f"f{w}")
+            version = comparisons(rng, 1, t0=w * 1_000, candidate_version=f"9.{w}.{i}")
+            comps += [*fake, *version]
+        recs = records(comps, first=offset)
+        offset += len(recs)
+        if w == 0:
+            got = service._admitted(ingest(recs))
+            kinds = {kind for _, kind, _ in got.rejected}
+            assert kinds == {"out_of_range"} and "made-up rollout names" in got.rejected[0][2]
+            assert len(got.records) < len(recs)
+            service = AggregatorService(cfg)  # the check above took some pairs: start afresh
+        await service.process(recs)
+    rollouts = {k.rollout for k in service.manager._key_list}
+    assert len(rollouts) <= max_rollouts and len(service.manager._key_list) <= max_groups
+    series = {
+        s.labels["rollout"]
+        for metric in service.metrics.registry.collect()
+        for s in metric.samples
+        if "rollout" in s.labels
+    }
+    assert "fraud-v2" in series and len(series) <= max_rollouts
+    assert service.admission.refused >= 6 * 120 - max_groups
+    real = [r for r in service.reports if r.rollout == "fraud-v2" and r.candidate.version == "2"]
+    assert [r.counts.records for r in real] == [50] * len(real) and len(real) >= 4
+
+
+def test_the_configured_rollout_keeps_its_slot_whatever_came_first() -> None:
+    admission = Admission("fraud-v2", max_rollouts=4, max_groups=8)
+
+    def key(rollout: str, version: str = "2") -> GroupKey:
+        return GroupKey(rollout, "m", "1", "m", version)
+
+    assert [admission.admit(key(f"fake-{i}")) for i in range(5)] == [True] * 3 + [False] * 2
+    assert [admission.admit(key("fake-0", str(v))) for v in range(3, 7)] == [True] * 3 + [False]
+    assert admission.admit(key("fraud-v2")) and admission.admit(key("fraud-v2", "3"))
+    assert not admission.admit(key("fraud-v2", "4"))  # every pair taken now
+    assert admission.admit(key("fake-1"))  # a pair taken already stays taken

@@ -69,6 +69,15 @@ def test_a_mutating_action_needs_a_key(
     assert "pass --key" in capsys.readouterr().err
 
 
+def test_an_empty_candidate_version_is_refused_before_publishing(
+    config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = config_file.parent / "keys" / "dev-operator.key"
+    argv = ["ctl", "promote", "--config", str(config_file), "--key", str(key)]
+    assert main([*argv, "--candidate-version", " "]) == 1
+    assert "--candidate-version needs a version" in capsys.readouterr().err
+
+
 def test_a_key_outside_the_trust_file_is_refused_before_publishing(
     config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -41,6 +41,7 @@ def verdict(
     quality_ok: bool | None = None,
     window_end_ms: int = T0,
     epoch: Any = "current",
+    candidate_version: str | None = None,
 ) -> ControlCommand:
     return ControlCommand(
         command_id=f"verdict-{make('shadow').command_id}",
@@ -51,7 +52,13 @@ def verdict(
         issued_at_ms=T0,
         expected_epoch=state.epoch if epoch == "current" else epoch,
         args=CommandArgs(
-            verdict=Verdict(guards_ok=guards_ok, quality_ok=quality_ok, window_end_ms=window_end_ms)
+            verdict=Verdict(
+                guards_ok=guards_ok,
+                quality_ok=quality_ok,
+                window_end_ms=window_end_ms,
+                candidate_version=candidate_version,
+                champion_version=None if candidate_version is None else "1.0.0",
+            )
         ),
     )
 
@@ -170,3 +177,84 @@ def test_the_last_ramp_step_promotes_only_through_the_quality_gate() -> None:
     last = tick(s, T0 + 200_000, 10, config=config)
     assert last is not None and last.new_state.mode is Mode.PROMOTED
     assert msgspec.structs.replace(last.new_state, since_ms=0).ramp is None
+
+
+def test_a_quality_verdict_counts_only_for_the_candidate_version_it_judged() -> None:
+    """The candidate 1.1.0 passed; the operator deploys 1.2.0 and promotes at once: the old
+    verdict must not promote a model nobody judged."""
+    config = ControlConfig(promote_gate="quality")
+    s = initial_state("r1", now_ms=T0)
+    _, s = step(s, verdict(s, quality_ok=True, epoch=None, candidate_version="1.1.0"))
+    assert s.quality is not None and s.quality.candidate_version == "1.1.0"
+
+    newer = apply_at(s, make("promote", candidate_version="1.2.0"), T0, config=config)
+    assert isinstance(newer, Rejected) and newer.reason is RejectReason.TOO_EARLY
+    assert "about candidate 1.1.0, not 1.2.0" in newer.detail
+    unnamed = apply_at(s, make("promote"), T0, config=config)
+    assert isinstance(unnamed, Rejected) and "does not name the candidate" in unnamed.detail
+    judged = apply_at(s, make("promote", candidate_version="1.1.0"), T0, config=config)
+    assert isinstance(judged, Applied) and judged.new_state.mode is Mode.PROMOTED
+
+    # 1.2.0's first verdict counts though its window ends before 1.1.0's last one did (the
+    # windows of another pair are another sequence); 1.1.0's own stay monotone.
+    out, s2 = step(
+        s,
+        verdict(
+            s, quality_ok=True, epoch=None, candidate_version="1.2.0", window_end_ms=T0 - 60_000
+        ),
+    )
+    assert isinstance(out, Noted) and s2.quality is not None
+    assert s2.quality.candidate_version == "1.2.0"
+    again = apply_at(s2, make("promote", candidate_version="1.2.0"), T0, config=config)
+    assert isinstance(again, Applied)
+    stale, _ = step(
+        s, verdict(s, quality_ok=False, epoch=None, candidate_version="1.1.0", window_end_ms=T0)
+    )
+    assert isinstance(stale, Rejected) and stale.reason is RejectReason.NO_CHANGE
+
+
+def test_the_sidecars_last_advance_names_its_candidate() -> None:
+    config = ControlConfig(promote_gate="quality", ramp_gate="none")
+    s = ramping(config)
+    first = tick(s, T0 + 61_000, 10, config=config, candidate_version="1.2.0")
+    assert first is not None and first.command.args.candidate_version == "1.2.0"
+    s = next_state(s, apply(s, first.command, T0 + 61_000, config=config))
+    _, s = step(s, verdict(s, quality_ok=True, epoch=None, candidate_version="1.1.0"))
+    assert tick(s, T0 + 200_000, 10, config=config, candidate_version="1.2.0") is None
+    _, s = step(
+        s, verdict(s, quality_ok=True, epoch=None, candidate_version="1.2.0", window_end_ms=T0 + 1)
+    )
+    last = tick(s, T0 + 200_000, 10, config=config, candidate_version="1.2.0")
+    assert last is not None and last.new_state.mode is Mode.PROMOTED
+
+
+def test_an_instance_names_its_candidate_and_says_when_another_was_promoted(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The plane's advances name the candidate it runs (its heartbeat's, else its config's);
+    applying a promotion of another version (a deploy under way) is logged as an error."""
+    from control_helpers import control_config
+
+    from sidecar.control import ModelHealth
+    from sidecar.control.plane import ControlPlane
+    from sidecar.routing import PolicyHolder, RoutingPolicy
+
+    cfg = control_config("unused:9092", tmp_path)
+    assert cfg.models.candidate is not None
+    holder = PolicyHolder(RoutingPolicy(rollout=cfg.rollout.name))
+    plane = ControlPlane(cfg, holder, "i1")
+    assert plane.candidate_version() == cfg.models.candidate.version
+    running = [ModelHealth(arm="candidate", model="m", version="7.0.0")]
+    plane = ControlPlane(cfg, holder, "i1", models=lambda: running)
+    assert plane.candidate_version() == "7.0.0"
+
+    s = initial_state(cfg.rollout.name, now_ms=T0)
+    for named, logged in (("7.0.0", False), ("8.0.0", True), (None, False)):
+        cmd = make("promote", rollout=cfg.rollout.name, candidate_version=named)
+        out = apply_at(s, cmd, T0)
+        assert isinstance(out, Applied)
+        caplog.clear()
+        plane._lifecycle(s, out)
+        assert (
+            "promoted candidate 8.0.0, but this instance runs candidate 7.0.0" in caplog.text
+        ) is (logged)

@@ -106,6 +106,8 @@ async def test_quick_flags_demo_tells_the_whole_story(tmp_path: Path) -> None:
         ("promoted", 10000),
     ]
     assert [e.command.action for e in second] == ["ramp"] + ["advance"] * 5
+    # The control plane's own quality gate let the last step promote this candidate version.
+    assert second[-1].command.args.candidate_version == "2.1.0"
     assert not any(is_guard_command(e.command) for e in result.timeline[len(first) :])
 
     # Better ranking, measured by the outcomes stage: the generator's frauds reach it only as

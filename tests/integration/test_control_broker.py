@@ -237,3 +237,60 @@ async def test_a_ramp_under_the_verdict_gate_moves_only_on_the_aggregators_go(
         assert any(
             n.from_epoch == adv.from_epoch and n.applied_at_ms <= adv.applied_at_ms for n in noted
         ), (adv, noted)
+
+
+async def test_ctl_promote_needs_a_quality_verdict_about_the_running_candidate(
+    bootstrap: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``control.promote_gate = "quality"``: a passing verdict about another candidate version
+    (the one a redeploy replaced) promotes nothing; ``sidecar ctl promote`` names the version
+    the live instances report, and promotes once the verdict is about it."""
+    from kafka_helpers import write_toml
+
+    from sidecar.cli import build_parser
+    from sidecar.control import CommandArgs, ControlCommand, Verdict
+    from sidecar.control.client import issue
+
+    cfg = control_config(bootstrap, tmp_path, control={"promote_gate": "quality"})
+    assert cfg.models.candidate is not None
+    running_version = cfg.models.candidate.version
+    guard = SigningKey.from_file(tmp_path / "keys" / "dev-guard.key")
+    path = write_toml(cfg, tmp_path / "sidecar.toml")
+    operator = str(tmp_path / "keys" / "dev-operator.key")
+    promote = ["ctl", "promote", "--config", str(path), "--key", operator, "--reason", "wins"]
+
+    async def quality_verdict(candidate: str, window_end_ms: int) -> None:
+        cmd = ControlCommand(
+            command_id=f"quality-verdict:{cfg.rollout.name}:{candidate}:{window_end_ms}",
+            rollout=cfg.rollout.name,
+            action="verdict",
+            issued_by=guard.principal or guard.id,
+            reason="quality window",
+            issued_at_ms=now_ms(),
+            args=CommandArgs(
+                verdict=Verdict(
+                    quality_ok=True,
+                    window_end_ms=window_end_ms,
+                    detail="met",
+                    candidate_version=candidate,
+                    champion_version=cfg.models.champion.version,
+                )
+            ),
+        )
+        result = await issue(cfg, cmd, key=guard, trust=trust_of(cfg))
+        assert result.code == EXIT_OK, result.message
+
+    await setup(cfg)
+    async with running(cfg, 1) as (inst,):
+        await quality_verdict("0.9.0", now_ms())  # the candidate before the redeploy
+        capsys.readouterr()
+        assert await run_ctl(build_parser().parse_args(promote)) == EXIT_REJECTED
+        refused = capsys.readouterr().err
+        assert f"about candidate 0.9.0, not {running_version}" in refused
+        assert inst.policy.current.mode is not Mode.PROMOTED
+
+        await quality_verdict(running_version, now_ms())
+        assert await run_ctl(build_parser().parse_args(promote)) == EXIT_OK
+        assert inst.policy.current.mode is Mode.PROMOTED
+    applied = [r for r in await audits(cfg) if r.outcome == "applied" and r.action == "promote"]
+    assert len(applied) == 1

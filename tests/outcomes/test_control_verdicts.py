@@ -12,7 +12,7 @@ from test_gates import verdict
 
 from sidecar.config import SidecarConfig
 from sidecar.control import Applied, ControlConfig, Rejected, RejectReason, apply, initial_state
-from sidecar.control.commands import ControlCommand, sign_command, verify_command
+from sidecar.control.commands import CommandArgs, ControlCommand, sign_command, verify_command
 from sidecar.control.keys import TrustStore, write_key_set
 from sidecar.errors import ConfigError
 from sidecar.outcomes.gates import quality_gate
@@ -23,7 +23,7 @@ from sidecar.routing import Mode
 T0 = 1_800_000_000_000
 
 
-def promote(issued_at_ms: int, epoch: int) -> ControlCommand:
+def promote(issued_at_ms: int, epoch: int, candidate: str | None = "2.1.0") -> ControlCommand:
     return ControlCommand(
         command_id=f"promote-{issued_at_ms}",
         rollout="fraud-v2",
@@ -32,6 +32,7 @@ def promote(issued_at_ms: int, epoch: int) -> ControlCommand:
         reason="quality looks right",
         issued_at_ms=issued_at_ms,
         expected_epoch=epoch,
+        args=CommandArgs(candidate_version=candidate),
     )
 
 
@@ -50,6 +51,8 @@ def test_a_quality_verdict_command_carries_the_gate_and_no_epoch() -> None:
         assert cmd.action == "verdict" and cmd.expected_epoch is None
         assert cmd.args.verdict is not None and cmd.args.verdict.guards_ok is None
         assert "2.1.0 vs fraud-lr 1.4.0" in cmd.args.verdict.detail  # the models judged
+        assert cmd.args.verdict.candidate_version == "2.1.0"
+        assert cmd.args.verdict.champion_version == "1.4.0"
     assert good.args.verdict is not None and good.args.verdict.quality_ok is True
     assert bad.args.verdict is not None and bad.args.verdict.quality_ok is False
     assert good.command_id == "quality-verdict:fraud-v2:2.1.0:3000"
@@ -64,6 +67,9 @@ def test_promotion_waits_for_the_stages_verdict(diff: float, promotes: bool) -> 
     noted = apply(s, gated(diff), T0 + 1, config=config)
     assert not isinstance(noted, Rejected)
     s = noted.new_state
+    for other in ("2.2.0", None):  # a verdict about 2.1.0 never promotes another candidate
+        elsewhere = apply(s, promote(T0 + 2, s.epoch, other), T0 + 2, config=config)
+        assert isinstance(elsewhere, Rejected) and elsewhere.reason is RejectReason.TOO_EARLY
     out = apply(s, promote(T0 + 2, s.epoch), T0 + 2, config=config)
     if promotes:
         assert isinstance(out, Applied) and out.new_state.mode is Mode.PROMOTED

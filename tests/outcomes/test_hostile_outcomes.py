@@ -18,12 +18,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 from records import Rec
 from test_hostile_input import ENC, FUZZ, hostile_json, valid_comparison
+from test_join import Feed, W, comparison, outcome
 
 from sidecar.contracts import MAX_EPOCH_MS
 from sidecar.outcomes.chunks import comparison_arrays, decode
-from sidecar.outcomes.contract import Outcome, decode_outcome
+from sidecar.outcomes.contract import MAX_VALUE, Outcome, decode_outcome
 from sidecar.outcomes.decode import ChunkBuilder, Skipped, decode_comparisons
-from sidecar.outcomes.join import JoinTask, Windows, request_prefix
+from sidecar.outcomes.join import (
+    MAX_OUTCOME_LEAD_MS,
+    MAX_PAIRS,
+    MAX_ROLLOUTS,
+    JoinTask,
+    Windows,
+    request_prefix,
+)
 from sidecar.outcomes.settings import OutcomesSettings
 from sidecar.outcomes.store import Store
 
@@ -233,3 +241,82 @@ def test_a_poll_too_big_for_one_record_together_is_one_chunk_per_input() -> None
     assert all(len(r) <= limit and decode(r) == c for c, r in chunks)
     assert chunks[0][0].comparisons == one.comparisons
     assert chunks[1][0].outcomes == one.outcomes
+
+
+# -- numbers out of range, outcomes dated in seconds, made-up rollout names ----------------
+
+
+def test_an_outcome_value_near_the_float_maximum_is_refused_with_its_reason() -> None:
+    """1.7e308 is valid JSON and a finite float: accepted, its cost (and the cost's square)
+    overflowed to inf in the window's accumulator, and from there into the rollout's verdict,
+    for good."""
+    got = decode_outcome(ENC.encode({**valid_outcome(1), "value": 1.7e308}))
+    assert isinstance(got, tuple) and got[0] == "schema" and "value" in got[1]
+    top = decode_outcome(ENC.encode({**valid_outcome(1), "value": MAX_VALUE}))
+    assert isinstance(top, Outcome) and top.value == MAX_VALUE
+
+
+def test_one_huge_outcome_value_leaves_good_traffic_cost_figures_finite(tmp_path: Path) -> None:
+    feed = Feed(tmp_path / "t", cost_value="both")
+    feed.comparisons(*(comparison(f"r{i}", 1000 + i) for i in range(20)))
+    good = [outcome(f"r{i}", i % 2 == 0, 2000, value=10.0) for i in range(19)]
+    feed.outcomes(*good, outcome("r19", True, 2000, value=1.7e308))
+    report = feed.task.report(feed.pair, 0, "provisional", 0)
+    assert report.champion.mean_cost.ok and report.diff.cost.ok
+    assert report.counts.labelled == 19
+
+
+@pytest.mark.parametrize(
+    ("outcome_ts", "counts"),
+    [
+        (1_700_000_000, False),  # the same moment in seconds: decades before the request
+        (0, False),
+        (1_700_000_000_000 - MAX_OUTCOME_LEAD_MS - 1, False),
+        (1_700_000_000_000 - 1_000, True),  # a second early: two clocks disagreeing
+        (1_700_000_000_000 + 1_000, True),
+    ],
+)
+def test_an_outcome_long_before_its_request_is_outside_its_window(
+    tmp_path: Path, outcome_ts: int, counts: bool
+) -> None:
+    """The label window is *after* the request: an outcome dated decades earlier (a producer
+    writing seconds) was joined and judged as the request's truth."""
+    t = 1_700_000_000_000
+    ws = t - t % W
+    for order in ("comparison first", "outcome first"):
+        feed = Feed(tmp_path / order.replace(" ", "-"))
+        late = outcome("a", True, outcome_ts)
+        if order == "outcome first":
+            feed.outcomes(late)
+        feed.comparisons(comparison("a", t))
+        if order == "comparison first":
+            feed.outcomes(late)
+        c = feed.counts(ws)
+        assert (c.labelled, c.outside_window) == ((1, 0) if counts else (0, 1)), order
+        feed.task.store.close()
+
+
+def test_made_up_rollout_names_cannot_grow_a_task_without_bound(tmp_path: Path) -> None:
+    """Anyone who can write to the comparisons topic could name a new rollout (or version) in
+    every record: each became a rollout pair for ever (memory, store, reports, metric
+    labels), and every outcome was then looked up under every rollout (10,000 made-up
+    rollouts: ~60 ms an outcome). Pairs beyond the limits are left out and counted; the real
+    rollout's requests still count."""
+    feed = Feed(tmp_path / "t")
+    feed.comparisons(comparison("real-0", 1000))
+    fakes = [
+        comparison(f"x{i}", 1000, rollout=f"fake-{i % (MAX_ROLLOUTS + 5)}", cand=f"9.{i}")
+        for i in range(MAX_PAIRS + 50)
+    ]
+    stats = feed.comparisons(*fakes)
+    assert len(feed.task.pairs) <= MAX_PAIRS and len(feed.task.rollouts) <= MAX_ROLLOUTS
+    assert stats.refused == MAX_PAIRS + 50 - (len(feed.task.pairs) - 1) > 0
+    assert stats.refused_pair is not None and stats.refused_pair.rollout.startswith("fake-")
+    # The real rollout still counts its requests and their outcomes, and a restart agrees.
+    feed.comparisons(comparison("real-1", 1100), *fakes[-3:])
+    feed.outcomes(outcome("real-0", True, 2000), outcome("real-1", False, 2000))
+    feed.reopen()
+    assert len(feed.task.pairs) <= MAX_PAIRS
+    (real,) = (p for p in feed.task.pairs.values() if p.key.rollout == "ro")
+    c = feed.task.report(real, 0, "provisional", 0).counts
+    assert (c.requests, c.labelled, c.positives) == (2, 2, 1)

@@ -144,11 +144,8 @@ _SCORE_1, _SCORE_2, _DECISION_1, _DECISION_2 = (
 
 
 def _scores(views: list[ComparisonView], get: Callable[[Any], Any]) -> npt.NDArray[np.float64]:
-    """Scores as float64 (None -> NaN)."""
-    try:  # the usual poll: every arm scored (a None stops ``fromiter``)
-        return np.fromiter(map(get, views), dtype=np.float64, count=len(views))
-    except TypeError:
-        return np.array(list(map(get, views)), dtype=np.float64)
+    """Scores as float64 (None -> NaN, as numpy converts it)."""
+    return np.fromiter(map(get, views), dtype=np.float64, count=len(views))
 
 
 def _decisions(views: list[ComparisonView], get: Callable[[Any], Any]) -> npt.NDArray[np.int8]:

@@ -27,8 +27,10 @@ from .settings import RolloutQuality
 
 CHUNK_VERSION = 1
 #: Rows per input chunk at most: a chunk must fit one record (ids ~20-40 bytes, columns
-#: 34 bytes a comparison, 26 an outcome).
-MAX_CHUNK_ROWS = 8_000
+#: 34 bytes a comparison, 26 an outcome: 10,000 rows ~550-750 kB; longer ids are split by
+#: size). As many as ``outcomes.max_batch``'s default, so that a poll is one chunk: each
+#: chunk is a changelog record, a store write and an apply of its own.
+MAX_CHUNK_ROWS = 10_000
 
 Id = Annotated[str, msgspec.Meta(max_length=256)]
 

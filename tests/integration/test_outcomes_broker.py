@@ -262,6 +262,42 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+async def test_a_fetched_poll_not_yet_applied_holds_the_inputs_back_from_their_end(
+    bootstrap: str, tmp_path: Path
+) -> None:
+    """Polls are pipelined (the next one fetched while the last is written and applied): while
+    a task has a fetched poll not applied, its comparisons do not count as read to their end
+    (that would let stream time run on the wall clock past records still in hand)."""
+    cfg = outcomes_config(bootstrap, tmp_path / "state", outcomes={"max_batch": 500})
+    await create_topics(cfg)
+    s = stream(2000, seed=5)
+    await feed(cfg, s)
+    service = OutcomesService(cfg)
+    task = asyncio.create_task(service.run())
+    topic = cfg.topics.comparisons
+    try:
+        deadline = time.monotonic() + 60
+        while service.applied.comparisons < len(s.ids) and time.monotonic() < deadline:
+            assert not task.done()
+            await asyncio.sleep(0.1)
+        assert service.applied.comparisons == len(s.ids)
+        (p,) = [p for p, rt in service.tasks.items() if rt.join and rt.join.meta.stored]
+        read: list[bool] = []
+        while not any(read) and time.monotonic() < deadline:
+            read.append(await service._read_to_end(p, topic))
+            await asyncio.sleep(0.05)
+        assert read[-1], "the task's comparisons were never read to their end"
+        service._unapplied[p] += 1  # as the loop counts a poll it fetched for the task
+        try:
+            assert not await service._read_to_end(p, topic)
+        finally:
+            service._unapplied[p] -= 1
+        assert await service._read_to_end(p, topic)
+    finally:
+        service.request_stop()
+        await task
+
+
 @pytest.mark.slow
 async def test_sigkill_mid_stream_loses_and_double_counts_nothing(
     bootstrap: str, tmp_path: Path, free_port: int

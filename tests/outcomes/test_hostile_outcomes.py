@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -20,7 +21,7 @@ from test_hostile_input import ENC, FUZZ, hostile_json, valid_comparison
 from test_join import Feed, W, comparison, outcome
 
 from sidecar.contracts import MAX_EPOCH_MS
-from sidecar.outcomes.chunks import decode
+from sidecar.outcomes.chunks import comparison_arrays, decode
 from sidecar.outcomes.contract import MAX_VALUE, Outcome, decode_outcome
 from sidecar.outcomes.decode import ChunkBuilder, Skipped, decode_comparisons
 from sidecar.outcomes.join import (
@@ -150,6 +151,96 @@ def test_a_poll_too_big_for_one_record_is_split() -> None:
     spans = [c.offsets["c"] for c, _ in chunks]
     assert spans[0][0] == 0 and spans[-1][1] == 3000
     assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+
+
+def _poll(values: list[bytes | None]) -> tuple[Any, Skipped]:
+    skipped = Skipped()
+    ((chunk, raw),) = ChunkBuilder(SETTINGS).build(
+        0, [Rec(v, offset=10 + i) for i, v in enumerate(values)], [], NOW, skipped
+    )
+    assert decode(raw) == chunk
+    return chunk, skipped
+
+
+def test_one_bad_record_in_a_poll_leaves_only_itself_out() -> None:
+    """A poll decodes in one pass while every record is a comparison; one record that is
+    not (broken JSON, a null value, a wrong type) sends the poll record by record, and exactly
+    those records are skipped and counted, the others kept in order."""
+    values: list[bytes | None] = [ENC.encode(valid_comparison(i)) for i in range(6)]
+    values[1] = values[1][:-5]  # cut short
+    values[3] = None  # a tombstone
+    wrong = valid_comparison(4)
+    wrong["ts"] = "yesterday"
+    values[4] = ENC.encode(wrong)
+    views = decode_comparisons(values)
+    assert [v is None for v in views] == [False, True, False, True, True, False]
+    assert [v.request_id for v in views if v is not None] == ["r-0", "r-2", "r-5"]
+    chunk, skipped = _poll(values)
+    assert skipped.counts == {("comparisons", "undecodable"): 3}
+    assert chunk.comparisons.ids == ["r-0", "r-2", "r-5"]
+    assert chunk.offsets == {"c": (10, 16)}
+
+
+def test_a_poll_of_good_records_is_decoded_as_record_by_record() -> None:
+    values: list[bytes | None] = [ENC.encode(valid_comparison(i)) for i in range(5)]
+    assert decode_comparisons(values) == [decode_comparisons([v])[0] for v in values]
+
+
+def test_arms_without_scores_or_decisions_are_columns_of_nan_and_minus_one() -> None:
+    """Scores and decisions are read a column at a time; an arm with none (null or absent)
+    is NaN / -1 in them, the others as they were (decisions 0/1)."""
+    docs = [valid_comparison(i) for i in range(4)]
+    docs[1]["champion"]["score"] = None
+    del docs[2]["candidate"]["decision"]
+    docs[3]["candidate"]["decision"] = None
+    chunk, skipped = _poll([ENC.encode(d) for d in docs])
+    assert skipped.counts == {}
+    c = comparison_arrays(chunk.comparisons)
+    assert np.isnan(c["champion"]).tolist() == [False, True, False, False]
+    assert c["candidate"].tolist() == [0.7] * 4
+    assert c["champion_decision"].tolist() == [0, 0, 0, 0]
+    assert c["candidate_decision"].tolist() == [1, 1, -1, -1]
+    assert c["ts"].tolist() == [d["ts"] for d in docs]
+
+
+def test_a_comparison_dated_ahead_among_good_ones_is_the_only_one_skipped() -> None:
+    docs = [valid_comparison(i) for i in range(4)]
+    docs[2]["ts"] = NOW + SETTINGS.max_future_ms + 1
+    chunk, skipped = _poll([ENC.encode(d) for d in docs])
+    assert skipped.counts == {("comparisons", "future"): 1}
+    assert chunk.comparisons.ids == ["r-0", "r-1", "r-3"]
+    assert comparison_arrays(chunk.comparisons)["ts"].tolist() == [docs[i]["ts"] for i in (0, 1, 3)]
+    assert chunk.stream_ms == docs[3]["ts"]
+
+
+def test_comparisons_of_several_rollout_pairs_name_their_pair() -> None:
+    docs = [valid_comparison(i) for i in range(4)]
+    docs[1]["candidate"]["version"] = "3.0.0"
+    docs[3]["rollout"] = "other"
+    chunk, _ = _poll([ENC.encode(d) for d in docs])
+    keys = [(p.rollout, p.candidate_version) for p in chunk.pairs]
+    assert keys == [("fraud-v2", "2.0.0"), ("fraud-v2", "3.0.0"), ("other", "2.0.0")]
+    assert comparison_arrays(chunk.comparisons)["pair"].tolist() == [0, 1, 0, 2]
+
+
+def test_a_poll_too_big_for_one_record_together_is_one_chunk_per_input() -> None:
+    """A poll's comparisons and outcomes go in one chunk; when that is too big but each
+    input fits alone, they are its two chunks (built once: skipped records counted once)."""
+    comparisons = [ENC.encode(valid_comparison(i)) for i in range(40)] + [b"{"]
+    outcomes = [ENC.encode(valid_outcome(i)) for i in range(40)]
+    c_recs = [Rec(v, offset=i) for i, v in enumerate(comparisons)]
+    o_recs = [Rec(v, offset=i) for i, v in enumerate(outcomes)]
+    skipped = Skipped()
+    ((one, raw),) = ChunkBuilder(SETTINGS).build(0, c_recs, o_recs, NOW, skipped)
+    assert skipped.counts == {("comparisons", "undecodable"): 1}
+    limit = len(raw) - 1
+    skipped = Skipped()
+    chunks = ChunkBuilder(SETTINGS).build(0, c_recs, o_recs, NOW, skipped, max_bytes=limit)
+    assert skipped.counts == {("comparisons", "undecodable"): 1}
+    assert [c.offsets for c, _ in chunks] == [{"c": (0, 41)}, {"o": (0, 40)}]
+    assert all(len(r) <= limit and decode(r) == c for c, r in chunks)
+    assert chunks[0][0].comparisons == one.comparisons
+    assert chunks[1][0].outcomes == one.outcomes
 
 
 # -- numbers out of range, outcomes dated in seconds, made-up rollout names ----------------

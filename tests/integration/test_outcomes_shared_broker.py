@@ -20,7 +20,7 @@ from sidecar.outcomes.partials import DECODER, MergedQualityWindow, QualityParti
 from sidecar.outcomes.report import PairKey, QualityReport, QualityVerdict
 from sidecar.outcomes.service import OutcomesService
 
-pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(120)]
 
 N = 3000
 

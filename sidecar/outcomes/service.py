@@ -955,8 +955,10 @@ class OutcomesService:
 
     async def _publish_merged(self, out: MergeOutput, now: int) -> None:
         """What the merge stage says: provisional reports, then per final window its report,
-        the pair's verdict, and last the record that the window is merged (a crash before it
-        merges and publishes the window again: at-least-once, like the reports)."""
+        the pair's verdict, the record that the window is merged (a crash before it merges and
+        publishes the window again: at-least-once, like the reports), and last a tombstone
+        for each task's partial of it, which a rebuild no longer needs (compaction drops them:
+        the topic keeps one record per merged window, not one per task)."""
         assert self._publisher is not None
         for report in out.provisional:
             await self._publish_report(report, now)
@@ -964,14 +966,18 @@ class OutcomesService:
             await self._publish_report(merged.report, now)
             if merged.verdict is not None:
                 await self._publish_verdict(merged.verdict)
-            rollout = merged.record.rollout
+            rollout, ws = merged.record.rollout, merged.record.window_start_ms
+            key = PairKey(*merged.record.key)
+            topic = self.settings.partials_topic_name
+            partition = kafka_partition(rollout.encode(), self._partials_partitions)
             await self._publisher.send(
-                Send(
-                    self.settings.partials_topic_name,
-                    _JSON.encode(merged.record),
-                    merged_key(PairKey(*merged.record.key), merged.record.window_start_ms),
-                    partition=kafka_partition(rollout.encode(), self._partials_partitions),
-                )
+                Send(topic, _JSON.encode(merged.record), merged_key(key, ws), partition=partition)
+            )
+            await self._publisher.send_all(
+                [
+                    Send(topic, None, partial_key(key, ws, task), partition=partition)
+                    for task in range(self._partitions)
+                ]
             )
 
     def _due(self, ready: list[TaskRuntime]) -> list[tuple[list[Holder], int]]:

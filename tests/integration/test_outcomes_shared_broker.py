@@ -16,7 +16,7 @@ from kafka_helpers import create_topics, produce, read_topic
 from outcomes.outcome_support import ROLLOUT, final_reports, outcomes_config, stream
 
 from sidecar.config import SidecarConfig
-from sidecar.outcomes.partials import DECODER, MergedQualityWindow, QualityPartial
+from sidecar.outcomes.partials import DECODER, MergedQualityWindow, QualityPartial, partial_key
 from sidecar.outcomes.report import PairKey, QualityReport, QualityVerdict
 from sidecar.outcomes.service import OutcomesService
 
@@ -170,15 +170,20 @@ async def test_two_instances_merge_a_shared_rollout_as_one_instance_judges_it(
         for r in await read_topic(bootstrap, cfg.outcomes.quality_topic, idle_s=1)
     ]
     assert final_reports(reports).keys() == want_finals.keys()
+    raw = await read_topic(bootstrap, cfg.outcomes.partials_topic_name, idle_s=1)
     records = [
-        DECODER.decode(r.value)
-        for r in await read_topic(bootstrap, cfg.outcomes.partials_topic_name, idle_s=1)
-        if r.value and r.key and not r.key.endswith(b"barrier")
+        DECODER.decode(r.value) for r in raw if r.value and r.key and not r.key.endswith(b"barrier")
     ]
     merged = [r for r in records if isinstance(r, MergedQualityWindow)]
     assert sorted(r.window_start_ms for r in merged) == sorted(k[3] for k in want_finals)
     finals = {(r.window_start_ms, r.task) for r in records if isinstance(r, QualityPartial)}
     assert {t for _, t in finals} == {0, 1, 2}
+    # After a window's merged record, a tombstone for each task's partial of it (compaction
+    # then keeps one record per merged window).
+    last_of: dict[bytes, bytes | None] = {r.key: r.value for r in raw if r.key}
+    for m in merged:
+        for task in (0, 1, 2):
+            assert last_of[partial_key(m.key, m.window_start_ms, task)] is None
     # A new instance alone (the others gone, no store) rebuilds the merge from the topic: it
     # reports no window again and holds the same verdict.
     c = OutcomesService(with_state(cfg, tmp_path / "c"))

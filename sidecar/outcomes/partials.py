@@ -129,9 +129,11 @@ def pair_hash(key: PairKey) -> str:
     return f"{zlib.crc32(repr(tuple(key)).encode()):08x}"
 
 
-def partial_key(key: PairKey, window_start_ms: int, task: int) -> bytes:
-    """Per (pair, window, task): a task's final partial replaces its provisional ones."""
-    return f"partial/{key.rollout}/{pair_hash(key)}/{window_start_ms}/{task}".encode()
+def partial_key(key: PairKey, window_start_ms: int, task: int, status: str = "final") -> bytes:
+    """Per (pair, window, task, status): a task's newer provisional partial replaces its older
+    ones, and its final one is kept apart, so that compaction never lets a stale provisional
+    (written late, in a rebalance) replace the final one (the merger never lets it either)."""
+    return f"partial/{key.rollout}/{pair_hash(key)}/{window_start_ms}/{task}/{status}".encode()
 
 
 def merged_key(key: PairKey, window_start_ms: int) -> bytes:

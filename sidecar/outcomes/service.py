@@ -932,7 +932,7 @@ class OutcomesService:
                         Send(
                             topic,
                             _JSON.encode(part),
-                            partial_key(key, ws, rt.partition),
+                            partial_key(key, ws, rt.partition, status),
                             partition=kafka_partition(key.rollout.encode(), partition),
                         )
                     )
@@ -975,8 +975,9 @@ class OutcomesService:
             )
             await self._publisher.send_all(
                 [
-                    Send(topic, None, partial_key(key, ws, task), partition=partition)
+                    Send(topic, None, partial_key(key, ws, task, status), partition=partition)
                     for task in range(self._partitions)
+                    for status in ("provisional", "final")
                 ]
             )
 

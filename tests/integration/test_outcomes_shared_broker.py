@@ -184,6 +184,7 @@ async def test_two_instances_merge_a_shared_rollout_as_one_instance_judges_it(
     for m in merged:
         for task in (0, 1, 2):
             assert last_of[partial_key(m.key, m.window_start_ms, task)] is None
+            assert last_of.get(partial_key(m.key, m.window_start_ms, task, "provisional")) is None
     # A new instance alone (the others gone, no store) rebuilds the merge from the topic: it
     # reports no window again and holds the same verdict.
     c = OutcomesService(with_state(cfg, tmp_path / "c"))

@@ -197,7 +197,7 @@ def test_a_merger_rebuilt_from_the_topic_counts_each_window_once(compacted: bool
     topic: list[tuple[bytes, bytes]] = []
 
     def send(p: QualityPartial) -> None:
-        topic.append((partial_key(KEY, p.window_start_ms, p.task), enc(p)))
+        topic.append((partial_key(KEY, p.window_start_ms, p.task, p.status), enc(p)))
 
     first = merger()
     for t in range(TASKS):  # window 0 complete, window 1000 missing task 2 so far
@@ -226,6 +226,26 @@ def test_a_merger_rebuilt_from_the_topic_counts_each_window_once(compacted: bool
     assert merged.verdict is not None
     assert merged.verdict.judged_pairs == 300 + 250 + 280 + 310 + 260
     assert merged.verdict.windows == 2
+
+
+def test_a_stale_provisional_written_after_the_final_partial_survives_compaction_harmlessly() -> (
+    None
+):
+    """In a rebalance a task's old owner may write a provisional partial after the new owner
+    wrote the final one. Provisional and final partials have their own keys, so compaction
+    keeps the final one, and a merger rebuilt from the compacted topic merges the window."""
+    enc = msgspec.json.encode
+    topic: list[tuple[bytes, bytes]] = []
+    for t in range(TASKS):
+        final = part(t, 0, ACCS[0][t])
+        topic.append((partial_key(KEY, 0, t, "final"), enc(final)))
+    stale = part(1, 0, ACCS[0][1], "provisional")
+    topic.append((partial_key(KEY, 0, 1, stale.status), enc(stale)))
+    rebuilt = merger()
+    replay(compact(topic), rebuilt, 0)
+    (done,) = rebuilt.due(0, provisional=False).final
+    assert done.report.tasks_missing == []
+    assert figures_of(done.report) == expected_report(0, total(0))
 
 
 def test_hostile_partials_are_refused_before_they_change_anything() -> None:

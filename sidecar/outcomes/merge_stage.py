@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from itertools import chain
 from typing import Any
@@ -29,6 +30,8 @@ from .publish import Publisher, Send
 
 log = logging.getLogger(__name__)
 
+#: At most one warning this often about unusable records (a flood of junk stays one line).
+UNDECODABLE_LOG_S = 60.0
 #: Key of the barrier records the stage writes to find the end of a partition it reads.
 MERGE_BARRIER_KEY = b"merge-barrier"
 
@@ -62,6 +65,8 @@ class QualityMergeStage:
         self.partials = 0
         self.merged_read = 0
         self.undecodable = 0
+        self._warned_at = -UNDECODABLE_LOG_S
+        self._unwarned = 0
 
     def _new_merger(self) -> QualityMerger:
         s = self.settings
@@ -163,13 +168,18 @@ class QualityMergeStage:
                     self.partials += 1
             except (msgspec.DecodeError, ValueError) as exc:  # untrusted, like every topic
                 self.undecodable += 1
-                log.warning(
-                    "skipped partials record %s[%d]@%d: %s",
-                    self.topic,
-                    record.partition,
-                    record.offset,
-                    error_text(exc),
-                )
+                self._unwarned += 1
+                if time.monotonic() - self._warned_at >= UNDECODABLE_LOG_S:  # no log flood
+                    self._warned_at = time.monotonic()
+                    log.warning(
+                        "skipped %d unusable partials record(s), the latest %s[%d]@%d: %s",
+                        self._unwarned,
+                        self.topic,
+                        record.partition,
+                        record.offset,
+                        error_text(exc),
+                    )
+                    self._unwarned = 0
         if self.catching_up or self._consumer is None or not self.assignment:
             return
         interval = self.settings.provisional_interval_ms

@@ -11,7 +11,10 @@
 # Every name below can be overridden from the environment; the defaults are the sidecar's config
 # defaults (tests/test_kafka_acls.py checks that). Set SIDECAR_GROUP to your kafka.group_id and
 # OUTCOMES_GROUP to your outcomes.group_id (it also names the outcomes stage's internal topics
-# OUTCOMES_GROUP.by-task and OUTCOMES_GROUP.changelog and its router group OUTCOMES_GROUP.router).
+# OUTCOMES_GROUP.by-task and OUTCOMES_GROUP.changelog, its router group OUTCOMES_GROUP.router,
+# and, for comparisons keyed by routing key, its partials topic OUTCOMES_GROUP.partials (set
+# OUTCOMES_PARTIALS_TOPIC if outcomes.partials_topic names another) and merge group
+# OUTCOMES_GROUP.merge).
 # KAFKA_ACLS=echo prints the kafka-acls.sh commands instead of running them. Adding an ACL that
 # exists is a no-op, so the script can run again; it never removes an ACL (list them with
 # `kafka-acls.sh --list`). The consumers of the decisions topic need their own Read ACLs.
@@ -28,9 +31,11 @@
 #                                                                                and AGGREGATOR_GROUP.merge)
 #   outcomes    OUTCOMES_PRINCIPAL      quality, verdicts, dead letters,         comparisons + by-task
 #               (`sidecar outcomes      control (quality rollback/pause,         (group OUTCOMES_GROUP),
-#               run`, a guard key)      signed verdicts), by-task, changelog     outcomes (group
-#                                                                                OUTCOMES_GROUP.router),
-#                                                                                changelog (no group)
+#               run`, a guard key)      signed verdicts), by-task, changelog,    outcomes (group
+#                                       outcomes partials                        OUTCOMES_GROUP.router),
+#                                                                                changelog (no group),
+#                                                                                outcomes partials (group
+#                                                                                OUTCOMES_GROUP.merge)
 #   producer    PRODUCER_PRINCIPAL      requests (only if set)                   -
 #   outcome     OUTCOME_PRODUCER_       outcomes (only if set: your ground       -
 #   producer    PRINCIPAL               truth, e.g. chargebacks)
@@ -104,6 +109,8 @@ OUTCOMES_GROUP="${OUTCOMES_GROUP:-sidecar-outcomes}"
 BY_TASK_TOPIC="$OUTCOMES_GROUP.by-task"
 CHANGELOG_TOPIC="$OUTCOMES_GROUP.changelog"
 ROUTER_GROUP="$OUTCOMES_GROUP.router"
+MERGE_GROUP="$OUTCOMES_GROUP.merge"
+OUTCOMES_PARTIALS_TOPIC="${OUTCOMES_PARTIALS_TOPIC:-$OUTCOMES_GROUP.partials}"
 OUTPUT_VERSION_TOPICS="${OUTPUT_VERSION_TOPICS:-}"   # versioned outputs: no default (see above)
 READER_GROUPS="${READER_GROUPS:-}"
 
@@ -143,7 +150,7 @@ done
 [[ -z "$OUTCOME_PRODUCER_PRINCIPAL" ]] || check_principal OUTCOME_PRODUCER_PRINCIPAL
 for var in REQUESTS_TOPIC DECISIONS_TOPIC COMPARISONS_TOPIC DEAD_LETTER_TOPIC CONTROL_TOPIC \
            STATUS_TOPIC AUDIT_TOPIC REPORTS_TOPIC PARTIALS_TOPIC SIDECAR_GROUP AGGREGATOR_GROUP \
-           OUTCOMES_TOPIC QUALITY_TOPIC VERDICTS_TOPIC OUTCOMES_GROUP; do
+           OUTCOMES_TOPIC QUALITY_TOPIC VERDICTS_TOPIC OUTCOMES_GROUP OUTCOMES_PARTIALS_TOPIC; do
   check_name "$var"
 done
 split_names OUTPUT_VERSION_TOPICS OUTPUT_VERSION_TOPICS_LIST
@@ -196,11 +203,14 @@ allow "$AGGREGATOR_PRINCIPAL" Write "topic:$REPORTS_TOPIC" "topic:$DEAD_LETTER_T
 # and commits there; its router consumes the outcomes topic in OUTCOMES_GROUP.router and writes
 # by-task (outcomes and heartbeats) and dead letters (bad outcomes); each task writes its store's
 # changelog and replays it at start (assigned, no group); reports, verdicts and signed commands
-# (quality rollback/pause, `verdict`) go to the quality, verdicts and control topics. It reads
-# no topic config and creates no topic that exists (see above).
+# (quality rollback/pause, `verdict`) go to the quality, verdicts and control topics. With
+# comparisons keyed by routing key each task writes quality partials, and the merge stage reads
+# them back in OUTCOMES_GROUP.merge (and writes its merged records and barriers there). It
+# reads no topic config and creates no topic that exists (see above).
 allow "$OUTCOMES_PRINCIPAL" Read "topic:$COMPARISONS_TOPIC" "topic:$OUTCOMES_TOPIC" \
-  "group:$OUTCOMES_GROUP" "group:$ROUTER_GROUP"
-allow "$OUTCOMES_PRINCIPAL" Read,Write "topic:$BY_TASK_TOPIC" "topic:$CHANGELOG_TOPIC"
+  "group:$OUTCOMES_GROUP" "group:$ROUTER_GROUP" "group:$MERGE_GROUP"
+allow "$OUTCOMES_PRINCIPAL" Read,Write "topic:$BY_TASK_TOPIC" "topic:$CHANGELOG_TOPIC" \
+  "topic:$OUTCOMES_PARTIALS_TOPIC"
 allow "$OUTCOMES_PRINCIPAL" Write "topic:$QUALITY_TOPIC" "topic:$VERDICTS_TOPIC" \
   "topic:$DEAD_LETTER_TOPIC" "topic:$CONTROL_TOPIC"
 

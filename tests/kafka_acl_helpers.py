@@ -129,10 +129,12 @@ def expected_grants(
         | topic(AGGREGATOR, "Write", reports, t.dead_letter, control)
         # outcomes: the join (comparisons + by-task in its group), the router (outcomes in
         # <group>.router -> by-task, dead letters), the store's changelog (written, replayed
-        # without a group), reports, verdicts and signed commands; no DescribeConfigs, no Create
+        # without a group), reports, verdicts and signed commands; keyed by routing key, the
+        # quality partials (written by the tasks, read back in <group>.merge); no
+        # DescribeConfigs, no Create
         | topic(OUTCOMES, "Read", t.comparisons, o.topic)
-        | {Grant(OUTCOMES, "Read", "group", g) for g in (o.group_id, o.router_group)}
-        | topic(OUTCOMES, "Read,Write", o.by_task_topic, o.changelog_topic)
+        | {Grant(OUTCOMES, "Read", "group", g) for g in (o.group_id, o.router_group, o.merge_group)}
+        | topic(OUTCOMES, "Read,Write", o.by_task_topic, o.changelog_topic, o.partials_topic_name)
         | topic(OUTCOMES, "Write", o.quality_topic, o.verdicts_topic, t.dead_letter, control)
     )
     versions = cfg.outputs.topics()

@@ -351,7 +351,8 @@ def test_the_setup_job_creates_the_users_topics_and_acls(
     # needs it (one partition, kept forever, the broker's append time on every record).
     o = cfg.outcomes
     created = {option_values(a, "--topic")[0]: a for a in calls(log, "kafka-topics.sh")}
-    internal = {o.by_task_topic, o.changelog_topic}  # the outcomes stage's, after its group
+    # The outcomes stage's, after its group.
+    internal = {o.by_task_topic, o.changelog_topic, o.partials_topic_name}
     assert set(cfg.all_topics()) | internal <= set(created)
     assert set(created) <= set(cfg.all_topics()) | {cfg.aggregate.partials_topic} | internal
     for topic, args in created.items():
@@ -378,7 +379,7 @@ def test_the_setup_job_creates_the_users_topics_and_acls(
                 "cleanup.policy=compact,delete",
                 f"retention.ms={o.changelog_retention_ms()}",
             } <= set(topic_configs)
-        elif topic == o.verdicts_topic:
+        elif topic in (o.verdicts_topic, o.partials_topic_name):
             assert "cleanup.policy=compact" in topic_configs
         elif topic != cfg.topics.control:
             assert not any(c.startswith(("cleanup.policy", "retention.")) for c in topic_configs)
@@ -408,7 +409,11 @@ def test_the_setup_job_creates_the_users_topics_and_acls(
     assert services["setup"]["environment"]["SIDECAR_GROUP"] == cfg.kafka.group_id
     # The outcomes principal: what kafka-acls.sh gives it, for docker/sidecar.toml's names.
     outcomes = {g for g in grants if g.principal == "User:outcomes"}
-    assert {g.name for g in outcomes if g.kind == "group"} == {o.group_id, o.router_group}
+    assert {g.name for g in outcomes if g.kind == "group"} == {
+        o.group_id,
+        o.router_group,
+        o.merge_group,
+    }
     assert {g.name for g in outcomes if g.operation == "Write"} >= internal | {
         o.quality_topic,
         o.verdicts_topic,

@@ -149,6 +149,7 @@ def test_defaults_are_the_sidecar_config_defaults(tmp_path: Path) -> None:
         cfg.aggregate.partials_topic,
         o.by_task_topic,
         o.changelog_topic,
+        o.partials_topic_name,
     }
     assert groups == {
         cfg.kafka.group_id,
@@ -156,6 +157,7 @@ def test_defaults_are_the_sidecar_config_defaults(tmp_path: Path) -> None:
         f"{cfg.aggregate.group_id}.merge",
         o.group_id,
         o.router_group,
+        o.merge_group,
     }
     assert not writers(grants, cfg.topics.requests), "no producer grant unless asked for"
     assert not writers(grants, o.topic), "no outcome producer grant unless asked for"
@@ -171,10 +173,11 @@ def test_the_outcomes_stage_is_allowed_what_its_code_does_and_nothing_more(
     mine = {g for g in grants if g.principal == OUTCOMES}
     # Every topic and group the stage's code uses (names from its settings, as the code derives
     # them: sidecar/outcomes/service.py, router.py) ...
-    reads = {t.comparisons, o.topic, o.by_task_topic, o.changelog_topic}
+    reads = {t.comparisons, o.topic, o.by_task_topic, o.changelog_topic, o.partials_topic_name}
     writes = {
         o.by_task_topic,
         o.changelog_topic,
+        o.partials_topic_name,
         o.quality_topic,
         o.verdicts_topic,
         t.dead_letter,
@@ -182,7 +185,11 @@ def test_the_outcomes_stage_is_allowed_what_its_code_does_and_nothing_more(
     }
     assert {g.name for g in mine if g.operation == "Read" and g.kind == "topic"} == reads
     assert {g.name for g in mine if g.operation == "Write"} == writes
-    assert {g.name for g in mine if g.kind == "group"} == {o.group_id, o.router_group}
+    assert {g.name for g in mine if g.kind == "group"} == {
+        o.group_id,
+        o.router_group,
+        o.merge_group,
+    }
     # ... and nothing more: it creates no topic (they are pre-created), reads no topic config,
     # never writes requests, decisions, comparisons, status, audit or the aggregator's reports,
     # and does not read the control topic.
@@ -196,9 +203,10 @@ def test_the_outcomes_stage_is_allowed_what_its_code_does_and_nothing_more(
     renamed = default_config(outcomes={"group_id": "fraud-outcomes"}).outcomes
     (tmp_path / "renamed").mkdir()
     _, grants = run_acls(tmp_path / "renamed", {"OUTCOMES_GROUP": "fraud-outcomes"})
-    for topic in (renamed.by_task_topic, renamed.changelog_topic):
+    for topic in (renamed.by_task_topic, renamed.changelog_topic, renamed.partials_topic_name):
         assert writers(grants, topic) == readers(grants, topic) == {OUTCOMES}
     assert Grant(OUTCOMES, "Read", "group", renamed.router_group) in grants
+    assert Grant(OUTCOMES, "Read", "group", renamed.merge_group) in grants
     assert not {g for g in grants if g.name.startswith(o.group_id)}
 
 

@@ -42,6 +42,7 @@ export OUTCOMES_GROUP="${OUTCOMES_GROUP:-sidecar-outcomes}"
 # The outcomes stage's internal topics, named after its group (sidecar/outcomes/settings.py).
 BY_TASK_TOPIC="$OUTCOMES_GROUP.by-task"
 CHANGELOG_TOPIC="$OUTCOMES_GROUP.changelog"
+export OUTCOMES_PARTIALS_TOPIC="${OUTCOMES_PARTIALS_TOPIC:-$OUTCOMES_GROUP.partials}"
 # The changelog's retention.ms: outcomes.changelog_retention_ms() of docker/sidecar.toml (the
 # longest label window + report window + comparison lateness + outcome grace + extra
 # retention). No default: a changelog that drops records younger than a label window loses the
@@ -106,6 +107,8 @@ done
 # not check the configs of topics that exist: they are set again here in case they changed.
 create "$VERDICTS_TOPIC" "$PARTITIONS" --config cleanup.policy=compact
 create "$BY_TASK_TOPIC" "$PARTITIONS"
+# Quality partials (comparisons keyed by routing key): compacted, the merge stage's whole state.
+create "$OUTCOMES_PARTIALS_TOPIC" "$PARTITIONS" --config cleanup.policy=compact
 create "$CHANGELOG_TOPIC" "$PARTITIONS" --config cleanup.policy=compact,delete \
   --config "retention.ms=$OUTCOMES_CHANGELOG_RETENTION_MS"
 "$KAFKA_BIN/kafka-configs.sh" "${as_admin[@]}" --alter --entity-type topics \

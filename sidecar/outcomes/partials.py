@@ -4,7 +4,8 @@ With ``topics.comparisons_key = "routing_key"`` a rollout's comparisons are spre
 partition, so every task holds a share of each of its windows, and any number of ``sidecar
 outcomes`` instances may own the tasks. Each task sends, per rollout pair and window, a
 ``QualityPartial`` to ``outcomes.partials_topic`` (compacted, on the partition of the rollout,
-key ``partial/<pair>/<window>/<task>``: a task's final partial replaces its provisional ones):
+key ``partial/<pair>/<window>/<task>/<status>``: a task's newer provisional partial replaces
+its older ones, its final one is kept apart):
 provisional ones while the window is mature and changing, and one final one (empty when the
 task has nothing of the window) once the task's stream time passes the window's final time;
 only then does the task mark the window final in its store.
@@ -16,7 +17,7 @@ the partials changed, the final report when every task's final partial is in (or
 were not), then the pair's verdict over its final windows. A merged window goes back to the
 partials topic as a ``MergedQualityWindow`` (key ``merged/<pair>/<window>``): rebuilt from
 the topic, the merger counts that window once, from that record, whatever partials of it are
-read again or arrive late.
+read again or arrive late; tombstones for the window's partials follow it.
 """
 
 from __future__ import annotations

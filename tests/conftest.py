@@ -44,3 +44,24 @@ def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("broker") / "tansu.log"
     with EmbeddedBroker(log_path=log) as broker:
         yield broker.bootstrap_servers
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with slow tests first (each module's tests still together and in order): with
+    two test processes (`-n 2`) the long ones then start early and the short ones fill in at
+    the end, instead of one process running the last slow module while the other waits."""
+
+    def module(item: pytest.Item) -> str:
+        return item.module.__name__ if item.module is not None else ""
+
+    slow: dict[str, int] = {}
+    first_seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        first_seen.setdefault(module(item), i)
+        if item.get_closest_marker("slow") is not None:
+            slow[module(item)] = slow.get(module(item), 0) + 1
+    order = sorted(
+        range(len(items)),
+        key=lambda i: (-slow.get(module(items[i]), 0), first_seen[module(items[i])], i),
+    )
+    items[:] = [items[i] for i in order]

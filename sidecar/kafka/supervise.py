@@ -93,12 +93,17 @@ class Supervisor:
                 else "returned (it should run until the process stops)"
             )
         failure = TaskFailure(task.get_name(), reason, time.time(), error)
+        # Our own errors say what happened and what to do: their traceback (one per task, e.g.
+        # every task's store on a full disk) would bury that line; it stays at debug level.
+        ours = isinstance(error, SidecarError)
         log.error(
             "%s: %s; stopping so that the process is restarted",
             self.component,
             failure,
-            exc_info=error,
+            exc_info=None if ours else error,
         )
+        if ours:
+            log.debug("%s: %s failed", self.component, task.get_name(), exc_info=error)
         if self.failure is None:
             self.failure = failure
             self._on_failure(failure)

@@ -169,3 +169,30 @@ async def test_a_topic_this_principal_may_not_create_says_so(
     monkeypatch.setattr(aiokafka.admin, "AIOKafkaAdminClient", Admin)
     with pytest.raises(BrokerError, match=r"may not create topics .* Create it beforehand"):
         await ensure_topics("unused:9092", ["sidecar-outcomes.by-task"], 3)
+
+
+async def test_our_own_errors_are_logged_without_a_traceback_others_with_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A SidecarError says what happened and what to do (e.g. each task's store on a full
+    disk): its traceback would bury that line, so only a bug's error is logged with one."""
+    import logging
+
+    async def fail(error: BaseException) -> None:
+        raise error
+
+    for error, traced in (
+        (SidecarError("the volume is full: free space"), False),
+        (KeyError("x"), True),
+    ):
+        supervisor = Supervisor("test", lambda _: None)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="sidecar.kafka.supervise"):
+            supervisor.spawn(fail(error), "restore-0", finite=True)
+            await asyncio.sleep(0.02)
+        (line,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert (line.exc_info is not None) is traced
+        assert str(error).strip("'") in line.getMessage()
+        debug = [r for r in caplog.records if r.levelno == logging.DEBUG and r.exc_info]
+        assert bool(debug) is not traced  # ours: the traceback is still there, at debug level
+        await supervisor.stop()

@@ -242,10 +242,12 @@ async def _kill_mid_stream(proc: subprocess.Popen[bytes], port: int, low: int, h
         if consumed >= low:
             break
         await asyncio.sleep(0.05)
-    children = _children(proc.pid)  # its decode helper (and multiprocessing's tracker)
-    assert children, "the stage runs its decode helper process"
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
+    try:
+        children = _children(proc.pid)  # its decode helper (and multiprocessing's tracker)
+        assert children, "the stage runs its decode helper process"
+    finally:  # killed whatever happens: a failing check must not leave the stage running
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
     assert low <= consumed < high, f"killed after {consumed} comparisons: not mid-stream"
     deadline = time.monotonic() + 20
     while any(Path(f"/proc/{c}").exists() for c in children) and time.monotonic() < deadline:

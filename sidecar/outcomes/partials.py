@@ -45,8 +45,8 @@ from .report import (
 )
 
 
-class QualityPartial(msgspec.Struct, frozen=True, kw_only=True, tag="partial", tag_field="kind"):
-    """One task's share of a rollout pair's quality window (``outcomes.partials_topic``)."""
+class _PairWindow(msgspec.Struct, frozen=True, kw_only=True):
+    """A rollout pair's quality window: what both records of the partials topic are about."""
 
     rollout: str
     champion_model: str
@@ -55,6 +55,21 @@ class QualityPartial(msgspec.Struct, frozen=True, kw_only=True, tag="partial", t
     candidate_version: str
     window_start_ms: int
     window_end_ms: int
+
+    @property
+    def key(self) -> PairKey:
+        return PairKey(
+            self.rollout,
+            self.champion_model,
+            self.champion_version,
+            self.candidate_model,
+            self.candidate_version,
+        )
+
+
+class QualityPartial(_PairWindow, frozen=True, kw_only=True, tag="partial", tag_field="kind"):
+    """One task's share of a rollout pair's quality window (``outcomes.partials_topic``)."""
+
     #: The task (comparison-topic partition) this covers, and how many tasks there are.
     task: int
     tasks_total: int
@@ -77,30 +92,11 @@ class QualityPartial(msgspec.Struct, frozen=True, kw_only=True, tag="partial", t
     emitted_at_ms: int = 0
     schema_version: str = OUTPUT_SCHEMA_VERSION
 
-    @property
-    def key(self) -> PairKey:
-        return PairKey(
-            self.rollout,
-            self.champion_model,
-            self.champion_version,
-            self.candidate_model,
-            self.candidate_version,
-        )
 
-
-class MergedQualityWindow(
-    msgspec.Struct, frozen=True, kw_only=True, tag="merged", tag_field="kind"
-):
+class MergedQualityWindow(_PairWindow, frozen=True, kw_only=True, tag="merged", tag_field="kind"):
     """A window the merge stage reported final (same topic): what it counted, so that a
     merger rebuilt from the topic counts it once and reports it no more."""
 
-    rollout: str
-    champion_model: str
-    champion_version: str
-    candidate_model: str
-    candidate_version: str
-    window_start_ms: int
-    window_end_ms: int
     requirement: QualityRequirement
     size: int
     index: list[int] = []
@@ -110,16 +106,6 @@ class MergedQualityWindow(
     tasks_missing: list[int] = []
     emitted_at_ms: int = 0
     schema_version: str = OUTPUT_SCHEMA_VERSION
-
-    @property
-    def key(self) -> PairKey:
-        return PairKey(
-            self.rollout,
-            self.champion_model,
-            self.champion_version,
-            self.candidate_model,
-            self.candidate_version,
-        )
 
 
 PartialsRecord = QualityPartial | MergedQualityWindow
@@ -202,11 +188,7 @@ def partial_of(
 ) -> QualityPartial:
     index, values = sparse(acc)
     return QualityPartial(
-        rollout=key.rollout,
-        champion_model=key.champion_model,
-        champion_version=key.champion_version,
-        candidate_model=key.candidate_model,
-        candidate_version=key.candidate_version,
+        **key._asdict(),
         window_start_ms=window_start_ms,
         window_end_ms=window_end_ms,
         task=task,
@@ -437,11 +419,7 @@ class QualityMerger:
         latest = max((p.meta for p in window.partials.values()), key=_recency)
         index, values = sparse(acc)
         record = MergedQualityWindow(
-            rollout=key.rollout,
-            champion_model=key.champion_model,
-            champion_version=key.champion_version,
-            candidate_model=key.candidate_model,
-            candidate_version=key.candidate_version,
+            **key._asdict(),
             window_start_ms=ws,
             window_end_ms=report.window_end_ms,
             requirement=latest.requirement,

@@ -298,3 +298,16 @@ async def test_batch_sender_writes_every_record_in_order_with_its_headers(
     for indices in seen.values():
         assert indices == sorted(indices)
     assert len({(out.keys[i], p) for p, ix in seen.items() for i in ix}) == 7
+
+
+def test_the_start_up_log_says_which_record_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from sidecar.kafka import record_batch_path
+
+    if fast._batches is not None:
+        assert "built and read in C" in str(record_batch_path())
+    # As if not compiled: the import fails.
+    monkeypatch.setitem(sys.modules, "sidecar.kafka._batches", None)
+    monkeypatch.delattr(sidecar.kafka, "_batches", raising=False)
+    assert record_batch_path() is None

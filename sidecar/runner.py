@@ -318,7 +318,9 @@ class Sidecar:
             instance=self.instance_id,
             auto_offset_reset=cfg.kafka.auto_offset_reset,
             max_partition_fetch_bytes=max(1 << 20, cfg.input.max_message_bytes + 65536),
-            fetch_max_bytes=max(50 << 20, cfg.input.max_message_bytes * 4),
+            # What one fetch may bring: a few MiB keeps the fetch buffers small (brokers that
+            # ignore the per-partition bound, like the embedded one, send up to this much).
+            fetch_max_bytes=max(4 << 20, cfg.input.max_message_bytes * 2),
             fetch_max_wait_ms=cfg.kafka.fetch_max_wait_ms,
         )
         await self._consumer.start()

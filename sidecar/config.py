@@ -114,9 +114,16 @@ class DeadLetterConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
 class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Most records taken from Kafka per batch (``getmany(max_records=...)``).
     max_batch: Annotated[int, Meta(ge=1)] = 2_000
-    #: Bound on consumed records whose outputs are not yet acknowledged; consumption pauses
-    #: (backpressure) at this bound.
+    #: Bound on consumed records not yet committed: outputs not all acknowledged, or waiting
+    #: for the candidate or behind an earlier batch that does (commits go in order).
+    #: Consumption pauses (backpressure) at this bound; it also bounds what a crash repeats.
     max_in_flight_records: Annotated[int, Meta(ge=1)] = 20_000
+    #: Bound on consumed records whose outputs are on their way to the broker (queued in the
+    #: producer or not yet acknowledged), not counting batches that wait only for the
+    #: candidate or for their turn to commit. What a busy instance holds in memory: when the
+    #: producer is the bottleneck, consumption pauses here, long before
+    #: ``max_in_flight_records``, which is left for a slow candidate's backlog.
+    max_sending_records: Annotated[int, Meta(ge=1)] = 8_000
     fetch_timeout_ms: Annotated[int, Meta(ge=1)] = 100
     #: Seconds to wait for in-flight outputs on shutdown or rebalance before giving up.
     drain_timeout_s: Annotated[float, Meta(gt=0)] = 30.0

@@ -4,7 +4,10 @@ Delivery is at-least-once: offsets of a consumed batch are committed only after 
 has acknowledged (acks=all) every decision, comparison and dead letter that batch produced.
 Batches are committed strictly in order by one committer task, so a commit never covers a
 record whose outputs are not yet durable. At most ``pipeline.max_in_flight_records`` consumed
-records wait for acknowledgement; at that bound the consumer pauses its partitions.
+records wait to be committed, and at most ``pipeline.max_sending_records`` of them for their
+outputs to reach the broker (what holds memory; batches that wait only for the candidate do not
+count there, so a slow candidate does not throttle decisions); at either bound the consumer
+pauses its partitions.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import socket
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -77,8 +81,16 @@ class _InFlight:
     deliveries: list[Delivery]
     records: int
     lane: asyncio.Task[None] | None = None
+    #: Its lane waits for the candidate's answer (batches behind it wait for it too).
+    asking_candidate: bool = False
     #: Its trace when tracing is on and the batch sampled (``sidecar.tracing``).
     trace: BatchTrace | None = None
+
+    def sending(self) -> bool:
+        """Outputs on their way to the broker: unacknowledged, or a lane producing them."""
+        if self.lane is not None and not self.lane.done():
+            return True
+        return any(not d.future.done() for d in self.deliveries)
 
 
 class Sidecar:
@@ -134,8 +146,10 @@ class Sidecar:
         self._lanes_running = 0
         self._lane_epoch: int | None = None
         self._last_lane: asyncio.Task[None] | None = None
-        #: Most consumed-but-unacknowledged records seen at once (backpressure evidence).
+        #: Most consumed-but-uncommitted records seen at once, and most of them on their way
+        #: to the broker (backpressure evidence).
         self.peak_in_flight_records = 0
+        self.peak_sending_records = 0
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
@@ -365,7 +379,7 @@ class Sidecar:
         consumer = self._consumer
         assert consumer is not None
         while not self._stopping.is_set():
-            if self._in_flight_records >= cfg.max_in_flight_records:
+            if not self._has_room():
                 await self._wait_for_room(consumer)
                 continue
             batches = await consumer.getmany(
@@ -399,9 +413,11 @@ class Sidecar:
                 offsets[tp] = part[-1].offset + 1
                 self.last_consumed_ms[tp] = part[-1].timestamp
             entry = _InFlight(offsets, deliveries, len(records), trace=trace)
+            self._wake_on(deliveries)
             if staged.pending is not None:
                 if not shed:
                     self._lanes_running += 1
+                entry.asking_candidate = True
                 entry.lane = asyncio.create_task(
                     self._candidate_lane(entry, staged, self._last_lane, counted=not shed)
                 )
@@ -434,6 +450,7 @@ class Sidecar:
             try:
                 late = await staged.finish()
             finally:
+                entry.asking_candidate = False
                 if counted:  # the candidate answered (or timed out): no longer its backlog
                     self._lanes_running -= 1
             if entry.trace is not None:
@@ -442,6 +459,8 @@ class Sidecar:
                 await asyncio.wait([previous])
             if late is not None:
                 deliveries = await self._send_until_accepted(late)
+                if deliveries is not None:
+                    self._wake_on(deliveries)
                 if entry.trace is not None and deliveries is not None:
                     entry.trace.sent(deliveries)
                 if deliveries is not None:
@@ -492,15 +511,28 @@ class Sidecar:
                 if not await backoff.wait(self._stopping):
                     return None
 
+    def _has_room(self) -> bool:
+        cfg = self.config.pipeline
+        if self._in_flight_records >= cfg.max_in_flight_records:
+            return False
+        sending = sending_records(self._in_flight)
+        self.peak_sending_records = max(self.peak_sending_records, sending)
+        return sending < cfg.max_sending_records
+
+    def _wake_on(self, deliveries: list[Delivery]) -> None:
+        """Look for room again when one of ``deliveries`` is acknowledged."""
+        for delivery in deliveries:
+            delivery.future.add_done_callback(self._wake)
+
+    def _wake(self, _: object) -> None:
+        self._changed.set()
+
     async def _wait_for_room(self, consumer: AIOKafkaConsumer) -> None:
-        """Backpressure: pause fetching until the committer frees room."""
+        """Backpressure: pause fetching until acknowledgements or the committer free room."""
         paused = consumer.assignment()
         consumer.pause(*paused)
         try:
-            while (
-                self._in_flight_records >= self.config.pipeline.max_in_flight_records
-                and not self._stopping.is_set()
-            ):
+            while not self._has_room() and not self._stopping.is_set():
                 self._changed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), 0.5)
@@ -600,6 +632,20 @@ class Sidecar:
                 self.config.pipeline.drain_timeout_s,
                 self._in_flight_records,
             )
+
+
+def sending_records(in_flight: Iterable[_InFlight]) -> int:
+    """Records of the batches in flight (oldest first) whose outputs are on their way to the
+    broker, up to the first batch waiting for the candidate's answer: the batches from it on
+    wait for it (a lane sends after the previous one; commits go in order), so they are the
+    candidate's backlog (bounded by ``max_in_flight_records``), not the producer's."""
+    sending = 0
+    for entry in in_flight:
+        if entry.asking_candidate:
+            break
+        if entry.sending():
+            sending += entry.records
+    return sending
 
 
 async def _failed_deliveries(deliveries: list[Delivery]) -> list[tuple[Delivery, KafkaError]]:

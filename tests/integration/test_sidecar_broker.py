@@ -431,10 +431,15 @@ async def test_a_broker_outage_mid_stream_is_retried_and_loses_nothing(
         )
 
 
-async def test_champion_decisions_do_not_wait_for_a_hung_candidate(bootstrap: str) -> None:
+@pytest.mark.parametrize("sending_bound", [None, 200])
+async def test_champion_decisions_do_not_wait_for_a_hung_candidate(
+    bootstrap: str, sending_bound: int | None
+) -> None:
     """The candidate answers nothing until the test lets it: every record the champion decides
     is on the decisions topic meanwhile, nothing is committed (their comparisons are not
     written yet), and once the candidate answers, every output arrives and the offsets commit.
+    With ``max_sending_records`` at one batch: batches held by the candidate do not count
+    there, so it does not stop the champion either (``max_in_flight_records`` bounds them).
     """
     import model_doubles
     from aiokafka import TopicPartition
@@ -444,7 +449,9 @@ async def test_champion_decisions_do_not_wait_for_a_hung_candidate(bootstrap: st
         bootstrap,
         partitions=1,
         rollout={"mode": "canary", "canary_share_bp": 2000},
-        pipeline={"max_batch": 200},
+        pipeline={"max_batch": 200}
+        if sending_bound is None
+        else {"max_batch": 200, "max_sending_records": sending_bound},
         models={
             "candidate": {
                 "target": "model_doubles:gated",

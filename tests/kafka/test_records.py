@@ -19,7 +19,7 @@ from aiokafka.structs import TopicPartition
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import sidecar.kafka  # noqa: F401  (installs the patches)
+import sidecar.kafka  # (importing it installs the patches)
 from sidecar.kafka import records as fast
 from sidecar.kafka.records import Record
 from sidecar.kafka.unreadable import unreadable_of

@@ -241,7 +241,9 @@ class PairRecord(msgspec.Struct, kw_only=True):
     last_seen_ms: int = -1
 
     def idle_since(self) -> int:
-        return max(self.last_seen_ms, self.finalized_through)
+        """Event time its idle time runs from: its latest comparison (a pair stored before
+        that was noted: the end of its last final window)."""
+        return self.last_seen_ms if self.last_seen_ms >= 0 else self.finalized_through
 
 
 _META = msgspec.msgpack.Decoder(Meta)

@@ -84,6 +84,8 @@ def test_a_pair_retires_only_once_every_window_is_final_and_it_is_idle(capped: C
     assert capped.pair.open == [] and capped.pair.last_seen_ms == W + 100
     # Every window final, nothing pending: idle time from the last comparison (event time).
     assert capped.task.retirable(W + 100 + IDLE - 1) == []
+    capped.write(RetireMark(pair=OLD, pair_id=capped.pair.id, stream_ms=W + 100 + IDLE - 1))
+    assert len(capped.task.pairs) == 1  # a mark is checked against its own stream time
     verdict = capped.task.verdict(capped.pair, 0)
     assert verdict is not None and verdict.judged_pairs == 1  # a (b, c: unlabelled)
     assert capped.retire(W + 100 + IDLE) == [OLD]
@@ -131,9 +133,11 @@ def test_a_retired_pair_starts_afresh_and_its_old_windows_stay_final(capped: Cap
     fresh = capped.comparisons(comparison("n", 40_000))
     assert fresh.comparisons == 1 and capped.pair.open == [40_000]
     assert capped.task.verdict(capped.pair, 0) is None
-    # The old mark again, after the fresh start: it names the old id, so nothing happens.
+    # The old mark again, after the fresh start (finished and idle too): it names the old
+    # id, so nothing happens.
+    capped.final(OLD, 40_000, 40_000 + W + 5_000)
     capped.write(RetireMark(pair=OLD, pair_id=old_id, stream_ms=10**12))
-    assert capped.pair.open == [40_000]
+    assert capped.pair.windows_final == 1 and capped.task.meta.retired == 1
 
 
 def test_replaying_the_changelog_gives_the_same_store(capped: CappedFeed, tmp_path: Path) -> None:

@@ -36,6 +36,13 @@ latest set (ties: the larger set, then the larger items), ``max`` the union of t
 item-set outcome beats a numeric one for a ranking request, and a numeric outcome of a ranking
 request (or an item-set outcome of a binary one) is counted as ``unsupported``, not judged.
 
+A pair whose every window is final and that had no comparison for ``retire_after_ms`` (event
+time, at least its label window) is retired by a ``RetireMark``: its ``p``, ``t`` and ``y``
+keys leave the store (nothing else of it is left once its windows are final) and it no longer
+counts against ``max_pairs``/``max_rollouts``. A comparison of it later starts a new pair (a
+new id); a new pair's windows that the task's stream time already made final are final for it
+too (its comparisons there are late).
+
 Each request is counted once: a request id is stored once per rollout (a repeated comparison
 is a duplicate, counted and dropped); its contribution to its window is added when it arrives and
 replaced (subtract old, add new) when its outcome changes, so a replay of outcomes already

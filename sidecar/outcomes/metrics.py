@@ -117,7 +117,7 @@ class OutcomesMetrics:
         )
         self.changelog_records = Counter(
             "sidecar_outcomes_changelog_records",
-            "Records written to the changelog, by kind (input, final, expire)",
+            "Records written to the changelog, by kind (input, final, expire, retire)",
             ["kind"],
             registry=r,
         )

@@ -86,7 +86,11 @@ class QualityMergeStage:
     def _new_merger(self) -> QualityMerger:
         s = self.settings
         return QualityMerger(
-            s.layout(), s.judging(), s.merge_timeout_ms, s.merge_retire_horizon_ms()
+            s.layout(),
+            s.judging(),
+            s.merge_timeout_ms,
+            s.merge_retire_horizon_ms(),
+            max_future_ms=s.max_future_ms,
         )
 
     async def start(self) -> None:

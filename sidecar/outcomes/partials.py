@@ -305,7 +305,12 @@ class QualityMerger:
     """Stage 2 of a shared rollout: per pair and window, the latest partial of each task."""
 
     def __init__(
-        self, layout: Layout, judging: Judging, timeout_ms: int, retire_horizon_ms: int = 0
+        self,
+        layout: Layout,
+        judging: Judging,
+        timeout_ms: int,
+        retire_horizon_ms: int = 0,
+        max_future_ms: int | None = None,
     ) -> None:
         self.layout = layout
         self.judging = judging
@@ -313,6 +318,10 @@ class QualityMerger:
         #: A pair with no open window is retired once the stream time is this far past the
         #: end of its last merged window (0: never).
         self.retire_horizon_ms = retire_horizon_ms
+        #: A partial's stream time counts at most this far ahead of the clock it is added at
+        #: (None: any): one hostile or broken record dated in the year 3000 must not make
+        #: every pair look idle for ever (retired, its next partials refused as too old).
+        self.max_future_ms = max_future_ms
         self._open: dict[tuple[PairKey, int], _Window] = {}
         #: Windows merged final (from this merger or the topic), per pair: start -> end.
         #: Later partials of them are late.
@@ -348,7 +357,10 @@ class QualityMerger:
         if not 0 <= partial.task < partial.tasks_total:
             raise ValueError(f"partial of task {partial.task} of {partial.tasks_total}")
         wkey = (partial.key, partial.window_start_ms)
-        self.stream_ms = max(self.stream_ms, partial.stream_time_ms)
+        stream = partial.stream_time_ms
+        if self.max_future_ms is not None:
+            stream = min(stream, now_ms + self.max_future_ms)
+        self.stream_ms = max(self.stream_ms, stream)
         if self._is_done(*wkey):
             self.late_partials += 1
             return

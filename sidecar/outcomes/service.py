@@ -899,7 +899,7 @@ class OutcomesService:
             printable(clip(key.candidate_version, 100)),
             printable(clip(key.champion_model, 100)),
             printable(clip(key.champion_version, 100)),
-            utc(pair.idle_since()) if pair.idle_since() >= 0 else "ever",
+            utc(pair.idle_since()) if pair.idle_since() >= 0 else "its start",
             printable(clip(last, 600)),
         )
 

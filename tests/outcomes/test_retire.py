@@ -257,6 +257,17 @@ def test_the_merger_retires_a_pair_past_the_horizon_and_forgets_it_on_read_back(
     assert all(value is None for key, value in compacted(topic) if key.startswith(b"merged/"))
 
 
+def test_a_partial_dated_far_ahead_of_the_clock_retires_nothing() -> None:
+    _, m = topic_of_two_merged_windows()
+    m.max_future_ms = 1_000
+    hostile = msgspec.structs.replace(
+        part(0, 20_000, ACCS[0][0], "provisional"), candidate_version="x", stream_time_ms=2**60
+    )
+    m.add(hostile, now_ms=1_000)
+    assert m.stream_ms == 6_000 and m.retire() == []  # the earlier partials'
+    assert m.verdict(KEY, 0) is not None
+
+
 def test_a_merger_keeps_a_pair_with_an_open_window_or_without_the_setting() -> None:
     topic, m = topic_of_two_merged_windows()
     m.add(part(0, 5000, ACCS[0][0], "provisional"), 0)  # a new window of the pair is open

@@ -818,8 +818,11 @@ class JoinTask:
         batch: Batch,
     ) -> None:
         """Note each pair's latest comparison (what its idle time runs from)."""
-        latest = np.full(len(pair_ids), -1, dtype=np.int64)
-        np.maximum.at(latest, index, ts)
+        if len(pair_ids) == 1:  # the usual chunk: one pair (no scatter needed)
+            latest = np.asarray([ts.max() if ts.size else -1], dtype=np.int64)
+        else:
+            latest = np.full(len(pair_ids), -1, dtype=np.int64)
+            np.maximum.at(latest, index, ts)
         for j, t in enumerate(latest.tolist()):
             pid = pair_ids[j]
             if pid < 0 or t < 0:

@@ -246,6 +246,10 @@ class PairRecord(msgspec.Struct, kw_only=True):
     #: Largest event time of a comparison of the pair (late and repeated ones included): how
     #: long it has been idle (-1: none since this field exists; ``finalized_through`` then).
     last_seen_ms: int = -1
+    #: Windows starting before this were already final when the pair started (by the task's
+    #: stream time): its comparisons there are late too. Apart from ``finalized_through``,
+    #: which says which windows this task marked final (and sent final partials of).
+    final_before_start: int = -1
 
     def idle_since(self) -> int:
         """Event time its idle time runs from: its latest comparison (a pair stored before
@@ -579,7 +583,7 @@ class JoinTask:
         pid = self.meta.next_pair
         self.meta.next_pair += 1
         pair = PairRecord(
-            id=pid, key=spec_key, settings=settings, finalized_through=self._final_before(settings)
+            id=pid, key=spec_key, settings=settings, final_before_start=self._final_before(settings)
         )
         self.pairs[pid] = pair
         self._by_key[spec_key] = pid
@@ -690,7 +694,13 @@ class JoinTask:
         p1, p2 = cols["champion"], cols["candidate"]
         d1, d2 = cols["champion_decision"], cols["candidate_decision"]
         through = np.array(
-            [self.pairs[p].finalized_through if p >= 0 else -1 for p in pair_ids], dtype=np.int64
+            [
+                max(self.pairs[p].finalized_through, self.pairs[p].final_before_start)
+                if p >= 0
+                else -1
+                for p in pair_ids
+            ],
+            dtype=np.int64,
         )
         late = (ws < through[index]) & ~refused
         scored = np.isfinite(p1) & np.isfinite(p2) & (d1 >= 0) & (d1 <= 1) & (d2 >= 0) & (d2 <= 1)

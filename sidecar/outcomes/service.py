@@ -23,7 +23,9 @@ offsets it covers; so after a SIGKILL, a restart replays the changelog from wher
 stopped (at most the last poll) and resumes the inputs after what the changelog holds: nothing
 is lost and no request is counted twice. A member that gets a partition without the store (a
 rebalance, a new machine) replays that partition's whole changelog first (its inputs stay
-paused meanwhile). Reports are at-least-once (a final report may be published again after a
+paused meanwhile). A rollout pair whose windows are all final and that had no comparison for
+``outcomes.retire_after_ms`` is retired through the changelog too (a ``RetireMark``), so the
+tasks' state, the caps and the metric series follow the live pairs, not every pair ever seen. Reports are at-least-once (a final report may be published again after a
 crash between it and its changelog mark: key them by rollout, window and status).
 """
 

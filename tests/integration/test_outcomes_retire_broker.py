@@ -60,7 +60,7 @@ def versions_held(service: OutcomesService) -> set[str]:
     }
 
 
-@pytest.mark.parametrize("key_by", ["rollout", "routing_key"])
+@pytest.mark.parametrize("key_by", ["rollout", pytest.param("routing_key", marks=pytest.mark.slow)])
 async def test_finished_idle_pairs_are_retired_and_new_ones_take_their_slots(
     bootstrap: str, tmp_path: Path, key_by: str
 ) -> None:

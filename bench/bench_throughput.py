@@ -19,6 +19,10 @@ this workload (measured here, without Kafka) and carrying as many headers. The p
 passthrough stays the ceiling; this one shows how much of the gap is the bytes and headers
 the output contracts carry rather than the sidecar's own work.
 
+``--c-edge`` adds the passthrough reading and writing record batches with the sidecar's C
+extension (``sidecar/kafka/_batches.c``) instead of aiokafka's: how much of the sidecar's
+lead over plain aiokafka is that edge, and how close the rest of its work comes to it.
+
 ``--tracing memory`` runs the sidecar with ``[tracing]`` on (extra ``otel``): every batch
 traced, its spans exported in the background (``BatchSpanProcessor``, as with OTLP) to an
 in-memory exporter, so the figure is the cost of making the spans, not of a collector.
@@ -81,7 +85,9 @@ async def preload(bootstrap: str, topic: str, n: int) -> None:
         await producer.stop()
 
 
-async def run_passthrough(cfg: Any, n: int, wire: tuple[int, int] | None = None) -> float:
+async def run_passthrough(
+    cfg: Any, n: int, wire: tuple[int, int] | None = None, c_edge: bool = False
+) -> float:
     import msgspec
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -89,8 +95,10 @@ async def run_passthrough(cfg: Any, n: int, wire: tuple[int, int] | None = None)
     from sidecar.kafka import BatchSender, ensure_topics, records
     from sidecar.pipeline import TopicOutput
 
-    # The ceiling reads records as aiokafka does (the sidecar reads whole batches).
-    records.uninstall()
+    # The ceiling reads records as aiokafka does (the sidecar reads whole batches); with
+    # ``c_edge`` it reads and writes batches as the sidecar does (sidecar/kafka/_batches.c).
+    if not c_edge:
+        records.uninstall()
 
     t = cfg.topics
     await ensure_topics(cfg.kafka.bootstrap_servers, cfg.all_topics(), TOPIC_PARTITIONS)
@@ -114,6 +122,7 @@ async def run_passthrough(cfg: Any, n: int, wire: tuple[int, int] | None = None)
         producer,
         {t.decisions: TOPIC_PARTITIONS, t.comparisons: TOPIC_PARTITIONS},
         raw_append=False,  # aiokafka's public BatchBuilder.append, as any client would
+        prebuilt_batch_bytes=(1 << 20) if c_edge else None,
     )
     decoder = msgspec.json.Decoder(InferenceRequest)
     encoder = msgspec.json.Encoder()
@@ -234,6 +243,8 @@ def child(args: argparse.Namespace) -> None:
     cfg = config_for(args.bootstrap, args.topic, f"bench-{args.mode}-{uuid.uuid4().hex[:6]}")
     if args.mode == "passthrough":
         job = run_passthrough(cfg, args.requests)
+    elif args.mode == "passthrough-c":
+        job = run_passthrough(cfg, args.requests, c_edge=True)
     elif args.mode == "wire-equal":
         job = run_passthrough(cfg, args.requests, (args.decision_bytes, args.comparison_bytes))
     else:
@@ -296,7 +307,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
-        "--mode", choices=["passthrough", "sidecar", "wire-equal"], help=argparse.SUPPRESS
+        "--mode",
+        choices=["passthrough", "sidecar", "wire-equal", "passthrough-c"],
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--decision-bytes", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--comparison-bytes", type=int, default=0, help=argparse.SUPPRESS)
@@ -304,6 +317,11 @@ def main() -> None:
         "--wire-equal",
         action="store_true",
         help="also run a passthrough whose outputs are as big as the sidecar's",
+    )
+    parser.add_argument(
+        "--c-edge",
+        action="store_true",
+        help="also run the passthrough with the sidecar's C record batch reader and builder",
     )
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--topic", help=argparse.SUPPRESS)
@@ -337,10 +355,14 @@ def main() -> None:
             sizes = ["--decision-bytes", str(decision_bytes)]
             sizes += ["--comparison-bytes", str(comparison_bytes)]
             results["wire-equal"] = []
+        if args.c_edge:
+            results["passthrough-c"] = []
         for round_ in range(args.rounds):
             order = ["passthrough", "sidecar"] if round_ % 2 == 0 else ["sidecar", "passthrough"]
             if args.wire_equal:
                 order.insert(1, "wire-equal")
+            if args.c_edge:
+                order.insert(1, "passthrough-c")
             for mode in order:
                 cmd = [
                     sys.executable,
@@ -374,7 +396,7 @@ def main() -> None:
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 results[mode].append(result)
                 print(
-                    f"round {round_ + 1} {mode:12} {result['rate']:>10,.0f} req/s  "
+                    f"round {round_ + 1} {mode:13} {result['rate']:>10,.0f} req/s  "
                     f"{result['cpu_us']:5.1f} CPU-us/req ({result['steady_cpu_us']:4.1f} "
                     f"while serving)  peak RSS {result['peak_rss_mib']:.1f} MiB"
                 )
@@ -409,6 +431,13 @@ def main() -> None:
                 f"{steady['wire-equal']:.1f} CPU-us/req while serving; sidecar against it: "
                 f"req/s {median['sidecar'] / median['wire-equal']:.2f}, "
                 f"CPU {steady['wire-equal'] / steady['sidecar']:.2f}"
+            )
+        if args.c_edge:
+            print(
+                f"passthrough with the C record batches: median {median['passthrough-c']:,.0f} "
+                f"req/s, {steady['passthrough-c']:.1f} CPU-us/req while serving; sidecar against "
+                f"it: req/s {median['sidecar'] / median['passthrough-c']:.2f}, "
+                f"CPU {steady['passthrough-c'] / steady['sidecar']:.2f}"
             )
 
 

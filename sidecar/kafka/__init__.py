@@ -5,6 +5,7 @@ sidecar goes through here, so that each fix to how we talk to Kafka is made once
 * :mod:`.topics`: creating a config's topics, and the record limits the topics impose;
 * :mod:`.reading`: partitions, seeking by time, reading a topic until idle;
 * :mod:`.produce`: batch sends, and which produce errors retrying cannot fix;
+* :mod:`._batches` (C, optional): record batches built and read in one pass each;
 * :mod:`.retry`, :mod:`.rebalance`, :mod:`.supervise`: backoff, the one rebalance listener,
   and background tasks whose death stops the process instead of leaving it half alive.
 """
@@ -39,6 +40,18 @@ from .unreadable import UNREADABLE_HEADER, Unreadable, unreadable_of
 _unreadable.install()  # records the client cannot parse become markers, not a stalled loop
 _records.install()  # fetched records read a batch at a time (after the line above)
 
+
+def record_batch_path() -> str | None:
+    """How record batches are built and read here, for the start-up log; None when the C
+    extension (``sidecar/kafka/_batches.c``) was not compiled at install."""
+    try:
+        from . import _batches
+    except ImportError:
+        return None
+    crc = "the CPU's CRC-32C instruction" if _batches.hardware_crc() else "a software CRC-32C"
+    return f"record batches built and read in C, with {crc}"
+
+
 __all__ = [
     "SASL_MECHANISMS",
     "UNREADABLE_HEADER",
@@ -62,6 +75,7 @@ __all__ = [
     "new_consumer",
     "new_producer",
     "read_until_idle",
+    "record_batch_path",
     "record_limits",
     "refusal",
     "seek_since",

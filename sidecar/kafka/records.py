@@ -6,7 +6,9 @@ dataclass ``__init__`` of eleven fields per record -- about 1 us per record, as 
 rest of the consumer and more than decoding the request itself. This module makes
 ``getmany`` read each record batch in one tight loop into :class:`Record` objects (a msgspec
 Struct, built in C, with the fields and attribute names of ``ConsumerRecord``) and hand a
-partition's records over as slices of that list.
+partition's records over as slices of that list. Where the C extension is compiled
+(:mod:`._batches`) the loop is C over the fetched bytes (a hardware CRC-32C, no per-record
+aiokafka objects); compressed and pre-v2 batches still go through aiokafka's batch reader.
 
 Everything the per-record path guarantees is kept: the CRC of every batch is checked,
 control batches are skipped, records before the fetch offset (a fetch that starts inside a
@@ -34,6 +36,35 @@ from aiokafka.errors import CorruptRecordException
 
 from . import unreadable
 from .unreadable import UNREADABLE_HEADER, Unreadable
+
+try:
+    from . import _batches
+except ImportError:  # not compiled here: aiokafka's batch reader, a record at a time
+    _batches = None  # type: ignore[assignment]
+
+#: aiokafka's record set over a fetched partition's bytes.
+_MemoryRecords = fetcher.MemoryRecords
+
+
+class FetchedRecords:
+    """aiokafka's ``MemoryRecords`` that keeps the fetched bytes, so the C reader
+    (:mod:`._batches`) can parse them itself (installed as ``fetcher.MemoryRecords``)."""
+
+    __slots__ = ("_records", "data")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self._records = _MemoryRecords(data)
+
+    def has_next(self) -> bool:
+        return bool(self._records.has_next())
+
+    def next_batch(self) -> Any:
+        return self._records.next_batch()
+
+    def size_in_bytes(self) -> int:
+        return int(self._records.size_in_bytes())
+
 
 log = logging.getLogger(__name__)
 
@@ -123,38 +154,113 @@ def _marker(tp: Any, unreadable: Unreadable) -> Record:
 def _fill(self: Any) -> bool:
     """Parse the next batch holding records into ``self._sc_pending``; False once the
     record set is exhausted. Sets ``next_fetch_offset`` past skipped (control) batches."""
+    if self._sc_raw is not None:
+        return _fill_raw(self)
     records = self._records  # the unreadable module's _Batches wrapper
-    tp = self._tp
     while records.has_next():
         first = self.next_fetch_offset
-        out: list[Record] = []
         try:
             batch = records.next_batch()
-            if self._check_crcs and not batch.validate_crc():
-                raise CorruptRecordException(f"Invalid CRC - {tp}")
-            if batch.is_control_batch:
-                self.next_fetch_offset = batch.next_offset
-                continue
-            _read_batch(tp, batch, first, out)
-        except Exception as exc:  # the batch could not be parsed: skip its rest, say so
-            batch = records.current
-            if batch is None:
-                raise
-            start = out[-1].offset + 1 if out else first
-            end = batch.next_offset
-            if end <= start:  # nothing of this batch left: the error is not about it
-                raise
-            unreadable = Unreadable(start, end - 1, f"{type(exc).__name__}: {exc}"[:300])
-            log.error("%s[%d]: %s", tp.topic, tp.partition, unreadable.describe())
-            out.append(_marker(tp, unreadable))
-            self._sc_pending, self._sc_pos, self._sc_end = out, 0, end
+        except Exception as exc:
+            if _take_unreadable(self, records.current, first, [], exc):
+                return True
+            raise
+        if _take_batch(self, batch, first):
             return True
-        if out:
-            self._sc_pending, self._sc_pos, self._sc_end = out, 0, batch.next_offset
-            return True
-        # Empty (compacted away, or all before the fetch offset): as aiokafka, move past it.
-        self.next_fetch_offset = batch.next_offset
     return False
+
+
+def _take_batch(self: Any, batch: Any, first: int) -> bool:
+    """The records of one batch read by aiokafka's reader into ``self._sc_pending`` (True);
+    False when it holds none to return (a control batch, all before ``first``, compacted
+    away): the position then moves past it."""
+    out: list[Record] = []
+    try:
+        if self._check_crcs and not batch.validate_crc():
+            raise CorruptRecordException(f"Invalid CRC - {self._tp}")
+        if batch.is_control_batch:
+            self.next_fetch_offset = batch.next_offset
+            return False
+        _read_batch(self._tp, batch, first, out)
+    except Exception as exc:  # the batch could not be parsed: skip its rest, say so
+        if _take_unreadable(self, batch, first, out, exc):
+            return True
+        raise
+    if out:
+        self._sc_pending, self._sc_pos, self._sc_end = out, 0, batch.next_offset
+        return True
+    self.next_fetch_offset = batch.next_offset
+    return False
+
+
+def _take_unreadable(
+    self: Any, batch: Any, first: int, out: list[Record], error: BaseException | str
+) -> bool:
+    """``out`` (the batch's records before the bad one) and a marker for the rest of the
+    batch into ``self._sc_pending``; False when there is no rest to mark (the error is not
+    about this batch: the caller raises it)."""
+    if batch is None:
+        return False
+    end = batch if isinstance(batch, int) else batch.next_offset
+    start = out[-1].offset + 1 if out else first
+    if end <= start:
+        return False
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    unreadable = Unreadable(start, end - 1, text[:300])
+    log.error("%s[%d]: %s", self._tp.topic, self._tp.partition, unreadable.describe())
+    out.append(_marker(self._tp, unreadable))
+    self._sc_pending, self._sc_pos, self._sc_end = out, 0, end
+    return True
+
+
+def _fill_raw(self: Any) -> bool:
+    """:func:`_fill` over the fetched bytes with the C reader (:mod:`._batches`): a batch's
+    records straight into :class:`Record` objects. Compressed and old-format batches go to
+    aiokafka's reader one at a time."""
+    assert _batches is not None
+    raw: bytes = self._sc_raw
+    tp = self._tp
+    while True:
+        first = self.next_fetch_offset
+        pos = self._sc_rawpos
+        kind, out, next_pos, next_offset, error = _batches.read(
+            raw, pos, first, tp.topic, tp.partition, Record, self._check_crcs
+        )
+        if kind == _batches.END:
+            return False
+        self._sc_rawpos = next_pos
+        if kind == _batches.RECORDS:
+            if out:
+                self._sc_pending, self._sc_pos, self._sc_end = out, 0, next_offset
+                return True
+            self.next_fetch_offset = next_offset  # all before the fetch offset
+        elif kind == _batches.CONTROL:
+            self.next_fetch_offset = next_offset
+        elif kind == _batches.DELEGATE:
+            try:
+                batch = _MemoryRecords(raw[pos:next_pos]).next_batch()
+            except Exception as exc:  # not even its header parses: as aiokafka, raise
+                raise CorruptRecordException(f"{exc} - {tp}") from exc
+            if _take_batch(self, batch, first):
+                return True
+        else:  # CORRUPT
+            error = error or "corrupt record batch"
+            if next_offset < 0 or not _take_unreadable(self, next_offset, first, out, error):
+                raise CorruptRecordException(f"{error} - {tp}")
+            return True
+
+
+def _has_next(self: Any) -> bool:
+    """Whether a batch (complete, or one that fails to parse) is left to read."""
+    raw = self._sc_raw
+    if raw is None:
+        return bool(self._records.has_next())
+    pos = self._sc_rawpos
+    left = len(raw) - pos
+    if left < 17:
+        return False
+    length = int.from_bytes(raw[pos + 8 : pos + 12], "big", signed=True)
+    return length < 14 or length + 12 <= left
 
 
 def _take(self: Any, max_records: int | None) -> list[Any]:
@@ -230,6 +336,9 @@ def _init(
     self._sc_pos = 0
     self._sc_end = fetch_offset
     self._sc_done = False
+    #: The fetched bytes, when the C reader parses them (else None: aiokafka's reader).
+    self._sc_raw = getattr(records, "data", None) if self._sc_fast and _batches else None
+    self._sc_rawpos = 0
 
 
 def _next(self: Any) -> Any:
@@ -255,7 +364,7 @@ def _getall(self: Any, max_records: int | None = None) -> list[Any]:
             self._partition_records = None
     elif partition_records._sc_done or (
         partition_records._sc_pos >= len(partition_records._sc_pending)
-        and not partition_records._records.has_next()
+        and not _has_next(partition_records)
     ):
         self._partition_records = None  # all read: the fetcher may fetch this partition again
     return taken
@@ -283,6 +392,8 @@ def _shapes_ok() -> str | None:
             return f"FetchResult.{name} missing"
     if not hasattr(fetcher, "READ_UNCOMMITTED"):
         return "fetcher.READ_UNCOMMITTED missing"
+    if not hasattr(fetcher, "MemoryRecords"):
+        return "fetcher.MemoryRecords missing"
     return None
 
 
@@ -309,6 +420,8 @@ def install() -> bool:
     fetcher.PartitionRecords.__init__ = _init
     fetcher.PartitionRecords.__next__ = _next
     fetcher.FetchResult.getall = _getall
+    if _batches is not None:
+        fetcher.MemoryRecords = FetchedRecords
     _installed = True
     return True
 
@@ -325,4 +438,5 @@ def uninstall() -> None:
     fetcher.PartitionRecords.__init__ = _original_init
     fetcher.PartitionRecords.__next__ = _original_next
     fetcher.FetchResult.getall = _aiokafka_getall
+    fetcher.MemoryRecords = _MemoryRecords
     _installed = False

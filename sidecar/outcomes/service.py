@@ -25,8 +25,9 @@ is lost and no request is counted twice. A member that gets a partition without 
 rebalance, a new machine) replays that partition's whole changelog first (its inputs stay
 paused meanwhile). A rollout pair whose windows are all final and that had no comparison for
 ``outcomes.retire_after_ms`` is retired through the changelog too (a ``RetireMark``), so the
-tasks' state, the caps and the metric series follow the live pairs, not every pair ever seen. Reports are at-least-once (a final report may be published again after a
-crash between it and its changelog mark: key them by rollout, window and status).
+tasks' state, the caps and the metric series follow the live pairs, not every pair ever seen.
+Reports are at-least-once (a final report may be published again after a crash between it and
+its changelog mark: key them by rollout, window and status).
 """
 
 from __future__ import annotations

@@ -206,13 +206,6 @@ class OutcomesSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
             [self.quality.label_window_ms] + [q.label_window_ms for q in self.rollouts.values()]
         )
 
-    def retire_after(self, settings: RolloutQuality) -> int:
-        """How long a pair judged with ``settings`` stays idle before it is retired (0:
-        never): ``retire_after_ms``, at least its label window."""
-        if not self.retire_after_ms:
-            return 0
-        return max(self.retire_after_ms, settings.label_window_ms)
-
     def merge_retire_horizon_ms(self) -> int:
         """The merge stage forgets a pair once the tasks' stream time is this far past the
         end of its last merged window (0: never): the longest idle time, plus how long after

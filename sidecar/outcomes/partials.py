@@ -337,9 +337,14 @@ class QualityMerger:
         self.retired = 0
 
     @property
+    def pairs(self) -> set[PairKey]:
+        """The pairs this merger holds (open or merged windows)."""
+        return set(self._done) | {k for k, _ in self._open}
+
+    @property
     def rollouts(self) -> set[str]:
         """Rollouts with a pair this merger holds (open or merged windows)."""
-        return {k.rollout for k in self._done} | {k.rollout for k, _ in self._open}
+        return {k.rollout for k in self.pairs}
 
     def _is_done(self, key: PairKey, ws: int) -> bool:
         done = self._done.get(key)

@@ -5,7 +5,8 @@ empty store (or into a store that has applied a prefix of them) gives the same s
 changelog carries *inputs*, not store writes: one :class:`InputChunk` per applied poll (the
 poll's comparisons and outcomes as compact columns, their input offsets and the settings a new
 rollout pair starts with), a :class:`FinalMark` when a window becomes final (after its final
-report was published), an :class:`ExpireMark` when unmatched outcomes are dropped. One record
+report was published), an :class:`ExpireMark` when unmatched outcomes are dropped, a
+:class:`RetireMark` when a finished, idle rollout pair leaves the store. One record
 per poll instead of one per request keeps the changelog cheap (a few bytes a request), and
 its per-partition order makes each poll atomic: a chunk is applied whole or not at all.
 
@@ -128,7 +129,19 @@ class ExpireMark(msgspec.Struct, tag="expire", frozen=True):
     v: int = CHUNK_VERSION
 
 
-ChangelogRecord = InputChunk | FinalMark | ExpireMark
+class RetireMark(msgspec.Struct, tag="retire", frozen=True):
+    """Rollout pair ``pair`` (the task's pair ``pair_id``) is retired: every window of it is
+    final and it had no comparison for ``outcomes.retire_after_ms`` at ``stream_ms``. Its
+    state leaves the store; applied only while the task's pair of that key is still that id
+    and still finished, so a repeated mark never retires the pair started afresh after it."""
+
+    pair: PairKey
+    pair_id: int
+    stream_ms: int
+    v: int = CHUNK_VERSION
+
+
+ChangelogRecord = InputChunk | FinalMark | ExpireMark | RetireMark
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(ChangelogRecord)
@@ -258,6 +271,7 @@ __all__ = [
     "OutcomeColumns",
     "PairSpec",
     "RankedLists",
+    "RetireMark",
     "comparison_arrays",
     "comparison_columns",
     "decode",

@@ -36,6 +36,13 @@ latest set (ties: the larger set, then the larger items), ``max`` the union of t
 item-set outcome beats a numeric one for a ranking request, and a numeric outcome of a ranking
 request (or an item-set outcome of a binary one) is counted as ``unsupported``, not judged.
 
+A pair whose every window is final and that had no comparison for ``retire_after_ms`` (event
+time, at least its label window) is retired by a ``RetireMark``: its ``p``, ``t`` and ``y``
+keys leave the store (nothing else of it is left once its windows are final) and it no longer
+counts against ``max_pairs``/``max_rollouts``. A comparison of it later starts a new pair (a
+new id); a new pair's windows that the task's stream time already made final are final for it
+too (its comparisons there are late).
+
 Each request is counted once: a request id is stored once per rollout (a repeated comparison
 is a duplicate, counted and dropped); its contribution to its window is added when it arrives and
 replaced (subtract old, add new) when its outcome changes, so a replay of outcomes already
@@ -63,6 +70,7 @@ from .chunks import (
     ExpireMark,
     FinalMark,
     InputChunk,
+    RetireMark,
     comparison_arrays,
     outcome_arrays,
     ranked_arrays,
@@ -216,6 +224,8 @@ class Meta(msgspec.Struct, kw_only=True):
     duplicates: int = 0
     late: int = 0
     orphans_expired: int = 0
+    #: Rollout pairs retired (finished and idle for ``outcomes.retire_after_ms``).
+    retired: int = 0
 
 
 class PairRecord(msgspec.Struct, kw_only=True):
@@ -233,12 +243,35 @@ class PairRecord(msgspec.Struct, kw_only=True):
     last_final_end: int | None = None
     #: Whether ranking requests were stored (their item lists leave with their window).
     ranking: bool = False
+    #: Largest event time of a comparison of the pair (late and repeated ones included): how
+    #: long it has been idle (-1: none since this field exists; ``finalized_through`` then).
+    last_seen_ms: int = -1
+    #: Windows starting before this were already final when the pair started (by the task's
+    #: stream time): its comparisons there are late too. Apart from ``finalized_through``,
+    #: which says which windows this task marked final (and sent final partials of).
+    final_before_start: int = -1
+
+    def idle_since(self) -> int:
+        """Event time its idle time runs from: its latest comparison (a pair stored before
+        that was noted: the end of its last final window)."""
+        return self.last_seen_ms if self.last_seen_ms >= 0 else self.finalized_through
 
 
 _META = msgspec.msgpack.Decoder(Meta)
 _PAIR = msgspec.msgpack.Decoder(PairRecord)
 _ENC = msgspec.msgpack.Encoder()
 _IDS = msgspec.msgpack.Decoder(list[bytes])
+
+
+@dataclass(frozen=True)
+class Retired:
+    """A pair that left a task's store, and what it held last."""
+
+    pair: PairRecord
+    #: The task's verdict over its final windows when it left (None: no final window had
+    #: data), and the stream time of the retirement.
+    verdict: QualityVerdict | None
+    stream_ms: int
 
 
 @dataclass
@@ -262,9 +295,12 @@ class ApplyStats:
     #: and the key of one of those pairs (for the log).
     refused: int = 0
     refused_pair: PairKey | None = None
+    #: Pairs retired, with what they reported last (for the log and the metrics).
+    retired: list[Retired] = field(default_factory=list)
 
     def add(self, other: ApplyStats) -> None:
         self.refused_pair = self.refused_pair or other.refused_pair
+        self.retired += other.retired
         for name in ("comparisons", "duplicates", "unscored", "updated", "orphaned", "refused"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.outside_window += other.outside_window
@@ -429,8 +465,12 @@ class JoinTask:
         max_label_window_ms: int,
         max_pairs: int = MAX_PAIRS,
         max_rollouts: int = MAX_ROLLOUTS,
+        retire_after_ms: int = 0,
     ) -> None:
         self.store = store
+        #: A finished pair idle this long (event time; at least its label window) is
+        #: retired (0: never).
+        self.retire_after_ms = retire_after_ms
         self.max_pairs = max_pairs
         self.max_rollouts = max_rollouts
         self.task = task
@@ -505,6 +545,8 @@ class JoinTask:
             self._apply_final(record, batch)
         elif isinstance(record, ExpireMark):
             self._apply_expire(record, batch)
+        elif isinstance(record, RetireMark):
+            self._apply_retire(record, batch, stats)
         self.meta.changelog_next = offset + 1
         batch.put(META_KEY, _ENC.encode(self.meta))
         self.store.write(batch)
@@ -540,11 +582,26 @@ class JoinTask:
             return -1
         pid = self.meta.next_pair
         self.meta.next_pair += 1
-        pair = PairRecord(id=pid, key=spec_key, settings=settings)
+        pair = PairRecord(
+            id=pid, key=spec_key, settings=settings, final_before_start=self._final_before(settings)
+        )
         self.pairs[pid] = pair
         self._by_key[spec_key] = pid
         batch.put(_pair_key(pid), _ENC.encode(pair))
         return pid
+
+    def _final_before(self, settings: RolloutQuality) -> int:
+        """Windows starting before this are final for a pair new now (-1: none): those whose
+        final time the task's stream time (as of its last mark) has passed. Final for every
+        pair, new or not: outcomes of their requests may have been dropped as unmatched
+        already, and a retired pair's straggler must not open one of its old windows again."""
+        w = self.windows
+        x = self.meta.stream_ms - (
+            w.report_window_ms + settings.label_window_ms + w.outcome_grace_ms
+        )
+        if self.meta.stream_ms <= 0 or x < 0:
+            return -1
+        return x - x % w.report_window_ms + w.report_window_ms
 
     def _apply_input(self, chunk: InputChunk, offset: int, batch: Batch, stats: ApplyStats) -> None:
         pair_ids = [self._pair_id(p.key, p.settings, batch) for p in chunk.pairs]
@@ -632,11 +689,18 @@ class JoinTask:
                 *chunk.pairs[int(index[np.flatnonzero(refused)[0]])].key
             )
         ts = cols["ts"]
+        self._seen(pair_ids, index, ts, batch)
         ws = self.windows.start(ts)
         p1, p2 = cols["champion"], cols["candidate"]
         d1, d2 = cols["champion_decision"], cols["candidate_decision"]
         through = np.array(
-            [self.pairs[p].finalized_through if p >= 0 else -1 for p in pair_ids], dtype=np.int64
+            [
+                max(self.pairs[p].finalized_through, self.pairs[p].final_before_start)
+                if p >= 0
+                else -1
+                for p in pair_ids
+            ],
+            dtype=np.int64,
         )
         late = (ws < through[index]) & ~refused
         scored = np.isfinite(p1) & np.isfinite(p2) & (d1 >= 0) & (d1 <= 1) & (d2 >= 0) & (d2 <= 1)
@@ -755,6 +819,28 @@ class JoinTask:
         rows.ws.append(r_ws)
         rows.cols.append((c1, c2, r_d1, r_d2, state, label, value))
         rows.sign.append(1.0)
+
+    def _seen(
+        self,
+        pair_ids: list[int],
+        index: npt.NDArray[np.int64],
+        ts: npt.NDArray[np.int64],
+        batch: Batch,
+    ) -> None:
+        """Note each pair's latest comparison (what its idle time runs from)."""
+        if len(pair_ids) == 1:  # the usual chunk: one pair (no scatter needed)
+            latest = np.asarray([ts.max() if ts.size else -1], dtype=np.int64)
+        else:
+            latest = np.full(len(pair_ids), -1, dtype=np.int64)
+            np.maximum.at(latest, index, ts)
+        for j, t in enumerate(latest.tolist()):
+            pid = pair_ids[j]
+            if pid < 0 or t < 0:
+                continue
+            pair = self.pairs[pid]
+            if t > pair.last_seen_ms:
+                pair.last_seen_ms = t
+                batch.put(_pair_key(pid), _ENC.encode(pair))
 
     def _held_for(self, id_bytes: list[bytes], prefix: bytes) -> dict[int, bytes]:
         """The values under ``prefix`` + each id that exist, by position (the bloom filters
@@ -1146,6 +1232,49 @@ class JoinTask:
             self.meta.orphans_expired += 1
         self.orphan_ids = surviving if len(surviving) <= MAX_ORPHAN_IDS else None
 
+    def retire_at(self, pair: PairRecord) -> int | None:
+        """Stream time from which ``pair`` may be retired (None: not while a window of it is
+        open, or never: ``retire_after_ms`` is 0)."""
+        if not self.retire_after_ms or pair.open:
+            return None
+        idle = max(self.retire_after_ms, pair.settings.label_window_ms)
+        return pair.idle_since() + idle
+
+    def retirable(self, stream_ms: int) -> list[PairRecord]:
+        """Pairs to retire at ``stream_ms``, by id: every window final (its label window and
+        grace passed: no outcome can change it, no request of it is stored) and no comparison
+        of it for the idle time."""
+        out = []
+        for pid in sorted(self.pairs):
+            at = self.retire_at(self.pairs[pid])
+            if at is not None and at <= stream_ms:
+                out.append(self.pairs[pid])
+        return out
+
+    def _apply_retire(self, mark: RetireMark, batch: Batch, stats: ApplyStats) -> None:
+        """Drop a finished, idle pair's state (its verdict basis included), so that it no
+        longer counts against the caps. A mark for a pair that is gone, was started afresh
+        since (another id) or is no longer finished changes nothing but stream time."""
+        self.meta.stream_ms = max(self.meta.stream_ms, mark.stream_ms)
+        pid = self._by_key.get(PairKey(*mark.pair))
+        if pid is None or pid != mark.pair_id:
+            return
+        pair = self.pairs[pid]
+        at = self.retire_at(pair)
+        if at is None or at > mark.stream_ms:
+            return
+        verdict = self.verdict(pair, 0)
+        batch.delete(_pair_key(pid))
+        batch.delete(_total_key(pid))
+        batch.delete(_ranking_total_key(pid))
+        for prefix in (b"w", b"x", b"j", b"i"):  # none left: every window is final
+            batch.delete_range(prefix + _U32.pack(pid), prefix + _U32.pack(pid + 1))
+        del self.pairs[pid]
+        del self._by_key[PairKey(*pair.key)]
+        self.dirty = {d for d in self.dirty if d[0] != pid}
+        self.meta.retired += 1
+        stats.retired.append(Retired(pair, verdict, mark.stream_ms))
+
     def advance(self, bound_ms: int) -> int:
         """Move stream time up to ``bound_ms`` (see :func:`stream_bound`); it never goes back."""
         self.stream_ms = max(self.stream_ms, bound_ms)
@@ -1244,6 +1373,7 @@ __all__ = [
     "JoinTask",
     "Meta",
     "PairRecord",
+    "Retired",
     "Windows",
     "stream_bound",
 ]

@@ -7,7 +7,9 @@ and judged by exactly one instance. The topic is compacted and is the merger's w
 every assignment the stage reads its partitions from the beginning, up to a barrier record it
 writes there (Tansu's end offsets are not trusted), reporting nothing meanwhile; windows merged
 before come back as their ``MergedQualityWindow`` record and are counted once, never reported
-again. No offsets are committed: nothing is resumed from them.
+again. No offsets are committed: nothing is resumed from them. Retired pairs (see
+``partials``) leave the merger, and their records leave the topic as tombstones, so that this
+read-back stays bounded by the live pairs' windows however long the stage runs.
 """
 
 from __future__ import annotations
@@ -23,10 +25,19 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ..config import SidecarConfig
+from ..hashing import kafka_partition
 from ..kafka import RebalanceListener, new_consumer, stop_quietly
-from ..untrusted import error_text
-from .partials import DECODER, MergedQualityWindow, MergeOutput, QualityMerger
+from ..untrusted import clip, error_text, printable
+from .partials import (
+    DECODER,
+    MergedQualityWindow,
+    MergeOutput,
+    QualityMerger,
+    merged_key,
+    partial_key,
+)
 from .publish import Publisher, Send
+from .report import PairKey
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +48,8 @@ MERGE_BARRIER_KEY = b"merge-barrier"
 
 #: Publishes what the merger says (reports, verdicts, then the merged records).
 Publish = Callable[[MergeOutput, int], Awaitable[None]]
+#: Told the rollouts of pairs the merger retired (their metric series may go).
+Retired = Callable[[set[str]], None]
 
 
 class QualityMergeStage:
@@ -48,8 +61,10 @@ class QualityMergeStage:
         publisher: Publisher,
         publish: Publish,
         clock: Callable[[], int],
+        on_retired: Retired | None = None,
     ) -> None:
         self.config = config
+        self._on_retired = on_retired
         self.settings = s = config.outcomes
         self._publisher = publisher
         self._publish = publish
@@ -70,7 +85,13 @@ class QualityMergeStage:
 
     def _new_merger(self) -> QualityMerger:
         s = self.settings
-        return QualityMerger(s.layout(), s.judging(), s.merge_timeout_ms)
+        return QualityMerger(
+            s.layout(),
+            s.judging(),
+            s.merge_timeout_ms,
+            s.merge_retire_horizon_ms(),
+            max_future_ms=s.max_future_ms,
+        )
 
     async def start(self) -> None:
         self._consumer = new_consumer(
@@ -154,7 +175,11 @@ class QualityMergeStage:
             barrier = self.catching_up.get(record.partition)
             if barrier is not None and record.offset >= barrier:
                 del self.catching_up[record.partition]
-            if record.key == MERGE_BARRIER_KEY or record.value is None:
+            if record.key == MERGE_BARRIER_KEY:
+                continue
+            if record.value is None:
+                if record.key is not None and record.key.startswith(b"merged/"):
+                    self.merger.forget_merged(record.key)
                 continue
             if record.key is not None and record.key.startswith(b"barrier"):
                 continue
@@ -189,6 +214,49 @@ class QualityMergeStage:
             self._last_provisional = now
         if out.provisional or out.final:
             await self._publish(out, now)
+        await self._retire()
+
+    async def _retire(self) -> None:
+        """Tombstone the merged windows (and any partials left) of the pairs the merger
+        retires, so that no read-back sees them again."""
+        retired = self.merger.retire()
+        if not retired:
+            return
+        consumer = self._consumer
+        known = consumer.partitions_for_topic(self.topic) if consumer is not None else None
+        n = len(known) if known else 1
+        for key, starts, tasks in retired:
+            tasks = tasks or n
+            partition = kafka_partition(key.rollout.encode(), n)
+            sends = [
+                Send(self.topic, None, k, partition=partition)
+                for ws in starts
+                for k in self._keys(key, ws, tasks)
+            ]
+            await self._publisher.send_all(sends)
+            log.info(
+                "merge stage: rollout pair retired: %s (%s %s vs %s %s): no window open and "
+                "none merged since %d ms of stream time (outcomes.retire_after_ms); %d "
+                "merged windows and their partials tombstoned on %s",
+                printable(clip(key.rollout, 200)),
+                printable(clip(key.candidate_model, 100)),
+                printable(clip(key.candidate_version, 100)),
+                printable(clip(key.champion_model, 100)),
+                printable(clip(key.champion_version, 100)),
+                self.merger.retire_horizon_ms,
+                len(starts),
+                self.topic,
+            )
+        if self._on_retired is not None:
+            self._on_retired({key.rollout for key, _, _ in retired})
+
+    @staticmethod
+    def _keys(key: PairKey, ws: int, tasks: int) -> list[bytes]:
+        return [merged_key(key, ws)] + [
+            partial_key(key, ws, task, status)
+            for task in range(tasks)
+            for status in ("provisional", "final")
+        ]
 
 
 __all__ = ["MERGE_BARRIER_KEY", "QualityMergeStage"]

@@ -117,7 +117,7 @@ class OutcomesMetrics:
         )
         self.changelog_records = Counter(
             "sidecar_outcomes_changelog_records",
-            "Records written to the changelog, by kind (input, final, expire)",
+            "Records written to the changelog, by kind (input, final, expire, retire)",
             ["kind"],
             registry=r,
         )
@@ -249,6 +249,38 @@ class OutcomesMetrics:
     def observe_verdict(self, verdict: QualityVerdict) -> None:
         self.gate.labels(verdict.rollout).set(int(verdict.gate.ok))
         self.gate_pairs.labels(verdict.rollout).set(verdict.judged_pairs)
+
+    def forget_rollout(self, rollout: str) -> int:
+        """Remove every series labelled with ``rollout`` (its last rollout pair was retired:
+        a stage that lives for months must not export the figures of rollouts long gone).
+        Returns how many series went."""
+        removed = 0
+        for metric, names in (
+            (self.joined, ("rollout",)),
+            (self.late, ("rollout",)),
+            (self.reports, ("rollout", "status")),
+            (self.quality, ("rollout", "arm", "metric", "bound")),
+            (self.quality_diff, ("rollout", "metric", "bound")),
+            (self.coverage, ("rollout", "status")),
+            (self.judged, ("rollout",)),
+            (self.window_end, ("rollout",)),
+            (self.reliability, ("rollout", "arm", "bin", "kind")),
+            (self.gate, ("rollout",)),
+            (self.gate_pairs, ("rollout",)),
+            (self.guard_active, ("rollout", "rule")),
+            (self.guard_events, ("rollout", "rule", "action", "kind")),
+            (self.commands, ("rollout", "action", "outcome")),
+        ):
+            series: set[tuple[str, ...]] = {
+                tuple(sample.labels[n] for n in names)
+                for family in metric.collect()
+                for sample in family.samples
+                if sample.labels.get("rollout") == rollout
+            }
+            for labels in series:
+                metric.remove(*labels)
+            removed += len(series)
+        return removed
 
     def observe_event(self, event: GuardEvent) -> None:
         self.guard_events.labels(

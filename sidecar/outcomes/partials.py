@@ -18,6 +18,14 @@ were not), then the pair's verdict over its final windows. A merged window goes 
 partials topic as a ``MergedQualityWindow`` (key ``merged/<pair>/<window>``): rebuilt from
 the topic, the merger counts that window once, from that record, whatever partials of it are
 read again or arrive late; tombstones for the window's partials follow it.
+
+A pair whose windows are all merged, once the tasks' stream time (the latest a partial carried)
+is ``outcomes.retire_after_ms`` past the end of its last merged window (plus the longest label
+window, lateness and grace: see ``OutcomesSettings.merge_retire_horizon_ms``), is retired: the
+merger forgets it (:meth:`QualityMerger.retire`) and the stage tombstones its merged windows and
+partials, so that reading the topic back stays bounded by the live pairs' windows. A partial of
+a window that old and not open is too late (counted in ``late_partials``): it never opens a
+retired pair's window again; a partial of a newer window starts the pair afresh.
 """
 
 from __future__ import annotations
@@ -296,16 +304,51 @@ class MergeOutput:
 class QualityMerger:
     """Stage 2 of a shared rollout: per pair and window, the latest partial of each task."""
 
-    def __init__(self, layout: Layout, judging: Judging, timeout_ms: int) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        judging: Judging,
+        timeout_ms: int,
+        retire_horizon_ms: int = 0,
+        max_future_ms: int | None = None,
+    ) -> None:
         self.layout = layout
         self.judging = judging
         self.timeout_ms = timeout_ms
+        #: A pair with no open window is retired once the stream time is this far past the
+        #: end of its last merged window (0: never).
+        self.retire_horizon_ms = retire_horizon_ms
+        #: A partial's stream time counts at most this far ahead of the clock it is added at
+        #: (None: any): one hostile or broken record dated in the year 3000 must not make
+        #: every pair look idle for ever (retired, its next partials refused as too old).
+        self.max_future_ms = max_future_ms
         self._open: dict[tuple[PairKey, int], _Window] = {}
-        #: Windows merged final (from this merger or the topic): later partials are late.
-        self._done: set[tuple[PairKey, int]] = set()
+        #: Windows merged final (from this merger or the topic), per pair: start -> end.
+        #: Later partials of them are late.
+        self._done: dict[PairKey, dict[int, int]] = {}
         self._totals: dict[PairKey, _Totals] = {}
-        #: Partials for windows already merged final: counted, dropped.
+        #: Most tasks a partial of the pair named (which partial keys it may have).
+        self._tasks: dict[PairKey, int] = {}
+        #: Partials for windows already merged final (or too old to open): counted, dropped.
         self.late_partials = 0
+        #: The latest stream time a partial carried (the tasks' clock, as far as known).
+        self.stream_ms = 0
+        #: Pairs retired so far.
+        self.retired = 0
+
+    @property
+    def pairs(self) -> set[PairKey]:
+        """The pairs this merger holds (open or merged windows)."""
+        return set(self._done) | {k for k, _ in self._open}
+
+    @property
+    def rollouts(self) -> set[str]:
+        """Rollouts with a pair this merger holds (open or merged windows)."""
+        return {k.rollout for k in self.pairs}
+
+    def _is_done(self, key: PairKey, ws: int) -> bool:
+        done = self._done.get(key)
+        return done is not None and ws in done
 
     @property
     def open_windows(self) -> int:
@@ -319,15 +362,28 @@ class QualityMerger:
         if not 0 <= partial.task < partial.tasks_total:
             raise ValueError(f"partial of task {partial.task} of {partial.tasks_total}")
         wkey = (partial.key, partial.window_start_ms)
-        if wkey in self._done:
+        stream = partial.stream_time_ms
+        if self.max_future_ms is not None:
+            stream = min(stream, now_ms + self.max_future_ms)
+        self.stream_ms = max(self.stream_ms, stream)
+        if self._is_done(*wkey):
             self.late_partials += 1
             return
         window = self._open.get(wkey)
         if window is None:
+            if self._too_old(partial.window_end_ms):
+                self.late_partials += 1  # e.g. a retired pair's straggler
+                return
             window = self._open[wkey] = _Window({}, partial.tasks_total)
+        self._tasks[partial.key] = max(self._tasks.get(partial.key, 0), partial.tasks_total)
         held = window.partials.get(partial.task)
-        if held is not None and held.meta.status == "final" and partial.status != "final":
-            return  # a task's final word stands
+        if held is not None and held.meta.status == "final":
+            if partial.status != "final":
+                return  # a task's final word stands
+            if (held.index.size or held.meta.ranking is not None) and not (
+                partial.index or partial.ranking is not None
+            ):
+                return  # and an empty one (a task that retired the pair) never replaces it
         share = _Share.of(partial)
         if held is None or not held.same(share):
             window.partials[partial.task] = share
@@ -342,12 +398,57 @@ class QualityMerger:
         ranking = ranking_of(record.ranking)
         wkey = (record.key, record.window_start_ms)
         self._open.pop(wkey, None)
-        if wkey in self._done:
+        if self._is_done(*wkey):
             return
-        self._done.add(wkey)
+        self._done.setdefault(record.key, {})[record.window_start_ms] = record.window_end_ms
         self._total(record.key, record.requirement).add(
             acc, ranking, record.window_start_ms, record.window_end_ms, record.requirement
         )
+
+    def forget_merged(self, key: bytes) -> None:
+        """A tombstone of a merged window's record (``merged_key``) read back: the window was
+        forgotten with its retired pair (a read-back before compaction sees both)."""
+        head, _, start = key.rpartition(b"/")
+        head, _, digest = head.rpartition(b"/")
+        prefix = b"merged/"
+        if not head.startswith(prefix) or not start.isdigit():
+            return
+        rollout, ws = head[len(prefix) :].decode(errors="replace"), int(start)
+        for pair in [k for k in self._done if k.rollout == rollout]:
+            if pair_hash(pair).encode() == digest and ws in self._done[pair]:
+                self._forget_window(pair, ws)
+
+    def _forget_window(self, key: PairKey, ws: int) -> None:
+        done = self._done[key]
+        del done[ws]
+        if not done:
+            del self._done[key]
+            self._totals.pop(key, None)
+            if not any(k == key for k, _ in self._open):
+                self._tasks.pop(key, None)
+
+    def _too_old(self, window_end_ms: int) -> bool:
+        return bool(self.retire_horizon_ms) and (
+            window_end_ms + self.retire_horizon_ms <= self.stream_ms
+        )
+
+    def retire(self) -> list[tuple[PairKey, list[int], int]]:
+        """Forget the pairs with no open window whose last merged window ended
+        ``retire_horizon_ms`` before the stream time: per pair, its merged window starts and
+        the most tasks its partials named (the stage tombstones their records)."""
+        if not self.retire_horizon_ms:
+            return []
+        live = {k for k, _ in self._open}
+        out = []
+        for key in sorted(self._done):
+            done = self._done[key]
+            if key in live or not self._too_old(max(done.values())):
+                continue
+            out.append((key, sorted(done), self._tasks.pop(key, 0)))
+            del self._done[key]
+            self._totals.pop(key, None)
+            self.retired += 1
+        return out
 
     def _total(self, key: PairKey, requirement: QualityRequirement) -> _Totals:
         totals = self._totals.get(key)
@@ -411,9 +512,9 @@ class QualityMerger:
         self, key: PairKey, ws: int, window: _Window, finals: set[int], now_ms: int
     ) -> Merged:
         del self._open[(key, ws)]
-        self._done.add((key, ws))
         missing = sorted(set(range(window.total)) - finals)
         report, acc, ranking = self._report(key, ws, window, "final", now_ms)
+        self._done.setdefault(key, {})[ws] = report.window_end_ms
         if missing:
             report = msgspec.structs.replace(report, tasks_missing=missing)
         latest = max((p.meta for p in window.partials.values()), key=_recency)
@@ -467,6 +568,7 @@ __all__ = [
     "QualityPartial",
     "merge_ranking",
     "merged_key",
+    "pair_hash",
     "partial_key",
     "partial_of",
 ]

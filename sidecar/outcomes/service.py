@@ -23,8 +23,11 @@ offsets it covers; so after a SIGKILL, a restart replays the changelog from wher
 stopped (at most the last poll) and resumes the inputs after what the changelog holds: nothing
 is lost and no request is counted twice. A member that gets a partition without the store (a
 rebalance, a new machine) replays that partition's whole changelog first (its inputs stay
-paused meanwhile). Reports are at-least-once (a final report may be published again after a
-crash between it and its changelog mark: key them by rollout, window and status).
+paused meanwhile). A rollout pair whose windows are all final and that had no comparison for
+``outcomes.retire_after_ms`` is retired through the changelog too (a ``RetireMark``), so the
+tasks' state, the caps and the metric series follow the live pairs, not every pair ever seen.
+Reports are at-least-once (a final report may be published again after a crash between it and
+its changelog mark: key them by rollout, window and status).
 """
 
 from __future__ import annotations
@@ -73,13 +76,21 @@ from ..kafka import (
     topic_configs,
     topic_partitions,
 )
-from ..timefmt import utc_window
+from ..timefmt import utc, utc_window
 from ..untrusted import clip, error_text, printable
 from .build_pool import BuildPool
-from .chunks import ChangelogRecord, ExpireMark, FinalMark, InputChunk, decode, encode
+from .chunks import (
+    ChangelogRecord,
+    ExpireMark,
+    FinalMark,
+    InputChunk,
+    RetireMark,
+    decode,
+    encode,
+)
 from .decode import ChunkBuilder, Skipped
 from .heartbeat import RouterHeartbeat, heartbeat_of, outcomes_bound
-from .join import ApplyStats, JoinTask, PairRecord, Windows, stream_bound
+from .join import ApplyStats, JoinTask, PairRecord, Retired, Windows, stream_bound
 from .merge_stage import QualityMergeStage
 from .metrics import OutcomesMetrics
 from .partials import MergeOutput, merged_key, partial_key, partial_of
@@ -192,6 +203,9 @@ def changelog_key(record: ChangelogRecord, task: int) -> bytes:
         return f"final/{record.pair.rollout}/{pair:08x}/{record.window_start_ms}".encode()
     if isinstance(record, ExpireMark):
         return f"expire/{task}/{record.before_ms}".encode()
+    if isinstance(record, RetireMark):
+        pair = zlib.crc32(repr(tuple(record.pair)).encode())
+        return f"retire/{record.pair.rollout}/{pair:08x}/{task}/{record.pair_id}".encode()
     first = ",".join(f"{k}{a}" for k, (a, _) in sorted(record.offsets.items()))
     return f"input/{task}/{first}".encode()
 
@@ -415,7 +429,9 @@ class OutcomesService:
         await self.router.start(self._partitions)
         self._supervisor.spawn(self.router.run(), "outcomes-router")
         if cfg.shared_rollouts:
-            self.merge = QualityMergeStage(cfg, self._publisher, self._publish_merged, self.clock)
+            self.merge = QualityMergeStage(
+                cfg, self._publisher, self._publish_merged, self.clock, self._forget_rollouts
+            )
             await self.merge.start()
             self._supervisor.spawn(self.merge.run(), "outcomes-merge")
         self._consumer = new_consumer(
@@ -557,6 +573,7 @@ class OutcomesService:
             max_label_window_ms=s.max_label_window_ms(),
             max_pairs=s.max_pairs_per_task,
             max_rollouts=s.max_rollouts_per_task,
+            retire_after_ms=s.retire_after_ms,
         )
 
     async def _replay(self, join: JoinTask, p: int, end: int) -> int:
@@ -780,7 +797,9 @@ class OutcomesService:
                     self.config.topics.comparisons,
                 )
 
-    async def _mark(self, rt: TaskRuntime, record: FinalMark | ExpireMark) -> None:
+    async def _mark(
+        self, rt: TaskRuntime, record: FinalMark | ExpireMark | RetireMark
+    ) -> ApplyStats | None:
         assert rt.join is not None and self._publisher is not None
         raw = encode(record)
         md = await self._publisher.send(
@@ -791,10 +810,15 @@ class OutcomesService:
                 partition=rt.partition,
             )
         )
-        self.metrics.changelog_records.labels(
-            "final" if isinstance(record, FinalMark) else "expire"
-        ).inc()
-        await asyncio.to_thread(self._apply_one, rt.join, raw, md.offset, record)
+        kind = (
+            "final"
+            if isinstance(record, FinalMark)
+            else "expire"
+            if isinstance(record, ExpireMark)
+            else "retire"
+        )
+        self.metrics.changelog_records.labels(kind).inc()
+        return await asyncio.to_thread(self._apply_one, rt.join, raw, md.offset, record)
 
     async def _tick(self) -> None:
         """Stream time, final windows, provisional reports, unmatched outcomes, commits."""
@@ -824,6 +848,7 @@ class OutcomesService:
                     report = await asyncio.to_thread(self._report, holders, ws, "provisional", now)
                     await self._publish_report(report, now)
                     self._reported(holders, ws)
+        await self._retire(ready)
         if provisional:
             for rt in ready:
                 assert rt.join is not None
@@ -834,6 +859,66 @@ class OutcomesService:
             self._last_provisional = mono
         self._gauges()
         await self._commit()
+
+    async def _retire(self, ready: list[TaskRuntime]) -> None:
+        """Retire each task's finished, idle rollout pairs (``outcomes.retire_after_ms``)
+        through the changelog. Shared rollouts: not while another task here still has a
+        window of the pair open (its empty final partial would stand for this task's)."""
+        if not self.settings.retire_after_ms:
+            return
+        holders = self._holders(ready) if self.config.shared_rollouts else {}
+        gone: set[str] = set()
+        for rt in ready:
+            join = rt.join
+            assert join is not None
+            for pair in join.retirable(join.stream_ms):
+                key = PairKey(*pair.key)
+                if any(h.pair.open for h in holders.get(key, [])):
+                    continue
+                mark = RetireMark(pair=key, pair_id=pair.id, stream_ms=join.stream_ms)
+                stats = await self._mark(rt, mark)
+                for retired in stats.retired if stats is not None else []:
+                    self._log_retired(rt.partition, retired)
+                    gone.add(key.rollout)
+        self._forget_rollouts(gone)
+
+    def _log_retired(self, task: int, retired: Retired) -> None:
+        pair, verdict = retired.pair, retired.verdict
+        key = pair.key
+        last = (
+            "no final window had data"
+            if verdict is None
+            else f"last verdict {verdict.gate.code} over {verdict.windows} final windows to "
+            f"{utc(verdict.last_window_end_ms)}, {verdict.judged_pairs} judged pairs: "
+            f"{verdict.gate.reason}"
+        )
+        log.info(
+            "rollout pair retired on task %d: %s (%s %s vs %s %s): every window final and no "
+            "comparison since %s (outcomes.retire_after_ms); %s. A later comparison of it "
+            "starts it afresh",
+            task,
+            printable(clip(key.rollout, 200)),
+            printable(clip(key.candidate_model, 100)),
+            printable(clip(key.candidate_version, 100)),
+            printable(clip(key.champion_model, 100)),
+            printable(clip(key.champion_version, 100)),
+            utc(pair.idle_since()) if pair.idle_since() >= 0 else "its start",
+            printable(clip(last, 600)),
+        )
+
+    def _forget_rollouts(self, rollouts: set[str]) -> None:
+        """Drop the metric series and in-memory verdicts of ``rollouts`` that no task here
+        (and no merge stage here) holds a pair of any more."""
+        if not rollouts:
+            return
+        joins = [rt.join for rt in self.tasks.values() if rt.join is not None]
+        live = {p.key.rollout for join in joins for p in join.pairs.values()}
+        if self.merge is not None:
+            live |= self.merge.merger.rollouts
+        for rollout in rollouts - live:
+            self.metrics.forget_rollout(rollout)
+            self.verdicts.pop(rollout, None)
+            self._control_verdicts.pop(rollout, None)
 
     async def _read_to_end(self, partition: int, topic: str) -> bool:
         """Whether the task's partition of ``topic`` is read up to the high watermark of its

@@ -153,13 +153,22 @@ class OutcomesSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     #: the stage's core, for ~3 us on another: worth it only with an idle core.
     decode_processes: Annotated[int, Meta(ge=0, le=1)] = 0
     #: Most rollouts, and most rollout pairs (rollout, champion and candidate model and
-    #: version: a new one at every candidate version), a task ever holds: a bound on state,
+    #: version: a new one at every candidate version), a task holds at once: a bound on state,
     #: reports and metric series when something writes made-up names to the comparisons
     #: topic. Comparisons of a pair beyond them are left out and counted
-    #: (``sidecar_outcomes_skipped{reason="too_many_pairs"}``). Pairs are kept for the life of
-    #: the store: raise these for a long-lived stage that sees many rollouts or versions.
+    #: (``sidecar_outcomes_skipped{reason="too_many_pairs"}``). Only live pairs count: a
+    #: finished pair leaves after ``retire_after_ms`` (and a rollout with it, once it has no
+    #: live pair).
     max_rollouts_per_task: Annotated[int, Meta(ge=1)] = 64
     max_pairs_per_task: Annotated[int, Meta(ge=1)] = 1_024
+    #: A rollout pair is retired (its state, verdict basis and metric series dropped, logged
+    #: once) when every window of it is final and no comparison of it arrived for this long
+    #: (event time; never less than the pair's label window: a smaller value is raised to
+    #: it). A week outlives a weekend's pause or a long incident, and leaves the caps above
+    #: far from full with a new candidate version every few days. A comparison of a retired
+    #: pair starts it afresh (a new verdict from its next final window); one dated in a window
+    #: already final is late, as for any pair. 0: pairs are kept for the life of the store.
+    retire_after_ms: Annotated[int, Meta(ge=0)] = 7 * 86_400_000
     fetch_timeout_ms: Annotated[int, Meta(ge=1)] = 200
     #: RocksDB block cache shared by the stores, and each store's memtable size (MiB): with
     #: the write buffers these bound the stage's memory, whatever the label window.
@@ -195,6 +204,21 @@ class OutcomesSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     def max_label_window_ms(self) -> int:
         return max(
             [self.quality.label_window_ms] + [q.label_window_ms for q in self.rollouts.values()]
+        )
+
+    def merge_retire_horizon_ms(self) -> int:
+        """The merge stage forgets a pair once the tasks' stream time is this far past the
+        end of its last merged window (0: never): the longest idle time, plus how long after
+        its end a window may still be final (label window, lateness, grace). A partial of a
+        window that far behind, not open, is too late to open it again."""
+        if not self.retire_after_ms:
+            return 0
+        longest = self.max_label_window_ms()
+        return (
+            max(self.retire_after_ms, longest)
+            + longest
+            + self.comparison_lateness_ms
+            + self.outcome_grace_ms
         )
 
     def for_rollout(self, rollout: str) -> RolloutQuality:

@@ -5,7 +5,7 @@ one that wrote it."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 import numpy as np
@@ -79,6 +79,9 @@ class Feed:
         self.offsets = {"c": 0, "o": 0}
         self.task = self.open(path)
 
+    #: Further keyword arguments of the tasks it opens (caps, retirement).
+    task_options: ClassVar[dict[str, int]] = {}
+
     def open(self, path: Path) -> JoinTask:
         s = self.settings
         return JoinTask(
@@ -88,6 +91,7 @@ class Feed:
             Windows(s.report_window_ms, s.comparison_lateness_ms, s.outcome_grace_ms),
             s.judging(),
             max_label_window_ms=s.max_label_window_ms(),
+            **self.task_options,
         )
 
     def _records(self, key: str, values: list[bytes]) -> list[Rec]:

@@ -5,6 +5,7 @@ the caps; the changelog replays to the same store; and the merge stage forgets i
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import msgspec
 import pytest
@@ -13,7 +14,7 @@ from outcomes.test_quality_partials import ACCS, JUDGING, KEY, LAYOUT, TASKS, WI
 from outcomes.test_quality_partials import compact as compacted
 
 from sidecar.outcomes.chunks import FinalMark, RetireMark, decode
-from sidecar.outcomes.join import JoinTask, Windows
+from sidecar.outcomes.join import JoinTask
 from sidecar.outcomes.partials import (
     DECODER,
     MergedQualityWindow,
@@ -23,7 +24,6 @@ from sidecar.outcomes.partials import (
 )
 from sidecar.outcomes.report import PairKey
 from sidecar.outcomes.settings import OutcomesSettings
-from sidecar.outcomes.store import Store
 
 IDLE = 20_000  # retire_after_ms (label window 5_000, report window W = 10_000, no grace)
 OLD = PairKey("ro", "m", "1.0.0", "m", "2.0.0")
@@ -32,19 +32,11 @@ OLD = PairKey("ro", "m", "1.0.0", "m", "2.0.0")
 class CappedFeed(Feed):
     """A task holding at most one pair of one rollout, retiring pairs idle for ``IDLE``."""
 
-    def open(self, path: Path) -> JoinTask:
-        s = self.settings
-        return JoinTask(
-            Store(path),
-            0,
-            s.layout(),
-            Windows(s.report_window_ms, s.comparison_lateness_ms, s.outcome_grace_ms),
-            s.judging(),
-            max_label_window_ms=s.max_label_window_ms(),
-            max_pairs=1,
-            max_rollouts=1,
-            retire_after_ms=IDLE,
-        )
+    task_options: ClassVar[dict[str, int]] = {
+        "max_pairs": 1,
+        "max_rollouts": 1,
+        "retire_after_ms": IDLE,
+    }
 
     def final(self, key: PairKey, ws: int, stream_ms: int) -> None:
         self.write(FinalMark(pair=key, window_start_ms=ws, stream_ms=stream_ms))

@@ -379,28 +379,6 @@ static PyObject *py_crc32c(PyObject *self, PyObject *args) {
     return PyLong_FromUnsignedLong(value);
 }
 
-PyDoc_STRVAR(batch_crc_ok_doc,
-"batch_crc_ok(data, start, end) -> bool\n\n"
-"Whether the v2 record batch in data[start:end] carries the CRC-32C of its contents.");
-
-static PyObject *batch_crc_ok(PyObject *self, PyObject *args) {
-    Py_buffer data;
-    Py_ssize_t start, end;
-    if (!PyArg_ParseTuple(args, "y*nn:batch_crc_ok", &data, &start, &end)) return NULL;
-    if (start < 0 || end > data.len || end - start < HEADER_SIZE) {
-        PyBuffer_Release(&data);
-        PyErr_SetString(PyExc_ValueError, "not a record batch: range out of the buffer");
-        return NULL;
-    }
-    const uint8_t *b = (const uint8_t *)data.buf + start;
-    uint32_t stored = ((uint32_t)b[CRC_OFFSET] << 24) | ((uint32_t)b[CRC_OFFSET + 1] << 16) |
-                      ((uint32_t)b[CRC_OFFSET + 2] << 8) | (uint32_t)b[CRC_OFFSET + 3];
-    uint32_t actual = crc32c(0, b + ATTRIBUTES_OFFSET, (size_t)(end - start - ATTRIBUTES_OFFSET));
-    PyBuffer_Release(&data);
-    return PyBool_FromLong(stored == actual);
-}
-
-
 /* ------------------------------------------------------------------ reading batches */
 
 typedef struct {
@@ -619,17 +597,19 @@ static PyObject *read_batch(PyObject *self, PyObject *args) {
     for (int64_t i = 0; i < count; i++) {
         if (read_record(&c, base_offset, first_ts, max_ts, ts_type, first, topic, partition,
                         ts_type_obj, record_type, records, &error) < 0) {
-            if (error == NULL) { /* a Python error (a header name not UTF-8): reported */
+            if (error == NULL) { /* a Python error */
+                if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+                    Py_DECREF(ts_type_obj); /* out of memory and the like: raised */
+                    goto done;
+                }
+                /* a header name that is not UTF-8: the batch is reported, not raised */
                 PyObject *type, *value, *tb;
                 PyErr_Fetch(&type, &value, &tb);
-                PyObject *text = value ? PyObject_Str(value) : NULL;
-                PyObject *message = PyUnicode_FromFormat(
-                    "%s: %U", type ? ((PyTypeObject *)type)->tp_name : "error",
-                    text ? text : Py_None);
+                PyObject *message = PyUnicode_FromFormat("UnicodeDecodeError: %S",
+                                                         value ? value : Py_None);
                 Py_XDECREF(type);
                 Py_XDECREF(value);
                 Py_XDECREF(tb);
-                Py_XDECREF(text);
                 if (message == NULL) {
                     Py_DECREF(ts_type_obj);
                     goto done;
@@ -670,7 +650,6 @@ static PyMethodDef methods[] = {
     {"build", build, METH_VARARGS, build_doc},
     {"set_producer", set_producer, METH_VARARGS, set_producer_doc},
     {"crc32c", py_crc32c, METH_VARARGS, crc32c_doc},
-    {"batch_crc_ok", batch_crc_ok, METH_VARARGS, batch_crc_ok_doc},
     {"read", read_batch, METH_VARARGS, read_doc},
     {"hardware_crc", hardware_crc, METH_NOARGS,
      "hardware_crc() -> bool\n\nWhether CRC-32C runs on the CPU's instruction."},

@@ -162,7 +162,8 @@ def _fill(self: Any) -> bool:
         try:
             batch = records.next_batch()
         except Exception as exc:
-            if _take_unreadable(self, records.current, first, [], exc):
+            current = records.current  # the batch before: its end is not after ``first``
+            if _take_unreadable(self, current and current.next_offset, first, [], exc):
                 return True
             raise
         if _take_batch(self, batch, first):
@@ -183,7 +184,7 @@ def _take_batch(self: Any, batch: Any, first: int) -> bool:
             return False
         _read_batch(self._tp, batch, first, out)
     except Exception as exc:  # the batch could not be parsed: skip its rest, say so
-        if _take_unreadable(self, batch, first, out, exc):
+        if _take_unreadable(self, batch.next_offset, first, out, exc):
             return True
         raise
     if out:
@@ -194,14 +195,13 @@ def _take_batch(self: Any, batch: Any, first: int) -> bool:
 
 
 def _take_unreadable(
-    self: Any, batch: Any, first: int, out: list[Record], error: BaseException | str
+    self: Any, end: int | None, first: int, out: list[Record], error: BaseException | str
 ) -> bool:
     """``out`` (the batch's records before the bad one) and a marker for the rest of the
-    batch into ``self._sc_pending``; False when there is no rest to mark (the error is not
-    about this batch: the caller raises it)."""
-    if batch is None:
+    batch, up to offset ``end``, into ``self._sc_pending``; False when there is no rest to
+    mark (no batch, or the error is not about it: the caller raises it)."""
+    if end is None:
         return False
-    end = batch if isinstance(batch, int) else batch.next_offset
     start = out[-1].offset + 1 if out else first
     if end <= start:
         return False

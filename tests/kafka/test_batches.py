@@ -17,6 +17,8 @@ from aiokafka.record._crecords.default_records import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sidecar.kafka.records import Record
+
 _batches = pytest.importorskip("sidecar.kafka._batches")
 
 TS = 1_700_000_000_123
@@ -82,7 +84,6 @@ def test_aiokafka_reads_the_batch_back_and_its_crc_holds() -> None:
     assert end == 3
     batch = DefaultRecordBatch(bytearray(data))
     assert batch.validate_crc()
-    assert _batches.batch_crc_ok(data, 0, len(data))
     got = [(r.offset, r.timestamp, r.key, r.value, list(r.headers)) for r in batch]
     assert got == [
         (0, TS, b"k", b"v" * 500, [("trace", b"t1"), ("empty", None)]),
@@ -91,16 +92,22 @@ def test_aiokafka_reads_the_batch_back_and_its_crc_holds() -> None:
     ]
 
 
-def test_a_changed_byte_fails_the_crc_check() -> None:
+def test_the_reader_checks_the_crc_and_finds_batches_inside_a_larger_buffer() -> None:
     data, _ = _batches.build([b"k"], [b"value"], [[]], None, 0, TS, 1 << 20)
-    assert _batches.batch_crc_ok(data, 0, len(data))
-    broken = bytearray(data)
-    broken[-1] ^= 0x01
-    assert not _batches.batch_crc_ok(bytes(broken), 0, len(broken))
-    # A batch within a larger buffer (as fetched: several batches back to back).
-    assert _batches.batch_crc_ok(b"xx" + data + b"yy", 2, 2 + len(data))
-    with pytest.raises(ValueError, match="range"):
-        _batches.batch_crc_ok(data, 0, len(data) + 1)
+    fetched = b"xx" + data + data  # as fetched: batches back to back
+    kind, records, next_pos, next_offset, error = _batches.read(fetched, 2, 0, "t", 0, Record, True)
+    assert (kind, next_pos, next_offset, error) == (_batches.RECORDS, 2 + len(data), 1, None)
+    assert [(r.offset, r.key, r.value) for r in records] == [(0, b"k", b"value")]
+    broken = bytearray(fetched)
+    broken[2 + len(data) - 2] ^= 0x01  # the first batch's value's last byte ("e" -> "d")
+    kind, records, _, next_offset, error = _batches.read(bytes(broken), 2, 0, "t", 0, Record, True)
+    assert (kind, records, next_offset) == (_batches.CORRUPT, [], 1)
+    assert "CRC does not match" in str(error)
+    # Without the check the changed value is read as it stands.
+    kind, records, *_ = _batches.read(bytes(broken), 2, 0, "t", 0, Record, False)
+    assert kind == _batches.RECORDS and records[0].value == b"valud"
+    # A fetch that ends inside a batch: nothing more to read until the next fetch.
+    assert _batches.read(fetched[:-3], 2 + len(data), 0, "t", 0, Record, True)[0] == _batches.END
 
 
 def test_idempotent_producer_state_matches_aiokafka() -> None:

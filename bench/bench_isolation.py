@@ -10,7 +10,9 @@ otherwise):
 
 1. throughput: ``--backlog`` requests preloaded, consumed as fast as the sidecar goes;
    requests/s = backlog / (last output record time - first output record time), read from
-   the output topics' record timestamps (the sidecar's producer stamps them);
+   the output topics' record timestamps (the sidecar's producer stamps them). Counted to the
+   last comparison, so a candidate's timeout adds a tail at the end; "decisions/s" counts to
+   the last decision only (the rate the downstream systems see);
 2. latency: then ``--rate`` requests/s for ``--seconds``; the end-to-end time of each
    decision the champion was routed is its record's timestamp minus its request's (both
    stamped by a producer on this machine): p50 and p99.
@@ -231,6 +233,7 @@ async def run_case(
         elif d.routed_arm == "champion":
             latencies.append(record.timestamp - d.ts)
             deciding.append(d.decided_at - d.ts)
+    decided_s = (max(backlog_times) - min(backlog_times)) / 1000
     backlog_times += [
         r.timestamp
         for r in comparisons
@@ -240,6 +243,7 @@ async def run_case(
     return {
         "case": case,
         "rate": backlog / span_s,
+        "decision_rate": backlog / decided_s,
         "p50_ms": statistics.median(latencies),
         "p99_ms": percentile(latencies, 0.99),
         "decided_p50_ms": statistics.median(deciding),
@@ -265,24 +269,23 @@ async def main_async(args: argparse.Namespace) -> None:
                 )
                 results[case].append(r)
                 print(
-                    f"round {round_ + 1} {case:11} backlog {r['rate']:>8,.0f} req/s   champion "
+                    f"round {round_ + 1} {case:11} backlog {r['rate']:>8,.0f} req/s "
+                    f"({r['decision_rate']:,.0f} decisions/s)   champion "
                     f"p50 {r['p50_ms']:6.1f} ms (decided {r['decided_p50_ms']:.1f})  "
                     f"p99 {r['p99_ms']:6.1f} ms   "
                     f"({r['decisions']} decisions, {r['comparisons']} comparisons; {r['child']})",
                     flush=True,
                 )
     print()
-    print(f"{'candidate':11} {'req/s':>9} {'x healthy':>9} {'p50 ms':>8} {'x':>6}", end="")
-    print(f" {'p99 ms':>8} {'x':>6}")
-    base = {
-        k: statistics.median(r[k] for r in results["healthy"]) for k in ("rate", "p50_ms", "p99_ms")
-    }
+    print(f"{'candidate':11} {'req/s':>9} {'x healthy':>9} {'decided/s':>9} {'x':>6}", end="")
+    print(f" {'p50 ms':>8} {'x':>6} {'p99 ms':>8} {'x':>6}")
+    keys = ("rate", "decision_rate", "p50_ms", "p99_ms")
+    base = {k: statistics.median(r[k] for r in results["healthy"]) for k in keys}
     for case in cases:
-        m = {
-            k: statistics.median(r[k] for r in results[case]) for k in ("rate", "p50_ms", "p99_ms")
-        }
+        m = {k: statistics.median(r[k] for r in results[case]) for k in keys}
         print(
             f"{case:11} {m['rate']:>9,.0f} {m['rate'] / base['rate']:>9.2f} "
+            f"{m['decision_rate']:>9,.0f} {m['decision_rate'] / base['decision_rate']:>6.2f} "
             f"{m['p50_ms']:>8.1f} {m['p50_ms'] / base['p50_ms']:>6.2f} "
             f"{m['p99_ms']:>8.1f} {m['p99_ms'] / base['p99_ms']:>6.2f}"
         )

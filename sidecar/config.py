@@ -117,7 +117,9 @@ class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Bound on consumed records not yet committed: outputs not all acknowledged, or waiting
     #: for the candidate or behind an earlier batch that does (commits go in order).
     #: Consumption pauses (backpressure) at this bound; it also bounds what a crash repeats.
-    max_in_flight_records: Annotated[int, Meta(ge=1)] = 20_000
+    #: A candidate that times out holds everything consumed meanwhile: keep it above the
+    #: request rate times the candidate's ``timeout_ms``, plus ``max_sending_records``.
+    max_in_flight_records: Annotated[int, Meta(ge=1)] = 32_000
     #: Bound on consumed records whose outputs are on their way to the broker (queued in the
     #: producer or not yet acknowledged), not counting batches that wait only for the
     #: candidate or for their turn to commit. What a busy instance holds in memory: when the

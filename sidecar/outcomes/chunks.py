@@ -23,7 +23,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from .report import PairKey
+from .report import PairKey, PairNames
 from .settings import RolloutQuality
 
 CHUNK_VERSION = 1
@@ -36,25 +36,10 @@ MAX_CHUNK_ROWS = 10_000
 Id = Annotated[str, msgspec.Meta(max_length=256)]
 
 
-class PairSpec(msgspec.Struct, array_like=True, frozen=True):
+class PairSpec(PairNames, array_like=True, frozen=True):
     """A rollout pair named by a chunk, with the settings it starts with if it is new."""
 
-    rollout: str
-    champion_model: str
-    champion_version: str
-    candidate_model: str
-    candidate_version: str
     settings: RolloutQuality
-
-    @property
-    def key(self) -> PairKey:
-        return PairKey(
-            self.rollout,
-            self.champion_model,
-            self.champion_version,
-            self.candidate_model,
-            self.candidate_version,
-        )
 
 
 class RankedLists(msgspec.Struct, array_like=True, frozen=True):

@@ -44,6 +44,7 @@ from .report import (
     Judging,
     MissingRule,
     PairKey,
+    PairNames,
     QualityReport,
     QualityRequirement,
     QualityVerdict,
@@ -53,26 +54,11 @@ from .report import (
 )
 
 
-class _PairWindow(msgspec.Struct, frozen=True, kw_only=True):
+class _PairWindow(PairNames, frozen=True, kw_only=True):
     """A rollout pair's quality window: what both records of the partials topic are about."""
 
-    rollout: str
-    champion_model: str
-    champion_version: str
-    candidate_model: str
-    candidate_version: str
     window_start_ms: int
     window_end_ms: int
-
-    @property
-    def key(self) -> PairKey:
-        return PairKey(
-            self.rollout,
-            self.champion_model,
-            self.champion_version,
-            self.candidate_model,
-            self.candidate_version,
-        )
 
 
 class QualityPartial(_PairWindow, frozen=True, kw_only=True, tag="partial", tag_field="kind"):

@@ -69,6 +69,26 @@ class PairKey(NamedTuple):
     candidate_version: str
 
 
+class PairNames(msgspec.Struct, frozen=True):
+    """A record's fields naming a rollout pair (changelog chunks, quality partials)."""
+
+    rollout: str
+    champion_model: str
+    champion_version: str
+    candidate_model: str
+    candidate_version: str
+
+    @property
+    def key(self) -> PairKey:
+        return PairKey(
+            self.rollout,
+            self.champion_model,
+            self.champion_version,
+            self.candidate_model,
+            self.candidate_version,
+        )
+
+
 class ReliabilityBin(msgspec.Struct, frozen=True, kw_only=True):
     """One bin of the reliability diagram: scores in [lo, hi)."""
 

@@ -247,8 +247,11 @@ class BatchSender:
         assert _batches is not None and self._prebuilt is not None
         keys, values, headers = output.keys, output.values, output.headers
         # ``range(len(output))`` (a partition's whole output) needs no index list.
-        whole = isinstance(indices, range) and indices == range(len(keys))
-        picks = None if whole else list(indices)
+        picks: list[int] | None
+        if isinstance(indices, range) and indices == range(len(keys)):
+            picks = None
+        else:  # a partition's positions are already a list (no copy); a range slice is not
+            picks = indices if isinstance(indices, list) else list(indices)
         deliveries: list[Delivery] = []
         start, n = 0, len(indices)
         while start < n:

@@ -41,7 +41,7 @@ from .encoding import (
     raw_json,
     template,
 )
-from .models.base import BatchScores, ScoringModel
+from .models.base import BatchScores, BoolArray, ScoringModel
 from .models.validation import RangeValidator
 from .outputs.adapters import Adapter, DeclarativeAdapter, compile_adapter
 from .outputs.lifecycle import OutputState, configured_outputs, version_headers
@@ -68,6 +68,9 @@ _PENDING = ModelError(kind="skipped", message="pending")
 
 # Per-record choice codes (see Pipeline._choose).
 _CHAMPION, _CANDIDATE, _DEFAULT, _DEAD_LETTER = 0, 1, 2, 3
+#: Per choice: the arm its comparison names as ``served_by`` (a default decision is the
+#: champion's; a dead-lettered record was served by none).
+_SERVED_BY: tuple[int | None, ...] = (_CHAMPION, _CANDIDATE, _CHAMPION, None)
 _ARM_NAMES = ("champion", "candidate", "default", "dead_letter")
 #: Score and decision slots of a scored arm's ModelResult, per output kind.
 _OK_SLOTS: dict[str, tuple[str, ...]] = {
@@ -307,14 +310,35 @@ class _BatchFormats:
             manifest_digest=m.manifest_digest,
         )
 
-    def arm_ok(self, arm: int, score: bytes, decision: bytes) -> bytes:
-        """Arm ``arm``'s scored ModelResult as JSON, whatever its output kind."""
-        ok_slots, ok, _ = self._arm_results
+    def arm_column(
+        self,
+        arm: int,
+        scores: list[bytes],
+        decisions: list[bytes],
+        valid: BoolArray,
+        extra: list[bytes] | None,
+    ) -> list[bytes]:
+        """Arm ``arm``'s ModelResult as JSON for every record of the batch, whatever its
+        output kind: its scored template where the record is valid, its error otherwise
+        (one format per record, columns zipped at C speed)."""
+        ok_slots, ok, errors = self._arm_results
+        error = errors[arm]
+        n = len(valid)
+        if not valid.any():
+            return [error] * n
         tmpl = ok[arm]
         slots = len(ok_slots[arm])
         if slots == 2:
-            return tmpl % (score, decision)
-        return tmpl % score if slots else tmpl
+            column = list(map(tmpl.__mod__, zip(scores, decisions, strict=True)))
+        elif slots == 1:
+            column = list(map(tmpl.__mod__, scores))
+        else:
+            column = [tmpl] * n
+        if extra is not None:  # a non-binary output: its fields come last
+            column = [c[:-1] + e + b"}" for c, e in zip(column, extra, strict=True)]
+        if not valid.all():
+            column = [c if v else error for c, v in zip(column, valid.tolist(), strict=True)]
+        return column
 
     def _decision_pair(self, arm: int, routed: int, fallback: str | None) -> tuple[bytes, bytes]:
         """Decision templates of ``arm`` deciding records routed to ``routed``, without and
@@ -830,25 +854,36 @@ class Pipeline:
         decision_tmpl = fmt.decision
         version_header = fmt.version_headers
         schema_header = _SCHEMA_HEADER
-        plain = (
-            extras == (None, None)
-            and metadata.count(None) == len(metadata)
-            and (choice_list == routed_list or all(choice_list[i] == routed_list[i] for i in rows))
-        )
-        if plain:  # every row's routed arm decided, nothing per record to add: templates only
-            self._plain_decisions(
-                batch,
-                rows,
-                choice_list,
-                fmt,
-                texts,
-                bucket_texts,
-                arm_scores,
-                arm_dec,
-                dec_values,
-                dec_headers,
-            )
-            return 0
+        if extras == (None, None):  # binary arms: templates for all but defaults and metadata
+            columns = (batch, choice_list, fmt, texts, arm_scores, arm_dec, dec_values, dec_headers)
+            if metadata.count(None) == len(metadata) and (
+                choice_list == routed_list or all(choice_list[i] == routed_list[i] for i in rows)
+            ):  # every row's routed arm decided, nothing per record to add
+                self._plain_decisions(rows, *columns)
+                return 0
+            direct, fell_back, rest = [], [], []
+            for i in rows:
+                arm = choice_list[i]
+                if arm > _CANDIDATE or metadata[i] is not None:
+                    rest.append(i)
+                elif arm == routed_list[i]:
+                    direct.append(i)
+                else:
+                    fell_back.append(i)
+            self._plain_decisions(direct, *columns)
+            if fell_back:  # the routed arm failed: the other arm's templates with the reason
+                scores = (champion, candidate)
+                fallbacks = {
+                    arm: fmt.fallback(
+                        arm,
+                        1 - arm,
+                        f"{_ARM_NAMES[1 - arm]}_failed: "
+                        f"{_error_text(scores[1 - arm].error or scores[1 - arm].record_error)}",
+                    )
+                    for arm in {choice_list[i] for i in fell_back}
+                }
+                self._plain_decisions(fell_back, *columns, fallbacks=fallbacks)
+            rows = rest
         slow = 0
         for i in rows:
             arm = choice_list[i]
@@ -899,52 +934,56 @@ class Pipeline:
 
     def _plain_decisions(
         self,
-        batch: DecodedBatch,
         rows: list[int],
+        batch: DecodedBatch,
         choice_list: list[int],
         fmt: _BatchFormats,
         texts: _Texts,
-        bucket_texts: list[bytes],
         arm_scores: tuple[list[bytes], list[bytes]],
         arm_dec: tuple[list[bytes], list[bytes]],
         dec_values: list[bytes | None],
         dec_headers: list[Headers | None],
+        fallbacks: dict[int, tuple[tuple[bytes, bytes], bytes]] | None = None,
     ) -> None:
-        """:meth:`_write_decisions` when every row's routed arm decided and no record has
-        metadata or kind fields (the common case): each row one template format, columns
-        zipped at C speed rather than indexed per record."""
+        """:meth:`_write_decisions` of rows that need no more than a template (binary arms,
+        no metadata): each row one template format, columns zipped at C speed rather than
+        indexed per record. Without ``fallbacks`` every row's routed arm decided; with them
+        (per deciding arm: its fallback templates and the reason's JSON text, see
+        :meth:`_BatchFormats.fallback`) every row's routed arm failed and the other decided."""
         if not rows:
             return
         whole = len(rows) == len(batch)
         pick = _gather(rows, whole)
         arms = pick(choice_list)
         keyed = pick(batch.has_routing_key)
+        tables = fmt.decision if fallbacks is None else {a: f[0] for a, f in fallbacks.items()}
+        reasons: list[bytes] | None = None
         if len(set(arms)) == 1:
             arm = arms[0]
             scores, decided = pick(arm_scores[arm]), pick(arm_dec[arm])
-            table = fmt.decision[arm]
+            table = tables[arm]
             tmpls = [table[k] for k in keyed] if False in keyed else [table[True]] * len(rows)
             version = [fmt.version_headers[arm]] * len(rows)
+            if fallbacks is not None:
+                reasons = [fallbacks[arm][1]] * len(rows)
         else:  # both arms decide some rows (one stage, a canary): per row
             scores = [arm_scores[a][i] for a, i in zip(arms, rows, strict=True)]
             decided = [arm_dec[a][i] for a, i in zip(arms, rows, strict=True)]
-            tmpls = [fmt.decision[a][k] for a, k in zip(arms, keyed, strict=True)]
+            tmpls = [tables[a][k] for a, k in zip(arms, keyed, strict=True)]
             version = [fmt.version_headers[a] for a in arms]
-        values = list(
-            map(
-                bytes.__mod__,
-                tmpls,
-                zip(
-                    pick(texts.ids),
-                    pick(texts.keys),
-                    scores,
-                    decided,
-                    pick(bucket_texts),
-                    pick(texts.ts),
-                    strict=True,
-                ),
-            )
-        )
+            if fallbacks is not None:
+                reasons = [fallbacks[a][1] for a in arms]
+        columns = [
+            pick(texts.ids),
+            pick(texts.keys),
+            scores,
+            decided,
+            pick(texts.buckets),
+            pick(texts.ts),
+        ]
+        if reasons is not None:
+            columns.append(reasons)
+        values = list(map(bytes.__mod__, tmpls, zip(*columns, strict=True)))
         schema = _SCHEMA_HEADER
         headers: list[Headers] = [
             [("request_id", h), v, schema]
@@ -1253,13 +1292,11 @@ class Pipeline:
         candidate: BatchScores,
     ) -> list[bytes | None]:
         """Every record's comparison: both arms' results, ``served_by`` the deciding arm."""
-        n = len(batch)
         champ_scores, champ_dec = texts.arm(self.champion, champion)
         cand_scores, cand_dec = texts.arm(self.candidate, candidate)
         champ_extra, cand_extra = _fragments(champion), _fragments(candidate)
         has_key, ts_list = batch.has_routing_key, texts.ts
         rids, key_texts = texts.ids, texts.keys
-        cmp_values: list[bytes | None] = [None] * n
         binary = champ_extra is None and cand_extra is None
         champ_valid, cand_valid = champion.valid, candidate.valid
         if binary and champ_valid.all() and cand_valid.all() and _DEAD_LETTER not in choice_list:
@@ -1289,27 +1326,18 @@ class Pipeline:
                 )
             )
         # An arm failed, some records are invalid, or a kind other than binary: each arm
-        # as a ready-made fragment.
+        # as a ready-made fragment, a column each.
         frag_tmpl = fmt.comparison
-        champ_ok, cand_ok = champ_valid.tolist(), cand_valid.tolist()
-        for i in range(n):
-            arm = choice_list[i]
-            served = None if arm == _DEAD_LETTER else (_CHAMPION if arm == _DEFAULT else arm)
-            if champ_ok[i]:
-                champ_frag = fmt.arm_ok(_CHAMPION, champ_scores[i], champ_dec[i])
-                if champ_extra is not None:
-                    champ_frag = champ_frag[:-1] + champ_extra[i] + b"}"
-            else:
-                champ_frag = fmt.champion_error
-            if cand_ok[i]:
-                cand_frag = fmt.arm_ok(_CANDIDATE, cand_scores[i], cand_dec[i])
-                if cand_extra is not None:
-                    cand_frag = cand_frag[:-1] + cand_extra[i] + b"}"
-            else:
-                cand_frag = fmt.candidate_error
-            frag = frag_tmpl[served][has_key[i]]
-            cmp_values[i] = frag % (rids[i], key_texts[i], ts_list[i], champ_frag, cand_frag)
-        return cmp_values
+        champ_col = fmt.arm_column(_CHAMPION, champ_scores, champ_dec, champ_valid, champ_extra)
+        cand_col = fmt.arm_column(_CANDIDATE, cand_scores, cand_dec, cand_valid, cand_extra)
+        tmpls = [frag_tmpl[_SERVED_BY[c]][k] for c, k in zip(choice_list, has_key, strict=True)]
+        return list(
+            map(
+                bytes.__mod__,
+                tmpls,
+                zip(rids, key_texts, ts_list, champ_col, cand_col, strict=True),
+            )
+        )
 
     def _choose(
         self, candidate_decides: np.ndarray, champion: BatchScores, candidate: BatchScores

@@ -406,3 +406,52 @@ async def test_fallbacks_take_the_templated_path_and_encode_like_the_struct(mess
             assert list(msgspec.json.decode(value).items()) == list(
                 msgspec.json.decode(ENC.encode(struct)).items()
             )
+
+
+async def test_a_partly_invalid_candidate_falls_back_on_the_template_path() -> None:
+    """NaN candidate scores for some records of a batch: the records routed to the candidate
+    among them fall back to the champion, the rest are decided by their routed arm, keyed and
+    unkeyed, with and without metadata, in one batch; every decision and comparison says so
+    and encodes like the Struct, and only the records with metadata take the per-record path."""
+    nans = {"target": "sidecar.examples.faulty:nans", "options": {"fraction": 0.5}}
+    p = pipeline(candidate=nans, mode="canary", canary_share_bp=5000)
+    docs = fraud.request_dicts(fraud.generate(600, seed=3))
+    for i, doc in enumerate(docs):
+        if i % 3 == 0:
+            doc.pop("routing_key", None)
+        if i % 7 == 0:
+            doc["metadata"] = {"n": i}
+    recs = [Rec(ENC.encode(doc), offset=i) for i, doc in enumerate(docs)]
+    result = await p.process(recs, policy(Mode.CANARY, 5000))
+    assert result.slow_path == sum(1 for d in docs if "metadata" in d)
+    ds = {d.request_id: d for d in decisions(result)}
+    cs = {c.request_id: c for c in comparisons(result)}
+    assert len(ds) == len(cs) == 600
+    invalid = {rid for rid, c in cs.items() if c.candidate.error is not None}
+    assert 0 < len(invalid) < 600
+    fell_back = 0
+    for doc in docs:
+        d, c = ds[doc["request_id"]], cs[doc["request_id"]]
+        assert d.routing_key == doc.get("routing_key") == c.routing_key
+        assert d.metadata == doc.get("metadata")
+        routing_key = doc.get("routing_key") or doc["request_id"]
+        canary = bucket_of(routing_key, "fraud-v2") < 5000
+        assert d.routed_arm == ("candidate" if canary else "champion")
+        if canary and d.request_id in invalid:
+            fell_back += 1
+            assert d.arm == "champion" == c.served_by
+            assert d.fallback == "candidate_failed: invalid_output: score is NaN or infinite"
+        else:
+            assert d.arm == d.routed_arm == c.served_by and d.fallback is None
+        arm = c.champion if d.arm == "champion" else c.candidate
+        assert (d.score, d.decision) == (arm.score, arm.decision)
+        if d.request_id in invalid:
+            assert c.candidate.score is None and c.candidate.error is not None
+            assert c.candidate.error.kind == "invalid_output"
+        else:
+            assert c.candidate.score is not None and c.candidate.error is None
+    assert fell_back > 0
+    for value in (*result.decisions.values, *result.comparisons.values):
+        doc = msgspec.json.decode(value)
+        struct = msgspec.json.decode(value, type=Decision if "arm" in doc else Comparison)
+        assert list(doc.items()) == list(msgspec.json.decode(ENC.encode(struct)).items())

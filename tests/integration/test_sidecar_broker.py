@@ -70,7 +70,14 @@ async def started_mid_stream(cfg: Any, n: int, seed: int) -> tuple[Sidecar, asyn
 
 
 async def test_n_requests_give_n_decisions_and_n_comparisons(bootstrap: str) -> None:
-    cfg = make_config(bootstrap, rollout={"mode": "canary", "canary_share_bp": 2500})
+    # Timeouts far above any stall of a loaded test machine: this test is about routing and
+    # counts, and a model timing out would (rightly) change an arm.
+    patient = {"timeout_ms": 20_000}
+    cfg = make_config(
+        bootstrap,
+        rollout={"mode": "canary", "canary_share_bp": 2500},
+        models={"champion": patient, "candidate": patient},
+    )
     await create_topics(cfg)
     n = 6000
     await produce(cfg, generated_items(n, seed=11))

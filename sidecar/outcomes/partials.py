@@ -14,10 +14,15 @@ The merge stage (one owner per partition of the partials topic, hence per rollou
 latest partial of each task per window (:class:`QualityMerger`): a provisional report when
 the partials changed, the final report when every task's final partial is in (or
 ``outcomes.merge_timeout_ms`` after its first final partial: ``tasks_missing`` says which
-were not), then the pair's verdict over its final windows. A merged window goes back to the
-partials topic as a ``MergedQualityWindow`` (key ``merged/<pair>/<window>``): rebuilt from
-the topic, the merger counts that window once, from that record, whatever partials of it are
-read again or arrive late; tombstones for the window's partials follow it.
+were not, and their latest provisional partials are counted), then the pair's verdict over its
+final windows. A merged window goes back to the partials topic as a ``MergedQualityWindow``
+(key ``merged/<pair>/<window>``): rebuilt from the topic, the merger counts that window once,
+from that record, whatever partials of it are read again or arrive late; tombstones for the
+window's partials follow it. The one exception: a missing task's final partial arriving
+after the merge (a lagging or restoring instance) replaces the provisional share counted for
+it, and the window is merged and reported final again, naming fewer missing tasks (the
+record keeps the shares it counted for missing tasks, ``held``, so that a rebuilt merger can
+still do so).
 
 A pair whose windows are all merged, once the tasks' stream time (the latest a partial carried)
 is ``outcomes.retire_after_ms`` past the end of its last merged window (plus the longest label
@@ -87,9 +92,20 @@ class QualityPartial(_PairWindow, frozen=True, kw_only=True, tag="partial", tag_
     schema_version: str = OUTPUT_SCHEMA_VERSION
 
 
+class HeldShare(msgspec.Struct, frozen=True, kw_only=True):
+    """A task's provisional share that a window merged without its final partial counted."""
+
+    task: int
+    index: list[int] = []
+    values: list[float] = []
+    ranking: list[float] | None = None
+
+
 class MergedQualityWindow(_PairWindow, frozen=True, kw_only=True, tag="merged", tag_field="kind"):
     """A window the merge stage reported final (same topic): what it counted, so that a
-    merger rebuilt from the topic counts it once and reports it no more."""
+    merger rebuilt from the topic counts it once and reports it no more. When tasks were
+    missing, a later record of the window (same key) names fewer: their final partials came
+    after all and replaced the provisional shares counted for them (``held``)."""
 
     requirement: QualityRequirement
     size: int
@@ -98,6 +114,9 @@ class MergedQualityWindow(_PairWindow, frozen=True, kw_only=True, tag="merged", 
     ranking: list[float] | None = None
     #: Tasks whose final partial was not in when the window was merged (merge timeout).
     tasks_missing: list[int] = []
+    #: The shares of tasks in ``tasks_missing`` that are counted above (their latest
+    #: provisional partials; a missing task with none has none here).
+    held: list[HeldShare] = []
     emitted_at_ms: int = 0
     schema_version: str = OUTPUT_SCHEMA_VERSION
 
@@ -244,6 +263,61 @@ class _Window:
 
 
 @dataclass(slots=True)
+class _Late:
+    """A window merged final without some tasks' final partials (the merge timeout passed):
+    what it counted, so that a missing task's final partial arriving later replaces the
+    provisional share counted for it (each missing task at most once)."""
+
+    acc: FloatArray
+    ranking: PairedRankingQuality | None
+    missing: set[int]
+    #: Per missing task: its share counted in ``acc`` (its latest provisional partial).
+    held: dict[int, _Held]
+    window_end_ms: int
+    requirement: QualityRequirement
+    #: The settings the window's report is made with (the latest partial's; None when the
+    #: window was read back from the topic: the amending partial's are used).
+    meta: QualityPartial | None = None
+
+    def record_held(self) -> list[HeldShare]:
+        return [
+            HeldShare(
+                task=task,
+                index=h.index.tolist(),
+                values=h.values.tolist(),
+                ranking=None if h.ranking is None else h.ranking.to_list(),
+            )
+            for task, h in sorted(self.held.items())
+        ]
+
+
+@dataclass(slots=True)
+class _Held:
+    """A share counted for a task that was missing: its accumulator's non-zero entries."""
+
+    index: npt.NDArray[np.int64]
+    values: npt.NDArray[np.float64]
+    ranking: PairedRankingQuality | None
+
+    def dense(self, layout: Layout) -> FloatArray:
+        acc = layout.zeros()
+        acc[self.index] = self.values
+        return acc
+
+
+def _ranking_minus(
+    acc: PairedRankingQuality | None, less: PairedRankingQuality | None
+) -> PairedRankingQuality | None:
+    """``acc`` without ``less`` (a new accumulator; one of another ``k`` was never merged
+    into it: see :func:`merge_ranking`)."""
+    if acc is None or less is None or less.k != acc.k:
+        return acc
+    out = PairedRankingQuality.from_list(acc.to_list())
+    out.state -= less.state
+    return out
+
+
+@dataclass(slots=True)
 class _Totals:
     """A pair's final windows, merged (the verdict's)."""
 
@@ -266,9 +340,25 @@ class _Totals:
         self.ranking = merge_ranking(self.ranking, ranking)
         self.requirement = requirement
         if acc.any():  # as a task counts its final windows
-            self.windows += 1
-            self.first_start = start if self.first_start is None else min(self.first_start, start)
-            self.last_end = end if self.last_end is None else max(self.last_end, end)
+            self._count(start, end)
+
+    def replace(
+        self,
+        old: tuple[FloatArray, PairedRankingQuality | None],
+        new: tuple[FloatArray, PairedRankingQuality | None],
+        start: int,
+        end: int,
+    ) -> None:
+        """A final window counted as ``old`` counts as ``new`` (a late task's share in)."""
+        self.acc += new[0] - old[0]
+        self.ranking = merge_ranking(_ranking_minus(self.ranking, old[1]), new[1])
+        if new[0].any() and not old[0].any():
+            self._count(start, end)
+
+    def _count(self, start: int, end: int) -> None:
+        self.windows += 1
+        self.first_start = start if self.first_start is None else min(self.first_start, start)
+        self.last_end = end if self.last_end is None else max(self.last_end, end)
 
 
 @dataclass(slots=True)
@@ -313,6 +403,10 @@ class QualityMerger:
         #: Later partials of them are late.
         self._done: dict[PairKey, dict[int, int]] = {}
         self._totals: dict[PairKey, _Totals] = {}
+        #: Merged windows some tasks were missing from, and those of them whose late final
+        #: partial came in since (reported final again by the next :meth:`due`).
+        self._late: dict[tuple[PairKey, int], _Late] = {}
+        self._amended: dict[tuple[PairKey, int], None] = {}
         #: Most tasks a partial of the pair named (which partial keys it may have).
         self._tasks: dict[PairKey, int] = {}
         #: Partials for windows already merged final (or too old to open): counted, dropped.
@@ -353,7 +447,11 @@ class QualityMerger:
             stream = min(stream, now_ms + self.max_future_ms)
         self.stream_ms = max(self.stream_ms, stream)
         if self._is_done(*wkey):
-            self.late_partials += 1
+            late = self._late.get(wkey)
+            if late is not None and partial.status == "final" and partial.task in late.missing:
+                self._amend(wkey, late, partial)
+            else:
+                self.late_partials += 1
             return
         window = self._open.get(wkey)
         if window is None:
@@ -378,18 +476,58 @@ class QualityMerger:
             window.first_final_ms = now_ms
         window.total = max(window.total, partial.tasks_total)
 
+    def _amend(self, wkey: tuple[PairKey, int], late: _Late, partial: QualityPartial) -> None:
+        """A missing task's final partial, after its window was merged: it replaces the
+        share counted for the task, in the window and in the pair's totals."""
+        key, ws = wkey
+        held = late.held.pop(partial.task, None)
+        acc = late.acc + dense(self.layout, partial.size, partial.index, partial.values)
+        ranking = merge_ranking(late.ranking, ranking_of(partial.ranking))
+        if held is not None:
+            acc -= held.dense(self.layout)
+            ranking = _ranking_minus(ranking, held.ranking)
+        self._total(key, late.requirement).replace(
+            (late.acc, late.ranking), (acc, ranking), ws, late.window_end_ms
+        )
+        late.acc, late.ranking = acc, ranking
+        late.missing.discard(partial.task)
+        late.meta = msgspec.structs.replace(partial, index=[], values=[])
+        self._amended[wkey] = None
+
     def add_merged(self, record: MergedQualityWindow) -> None:
-        """A window merged final before (read back from the topic): count it once."""
+        """A window merged final before (read back from the topic): count it once. A record
+        of a window counted already counts only when it names fewer missing tasks than
+        counted (a late task's share came in: see :meth:`_amend`); it then replaces it."""
         acc = dense(self.layout, record.size, record.index, record.values)
         ranking = ranking_of(record.ranking)
+        held = {h.task: _held(self.layout, record, h) for h in record.held}
+        missing = set(record.tasks_missing)
+        if not set(held) <= missing:
+            raise ValueError("merged window holds shares of tasks it does not name missing")
         wkey = (record.key, record.window_start_ms)
         self._open.pop(wkey, None)
+        late = self._late.get(wkey)
         if self._is_done(*wkey):
-            return
-        self._done.setdefault(record.key, {})[record.window_start_ms] = record.window_end_ms
-        self._total(record.key, record.requirement).add(
-            acc, ranking, record.window_start_ms, record.window_end_ms, record.requirement
-        )
+            counted = late.missing if late is not None else set()
+            if missing == counted:  # published already (this merger's own, read back)
+                self._amended.pop(wkey, None)
+            if late is None or not missing < counted:
+                return
+            self._total(record.key, record.requirement).replace(
+                (late.acc, late.ranking), (acc, ranking), *wkey[1:], record.window_end_ms
+            )
+            self._amended.pop(wkey, None)
+        else:
+            self._done.setdefault(record.key, {})[record.window_start_ms] = record.window_end_ms
+            self._total(record.key, record.requirement).add(
+                acc, ranking, record.window_start_ms, record.window_end_ms, record.requirement
+            )
+        if missing:
+            self._late[wkey] = _Late(
+                acc, ranking, missing, held, record.window_end_ms, record.requirement
+            )
+        else:
+            self._late.pop(wkey, None)
 
     def forget_merged(self, key: bytes) -> None:
         """A tombstone of a merged window's record (``merged_key``) read back: the window was
@@ -407,6 +545,8 @@ class QualityMerger:
     def _forget_window(self, key: PairKey, ws: int) -> None:
         done = self._done[key]
         del done[ws]
+        self._late.pop((key, ws), None)
+        self._amended.pop((key, ws), None)
         if not done:
             del self._done[key]
             self._totals.pop(key, None)
@@ -431,6 +571,9 @@ class QualityMerger:
             if key in live or not self._too_old(max(done.values())):
                 continue
             out.append((key, sorted(done), self._tasks.pop(key, 0)))
+            for ws in done:
+                self._late.pop((key, ws), None)
+                self._amended.pop((key, ws), None)
             del self._done[key]
             self._totals.pop(key, None)
             self.retired += 1
@@ -478,6 +621,9 @@ class QualityMerger:
         or the merge timeout passed) and, with ``provisional``, the others whose partials
         changed since their last report."""
         out = MergeOutput()
+        for wkey in sorted(self._amended, key=lambda k: (k[1], k[0])):
+            out.final.append(self._amended_window(*wkey, now_ms))
+        self._amended.clear()
         for wkey in sorted(self._open, key=lambda k: (k[1], k[0])):
             key, ws = wkey
             window = self._open[wkey]
@@ -519,6 +665,62 @@ class QualityMerger:
         )
         totals = self._total(key, latest.requirement)
         totals.add(acc, ranking, ws, report.window_end_ms, latest.requirement)
+        if missing:
+            late = _Late(
+                acc.copy(),
+                None if ranking is None else merge_ranking(None, ranking),
+                set(missing),
+                {
+                    t: _Held(p.index.astype(np.int64), p.values.copy(), ranking_of(p.meta.ranking))
+                    for t, p in window.partials.items()
+                    if t in missing
+                },
+                report.window_end_ms,
+                latest.requirement,
+                latest,
+            )
+            self._late[(key, ws)] = late
+            record = msgspec.structs.replace(record, held=late.record_held())
+        return Merged(report, record, self.verdict(key, now_ms))
+
+    def _amended_window(self, key: PairKey, ws: int, now_ms: int) -> Merged:
+        """A window merged without some tasks, reported final again with the late ones in."""
+        late = self._late[(key, ws)]
+        meta = late.meta
+        assert meta is not None  # set by the amending partial
+        missing = sorted(late.missing)
+        report = quality_report(
+            key,
+            ws,
+            late.window_end_ms,
+            self.layout,
+            late.acc,
+            status="final",
+            label_window_ms=meta.label_window_ms,
+            missing=meta.missing,
+            stream_time_ms=meta.stream_time_ms,
+            final_at_ms=meta.final_at_ms,
+            now_ms=now_ms,
+            judging=self.judging,
+            ranking=late.ranking,
+        )
+        report = msgspec.structs.replace(report, tasks_missing=missing)
+        index, values = sparse(late.acc)
+        record = MergedQualityWindow(
+            **key._asdict(),
+            window_start_ms=ws,
+            window_end_ms=late.window_end_ms,
+            requirement=late.requirement,
+            size=late.acc.size,
+            index=index,
+            values=values,
+            ranking=None if late.ranking is None else late.ranking.to_list(),
+            tasks_missing=missing,
+            held=late.record_held(),
+            emitted_at_ms=now_ms,
+        )
+        if not missing:
+            del self._late[(key, ws)]
         return Merged(report, record, self.verdict(key, now_ms))
 
     def verdict(self, key: PairKey, now_ms: int) -> QualityVerdict | None:
@@ -540,12 +742,19 @@ class QualityMerger:
         )
 
 
+def _held(layout: Layout, record: MergedQualityWindow, held: HeldShare) -> _Held:
+    acc = dense(layout, record.size, held.index, held.values)  # checked like any share
+    index = np.flatnonzero(acc)
+    return _Held(index, acc[index], ranking_of(held.ranking))
+
+
 def _recency(p: QualityPartial) -> tuple[int, int]:
     return p.emitted_at_ms, p.task
 
 
 __all__ = [
     "DECODER",
+    "HeldShare",
     "MergeOutput",
     "Merged",
     "MergedQualityWindow",

@@ -93,7 +93,8 @@ class OutcomesSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     #: ``<group_id>.merge``, so each rollout is merged by one instance.
     partials_topic: str = ""
     #: Merge stage: a window whose tasks have not all sent their final partial this long
-    #: after its first final partial is reported final without them (``tasks_missing``).
+    #: after its first final partial is reported final without them (``tasks_missing``);
+    #: one that comes later is merged in and the window reported final again.
     merge_timeout_ms: Annotated[int, Meta(gt=0)] = 60_000
     #: Directory of the RocksDB stores (one per comparison partition). Keep it on a persistent
     #: volume: a restart that finds it replays only the changelog's tail.

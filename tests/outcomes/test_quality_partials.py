@@ -19,6 +19,7 @@ from sidecar.outcomes.partials import (
     merged_key,
     partial_key,
     partial_of,
+    sparse,
 )
 from sidecar.outcomes.quality import Costs, FloatArray, Layout, contribution
 from sidecar.outcomes.report import (
@@ -170,7 +171,9 @@ def test_a_missing_task_is_waited_for_until_the_timeout_then_named() -> None:
     (merged,) = m.due(100 + TIMEOUT, provisional=True).final
     assert merged.report.tasks_missing == [2] and merged.record.tasks_missing == [2]
     assert figures_of(merged.report) == expected_report(0, total(0))  # its provisional share
-    m.add(part(2, 0, ACCS[0][2]), now_ms=TIMEOUT + 500)  # the straggler: late, not counted
+    (held,) = merged.record.held
+    assert held.task == 2 and (held.index, held.values) == sparse(ACCS[0][2])
+    m.add(part(2, 0, ACCS[0][2], "provisional"), now_ms=TIMEOUT + 400)  # still not final: late
     assert m.late_partials == 1 and m.due(10**9, provisional=True).final == []
     verdict = m.verdict(KEY, 0)
     assert verdict is not None and verdict.judged_pairs == 300 + 250 + 280
@@ -261,3 +264,176 @@ def test_hostile_partials_are_refused_before_they_change_anything() -> None:
         with pytest.raises(ValueError):
             m.add(bad, 0)
     assert m.open_windows == 0
+
+
+def close(a: object, b: object) -> bool:
+    """Figures equal up to float rounding (a late share replaces a counted one by
+    subtraction: the sums may differ in their last bits)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-9, abs=1e-12) or (a != a and b != b)
+    return a == b
+
+
+def verdict_of(ws_list: list[int], windows: int) -> dict:
+    acc = LAYOUT.zeros()
+    for ws in ws_list:
+        acc += total(ws)
+    want = quality_verdict(
+        KEY,
+        LAYOUT,
+        acc,
+        windows=windows,
+        first_window_start_ms=min(ws_list),
+        last_window_end_ms=max(ws_list) + WINDOW,
+        requirement=REQ,
+        now_ms=0,
+        judging=JUDGING,
+    )
+    return figures_of(want)
+
+
+def merged_without(m: QualityMerger, missing: set[int], now: int = 0) -> list[object]:
+    """Window 0 merged at the timeout without ``missing``, which sent only half their share
+    (provisionally); returns the outputs."""
+    for t in range(TASKS):
+        if t in missing:
+            m.add(part(t, 0, ACCS[0][t] * 0.5, "provisional", at=1), now_ms=now)
+        else:
+            m.add(part(t, 0, ACCS[0][t], at=2), now_ms=now)
+    return list(m.due(now + TIMEOUT, provisional=False).final)
+
+
+def test_a_missing_tasks_final_partial_arriving_after_the_merge_replaces_its_share() -> None:
+    """A task merged without (lagging, restoring) sends its final partial after all: the
+    window is reported final again with its final share instead of the provisional one
+    counted, no longer naming it, and the pair's verdict counts the window once, with it."""
+    m = merger()
+    (first,) = merged_without(m, {2})
+    assert first.report.tasks_missing == [2]
+    half = total(0) - ACCS[0][2] * 0.5
+    assert close(figures_of(first.report), expected_report(0, half))
+    m.add(part(2, 0, ACCS[0][2], at=3), now_ms=TIMEOUT + 10)
+    (again,) = m.due(TIMEOUT + 10, provisional=False).final
+    assert again.report.tasks_missing == [] and again.record.tasks_missing == []
+    assert again.record.held == [] and again.report.status == "final"
+    assert close(figures_of(again.report), expected_report(0, total(0)))
+    assert again.verdict is not None and again.verdict.windows == 1
+    assert close(figures_of(again.verdict), verdict_of([0], 1))
+    # Once in, its final word stands: sent again, or anything after it, is late.
+    m.add(part(2, 0, ACCS[0][2], at=4), now_ms=TIMEOUT + 20)
+    m.add(part(1, 0, ACCS[0][1], at=4), now_ms=TIMEOUT + 20)
+    assert m.due(TIMEOUT + 30, provisional=True).final == []
+    assert m.late_partials == 2
+    assert close(figures_of(m.verdict(KEY, 0)), verdict_of([0], 1))
+
+
+def test_two_missing_tasks_come_in_one_at_a_time_and_a_later_window_counts_as_usual() -> None:
+    m = merger()
+    (first,) = merged_without(m, {0, 2})
+    assert first.report.tasks_missing == [0, 2]
+    assert [h.task for h in first.record.held] == [0, 2]
+    m.add(part(2, 0, ACCS[0][2], at=3), now_ms=TIMEOUT + 10)
+    (second,) = m.due(TIMEOUT + 10, provisional=False).final
+    assert second.report.tasks_missing == [0] and [h.task for h in second.record.held] == [0]
+    # Read back with the partials gone (tombstoned), both records of the window still there:
+    # the newer one, naming fewer tasks, replaces the older one's count.
+    rebuilt = merger()
+    rebuilt.add_merged(first.record)
+    rebuilt.add_merged(second.record)
+    rebuilt.add_merged(first.record)  # an old one again: changes nothing
+    assert close(figures_of(rebuilt.verdict(KEY, 0)), figures_of(m.verdict(KEY, 0)))
+    assert rebuilt.due(TIMEOUT + 10, provisional=False).final == []
+    for t in range(TASKS):  # window 1000 complete meanwhile
+        m.add(part(t, 1000, ACCS[1000][t], at=3), now_ms=TIMEOUT + 20)
+    m.add(part(0, 0, ACCS[0][0], at=4), now_ms=TIMEOUT + 30)
+    out = m.due(TIMEOUT + 30, provisional=False).final
+    assert [(o.report.window_start_ms, o.report.tasks_missing) for o in out] == [
+        (0, []),
+        (1000, []),
+    ]
+    assert close(figures_of(out[0].report), expected_report(0, total(0)))
+    assert close(figures_of(out[-1].verdict), verdict_of([0, 1000], 2))
+
+
+@pytest.mark.parametrize("compacted", [False, True])
+def test_a_rebuilt_merger_counts_a_late_share_once_whatever_the_topic_kept(
+    compacted: bool,
+) -> None:
+    """The topic as the stage writes it: partials, the merged record without task 2, task
+    2's late final partial, the merged record with it, tombstones of the partials. Read back
+    whole or compacted, before or after the second merged record was written, a new merger
+    counts task 2's final share once and reports the window again only if that record is
+    not in the topic yet."""
+    enc = msgspec.json.encode
+    topic: list[tuple[bytes, bytes | None]] = []
+
+    def send(p: QualityPartial) -> None:
+        topic.append((partial_key(KEY, p.window_start_ms, p.task, p.status), enc(p)))
+
+    def merged(record: MergedQualityWindow) -> None:
+        topic.append((merged_key(KEY, 0), enc(record)))
+        topic.extend(
+            (partial_key(KEY, 0, t, status), None)
+            for t in range(TASKS)
+            for status in ("provisional", "final")
+        )
+
+    first = merger()
+    send(part(0, 0, ACCS[0][0], at=2))
+    send(part(1, 0, ACCS[0][1], at=2))
+    send(part(2, 0, ACCS[0][2] * 0.5, "provisional", at=1))
+    for _, raw in topic:
+        first.add(DECODER.decode(raw), 0)
+    (without,) = first.due(TIMEOUT, provisional=False).final
+    merged(without.record)
+    send(part(2, 0, ACCS[0][2], at=3))
+    middle = len(topic)  # the stage stopped here: the late share not merged yet
+    first.add(DECODER.decode(topic[-1][1]), TIMEOUT + 10)
+    (amended,) = first.due(TIMEOUT + 10, provisional=False).final
+    merged(amended.record)
+
+    def rebuilt(records: list[tuple[bytes, bytes | None]]) -> tuple[QualityMerger, list]:
+        m = merger()
+        kept = compact(records) if compacted else records
+        for _, raw in kept:
+            if raw is None:
+                continue
+            item = DECODER.decode(raw)
+            if isinstance(item, MergedQualityWindow):
+                m.add_merged(item)
+            else:
+                m.add(item, TIMEOUT + 50)
+        return m, m.due(TIMEOUT + 50, provisional=False).final
+
+    for records, reports_again in ((topic[:middle], True), (topic, False)):
+        m, out = rebuilt(records)
+        if reports_again:
+            (again,) = out
+            assert again.report.tasks_missing == []
+            assert close(figures_of(again.report), expected_report(0, total(0)))
+        else:
+            assert out == []
+        assert close(figures_of(m.verdict(KEY, 0)), verdict_of([0], 1))
+        # its own records read back (it consumes the topic it writes): nothing changes
+        m.add_merged(without.record)
+        m.add_merged(amended.record)
+        assert m.due(TIMEOUT + 60, provisional=False).final == []
+        assert close(figures_of(m.verdict(KEY, 0)), verdict_of([0], 1))
+
+
+def test_a_merged_record_holding_shares_of_tasks_it_does_not_name_missing_is_refused() -> None:
+    m = merger()
+    (without,) = merged_without(m, {2})
+    bad = msgspec.structs.replace(without.record, tasks_missing=[])
+    with pytest.raises(ValueError):
+        merger().add_merged(bad)
+    huge = msgspec.structs.replace(
+        without.record,
+        held=[msgspec.structs.replace(without.record.held[0], index=[LAYOUT.size + 3])],
+    )
+    with pytest.raises(ValueError):
+        merger().add_merged(huge)

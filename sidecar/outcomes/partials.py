@@ -43,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..contracts import OUTPUT_SCHEMA_VERSION
+from .heartbeat import MAX_PARTITIONS
 from .quality import FloatArray, Layout
 from .ranking import PairedRankingQuality
 from .report import (
@@ -439,8 +440,11 @@ class QualityMerger:
         for one of another layout (before it changes anything)."""
         dense(self.layout, partial.size, partial.index, partial.values)
         ranking_of(partial.ranking)
-        if not 0 <= partial.task < partial.tasks_total:
-            raise ValueError(f"partial of task {partial.task} of {partial.tasks_total}")
+        if not 0 <= partial.task < partial.tasks_total <= MAX_PARTITIONS:
+            raise ValueError(
+                f"partial of task {partial.task} of {partial.tasks_total} (at most "
+                f"{MAX_PARTITIONS} tasks: one per comparisons partition)"
+            )
         wkey = (partial.key, partial.window_start_ms)
         stream = partial.stream_time_ms
         if self.max_future_ms is not None:
@@ -502,8 +506,10 @@ class QualityMerger:
         ranking = ranking_of(record.ranking)
         held = {h.task: _held(self.layout, record, h) for h in record.held}
         missing = set(record.tasks_missing)
-        if not set(held) <= missing:
+        if not set(held) <= missing or len(held) != len(record.held):
             raise ValueError("merged window holds shares of tasks it does not name missing")
+        if missing and not 0 <= min(missing) <= max(missing) < MAX_PARTITIONS:
+            raise ValueError(f"merged window names a task outside 0..{MAX_PARTITIONS - 1}")
         wkey = (record.key, record.window_start_ms)
         self._open.pop(wkey, None)
         late = self._late.get(wkey)

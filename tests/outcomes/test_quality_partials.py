@@ -260,6 +260,8 @@ def test_hostile_partials_are_refused_before_they_change_anything() -> None:
         msgspec.structs.replace(good, index=[1, 2], values=[1.0]),
         msgspec.structs.replace(good, index=[3, 3], values=[1.0, 2.0]),
         msgspec.structs.replace(good, task=7),
+        # The merge would wait for, then list as missing, every one of 2**40 tasks.
+        msgspec.structs.replace(good, tasks_total=2**40),
     ):
         with pytest.raises(ValueError):
             m.add(bad, 0)
@@ -437,3 +439,8 @@ def test_a_merged_record_holding_shares_of_tasks_it_does_not_name_missing_is_ref
     )
     with pytest.raises(ValueError):
         merger().add_merged(huge)
+    twice = msgspec.structs.replace(without.record, held=without.record.held * 2)
+    far = msgspec.structs.replace(without.record, tasks_missing=[2, 2**40])
+    for bad in (twice, far):
+        with pytest.raises(ValueError):
+            merger().add_merged(bad)

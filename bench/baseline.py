@@ -1,9 +1,12 @@
-"""Running a benchmark worker against another git ref's ``sidecar`` package, in the same run
-(``--baseline`` of ``bench_ranking.py`` and ``bench_outcomes.py join``)."""
+"""Helpers the benchmarks share: a worker run against another git ref's ``sidecar`` package
+in the same run (``--baseline`` of ``bench_ranking.py`` and ``bench_outcomes.py join``), and
+a process's own resident size."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +36,25 @@ def last_line_of(cmd: list[str], tree: Path | None, who: str) -> str:
     if out.returncode != 0:
         sys.exit(f"worker ({who}) failed:\n{out.stderr[-3000:]}")
     return out.stdout.strip().splitlines()[-1]
+
+
+def _status_mib(field: str) -> float | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def peak_rss_mib() -> float:
+    """Peak resident size of this process image. ``VmHWM``, not ``ru_maxrss``: Linux keeps
+    ``ru_maxrss`` across ``execve``, so a worker spawned by a parent holding the preloaded
+    records would report the parent's size."""
+    peak = _status_mib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mib() -> float:
+    """Resident size of this process now (MiB; NaN where ``/proc`` is not there)."""
+    now = _status_mib("VmRSS")
+    return now if now is not None else float("nan")

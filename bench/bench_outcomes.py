@@ -55,7 +55,7 @@ import msgspec
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baseline import baseline_tree, last_line_of
+from baseline import baseline_tree, last_line_of, peak_rss_mib
 from bench_aggregate import ROLLOUT, make_values
 from bench_aggregate import preload as preload_comparisons
 from bench_throughput import preload as preload_requests
@@ -322,17 +322,6 @@ async def throughput(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- memory
 
 
-def _rss_mib() -> float:
-    """Peak resident size of this process image. ``VmHWM``, not ``ru_maxrss``: Linux keeps
-    ``ru_maxrss`` across ``execve``, so a worker spawned by a parent holding the preloaded
-    records would report the parent's size."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _dir_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / (1 << 20)
 
@@ -355,7 +344,7 @@ async def memory_worker(args: argparse.Namespace) -> None:
             {
                 "pending": args.pending,
                 "seconds": secs,
-                "peak_rss_mib": _rss_mib(),
+                "peak_rss_mib": peak_rss_mib(),
                 "store_mib": _dir_mib(state),
                 "stored": service.applied.comparisons,
                 "rocksdb_mib": rocks,

@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baseline import peak_rss_mib, rss_mib
 
 TOPIC_PARTITIONS = 6
 
@@ -51,6 +53,14 @@ TOPIC_PARTITIONS = 6
 #: Process CPU seconds when the first record was processed and when the last was
 #: acknowledged: the steady-state cost per request, start-up and shutdown left out.
 STEADY: dict[str, float] = {}
+#: Resident size (MiB) when a quarter, half, three quarters and all of the requests were
+#: processed: a process whose memory is bounded levels off; one that leaks keeps rising.
+QUARTERS: list[float] = []
+
+
+def note_progress(done: int, n: int) -> None:
+    while len(QUARTERS) < 4 and done >= n * (len(QUARTERS) + 1) / 4:
+        QUARTERS.append(rss_mib())
 
 
 def config_for(bootstrap: str, requests_topic: str, group: str) -> Any:
@@ -175,6 +185,7 @@ async def run_passthrough(
                 await asyncio.gather(*futs)
                 await consumer.commit(offsets)
             done += sum(len(p) for p in batches.values())
+            note_progress(done, n)
         for offsets, futs in pending:
             await asyncio.gather(*futs)
             await consumer.commit(offsets)
@@ -226,6 +237,7 @@ async def time_until_done(sidecar: Any, task: asyncio.Task[None], n: int) -> flo
         if start is None and sidecar.processed:
             start = time.perf_counter()
             STEADY["cpu_start"] = time.process_time()
+        note_progress(sidecar.processed, n)
         if sidecar.processed >= n and not sidecar.in_flight_records:
             STEADY["cpu_end"] = time.process_time()
             break
@@ -261,14 +273,14 @@ def child(args: argparse.Namespace) -> None:
     else:
         elapsed = asyncio.run(job)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    rss_mib = usage.ru_maxrss / 1024
     print(
         json.dumps(
             {
                 "mode": args.mode,
                 "seconds": elapsed,
                 "rate": args.requests / elapsed,
-                "peak_rss_mib": rss_mib,
+                "peak_rss_mib": peak_rss_mib(),
+                "quarters_rss_mib": QUARTERS,
                 # CPU time of the whole process (start-up included) per request: less
                 # sensitive than wall time to other work on the machine.
                 "cpu_us": (usage.ru_utime + usage.ru_stime) / args.requests * 1e6,
@@ -398,7 +410,8 @@ def main() -> None:
                 print(
                     f"round {round_ + 1} {mode:13} {result['rate']:>10,.0f} req/s  "
                     f"{result['cpu_us']:5.1f} CPU-us/req ({result['steady_cpu_us']:4.1f} "
-                    f"while serving)  peak RSS {result['peak_rss_mib']:.1f} MiB"
+                    f"while serving)  peak RSS {result['peak_rss_mib']:.1f} MiB (at 1/4, 1/2, "
+                    f"3/4, all: {', '.join(f'{q:.0f}' for q in result['quarters_rss_mib'])})"
                 )
         best = {m: max(r["rate"] for r in rs) for m, rs in results.items()}
         median = {m: statistics.median(r["rate"] for r in rs) for m, rs in results.items()}

@@ -23,7 +23,6 @@ import asyncio
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from baseline import peak_rss_mib
 from bench_throughput import TOPIC_PARTITIONS, preload, run_sidecar
 
 
@@ -83,7 +83,7 @@ def child(args: argparse.Namespace) -> None:
         args.bootstrap, args.topic, f"bench-{args.mode}-{uuid.uuid4().hex[:6]}", args.mode
     )
     elapsed = asyncio.run(run_sidecar(cfg, args.requests))
-    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_mib = peak_rss_mib()
     print(
         json.dumps(
             {

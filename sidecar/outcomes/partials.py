@@ -605,22 +605,37 @@ class QualityMerger:
     ) -> tuple[QualityReport, FloatArray, PairedRankingQuality | None]:
         acc, ranking = self._merge(window)
         latest = max((p.meta for p in window.partials.values()), key=_recency)
-        report = quality_report(
+        stream = min(p.meta.stream_time_ms for p in window.partials.values())
+        report = self._window_report(key, ws, acc, ranking, latest, stream, status, now_ms)
+        return report, acc, ranking
+
+    def _window_report(
+        self,
+        key: PairKey,
+        ws: int,
+        acc: FloatArray,
+        ranking: PairedRankingQuality | None,
+        meta: QualityPartial,
+        stream_time_ms: int,
+        status: ReportStatus,
+        now_ms: int,
+    ) -> QualityReport:
+        """A window's report, with the settings ``meta`` (a partial of it) carries."""
+        return quality_report(
             key,
             ws,
-            latest.window_end_ms,
+            meta.window_end_ms,
             self.layout,
             acc,
             status=status,
-            label_window_ms=latest.label_window_ms,
-            missing=latest.missing,
-            stream_time_ms=min(p.meta.stream_time_ms for p in window.partials.values()),
-            final_at_ms=latest.final_at_ms,
+            label_window_ms=meta.label_window_ms,
+            missing=meta.missing,
+            stream_time_ms=stream_time_ms,
+            final_at_ms=meta.final_at_ms,
             now_ms=now_ms,
             judging=self.judging,
             ranking=ranking,
         )
-        return report, acc, ranking
 
     def due(self, now_ms: int, *, provisional: bool) -> MergeOutput:
         """Windows to report now, oldest first: final ones (every task's final partial in,
@@ -653,64 +668,44 @@ class QualityMerger:
         missing = sorted(set(range(window.total)) - finals)
         report, acc, ranking = self._report(key, ws, window, "final", now_ms)
         self._done.setdefault(key, {})[ws] = report.window_end_ms
-        if missing:
-            report = msgspec.structs.replace(report, tasks_missing=missing)
         latest = max((p.meta for p in window.partials.values()), key=_recency)
-        index, values = sparse(acc)
-        record = MergedQualityWindow(
-            **key._asdict(),
-            window_start_ms=ws,
-            window_end_ms=report.window_end_ms,
-            requirement=latest.requirement,
-            size=acc.size,
-            index=index,
-            values=values,
-            ranking=None if ranking is None else ranking.to_list(),
-            tasks_missing=missing,
-            emitted_at_ms=now_ms,
-        )
         totals = self._total(key, latest.requirement)
         totals.add(acc, ranking, ws, report.window_end_ms, latest.requirement)
+        late = _Late(
+            acc.copy(),
+            None if ranking is None else merge_ranking(None, ranking),
+            set(missing),
+            {
+                t: _Held(p.index.astype(np.int64), p.values.copy(), ranking_of(p.meta.ranking))
+                for t, p in window.partials.items()
+                if t in missing
+            },
+            report.window_end_ms,
+            latest.requirement,
+            latest,
+        )
         if missing:
-            late = _Late(
-                acc.copy(),
-                None if ranking is None else merge_ranking(None, ranking),
-                set(missing),
-                {
-                    t: _Held(p.index.astype(np.int64), p.values.copy(), ranking_of(p.meta.ranking))
-                    for t, p in window.partials.items()
-                    if t in missing
-                },
-                report.window_end_ms,
-                latest.requirement,
-                latest,
-            )
             self._late[(key, ws)] = late
-            record = msgspec.structs.replace(record, held=late.record_held())
-        return Merged(report, record, self.verdict(key, now_ms))
+        return self._merged(key, ws, late, report, now_ms)
 
     def _amended_window(self, key: PairKey, ws: int, now_ms: int) -> Merged:
         """A window merged without some tasks, reported final again with the late ones in."""
         late = self._late[(key, ws)]
-        meta = late.meta
-        assert meta is not None  # set by the amending partial
-        missing = sorted(late.missing)
-        report = quality_report(
-            key,
-            ws,
-            late.window_end_ms,
-            self.layout,
-            late.acc,
-            status="final",
-            label_window_ms=meta.label_window_ms,
-            missing=meta.missing,
-            stream_time_ms=meta.stream_time_ms,
-            final_at_ms=meta.final_at_ms,
-            now_ms=now_ms,
-            judging=self.judging,
-            ranking=late.ranking,
+        assert late.meta is not None  # set by the amending partial
+        if not late.missing:
+            del self._late[(key, ws)]
+        report = self._window_report(
+            key, ws, late.acc, late.ranking, late.meta, late.meta.stream_time_ms, "final", now_ms
         )
-        report = msgspec.structs.replace(report, tasks_missing=missing)
+        return self._merged(key, ws, late, report, now_ms)
+
+    def _merged(
+        self, key: PairKey, ws: int, late: _Late, report: QualityReport, now_ms: int
+    ) -> Merged:
+        """A final window's report naming the tasks it lacks, its record, the pair's verdict."""
+        missing = sorted(late.missing)
+        if missing:
+            report = msgspec.structs.replace(report, tasks_missing=missing)
         index, values = sparse(late.acc)
         record = MergedQualityWindow(
             **key._asdict(),
@@ -725,8 +720,6 @@ class QualityMerger:
             held=late.record_held(),
             emitted_at_ms=now_ms,
         )
-        if not missing:
-            del self._late[(key, ws)]
         return Merged(report, record, self.verdict(key, now_ms))
 
     def verdict(self, key: PairKey, now_ms: int) -> QualityVerdict | None:

@@ -16,6 +16,7 @@ from kafka_helpers import create_topics, produce, read_topic
 from outcomes.outcome_support import ROLLOUT, final_reports, outcomes_config, stream
 
 from sidecar.config import SidecarConfig
+from sidecar.hashing import kafka_partition
 from sidecar.outcomes.partials import DECODER, MergedQualityWindow, QualityPartial, partial_key
 from sidecar.outcomes.report import PairKey, QualityReport, QualityVerdict
 from sidecar.outcomes.service import OutcomesService
@@ -211,3 +212,98 @@ async def test_two_instances_merge_a_shared_rollout_as_one_instance_judges_it(
     again = c.merge.merger.verdict(key, 0)
     assert again is not None
     assert_close(figures(again), figures(verdict), "rebuilt verdict")
+
+
+async def test_a_lagging_tasks_share_is_merged_in_after_the_window_was_reported_without_it(
+    bootstrap: str, tmp_path: Path
+) -> None:
+    """The comparisons of one partition arrive only after the other tasks' windows were
+    merged without it (the merge timeout passed: a lagging or restoring instance): its final
+    partials then come in after all, each window is reported final again without a task
+    missing, and the last reports and the verdict are one instance's on the same requests."""
+    t0 = (time.time_ns() // 1_000_000 - 30_000) // 2000 * 2000
+    want_finals, want_verdict = await reference(bootstrap, tmp_path, t0)
+
+    cfg = outcomes_config(
+        bootstrap,
+        tmp_path / "a",
+        topics={"comparisons_key": "routing_key"},
+        outcomes={"max_batch": 500, "merge_timeout_ms": 1_500},
+    )
+    await create_topics(cfg)
+    a, b = OutcomesService(cfg), OutcomesService(with_state(cfg, tmp_path / "b"))
+    s = stream(N, seed=11, t0=t0, key_by="routing_key")
+    lagging = 2
+    on_time = [c for c in s.comparisons if kafka_partition(c[0], 3) != lagging]
+    late = [c for c in s.comparisons if kafka_partition(c[0], 3) == lagging]
+    assert on_time and late
+
+    def finals() -> list[QualityReport]:
+        return [r for svc in (a, b) for r in svc.recent if r.status == "final"]
+
+    runs = [asyncio.create_task(svc.run()) for svc in (a, b)]
+
+    async def until(done: Any, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            assert time.monotonic() < deadline, what
+            for t in runs:
+                if t.done():
+                    t.result()
+            await asyncio.sleep(0.1)
+
+    try:
+        await until(
+            lambda: (
+                all(svc.tasks and all(rt.ready for rt in svc.tasks.values()) for svc in (a, b))
+                and len(a.tasks) + len(b.tasks) == 3
+            ),
+            40,
+            "the two instances did not split the tasks",
+        )
+        await produce(cfg, s.outcomes, cfg.outcomes.topic)
+        await until(
+            lambda: sum(svc.applied.orphaned for svc in (a, b)) >= len(s.outcomes),
+            30,
+            "the outcomes did not reach their tasks",
+        )
+        await produce(cfg, on_time, cfg.topics.comparisons)
+        await until(
+            lambda: len({r.window_start_ms for r in finals()}) == len(want_finals),
+            60,
+            "the windows were not merged without the lagging task",
+        )
+        assert all(r.tasks_missing == [lagging] for r in finals())
+        await produce(cfg, late, cfg.topics.comparisons)
+        await until(
+            lambda: (v := latest_verdict(a, b)) is not None and v.judged_pairs >= N,
+            60,
+            "the lagging task's shares were not merged in",
+        )
+        await until(
+            lambda: all(r.tasks_missing == [] for r in final_reports(finals()).values()),
+            30,
+            "a window was not reported again with the lagging task's share",
+        )
+    finally:
+        for svc in (a, b):
+            svc.request_stop()
+        await asyncio.gather(*runs)
+
+    got = final_reports(finals())
+    assert got.keys() == want_finals.keys()
+    for key, report in got.items():
+        assert_close(figures(report), figures(want_finals[key]), str(key))
+    verdict = latest_verdict(a, b)
+    assert verdict is not None
+    assert_close(figures(verdict), figures(want_verdict), "verdict")
+    # On the topic: each window's merged record, the last one naming no task missing.
+    raw = await read_topic(bootstrap, cfg.outcomes.partials_topic_name, idle_s=1)
+    last_merged: dict[int, MergedQualityWindow] = {}
+    for r in raw:
+        if r.value and r.key and r.key.startswith(b"merged/"):
+            m = DECODER.decode(r.value)
+            assert isinstance(m, MergedQualityWindow)
+            last_merged[m.window_start_ms] = m
+    assert sorted(last_merged) == sorted(k[3] for k in want_finals)
+    assert all(m.tasks_missing == [] and m.held == [] for m in last_merged.values())

@@ -94,63 +94,74 @@ def with_state(cfg: SidecarConfig, state: Path) -> SidecarConfig:
     )
 
 
+async def two_instances(
+    bootstrap: str, tmp_path: Path, t0: int, merge_timeout_ms: int
+) -> tuple[SidecarConfig, OutcomesService, OutcomesService, Any]:
+    """Two instances sharing a rollout keyed by routing key, and the stream they will judge."""
+    cfg = outcomes_config(
+        bootstrap,
+        tmp_path / "a",
+        topics={"comparisons_key": "routing_key"},
+        outcomes={"max_batch": 500, "merge_timeout_ms": merge_timeout_ms},
+    )
+    await create_topics(cfg)
+    a, b = OutcomesService(cfg), OutcomesService(with_state(cfg, tmp_path / "b"))
+    return cfg, a, b, stream(N, seed=11, t0=t0, key_by="routing_key")
+
+
+async def until(runs: list[asyncio.Task[None]], done: Any, timeout_s: float, what: str) -> None:
+    """Wait for ``done()``; a service that stopped raises its error."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, what
+        for t in runs:
+            if t.done():
+                t.result()
+        await asyncio.sleep(0.1)
+
+
+async def split_and_hold_outcomes(
+    cfg: SidecarConfig, services: tuple[OutcomesService, ...], s: Any, runs: list[Any]
+) -> None:
+    """The instances split the three tasks, then every outcome reaches its task before any
+    comparison is written: this history is 30 s old, so comparisons of its later windows move
+    stream time past the earlier windows at once, and a router heartbeat from just before the
+    outcomes were written ("routed to the end") would let them be final without their
+    outcomes."""
+    await until(
+        runs,
+        lambda: (
+            all(svc.tasks and all(rt.ready for rt in svc.tasks.values()) for svc in services)
+            and sum(len(svc.tasks) for svc in services) == 3
+        ),
+        40,
+        "the two instances did not split the tasks",
+    )
+    await produce(cfg, s.outcomes, cfg.outcomes.topic)
+    await until(
+        runs,
+        lambda: sum(svc.applied.orphaned for svc in services) >= len(s.outcomes),
+        30,
+        "the outcomes did not reach their tasks",
+    )
+
+
 async def test_two_instances_merge_a_shared_rollout_as_one_instance_judges_it(
     bootstrap: str, tmp_path: Path
 ) -> None:
     t0 = (time.time_ns() // 1_000_000 - 30_000) // 2000 * 2000  # windows aligned to the stream
     want_finals, want_verdict = await reference(bootstrap, tmp_path, t0)
-
-    cfg = outcomes_config(
-        bootstrap,
-        tmp_path / "a",
-        topics={"comparisons_key": "routing_key"},
-        outcomes={"max_batch": 500, "merge_timeout_ms": 60_000},
-    )
-    await create_topics(cfg)
-    a, b = OutcomesService(cfg), OutcomesService(with_state(cfg, tmp_path / "b"))
-    s = stream(N, seed=11, t0=t0, key_by="routing_key")
-    fed = False
-
-    def both_own_tasks() -> bool:
-        return (
-            all(svc.tasks and all(rt.ready for rt in svc.tasks.values()) for svc in (a, b))
-            and len(a.tasks) + len(b.tasks) == 3
-        )
-
-    def done() -> bool:
-        v = latest_verdict(a, b)
-        return fed and v is not None and v.judged_pairs >= N
-
+    cfg, a, b, s = await two_instances(bootstrap, tmp_path, t0, merge_timeout_ms=60_000)
     runs = [asyncio.create_task(svc.run()) for svc in (a, b)]
     try:
-        deadline = time.monotonic() + 40
-        while not both_own_tasks() and time.monotonic() < deadline:
-            for t in runs:
-                if t.done():
-                    t.result()
-            await asyncio.sleep(0.1)
-        assert both_own_tasks(), "the two instances did not split the tasks"
-        # Outcomes first, held by their tasks before the comparisons come: this history is
-        # 30 s old, so comparisons of its later windows move stream time past the earlier
-        # windows at once, and a router heartbeat from just before the outcomes were written
-        # ("routed to the end") would let them be final without their outcomes.
-        await produce(cfg, s.outcomes, cfg.outcomes.topic)
-        deadline = time.monotonic() + 30
-        while sum(svc.applied.orphaned for svc in (a, b)) < len(s.outcomes):
-            assert time.monotonic() < deadline, "the outcomes did not reach their tasks"
-            for t in runs:
-                if t.done():
-                    t.result()
-            await asyncio.sleep(0.1)
+        await split_and_hold_outcomes(cfg, (a, b), s, runs)
         await produce(cfg, s.comparisons, cfg.topics.comparisons)
-        fed = True
-        deadline = time.monotonic() + 60
-        while not done() and time.monotonic() < deadline:
-            for t in runs:
-                if t.done():
-                    t.result()
-            await asyncio.sleep(0.1)
-        assert done(), "the merged verdict did not count every request in time"
+        await until(
+            runs,
+            lambda: (v := latest_verdict(a, b)) is not None and v.judged_pairs >= N,
+            60,
+            "the merged verdict did not count every request in time",
+        )
     finally:
         for svc in (a, b):
             svc.request_stop()
@@ -223,16 +234,7 @@ async def test_a_lagging_tasks_share_is_merged_in_after_the_window_was_reported_
     missing, and the last reports and the verdict are one instance's on the same requests."""
     t0 = (time.time_ns() // 1_000_000 - 30_000) // 2000 * 2000
     want_finals, want_verdict = await reference(bootstrap, tmp_path, t0)
-
-    cfg = outcomes_config(
-        bootstrap,
-        tmp_path / "a",
-        topics={"comparisons_key": "routing_key"},
-        outcomes={"max_batch": 500, "merge_timeout_ms": 1_500},
-    )
-    await create_topics(cfg)
-    a, b = OutcomesService(cfg), OutcomesService(with_state(cfg, tmp_path / "b"))
-    s = stream(N, seed=11, t0=t0, key_by="routing_key")
+    cfg, a, b, s = await two_instances(bootstrap, tmp_path, t0, merge_timeout_ms=1_500)
     lagging = 2
     on_time = [c for c in s.comparisons if kafka_partition(c[0], 3) != lagging]
     late = [c for c in s.comparisons if kafka_partition(c[0], 3) == lagging]
@@ -242,33 +244,11 @@ async def test_a_lagging_tasks_share_is_merged_in_after_the_window_was_reported_
         return [r for svc in (a, b) for r in svc.recent if r.status == "final"]
 
     runs = [asyncio.create_task(svc.run()) for svc in (a, b)]
-
-    async def until(done: Any, timeout_s: float, what: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not done():
-            assert time.monotonic() < deadline, what
-            for t in runs:
-                if t.done():
-                    t.result()
-            await asyncio.sleep(0.1)
-
     try:
-        await until(
-            lambda: (
-                all(svc.tasks and all(rt.ready for rt in svc.tasks.values()) for svc in (a, b))
-                and len(a.tasks) + len(b.tasks) == 3
-            ),
-            40,
-            "the two instances did not split the tasks",
-        )
-        await produce(cfg, s.outcomes, cfg.outcomes.topic)
-        await until(
-            lambda: sum(svc.applied.orphaned for svc in (a, b)) >= len(s.outcomes),
-            30,
-            "the outcomes did not reach their tasks",
-        )
+        await split_and_hold_outcomes(cfg, (a, b), s, runs)
         await produce(cfg, on_time, cfg.topics.comparisons)
         await until(
+            runs,
             lambda: len({r.window_start_ms for r in finals()}) == len(want_finals),
             60,
             "the windows were not merged without the lagging task",
@@ -276,11 +256,13 @@ async def test_a_lagging_tasks_share_is_merged_in_after_the_window_was_reported_
         assert all(r.tasks_missing == [lagging] for r in finals())
         await produce(cfg, late, cfg.topics.comparisons)
         await until(
+            runs,
             lambda: (v := latest_verdict(a, b)) is not None and v.judged_pairs >= N,
             60,
             "the lagging task's shares were not merged in",
         )
         await until(
+            runs,
             lambda: all(r.tasks_missing == [] for r in final_reports(finals()).values()),
             30,
             "a window was not reported again with the lagging task's share",

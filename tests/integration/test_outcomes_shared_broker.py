@@ -1,6 +1,7 @@
 """Two ``sidecar outcomes`` instances share a rollout keyed by routing key: each sends its tasks'
 quality partials, one merge stage merges them, and the final reports and the verdict are those
-one instance computes for the same requests keyed by rollout (no merge at all)."""
+one instance computes for the same requests keyed by rollout (no merge at all); a task late
+for the merge is merged in after it; hostile records on the partials topic are skipped."""
 
 from __future__ import annotations
 
@@ -17,7 +18,15 @@ from outcomes.outcome_support import ROLLOUT, final_reports, outcomes_config, st
 
 from sidecar.config import SidecarConfig
 from sidecar.hashing import kafka_partition
-from sidecar.outcomes.partials import DECODER, MergedQualityWindow, QualityPartial, partial_key
+from sidecar.outcomes.partials import (
+    DECODER,
+    HeldShare,
+    MergedQualityWindow,
+    QualityPartial,
+    merged_key,
+    partial_key,
+    partial_of,
+)
 from sidecar.outcomes.report import PairKey, QualityReport, QualityVerdict
 from sidecar.outcomes.service import OutcomesService
 
@@ -289,3 +298,107 @@ async def test_a_lagging_tasks_share_is_merged_in_after_the_window_was_reported_
             last_merged[m.window_start_ms] = m
     assert sorted(last_merged) == sorted(k[3] for k in want_finals)
     assert all(m.tasks_missing == [] and m.held == [] for m in last_merged.values())
+
+
+async def test_hostile_records_on_the_partials_topic_are_skipped_and_harm_no_report(
+    bootstrap: str, tmp_path: Path
+) -> None:
+    """Written by an external client (confluent-kafka) to the partials topic while the merge
+    stage runs: partials claiming 2**40 tasks (of the real pair and of a made-up one), merged
+    records naming impossible tasks or holding shares of tasks they do not name missing, and
+    junk. Each is skipped and counted; none opens a window (one claiming 2**40 tasks made the
+    merge build a set of every task at its timeout: the process was killed for memory), and
+    the real rollout is judged in full."""
+    confluent_kafka = pytest.importorskip("confluent_kafka")
+    t0 = (time.time_ns() // 1_000_000 - 30_000) // 2000 * 2000
+    cfg = outcomes_config(
+        bootstrap,
+        tmp_path / "h",
+        topics={"comparisons_key": "routing_key"},
+        # Long: a regression fails on the counts below, before a window claiming 2**40 tasks
+        # is due (its merge would take the machine's memory, not fail a test).
+        outcomes={"max_batch": 500, "merge_timeout_ms": 60_000},
+    )
+    await create_topics(cfg)
+    svc = OutcomesService(cfg)
+    s = stream(N, seed=11, t0=t0, key_by="routing_key")
+    settings = cfg.outcomes.for_rollout(ROLLOUT)
+    real = PairKey(ROLLOUT, "fraud-lr", "1.4.0", "fraud-lr", "2.1.0")
+    made_up = PairKey("evil", "m", "1", "m", "2")
+    zeros = cfg.outcomes.layout().zeros()
+
+    def partial(key: PairKey, tasks_total: int) -> bytes:
+        return msgspec.json.encode(
+            partial_of(
+                key,
+                t0,
+                t0 + 2000,
+                task=0,
+                tasks_total=tasks_total,
+                status="final",
+                stream_time_ms=t0 + 60_000,
+                final_at_ms=t0 + 5000,
+                label_window_ms=settings.label_window_ms,
+                missing=settings.missing,
+                requirement=settings.non_inferiority,
+                acc=zeros,
+                ranking=None,
+                emitted_at_ms=0,
+            )
+        )
+
+    def merged(**kw: Any) -> bytes:
+        return msgspec.json.encode(
+            MergedQualityWindow(
+                **real._asdict(),
+                window_start_ms=t0 - 20_000,
+                window_end_ms=t0 - 18_000,
+                requirement=settings.non_inferiority,
+                size=zeros.size,
+                **kw,
+            )
+        )
+
+    hostile = [
+        (partial_key(real, t0, 0), partial(real, 2**40)),
+        (partial_key(made_up, t0, 0), partial(made_up, 2**40)),
+        (merged_key(real, t0 - 20_000), merged(tasks_missing=[2**40])),
+        (
+            merged_key(real, t0 - 20_000),
+            merged(tasks_missing=[1], held=[HeldShare(task=2, index=[0], values=[1.0])]),
+        ),
+        (b"partial/x", b"not json"),
+        (b"partial/y", b'{"kind":"partial"}'),
+    ]
+    runs = [asyncio.create_task(svc.run())]
+    try:
+        await until(
+            runs,
+            lambda: svc.merge is not None and svc.merge.assignment and svc.merge.ready,
+            40,
+            "the merge stage did not start",
+        )
+        producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
+        for key, value in hostile:
+            producer.produce(cfg.outcomes.partials_topic_name, key=key, value=value)
+        assert producer.flush(30) == 0
+        merge = svc.merge
+        assert merge is not None
+        await until(
+            runs, lambda: merge.undecodable >= len(hostile), 30, "hostile records not skipped"
+        )
+        assert merge.merger.open_windows == 0 and merge.merger.pairs == set()
+        await split_and_hold_outcomes(cfg, (svc,), s, runs)
+        await produce(cfg, s.comparisons, cfg.topics.comparisons)
+        await until(
+            runs,
+            lambda: (v := latest_verdict(svc)) is not None and v.judged_pairs >= N,
+            60,
+            "the rollout was not judged in full",
+        )
+    finally:
+        svc.request_stop()
+        await asyncio.gather(*runs)
+    assert merge.undecodable == len(hostile)
+    finals = [r for r in svc.recent if r.status == "final"]
+    assert finals and all(r.rollout == ROLLOUT and r.tasks_missing == [] for r in finals)

@@ -24,7 +24,7 @@ from sidecar.kafka import (
     topic_configs,
     topic_partitions,
 )
-from sidecar.runner import Sidecar
+from sidecar.runner import Sidecar, fetch_bytes
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
 
@@ -102,6 +102,46 @@ async def test_an_output_larger_than_its_topic_takes_becomes_a_dead_letter(boots
         await read_topic(bootstrap, cfg.topics.dead_letter, expect=1), DeadLetter
     )
     assert letter.kind == "output_oversize" and letter.request_id == "req-7"
+
+
+async def test_a_request_bigger_than_a_whole_fetch_is_dead_lettered_and_the_partition_moves_on(
+    bootstrap: str,
+) -> None:
+    """The consumer fetches at most ``fetch_bytes`` at a time (its buffers stay small); a
+    record three times that, written by another client (the broker takes any size), must not
+    stall its partition: it is the first record of a fetch, which brokers return whole."""
+    confluent_kafka = pytest.importorskip("confluent_kafka")
+    cfg = make_config(bootstrap, partitions=1)
+    await ensure_config_topics(cfg)
+    size = 3 * fetch_bytes(cfg.input.max_message_bytes)
+    requests = fraud.request_dicts(fraud.generate(20, seed=4))
+    producer = confluent_kafka.Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 0, "message.max.bytes": size + (1 << 20)}
+    )
+    for i, r in enumerate(requests):
+        if i == 10:  # alone in its produce request, so it starts a record batch of its own
+            producer.flush(10)
+            huge = {**r, "request_id": "huge", "metadata": {"blob": "x" * size}}
+            producer.produce(cfg.topics.requests, ENC.encode(huge), b"huge")
+            producer.flush(10)
+        producer.produce(cfg.topics.requests, ENC.encode(r), r["routing_key"].encode())
+    assert producer.flush(10) == 0
+    sidecar = Sidecar(cfg)
+    task = asyncio.create_task(sidecar.run())
+    try:
+        await wait_until(lambda: sidecar.processed >= 21, 30)
+    finally:
+        sidecar.request_stop()
+        await asyncio.wait_for(task, 30)
+        sidecar.close_models()
+    decisions = decode_values(
+        await read_topic(bootstrap, cfg.topics.decisions, expect=20), Decision
+    )
+    assert sorted(d.request_id for d in decisions) == sorted(r["request_id"] for r in requests)
+    (letter,) = decode_values(
+        await read_topic(bootstrap, cfg.topics.dead_letter, expect=1), DeadLetter
+    )
+    assert letter.kind == "oversize"
 
 
 async def test_an_instance_whose_control_tail_dies_stops_and_is_not_ready(

@@ -39,6 +39,7 @@ from .kafka import (
     RebalanceListener,
     Supervisor,
     TaskFailure,
+    fetch_bytes,
     is_permanent,
     new_consumer,
     new_producer,
@@ -632,17 +633,6 @@ class Sidecar:
                 self.config.pipeline.drain_timeout_s,
                 self._in_flight_records,
             )
-
-
-def fetch_bytes(max_message_bytes: int) -> int:
-    """The most one fetch may bring: one record of the largest size the input accepts.
-
-    The fetched bytes are the consumer's biggest buffers, and glibc keeps buffers of a few
-    MiB in its main heap, where their churn fragments it: with 4 MiB fetches the heap grew
-    by ~40 MiB over a run on a busy machine, with 1 MiB it stayed level at the same rate
-    (``bench/bench_throughput.py``). A record bigger than this is still fetched (brokers
-    return the first batch of a fetch whatever its size) and dead-lettered as oversize."""
-    return max(1 << 20, max_message_bytes + (64 << 10))
 
 
 def sending_records(in_flight: Iterable[_InFlight]) -> int:

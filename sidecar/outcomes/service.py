@@ -70,6 +70,7 @@ from ..kafka import (
     Supervisor,
     client_kwargs,
     ensure_topics,
+    fetch_bytes,
     new_consumer,
     new_producer,
     stop_quietly,
@@ -440,8 +441,10 @@ class OutcomesService:
             group_id=s.group_id,
             auto_offset_reset="earliest",
             partition_assignment_strategy=(RangePartitionAssignor,),
-            max_partition_fetch_bytes=8 << 20,
-            fetch_max_bytes=64 << 20,
+            # Small fetches keep the buffers out of the way of the heap's fragmentation
+            # (16 MiB less at the peak than 8/64 MiB, at the same rate: bench_outcomes.py).
+            max_partition_fetch_bytes=fetch_bytes(cfg.kafka.max_record_bytes),
+            fetch_max_bytes=2 * fetch_bytes(cfg.kafka.max_record_bytes),
         )
         await self._consumer.start()
         for topic in self._topics:

@@ -17,6 +17,7 @@ from sidecar.kafka import (
     BackgroundTaskFailed,
     ensure_config_topics,
     ensure_topics,
+    fetch_bytes,
     new_consumer,
     read_until_idle,
     record_limits,
@@ -24,7 +25,7 @@ from sidecar.kafka import (
     topic_configs,
     topic_partitions,
 )
-from sidecar.runner import Sidecar, fetch_bytes
+from sidecar.runner import Sidecar
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
 

@@ -1,6 +1,7 @@
 """``sidecar run --workers N``: throughput with 1 and with N worker processes, same run.
 
     python bench/bench_workers.py [--requests 400000] [--workers 2] [--rounds 2]
+                                  [--model-cost-us 0]
 
 Starts the embedded broker and preloads the requests once (8 numeric features, 6 partitions).
 Each contender is the real command line, ``sidecar run --workers K`` on its own consumer
@@ -10,6 +11,10 @@ sidecar's producers stamp them): the middle 80% of the decisions, so that proces
 and the group's first rebalance (every worker joins) are not counted.
 
 The broker runs on the same machine: with 2 cores, N workers and the broker share them.
+``--model-cost-us C`` wraps both example models in ``sidecar.examples.faulty:busy`` (C us of
+CPU per record each, GIL held): the models then bound each process and the broker's share
+of the machine is small, which is how "N workers where the cores are free" is shown on a
+machine that has no core to spare for the broker.
 """
 
 from __future__ import annotations
@@ -32,10 +37,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 PARTITIONS = 6
 
 
-def config_for(bootstrap: str, requests_topic: str, workers: int) -> Any:
+def busy_models(cost_us: float) -> dict[str, Any]:
+    """Both example models, each costing ``cost_us`` of CPU per record."""
+    return {
+        arm: {
+            "target": "sidecar.examples.faulty:busy",
+            "options": {"us_per_record": cost_us, "target": f"sidecar.examples.fraud:{arm}"},
+            "timeout_ms": 5000,  # a batch costs 2,000 x cost_us: never a timeout here
+        }
+        for arm in ("champion", "candidate")
+    }
+
+
+def config_for(bootstrap: str, requests_topic: str, workers: int, cost_us: float = 0) -> Any:
     from kafka_helpers import make_config
 
     run = f"w{workers}-{uuid.uuid4().hex[:6]}"
+    extra = {"models": busy_models(cost_us)} if cost_us else {}
     return make_config(
         bootstrap,
         partitions=PARTITIONS,
@@ -49,6 +67,7 @@ def config_for(bootstrap: str, requests_topic: str, workers: int) -> Any:
         rollout={"mode": "canary", "canary_share_bp": 1000},
         control={"enabled": False},
         logging={"progress_interval_s": 0},
+        **extra,
     )
 
 
@@ -78,12 +97,14 @@ async def count(bootstrap: str, topic: str) -> list[int]:
     return [r.timestamp for r in await read_topic(bootstrap, topic, idle_s=1.0)]
 
 
-async def run_contender(bootstrap: str, topic: str, n: int, workers: int, tmp: Path) -> float:
+async def run_contender(
+    bootstrap: str, topic: str, n: int, workers: int, tmp: Path, cost_us: float = 0
+) -> float:
     from kafka_helpers import write_toml
 
     from sidecar.kafka import ensure_topics
 
-    cfg = config_for(bootstrap, topic, workers)
+    cfg = config_for(bootstrap, topic, workers, cost_us)
     await ensure_topics(bootstrap, cfg.all_topics(), PARTITIONS)
     path = write_toml(cfg, tmp / f"{cfg.kafka.group_id}.toml")
     command = [sys.executable, "-m", "sidecar.cli", "run", "--workers", str(workers)]
@@ -120,13 +141,23 @@ async def main_async(args: argparse.Namespace) -> None:
         print(
             f"preloaded {args.requests} requests ({PARTITIONS} partitions); "
             f"{os.cpu_count()} cores on this machine, the broker among them"
+            + (
+                f"; models cost {args.model_cost_us:g} us of CPU a record each"
+                if args.model_cost_us
+                else ""
+            )
         )
         rates: dict[int, list[float]] = {1: [], args.workers: []}
         for round_ in range(args.rounds):
             order = [1, args.workers] if round_ % 2 == 0 else [args.workers, 1]
             for workers in order:
                 rate = await run_contender(
-                    broker.bootstrap_servers, topic, args.requests, workers, Path(tmp)
+                    broker.bootstrap_servers,
+                    topic,
+                    args.requests,
+                    workers,
+                    Path(tmp),
+                    args.model_cost_us,
                 )
                 rates[workers].append(rate)
                 print(f"round {round_ + 1}: --workers {workers}: {rate:>10,.0f} req/s", flush=True)
@@ -143,9 +174,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400_000)
     parser.add_argument("--workers", type=int, default=2, help="workers of the second contender")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--model-cost-us",
+        type=float,
+        default=0.0,
+        help="CPU microseconds a record each model spends (0: the example models as they are)",
+    )
     args = parser.parse_args()
     if args.workers < 2:
         parser.error("--workers must be at least 2 (1 is the baseline)")
+    if args.model_cost_us < 0:
+        parser.error("--model-cost-us must not be negative")
     asyncio.run(main_async(args))
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -51,6 +53,16 @@ async def test_nan_scores_invalidate_only_their_records() -> None:
     out = await model.score(X)
     assert out.valid.sum() == 40 and out.record_error is not None
     assert not out.decisions[~out.valid].any()
+
+
+def test_a_busy_model_spends_its_cpu_cost_per_record_and_scores_as_the_model_it_wraps() -> None:
+    from sidecar.examples import faulty, fraud
+
+    busy = faulty.busy(us_per_record=200.0, target="sidecar.examples.fraud:candidate")
+    start = time.thread_time()
+    scores = busy.predict(X)
+    assert time.thread_time() - start >= 50 * 200e-6  # CPU time, not a sleep
+    np.testing.assert_array_equal(scores, fraud.candidate().predict(X))
 
 
 async def test_a_hung_model_does_not_queue_work_without_bound() -> None:

@@ -73,6 +73,21 @@ class WrongLength:
         return np.asarray(self._inner.predict(batch), dtype=np.float64)[:-1]
 
 
+class Busy:
+    """Spends ``us_per_record`` of CPU per record, holding the GIL (as a pure-Python tree
+    ensemble would): a model whose cost, not the sidecar's, bounds a process, for capacity
+    drills such as ``bench/bench_workers.py``."""
+
+    def __init__(self, inner: Any, us_per_record: float) -> None:
+        self._inner, self._cost_s = inner, us_per_record / 1e6
+
+    def predict(self, batch: FloatArray) -> FloatArray:
+        until = time.thread_time() + self._cost_s * len(batch)
+        while time.thread_time() < until:  # CPU time: a busy machine does not shorten it
+            pass
+        return np.asarray(self._inner.predict(batch), dtype=np.float64)
+
+
 _DEFAULT = "sidecar.examples.fraud:candidate"
 
 
@@ -96,3 +111,9 @@ def nans(
 
 def wrong_length(target: str = _DEFAULT, options: dict[str, Any] | None = None) -> WrongLength:
     return WrongLength(_inner(target, options))
+
+
+def busy(
+    us_per_record: float = 20.0, target: str = _DEFAULT, options: dict[str, Any] | None = None
+) -> Busy:
+    return Busy(_inner(target, options), us_per_record)

@@ -28,6 +28,7 @@ from ..config import SidecarConfig
 from ..hashing import kafka_partition
 from ..kafka import RebalanceListener, new_consumer, stop_quietly
 from ..untrusted import clip, error_text, printable
+from .heartbeat import MAX_PARTITIONS
 from .partials import (
     DECODER,
     MergedQualityWindow,
@@ -62,8 +63,15 @@ class QualityMergeStage:
         publish: Publish,
         clock: Callable[[], int],
         on_retired: Retired | None = None,
+        *,
+        tasks: int = MAX_PARTITIONS,
+        on_unusable: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
+        #: The comparisons topic's partitions: a partial naming more tasks is refused.
+        self.tasks = tasks
+        #: Called for each record of the topic skipped as unusable (the stage's metrics).
+        self._on_unusable = on_unusable
         self._on_retired = on_retired
         self.settings = s = config.outcomes
         self._publisher = publisher
@@ -91,6 +99,7 @@ class QualityMergeStage:
             s.merge_timeout_ms,
             s.merge_retire_horizon_ms(),
             max_future_ms=s.max_future_ms,
+            max_tasks=self.tasks,
         )
 
     async def start(self) -> None:
@@ -193,6 +202,8 @@ class QualityMergeStage:
                     self.partials += 1
             except (msgspec.DecodeError, ValueError) as exc:  # untrusted, like every topic
                 self.undecodable += 1
+                if self._on_unusable is not None:
+                    self._on_unusable()
                 self._unwarned += 1
                 if time.monotonic() - self._warned_at >= UNDECODABLE_LOG_S:  # no log flood
                     self._warned_at = time.monotonic()

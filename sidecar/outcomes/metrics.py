@@ -59,7 +59,8 @@ class OutcomesMetrics:
         )
         self.skipped = Counter(
             "sidecar_outcomes_skipped",
-            "Records the join left out, by input and reason (undecodable, future, too_many_pairs)",
+            "Records the join left out, by input and reason (undecodable, future, too_many_pairs; "
+            "partials: unusable)",
             ["input", "reason"],
             registry=r,
         )

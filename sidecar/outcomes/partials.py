@@ -388,8 +388,13 @@ class QualityMerger:
         timeout_ms: int,
         retire_horizon_ms: int = 0,
         max_future_ms: int | None = None,
+        max_tasks: int = MAX_PARTITIONS,
     ) -> None:
         self.layout = layout
+        #: The tasks a rollout can have: the comparisons topic's partitions, where the stage
+        #: knows them. A partial or merged record naming more is refused: the merge waits
+        #: for, lists as missing, and at retirement deletes the partials of every task named.
+        self.max_tasks = min(max_tasks, MAX_PARTITIONS)
         self.judging = judging
         self.timeout_ms = timeout_ms
         #: A pair with no open window is retired once the stream time is this far past the
@@ -440,10 +445,10 @@ class QualityMerger:
         for one of another layout (before it changes anything)."""
         dense(self.layout, partial.size, partial.index, partial.values)
         ranking_of(partial.ranking)
-        if not 0 <= partial.task < partial.tasks_total <= MAX_PARTITIONS:
+        if not 0 <= partial.task < partial.tasks_total <= self.max_tasks:
             raise ValueError(
                 f"partial of task {partial.task} of {partial.tasks_total} (at most "
-                f"{MAX_PARTITIONS} tasks: one per comparisons partition)"
+                f"{self.max_tasks} tasks: one per comparisons partition)"
             )
         wkey = (partial.key, partial.window_start_ms)
         stream = partial.stream_time_ms
@@ -508,8 +513,8 @@ class QualityMerger:
         missing = set(record.tasks_missing)
         if not set(held) <= missing or len(held) != len(record.held):
             raise ValueError("merged window holds shares of tasks it does not name missing")
-        if missing and not 0 <= min(missing) <= max(missing) < MAX_PARTITIONS:
-            raise ValueError(f"merged window names a task outside 0..{MAX_PARTITIONS - 1}")
+        if missing and not 0 <= min(missing) <= max(missing) < self.max_tasks:
+            raise ValueError(f"merged window names a task outside 0..{self.max_tasks - 1}")
         wkey = (record.key, record.window_start_ms)
         self._open.pop(wkey, None)
         late = self._late.get(wkey)

@@ -431,7 +431,13 @@ class OutcomesService:
         self._supervisor.spawn(self.router.run(), "outcomes-router")
         if cfg.shared_rollouts:
             self.merge = QualityMergeStage(
-                cfg, self._publisher, self._publish_merged, self.clock, self._forget_rollouts
+                cfg,
+                self._publisher,
+                self._publish_merged,
+                self.clock,
+                self._forget_rollouts,
+                tasks=self._partitions,
+                on_unusable=self.metrics.skipped.labels("partials", "unusable").inc,
             )
             await self.merge.start()
             self._supervisor.spawn(self.merge.run(), "outcomes-merge")

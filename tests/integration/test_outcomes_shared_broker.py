@@ -304,11 +304,12 @@ async def test_hostile_records_on_the_partials_topic_are_skipped_and_harm_no_rep
     bootstrap: str, tmp_path: Path
 ) -> None:
     """Written by an external client (confluent-kafka) to the partials topic while the merge
-    stage runs: partials claiming 2**40 tasks (of the real pair and of a made-up one), merged
-    records naming impossible tasks or holding shares of tasks they do not name missing, and
-    junk. Each is skipped and counted; none opens a window (one claiming 2**40 tasks made the
-    merge build a set of every task at its timeout: the process was killed for memory), and
-    the real rollout is judged in full."""
+    stage runs: partials claiming 2**40 tasks (of the real pair and of a made-up one) or one
+    more than the comparisons topic has partitions, merged records naming impossible tasks
+    or holding shares of tasks they do not name missing, and junk. Each is skipped and
+    counted; none opens a window (one claiming 2**40 tasks made the merge build a set of
+    every task at its timeout: the process was killed for memory), and the real rollout is
+    judged in full."""
     confluent_kafka = pytest.importorskip("confluent_kafka")
     t0 = (time.time_ns() // 1_000_000 - 30_000) // 2000 * 2000
     cfg = outcomes_config(
@@ -362,6 +363,9 @@ async def test_hostile_records_on_the_partials_topic_are_skipped_and_harm_no_rep
     hostile = [
         (partial_key(real, t0, 0), partial(real, 2**40)),
         (partial_key(made_up, t0, 0), partial(made_up, 2**40)),
+        # More tasks than the comparisons topic has partitions: as impossible, if smaller.
+        (partial_key(made_up, t0, 0), partial(made_up, cfg.topics.partitions + 1)),
+        (merged_key(real, t0 - 20_000), merged(tasks_missing=[cfg.topics.partitions])),
         (merged_key(real, t0 - 20_000), merged(tasks_missing=[2**40])),
         (
             merged_key(real, t0 - 20_000),
@@ -400,5 +404,7 @@ async def test_hostile_records_on_the_partials_topic_are_skipped_and_harm_no_rep
         svc.request_stop()
         await asyncio.gather(*runs)
     assert merge.undecodable == len(hostile)
+    skipped = svc.metrics.skipped.labels("partials", "unusable")._value.get()
+    assert skipped == len(hostile)
     finals = [r for r in svc.recent if r.status == "final"]
     assert finals and all(r.rollout == ROLLOUT and r.tasks_missing == [] for r in finals)

@@ -268,6 +268,23 @@ def test_hostile_partials_are_refused_before_they_change_anything() -> None:
     assert m.open_windows == 0
 
 
+def test_a_partial_or_merged_record_naming_more_tasks_than_partitions_is_refused() -> None:
+    """Where the stage knows the comparisons topic's partitions, a partial claiming more tasks
+    (65,536 would be waited for, listed missing and tombstoned at retirement) is refused."""
+    m = QualityMerger(LAYOUT, JUDGING, TIMEOUT, max_tasks=TASKS)
+    good = part(0, 0, ACCS[0][0])
+    with pytest.raises(ValueError, match=f"at most {TASKS} tasks"):
+        m.add(msgspec.structs.replace(good, tasks_total=TASKS + 1), 0)
+    assert m.open_windows == 0
+    m.add(good, 0)  # the topic's own count is fine
+    assert m.open_windows == 1
+    (without,) = merged_without(merger(), {2})
+    beyond = msgspec.structs.replace(without.record, tasks_missing=[2, TASKS], held=[])
+    with pytest.raises(ValueError, match=f"outside 0..{TASKS - 1}"):
+        QualityMerger(LAYOUT, JUDGING, TIMEOUT, max_tasks=TASKS).add_merged(beyond)
+    merger().add_merged(beyond)  # without the count: only the 65,536 bound
+
+
 def close(a: object, b: object) -> bool:
     """Figures equal up to float rounding (a late share replaces a counted one by
     subtraction: the sums may differ in their last bits)."""

@@ -11,6 +11,7 @@ import pytest
 from control_helpers import control_config, running, setup
 from kafka_helpers import decode_values, make_config, produce, read_topic, unique, wait_until
 
+from sidecar.config import SidecarConfig
 from sidecar.contracts import DeadLetter, Decision
 from sidecar.examples import fraud
 from sidecar.kafka import (
@@ -30,6 +31,18 @@ from sidecar.runner import Sidecar
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
 
 ENC = msgspec.json.Encoder()
+
+
+async def run_until_processed(cfg: SidecarConfig, n: int) -> None:
+    """Run a sidecar until it has processed ``n`` records, then stop it."""
+    sidecar = Sidecar(cfg)
+    task = asyncio.create_task(sidecar.run())
+    try:
+        await wait_until(lambda: sidecar.processed >= n, 30)
+    finally:
+        sidecar.request_stop()
+        await asyncio.wait_for(task, 30)
+        sidecar.close_models()
 
 
 async def test_every_topic_of_a_config_is_created_the_late_topic_included(bootstrap: str) -> None:
@@ -87,14 +100,7 @@ async def test_an_output_larger_than_its_topic_takes_becomes_a_dead_letter(boots
     requests = fraud.request_dicts(fraud.generate(20, seed=3))
     requests[7]["metadata"] = {"blob": "z" * 30_000}
     await produce(cfg, [(r["routing_key"].encode(), ENC.encode(r)) for r in requests])
-    sidecar = Sidecar(cfg)
-    task = asyncio.create_task(sidecar.run())
-    try:
-        await wait_until(lambda: sidecar.processed >= 20, 30)
-    finally:
-        sidecar.request_stop()
-        await asyncio.wait_for(task, 30)
-        sidecar.close_models()
+    await run_until_processed(cfg, 20)
     decisions = decode_values(
         await read_topic(bootstrap, cfg.topics.decisions, expect=19), Decision
     )
@@ -127,14 +133,7 @@ async def test_a_request_bigger_than_a_whole_fetch_is_dead_lettered_and_the_part
             producer.flush(10)
         producer.produce(cfg.topics.requests, ENC.encode(r), r["routing_key"].encode())
     assert producer.flush(10) == 0
-    sidecar = Sidecar(cfg)
-    task = asyncio.create_task(sidecar.run())
-    try:
-        await wait_until(lambda: sidecar.processed >= 21, 30)
-    finally:
-        sidecar.request_stop()
-        await asyncio.wait_for(task, 30)
-        sidecar.close_models()
+    await run_until_processed(cfg, 21)
     decisions = decode_values(
         await read_topic(bootstrap, cfg.topics.decisions, expect=20), Decision
     )

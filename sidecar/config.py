@@ -59,6 +59,9 @@ class KafkaConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: (aiokafka's default, 500, measured 120 ms median at 2k req/s; 50 gives 18 ms). An
     #: idle instance sends about 1000/this fetches a second.
     fetch_max_wait_ms: Annotated[int, Meta(ge=1, le=5000)] = 50
+    #: How often clients refresh topic metadata: how soon new partitions are seen (by the
+    #: outcomes stage, which stops when the comparisons topic's partition count changes).
+    metadata_max_age_ms: Annotated[int, Meta(ge=1000)] = 300_000
     #: How long to keep retrying an unreachable broker at start-up (0 = forever).
     connect_timeout_s: Annotated[float, Meta(ge=0)] = 0.0
     #: Largest record (key, value and headers) produced. Lowered at start-up to what each

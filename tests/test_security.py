@@ -59,6 +59,7 @@ async def test_plaintext() -> None:
         "bootstrap_servers": "b1:9093,b2:9093",
         "security_protocol": "PLAINTEXT",
         "request_timeout_ms": 30_000,
+        "metadata_max_age_ms": 300_000,
     }
     await accepted_by_aiokafka(kw)
 

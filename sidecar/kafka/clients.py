@@ -37,6 +37,7 @@ def client_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
         "bootstrap_servers": cfg.bootstrap_servers,
         "security_protocol": protocol,
         "request_timeout_ms": cfg.request_timeout_ms,
+        "metadata_max_age_ms": cfg.metadata_max_age_ms,
     }
     if sasl:
         mechanism = (cfg.sasl_mechanism or "").upper()

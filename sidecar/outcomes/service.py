@@ -829,8 +829,32 @@ class OutcomesService:
         self.metrics.changelog_records.labels(kind).inc()
         return await asyncio.to_thread(self._apply_one, rt.join, raw, md.offset, record)
 
+    def _check_partitions(self) -> None:
+        """Stop when the comparisons topic no longer has the partitions the tasks were built
+        for (it was grown, or deleted and recreated): comparisons on a new partition would
+        never meet their outcomes (routed to ``by-task`` partitions by the old count), and
+        nothing would say so. Seen when the client refreshes its metadata
+        (``kafka.metadata_max_age_ms``); the start-up check then refuses to start until the
+        internal topics match again."""
+        consumer = self._consumer
+        comparisons = self._topics[0]
+        found = consumer.partitions_for_topic(comparisons) if consumer is not None else None
+        if not found or len(found) == self._partitions:
+            return
+        s = self.settings
+        raise ConfigError(
+            f"{comparisons} now has {len(found)} partitions, but this stage's tasks, "
+            f"{s.by_task_topic} and {s.changelog_topic} have {self._partitions}: comparisons "
+            "on the new partitions would never meet their outcomes, so the stage stops. "
+            f"Stop every `sidecar outcomes run` of group {s.group_id}, then give "
+            f"{s.by_task_topic} and {s.changelog_topic} {len(found)} partitions too (or delete "
+            "them and outcomes.state_dir to rebuild), and start again; requests pending across "
+            "the change may close without their outcome (see README: Ground truth)"
+        )
+
     async def _tick(self) -> None:
         """Stream time, final windows, provisional reports, unmatched outcomes, commits."""
+        self._check_partitions()
         s = self.settings
         now = self.clock()
         mono = time.monotonic()

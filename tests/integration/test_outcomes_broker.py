@@ -6,6 +6,7 @@ worse candidate back with a signed command."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from kafka_helpers import create_topics, produce, read_topic, write_toml
+from kafka_helpers import create_topics, produce, read_topic, wait_until, write_toml
 from outcomes.outcome_support import (
     ROLLOUT,
     Stream,
@@ -34,6 +35,8 @@ from sidecar.config import SidecarConfig
 from sidecar.contracts import DeadLetter
 from sidecar.control.commands import ControlCommand, verify_command
 from sidecar.control.keys import TrustStore, write_key_set
+from sidecar.errors import ConfigError
+from sidecar.kafka import ensure_topics, new_admin
 from sidecar.outcomes.contract import Outcome
 from sidecar.outcomes.quality import score_bins
 from sidecar.outcomes.ranking import PairedRankingQuality
@@ -209,6 +212,37 @@ async def test_a_new_owner_rebuilds_the_store_from_the_changelog(
     verdict = b.verdicts[ROLLOUT]
     assert verdict.judged_pairs == 8000
     assert verdict.labelled == len(first.labelled) + len(second.labelled)
+
+
+async def test_a_comparisons_topic_that_changes_partition_count_stops_the_stage_for_good(
+    bootstrap: str, tmp_path: Path
+) -> None:
+    """Partition p of the comparisons topic is task p, whose outcomes come on partition p of
+    ``by-task``: with a partition more, that partition's comparisons would never be joined.
+    (Tansu cannot add partitions; the topic is deleted and created again with four.)"""
+    cfg = outcomes_config(bootstrap, tmp_path / "state", kafka={"metadata_max_age_ms": 1000})
+    await create_topics(cfg)
+    svc = OutcomesService(cfg)
+    task = asyncio.create_task(svc.run())
+    try:
+        await wait_until(lambda: len(svc.tasks) == 3 and all(t.ready for t in svc.tasks.values()))
+        assert not task.done()
+        admin = new_admin(cfg, "test")
+        await admin.start()
+        try:
+            await admin.delete_topics([cfg.topics.comparisons])
+        finally:
+            await admin.close()
+        await ensure_topics(bootstrap, [cfg.topics.comparisons], 4)
+        with pytest.raises(ConfigError, match=r"now has 4 partitions.* have 3"):
+            await asyncio.wait_for(asyncio.shield(task), 60)
+    finally:
+        svc.request_stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 30)
+    # ... and a new start refuses until the internal topics match again.
+    with pytest.raises(ConfigError, match=r"has 3 partitions but .* has 4"):
+        await asyncio.wait_for(OutcomesService(cfg).run(), 60)
 
 
 def _spawn(config: Path, log: Path) -> subprocess.Popen[bytes]:

@@ -49,8 +49,11 @@ class MergeStage:
         metrics: AggregateMetrics,
         dead_letter: DeadLetter | None = None,
         admission: Admission | None = None,
+        partitions: Callable[[], int | None] | None = None,
     ) -> None:
         self.config = config
+        #: The comparisons topic's partition count as known now (bounds what a window waits for).
+        self._partitions = partitions
         self._dead_letter = dead_letter
         self._admission = admission
         self.settings = config.aggregate
@@ -68,7 +71,9 @@ class MergeStage:
         self.undecodable = 0
 
     def _new_merger(self) -> PartialMerger:
-        return PartialMerger(self.settings.aggregator_config(), self.settings.merge_timeout_ms)
+        return PartialMerger(
+            self.settings.aggregator_config(), self.settings.merge_timeout_ms, self._partitions
+        )
 
     async def start(self) -> None:
         self._consumer = new_consumer(

@@ -17,6 +17,7 @@ producing it and committing) replaces the first copy rather than adding to it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -280,9 +281,20 @@ class PartialMerger:
     "capacity"``), as stage 1 does.
     """
 
-    def __init__(self, config: AggregatorConfig, timeout_ms: int) -> None:
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        timeout_ms: int,
+        partitions: Callable[[], int | None] | None = None,
+    ) -> None:
         self.config = config
         self.timeout_ms = timeout_ms
+        #: The comparisons topic's partition count as the stage's client knows it now (None:
+        #: not known). A window waits for at most that many partitions, whatever a partial
+        #: claims: one record claiming 65,536 would otherwise hold its window until the merge
+        #: timeout (and the guards on it) and list ~65,000 missing partitions. Read live, so
+        #: a grown topic counts as soon as the client's metadata shows it.
+        self._partitions = partitions
         self._pending: dict[tuple[GroupKey, int], _Pending] = {}
         #: Windows already reported (bounded, oldest first): a partial for one is late.
         self._done: dict[tuple[GroupKey, int], None] = {}
@@ -292,6 +304,10 @@ class PartialMerger:
     @property
     def pending_windows(self) -> int:
         return len(self._pending)
+
+    def known_partitions(self) -> int | None:
+        """The comparisons topic's partition count as known now (None: not known)."""
+        return self._partitions() if self._partitions is not None else None
 
     def add(self, partial: WindowPartial, position: tuple[int, int], now_ms: int) -> MergeResult:
         """Take one partial (``position``: its partials-topic partition and offset)."""
@@ -306,14 +322,19 @@ class PartialMerger:
             )
             while len(self._first_seen) > self._limit:
                 del self._first_seen[next(iter(self._first_seen))]
+        claimed = partial.partitions_total
+        known = self.known_partitions()
+        if known:
+            claimed = min(claimed, known)
         pending = self._pending.get(wkey)
         if pending is None:
-            pending = self._pending[wkey] = _Pending({}, partial.partitions_total, now_ms)
+            pending = self._pending[wkey] = _Pending({}, claimed, now_ms)
         pending.partials[partial.partition] = agg  # a re-delivered partial replaces itself
         pending.positions[partial.partition] = position
-        pending.total = max(pending.total, partial.partitions_total)
+        pending.total = max(pending.total, claimed)
         reports = []
-        if len(pending.partials) >= pending.total:
+        held = pending.partials
+        if len(held) >= pending.total and all(p in held for p in range(pending.total)):
             reports.append(self._report(wkey, now_ms, "watermark"))
         while len(self._pending) > self._limit:
             oldest = min(

@@ -294,6 +294,7 @@ class AggregatorService:
                 self.metrics,
                 lambda refused: self._send_all(self._dead_letters(refused)),
                 self.admission,
+                self._comparison_partitions,
             )
             await self.merge.start()
 
@@ -530,12 +531,16 @@ class AggregatorService:
             sends.append(_Send(topic, value, key, headers))
         return sends
 
+    def _comparison_partitions(self) -> int | None:
+        """The comparisons topic's partition count in the client's metadata (None: unknown)."""
+        known = self._consumer.partitions_for_topic(self._topic) if self._consumer else None
+        return len(known) if known else None
+
     async def _publish_partials(self, now: int) -> None:
         closed = self.manager.take_partials()
         if not closed:
             return
-        known = self._consumer.partitions_for_topic(self._topic) if self._consumer else None
-        total = max(len(known or ()), *(c.partition + 1 for c in closed))
+        total = max(self._comparison_partitions() or 0, *(c.partition + 1 for c in closed))
         topic = self.settings.partials_topic
         await self._send_all(
             [

@@ -233,3 +233,29 @@ def test_made_up_rollouts_on_the_partials_topic_cannot_grow_the_merger() -> None
     assert merger.pending_windows <= 4 and len(merger._first_seen) <= 4
     assert len(reports) == 46 and {r.closed_by for r in reports} == {"capacity"}
     assert all(len(r.counts.out_of_range_features) <= 101 for r in reports)
+
+
+def test_a_partial_claiming_more_partitions_than_the_topic_has_cannot_hold_its_window() -> None:
+    """One record claiming 65,536 partitions held its window until the merge timeout (and the
+    guards on it) and listed ~65,000 missing partitions. With the topic's partition count
+    known, the window waits for those partitions only."""
+    known: list[int | None] = [3]
+    merger = PartialMerger(CONFIG, timeout_ms=60_000, partitions=lambda: known[0])
+    hostile = partial(60_000, total=65_536)
+    assert merger.add(hostile, (0, 1), 0).reports == []
+    merger.add(partial(0), (0, 2), 0)
+    merger.add(partial(1), (0, 3), 0)  # three partials held, but partition 2 is not in
+    (report,) = merger.add(partial(2), (0, 4), 0).reports
+    assert report.closed_by == "watermark" and report.partitions_missing == []
+    # The topic grew to 4 (the client's metadata says so): windows wait for partition 3.
+    known[0] = 4
+    merger.add(partial(0, start=5_000, total=4), (0, 5), 0)
+    for p in (1, 2):
+        assert merger.add(partial(p, start=5_000), (0, 5 + p), 0).reports == []
+    (grown,) = merger.add(partial(3, start=5_000, total=4), (0, 8), 0).reports
+    assert grown.closed_by == "watermark" and grown.counts.records == 40
+    # Not known (no metadata yet): a partial's claim counts, as before.
+    known[0] = None
+    merger.add(partial(0, start=9_000, total=5), (0, 9), 0)
+    (timed_out,) = merger.tick(60_000)
+    assert timed_out.partitions_missing == [1, 2, 3, 4]

@@ -326,16 +326,17 @@ class Sidecar:
             else cfg.kafka.compression_type,
         )
         await self._producer.start()
+        fetched = fetch_bytes(cfg.input.max_message_bytes)
         self._consumer = new_consumer(
             cfg,
             "sidecar",
             group_id=cfg.kafka.group_id,
             instance=self.instance_id,
             auto_offset_reset=cfg.kafka.auto_offset_reset,
-            max_partition_fetch_bytes=fetch_bytes(cfg.input.max_message_bytes),
-            # What one fetch may bring, over all partitions (brokers that ignore the
-            # per-partition bound, like the embedded one, send up to this much).
-            fetch_max_bytes=fetch_bytes(cfg.input.max_message_bytes),
+            # What one fetch may bring, per partition and over all (brokers that ignore the
+            # per-partition bound, like the embedded one, send up to the total).
+            max_partition_fetch_bytes=fetched,
+            fetch_max_bytes=fetched,
             fetch_max_wait_ms=cfg.kafka.fetch_max_wait_ms,
         )
         await self._consumer.start()

@@ -607,12 +607,14 @@ class QualityMerger:
 
     def _report(
         self, key: PairKey, ws: int, window: _Window, status: ReportStatus, now_ms: int
-    ) -> tuple[QualityReport, FloatArray, PairedRankingQuality | None]:
+    ) -> tuple[QualityReport, FloatArray, PairedRankingQuality | None, QualityPartial]:
+        """A window's report, its merged accumulators (new objects, nobody else's) and its
+        latest partial (whose settings the report was made with)."""
         acc, ranking = self._merge(window)
         latest = max((p.meta for p in window.partials.values()), key=_recency)
         stream = min(p.meta.stream_time_ms for p in window.partials.values())
         report = self._window_report(key, ws, acc, ranking, latest, stream, status, now_ms)
-        return report, acc, ranking
+        return report, acc, ranking, latest
 
     def _window_report(
         self,
@@ -661,7 +663,7 @@ class QualityMerger:
             if complete or waited:
                 out.final.append(self._final(key, ws, window, finals, now_ms))
             elif provisional and window.changed:
-                report, _, _ = self._report(key, ws, window, "provisional", now_ms)
+                report, *_ = self._report(key, ws, window, "provisional", now_ms)
                 out.provisional.append(report)
                 window.changed = False
         return out
@@ -671,20 +673,22 @@ class QualityMerger:
     ) -> Merged:
         del self._open[(key, ws)]
         missing = sorted(set(range(window.total)) - finals)
-        report, acc, ranking = self._report(key, ws, window, "final", now_ms)
+        report, acc, ranking, latest = self._report(key, ws, window, "final", now_ms)
         self._done.setdefault(key, {})[ws] = report.window_end_ms
-        latest = max((p.meta for p in window.partials.values()), key=_recency)
         totals = self._total(key, latest.requirement)
         totals.add(acc, ranking, ws, report.window_end_ms, latest.requirement)
+        # The shares counted for missing tasks (their provisional partials, never changed
+        # once held: a newer partial replaces a share, it does not edit it).
+        held = {
+            t: _Held(p.index.astype(np.int64, copy=False), p.values, ranking_of(p.meta.ranking))
+            for t in missing
+            if (p := window.partials.get(t)) is not None
+        }
         late = _Late(
-            acc.copy(),
-            None if ranking is None else merge_ranking(None, ranking),
+            acc,
+            ranking,
             set(missing),
-            {
-                t: _Held(p.index.astype(np.int64), p.values.copy(), ranking_of(p.meta.ranking))
-                for t, p in window.partials.items()
-                if t in missing
-            },
+            held,
             report.window_end_ms,
             latest.requirement,
             latest,

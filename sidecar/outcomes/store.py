@@ -109,6 +109,11 @@ class Store:
         opts.set_block_based_table_factory(table)
         opts.set_write_buffer_size(write_buffer_mb << 20)
         opts.set_max_write_buffer_number(2)
+        # Compactions write files of this size. With RocksDB's 64 MiB they were long and big:
+        # 1M -> 10M pending requests took the peak from 156 to 194 MiB (cache_mb 16) and
+        # applying 10M ran at 45-51k comparisons/s; with 8 MiB, 152 -> 172 MiB and 122k/s
+        # (bench/bench_outcomes.py memory).
+        opts.set_target_file_size_base(_TARGET_FILE_MB << 20)
         # A bloom filter over the memtable too: "is this request id new?" is asked of every
         # comparison, and recent ids are in the memtable (0.5 us instead of 1.4-1.7 us).
         opts.set_memtable_whole_key_filtering(True)
@@ -208,6 +213,7 @@ class Store:
 
 
 _BLOOM_BITS_PER_KEY = 10
+_TARGET_FILE_MB = 8
 
 
 def _advice(exc: BaseException) -> str:

@@ -1,12 +1,14 @@
-"""The RocksDB store's sizing advice: bloom filters that no longer fit the block cache."""
+"""The RocksDB store: its sizing advice (bloom filters that no longer fit the block cache), the
+size of the files its compactions write, and what a failing disk does to the stage."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import msgspec
 
-from sidecar.outcomes.store import Store, cache_advice
+from sidecar.outcomes.store import Batch, Store, cache_advice
 
 
 def test_filters_that_fit_need_no_advice() -> None:
@@ -32,6 +34,25 @@ def test_the_estimate_grows_with_the_keys_stored(tmp_path: Path) -> None:
     assert empty < 0.01
     # 10 bits a key: ~0.24 MiB for 200,000 keys (RocksDB's key count is an estimate).
     assert 0.15 < grown < 0.35
+
+
+def test_compactions_write_files_of_a_bounded_size(tmp_path: Path) -> None:
+    """A compaction's memory grows with the files it writes: RocksDB's 64 MiB default made
+    the stage's resident size grow with its pending requests (bench_outcomes.py memory)."""
+    rng = random.Random(7)
+    store = Store(tmp_path / "s", cache_mb=8, write_buffer_mb=1)
+    try:
+        for _ in range(40):  # ~40 MiB of request-like records, in request id (random) order
+            batch = Batch()
+            keys = [b"r\x00\x07rollout" + rng.randbytes(16).hex().encode() for _ in range(10_000)]
+            batch.put_many(keys, [rng.randbytes(61) for _ in keys])
+            store.write(batch)
+        store._db.compact_range(None, None)  # everything into the last level: sizes settled
+    finally:
+        store.close()
+    sizes = [f.stat().st_size / (1 << 20) for f in (tmp_path / "s").glob("*.sst")]
+    assert sum(sizes) > 30
+    assert max(sizes) < 9, sorted(sizes)
 
 
 # A process whose store writes fail for real (RLIMIT_FSIZE: every file write past 64 KiB is

@@ -8,8 +8,9 @@ their routing key, as a producer must then send them), and for each K runs K
 ``OutcomesService`` processes (their own OS processes, as deployed) in one group. Each holds
 its polling until the whole group is assigned and every task restored, so no instance starts
 alone; then all start at once and the rate is N over the time until every comparison is
-applied. The sidecar runs in the same rounds (``bench_throughput.py``'s contender) for a
-same-run ratio. The outcomes' router (its own group) may route them before the start.
+applied (with how busy the machine's cores were meanwhile). The sidecar runs in the same
+rounds (``bench_throughput.py``'s contender) for a same-run ratio. The outcomes' router (its
+own group) may route them before the start.
 
     python bench/bench_outcomes_scale.py [--count 600000] [--instances 1,2] [--repeat 2]
 """
@@ -43,6 +44,13 @@ from sidecar.traffic import produce_values
 
 HEADERS = [("schema_version", OUTPUT_SCHEMA_VERSION.encode())]
 CARDS = 50_000  # make_values' routing keys: card-{i % 50_000}
+
+
+def machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of every core so far (``/proc/stat``)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
 
 
 def stage_config(bootstrap: str, run: str, state: Path, group: str, decode: int) -> Any:
@@ -100,8 +108,11 @@ async def child_main(args: argparse.Namespace) -> None:
 # -- parent ----------------------------------------------------------------------------------
 
 
-async def run_group(bootstrap: str, run: str, tmp: Path, k: int, args: argparse.Namespace) -> float:
-    """Comparisons per second of k stages sharing the topic (every comparison applied)."""
+async def run_group(
+    bootstrap: str, run: str, tmp: Path, k: int, args: argparse.Namespace
+) -> tuple[float, float]:
+    """Comparisons per second of k stages sharing the topic (every comparison applied), and
+    how busy the machine's cores were meanwhile (0-1)."""
     group = f"{run}-o{uuid.uuid4().hex[:6]}"
     procs = [
         await asyncio.create_subprocess_exec(
@@ -143,6 +154,7 @@ async def run_group(bootstrap: str, run: str, tmp: Path, k: int, args: argparse.
             elif time.monotonic() - settled_since > 1.0:
                 break
         t0 = time.time()
+        busy0 = machine_busy()
         for p in procs:
             assert p.stdin is not None
             p.stdin.write(b"go\n")
@@ -152,8 +164,9 @@ async def run_group(bootstrap: str, run: str, tmp: Path, k: int, args: argparse.
             for p in procs:
                 if p.returncode is not None:
                     sys.exit(f"a stage exited with {p.returncode}")
+        busy1 = machine_busy()
         t_end = float(max(s["t"] for s in latest))
-        return float(args.count / (t_end - t0))
+        return args.count / (t_end - t0), (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1)
     finally:
         for p in procs:
             with contextlib.suppress(Exception):
@@ -226,12 +239,14 @@ async def main(args: argparse.Namespace) -> None:
         rates: dict[int, list[float]] = {k: [] for k in ks}
         ratios: dict[int, list[float]] = {k: [] for k in ks}
         for i in range(1, args.repeat + 1):
-            got = {}
+            got, busy = {}, {}
             for k in ks if i % 2 else ks[::-1]:  # alternate the order (a shared machine)
-                got[k] = await run_group(bs, run, tmp, k, args)
+                got[k], busy[k] = await run_group(bs, run, tmp, k, args)
                 rates[k].append(got[k])
             side, _ = sidecar_run(bs, requests_topic, args.sidecar_requests)
-            line = [f"{k} stage(s) {got[k]:,.0f} comparisons/s" for k in ks]
+            line = [
+                f"{k} stage(s) {got[k]:,.0f} comparisons/s (cores {busy[k]:.0%} busy)" for k in ks
+            ]
             line.append(f"sidecar {side:,.0f} req/s")
             for k in ks:
                 ratios[k].append(got[k] / side)

@@ -688,9 +688,9 @@ class Rec(NamedTuple):
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
-def _join_costs(count: int, repeats: int) -> dict[str, float]:
+def _join_costs(count: int, repeats: int, share: float = 0.02) -> dict[str, float]:
     """Best per-comparison costs (us) of building and applying the chunks of ``count``
-    comparisons (2% with an outcome), over ``repeats`` fresh stores."""
+    comparisons (``share`` of them with an outcome), over ``repeats`` fresh stores."""
     from sidecar.outcomes.decode import ChunkBuilder, Skipped
     from sidecar.outcomes.settings import OutcomesSettings
 
@@ -698,10 +698,10 @@ def _join_costs(count: int, repeats: int) -> dict[str, float]:
     s = msgspec.convert(tree, OutcomesSettings)
     start = 1_700_000_000_000
     comps = make_values(count, start, 40_000.0)
-    outs = outcome_values(count, start, 40_000.0, 0.02)
-    # Polls of ~10,000 records in all (comparisons and their 2% outcomes), as the stage's
+    outs = outcome_values(count, start, 40_000.0, share)
+    # Polls of ~10,000 records in all (comparisons and their outcomes), as the stage's
     # getmany gives them (``outcomes.max_batch``).
-    poll = 9_800
+    poll = int(10_000 / (1 + share))
     best = {"build_us": float("inf"), "apply_us": float("inf")}
     for _ in range(repeats):
         builder = ChunkBuilder(s)
@@ -733,7 +733,7 @@ def _join_costs(count: int, repeats: int) -> dict[str, float]:
 
 
 async def join_worker(args: argparse.Namespace) -> None:
-    print(json.dumps(_join_costs(args.count, args.repeats)))
+    print(json.dumps(_join_costs(args.count, args.repeats, args.label_share)))
 
 
 async def join(args: argparse.Namespace) -> None:
@@ -748,10 +748,12 @@ async def join(args: argparse.Namespace) -> None:
             order = [here, args.baseline] if round_ % 2 == 0 else [args.baseline, here]
             for who in order:
                 cmd = [sys.executable, __file__, "join-worker", "--count", str(args.count)]
+                cmd += ["--label-share", str(args.label_share)]
                 tree = base if who == args.baseline else None
                 costs[who].append(json.loads(last_line_of(cmd, tree, f"join, {who}")))
         print(
-            f"join without Kafka, {args.count:,} comparisons (2% with an outcome), "
+            f"join without Kafka, {args.count:,} comparisons ({args.label_share:.0%} with an "
+            "outcome), "
             f"{args.rounds} processes each (best of 3 per process; median over processes):"
         )
         median = {
@@ -803,9 +805,11 @@ def main() -> None:
     p.add_argument("--count", type=int, default=200_000)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--baseline", default="main", help="git ref to compare with")
+    p.add_argument("--label-share", type=float, default=0.02, help="comparisons with an outcome")
     p = sub.add_parser("join-worker")
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--label-share", type=float, default=0.02)
     p = sub.add_parser("recovery")
     p.add_argument("--hours", type=float, default=24.0)
     p.add_argument("--rate", type=float, default=1000.0, help="the demo's rate")

@@ -45,7 +45,7 @@ from ..kafka.unreadable import unreadable_of
 from .contract import MIN_PLAUSIBLE_MS, Outcome, decode_outcome, encode_outcome
 from .heartbeat import HEARTBEAT_HEADER, HEARTBEAT_S, PartitionProgress, RouterHeartbeat
 from .metrics import OutcomesMetrics
-from .publish import Publisher, Send
+from .publish import PartitionRecords, Publisher, Send
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +189,18 @@ class OutcomeRouter:
                 good.append(got)
                 part = rec.partition
                 self.routed_ms[part] = max(self.routed_ms.get(part, -1), got.ts)
-        topic = self.settings.by_task_topic
+        by_task: dict[int, PartitionRecords] = {}
         for outcome, parts in zip(good, self.targets.of(good), strict=True):
             value = encode_outcome(outcome)
             key = outcome.request_id.encode()
-            sends += [Send(topic, value, key, partition=p) for p in parts]
-        await self.publisher.send_all(sends)
+            for p in parts:
+                task = by_task.get(p)
+                if task is None:
+                    task = by_task[p] = PartitionRecords()
+                task.add(key, value)
+        if sends:  # dead letters (rare): a record at a time
+            await self.publisher.send_all(sends)
+        await self.publisher.send_partitioned(self.settings.by_task_topic, by_task)
         self.routed += len(good)
         self.metrics.routed.inc(len(good))
 

@@ -421,11 +421,15 @@ class OutcomesService:
         if s.decode_processes:
             self._pool = BuildPool(s.decode_processes, self.builder)
             await self._pool.start()
-        self._producer = new_producer(
-            cfg, "outcomes", linger_ms=2, max_batch_size=min(1 << 20, cfg.kafka.max_record_bytes)
-        )
+        batch_bytes = min(1 << 20, cfg.kafka.max_record_bytes)
+        self._producer = new_producer(cfg, "outcomes", linger_ms=2, max_batch_size=batch_bytes)
         await self._producer.start()
-        self._publisher = Publisher(self._producer, 3 * cfg.kafka.request_timeout_ms / 1000)
+        self._publisher = Publisher(
+            self._producer,
+            3 * cfg.kafka.request_timeout_ms / 1000,
+            # Record batches built whole in C, unless aiokafka has to compress them.
+            batch_bytes=batch_bytes if cfg.kafka.compression_type == "none" else None,
+        )
         self.router = OutcomeRouter(cfg, self._publisher, self.metrics, self.clock)
         await self.router.start(self._partitions)
         self._supervisor.spawn(self.router.run(), "outcomes-router")

@@ -906,12 +906,22 @@ class JoinTask:
         distinct = list(dict.fromkeys(o.ids))
         # Every rollout of the task may hold the request: look it up under each.
         prefixes = [request_prefix(r) for r in sorted(self.rollouts)]
-        rkeys = [p + rid.encode() for rid in distinct for p in prefixes]
-        current: dict[bytes, bytes | None] = dict(zip(rkeys, self._read(rkeys, batch), strict=True))
-        holding = {
-            rid: [k for k in (p + rid.encode() for p in prefixes) if current[k] is not None]
-            for rid in distinct
-        }
+        holding: dict[str, list[bytes]]
+        if len(prefixes) == 1:  # the usual task: one rollout
+            rkeys = list(map(prefixes[0].__add__, map(str.encode, distinct)))
+            found = self._read(rkeys, batch)
+            current: dict[bytes, bytes | None] = dict(zip(rkeys, found, strict=True))
+            holding = {
+                rid: [k] if v is not None else []
+                for rid, k, v in zip(distinct, rkeys, found, strict=True)
+            }
+        else:
+            rkeys = [p + rid.encode() for rid in distinct for p in prefixes]
+            current = dict(zip(rkeys, self._read(rkeys, batch), strict=True))
+            holding = {
+                rid: [k for k in (p + rid.encode() for p in prefixes) if current[k] is not None]
+                for rid in distinct
+            }
         absent = [rid for rid in distinct if not holding[rid]]
         okeys = [b"o" + i.encode() for i in absent]
         orphans: dict[str, bytes | None] = dict(zip(absent, self._read(okeys, batch), strict=True))
@@ -921,10 +931,10 @@ class JoinTask:
             held_r = dict(zip(absent, self._read(qkeys, batch), strict=True))
         old_rows: list[tuple[Any, ...]] = []
         new_rows: list[tuple[Any, ...]] = []
-        for j in range(n):
-            rid = o.ids[j]
-            lab = float(label[j])
-            outcome = (NUMERIC if math.isfinite(lab) else RANKING, lab, float(value[j]), int(ts[j]))
+        labels, values, times = label.tolist(), value.tolist(), ts.tolist()
+        for j, rid in enumerate(o.ids):
+            lab = labels[j]
+            outcome = (NUMERIC if math.isfinite(lab) else RANKING, lab, values[j], times[j])
             items = items_of.get(j)
             if not holding[rid]:
                 if items is None:

@@ -165,7 +165,13 @@ class Store:
         for start, end in batch.ranges:
             wb.delete_range(start, end)
         put = wb.put
+        writes = batch.writes
         for keys, values in batch.bulk:
+            if writes and not writes.keys().isdisjoint(keys):
+                # Written again below (a request and its outcome in one chunk): one entry,
+                # not two, for RocksDB to insert.
+                pairs = [(k, v) for k, v in zip(keys, values, strict=True) if k not in writes]
+                keys, values = [k for k, _ in pairs], [v for _, v in pairs]
             collections.deque(map(put, keys, values), maxlen=0)  # the loop in C
         for key, value in batch.writes.items():
             if value is None:

@@ -36,6 +36,23 @@ def test_the_estimate_grows_with_the_keys_stored(tmp_path: Path) -> None:
     assert 0.15 < grown < 0.35
 
 
+def test_the_later_write_of_a_key_wins_between_bulk_and_single_writes(tmp_path: Path) -> None:
+    """A chunk stores its new requests in bulk and may write some of them again (their
+    outcome came in the same chunk): the store ends with the later value, deletes included."""
+    store = Store(tmp_path / "s", cache_mb=8)
+    try:
+        batch = Batch()
+        batch.put(b"x", b"single, then bulk")
+        batch.put_many([b"a", b"b", b"c", b"x"], [b"1", b"2", b"3", b"bulk"])
+        batch.put(b"b", b"outcome")
+        batch.delete(b"c")
+        assert [batch.get(k) for k in (b"a", b"b", b"c", b"x")] == [b"1", b"outcome", None, b"bulk"]
+        store.write(batch)
+        assert store.get_many([b"a", b"b", b"c", b"x"]) == [b"1", b"outcome", None, b"bulk"]
+    finally:
+        store.close()
+
+
 def test_compactions_write_files_of_a_bounded_size(tmp_path: Path) -> None:
     """A compaction's memory grows with the files it writes: RocksDB's 64 MiB default made
     the stage's resident size grow with its pending requests (bench_outcomes.py memory)."""

@@ -18,8 +18,9 @@ one-day label window, no outcomes); prints each run's peak RSS and store size.
 
 join: the binary path of the join alone, without Kafka (``ChunkBuilder.build`` of polls of
 ~10,000 records, comparisons with their outcomes (``--label-share`` of them), then
-``JoinTask.apply`` of the chunks on a fresh store), per comparison, for this checkout and the ``sidecar`` package of git ref
-``--baseline`` (default ``main``) in alternating processes of the same run:
+``JoinTask.apply`` of the chunks on a fresh store), per comparison, for this checkout and
+the ``sidecar`` package of git ref ``--baseline`` (default ``main``) in alternating processes
+of the same run:
 
     python bench/bench_outcomes.py join [--count 200000] [--rounds 6] [--baseline main]
                                         [--label-share 0.02]

@@ -15,14 +15,20 @@ from sidecar.outcomes.publish import PartitionRecords, Publisher
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 
 
-@pytest.mark.parametrize("prebuilt", [True, False], ids=["built in C", "aiokafka's builder"])
+@pytest.mark.parametrize(
+    ("prebuilt", "compression"),
+    [(True, None), (False, None), (False, "gzip")],
+    ids=["built in C", "aiokafka's builder", "compressed"],
+)
 async def test_partitioned_records_arrive_on_their_partitions_in_order(
-    bootstrap: str, tmp_path: Path, prebuilt: bool
+    bootstrap: str, tmp_path: Path, prebuilt: bool, compression: str | None
 ) -> None:
     cfg = outcomes_config(bootstrap, tmp_path)
     topic = unique("by-task")
     await ensure_topics(bootstrap, [topic], 3)
-    producer = new_producer(cfg, "outcomes", linger_ms=2, max_batch_size=64 << 10)
+    producer = new_producer(
+        cfg, "outcomes", linger_ms=2, max_batch_size=64 << 10, compression_type=compression
+    )
     await producer.start()
     try:
         publisher = Publisher(producer, 30.0, batch_bytes=(64 << 10) if prebuilt else None)

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import statistics
-import sys
 import time
 import uuid
-from typing import Any
 
+import process_group
 from bench_aggregate import config, make_values, sidecar_rate
 from bench_throughput import preload as preload_requests
+from process_group import State, wait_for_go
 
 from sidecar.broker import EmbeddedBroker
 from sidecar.contracts import OUTPUT_SCHEMA_VERSION
@@ -62,19 +61,13 @@ async def child_main(args: argparse.Namespace) -> None:
     service = Held(cfg)
     task = asyncio.create_task(service.run())
 
-    async def read_go() -> None:
-        reader = asyncio.StreamReader()
-        loop = asyncio.get_running_loop()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        await reader.readline()
+    def on_go() -> None:
         go.set()
         consumer = service.consumer
         if consumer is not None:
             consumer.resume(*consumer.assignment())
-        await reader.readline()  # EOF or "stop"
-        service.request_stop()
 
-    reading = asyncio.create_task(read_go())
+    reading = asyncio.create_task(wait_for_go(on_go, service.request_stop))
     while not task.done():
         consumer = service.consumer
         assigned = sorted(tp.partition for tp in consumer.assignment()) if consumer else []
@@ -104,70 +97,32 @@ async def run_group(
 ) -> float:
     """Comparisons per second of k instances sharing the topic (all consumed, all reported)."""
     group = f"bench-{uuid.uuid4().hex[:8]}"
-    procs = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            __file__,
-            "--child",
-            f"--bootstrap={bootstrap}",
-            f"--topic={topic}",
-            f"--group={group}",
-            f"--window-ms={args.window_ms}",
-            f"--decode-processes={args.decode_processes}",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        for _ in range(k)
+    child = [
+        __file__,
+        "--child",
+        f"--bootstrap={bootstrap}",
+        f"--topic={topic}",
+        f"--group={group}",
+        f"--window-ms={args.window_ms}",
+        f"--decode-processes={args.decode_processes}",
     ]
-    latest: list[dict[str, Any]] = [{} for _ in procs]
 
-    async def follow(i: int) -> None:
-        stdout = procs[i].stdout
-        assert stdout is not None
-        while line := await stdout.readline():
-            latest[i] = json.loads(line)
+    def settled(states: list[State]) -> bool:
+        """Every partition assigned, and the merge stage's too."""
+        owned = sum(len(s.get("assigned", [])) for s in states)
+        merging = sum(len(s.get("merging", [])) for s in states)
+        return (
+            owned == args.partitions
+            and merging == args.partitions
+            and all(s.get("assigned") for s in states)
+        )
 
-    readers = [asyncio.create_task(follow(i)) for i in range(k)]
-    try:
-        # Wait for a settled group: every partition assigned, and the merge stage too.
-        settled_since = None
-        while True:
-            await asyncio.sleep(0.1)
-            owned = sum(len(s.get("assigned", [])) for s in latest)
-            merging = sum(len(s.get("merging", [])) for s in latest)
-            ok = (
-                owned == args.partitions
-                and merging == args.partitions
-                and all(s.get("assigned") for s in latest)
-            )
-            if not ok:
-                settled_since = None
-            elif settled_since is None:
-                settled_since = time.monotonic()
-            elif time.monotonic() - settled_since > 1.0:
-                break
-        t0 = time.time()
-        for p in procs:
-            assert p.stdin is not None
-            p.stdin.write(b"go\n")
-            await p.stdin.drain()
-        while sum(s.get("consumed", 0) for s in latest) < n or (
-            sum(s.get("reports", 0) for s in latest) < windows
-        ):
-            await asyncio.sleep(0.01)
-        t_end = max(s["t"] for s in latest)
-        return n / (t_end - t0)
-    finally:
-        for p in procs:
-            with contextlib.suppress(Exception):
-                assert p.stdin is not None
-                p.stdin.write(b"stop\n")
-                await p.stdin.drain()
-        for p in procs:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(p.wait(), 30)
-        for r in readers:
-            r.cancel()
+    def done(states: list[State]) -> bool:
+        consumed = sum(int(s.get("consumed", 0)) for s in states)
+        return consumed >= n and sum(int(s.get("reports", 0)) for s in states) >= windows
+
+    seconds, _ = await process_group.run_group([child] * k, settled, done)
+    return n / seconds
 
 
 async def main(args: argparse.Namespace) -> None:

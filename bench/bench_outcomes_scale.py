@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -31,9 +29,11 @@ from typing import Any
 
 import msgspec
 import numpy as np
+import process_group
 from bench_aggregate import make_values
 from bench_outcomes import config, new_producer_plain, sidecar_run
 from bench_throughput import preload as preload_requests
+from process_group import State, wait_for_go
 
 from sidecar.broker import EmbeddedBroker
 from sidecar.contracts import OUTPUT_SCHEMA_VERSION
@@ -44,13 +44,6 @@ from sidecar.traffic import produce_values
 
 HEADERS = [("schema_version", OUTPUT_SCHEMA_VERSION.encode())]
 CARDS = 50_000  # make_values' routing keys: card-{i % 50_000}
-
-
-def machine_busy() -> tuple[int, int]:
-    """(busy, total) jiffies of every core so far (``/proc/stat``)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields)
 
 
 def stage_config(bootstrap: str, run: str, state: Path, group: str, decode: int) -> Any:
@@ -79,16 +72,7 @@ async def child_main(args: argparse.Namespace) -> None:
     service = Held(cfg)
     task = asyncio.create_task(service.run())
 
-    async def read_go() -> None:
-        reader = asyncio.StreamReader()
-        loop = asyncio.get_running_loop()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        await reader.readline()
-        go.set()
-        await reader.readline()  # EOF or "stop"
-        service.request_stop()
-
-    reading = asyncio.create_task(read_go())
+    reading = asyncio.create_task(wait_for_go(go.set, service.request_stop))
     while not task.done():
         print(
             json.dumps(
@@ -114,9 +98,8 @@ async def run_group(
     """Comparisons per second of k stages sharing the topic (every comparison applied), and
     how busy the machine's cores were meanwhile (0-1)."""
     group = f"{run}-o{uuid.uuid4().hex[:6]}"
-    procs = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
+    argv = [
+        [
             __file__,
             "--child",
             f"--bootstrap={bootstrap}",
@@ -124,60 +107,20 @@ async def run_group(
             f"--group={group}",
             f"--state={tmp / group / str(i)}",
             f"--decode={args.decode_processes}",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
+        ]
         for i in range(k)
     ]
-    latest: list[dict[str, Any]] = [{} for _ in procs]
 
-    async def follow(i: int) -> None:
-        stdout = procs[i].stdout
-        assert stdout is not None
-        while line := await stdout.readline():
-            latest[i] = json.loads(line)
+    def settled(states: list[State]) -> bool:
+        """Every task owned and restored, by every member."""
+        owned = sum(len(s.get("ready", [])) for s in states)
+        return owned == int(args.partitions) and all(s.get("ready") for s in states)
 
-    readers = [asyncio.create_task(follow(i)) for i in range(k)]
-    try:
-        settled_since = None
-        while True:  # a settled group: every task owned and restored, by every member
-            await asyncio.sleep(0.1)
-            for p in procs:
-                if p.returncode is not None:
-                    sys.exit(f"a stage exited with {p.returncode} before the start")
-            owned = sum(len(s.get("ready", [])) for s in latest)
-            ok = owned == args.partitions and all(s.get("ready") for s in latest)
-            if not ok:
-                settled_since = None
-            elif settled_since is None:
-                settled_since = time.monotonic()
-            elif time.monotonic() - settled_since > 1.0:
-                break
-        t0 = time.time()
-        busy0 = machine_busy()
-        for p in procs:
-            assert p.stdin is not None
-            p.stdin.write(b"go\n")
-            await p.stdin.drain()
-        while sum(s.get("applied", 0) for s in latest) < args.count:
-            await asyncio.sleep(0.01)
-            for p in procs:
-                if p.returncode is not None:
-                    sys.exit(f"a stage exited with {p.returncode}")
-        busy1 = machine_busy()
-        t_end = float(max(s["t"] for s in latest))
-        return args.count / (t_end - t0), (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1)
-    finally:
-        for p in procs:
-            with contextlib.suppress(Exception):
-                assert p.stdin is not None
-                p.stdin.write(b"stop\n")
-                await p.stdin.drain()
-        for p in procs:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(p.wait(), 60)
-        for r in readers:
-            r.cancel()
+    def done(states: list[State]) -> bool:
+        return sum(int(s.get("applied", 0)) for s in states) >= int(args.count)
+
+    seconds, busy = await process_group.run_group(argv, settled, done)
+    return args.count / seconds, busy
 
 
 async def preload(bootstrap: str, cfg: Any, args: argparse.Namespace) -> int:

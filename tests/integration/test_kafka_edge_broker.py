@@ -144,6 +144,30 @@ async def test_a_request_bigger_than_a_whole_fetch_is_dead_lettered_and_the_part
     assert letter.kind == "oversize"
 
 
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+async def test_requests_compressed_by_another_client_are_decided(
+    bootstrap: str, codec: str
+) -> None:
+    """Producers of other clients compress as they are told (lz4 is a common default): every
+    codec Kafka has must be readable, or every request would be dead-lettered unreadable."""
+    confluent_kafka = pytest.importorskip("confluent_kafka")
+    cfg = make_config(bootstrap, partitions=1, kafka={"compression_type": codec})
+    await ensure_config_topics(cfg)
+    requests = fraud.request_dicts(fraud.generate(200, seed=5))
+    producer = confluent_kafka.Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": codec}
+    )
+    for r in requests:
+        producer.produce(cfg.topics.requests, ENC.encode(r), r["routing_key"].encode())
+    assert producer.flush(10) == 0
+    await run_until_processed(cfg, 200)  # ... and its own outputs compressed the same way
+    decisions = decode_values(
+        await read_topic(bootstrap, cfg.topics.decisions, expect=200), Decision
+    )
+    assert sorted(d.request_id for d in decisions) == sorted(r["request_id"] for r in requests)
+    assert await read_topic(bootstrap, cfg.topics.dead_letter, idle_s=1.0) == []
+
+
 async def test_an_instance_whose_control_tail_dies_stops_and_is_not_ready(
     bootstrap: str, tmp_path: Path
 ) -> None:

@@ -12,6 +12,7 @@ sidecar goes through here, so that each fix to how we talk to Kafka is made once
 
 from __future__ import annotations
 
+from . import codecs as _codecs
 from . import records as _records
 from . import unreadable as _unreadable
 from .clients import (
@@ -38,6 +39,7 @@ from .topics import (
 )
 from .unreadable import UNREADABLE_HEADER, Unreadable, unreadable_of
 
+_codecs.install()  # compressed batches inflate within a bound (no decompression bombs)
 _unreadable.install()  # records the client cannot parse become markers, not a stalled loop
 _records.install()  # fetched records read a batch at a time (after the line above)
 

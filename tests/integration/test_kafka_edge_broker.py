@@ -4,6 +4,8 @@ that stops (not ready, non-zero) when one of its background tasks dies."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
@@ -166,6 +168,52 @@ async def test_requests_compressed_by_another_client_are_decided(
     )
     assert sorted(d.request_id for d in decisions) == sorted(r["request_id"] for r in requests)
     assert await read_topic(bootstrap, cfg.topics.dead_letter, idle_s=1.0) == []
+
+
+_BOMB = """
+import sys, confluent_kafka
+producer = confluent_kafka.Producer({
+    "bootstrap.servers": sys.argv[1], "compression.type": "zstd", "linger.ms": 0,
+    "message.max.bytes": 200_000_000,
+})
+producer.produce(sys.argv[2], bytes(100 << 20), b"bomb")  # 100 MiB of zeros: ~3 KB in zstd
+assert producer.flush(30) == 0
+"""
+
+
+async def test_a_batch_that_would_inflate_past_the_bound_is_dead_lettered_uninflated(
+    bootstrap: str,
+) -> None:
+    """A few kilobytes of zstd that inflate to 100 MiB (written by another client, in its own
+    process) are refused before they are inflated: an ``unreadable`` dead letter saying why,
+    and the partition moves on. Inflated, the record would only have been ``oversize``."""
+    confluent_kafka = pytest.importorskip("confluent_kafka")
+    cfg = make_config(bootstrap, partitions=1)
+    await ensure_config_topics(cfg)
+    requests = fraud.request_dicts(fraud.generate(20, seed=6))
+    producer = confluent_kafka.Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 0, "compression.type": "zstd"}
+    )
+    for i, r in enumerate(requests):
+        if i == 10:
+            assert producer.flush(10) == 0
+            subprocess.run(
+                [sys.executable, "-c", _BOMB, bootstrap, cfg.topics.requests],
+                check=True,
+                timeout=60,
+            )
+        producer.produce(cfg.topics.requests, ENC.encode(r), r["routing_key"].encode())
+    assert producer.flush(10) == 0
+    await run_until_processed(cfg, 21)
+    decisions = decode_values(
+        await read_topic(bootstrap, cfg.topics.decisions, expect=20), Decision
+    )
+    assert sorted(d.request_id for d in decisions) == sorted(r["request_id"] for r in requests)
+    (letter,) = decode_values(
+        await read_topic(bootstrap, cfg.topics.dead_letter, expect=1), DeadLetter
+    )
+    assert letter.kind == "unreadable"
+    assert "would inflate to more than" in letter.reason
 
 
 async def test_an_instance_whose_control_tail_dies_stops_and_is_not_ready(

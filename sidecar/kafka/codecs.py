@@ -77,6 +77,11 @@ def zstd_bound(data: bytes) -> int:
             raise InflateRefused("a zstd-compressed record batch holds no zstd frame")
         fhd = data[pos + 4]
         single = (fhd >> 5) & 1
+        if not single:  # the decoder allocates the window the frame asks for
+            descriptor = data[pos + 5]
+            base = 1 << (10 + (descriptor >> 3))
+            if base + (base >> 3) * (descriptor & 7) > MAX_INFLATED_BYTES:
+                raise _refuse("zstd", base, MAX_INFLATED_BYTES)
         fcs = (0, 2, 4, 8)[fhd >> 6] or single
         did = (0, 1, 2, 4)[fhd & 3]
         pos += 5 + (0 if single else 1) + did + fcs

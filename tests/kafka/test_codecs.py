@@ -95,3 +95,18 @@ def test_the_readers_of_aiokafka_use_the_bounded_decoders() -> None:
         pytest.skip("aiokafka without its compiled readers")
     assert compiled.lz4_decode is codecs.lz4_decode
     assert compiled.snappy_decode is codecs.snappy_decode
+
+
+def test_a_zstd_frame_asking_for_a_window_past_the_bound_is_refused() -> None:
+    """The decoder allocates the window a frame asks for, whatever the frame holds: a frame
+    written with a window descriptor of 128 MiB (windowLog 27) is refused unread."""
+    packed = codec.zstd_encode(_records_like(2000, seed=2))
+    fhd = packed[4]
+    single, fcs_flag = (fhd >> 5) & 1, fhd >> 6
+    fcs = (0, 2, 4, 8)[fcs_flag] or single
+    blocks = packed[5 + (0 if single else 1) + fcs :]
+    windowed = packed[:4] + bytes([fhd & 0x07, (27 - 10) << 3]) + blocks  # no content size
+    with pytest.raises(InflateRefused, match="refused unread"):
+        codecs.zstd_decode(windowed)
+    modest = packed[:4] + bytes([fhd & 0x07, (20 - 10) << 3]) + blocks  # a 1 MiB window
+    assert codecs.zstd_decode(modest) == _records_like(2000, seed=2)

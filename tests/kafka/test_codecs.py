@@ -44,14 +44,19 @@ def _records_like(n: int, seed: int) -> bytes:
     )
 
 
-@pytest.mark.parametrize("name", list(ENCODERS))
-@pytest.mark.parametrize("size", [0, 1, 1_000, 300_000])
+# (An empty xerial snappy stream is left out: aiokafka's own decoder cannot read one, and no
+# producer writes one.)
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [
+        (name, size)
+        for name in ENCODERS
+        for size in (0, 1, 1_000, 300_000)
+        if (name, size) != ("snappy-xerial", 0)
+    ],
+)
 def test_every_codec_inflates_what_it_deflated(name: str, size: int) -> None:
     data = _records_like(max(1, size // 50), seed=size) if size else b""
-    if name == "snappy-xerial" and not data:
-        pytest.skip(
-            "aiokafka's own decoder cannot read an empty xerial stream (no producer sends one)"
-        )
     packed = bytes(ENCODERS[name](data))
     assert DECODERS[name](packed) == data
     if name in BOUNDS:

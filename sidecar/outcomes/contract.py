@@ -68,6 +68,9 @@ _DECODER = msgspec.json.Decoder(Outcome)
 _ENCODER = msgspec.json.Encoder()
 
 
+_CURRENT = str(OUTCOME_SCHEMA_MAJOR)  # what producers send: no parsing needed
+
+
 def _major(version: str) -> int | None:
     head = version.split(".", 1)[0]
     return int(head) if head.isascii() and head.isdigit() and len(head) <= 4 else None
@@ -79,7 +82,8 @@ def decode_outcome(raw: bytes | None) -> Outcome | tuple[DeadLetterKind, str]:
     if isinstance(result, BaseException):
         kind: DeadLetterKind = "schema" if isinstance(result, msgspec.ValidationError) else "decode"
         return kind, f"not an Outcome: {error_text(result)}"
-    if _major(result.schema_version) != OUTCOME_SCHEMA_MAJOR:
+    version = result.schema_version
+    if version != _CURRENT and _major(version) != OUTCOME_SCHEMA_MAJOR:
         return "schema_version", (
             f"outcome schema_version {result.schema_version[:32]!r} is not {OUTCOME_SCHEMA_MAJOR}.x"
         )

@@ -51,7 +51,9 @@ _BEAT = msgspec.json.Decoder(RouterHeartbeat)
 
 def heartbeat_of(record: Any) -> RouterHeartbeat | None:
     """The heartbeat a by-task record carries, or None (an outcome, or something else)."""
-    headers = getattr(record, "headers", None) or ()
+    headers = getattr(record, "headers", None)
+    if not headers:  # a routed outcome: no headers (checked first: one a record)
+        return None
     if not any(key == HEARTBEAT_HEADER for key, _ in headers):
         return None
     try:

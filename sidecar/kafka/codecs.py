@@ -62,16 +62,25 @@ def gzip_decode(payload: Any, limit: int | None = None) -> bytes:
     return b"".join(out)
 
 
+def _frame_start(data: bytes, pos: int, header: int, codec: str) -> tuple[int, int]:
+    """The magic number of the frame at ``pos`` and, for a skippable frame (zstd and lz4
+    share them), the position after it (else 0)."""
+    if len(data) - pos < header:
+        raise InflateRefused(f"a {codec}-compressed record batch ends inside a frame header")
+    (magic,) = struct.unpack_from("<I", data, pos)
+    if magic & 0xFFFFFFF0 == 0x184D2A50:
+        return magic, pos + 8 + struct.unpack_from("<I", data, pos + 4)[0]
+    return magic, 0
+
+
 def zstd_bound(data: bytes) -> int:
     """An upper bound of what zstd frames ``data`` inflate to, from their block headers
     (RFC 8878): raw and RLE blocks say their size, a compressed block is at most 128 KiB."""
     total, pos, n = 0, 0, len(data)
     while pos < n:
-        if n - pos < 8:
-            raise InflateRefused("a zstd-compressed record batch ends inside a frame header")
-        (magic,) = struct.unpack_from("<I", data, pos)
-        if magic & 0xFFFFFFF0 == 0x184D2A50:  # a skippable frame
-            pos += 8 + struct.unpack_from("<I", data, pos + 4)[0]
+        magic, skip = _frame_start(data, pos, 8, "zstd")
+        if skip:
+            pos = skip
             continue
         if magic != 0xFD2FB528:
             raise InflateRefused("a zstd-compressed record batch holds no zstd frame")
@@ -108,11 +117,9 @@ def lz4_bound(data: bytes) -> int:
     uncompressed block says its size, a compressed one is at most the frame's block size."""
     total, pos, n = 0, 0, len(data)
     while pos < n:
-        if n - pos < 7:
-            raise InflateRefused("an lz4-compressed record batch ends inside a frame header")
-        (magic,) = struct.unpack_from("<I", data, pos)
-        if magic & 0xFFFFFFF0 == 0x184D2A50:  # a skippable frame
-            pos += 8 + struct.unpack_from("<I", data, pos + 4)[0]
+        magic, skip = _frame_start(data, pos, 7, "lz4")
+        if skip:
+            pos = skip
             continue
         if magic != 0x184D2204:
             raise InflateRefused("an lz4-compressed record batch holds no lz4 frame")

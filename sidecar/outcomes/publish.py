@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -22,6 +22,9 @@ from ..kafka.produce import BatchSender
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
+U = TypeVar("U")
+#: A unit handed to the producer and what came of it: its future, or the error at hand-over.
+Handed = tuple[U, "asyncio.Future[Any] | KafkaError"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,88 +73,87 @@ class Publisher:
     async def send_all(self, items: list[Send]) -> list[Any]:
         """Every record, handed over in order, then awaited; metadata in the same order."""
         results: list[Any] = [None] * len(items)
-        todo = list(range(len(items)))
-        deadline = time.monotonic() + self.retry_for_s
-        backoff = Backoff(0.2, 5.0)
-        while todo:
-            handed: list[tuple[int, asyncio.Future[Any] | KafkaError]] = []
-            for i in todo:
-                s = items[i]
-                try:
-                    fut = await self.producer.send(
-                        s.topic, s.value, key=s.key, partition=s.partition, headers=s.headers
-                    )
-                    handed.append((i, fut))
-                except KafkaError as exc:
-                    handed.append((i, exc))
-            failed: list[tuple[int, KafkaError]] = []
-            for i, outcome in handed:
-                if isinstance(outcome, KafkaError):
-                    failed.append((i, outcome))
-                    continue
-                try:
-                    results[i] = await outcome
-                except KafkaError as exc:
-                    failed.append((i, exc))
-            if not failed:
-                return results
-            i, error = failed[0]
-            if is_permanent(error):
-                s = items[i]
-                raise refusal(error, s.topic, 1, len(s.value or b"") + len(s.key or b"")) from error
-            if time.monotonic() > deadline:
-                raise error
-            log.warning(
-                "%d of %d records refused (%s: %s); re-sending in %.1fs",
-                len(failed),
-                len(todo),
-                type(error).__name__,
-                error,
-                backoff.delay,
+
+        async def hand_over(i: int) -> list[Handed[int]]:
+            s = items[i]
+            fut = await self.producer.send(
+                s.topic, s.value, key=s.key, partition=s.partition, headers=s.headers
             )
-            await backoff.wait()
-            todo = [i for i, _ in failed]
+            return [(i, fut)]
+
+        def refused(i: int, error: KafkaError) -> Exception:
+            s = items[i]
+            return refusal(error, s.topic, 1, len(s.value or b"") + len(s.key or b""))
+
+        def acked(i: int, metadata: Any) -> None:
+            results[i] = metadata
+
+        await self._until_acked(list(range(len(items))), hand_over, refused, acked, "records")
         return results
 
     async def send_partitioned(self, topic: str, records: dict[int, PartitionRecords]) -> None:
         """``records[p]`` to partition ``p`` of ``topic``, each partition's in order, as record
         batches; returns once every record is acknowledged, retrying as :meth:`send_all`
         does (a batch that failed is sent again whole: at-least-once)."""
-        todo: list[tuple[int, Sequence[int]]] = [
-            (p, range(len(recs))) for p, recs in records.items() if len(recs)
-        ]
+        Unit = tuple[int, Sequence[int]]  # a partition and positions of its records
+
+        async def hand_over(unit: Unit) -> list[Handed[Unit]]:
+            p, indices = unit
+            deliveries = await self._batches.send_records(topic, p, records[p], indices)
+            return [((p, d.indices), d.future) for d in deliveries]
+
+        def refused(unit: Unit, error: KafkaError) -> Exception:
+            recs = records[unit[0]]
+            size = sum(len(recs.values[i]) + len(recs.keys[i]) for i in unit[1])
+            return refusal(error, topic, len(unit[1]), size)
+
+        units: list[Unit] = [(p, range(len(r))) for p, r in records.items() if len(r)]
+        await self._until_acked(units, hand_over, refused, None, f"record batches for {topic}")
+
+    async def _until_acked(
+        self,
+        units: list[U],
+        hand_over: Callable[[U], Awaitable[list[Handed[U]]]],
+        refused: Callable[[U, KafkaError], Exception],
+        acked: Callable[[U, Any], None] | None,
+        what: str,
+    ) -> None:
+        """Hand every unit over, in order, then await them all; send the failed ones again
+        with backoff for ``retry_for_s``; a permanent error raises ``refused(unit, error)``."""
         deadline = time.monotonic() + self.retry_for_s
         backoff = Backoff(0.2, 5.0)
+        todo = units
         while todo:
-            handed: list[tuple[tuple[int, Sequence[int]], asyncio.Future[Any] | KafkaError]] = []
-            for p, indices in todo:
+            handed: list[tuple[U, asyncio.Future[Any] | KafkaError]] = []
+            for unit in todo:
                 try:
-                    for d in await self._batches.send_records(topic, p, records[p], indices):
-                        handed.append(((p, d.indices), d.future))
+                    handed += await hand_over(unit)
                 except KafkaError as exc:
-                    handed.append(((p, indices), exc))
-            failed: list[tuple[tuple[int, Sequence[int]], KafkaError]] = []
+                    handed.append((unit, exc))
+            failed: list[tuple[U, KafkaError]] = []
             for unit, outcome in handed:
                 if isinstance(outcome, KafkaError):
                     failed.append((unit, outcome))
                     continue
                 try:
-                    await outcome
+                    metadata = await outcome
                 except KafkaError as exc:
                     failed.append((unit, exc))
+                    continue
+                if acked is not None:
+                    acked(unit, metadata)
             if not failed:
                 return
-            (p, indices), error = failed[0]
+            unit, error = failed[0]
             if is_permanent(error):
-                recs = records[p]
-                size = sum(len(recs.values[i]) + len(recs.keys[i]) for i in indices)
-                raise refusal(error, topic, len(indices), size) from error
+                raise refused(unit, error) from error
             if time.monotonic() > deadline:
                 raise error
             log.warning(
-                "%d record batches for %s refused (%s: %s); re-sending in %.1fs",
+                "%d of %d %s refused (%s: %s); re-sending in %.1fs",
                 len(failed),
-                topic,
+                len(handed),
+                what,
                 type(error).__name__,
                 error,
                 backoff.delay,

@@ -7,6 +7,7 @@ import asyncio
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -45,6 +46,23 @@ async def run_until_processed(cfg: SidecarConfig, n: int) -> None:
         sidecar.request_stop()
         await asyncio.wait_for(task, 30)
         sidecar.close_models()
+
+
+async def the_requests_decided_and_one_dead_letter(
+    cfg: SidecarConfig, requests: list[dict[str, Any]]
+) -> DeadLetter:
+    """Run a sidecar over ``requests`` and one bad record among them: every request is
+    decided, and the bad record is the one dead letter (returned)."""
+    bootstrap = cfg.kafka.bootstrap_servers
+    await run_until_processed(cfg, len(requests) + 1)
+    decisions = decode_values(
+        await read_topic(bootstrap, cfg.topics.decisions, expect=len(requests)), Decision
+    )
+    assert sorted(d.request_id for d in decisions) == sorted(r["request_id"] for r in requests)
+    (letter,) = decode_values(
+        await read_topic(bootstrap, cfg.topics.dead_letter, expect=1), DeadLetter
+    )
+    return letter
 
 
 async def test_every_topic_of_a_config_is_created_the_late_topic_included(bootstrap: str) -> None:
@@ -135,14 +153,7 @@ async def test_a_request_bigger_than_a_whole_fetch_is_dead_lettered_and_the_part
             producer.flush(10)
         producer.produce(cfg.topics.requests, ENC.encode(r), r["routing_key"].encode())
     assert producer.flush(10) == 0
-    await run_until_processed(cfg, 21)
-    decisions = decode_values(
-        await read_topic(bootstrap, cfg.topics.decisions, expect=20), Decision
-    )
-    assert sorted(d.request_id for d in decisions) == sorted(r["request_id"] for r in requests)
-    (letter,) = decode_values(
-        await read_topic(bootstrap, cfg.topics.dead_letter, expect=1), DeadLetter
-    )
+    letter = await the_requests_decided_and_one_dead_letter(cfg, requests)
     assert letter.kind == "oversize"
 
 
@@ -204,14 +215,7 @@ async def test_a_batch_that_would_inflate_past_the_bound_is_dead_lettered_uninfl
             )
         producer.produce(cfg.topics.requests, ENC.encode(r), r["routing_key"].encode())
     assert producer.flush(10) == 0
-    await run_until_processed(cfg, 21)
-    decisions = decode_values(
-        await read_topic(bootstrap, cfg.topics.decisions, expect=20), Decision
-    )
-    assert sorted(d.request_id for d in decisions) == sorted(r["request_id"] for r in requests)
-    (letter,) = decode_values(
-        await read_topic(bootstrap, cfg.topics.dead_letter, expect=1), DeadLetter
-    )
+    letter = await the_requests_decided_and_one_dead_letter(cfg, requests)
     assert letter.kind == "unreadable"
     assert "would inflate to more than" in letter.reason
 

@@ -43,12 +43,16 @@ def test_the_later_write_of_a_key_wins_between_bulk_and_single_writes(tmp_path: 
     try:
         batch = Batch()
         batch.put(b"x", b"single, then bulk")
-        batch.put_many([b"a", b"b", b"c", b"x"], [b"1", b"2", b"3", b"bulk"])
+        batch.put_many([b"a", b"b", b"c", b"x", b"y"], [b"1", b"2", b"3", b"bulk", b"4"])
+        assert batch.get(b"b") == b"2"  # read, then rewritten: as the join does
         batch.put(b"b", b"outcome")
         batch.delete(b"c")
+        batch.put(b"y", b"single")
+        batch.put_many([b"y"], [b"bulk again"])  # a later bulk write wins over the single one
         assert [batch.get(k) for k in (b"a", b"b", b"c", b"x")] == [b"1", b"outcome", None, b"bulk"]
         store.write(batch)
         assert store.get_many([b"a", b"b", b"c", b"x"]) == [b"1", b"outcome", None, b"bulk"]
+        assert store.get(b"y") == b"bulk again"
     finally:
         store.close()
 

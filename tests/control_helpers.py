@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,14 @@ def trust_of(cfg: SidecarConfig) -> TrustStore:
     return TrustStore.from_file(cfg.control.trust_file)
 
 
+def task_stacks() -> str:
+    """Where every task of the running loop waits (why a stop hangs)."""
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        task.print_stack(limit=12, file=out)
+    return out.getvalue()
+
+
 @contextlib.asynccontextmanager
 async def running(cfg: SidecarConfig, count: int) -> AsyncIterator[list[Sidecar]]:
     """``count`` in-process sidecars in one consumer group, stopped (drained) on exit."""
@@ -71,7 +80,18 @@ async def running(cfg: SidecarConfig, count: int) -> AsyncIterator[list[Sidecar]
     finally:
         for s in sidecars:
             s.request_stop()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 40)
+        # The longest a stop may take by design: a drain, then one broker request that
+        # times out (a lost response) while the clients close.
+        bound_s = cfg.pipeline.drain_timeout_s + cfg.kafka.request_timeout_ms / 1000 + 10
+        done, pending = await asyncio.wait(tasks, timeout=bound_s)
+        for task in done:  # retrieved, as gather(return_exceptions=True) did
+            if not task.cancelled():
+                task.exception()
+        if pending:
+            stacks = task_stacks()
+            for task in pending:
+                task.cancel()
+            raise AssertionError(f"instances did not stop within {bound_s:.0f} s:\n{stacks}")
         for s in sidecars:
             s.close_models()
 

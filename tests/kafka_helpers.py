@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from sidecar.broker import EmbeddedBroker
 from sidecar.config import SidecarConfig, config_from_dict
 from sidecar.examples.fraud import CANDIDATE_FEATURES, CHAMPION_FEATURES
 from sidecar.kafka import ensure_config_topics
@@ -19,6 +22,17 @@ from sidecar.traffic import produce_values
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@contextlib.contextmanager
+def frozen(broker: EmbeddedBroker) -> Iterator[None]:
+    """The broker process stopped (SIGSTOP): connections stay open, nothing answers."""
+    assert broker.process is not None
+    broker.process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        broker.process.send_signal(signal.SIGCONT)
 
 
 def make_config(bootstrap: str, partitions: int = 3, **sections: dict[str, Any]) -> SidecarConfig:

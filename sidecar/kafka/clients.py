@@ -20,6 +20,9 @@ from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+#: How often a client's stop that has not ended yet is logged.
+STOP_WARN_EVERY_S = 5.0
+
 #: SASL mechanisms passed through (all take ``sasl_plain_username``/``sasl_plain_password``).
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
@@ -154,21 +157,60 @@ def new_producer(
     return AIOKafkaProducer(**kwargs)
 
 
-async def stop_quietly(client: Any) -> None:
+async def stop_quietly(client: Any, *, warn_every_s: float = STOP_WARN_EVERY_S) -> None:
     """Stop an aiokafka client, never letting its shutdown take ours down.
 
     After a broker outage aiokafka's ``stop()`` can raise the ``CancelledError`` of one of its
     own background fetch tasks. That error is not a request to cancel *us*: it is swallowed
     unless the calling task itself is being cancelled, in which case it propagates.
+
+    A stop that takes long (a group join or a broker request in flight, each bounded by
+    ``kafka.request_timeout_ms``) is logged every ``warn_every_s``, so that an instance slow
+    to terminate says what it waits for.
     """
     if client is None:
         return
+    name = type(client).__name__
+    stopping = asyncio.ensure_future(client.stop())
     try:
-        await client.stop()
+        waited = 0.0
+        while True:
+            done, _ = await asyncio.wait({stopping}, timeout=warn_every_s)
+            if done:
+                break
+            waited += warn_every_s
+            log.warning(
+                "stopping %s %s has taken %.0fs, waiting for %s",
+                name,
+                _client_id_of(client),
+                waited,
+                _waiting_for(client),
+            )
+        stopping.result()
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
+            stopping.cancel()
             raise
-        log.debug("ignored a CancelledError from stopping %s", type(client).__name__)
+        log.debug("ignored a CancelledError from stopping %s", name)
     except Exception as exc:  # a client that failed to start may fail to stop; we are done
-        log.debug("error stopping %s: %s", type(client).__name__, exc)
+        log.debug("error stopping %s: %s", name, exc)
+
+
+def _client_id_of(client: Any) -> str:
+    """The client id an aiokafka client connects with (the producer and the consumer keep
+    their connection client under different names)."""
+    inner = getattr(client, "_client", None) or getattr(client, "client", None)
+    return str(getattr(inner, "_client_id", "?"))
+
+
+def _waiting_for(client: Any) -> str:
+    """What a client's stop waits for, in words an operator can act on."""
+    if isinstance(client, AIOKafkaProducer):
+        return "records still on their way to the broker (each ends within request_timeout_ms)"
+    group = getattr(client, "_group_id", None)
+    if isinstance(client, AIOKafkaConsumer) and group:
+        return (
+            f"the group join or commit of group {group} in flight (ends within request_timeout_ms)"
+        )
+    return "broker requests in flight (each ends within request_timeout_ms)"

@@ -6,14 +6,25 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from aiokafka.errors import KafkaError
 from control_helpers import control_config, running, setup
-from kafka_helpers import decode_values, make_config, produce, read_topic, unique, wait_until
+from kafka_helpers import (
+    decode_values,
+    frozen,
+    make_config,
+    produce,
+    read_topic,
+    unique,
+    wait_until,
+)
 
+from sidecar.broker import EmbeddedBroker
 from sidecar.config import SidecarConfig
 from sidecar.contracts import DeadLetter, Decision
 from sidecar.examples import fraud
@@ -23,6 +34,7 @@ from sidecar.kafka import (
     ensure_topics,
     fetch_bytes,
     new_consumer,
+    new_producer,
     read_until_idle,
     record_limits,
     stop_quietly,
@@ -249,3 +261,29 @@ async def test_running_helper_survives_a_clean_start(bootstrap: str, tmp_path: P
     await setup(cfg)
     async with running(cfg, 1) as (one,):
         assert one.failure is None and one.supervisor.failure is None
+
+
+async def test_a_stop_held_up_by_a_frozen_broker_says_what_it_waits_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A producer stopped with a record on its way to a broker that answers nothing: the stop
+    ends (the record expires at the request timeout) and, while it waits, the log says which
+    client waits for what, so that an instance slow to terminate can be diagnosed."""
+    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker:
+        cfg = make_config(broker.bootstrap_servers, kafka={"request_timeout_ms": 7000})
+        await ensure_config_topics(cfg)
+        producer = new_producer(cfg, "test", instance="frozen")
+        await producer.start()
+        await producer.send_and_wait(cfg.topics.requests, b"before")
+        with frozen(broker):
+            pending = await producer.send(cfg.topics.requests, b"during")
+            started = time.monotonic()
+            await stop_quietly(producer, warn_every_s=0.5)
+            took = time.monotonic() - started
+        with pytest.raises(KafkaError):
+            pending.result()
+    assert 0.5 < took < 30, took
+    waits = [r.getMessage() for r in caplog.records if "has taken" in r.getMessage()]
+    assert waits, "expected the slow stop to be logged"
+    assert "AIOKafkaProducer" in waits[0] and "test-frozen" in waits[0], waits[0]
+    assert "records still on their way to the broker" in waits[0]

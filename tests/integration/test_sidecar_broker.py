@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import hashlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import pytest
 from kafka_helpers import (
     create_topics,
     decode_values,
+    frozen,
     make_config,
     produce,
     read_topic,
@@ -46,17 +45,6 @@ async def stop_sidecar(sidecar: Sidecar, task: asyncio.Task[None]) -> None:
     sidecar.request_stop()
     await asyncio.wait_for(task, 60)
     sidecar.close_models()
-
-
-@contextlib.contextmanager
-def frozen(broker: EmbeddedBroker) -> Iterator[None]:
-    """The broker process stopped (SIGSTOP): connections stay open, nothing answers."""
-    assert broker.process is not None
-    broker.process.send_signal(signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        broker.process.send_signal(signal.SIGCONT)
 
 
 async def started_mid_stream(cfg: Any, n: int, seed: int) -> tuple[Sidecar, asyncio.Task[None]]:

@@ -65,13 +65,20 @@ class WindowManager:
     the merge stage need not wait for them) for :meth:`take_partials`.
     """
 
-    def __init__(self, config: AggregatorConfig | None = None, *, partials: bool = False) -> None:
+    def __init__(
+        self,
+        config: AggregatorConfig | None = None,
+        *,
+        partials: bool = False,
+        clock_bound: bool = False,
+    ) -> None:
         self.config = config or AggregatorConfig()
         self.partials = partials
         self.spec = self.config.window_spec()
         self.watermark = Watermark(
             allowed_lateness_ms=self.config.allowed_lateness_ms,
             idle_timeout_ms=self.config.idle_timeout_ms,
+            clock_bound=clock_bound,
         )
         #: Window keys: (group, comparison partition in partials mode, else None).
         self._keys: dict[tuple[GroupKey, int | None], int] = {}

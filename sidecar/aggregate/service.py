@@ -213,7 +213,11 @@ class AggregatorService:
         self.keep_reports = True
 
     def _new_manager(self) -> WindowManager:
-        return WindowManager(self.settings.aggregator_config(), partials=self.shared)
+        # Bounded by the clock: a comparison dated ahead (within max_future_ms) must not
+        # make the records of the next minutes late (``Watermark``).
+        return WindowManager(
+            self.settings.aggregator_config(), partials=self.shared, clock_bound=True
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 

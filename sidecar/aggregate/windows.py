@@ -80,6 +80,11 @@ class Watermark:
     ``idle_timeout_ms`` of wall-clock time is idle and stops holding it back. When every
     partition is idle, the max over partitions is used (nothing is in flight, so windows may
     close); records that later arrive behind it are late, not lost.
+    With ``clock_bound`` (the live aggregator) a partition's event time counts only up to the
+    clock (``now_ms``): a record dated ahead (a request's ``ts`` is the producer's to choose)
+    is aggregated in its window, but event time that has not happened yet moves no watermark,
+    or a single record dated minutes ahead would make every record of those minutes late.
+    Replay has no clock (it passes 0) and leaves it off.
     Assigned partitions that have not produced anything yet hold the watermark (at "unknown")
     until they turn idle, or until the consumer finds them caught up (:meth:`caught_up`: at
     their end, nothing to read): then they hold nothing until a record arrives on them. That
@@ -92,13 +97,24 @@ class Watermark:
         "_empty",
         "_last_seen",
         "_max_ts",
+        "_now",
         "allowed_lateness_ms",
+        "clock_bound",
         "idle_timeout_ms",
     )
 
-    def __init__(self, *, allowed_lateness_ms: int = 0, idle_timeout_ms: int = 30_000) -> None:
+    def __init__(
+        self,
+        *,
+        allowed_lateness_ms: int = 0,
+        idle_timeout_ms: int = 30_000,
+        clock_bound: bool = False,
+    ) -> None:
         self.allowed_lateness_ms = allowed_lateness_ms
         self.idle_timeout_ms = idle_timeout_ms
+        self.clock_bound = clock_bound
+        #: The latest ``now_ms`` seen (the bound, with ``clock_bound``).
+        self._now: int | None = None
         self._max_ts: dict[int, int | None] = {}
         self._last_seen: dict[int, int] = {}
         #: Partitions found caught up before any record of theirs was seen.
@@ -140,9 +156,15 @@ class Watermark:
         """The partitions assigned or seen (revoked ones excluded)."""
         return list(self._last_seen)
 
+    def _event_time(self, ts: int) -> int:
+        """``ts`` as far as it counts for a watermark: up to the clock, with ``clock_bound``."""
+        if self.clock_bound and self._now is not None and ts > self._now:
+            return self._now
+        return ts
+
     def partition_watermark(self, partition: int) -> int | None:
         ts = self._max_ts.get(partition)
-        return None if ts is None else ts - self.allowed_lateness_ms
+        return None if ts is None else self._event_time(ts) - self.allowed_lateness_ms
 
     def observe(self, partitions: npt.ArrayLike, ts_ms: npt.ArrayLike, now_ms: int) -> int | None:
         """Record a batch's event times per partition and return the new overall watermark."""
@@ -162,6 +184,7 @@ class Watermark:
 
     def advance(self, now_ms: int) -> int | None:
         """Recompute with idleness at ``now_ms`` (call on every poll, even an empty one)."""
+        self._now = now_ms if self._now is None else max(self._now, now_ms)
         active = [
             p
             for p, seen in self._last_seen.items()
@@ -171,11 +194,13 @@ class Watermark:
         if active:
             held = [self._max_ts[p] for p in active]
             candidate = (
-                None if any(h is None for h in held) else min(h for h in held if h is not None)
+                None
+                if any(h is None for h in held)
+                else self._event_time(min(h for h in held if h is not None))
             )
         else:
             known = [m for m in self._max_ts.values() if m is not None]
-            candidate = max(known) if known else None
+            candidate = self._event_time(max(known)) if known else None
         if candidate is not None:
             candidate -= self.allowed_lateness_ms
             if self._current is None or candidate > self._current:

@@ -383,3 +383,21 @@ def test_the_configured_rollout_keeps_its_slot_whatever_came_first() -> None:
     assert admission.admit(key("fraud-v2")) and admission.admit(key("fraud-v2", "3"))
     assert not admission.admit(key("fraud-v2", "4"))  # every pair taken now
     assert admission.admit(key("fake-1"))  # a pair taken already stays taken
+
+
+def test_a_comparison_dated_minutes_ahead_does_not_make_the_live_stream_late() -> None:
+    """The live aggregator's windows close on event time bounded by its clock: a record dated
+    280 s ahead (within max_future_ms, e.g. a request whose ``ts`` a producer set ahead) left
+    every comparison of the next ~5 minutes late (not aggregated: guards blind)."""
+    import time
+
+    cfg = config_from_dict({"models": MODELS, "aggregate": {"dry_run": True, "window_ms": 10_000}})
+    manager = AggregatorService(cfg)._new_manager()
+    now = int(time.time() * 1000)
+    rng = np.random.default_rng(3)
+    manager.process(ingest(records(comparisons(rng, 1, t0=now + 280_000))).batch, now)
+    live = comparisons(rng, 50, t0=now + 1_000, spacing_ms=10, id_prefix="live")
+    live_batch = ingest(records(list(live), first=1)).batch
+    result = manager.process(live_batch, now + 1_500)
+    assert len(result.late_indices) == 0
+    assert manager.late_total == {}

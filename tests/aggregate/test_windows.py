@@ -167,3 +167,19 @@ def test_hash_strings_is_stable_and_independent_of_batch_width() -> None:
     assert np.unique(hash_strings([f"r{i}" for i in range(100_000)])).size == 100_000
     assert hash_strings([]).size == 0
     assert hash_strings([""]).size == 1
+
+
+def test_a_clock_bound_watermark_never_passes_the_clock() -> None:
+    """One comparison dated minutes ahead (within ``max_future_ms``; its ``ts`` comes from the
+    request, which any producer of the requests topic writes) must not make the records of the
+    next minutes late: event time that has not happened yet moves no watermark."""
+    wm = Watermark(allowed_lateness_ms=5_000, idle_timeout_ms=30_000, clock_bound=True)
+    now = 1_000_000
+    assert wm.observe([0], [now - 1_000], now_ms=now) == now - 6_000
+    assert wm.observe([0], [now + 280_000], now_ms=now) == now - 5_000
+    assert wm.partition_watermark(0) == now - 5_000
+    assert wm.advance(now + 10_000) == now + 5_000  # the clock moves it, as ever
+    assert wm.advance(now + 60_000) == now + 55_000  # all idle: released to the clock only
+    # Without the bound (replay, which has no clock) event time alone moves it.
+    free = Watermark(allowed_lateness_ms=5_000, idle_timeout_ms=30_000)
+    assert free.observe([0], [now + 280_000], now_ms=now) == now + 275_000

@@ -8,7 +8,13 @@ offsets are wrong for multi-record batches; a barrier needs no offsets at all).
 
 Live: every control record goes through :func:`process_record` with the **record timestamp**
 as ``now_ms``; an applied command swaps the routing policy at once (the rollback path), then
-an :class:`AuditRecord` and an :class:`InstanceStatus` are published.
+an :class:`AuditRecord` and an :class:`InstanceStatus` are published. The records of one
+fetched batch are handled one after the other without waiting for their audits'
+acknowledgements, which are awaited together after the batch: a flood of garbage on the
+control topic (anyone who can write it can write thousands a second) must not hold a
+rollback behind it for a broker round trip per record. Rejections are logged one by one up
+to :attr:`RejectionLog.EACH` per :attr:`RejectionLog.INTERVAL_S`, then summed up per interval
+(every one is audited all the same).
 
 The control topic has **one partition**: the order of commands is the order they apply in,
 and only one partition gives every instance the same order. Instances read (and ``sidecar
@@ -100,6 +106,61 @@ KEEP_OUTCOMES = 1_000
 #: An instance proposes an ``advance`` for the same epoch at most this often (one may be
 #: refused as ``too_early`` when clocks differ slightly; the next attempt has a new id).
 ADVANCE_RETRY_S = 5.0
+
+
+class RejectionLog:
+    """Logs rejected control records one by one, up to :attr:`EACH` per :attr:`INTERVAL_S`
+    seconds, then one line per interval that counts the rest by reason: a flood of garbage on
+    the control topic would otherwise write a warning per record (tens of thousands a minute)
+    and bury the lines an operator needs. Every record is audited whatever is logged."""
+
+    #: Rejections logged one by one per interval.
+    EACH = 20
+    #: Seconds an interval lasts.
+    INTERVAL_S = 10.0
+
+    def __init__(
+        self,
+        emit: Callable[[int, str], None],
+        *,
+        audit_topic: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._emit = emit
+        self._clock = clock
+        self._audit_topic = audit_topic
+        self._start = clock()
+        self._count = 0
+        self._held: dict[str, int] = {}
+
+    def rejected(self, reason: str, level: int, message: str) -> None:
+        self.flush_if_due()
+        self._count += 1
+        if self._count <= self.EACH:
+            self._emit(level, message)
+        else:
+            self._held[reason] = self._held.get(reason, 0) + 1
+
+    def flush_if_due(self) -> None:
+        """At the end of an interval: the summary of what it held back, and a new interval."""
+        if self._clock() - self._start >= self.INTERVAL_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """The summary of what was held back (if anything), and a new interval."""
+        now = self._clock()
+        if self._held:
+            counts = ", ".join(f"{reason} {n:,}" for reason, n in self._held.items())
+            self._emit(
+                logging.WARNING,
+                f"control: {sum(self._held.values()):,} more control records rejected in the "
+                f"last {max(now - self._start, 0.0):.0f}s, not logged one by one (each is "
+                f"audited on {self._audit_topic}): {counts}; is something writing garbage to "
+                "the control topic?",
+            )
+            self._held = {}
+        self._start = now
+        self._count = 0
 
 
 def now_ms() -> int:
@@ -392,6 +453,13 @@ class ControlPlane:
         self.applied = asyncio.Event()
         #: True once the start-up replay reached its barrier (``/readyz`` reads it).
         self.caught_up = False
+        #: Rejected records, logged one by one up to a rate, then summed up.
+        self.rejections = RejectionLog(
+            lambda level, msg: log.log(level, "%s", msg), audit_topic=config.audit_topic
+        )
+        #: While a fetched batch is handled: the acknowledgements of its audits and statuses,
+        #: awaited together after it (None: each send is awaited at once).
+        self._unacked: list[asyncio.Future[Any]] | None = None
 
     @classmethod
     def for_sidecar(cls, sidecar: Sidecar) -> ControlPlane:
@@ -568,8 +636,26 @@ class ControlPlane:
                 await backoff.wait()
                 continue
             backoff.reset()
-            for rec in batch.get(self._tp, []):
+            await self.handle_records(batch.get(self._tp, []))
+            self.rejections.flush_if_due()
+
+    async def handle_records(self, records: list[Any]) -> None:
+        """A fetched batch of live records, in order, each applied before the next is read,
+        their audits' acknowledgements awaited together at the end (see the module
+        docstring)."""
+        if not records:
+            return
+        self._unacked = []
+        try:
+            for rec in records:
                 await self.handle_record(rec)
+        finally:
+            unacked, self._unacked = self._unacked, None
+        for fut in unacked:
+            try:
+                await fut
+            except KafkaError as exc:
+                log.warning("control: producing an audit or status failed: %s", exc)
 
     async def handle_record(self, rec: Any) -> Outcome | None:
         """One live consumer record of the control topic (None: a start-up barrier)."""
@@ -594,7 +680,11 @@ class ControlPlane:
     async def _refuse(self, outcome: Rejected, offset: int | None) -> Outcome:
         """Audit a control record that never reached the state machine."""
         started = time.time_ns()
-        log.warning("control: rejected a record: %s: %s", outcome.reason.value, outcome.detail)
+        self.rejections.rejected(
+            outcome.reason.value,
+            logging.WARNING,
+            f"control: rejected a record: {outcome.reason.value}: {outcome.detail}",
+        )
         self.outcomes.append(outcome)
         await self._publish_audit(outcome, offset)
         if self._tracer is not None:
@@ -639,12 +729,10 @@ class ControlPlane:
             level = (
                 logging.INFO if outcome.reason is RejectReason.OTHER_ROLLOUT else logging.WARNING
             )
-            log.log(
-                level,
-                "control: rejected %s: %s: %s",
-                cmd_id,
+            self.rejections.rejected(
                 outcome.reason.value,
-                outcome.detail,
+                level,
+                f"control: rejected {cmd_id}: {outcome.reason.value}: {outcome.detail}",
             )
         self.outcomes.append(outcome)
         await self._publish_audit(outcome, offset)
@@ -716,6 +804,11 @@ class ControlPlane:
         if producer is None:
             return
         try:
+            if self._unacked is not None:  # within a batch: acknowledged after it
+                self._unacked.append(
+                    await producer.send(topic, value, key=self.instance_id.encode())
+                )
+                return
             await producer.send_and_wait(topic, value, key=self.instance_id.encode())
         except KafkaError as exc:
             log.warning("control: producing to %s failed: %s", topic, exc)

@@ -9,12 +9,12 @@ offsets are wrong for multi-record batches; a barrier needs no offsets at all).
 Live: every control record goes through :func:`process_record` with the **record timestamp**
 as ``now_ms``; an applied command swaps the routing policy at once (the rollback path), then
 an :class:`AuditRecord` and an :class:`InstanceStatus` are published. The records of one
-fetched batch are handled one after the other without waiting for their audits'
-acknowledgements, which are awaited together after the batch: a flood of garbage on the
+fetched batch are all applied (or refused) first, then audited in the same order, and the
+audits' acknowledgements are awaited together after the batch: a flood of garbage on the
 control topic (anyone who can write it can write thousands a second) must not hold a
-rollback behind it for a broker round trip per record. Rejections are logged one by one up
-to :attr:`RejectionLog.EACH` per :attr:`RejectionLog.INTERVAL_S`, then summed up per interval
-(every one is audited all the same).
+rollback behind it for a signature and a broker round trip per record. Rejections are logged
+one by one up to :attr:`RejectionLog.EACH` per :attr:`RejectionLog.INTERVAL_S`, then summed up
+per interval (every one is audited all the same).
 
 The control topic has **one partition**: the order of commands is the order they apply in,
 and only one partition gives every instance the same order. Instances read (and ``sidecar
@@ -640,15 +640,18 @@ class ControlPlane:
             self.rejections.flush_if_due()
 
     async def handle_records(self, records: list[Any]) -> None:
-        """A fetched batch of live records, in order, each applied before the next is read,
-        their audits' acknowledgements awaited together at the end (see the module
-        docstring)."""
+        """A fetched batch of live records: every one applied (or refused) in order first,
+        without any I/O, so a rollback takes effect as soon as it is read, however many
+        records come before it; then their audits (and statuses) in the same order, whose
+        acknowledgements are awaited together at the end (see the module docstring)."""
         if not records:
             return
+        decided = [(self._decide_record(rec), rec.offset, time.time_ns()) for rec in records]
         self._unacked = []
         try:
-            for rec in records:
-                await self.handle_record(rec)
+            for outcome, offset, started in decided:
+                if outcome is not None:
+                    await self._report(outcome, offset, started)
         finally:
             unacked, self._unacked = self._unacked, None
         for fut in unacked:
@@ -659,41 +662,48 @@ class ControlPlane:
 
     async def handle_record(self, rec: Any) -> Outcome | None:
         """One live consumer record of the control topic (None: a start-up barrier)."""
+        started = time.time_ns()
+        outcome = self._decide_record(rec)
+        if outcome is not None:
+            await self._report(outcome, rec.offset, started)
+        return outcome
+
+    def _decide_record(self, rec: Any) -> Outcome | None:
+        """Apply or refuse one consumer record, no I/O (None: a start-up barrier)."""
         skipped = unreadable_of(rec)
         if skipped is not None:
-            return await self._refuse(
-                Rejected(RejectReason.UNREADABLE, skipped.describe()), rec.offset
-            )
+            return self._refused(Rejected(RejectReason.UNREADABLE, skipped.describe()))
         if is_barrier(rec.headers):
             if not rec.value:
                 return None  # an instance's start-up barrier: not a command, nothing to do
-            return await self._refuse(
+            return self._refused(
                 Rejected(
                     RejectReason.BARRIER,
                     "a record with the start-up barrier header and a value: barriers carry "
                     "none, so it is no barrier and no command",
-                ),
-                rec.offset,
+                )
             )
-        return await self.handle(control_record(rec), rec.offset)
+        return self._decide(control_record(rec))
 
-    async def _refuse(self, outcome: Rejected, offset: int | None) -> Outcome:
-        """Audit a control record that never reached the state machine."""
-        started = time.time_ns()
+    def _refused(self, outcome: Rejected) -> Rejected:
+        """A control record that never reached the state machine (logged, not yet audited)."""
         self.rejections.rejected(
             outcome.reason.value,
             logging.WARNING,
             f"control: rejected a record: {outcome.reason.value}: {outcome.detail}",
         )
-        self.outcomes.append(outcome)
-        await self._publish_audit(outcome, offset)
-        if self._tracer is not None:
-            self._tracer.command(outcome, started)
         return outcome
 
     async def handle(self, record: ControlRecord, offset: int | None = None) -> Outcome:
         """One live control record: apply it (swapping the policy first), then audit it."""
         started = time.time_ns()
+        outcome = self._decide(record)
+        await self._report(outcome, offset, started)
+        return outcome
+
+    def _decide(self, record: ControlRecord) -> Outcome:
+        """Apply one control record to the state (swapping the policy at once) and log it;
+        no I/O: :meth:`_report` audits it."""
         before = self.state
         outcome = process_record(self.state, record, trust=self.trust, config=self.rules)
         self.state = next_state(self.state, outcome)
@@ -734,6 +744,10 @@ class ControlPlane:
                 level,
                 f"control: rejected {cmd_id}: {outcome.reason.value}: {outcome.detail}",
             )
+        return outcome
+
+    async def _report(self, outcome: Outcome, offset: int | None, started: int) -> None:
+        """Audit a decided record (and publish the status when it changed the state)."""
         self.outcomes.append(outcome)
         await self._publish_audit(outcome, offset)
         if isinstance(outcome, Applied) or (
@@ -742,7 +756,6 @@ class ControlPlane:
             await self._publish_status()
         if self._tracer is not None:
             self._tracer.command(outcome, started)
-        return outcome
 
     def _lifecycle(self, before: RolloutState, outcome: Applied) -> None:
         new = outcome.new_state

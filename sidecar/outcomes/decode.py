@@ -5,8 +5,10 @@ aggregator dead-letters comparison records already; a second dead letter per rec
 duplicate it); an outcome on the repartitioned topic that does not decode is skipped and
 counted too (the router dead-lettered what it could not read; anything else there was written
 by someone other than the router). Records dated more than ``outcomes.max_future_ms`` ahead
-of the wall clock are skipped: they would move stream time and finalise windows early.
-Nothing here raises because of a record.
+of the wall clock are skipped: they would move stream time and finalise windows early; those
+dated ahead by less are applied, but a chunk's event time (``stream_ms``, what moves stream
+time) counts only up to the clock, so a request whose ``ts`` its producer set minutes ahead
+cannot make windows final minutes early. Nothing here raises because of a record.
 """
 
 from __future__ import annotations
@@ -222,6 +224,13 @@ class ChunkBuilder:
             self._fitting(task, records[half:], make, limit, skipped, max_bytes)
         )
 
+    def _event_time(self, ts: npt.NDArray[np.int64], limit: int) -> int:
+        """How far a chunk of these event times moves stream time: their largest, but no
+        further than the clock (``limit`` less ``max_future_ms``; 0 for no rows)."""
+        if not ts.size:
+            return 0
+        return min(int(ts.max()), limit - self.settings.max_future_ms)
+
     def _comparisons(
         self, task: int, records: Sequence[RecordLike], limit: int, skipped: Skipped
     ) -> InputChunk:
@@ -275,7 +284,7 @@ class ChunkBuilder:
             ),
             outcomes=EMPTY_OUTCOMES,
             offsets={"c": (records[0].offset, records[-1].offset + 1)},
-            stream_ms=int(ts_arr.max()) if ts_arr.size else 0,
+            stream_ms=self._event_time(ts_arr, limit),
         )
 
     def _ranked(
@@ -347,7 +356,7 @@ class ChunkBuilder:
                 ranked_lists(ranked, clicked, [[] for _ in ranked]),
             ),
             offsets={"o": (records[0].offset, records[-1].offset + 1)},
-            stream_ms=int(ts_arr.max()) if ts_arr.size else 0,
+            stream_ms=self._event_time(ts_arr, limit),
         )
 
 

@@ -320,3 +320,26 @@ def test_made_up_rollout_names_cannot_grow_a_task_without_bound(tmp_path: Path) 
     (real,) = (p for p in feed.task.pairs.values() if p.key.rollout == "ro")
     c = feed.task.report(real, 0, "provisional", 0).counts
     assert (c.requests, c.labelled, c.positives) == (2, 2, 1)
+
+
+def test_a_record_dated_minutes_ahead_moves_stream_time_no_further_than_the_clock() -> None:
+    """A comparison (or outcome) dated ahead but within ``max_future_ms`` is applied in its
+    window, but its event time counts for stream time only up to the clock: one request whose
+    ``ts`` its producer set 280 s ahead made windows final that early, so every comparison of
+    those minutes was late (dropped) and held outcomes expired early."""
+    docs = [valid_comparison(i) for i in range(3)]
+    for d in docs:
+        d["ts"] = NOW - 10_000 + d["ts"] % 1000
+    docs[1]["ts"] = NOW + 280_000
+    chunk, skipped = _poll([ENC.encode(d) for d in docs])
+    assert skipped.counts == {}
+    assert chunk.comparisons.ids == ["r-0", "r-1", "r-2"]  # applied, in its own window
+    assert comparison_arrays(chunk.comparisons)["ts"].tolist()[1] == NOW + 280_000
+    assert chunk.stream_ms == NOW
+    ahead = {**valid_outcome(1), "ts": NOW + 200_000}
+    ((out, _),) = ChunkBuilder(SETTINGS).build(0, [], [Rec(ENC.encode(ahead))], NOW, Skipped())
+    assert out.outcomes.ids == ["r-1"] and out.stream_ms == NOW
+    ((both, _),) = ChunkBuilder(SETTINGS).build(
+        0, [Rec(ENC.encode(docs[1]))], [Rec(ENC.encode(ahead))], NOW, Skipped()
+    )
+    assert both.stream_ms == NOW and both.input_ms == {"c": NOW, "o": NOW}

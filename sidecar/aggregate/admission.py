@@ -6,8 +6,10 @@ first-seen times, reference histograms per model version, guard state, and Prome
 per rollout (dozens each). The comparisons and partials topics are written by others too, so
 made-up names in every record would grow them all without bound. An aggregator therefore takes
 at most ``aggregate.max_rollouts`` distinct rollouts and ``max_rollout_pairs`` distinct pairs
-over its life (the configured ``rollout.name`` always gets a rollout slot); records of any pair
-beyond them are dead-lettered with the reason, and a restart starts the count afresh.
+over its life (the configured ``rollout.name`` always gets a rollout slot, and the pair the
+config runs, its rollout between its champion and candidate versions, is always taken, even
+after made-up versions of that rollout took every slot); records of any pair beyond them are
+dead-lettered with the reason, and a restart starts the count afresh.
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ class Admission:
         reserved_rollout: str | None = None,
         max_rollouts: int = MAX_ROLLOUTS,
         max_groups: int = MAX_GROUPS,
+        configured: GroupKey | None = None,
     ) -> None:
         self.reserved = reserved_rollout
+        #: The pair the config runs: taken whatever else was (one more than ``max_groups``).
+        self.configured = configured
         self.max_rollouts = max_rollouts
         self.max_groups = max_groups
         self._groups: set[GroupKey] = set()
@@ -48,6 +53,10 @@ class Admission:
         """Whether records of ``key`` are taken (a new key is, while there is room; the
         configured rollout keeps a rollout slot and a quarter of the pairs for itself)."""
         if key in self._groups:
+            return True
+        if key == self.configured:
+            self._groups.add(key)
+            self._rollouts.add(key.rollout)
             return True
         mine = key.rollout == self.reserved
         if len(self._groups) >= self.max_groups or (

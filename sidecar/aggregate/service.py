@@ -59,6 +59,7 @@ from ..kafka import (
 from ..timefmt import utc_window
 from .actions import COMMAND_ACTIONS, VerdictPacer, commanding, guard_command, guard_verdict
 from .admission import Admission
+from .batch import GroupKey
 from .commits import SafeCommitter
 from .decode_pool import DecodePool
 from .guards import GuardEngine, GuardEvent, GuardReset
@@ -80,6 +81,16 @@ LATE_HEADER = "sidecar-late"
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def configured_pair(config: SidecarConfig) -> GroupKey | None:
+    """The rollout pair the config runs (None without a candidate)."""
+    champion, candidate = config.models.champion, config.models.candidate
+    if candidate is None:
+        return None
+    return GroupKey(
+        config.rollout.name, champion.name, champion.version, candidate.name, candidate.version
+    )
 
 
 def signing_key(cfg: SidecarConfig, key: SigningKey | None) -> SigningKey | None:
@@ -165,7 +176,10 @@ class AggregatorService:
         self.manager = self._new_manager()
         #: Rollout pairs taken (a bound on per-pair state and per-rollout metric series).
         self.admission = Admission(
-            config.rollout.name, self.settings.max_rollouts, self.settings.max_rollout_pairs
+            config.rollout.name,
+            self.settings.max_rollouts,
+            self.settings.max_rollout_pairs,
+            configured_pair(config),
         )
         self.merge: MergeStage | None = None
         self._decoder = ComparisonDecoder()

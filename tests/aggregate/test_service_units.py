@@ -385,6 +385,27 @@ def test_the_configured_rollout_keeps_its_slot_whatever_came_first() -> None:
     assert admission.admit(key("fake-1"))  # a pair taken already stays taken
 
 
+def test_the_configured_pair_is_taken_after_a_flood_of_made_up_versions() -> None:
+    """Made-up versions of the configured rollout (anyone who can write the comparisons
+    topic) took every pair slot, so the pair the config runs was refused for the aggregator's
+    life when it came after them (a new candidate deployed later): its guards were blind."""
+    cfg = config_from_dict(
+        {
+            "models": {
+                **MODELS,
+                "candidate": {"name": "m", "version": "2.0.0", "target": "x:y", "features": []},
+            },
+            "rollout": {"name": "fraud-v2"},
+            "aggregate": {"dry_run": True, "max_rollout_pairs": 16},
+        }
+    )
+    admission = AggregatorService(cfg).admission
+    made_up = [GroupKey("fraud-v2", "m", "1.0.0", "m", f"9.9.{i}") for i in range(40)]
+    assert sum(admission.admit(k) for k in made_up) == 16
+    assert admission.admit(GroupKey("fraud-v2", "m", "1.0.0", "m", "2.0.0"))
+    assert not admission.admit(GroupKey("fraud-v2", "m", "1.0.0", "m", "2.0.1"))
+
+
 def test_a_comparison_dated_minutes_ahead_does_not_make_the_live_stream_late() -> None:
     """The live aggregator's windows close on event time bounded by its clock: a record dated
     280 s ahead (within max_future_ms, e.g. a request whose ``ts`` a producer set ahead) left

@@ -466,8 +466,13 @@ class JoinTask:
         max_pairs: int = MAX_PAIRS,
         max_rollouts: int = MAX_ROLLOUTS,
         retire_after_ms: int = 0,
+        configured: PairKey | None = None,
     ) -> None:
         self.store = store
+        #: The pair the config runs: taken whatever the caps (made-up versions of its
+        #: rollout filling every slot must not leave it unjudged until they retire). A
+        #: replay under a config naming another pair decides the caps as that config says.
+        self.configured = configured
         #: A finished pair idle this long (event time; at least its label window) is
         #: retired (0: never).
         self.retire_after_ms = retire_after_ms
@@ -571,13 +576,14 @@ class JoinTask:
 
     def _pair_id(self, spec_key: PairKey, settings: RolloutQuality, batch: Batch) -> int:
         """The id of the pair ``spec_key`` (a new one when it is new), or -1 when a new pair
-        would exceed ``max_pairs`` or ``max_rollouts``."""
+        would exceed ``max_pairs`` or ``max_rollouts`` (never for the configured pair)."""
         pid = self._by_key.get(spec_key)
         if pid is not None:
             return pid
         rollouts = self.rollouts
-        if len(self.pairs) >= self.max_pairs or (
-            spec_key.rollout not in rollouts and len(rollouts) >= self.max_rollouts
+        if spec_key != self.configured and (
+            len(self.pairs) >= self.max_pairs
+            or (spec_key.rollout not in rollouts and len(rollouts) >= self.max_rollouts)
         ):
             return -1
         pid = self.meta.next_pair

@@ -125,6 +125,16 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def configured_pair(config: SidecarConfig) -> PairKey | None:
+    """The rollout pair the config runs (None without a candidate)."""
+    champion, candidate = config.models.champion, config.models.candidate
+    if candidate is None:
+        return None
+    return PairKey(
+        config.rollout.name, champion.name, champion.version, candidate.name, candidate.version
+    )
+
+
 def signing_key(cfg: SidecarConfig, key: SigningKey | None) -> SigningKey | None:
     """The key quality guard commands and quality verdicts are signed with; None when nothing
     needs signing.
@@ -587,6 +597,7 @@ class OutcomesService:
             max_pairs=s.max_pairs_per_task,
             max_rollouts=s.max_rollouts_per_task,
             retire_after_ms=s.retire_after_ms,
+            configured=configured_pair(self.config),
         )
 
     async def _replay(self, join: JoinTask, p: int, end: int) -> int:

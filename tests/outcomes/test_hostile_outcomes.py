@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 import numpy as np
@@ -32,6 +32,7 @@ from sidecar.outcomes.join import (
     Windows,
     request_prefix,
 )
+from sidecar.outcomes.report import PairKey
 from sidecar.outcomes.settings import OutcomesSettings
 from sidecar.outcomes.store import Store
 
@@ -343,3 +344,28 @@ def test_a_record_dated_minutes_ahead_moves_stream_time_no_further_than_the_cloc
         0, [Rec(ENC.encode(docs[1]))], [Rec(ENC.encode(ahead))], NOW, Skipped()
     )
     assert both.stream_ms == NOW and both.input_ms == {"c": NOW, "o": NOW}
+
+
+class _ReservedFeed(Feed):
+    task_options: ClassVar[dict[str, Any]] = {
+        "configured": PairKey("ro", "m", "1.0.0", "m", "2.0.0"),
+        "max_pairs": 8,
+    }
+
+
+def test_the_configured_pair_is_judged_after_a_flood_of_made_up_versions(tmp_path: Path) -> None:
+    """Made-up versions of the configured rollout filled a task's pair slots, and the pair
+    the config runs, coming after them (a new candidate deployed later), was left out until
+    the made-up pairs retired (``retire_after_ms``, a week): no quality verdict, no quality
+    guard, for that long. It is always taken now, after a restart too."""
+    feed = _ReservedFeed(tmp_path / "t")
+    fakes = [comparison(f"x{i}", 1000, cand=f"9.9.{i}") for i in range(20)]
+    stats = feed.comparisons(*fakes)
+    assert stats.refused == 20 - 8 and len(feed.task.pairs) == 8
+    stats = feed.comparisons(comparison("real-0", 1000), comparison("x-more", 1000, cand="9.8"))
+    assert stats.refused == 1  # another made-up one: still refused
+    feed.outcomes(outcome("real-0", True, 2000))
+    feed.reopen()
+    (real,) = (p for p in feed.task.pairs.values() if p.key.candidate_version == "2.0.0")
+    c = feed.task.report(real, 0, "provisional", 0).counts
+    assert (c.requests, c.labelled, c.positives) == (1, 1, 1)

@@ -71,8 +71,13 @@ class WindowManager:
         *,
         partials: bool = False,
         clock_bound: bool = False,
+        protected: GroupKey | None = None,
     ) -> None:
         self.config = config or AggregatorConfig()
+        #: The pair the config runs: its windows are the last closed for capacity (made-up
+        #: pairs filling ``max_open_windows`` must not close its window early, which makes
+        #: the rest of that window's records late).
+        self.protected = protected
         self.partials = partials
         self.spec = self.config.window_spec()
         self.watermark = Watermark(
@@ -201,7 +206,10 @@ class WindowManager:
         excess = len(self._open) - self.config.max_open_windows
         if excess <= 0:
             return []
-        oldest = sorted(self._open, key=lambda k: (k[1], k[0]))[:excess]
+        keys = self._key_list
+        oldest = sorted(self._open, key=lambda k: (keys[k[0]] == self.protected, k[1], k[0]))[
+            :excess
+        ]
         log.warning(
             "%d windows open, more than aggregate.max_open_windows=%d: closing the %d oldest "
             "early (is a partition's event time far behind the others?)",

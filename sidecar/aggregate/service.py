@@ -230,7 +230,10 @@ class AggregatorService:
         # Bounded by the clock: a comparison dated ahead (within max_future_ms) must not
         # make the records of the next minutes late (``Watermark``).
         return WindowManager(
-            self.settings.aggregator_config(), partials=self.shared, clock_bound=True
+            self.settings.aggregator_config(),
+            partials=self.shared,
+            clock_bound=True,
+            protected=configured_pair(self.config),
         )
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
@@ -404,6 +404,44 @@ def test_the_configured_pair_is_taken_after_a_flood_of_made_up_versions() -> Non
     assert sum(admission.admit(k) for k in made_up) == 16
     assert admission.admit(GroupKey("fraud-v2", "m", "1.0.0", "m", "2.0.0"))
     assert not admission.admit(GroupKey("fraud-v2", "m", "1.0.0", "m", "2.0.1"))
+
+
+def test_windows_closed_for_capacity_are_never_the_configured_pair_s() -> None:
+    """Over ``max_open_windows`` the oldest windows close early, and records of a window
+    closed early are late. A thousand made-up pairs with a record each in the current window
+    closed the real pair's window first (it opened first, the lowest key), so every real
+    comparison after that of the window was dropped as late: guards blind for ~1,000 records
+    a window."""
+    model = {"name": "m", "target": "x:y", "features": []}
+    cfg = config_from_dict(
+        {
+            "models": {
+                "champion": {**model, "version": "1.0.0"},
+                "candidate": {**model, "version": "2.0.0"},
+            },
+            "rollout": {"name": "fraud-v2"},
+            "aggregate": {"dry_run": True, "max_open_windows": 10, "window_ms": 10_000},
+        }
+    )
+    manager = AggregatorService(cfg)._new_manager()
+    rng = np.random.default_rng(5)
+
+    def semver(c: Any) -> Any:  # the config's versions are semver
+        return msgspec.structs.replace(
+            c, champion=msgspec.structs.replace(c.champion, version="1.0.0")
+        )
+
+    real = [semver(c) for c in comparisons(rng, 40, t0=1_000, candidate_version="2.0.0")]
+    fakes = [
+        semver(c)
+        for i in range(10)  # one more window than may be open
+        for c in comparisons(rng, 1, t0=1_000, id_prefix=f"f{i}-", candidate_version=f"9.{i}.0")
+    ]
+    manager.process(ingest(records([*real[:20], *fakes])).batch, 5_000)
+    result = manager.process(ingest(records(list(real[20:]), first=100)).batch, 5_001)
+    assert len(result.late_indices) == 0 and manager.late_total == {}
+    (report,) = [r for r in manager.flush(5_002) if r.candidate.version == "2.0.0"]
+    assert report.counts.records == 40
 
 
 def test_a_comparison_dated_minutes_ahead_does_not_make_the_live_stream_late() -> None:

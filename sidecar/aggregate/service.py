@@ -472,10 +472,14 @@ class AggregatorService:
             got = self._admitted(self._without_future(got, now))
             if got.rejected:
                 self.metrics.undecodable.inc(len(got.rejected))
+                kinds: dict[str, int] = {}
+                for _, kind, _ in got.rejected:
+                    kinds[kind] = kinds.get(kind, 0) + 1
                 log.warning(
-                    "dead-lettering %d comparison records of %s: %s",
+                    "dead-lettering %d comparison records of %s (%s), the first: %s",
                     len(got.rejected),
                     self._topic,
+                    ", ".join(f"{kind} {n:,}" for kind, n in kinds.items()),
                     got.rejected[0][2],
                 )
                 await self._send_all(self._dead_letters(got.rejected))

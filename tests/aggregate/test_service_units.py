@@ -4,6 +4,7 @@ decoding, replay bounds and the replayer."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -460,3 +461,24 @@ def test_a_comparison_dated_minutes_ahead_does_not_make_the_live_stream_late() -
     result = manager.process(live_batch, now + 1_500)
     assert len(result.late_indices) == 0
     assert manager.late_total == {}
+
+
+async def test_the_dead_letter_log_line_counts_each_kind(caplog: pytest.LogCaptureFixture) -> None:
+    """One line per poll named the first record's reason for all of them: 1,062 records
+    refused for made-up pairs and 11 undecodable ones read as 1,073 of whichever came first."""
+    cfg = config_from_dict(
+        {"models": MODELS, "rollout": {"name": "fraud-v2"}, "aggregate": {"dry_run": True}}
+    )
+    service = AggregatorService(cfg)
+    service.admission.max_groups = 1
+    rng = np.random.default_rng(6)
+    comps: list[object] = [
+        *comparisons(rng, 2, t0=1_000),
+        *comparisons(rng, 3, t0=1_000, rollout="fake", id_prefix="f"),
+    ]
+    recs = [*records(comps), Rec(0, 99, b"{"), Rec(0, 100, b"[]")]
+    with caplog.at_level(logging.WARNING, logger="sidecar.aggregate.service"):
+        await service._apply(ingest(recs))
+    (line,) = [r.getMessage() for r in caplog.records if "dead-lettering" in r.getMessage()]
+    assert "dead-lettering 5 comparison records" in line
+    assert "decode 2" in line and "out_of_range 3" in line

@@ -10,6 +10,7 @@ which has the wrong type) for the dead-letter topic. Bad records never stop good
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
@@ -197,10 +198,14 @@ class RequestDecoder:
             k if k is not None else r.request_id for k, r in zip(routing, requests, strict=True)
         ]
         ts = [r.ts for r in requests]
-        if None in ts:  # no event time in the request: the record's timestamp
+        if None in ts:  # no event time in the request: the record's timestamp, and when the
+            # record has none (-1: an old client or message format), the time it is read
+            # (1970 would make its comparisons late for every window downstream)
             stamps = [rec.timestamp for rec in good_records]
+            read_at = time.time_ns() // 1_000_000
             ts = [
-                t if t is not None else (s if s > 0 else 0) for t, s in zip(ts, stamps, strict=True)
+                t if t is not None else (s if s > 0 else read_at)
+                for t, s in zip(ts, stamps, strict=True)
             ]
         out.ts = ts
         out.metadata = [r.metadata for r in requests]

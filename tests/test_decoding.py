@@ -169,3 +169,16 @@ def test_columns_of_picks_each_models_features_in_its_own_order() -> None:
     d = decoder(a, b)
     assert d.columns == ["x", "y", "z"]
     assert d.columns_of(b) == [1, 2]
+
+
+def test_a_record_without_a_timestamp_is_dated_when_it_is_read() -> None:
+    """A request without ``ts`` takes its record's timestamp; a record without one (-1: an
+    old client or message format) was dated 1970, so every comparison of such a producer
+    was late for the aggregator (its guards blind) and outside every quality window."""
+    import time
+
+    before = int(time.time() * 1000)
+    batch = decoder().decode([Rec(req(), timestamp=-1), Rec(req(request_id="r2"), timestamp=0)])
+    after = int(time.time() * 1000)
+    assert all(before <= t <= after for t in batch.ts), batch.ts
+    assert decoder().decode([Rec(req(ts=0))]).ts == [0]  # a request's own ts stays its own

@@ -683,6 +683,10 @@ class ControlPlane:
                     "none, so it is no barrier and no command",
                 )
             )
+        if rec.value is None:
+            return self._refused(
+                Rejected(RejectReason.MALFORMED, "record has no value (a tombstone): no command")
+            )
         return self._decide(control_record(rec))
 
     def _refused(self, outcome: Rejected) -> Rejected:

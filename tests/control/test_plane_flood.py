@@ -150,3 +150,18 @@ def test_the_rejection_log_logs_the_first_ones_then_sums_up_per_interval() -> No
     assert logged[-1] == "a new interval"
     log.flush()
     assert logged[-1] == "a new interval"  # nothing held back: no summary
+
+
+async def test_a_tombstone_on_the_control_topic_is_refused_as_one(tmp_path: Path) -> None:
+    """A null value was refused as "DecodeError: Input data was truncated", which sends an
+    operator looking for a truncated command."""
+    cfg = control_config("unused:9092", tmp_path)
+    plane = ControlPlane(cfg, PolicyHolder(RoutingPolicy(rollout=cfg.rollout.name)), "i1")
+    plane._producer = producer = StallingProducer()  # type: ignore[assignment]
+    task = asyncio.create_task(plane.handle_record(Rec(None, 7, now_ms())))
+    while not task.done():
+        producer.release()
+        await asyncio.sleep(0.01)
+    outcome = task.result()
+    assert outcome is not None and outcome.reason.value == "malformed"  # type: ignore[union-attr]
+    assert "no value" in outcome.detail and "tombstone" in outcome.detail  # type: ignore[union-attr]

@@ -30,6 +30,7 @@ from .chunks import (
     InputChunk,
     PairSpec,
     RankedLists,
+    comparison_arrays,
     comparison_columns,
     encode,
     outcome_columns,
@@ -38,6 +39,13 @@ from .chunks import (
 from .contract import Outcome, decode_outcome, numeric_label
 from .heartbeat import heartbeat_of
 from .settings import OutcomesSettings
+
+#: Quality windows (rollout pair x window) one chunk of comparisons may touch. A task applies
+#: a chunk in one atomic store batch that holds every window it touches (an accumulator of
+#: ~100 kB each, and its delta while it is built): comparisons of a thousand pairs spread over
+#: a few windows each (anyone who can write the comparisons topic can write them) took the
+#: stage past a GB in one poll. The usual poll touches one or two.
+MAX_CHUNK_WINDOWS = 128
 
 Name = Annotated[str, msgspec.Meta(max_length=256)]
 
@@ -192,7 +200,7 @@ class ChunkBuilder:
             built = [(both, raw)]  # the usual poll: one chunk, one changelog record
             if len(raw) > max_bytes:  # too big together: each input apart, if it fits
                 built = [(a, encode(a)), (b, encode(b))]
-            if all(len(r) <= max_bytes for _, r in built):
+            if all(len(r) <= max_bytes for _, r in built) and self._few_windows(a):
                 for key, n in trial.counts.items():
                     skipped.add(*key, n)
                 return built
@@ -215,7 +223,7 @@ class ChunkBuilder:
         trial = Skipped()
         chunk = make(task, records, limit, trial)
         raw = encode(chunk)
-        if len(raw) <= max_bytes or len(records) == 1:
+        if (len(raw) <= max_bytes and self._few_windows(chunk)) or len(records) == 1:
             for key, n in trial.counts.items():
                 skipped.add(*key, n)
             return [(chunk, raw)]
@@ -223,6 +231,21 @@ class ChunkBuilder:
         return self._fitting(task, records[:half], make, limit, skipped, max_bytes) + (
             self._fitting(task, records[half:], make, limit, skipped, max_bytes)
         )
+
+    def _few_windows(self, chunk: InputChunk) -> bool:
+        """Whether ``chunk``'s comparisons touch at most ``MAX_CHUNK_WINDOWS`` quality
+        windows (rollout pair x window start)."""
+        n = len(chunk.comparisons.ids)
+        if n <= MAX_CHUNK_WINDOWS:
+            return True
+        cols = comparison_arrays(chunk.comparisons)
+        if len(chunk.pairs) == 1:
+            ws = cols["ts"] // self.settings.report_window_ms
+            return int(np.unique(ws).size) <= MAX_CHUNK_WINDOWS
+        keys = np.stack(
+            [cols["pair"].astype(np.int64), cols["ts"] // self.settings.report_window_ms]
+        )
+        return int(np.unique(keys, axis=1).shape[1]) <= MAX_CHUNK_WINDOWS
 
     def _event_time(self, ts: npt.NDArray[np.int64], limit: int) -> int:
         """How far a chunk of these event times moves stream time: their largest, but no
@@ -361,6 +384,7 @@ class ChunkBuilder:
 
 
 __all__ = [
+    "MAX_CHUNK_WINDOWS",
     "ArmView",
     "ChunkBuilder",
     "ComparisonView",

@@ -23,7 +23,12 @@ from test_join import Feed, W, comparison, outcome
 from sidecar.contracts import MAX_EPOCH_MS
 from sidecar.outcomes.chunks import comparison_arrays, decode
 from sidecar.outcomes.contract import MAX_VALUE, Outcome, decode_outcome
-from sidecar.outcomes.decode import ChunkBuilder, Skipped, decode_comparisons
+from sidecar.outcomes.decode import (
+    MAX_CHUNK_WINDOWS,
+    ChunkBuilder,
+    Skipped,
+    decode_comparisons,
+)
 from sidecar.outcomes.join import (
     MAX_OUTCOME_LEAD_MS,
     MAX_PAIRS,
@@ -369,3 +374,36 @@ def test_the_configured_pair_is_judged_after_a_flood_of_made_up_versions(tmp_pat
     (real,) = (p for p in feed.task.pairs.values() if p.key.candidate_version == "2.0.0")
     c = feed.task.report(real, 0, "provisional", 0).counts
     assert (c.requests, c.labelled, c.positives) == (1, 1, 1)
+
+
+def test_a_poll_spread_over_many_windows_is_split_into_chunks_of_few_windows() -> None:
+    """A task applies a chunk in one atomic batch that holds every window it touches (~100 kB
+    of accumulator each, twice over with the delta): 3,072 forged comparisons over 1,024 pairs
+    and 3 windows took the stage from 115 MB to 1.29 GB (and more windows, more: an OOM kill,
+    then the same chunk again at restart). Chunks now touch at most MAX_CHUNK_WINDOWS."""
+    docs = []
+    for i in range(300):
+        for k in range(3):
+            d = valid_comparison(i * 3 + k)
+            d["candidate"]["version"] = f"9.9.{i}"
+            d["ts"] = NOW - k * SETTINGS.report_window_ms - 1
+            docs.append(d)
+    skipped = Skipped()
+    recs = [Rec(ENC.encode(d), offset=i) for i, d in enumerate(docs)]
+    built = ChunkBuilder(SETTINGS).build(0, recs, [], NOW, skipped)
+    assert len(built) > 1
+    rows, last = 0, 0
+    for chunk, raw in built:
+        assert decode(raw) == chunk
+        first, end = chunk.offsets["c"]
+        assert first == last  # contiguous, in order
+        last = end
+        cols = comparison_arrays(chunk.comparisons)
+        ws = cols["ts"] - cols["ts"] % SETTINGS.report_window_ms
+        assert len(set(zip(cols["pair"].tolist(), ws.tolist(), strict=True))) <= MAX_CHUNK_WINDOWS
+        rows += len(chunk.comparisons.ids)
+    assert rows == len(docs) and last == len(docs)
+    # The usual poll (one pair, a window or two) stays one chunk, outcomes and all.
+    usual = [Rec(ENC.encode(valid_comparison(i)), offset=i) for i in range(2000)]
+    outs = [Rec(ENC.encode(valid_outcome(i)), offset=i) for i in range(2000)]
+    assert len(ChunkBuilder(SETTINGS).build(0, usual, outs, NOW, Skipped())) == 1

@@ -36,6 +36,7 @@ from .kafka import (
     Backoff,
     BatchSender,
     Delivery,
+    MissingTopics,
     RebalanceListener,
     Supervisor,
     TaskFailure,
@@ -46,6 +47,7 @@ from .kafka import (
     record_batch_path,
     record_limits,
     refusal,
+    require_topics,
     stop_quietly,
 )
 from .metrics import SidecarMetrics
@@ -286,6 +288,13 @@ class Sidecar:
             try:
                 await self._start_clients()
                 return True
+            except MissingTopics as exc:
+                await self._close()
+                if deadline is not None and time.monotonic() + backoff.delay > deadline:
+                    raise MissingTopics(
+                        f"{exc} (waited kafka.connect_timeout_s={cfg.kafka.connect_timeout_s:g}s)"
+                    ) from exc
+                log.warning("%s; waiting for them, next look in %.1fs", exc, backoff.delay)
             except (KafkaConnectionError, KafkaError, OSError, BrokerError) as exc:
                 await self._close()
                 if deadline is not None and time.monotonic() + backoff.delay > deadline:
@@ -299,7 +308,7 @@ class Sidecar:
                     exc,
                     backoff.delay,
                 )
-                await backoff.wait(self._stopping)
+            await backoff.wait(self._stopping)
         return False
 
     async def _start_clients(self) -> None:
@@ -326,6 +335,10 @@ class Sidecar:
             else cfg.kafka.compression_type,
         )
         await self._producer.start()
+        # Before joining the group: every topic there, or a clear word naming the missing.
+        named = {cfg.topics.requests: "topics.requests"} | output_settings(cfg)
+        partitions = await require_topics(self._producer.client, named)
+        partitions.pop(cfg.topics.requests, None)
         fetched = fetch_bytes(cfg.input.max_message_bytes)
         self._consumer = new_consumer(
             cfg,
@@ -344,12 +357,6 @@ class Sidecar:
             [cfg.topics.requests],
             listener=RebalanceListener(f"sidecar {self.instance_id}", on_revoked=self._revoked),
         )
-        partitions = {}
-        for topic in outputs:
-            found = await self._producer.partitions_for(topic)
-            if not found:
-                raise BrokerError(f"output topic {topic} has no partitions; create it first")
-            partitions[topic] = len(found)
         self._sender = BatchSender(
             self._producer,
             partitions,
@@ -634,6 +641,19 @@ class Sidecar:
                 self.config.pipeline.drain_timeout_s,
                 self._in_flight_records,
             )
+
+
+def output_settings(cfg: SidecarConfig) -> dict[str, str]:
+    """Each output topic and the setting that names it (for errors an operator acts on)."""
+    t = cfg.topics
+    named = {
+        t.decisions: "topics.decisions",
+        t.comparisons: "topics.comparisons",
+        t.dead_letter: "topics.dead_letter",
+    }
+    for v in cfg.outputs.versions:
+        named.setdefault(v.topic, f"outputs.versions {v.version}")
+    return named
 
 
 def sending_records(in_flight: Iterable[_InFlight]) -> int:

@@ -323,3 +323,17 @@ async def test_a_missing_output_topic_is_named_and_never_created_by_the_sidecar(
     requests = fraud.request_dicts(fraud.generate(20, seed=8))
     await produce(typo, [(r["routing_key"].encode(), ENC.encode(r)) for r in requests])
     await run_until_processed(typo, 20)
+
+
+async def test_traffic_to_a_missing_requests_topic_names_it_and_creates_nothing(
+    bootstrap: str,
+) -> None:
+    """`sidecar produce` (and --example-traffic) into a topic that is not there: a clear
+    error naming topics.requests, not a KafkaTimeoutError traceback after request_timeout_ms
+    (nor, before metadata requests stopped creating topics, a topic made up on the spot)."""
+    from sidecar.traffic import produce_count
+
+    cfg = make_config(bootstrap)
+    with pytest.raises(BrokerError, match=r"requests \(topics\.requests\) do not exist"):
+        await asyncio.wait_for(produce_count(cfg, 5), 20)
+    assert not await _topic_exists(bootstrap, cfg.topics.requests)

@@ -155,6 +155,8 @@ class Sidecar:
         self.peak_sending_records = 0
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()
+        #: A second stop signal came: drain no longer (see ``_on_signal``).
+        self._hurry = False
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._sender: BatchSender | None = None
@@ -204,6 +206,20 @@ class Sidecar:
         """Stop consuming; ``run`` then drains, commits and returns. Safe from signal handlers."""
         self._stopping.set()
 
+    def _on_signal(self) -> None:
+        """SIGTERM/SIGINT: stop (drain, commit); a second one while draining stops without
+        waiting for the rest (their records are consumed again: at-least-once), so an operator
+        is never stuck for ``pipeline.drain_timeout_s`` behind a hung model or broker."""
+        if self._stopping.is_set() and not self._hurry:
+            self._hurry = True
+            log.warning(
+                "second stop signal: not waiting for %d records in flight; they will be "
+                "consumed again",
+                self._in_flight_records,
+            )
+            self._changed.set()
+        self.request_stop()
+
     def _on_task_failure(self, failure: TaskFailure) -> None:
         self._stopping.set()
         self._changed.set()
@@ -218,7 +234,7 @@ class Sidecar:
         if install_signal_handlers:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.request_stop)
+                loop.add_signal_handler(sig, self._on_signal)
         watcher = watch_sidecar(self)
         try:
             if not await self._connect():
@@ -630,11 +646,16 @@ class Sidecar:
     async def drain(self) -> None:
         """Wait until every in-flight batch is acknowledged and committed (bounded wait)."""
         deadline = time.monotonic() + self.config.pipeline.drain_timeout_s
-        while self._in_flight and time.monotonic() < deadline and self.failure is None:
+        while (
+            self._in_flight
+            and time.monotonic() < deadline
+            and self.failure is None
+            and not self._hurry
+        ):
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), 0.1)
-        if self._in_flight and self.failure is None:
+        if self._in_flight and self.failure is None and not self._hurry:
             log.warning(
                 "gave up draining after %.0fs with %d records unacknowledged; they will be "
                 "consumed again",

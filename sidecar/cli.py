@@ -430,12 +430,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         code: int = args.func(args)
-        return code
     except SidecarError as exc:
         print(f"sidecar {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        code = 1
     except KeyboardInterrupt:
-        return 130
+        code = 130
+    exit_past_hung_model_calls(code)
+    return code
+
+
+def exit_past_hung_model_calls(code: int) -> None:
+    """Exit now when a model call still runs (a hung model): Python joins the model's pool
+    threads at exit, so a stopped sidecar would wait for the call to return -- for ever when
+    it never does -- until the orchestrator's SIGKILL. Everything that matters is done by
+    then (outputs acknowledged, offsets committed, clients closed)."""
+    import os
+    import threading
+
+    stuck = [t.name for t in threading.enumerate() if t.name.startswith("model-") and t.is_alive()]
+    if not stuck:
+        return
+    log.warning(
+        "model call(s) still running in %s (a hung model?); exiting without waiting for them",
+        ", ".join(stuck),
+    )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -509,8 +509,45 @@ def config_from_dict(
         cfg = msgspec.convert(tree, SidecarConfig, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(explain(SidecarConfig, exc, source, sources or {})) from exc
+    problem = bootstrap_problem(cfg.kafka.bootstrap_servers)
+    if problem:
+        var = (sources or {}).get(("kafka", "bootstrap_servers"))
+        where = f"environment variable {var}: " if var else ""
+        raise ConfigError(
+            f"{where}kafka.bootstrap_servers={cfg.kafka.bootstrap_servers!r}: {problem}"
+        )
     _check(cfg)
     return cfg
+
+
+def bootstrap_problem(servers: str) -> str | None:
+    """What is wrong with a ``host:port,host:port`` list (None: nothing), so that a typo is a
+    ConfigError naming the setting instead of a traceback from the client's address parser.
+    A host without a port means 9092; IPv6 literals go in brackets (``[::1]:9092``)."""
+    for entry in (e.strip() for e in servers.split(",")):
+        if not entry:
+            return "an empty entry (give host:port entries separated by commas)"
+        if entry.startswith("["):
+            host, bracket, rest = entry[1:].partition("]")
+            if not bracket:
+                return f"{entry!r} has no closing ']' (IPv6 literals: [::1]:9092)"
+            if rest and not rest.startswith(":"):
+                return f"{entry!r}: expected ':PORT' after ']'"
+            port = rest[1:] if rest else None
+        elif entry.count(":") > 1:
+            host, port = entry, None  # a bare IPv6 literal (no port)
+        else:
+            host, _, port = entry.partition(":")
+            port = port if ":" in entry else None
+        if not host:
+            return f"{entry!r} has no host"
+        if port is None:
+            continue
+        if not port.isdigit():
+            return f"port {port!r} of {entry!r} is not a number"
+        if not 1 <= int(port) <= 65535:
+            return f"port {int(port)} of {entry!r} is not between 1 and 65535"
+    return None
 
 
 def _check(cfg: SidecarConfig) -> None:

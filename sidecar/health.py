@@ -234,6 +234,25 @@ def lag_check(lags: list[PartitionLag] | None) -> Check:
     return Check("lag", True, lag_detail(lags))
 
 
+def topics_check(named: dict[str, str], present: set[str] | None) -> Check:
+    """The topics a component reads and writes (topic -> its setting) are on the broker.
+
+    One can vanish under a running process: deleted by mistake, or lost with an in-memory
+    broker that restarted. Outputs then wait unacknowledged and nothing is committed, while
+    every other check passes; this one says which topic and which setting."""
+    if present is None:
+        return Check("topics", True, "not listed yet")
+    missing = [f"{t} ({setting})" for t, setting in named.items() if t not in present]
+    if missing:
+        return Check(
+            "topics",
+            False,
+            f"missing on the broker: {', '.join(missing)}; nothing is committed until they "
+            "are back (recreate them with their partition counts, then restart the instance)",
+        )
+    return Check("topics", True, f"{len(named)} topics present")
+
+
 class BrokerProbe:
     """Broker reachability: the time of the last successful metadata request.
 
@@ -256,6 +275,8 @@ class BrokerProbe:
         self.last_ok: float | None = None
         self.last_attempt: float | None = None
         self.last_error: str | None = None
+        #: The topics the broker listed at the last successful request (None: none yet).
+        self.topics: set[str] | None = None
 
     def due(self) -> bool:
         return self.last_attempt is None or self._clock() - self.last_attempt >= self.interval_s
@@ -264,12 +285,13 @@ class BrokerProbe:
         """One metadata request through ``consumer`` (any aiokafka consumer)."""
         self.last_attempt = self._clock()
         try:
-            await asyncio.wait_for(consumer.topics(), self.timeout_s)
+            topics = await asyncio.wait_for(consumer.topics(), self.timeout_s)
         except Exception as exc:  # any failure means "not reached"; say which
             self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         else:
             self.last_ok = self._clock()
             self.last_error = None
+            self.topics = set(topics)
 
     def check(self) -> Check:
         if self.last_ok is None:
@@ -341,13 +363,21 @@ def group_joined(consumer: Any) -> bool:
 
 def watch_sidecar(sidecar: Sidecar, probe: BrokerProbe | None = None) -> HealthWatcher:
     """Start publishing a :class:`~sidecar.runner.Sidecar`'s readiness to ``sidecar.health``."""
+    from .runner import output_settings
+
     probe = probe or BrokerProbe()
     topic = sidecar.config.topics.requests
+    named = {topic: "topics.requests"} | output_settings(sidecar.config)
+    said: list[Check] = []
 
     async def collect() -> tuple[str, list[Check]]:
         consumer = sidecar.consumer
         if consumer is not None and probe.due():
             await probe.probe(consumer)
+        topics = topics_check(named, probe.topics)
+        if said and said[-1].ok != topics.ok:  # say it once when it changes, not every second
+            (log.info if topics.ok else log.error)("topics: %s", topics.detail)
+        said[:] = [topics]
         phase = STOPPING if sidecar.stopping else SERVING if sidecar.ready.is_set() else STARTING
         models = [
             ModelStatus(arm, m.name, m.version, m.breaker.state)
@@ -359,6 +389,7 @@ def watch_sidecar(sidecar: Sidecar, probe: BrokerProbe | None = None) -> HealthW
         return phase, [
             assignment_check(assigned, topic, parts, joined),
             probe.check(),
+            topics,
             model_check(models),
             control_check(
                 sidecar.config.control.enabled, None if plane is None else plane.caught_up

@@ -36,6 +36,7 @@ from .kafka import (
     Backoff,
     BatchSender,
     Delivery,
+    MissingTopics,
     RebalanceListener,
     Supervisor,
     TaskFailure,
@@ -46,6 +47,7 @@ from .kafka import (
     record_batch_path,
     record_limits,
     refusal,
+    require_topics,
     stop_quietly,
 )
 from .metrics import SidecarMetrics
@@ -153,6 +155,8 @@ class Sidecar:
         self.peak_sending_records = 0
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()
+        #: A second stop signal came: drain no longer (see ``_on_signal``).
+        self._hurry = False
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._sender: BatchSender | None = None
@@ -202,6 +206,20 @@ class Sidecar:
         """Stop consuming; ``run`` then drains, commits and returns. Safe from signal handlers."""
         self._stopping.set()
 
+    def _on_signal(self) -> None:
+        """SIGTERM/SIGINT: stop (drain, commit); a second one while draining stops without
+        waiting for the rest (their records are consumed again: at-least-once), so an operator
+        is never stuck for ``pipeline.drain_timeout_s`` behind a hung model or broker."""
+        if self._stopping.is_set() and not self._hurry:
+            self._hurry = True
+            log.warning(
+                "second stop signal: not waiting for %d records in flight; they will be "
+                "consumed again",
+                self._in_flight_records,
+            )
+            self._changed.set()
+        self.request_stop()
+
     def _on_task_failure(self, failure: TaskFailure) -> None:
         self._stopping.set()
         self._changed.set()
@@ -216,7 +234,7 @@ class Sidecar:
         if install_signal_handlers:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.request_stop)
+                loop.add_signal_handler(sig, self._on_signal)
         watcher = watch_sidecar(self)
         try:
             if not await self._connect():
@@ -286,6 +304,13 @@ class Sidecar:
             try:
                 await self._start_clients()
                 return True
+            except MissingTopics as exc:
+                await self._close()
+                if deadline is not None and time.monotonic() + backoff.delay > deadline:
+                    raise MissingTopics(
+                        f"{exc} (waited kafka.connect_timeout_s={cfg.kafka.connect_timeout_s:g}s)"
+                    ) from exc
+                log.warning("%s; waiting for them, next look in %.1fs", exc, backoff.delay)
             except (KafkaConnectionError, KafkaError, OSError, BrokerError) as exc:
                 await self._close()
                 if deadline is not None and time.monotonic() + backoff.delay > deadline:
@@ -299,7 +324,7 @@ class Sidecar:
                     exc,
                     backoff.delay,
                 )
-                await backoff.wait(self._stopping)
+            await backoff.wait(self._stopping)
         return False
 
     async def _start_clients(self) -> None:
@@ -326,6 +351,10 @@ class Sidecar:
             else cfg.kafka.compression_type,
         )
         await self._producer.start()
+        # Before joining the group: every topic there, or a clear word naming the missing.
+        named = {cfg.topics.requests: "topics.requests"} | output_settings(cfg)
+        partitions = await require_topics(self._producer.client, named)
+        partitions.pop(cfg.topics.requests, None)
         fetched = fetch_bytes(cfg.input.max_message_bytes)
         self._consumer = new_consumer(
             cfg,
@@ -344,12 +373,6 @@ class Sidecar:
             [cfg.topics.requests],
             listener=RebalanceListener(f"sidecar {self.instance_id}", on_revoked=self._revoked),
         )
-        partitions = {}
-        for topic in outputs:
-            found = await self._producer.partitions_for(topic)
-            if not found:
-                raise BrokerError(f"output topic {topic} has no partitions; create it first")
-            partitions[topic] = len(found)
         self._sender = BatchSender(
             self._producer,
             partitions,
@@ -623,17 +646,35 @@ class Sidecar:
     async def drain(self) -> None:
         """Wait until every in-flight batch is acknowledged and committed (bounded wait)."""
         deadline = time.monotonic() + self.config.pipeline.drain_timeout_s
-        while self._in_flight and time.monotonic() < deadline and self.failure is None:
+        while (
+            self._in_flight
+            and time.monotonic() < deadline
+            and self.failure is None
+            and not self._hurry
+        ):
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), 0.1)
-        if self._in_flight and self.failure is None:
+        if self._in_flight and self.failure is None and not self._hurry:
             log.warning(
                 "gave up draining after %.0fs with %d records unacknowledged; they will be "
                 "consumed again",
                 self.config.pipeline.drain_timeout_s,
                 self._in_flight_records,
             )
+
+
+def output_settings(cfg: SidecarConfig) -> dict[str, str]:
+    """Each output topic and the setting that names it (for errors an operator acts on)."""
+    t = cfg.topics
+    named = {
+        t.decisions: "topics.decisions",
+        t.comparisons: "topics.comparisons",
+        t.dead_letter: "topics.dead_letter",
+    }
+    for v in cfg.outputs.versions:
+        named.setdefault(v.topic, f"outputs.versions {v.version}")
+    return named
 
 
 def sending_records(in_flight: Iterable[_InFlight]) -> int:

@@ -55,10 +55,25 @@ async def produce_values(
     return len(items)
 
 
-def _producer(cfg: SidecarConfig) -> AIOKafkaProducer:
-    from .kafka import new_producer
+async def _producer(cfg: SidecarConfig) -> AIOKafkaProducer:
+    """A started producer, once the requests topic is known to exist: an unreachable broker
+    or a missing topic is a BrokerError naming it (the CLI prints it, no traceback)."""
+    from aiokafka.errors import KafkaError
 
-    return new_producer(cfg, "traffic", linger_ms=5, max_batch_size=1 << 20)
+    from .errors import BrokerError
+    from .kafka import new_producer, require_topics, stop_quietly
+
+    producer = new_producer(cfg, "traffic", linger_ms=5, max_batch_size=1 << 20)
+    try:
+        await producer.start()
+        await require_topics(producer.client, {cfg.topics.requests: "topics.requests"})
+    except KafkaError as exc:
+        await stop_quietly(producer)
+        raise BrokerError(f"cannot reach broker {cfg.kafka.bootstrap_servers}: {exc}") from exc
+    except BaseException:
+        await stop_quietly(producer)
+        raise
+    return producer
 
 
 def generated_items(
@@ -71,8 +86,7 @@ def generated_items(
 
 
 async def produce_count(cfg: SidecarConfig, count: int, seed: int = 0, rate: float = 0.0) -> int:
-    producer = _producer(cfg)
-    await producer.start()
+    producer = await _producer(cfg)
     try:
         sent = 0
         chunk = 5_000 if rate <= 0 else max(1, int(rate / 10))
@@ -92,8 +106,7 @@ async def produce_count(cfg: SidecarConfig, count: int, seed: int = 0, rate: flo
 
 async def produce_forever(cfg: SidecarConfig, rate: float, seed: int = 0) -> None:
     """Produce at ``rate`` requests per second until cancelled (ids continue across chunks)."""
-    producer = _producer(cfg)
-    await producer.start()
+    producer = await _producer(cfg)
     try:
         sent = 0
         start = time.monotonic()

@@ -79,3 +79,8 @@ class _Raising:
 
 def raising_with(message: str) -> _Raising:
     return _Raising(message)
+
+
+def candidate_stalling_once(delay_s: float) -> _StallOnce:
+    """The fraud candidate, stalling ``delay_s`` on its first call (a hung model server)."""
+    return _StallOnce(delay_s, fraud.candidate())

@@ -176,3 +176,21 @@ def test_every_sidecar_command_line_in_the_readme_parses() -> None:
         args = parser.parse_args(argv)  # exits 2 (failing the test) on a usage error
         if argv[0] == "ctl" and args.ctl_command != "keygen":
             assert args.config and args.ctl_command, line
+
+
+def test_produce_to_an_unreachable_broker_is_a_clear_error() -> None:
+    """Before: a KafkaConnectionError traceback and an 'Unclosed AIOKafkaProducer' warning."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed when the block ends: nobody listens there
+    proc = run_cli(
+        "produce",
+        "--config",
+        str(EXAMPLE),
+        "--count",
+        "1",
+        env={"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}"},
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert f"sidecar produce: error: cannot reach broker 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Unclosed" not in proc.stderr

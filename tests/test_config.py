@@ -198,3 +198,43 @@ def test_a_file_without_models_names_the_missing_setting(tmp_path: Path) -> None
     path.write_text("[kafka]\ngroup_id = 'g'\n")
     with pytest.raises(ConfigError, match=r"missing required setting `models`"):
         load_config(path, env={})
+
+
+def _with_bootstrap(tmp_path: Path, servers: str) -> Path:
+    path = tmp_path / "c.toml"
+    text = EXAMPLE.read_text().replace('"127.0.0.1:9092"', f'"{servers}"')
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("servers", "words"),
+    [
+        ("kafka:abc", "port 'abc' of 'kafka:abc' is not a number"),
+        ("kafka:0", "port 0 of 'kafka:0'"),
+        ("kafka:70000", "port 70000 of 'kafka:70000'"),
+        ("kafka-1:9092,,kafka-2:9092", "an empty entry"),
+        ("kafka-1:9092,", "an empty entry"),
+        (":9092", "no host"),
+        ("[::1:9092", "no closing"),
+        ("", "an empty entry"),
+    ],
+)
+def test_a_malformed_bootstrap_address_names_the_setting(
+    servers: str, words: str, tmp_path: Path
+) -> None:
+    """Before: `nohost:abc` got as far as the first client's start and died with a bare
+    ValueError traceback from aiokafka's address parser."""
+    with pytest.raises(ConfigError, match=r"kafka\.bootstrap_servers") as err:
+        load_config(_with_bootstrap(tmp_path, servers), env={})
+    assert words in str(err.value)
+    with pytest.raises(ConfigError, match="KAFKA_BOOTSTRAP_SERVERS"):
+        load_config(EXAMPLE, env={"KAFKA_BOOTSTRAP_SERVERS": servers or ","})
+
+
+@pytest.mark.parametrize(
+    "servers", ["kafka", "kafka-1:9092, kafka-2:9093", "[::1]:9092", "[::1]", "10.0.0.1:1"]
+)
+def test_well_formed_bootstrap_addresses_are_accepted(servers: str, tmp_path: Path) -> None:
+    cfg = load_config(_with_bootstrap(tmp_path, servers), env={})
+    assert cfg.kafka.bootstrap_servers == servers

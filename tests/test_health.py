@@ -25,6 +25,7 @@ from sidecar.health import (
     control_check,
     model_check,
     run_while_serving,
+    topics_check,
 )
 from sidecar.models.health import BreakerState
 
@@ -258,3 +259,25 @@ async def test_a_service_that_ends_ends_the_watch() -> None:
     await asyncio.wait_for(run_while_serving(service(), srv, lambda: None), 10)
     assert srv.alive  # untouched: the caller closes it
     srv.close()
+
+
+def test_topics_check_names_each_missing_topic_and_its_setting() -> None:
+    named = {"r": "topics.requests", "d": "topics.decisions", "c": "topics.comparisons"}
+    assert topics_check(named, None).ok  # not listed yet: the broker check covers that
+    assert topics_check(named, {"r", "d", "c", "other"}).ok
+    check = topics_check(named, {"r"})
+    assert not check.ok and check.name == "topics"
+    assert check.detail.startswith(
+        "missing on the broker: d (topics.decisions), c (topics.comparisons)"
+    )
+
+
+async def test_broker_probe_keeps_the_topics_last_listed() -> None:
+    probe = BrokerProbe(clock=Clock())
+    consumer = _Consumer()
+    await probe.probe(consumer)
+    assert probe.topics == {"t"}
+    consumer.fail = ConnectionError("refused")
+    probe.last_attempt = None
+    await probe.probe(consumer)
+    assert probe.topics == {"t"}  # a failed request says nothing about the topics

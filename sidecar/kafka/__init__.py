@@ -13,6 +13,7 @@ sidecar goes through here, so that each fix to how we talk to Kafka is made once
 from __future__ import annotations
 
 from . import codecs as _codecs
+from . import metadata as _metadata
 from . import records as _records
 from . import unreadable as _unreadable
 from .clients import (
@@ -31,14 +32,17 @@ from .rebalance import RebalanceListener, format_partitions
 from .retry import Backoff
 from .supervise import BackgroundTaskFailed, Supervisor, TaskFailure
 from .topics import (
+    MissingTopics,
     ensure_config_topics,
     ensure_control_topics,
     ensure_topics,
     record_limits,
+    require_topics,
     topic_configs,
 )
 from .unreadable import UNREADABLE_HEADER, Unreadable, unreadable_of
 
+_metadata.install()  # naming a topic never creates it (see .metadata)
 _codecs.install()  # compressed batches inflate within a bound (no decompression bombs)
 _unreadable.install()  # records the client cannot parse become markers, not a stalled loop
 _records.install()  # fetched records read a batch at a time (after the line above)
@@ -62,6 +66,7 @@ __all__ = [
     "Backoff",
     "BatchSender",
     "Delivery",
+    "MissingTopics",
     "ProduceRefused",
     "RebalanceListener",
     "Supervisor",
@@ -82,6 +87,7 @@ __all__ = [
     "record_batch_path",
     "record_limits",
     "refusal",
+    "require_topics",
     "seek_since",
     "stop_quietly",
     "topic_configs",

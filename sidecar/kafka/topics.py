@@ -163,3 +163,30 @@ async def record_limits(cfg: SidecarConfig, topics: Iterable[str]) -> dict[str, 
             limit = min(limit, int(raw) - BATCH_OVERHEAD_BYTES)
         limits[topic] = max(limit, 1024)
     return limits
+
+
+class MissingTopics(BrokerError):
+    """Topics the process needs are not on the broker (it waits for them, or stops)."""
+
+
+async def require_topics(client: Any, named: dict[str, str]) -> dict[str, int]:
+    """The partition count of each topic of ``named`` (topic -> the setting naming it), from
+    one metadata request of ``client`` (an aiokafka client). Raises :class:`MissingTopics`
+    naming each missing topic and its setting: no client here creates a topic by naming it
+    (:mod:`.metadata`), so a typo or a topic lost with its broker is said, not papered over."""
+    cluster = await client.fetch_all_metadata()
+    found: dict[str, int] = {}
+    missing = []
+    for topic, setting in named.items():
+        parts = cluster.partitions_for_topic(topic)
+        if parts:
+            found[topic] = len(parts)
+        else:
+            missing.append(f"{topic} ({setting})")
+    if missing:
+        raise MissingTopics(
+            f"topic(s) {', '.join(missing)} do not exist on the broker; create them "
+            "(`sidecar broker --config FILE` or `sidecar run --create-topics`, or your "
+            "cluster's tooling) or fix the setting"
+        )
+    return found

@@ -68,7 +68,15 @@ async def test_a_sidecar_is_ready_once_serving_and_not_ready_before_or_after(
         body = await wait_for_status(server.port, "/readyz", 200)
         assert body["phase"] == "serving" and body["failing"] == []
         checks = body["checks"]
-        assert set(checks) == {"partitions", "broker", "models", "control", "tasks", "lag"}
+        assert set(checks) == {
+            "partitions",
+            "broker",
+            "topics",
+            "models",
+            "control",
+            "tasks",
+            "lag",
+        }
         assert "3 partitions of" in checks["partitions"]["detail"]
         assert "champion fraud-lr@1.4.0: closed" in checks["models"]["detail"]
         assert checks["control"]["detail"] == "control topic replayed; tailing it"
@@ -164,4 +172,34 @@ async def test_the_aggregator_is_ready_once_consuming(bootstrap: str) -> None:
         assert code == 503 and body["phase"] == "stopped"
     finally:
         service.request_stop()
+        server.close()
+
+
+async def test_an_output_topic_deleted_under_a_running_sidecar_makes_it_unready(
+    bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: with its comparisons topic gone the instance held its outputs, committed
+    nothing, and every check still passed (ready, broker reachable) without a word."""
+    from confluent_kafka.admin import AdminClient
+
+    cfg = make_config(bootstrap, pipeline={"drain_timeout_s": 2})
+    await create_topics(cfg)
+    sidecar = Sidecar(cfg)
+    server = serve(sidecar)
+    task = asyncio.create_task(sidecar.run())
+    try:
+        await wait_for_status(server.port, "/readyz", 200)
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        for future in admin.delete_topics([cfg.topics.comparisons]).values():
+            await asyncio.to_thread(future.result, 30)
+        body = await wait_for_status(server.port, "/readyz", 503)
+        assert "topics" in body["failing"]
+        detail = body["checks"]["topics"]["detail"]
+        assert f"missing on the broker: {cfg.topics.comparisons} (topics.comparisons)" in detail
+        assert body["checks"]["broker"]["ok"]  # reachable: it is the topic that is gone
+        assert any("topics: missing on the broker" in r.getMessage() for r in caplog.records)
+    finally:
+        sidecar.request_stop()
+        await asyncio.wait_for(task, 60)
+        sidecar.close_models()
         server.close()

@@ -27,6 +27,7 @@ from kafka_helpers import (
 from sidecar.broker import EmbeddedBroker
 from sidecar.config import SidecarConfig
 from sidecar.contracts import DeadLetter, Decision
+from sidecar.errors import BrokerError
 from sidecar.examples import fraud
 from sidecar.kafka import (
     BackgroundTaskFailed,
@@ -287,3 +288,52 @@ async def test_a_stop_held_up_by_a_frozen_broker_says_what_it_waits_for(
     assert waits, "expected the slow stop to be logged"
     assert "AIOKafkaProducer" in waits[0] and "test-frozen" in waits[0], waits[0]
     assert "records still on their way to the broker" in waits[0]
+
+
+async def _topic_exists(bootstrap: str, topic: str) -> bool:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    listed = await asyncio.to_thread(admin.list_topics, timeout=10)
+    return topic in listed.topics
+
+
+async def test_a_missing_output_topic_is_named_and_never_created_by_the_sidecar(
+    bootstrap: str,
+) -> None:
+    """Before: naming a missing topic in a metadata request made the broker create it (aiokafka
+    always allows auto-creation; the embedded broker, and Apache Kafka by default, do it): a
+    mistyped topics.decisions, or the topics of a restarted in-memory broker, came back with
+    the broker's default partition count and the sidecar served them without a word."""
+    cfg = make_config(bootstrap, kafka={"connect_timeout_s": 3})
+    await ensure_config_topics(cfg)
+    typo = msgspec.structs.replace(
+        cfg, topics=msgspec.structs.replace(cfg.topics, decisions=unique("typo.decisions"))
+    )
+    sidecar = Sidecar(typo)
+    try:
+        with pytest.raises(BrokerError, match=r"typo\.decisions-\w+ \(topics\.decisions\)"):
+            await asyncio.wait_for(sidecar.run(), 60)
+    finally:
+        sidecar.close_models()
+    assert not sidecar.ready.is_set()
+    assert not await _topic_exists(bootstrap, typo.topics.decisions)
+    # Created on purpose, it is served.
+    await ensure_config_topics(typo)
+    requests = fraud.request_dicts(fraud.generate(20, seed=8))
+    await produce(typo, [(r["routing_key"].encode(), ENC.encode(r)) for r in requests])
+    await run_until_processed(typo, 20)
+
+
+async def test_traffic_to_a_missing_requests_topic_names_it_and_creates_nothing(
+    bootstrap: str,
+) -> None:
+    """`sidecar produce` (and --example-traffic) into a topic that is not there: a clear
+    error naming topics.requests, not a KafkaTimeoutError traceback after request_timeout_ms
+    (nor, before metadata requests stopped creating topics, a topic made up on the spot)."""
+    from sidecar.traffic import produce_count
+
+    cfg = make_config(bootstrap)
+    with pytest.raises(BrokerError, match=r"requests \(topics\.requests\) do not exist"):
+        await asyncio.wait_for(produce_count(cfg, 5), 20)
+    assert not await _topic_exists(bootstrap, cfg.topics.requests)

@@ -260,6 +260,68 @@ async def test_sigterm_drains_commits_and_exits_zero(bootstrap: str, tmp_path: P
     assert again.processed == 0
 
 
+async def test_a_second_sigterm_stops_without_waiting_for_the_drain(
+    bootstrap: str, tmp_path: Path
+) -> None:
+    """A candidate hung on its first batch holds that batch in flight: SIGTERM drains (waits,
+    up to pipeline.drain_timeout_s); a second SIGTERM stops at once and still exits 0 (the
+    batch is consumed again). Before: the second signal changed nothing, the operator waited."""
+    cfg = make_config(
+        bootstrap,
+        partitions=1,
+        rollout={"mode": "canary", "canary_share_bp": 5000},
+        pipeline={"drain_timeout_s": 120},
+        models={
+            "candidate": {
+                "target": "model_doubles:candidate_stalling_once",
+                "options": {"delay_s": 100},
+                "timeout_ms": 110_000,
+            }
+        },
+    )
+    await create_topics(cfg)
+    await produce(cfg, generated_items(200, seed=31))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), *sys.path])
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sidecar.cli",
+            "run",
+            "--workers",
+            "1",
+            "--config",
+            str(write_toml(cfg, tmp_path / "s.toml")),
+        ],
+        env={**env, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        # The champion's decisions leave early; the candidate's half waits for the stall.
+        early: list[Any] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not early:
+            early = await read_topic(bootstrap, cfg.topics.decisions, idle_s=0.5, max_wait_s=3)
+        assert early, "the sidecar never decided anything"
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(3)
+        assert proc.poll() is None, "expected the first SIGTERM to wait for the candidate"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=45)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    text = out.decode()
+    assert proc.returncode == 0, text[-2000:]
+    assert "second stop signal: not waiting for" in text, text[-2000:]
+    # The hung call itself never returns in time: the process exits past it.
+    assert "exiting without waiting for them" in text, text[-2000:]
+
+
 @pytest.mark.slow
 async def test_sigkill_mid_stream_loses_nothing(bootstrap: str, tmp_path: Path) -> None:
     # A champion that takes 40 ms a batch keeps the sidecar behind the producer, so the kill

@@ -698,13 +698,6 @@ class ControlPlane:
         )
         return outcome
 
-    async def handle(self, record: ControlRecord, offset: int | None = None) -> Outcome:
-        """One live control record: apply it (swapping the policy first), then audit it."""
-        started = time.time_ns()
-        outcome = self._decide(record)
-        await self._report(outcome, offset, started)
-        return outcome
-
     def _decide(self, record: ControlRecord) -> Outcome:
         """Apply one control record to the state (swapping the policy at once) and log it;
         no I/O: :meth:`_report` audits it."""

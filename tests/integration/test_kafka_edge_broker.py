@@ -244,10 +244,10 @@ async def test_an_instance_whose_control_tail_dies_stops_and_is_not_ready(
     plane = sidecar.control
     assert plane is not None
 
-    async def bug(value: bytes, record_ts_ms: int) -> None:  # a bug in our own code
+    def bug(record: object) -> None:  # a bug in our own code
         raise RuntimeError("simulated bug in the control tail")
 
-    plane.handle = bug  # type: ignore[method-assign]
+    plane._decide = bug  # type: ignore[method-assign,assignment]
     await produce(cfg, [(b"x", b"{}")], topic=cfg.topics.control)
     await wait_until(lambda: sidecar.failure is not None, 10)
     with pytest.raises(BackgroundTaskFailed, match="control-tail died: RuntimeError"):

@@ -165,3 +165,45 @@ async def test_a_tombstone_on_the_control_topic_is_refused_as_one(tmp_path: Path
     outcome = task.result()
     assert outcome is not None and outcome.reason.value == "malformed"  # type: ignore[union-attr]
     assert "no value" in outcome.detail and "tombstone" in outcome.detail  # type: ignore[union-attr]
+
+
+async def test_the_event_loop_gets_turns_while_a_flood_is_decided(tmp_path: Path) -> None:
+    """Commands signed with a key the instances do not trust cost a signature check each
+    (~0.1 ms): a batch of thousands is decided in slices, the data path of the process runs
+    between them instead of stalling for the whole flood."""
+    from sidecar.control import SigningKey
+
+    cfg = control_config("unused:9092", tmp_path)
+    holder = PolicyHolder(RoutingPolicy(rollout=cfg.rollout.name))
+    plane = ControlPlane(cfg, holder, "i1")
+    plane._producer = producer = StallingProducer()  # type: ignore[assignment]
+    forger = SigningKey.generate(operator_key(cfg).id, "operator")
+    now = now_ms()
+    records = [
+        Rec(encode_command(sign_command(build_command("pause", cfg.rollout.name), forger)), i, now)
+        for i in range(GARBAGE)
+    ]
+    turns = 0
+    decided = asyncio.Event()
+
+    async def data_path() -> None:
+        nonlocal turns
+        while not decided.is_set():
+            turns += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(data_path())
+    await asyncio.sleep(0)
+    handling = asyncio.create_task(plane.handle_records(records))
+    while producer.sent == 0:  # every record is decided before the first audit is sent
+        await asyncio.sleep(0)
+    decided.set()
+    before_audits = turns
+    await other
+    while not handling.done():
+        producer.release()
+        await asyncio.sleep(0.01)
+    handling.result()
+    assert holder.current.epoch == 0  # nothing forged applied
+    assert all(o.reason.value == "bad_signature" for o in plane.outcomes)  # type: ignore[union-attr]
+    assert before_audits >= GARBAGE // 64 - 1, before_audits

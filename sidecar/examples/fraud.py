@@ -112,7 +112,8 @@ class LogisticModel:
 
     def predict(self, batch: FloatArray) -> FloatArray:
         logits = _design(batch) @ self.coef + self.intercept + self.flag_shift
-        result: FloatArray = 1.0 / (1.0 + np.exp(-logits))
+        with np.errstate(over="ignore"):  # a huge feature value: exp -> inf, score 0.0
+            result: FloatArray = 1.0 / (1.0 + np.exp(-logits))
         return result
 
 

@@ -34,6 +34,12 @@ EpochMillis = Annotated[
 ]
 
 
+#: Event times below this (March 1973 in milliseconds) are taken for seconds: every event
+#: time on the wire is epoch *milliseconds*. Downstream stages refuse such records with a
+#: hint instead of counting them late for every window.
+MIN_PLAUSIBLE_MS = 100_000_000_000
+
+
 class InferenceRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One inference request, as produced by the upstream pipeline (InferenceRequest v1)."""
 

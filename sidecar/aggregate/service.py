@@ -41,7 +41,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from ..config import SidecarConfig
-from ..contracts import DeadLetterKind
+from ..contracts import MIN_PLAUSIBLE_MS, DeadLetterKind
 from ..control.commands import ControlCommand, encode_command, sign_command
 from ..control.keys import SigningKey
 from ..dead_letters import DeadLetterWriter, keep_bytes
@@ -521,24 +521,32 @@ class AggregatorService:
         )
 
     def _without_future(self, got: Ingested, now: int) -> Ingested:
-        """``got`` less the records dated beyond ``aggregate.max_future_ms`` from now (they
-        join ``got.rejected``)."""
+        """``got`` less the records dated beyond ``aggregate.max_future_ms`` from now, or
+        before 1973 (``MIN_PLAUSIBLE_MS``: a ``ts`` in seconds, late for every window); they
+        join ``got.rejected`` with a reason that says which."""
         limit = now + self.settings.max_future_ms
-        future = got.batch.ts > limit
-        if not future.any():
+        ts = got.batch.ts
+        future = ts > limit
+        # (A clock of its own before 1973 is a test's: nothing is implausible to it.)
+        past = ts < (MIN_PLAUSIBLE_MS if now >= MIN_PLAUSIBLE_MS else 0)
+        if not (future.any() or past.any()):
             return got
-        rows = np.flatnonzero(future).tolist()
+        refused = future | past
+        rows = np.flatnonzero(refused).tolist()
         rejected = got.rejected + [
             (
                 got.records[i],
                 "event_time",
-                f"event time {int(got.batch.ts[i])} is {(int(got.batch.ts[i]) - now) / 1000:.0f}s "
+                f"event time {int(ts[i])} is {(int(ts[i]) - now) / 1000:.0f}s "
                 "ahead of the aggregator's clock (aggregate.max_future_ms); it would move the "
-                "watermark and make every later record late",
+                "watermark and make every later record late"
+                if future[i]
+                else f"event time {int(ts[i])} is before 1973 in epoch milliseconds: is the "
+                "request's ts in seconds? Event times are epoch milliseconds",
             )
             for i in rows
         ]
-        keep = np.flatnonzero(~future)
+        keep = np.flatnonzero(~refused)
         records = [got.records[i] for i in keep.tolist()]
         return Ingested(got.batch.take(keep), records, got.undecodable, got.next_offsets, rejected)
 

@@ -17,7 +17,7 @@ from typing import Annotated
 
 import msgspec
 
-from ..contracts import DeadLetterKind, EpochMillis
+from ..contracts import MIN_PLAUSIBLE_MS, DeadLetterKind, EpochMillis
 from ..untrusted import error_text, try_decode
 
 #: Major version of the outcome contract this build understands.
@@ -30,9 +30,6 @@ MAX_ITEMS = 1000
 #: figures infinite or NaN for good. 1e15 is more than any single amount in any currency's
 #: minor unit.
 MAX_VALUE = 1e15
-#: Outcome times below this (March 1973 in milliseconds) are taken for seconds: every
-#: outcome producer writes epoch *milliseconds* (the router dead-letters them with a hint).
-MIN_PLAUSIBLE_MS = 100_000_000_000
 
 ItemId = Annotated[str, msgspec.Meta(max_length=256)]
 

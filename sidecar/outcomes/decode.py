@@ -8,7 +8,9 @@ by someone other than the router). Records dated more than ``outcomes.max_future
 of the wall clock are skipped: they would move stream time and finalise windows early; those
 dated ahead by less are applied, but a chunk's event time (``stream_ms``, what moves stream
 time) counts only up to the clock, so a request whose ``ts`` its producer set minutes ahead
-cannot make windows final minutes early. Nothing here raises because of a record.
+cannot make windows final minutes early. Records dated before 1973 (``MIN_PLAUSIBLE_MS``: a
+``ts`` in seconds) are skipped as ``implausible_time``: they would open windows of 1970 that
+turn final at once. Nothing here raises because of a record.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from ..contracts import MAX_CANDIDATES, MAX_EPOCH_MS
+from ..contracts import MAX_CANDIDATES, MAX_EPOCH_MS, MIN_PLAUSIBLE_MS
 from .chunks import (
     EMPTY_COMPARISONS,
     EMPTY_OUTCOMES,
@@ -170,8 +172,11 @@ def _decisions(views: list[ComparisonView], get: Callable[[Any], Any]) -> npt.ND
 class ChunkBuilder:
     """Turns one poll of a task's two inputs into changelog chunks."""
 
-    def __init__(self, settings: OutcomesSettings) -> None:
+    def __init__(self, settings: OutcomesSettings, *, min_event_ms: int = MIN_PLAUSIBLE_MS) -> None:
         self.settings = settings
+        #: Event times below this are skipped as ``implausible_time`` (a ``ts`` in seconds);
+        #: tests of synthetic time that starts at 0 pass 0.
+        self.min_event_ms = min_event_ms
 
     def build(
         self,
@@ -266,8 +271,8 @@ class ChunkBuilder:
             kept = views  # type: ignore[assignment]
             kept_values = values
             ts_arr = np.fromiter(map(_TS, kept), dtype=np.int64, count=len(kept))
-            if ts_arr.size and int(ts_arr.max()) > limit:
-                ts_arr = None  # some are dated ahead: the record-by-record path below
+            if ts_arr.size and (int(ts_arr.max()) > limit or int(ts_arr.min()) < MIN_PLAUSIBLE_MS):
+                ts_arr = None  # some are dated ahead or in 1970: record by record below
         if ts_arr is None:
             kept, kept_values = [], []
             for v, raw in zip(views, values, strict=True):
@@ -275,6 +280,8 @@ class ChunkBuilder:
                     skipped.add("comparisons", "undecodable")
                 elif v.ts > limit:
                     skipped.add("comparisons", "future")
+                elif v.ts < self.min_event_ms:
+                    skipped.add("comparisons", "implausible_time")
                 else:
                     kept.append(v)
                     kept_values.append(raw)
@@ -357,6 +364,9 @@ class ChunkBuilder:
                 continue
             if got.ts > limit:
                 skipped.add("outcomes", "future")
+                continue
+            if got.ts < self.min_event_ms:
+                skipped.add("outcomes", "implausible_time")
                 continue
             label = numeric_label(got.label)
             if label is None:  # a ranking label: the items acted on, as a sorted set

@@ -59,8 +59,8 @@ class OutcomesMetrics:
         )
         self.skipped = Counter(
             "sidecar_outcomes_skipped",
-            "Records the join left out, by input and reason (undecodable, future, too_many_pairs; "
-            "partials: unusable)",
+            "Records the join left out, by input and reason (undecodable, future, "
+            "implausible_time, too_many_pairs; partials: unusable)",
             ["input", "reason"],
             registry=r,
         )

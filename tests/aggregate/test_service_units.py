@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,6 +46,11 @@ from sidecar.errors import ConfigError
 from sidecar.kafka import ProduceRefused
 
 MODELS = {"champion": {"name": "m", "version": "1.0.0", "target": "x:y", "features": []}}
+
+
+def now_ms() -> int:
+    """The live service's clock (event times of records it reads as current)."""
+    return time.time_ns() // 1_000_000
 
 
 class Rec(NamedTuple):
@@ -344,11 +350,13 @@ async def test_made_up_rollout_names_are_dead_lettered_not_kept_for_ever() -> No
     service = AggregatorService(cfg)
     rng = np.random.default_rng(4)
     offset = 0
+    start = now_ms() - 10_000
     for w in range(6):
-        comps: list[object] = list(comparisons(rng, 50, t0=w * 1_000, id_prefix=f"w{w}-"))
+        t0 = start + w * 1_000
+        comps: list[object] = list(comparisons(rng, 50, t0=t0, id_prefix=f"w{w}-"))
         for i in range(60):  # 60 new rollouts and 60 new versions of the real one, per window
-            fake = comparisons(rng, 1, t0=w * 1_000, rollout=f"fake-{w}-{i}", id_prefix=f"f{w}")
-            version = comparisons(rng, 1, t0=w * 1_000, candidate_version=f"9.{w}.{i}")
+            fake = comparisons(rng, 1, t0=t0, rollout=f"fake-{w}-{i}", id_prefix=f"f{w}")
+            version = comparisons(rng, 1, t0=t0, candidate_version=f"9.{w}.{i}")
             comps += [*fake, *version]
         recs = records(comps, first=offset)
         offset += len(recs)
@@ -473,8 +481,8 @@ async def test_the_dead_letter_log_line_counts_each_kind(caplog: pytest.LogCaptu
     service.admission.max_groups = 1
     rng = np.random.default_rng(6)
     comps: list[object] = [
-        *comparisons(rng, 2, t0=1_000),
-        *comparisons(rng, 3, t0=1_000, rollout="fake", id_prefix="f"),
+        *comparisons(rng, 2, t0=now_ms()),
+        *comparisons(rng, 3, t0=now_ms(), rollout="fake", id_prefix="f"),
     ]
     recs = [*records(comps), Rec(0, 99, b"{"), Rec(0, 100, b"[]")]
     with caplog.at_level(logging.WARNING, logger="sidecar.aggregate.service"):
@@ -482,3 +490,22 @@ async def test_the_dead_letter_log_line_counts_each_kind(caplog: pytest.LogCaptu
     (line,) = [r.getMessage() for r in caplog.records if "dead-lettering" in r.getMessage()]
     assert "dead-lettering 5 comparison records" in line
     assert "decode 2" in line and "out_of_range 3" in line
+
+
+async def test_a_comparison_dated_in_seconds_is_dead_lettered_with_a_hint(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request ``ts`` in seconds reads as January 1970 in milliseconds: counted late for
+    every window, it said nothing; it is refused with a reason that names the likely cause."""
+    cfg = config_from_dict(
+        {"models": MODELS, "rollout": {"name": "fraud-v2"}, "aggregate": {"dry_run": True}}
+    )
+    service = AggregatorService(cfg)
+    rng = np.random.default_rng(8)
+    now = now_ms()
+    comps: list[Any] = list(comparisons(rng, 4, t0=now))
+    comps[2] = msgspec.structs.replace(comps[2], ts=now // 1000)
+    got = service._without_future(ingest(records(comps)), now)
+    assert len(got.records) == 3 and got.batch.ts.tolist() == [c.ts for c in comps if c.ts > 1e11]
+    ((_, kind, reason),) = got.rejected
+    assert kind == "event_time" and "before 1973" in reason and "in seconds" in reason

@@ -219,6 +219,22 @@ def test_a_comparison_dated_ahead_among_good_ones_is_the_only_one_skipped() -> N
     assert chunk.stream_ms == docs[3]["ts"]
 
 
+def test_comparisons_and_outcomes_dated_in_seconds_are_skipped_as_implausible() -> None:
+    """A ``ts`` in seconds reads as January 1970 in milliseconds: such a comparison would
+    open a window of 1970 that turns final at once (a report and a verdict about nothing)."""
+    docs = [valid_comparison(i) for i in range(4)]
+    docs[1]["ts"] = docs[1]["ts"] // 1000
+    chunk, skipped = _poll([ENC.encode(d) for d in docs])
+    assert skipped.counts == {("comparisons", "implausible_time"): 1}
+    assert chunk.comparisons.ids == ["r-0", "r-2", "r-3"]
+    late = dict(valid_outcome(7), ts=valid_outcome(7)["ts"] // 1000)
+    records = [Rec(ENC.encode(valid_outcome(6))), Rec(ENC.encode(late), offset=1)]
+    skipped = Skipped()
+    ((chunk, _),) = ChunkBuilder(SETTINGS).build(0, [], records, NOW, skipped)
+    assert skipped.counts == {("outcomes", "implausible_time"): 1}
+    assert chunk.outcomes.ids == ["r-6"]
+
+
 def test_comparisons_of_several_rollout_pairs_name_their_pair() -> None:
     docs = [valid_comparison(i) for i in range(4)]
     docs[1]["candidate"]["version"] = "3.0.0"

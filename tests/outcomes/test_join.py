@@ -74,7 +74,7 @@ class Feed:
             "quality": {"label_window_ms": 5_000, **quality},
         }
         self.settings = msgspec.convert(tree, OutcomesSettings)
-        self.builder = ChunkBuilder(self.settings)
+        self.builder = ChunkBuilder(self.settings, min_event_ms=0)  # time from 0
         self.log: list[bytes] = []
         self.offsets = {"c": 0, "o": 0}
         self.task = self.open(path)
@@ -329,7 +329,7 @@ def test_several_rollout_pairs_keep_their_own_settings(tmp_path: Path) -> None:
         {**msgspec.to_builtins(feed.settings), "rollouts": {"other": {"missing": "negative"}}},
         OutcomesSettings,
     )
-    feed.builder = ChunkBuilder(feed.settings)
+    feed.builder = ChunkBuilder(feed.settings, min_event_ms=0)
     feed.comparisons(
         comparison("a", 1000),
         comparison("b", 1000, rollout="other"),

@@ -301,7 +301,7 @@ def test_hostile_ranking_records_are_bounded_or_refused(tmp_path: Path) -> None:
         got = decode_outcome(msgspec.json.encode({"request_id": "a", "label": label, "ts": 1}))
         assert isinstance(got, tuple) and got[0] == "schema", label
     feed = ranking_feed(tmp_path / "t")
-    builder = ChunkBuilder(feed.settings)
+    builder = ChunkBuilder(feed.settings, min_event_ms=0)
     # A model list far longer than k, repeating items: the first k distinct are kept.
     long = ["dup"] * 50 + [f"i{j}" for j in range(5000)]
     doc = ranked("a", 1000, long, ["i3", "i3", "i1"])

@@ -91,6 +91,7 @@ from sidecar.outcomes.service import OutcomesService
 
 service = OutcomesService(outcomes_config("localhost:1", Path(sys.argv[1])))
 join = service._open(Path(sys.argv[1]) / "task-0", 0)
+service.builder.min_event_ms = 0  # synthetic event times from 0
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 failed_at, error = None, None
 for offset in range(200):

@@ -422,7 +422,12 @@ def _set_path(tree: dict[str, Any], path: list[str], value: str, var: str) -> No
                 f"environment variable {var}: cannot set {'.'.join(path)}, {part} is not a table"
             )
         node = child
-    node[path[-1]] = _env_scalar(value, var)
+    node[path[-1]] = value if path in _RAW_ENV_PATHS else _env_scalar(value, var)
+
+
+#: Settings whose environment values are taken as they are, never as JSON: a broker list
+#: may start with ``[`` (an IPv6 address, ``[::1]:9092``).
+_RAW_ENV_PATHS = (["kafka", "bootstrap_servers"],)
 
 
 def _env_scalar(value: str, var: str) -> Any:

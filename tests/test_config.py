@@ -238,3 +238,6 @@ def test_a_malformed_bootstrap_address_names_the_setting(
 def test_well_formed_bootstrap_addresses_are_accepted(servers: str, tmp_path: Path) -> None:
     cfg = load_config(_with_bootstrap(tmp_path, servers), env={})
     assert cfg.kafka.bootstrap_servers == servers
+    # From the environment too: a value starting with "[" (IPv6) is no JSON list here.
+    for var in ("KAFKA_BOOTSTRAP_SERVERS", "SIDECAR_KAFKA__BOOTSTRAP_SERVERS"):
+        assert load_config(EXAMPLE, env={var: servers}).kafka.bootstrap_servers == servers

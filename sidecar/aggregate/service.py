@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
@@ -197,6 +198,8 @@ class AggregatorService:
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
+        #: When late records dated before 1973 were last explained (see ``_explain_late``).
+        self._implausible_logged_ms = -(1 << 62)
         self._commits = SafeCommitter(self._topic)
         self._record_limit = config.kafka.max_record_bytes
         self._dead_letter_writer = DeadLetterWriter(
@@ -488,6 +491,8 @@ class AggregatorService:
             for rollout, count in result.late_by_rollout.items():
                 self.metrics.late.labels(rollout).inc(count)
             late = [got.records[i] for i in result.late_indices.tolist()]
+            if late:
+                self._explain_late(got.batch.ts[result.late_indices], now)
         else:
             reports = self.manager.advance(now)
         self.metrics.open_windows.set(self.manager.open_windows)
@@ -498,6 +503,21 @@ class AggregatorService:
         if got is not None:  # only now: a poll that failed above is never committed
             self._commits.applied(got.next_offsets)
         await self._commit(force=bool(reports))
+
+    def _explain_late(self, late_ts: npt.NDArray[np.int64], now: int) -> None:
+        """Say (at most once a minute) when late records are dated before 1973: a request
+        ``ts`` in seconds reads as January 1970 in milliseconds, late for every window, and
+        the late count alone does not say why."""
+        implausible = late_ts < MIN_PLAUSIBLE_MS
+        if not implausible.any() or now - self._implausible_logged_ms < 60_000:
+            return
+        self._implausible_logged_ms = now
+        log.warning(
+            "%d late comparisons are dated before 1973 (event time %d, ...): is the requests' "
+            "ts in seconds? Event times are epoch milliseconds",
+            int(implausible.sum()),
+            int(late_ts[implausible][0]),
+        )
 
     def _admitted(self, got: Ingested) -> Ingested:
         """``got`` less the records of rollout pairs beyond what the aggregator keeps state
@@ -521,32 +541,24 @@ class AggregatorService:
         )
 
     def _without_future(self, got: Ingested, now: int) -> Ingested:
-        """``got`` less the records dated beyond ``aggregate.max_future_ms`` from now, or
-        before 1973 (``MIN_PLAUSIBLE_MS``: a ``ts`` in seconds, late for every window); they
-        join ``got.rejected`` with a reason that says which."""
+        """``got`` less the records dated beyond ``aggregate.max_future_ms`` from now (they
+        join ``got.rejected``)."""
         limit = now + self.settings.max_future_ms
-        ts = got.batch.ts
-        future = ts > limit
-        # (A clock of its own before 1973 is a test's: nothing is implausible to it.)
-        past = ts < (MIN_PLAUSIBLE_MS if now >= MIN_PLAUSIBLE_MS else 0)
-        if not (future.any() or past.any()):
+        future = got.batch.ts > limit
+        if not future.any():
             return got
-        refused = future | past
-        rows = np.flatnonzero(refused).tolist()
+        rows = np.flatnonzero(future).tolist()
         rejected = got.rejected + [
             (
                 got.records[i],
                 "event_time",
-                f"event time {int(ts[i])} is {(int(ts[i]) - now) / 1000:.0f}s "
+                f"event time {int(got.batch.ts[i])} is {(int(got.batch.ts[i]) - now) / 1000:.0f}s "
                 "ahead of the aggregator's clock (aggregate.max_future_ms); it would move the "
-                "watermark and make every later record late"
-                if future[i]
-                else f"event time {int(ts[i])} is before 1973 in epoch milliseconds: is the "
-                "request's ts in seconds? Event times are epoch milliseconds",
+                "watermark and make every later record late",
             )
             for i in rows
         ]
-        keep = np.flatnonzero(~refused)
+        keep = np.flatnonzero(~future)
         records = [got.records[i] for i in keep.tolist()]
         return Ingested(got.batch.take(keep), records, got.undecodable, got.next_offsets, rejected)
 

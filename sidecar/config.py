@@ -397,6 +397,21 @@ class SidecarConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             *self.outputs.topics(),
         ]
 
+    def rollout_pair(self) -> tuple[str, str, str, str, str] | None:
+        """The rollout pair the config runs: rollout, champion name and version, candidate
+        name and version (None without a candidate). The aggregator and the outcomes stage
+        always keep a place for it, whatever else the comparisons topic names."""
+        champion, candidate = self.models.champion, self.models.candidate
+        if candidate is None:
+            return None
+        return (
+            self.rollout.name,
+            champion.name,
+            champion.version,
+            candidate.name,
+            candidate.version,
+        )
+
     @property
     def shared_rollouts(self) -> bool:
         """Whether a rollout's comparisons are spread over partitions (two-stage aggregation)."""

@@ -86,12 +86,8 @@ def now_ms() -> int:
 
 def configured_pair(config: SidecarConfig) -> GroupKey | None:
     """The rollout pair the config runs (None without a candidate)."""
-    champion, candidate = config.models.champion, config.models.candidate
-    if candidate is None:
-        return None
-    return GroupKey(
-        config.rollout.name, champion.name, champion.version, candidate.name, candidate.version
-    )
+    pair = config.rollout_pair()
+    return None if pair is None else GroupKey(*pair)
 
 
 def signing_key(cfg: SidecarConfig, key: SigningKey | None) -> SigningKey | None:

@@ -127,12 +127,8 @@ def now_ms() -> int:
 
 def configured_pair(config: SidecarConfig) -> PairKey | None:
     """The rollout pair the config runs (None without a candidate)."""
-    champion, candidate = config.models.champion, config.models.candidate
-    if candidate is None:
-        return None
-    return PairKey(
-        config.rollout.name, champion.name, champion.version, candidate.name, candidate.version
-    )
+    pair = config.rollout_pair()
+    return None if pair is None else PairKey(*pair)
 
 
 def signing_key(cfg: SidecarConfig, key: SigningKey | None) -> SigningKey | None:

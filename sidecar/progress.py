@@ -37,6 +37,10 @@ log = logging.getLogger("sidecar.progress")
 SAMPLE_EVERY_S = 5.0
 #: Longest wait for one partition's position (it is known once a fetch was made).
 _POSITION_TIMEOUT_S = 0.05
+#: A partition whose last fetch answer is older than this has an unknown lag: its high
+#: watermark is the one the broker gave then (while a broker is away, "lag 0" would say
+#: all is well). An idle partition is answered every ``kafka.fetch_max_wait_ms``.
+STALE_FETCH_MS = 15_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +49,8 @@ class Sample:
     at: float
     processed: int
     dead_letters: int
-    #: None while unknown (nothing fetched yet on some assigned partition).
+    #: None while unknown (nothing fetched yet on some assigned partition, or no fetch
+    #: answered for ``STALE_FETCH_MS``).
     lag: int | None
     mode: str
     share_bp: int
@@ -99,9 +104,13 @@ def partition_lag(
     position: int | None,
     last_consumed_ms: int | None,
     now_ms: int,
+    fetched_ms: int | None = None,
 ) -> PartitionLag:
-    """One partition's :class:`PartitionLag` from what the consumer knows (pure)."""
+    """One partition's :class:`PartitionLag` from what the consumer knows (pure);
+    ``fetched_ms``: when the broker last answered a fetch of it (the high watermark's age)."""
     if highwater is None or position is None:
+        return PartitionLag(partition, None, None)
+    if fetched_ms is not None and now_ms - fetched_ms > STALE_FETCH_MS:
         return PartitionLag(partition, None, None)
     records = max(0, highwater - position)
     if records == 0:
@@ -148,7 +157,12 @@ async def partition_lags(
             position = None
         out.append(
             partition_lag(
-                tp.partition, consumer.highwater(tp), position, last_consumed_ms.get(tp), now_ms
+                tp.partition,
+                consumer.highwater(tp),
+                position,
+                last_consumed_ms.get(tp),
+                now_ms,
+                consumer.last_poll_timestamp(tp) if now_ms else None,
             )
         )
     return out

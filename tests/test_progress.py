@@ -45,7 +45,7 @@ def test_counter_total_adds_every_label() -> None:
 
 
 def test_partition_lag_in_records_and_seconds() -> None:
-    from sidecar.progress import PartitionLag, partition_lag
+    from sidecar.progress import STALE_FETCH_MS, PartitionLag, partition_lag
 
     now = 1_700_000_010_000
     assert partition_lag(0, None, 5, now - 1, now) == PartitionLag(0, None, None)
@@ -54,6 +54,10 @@ def test_partition_lag_in_records_and_seconds() -> None:
     assert partition_lag(2, 12, 10, now - 2_500, now) == PartitionLag(2, 2, 2.5)
     assert partition_lag(3, 12, 10, None, now) == PartitionLag(3, 2, None)  # none consumed
     assert partition_lag(4, 12, 10, now + 5_000, now) == PartitionLag(4, 2, 0.0)  # skewed
+    # A high watermark from a fetch answered long ago (a broker away) says nothing now.
+    fresh, stale = now - STALE_FETCH_MS, now - STALE_FETCH_MS - 1
+    assert partition_lag(5, 10, 10, now - 1, now, fresh) == PartitionLag(5, 0, 0.0)
+    assert partition_lag(5, 10, 10, now - 1, now, stale) == PartitionLag(5, None, None)
 
 
 def test_lag_detail_names_the_worst_partitions_and_stays_short() -> None:

@@ -458,10 +458,15 @@ async def test_metrics_are_served_over_http(bootstrap: str) -> None:
 
 @pytest.mark.slow
 async def test_a_broker_outage_mid_stream_is_retried_and_loses_nothing(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Freeze the broker for longer than the request timeout: sends fail, the committer logs,
-    backs off and sends again; nothing is committed past unacknowledged outputs, nothing lost."""
+    backs off and sends again; nothing is committed past unacknowledged outputs, nothing lost.
+    Meanwhile the lag is unknown, not the "lag 0" of the last high watermarks the broker gave
+    (it said all was well while the broker was away)."""
+    from sidecar import progress
+
+    monkeypatch.setattr(progress, "STALE_FETCH_MS", 4_000)
     with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker:
         cfg = make_config(
             broker.bootstrap_servers,
@@ -474,6 +479,7 @@ async def test_a_broker_outage_mid_stream_is_retried_and_loses_nothing(
         with frozen(broker):
             await asyncio.sleep(10.0)
             assert not task.done(), "the sidecar crashed during the outage"
+            during = await progress.sample(sidecar)
         ids: set[str] = set()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(ids) < n:
@@ -481,7 +487,10 @@ async def test_a_broker_outage_mid_stream_is_retried_and_loses_nothing(
                 broker.bootstrap_servers, cfg.topics.decisions, idle_s=1.0, max_wait_s=10
             )
             ids = {msgspec.json.decode(r.value, type=Decision).request_id for r in records}
+        after = await progress.sample(sidecar)
         await stop_sidecar(sidecar, task)
+        assert during.lag is None and during.partitions == 3, during
+        assert after.lag is not None, after  # fetches answered again
         assert ids == {f"req-{i}" for i in range(n)}
         assert any("sending again" in r.getMessage() for r in caplog.records), (
             "expected the committer to retry the unacknowledged outputs"

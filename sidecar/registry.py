@@ -107,21 +107,22 @@ def write_back(
     done: list[str] = []
     if action == "promote" and candidate is not None:
         c = client or mlflow_client(candidate.tracking_uri)
-        c.set_registered_model_alias(candidate.name, settings.champion_alias, candidate.version)
+        # Tags first, the alias last: whoever sees the alias move sees why and by whom.
         for key, value in (
-            (PROMOTED_AT, iso(at_ms)),
+            *([(DIGEST_TAG, candidate.digest)] if candidate.digest else []),
             ("promoted_by", issued_by),
             ("rollout", rollout),
-            *([(DIGEST_TAG, candidate.digest)] if candidate.digest else []),
+            (PROMOTED_AT, iso(at_ms)),
         ):
             c.set_model_version_tag(candidate.name, candidate.version, key, value)
+        c.set_registered_model_alias(candidate.name, settings.champion_alias, candidate.version)
         done.append(f"{candidate.name}/{candidate.version}: alias {settings.champion_alias}")
     if champion is not None:
         c = client or mlflow_client(champion.tracking_uri)
         tag = ARCHIVED_AT if action == "promote" else RETIRED_AT
-        c.set_model_version_tag(champion.name, champion.version, tag, iso(at_ms))
-        if champion.digest:
+        if champion.digest:  # before the mark: whoever sees the mark sees the digest
             c.set_model_version_tag(champion.name, champion.version, DIGEST_TAG, champion.digest)
+        c.set_model_version_tag(champion.name, champion.version, tag, iso(at_ms))
         done.append(f"{champion.name}/{champion.version}: {tag} {iso(at_ms)}")
     return done
 

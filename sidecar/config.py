@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from .aggregate.settings import AggregateSettings
-from .config_hints import LIST_HINT, check_env_path, closest, explain
+from .config_hints import LIST_HINT, check_env_path, closest, explain, is_text_setting
 from .errors import ConfigError
 from .manifest import ItemsFrom, Manifest, OutputKind, output_shape_problem
 from .outcomes.settings import OutcomesSettings
@@ -437,12 +437,9 @@ def _set_path(tree: dict[str, Any], path: list[str], value: str, var: str) -> No
                 f"environment variable {var}: cannot set {'.'.join(path)}, {part} is not a table"
             )
         node = child
-    node[path[-1]] = value if path in _RAW_ENV_PATHS else _env_scalar(value, var)
-
-
-#: Settings whose environment values are taken as they are, never as JSON: a broker list
-#: may start with ``[`` (an IPv6 address, ``[::1]:9092``).
-_RAW_ENV_PATHS = (["kafka", "bootstrap_servers"],)
+    # A string setting takes the value as it is: a broker list may start with "[" (IPv6).
+    text = is_text_setting(SidecarConfig, path)
+    node[path[-1]] = value if text else _env_scalar(value, var)
 
 
 def _env_scalar(value: str, var: str) -> Any:

@@ -137,6 +137,19 @@ def check_env_path(root: type[msgspec.Struct], var: str, path: Sequence[str]) ->
     return None
 
 
+def is_text_setting(root: type[msgspec.Struct], path: Sequence[str]) -> bool:
+    """Whether ``path`` names a setting whose value is a string (an environment value for it
+    is taken as it is, never as JSON: ``[::1]:9092`` is a broker, not a list)."""
+    t: mi.Type = _info(root)
+    for step in path:
+        structs = _structs(t)
+        inner = _fields(structs[0]).get(step) if structs else None
+        if inner is None:
+            return False
+        t = inner
+    return isinstance(t, mi.StrType)
+
+
 def _parse_path(text: str) -> list[Step]:
     return [
         name if name else int(index) for name, index in (m.groups() for m in _STEP.finditer(text))
